@@ -1,0 +1,74 @@
+"""Picks the native (Cython) or the pure-Python hot path, once, at import.
+
+``AGENTAUTHZ_NO_EXTENSIONS`` set to 1/true/yes/on forces the pure twins;
+0/false/no/off or unset means use the native modules when they were built.
+Everything else in the package imports the hot path from here.
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+from typing import NamedTuple
+
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"", "0", "false", "no", "off"})
+
+
+def extensions_disabled(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Parse AGENTAUTHZ_NO_EXTENSIONS explicitly; an unknown value is an error, not a guess."""
+    value = environ.get("AGENTAUTHZ_NO_EXTENSIONS", "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ImportError(f"AGENTAUTHZ_NO_EXTENSIONS={value!r}: use 1/true/yes/on or 0/false/no/off")
+
+
+class HotPath(NamedTuple):
+    """The few names that cross the native/pure boundary."""
+
+    name: str
+    Verifier: type
+    VerifiedToken: type
+    RevocationIndex: type
+    Grant: type
+    compile_grant: object
+    b64url_decode: object
+    Bitset: type
+    bitset_module: ModuleType
+
+
+def pure() -> HotPath:
+    from . import _bitset_py, _verify_py
+    return HotPath("pure", _verify_py.Verifier, _verify_py.VerifiedToken, _verify_py.RevocationIndex,
+                   _verify_py.Grant, _verify_py.compile_grant, _verify_py.b64url_decode,
+                   _bitset_py.Bitset, _bitset_py)
+
+
+def native() -> HotPath:
+    """The Cython twins; raises ImportError when they were not built."""
+    from . import _bitset_c, _verify_c  # type: ignore[attr-defined]
+    return HotPath("native", _verify_c.Verifier, _verify_c.VerifiedToken, _verify_c.RevocationIndex,
+                   _verify_c.Grant, _verify_c.compile_grant, _verify_c.b64url_decode,
+                   _bitset_c.Bitset, _bitset_c)
+
+
+def _select() -> tuple[HotPath, str | None]:
+    if extensions_disabled():
+        return pure(), "disabled by AGENTAUTHZ_NO_EXTENSIONS"
+    try:
+        return native(), None
+    except ImportError as exc:
+        return pure(), f"native modules unavailable: {exc}"
+
+
+ACTIVE, FALLBACK_REASON = _select()
+NATIVE = ACTIVE.name == "native"
+
+Verifier = ACTIVE.Verifier
+VerifiedToken = ACTIVE.VerifiedToken
+RevocationIndex = ACTIVE.RevocationIndex
+Grant = ACTIVE.Grant
+compile_grant = ACTIVE.compile_grant
+Bitset = ACTIVE.Bitset

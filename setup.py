@@ -1,0 +1,57 @@
+"""Build the Cython hot path when possible; fall back to the pure-Python package otherwise.
+
+AGENTAUTHZ_NO_EXTENSIONS=1 (or true/yes/on) skips the native build entirely.
+"""
+
+import os
+import sys
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+NATIVE_MODULES = ["_bitset_c", "_verify_c"]
+_TRUE = {"1", "true", "yes", "on"}
+
+
+class OptionalBuildExt(build_ext):
+    """Compile the extensions, but never fail the install over them: pure Python still works."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as exc:  # no compiler, no headers: say so and continue pure
+            self._warn(exc)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as exc:
+            self._warn(exc)
+
+    @staticmethod
+    def _warn(exc):
+        sys.stderr.write(
+            "\n*** agentauthz: the native extension could not be built "
+            f"({exc.__class__.__name__}: {exc}).\n"
+            "*** Installing the pure-Python implementation; it is correct but slower.\n\n"
+        )
+
+
+def extensions():
+    if os.environ.get("AGENTAUTHZ_NO_EXTENSIONS", "").strip().lower() in _TRUE:
+        sys.stderr.write("*** agentauthz: AGENTAUTHZ_NO_EXTENSIONS set, building pure Python only\n")
+        return []
+    try:
+        from Cython.Build import cythonize
+        from setuptools import Extension
+    except ImportError as exc:
+        sys.stderr.write(f"*** agentauthz: Cython unavailable ({exc}); pure Python only\n")
+        return []
+    exts = [
+        Extension(f"agentauthz.{name}", [f"native/{name}.pyx"], include_dirs=["native"])
+        for name in NATIVE_MODULES
+    ]
+    return cythonize(exts, compiler_directives={"language_level": "3"}, include_path=["native"])
+
+
+setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})
