@@ -1,0 +1,62 @@
+"""Test helpers: a token factory and a verifier wired to it, for either twin."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from agentauthz import tokens
+from agentauthz._accel import HotPath
+
+ISSUER = "https://agentauthz.test"
+AUDIENCE = "tools"
+AGENT = "spiffe://dev.local/agent/alpha"
+STATUS_URI = "http://127.0.0.1:9192/status-list"
+
+
+class AllowAll:
+    """A policy that permits whatever the token grants."""
+
+    def permits(self, agent: str, tool: str, target: str, operation: str, level: int) -> str | None:
+        return None
+
+
+class Forge:
+    """Mints test tokens with a real Ed25519 key; slots are handed out in order."""
+
+    def __init__(self, kid: str = "test-key-1") -> None:
+        self.kid = kid
+        self.key = SigningKey.generate()
+        self.next_slot = 0
+        self.now = int(time.time())
+
+    @property
+    def public(self) -> bytes:
+        return bytes(self.key.verify_key)
+
+    def claims(self, **overrides: Any) -> dict[str, Any]:
+        slot = overrides.pop("slot", None)
+        if slot is None:
+            slot, self.next_slot = self.next_slot, self.next_slot + 1
+        base = tokens.build_claims(
+            issuer=ISSUER, audience=AUDIENCE, subject=AGENT, task="task-1",
+            grants=[tokens.grant("demo", "*", ["read", "write"], "internal")],
+            issued_at=self.now, ttl=300, slot=slot, status_uri=STATUS_URI, intent="test",
+        )
+        base.update(overrides)
+        return base
+
+    def token(self, **overrides: Any) -> str:
+        return tokens.encode(self.claims(**overrides), self.key, self.kid)
+
+
+def make_verifier(hot: HotPath, forge: Forge, capacity: int = 1 << 16, **kwargs: Any) -> Any:
+    """A verifier of ``hot``'s twin that trusts ``forge``'s key and allows by policy."""
+    index = hot.RevocationIndex(hot.Bitset(capacity))
+    verifier = hot.Verifier(issuer=ISSUER, audiences={AUDIENCE}, token_type=tokens.TOKEN_TYPE,
+                            revocations=index, **kwargs)
+    verifier.set_keys({forge.kid: forge.public})
+    verifier.set_policy(AllowAll())
+    return verifier
