@@ -1,0 +1,124 @@
+"""One frozen configuration object, validated completely before anything starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .errors import ConfigError
+from .tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
+
+DEV_TRUST_DOMAIN = "dev.local"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the daemon needs to know; built-in values are the development defaults."""
+
+    state_dir: Path = Path(".agentauthz")
+    trust_domain: str = DEV_TRUST_DOMAIN
+    issuer: str = "https://agentauthz.dev.local"
+    audiences: tuple[str, ...] = ("tools",)
+    token_type: str = TOKEN_TYPE
+    policy_file: Path | None = None  # None: the built-in development policy
+
+    # Tokens: RFC 7519 §4.1.4 allows "a small leeway"; we bound it.
+    leeway: int = 30
+    max_token_lifetime: int = 3600
+    max_token_bytes: int = MAX_TOKEN_BYTES
+    verified_cache_size: int = 100_000
+
+    rotation_interval: float = 24 * 3600.0
+    # 2^24 bits = 2 MiB: sixteen million tokens live at once.
+    revocation_capacity: int = 1 << 24
+
+    audit_flush_interval: float = 0.05
+    audit_batch_size: int = 512
+    audit_queue_max: int = 65536
+
+    check_listen: str = "127.0.0.1:9191"
+    api_listen: str = "127.0.0.1:9190"
+    http_listen: str = "127.0.0.1:9192"
+    admins: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        problems = list(_problems(self))
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+    @property
+    def development(self) -> bool:
+        return self.trust_domain == DEV_TRUST_DOMAIN
+
+    def replace(self, **changes: Any) -> Config:
+        """A copy with ``changes`` applied and validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any], source: str = "<config>") -> Config:
+        """Build from a parsed file; unknown keys are errors, not ignored typos."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"{source}: the configuration must be a mapping")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s): {', '.join(unknown)}")
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in ("state_dir", "policy_file") and value is not None:
+                value = Path(value)
+            elif key in ("audiences", "admins"):
+                if isinstance(value, str) or not isinstance(value, list):
+                    raise ConfigError(f"{source}: {key} must be a list")
+                value = tuple(value)
+            values[key] = value
+        try:
+            return cls(**values)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> Config:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+            data = yaml.safe_load(text) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ConfigError(f"{path}: cannot read configuration: {exc}") from None
+        return cls.from_mapping(data, str(path))
+
+
+def _problems(c: Config) -> list[str]:
+    out = []
+    ints = {
+        "leeway": (c.leeway, 0, 300),
+        "max_token_lifetime": (c.max_token_lifetime, 1, 7 * 24 * 3600),
+        "max_token_bytes": (c.max_token_bytes, 512, 65536),
+        "verified_cache_size": (c.verified_cache_size, 1, 10_000_000),
+        "revocation_capacity": (c.revocation_capacity, 64, 1 << 32),
+        "audit_batch_size": (c.audit_batch_size, 1, 1 << 20),
+        "audit_queue_max": (c.audit_queue_max, 1, 1 << 24),
+    }
+    for name, (value, low, high) in ints.items():
+        if type(value) is not int or not low <= value <= high:
+            out.append(f"{name} must be an integer in [{low}, {high}], got {value!r}")
+    if type(c.revocation_capacity) is int and c.revocation_capacity % 64:
+        out.append("revocation_capacity must be a multiple of 64")
+    for name in ("rotation_interval", "audit_flush_interval"):
+        value = getattr(c, name)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+            out.append(f"{name} must be a positive number of seconds")
+    if isinstance(c.rotation_interval, (int, float)) and c.rotation_interval < 60:
+        out.append("rotation_interval below 60 s would rotate faster than relying parties refresh JWKS")
+    for name in ("issuer", "token_type", "trust_domain", "check_listen", "api_listen", "http_listen"):
+        value = getattr(c, name)
+        if not isinstance(value, str) or not value.strip():
+            out.append(f"{name} must be a non-empty string")
+    if not c.audiences or not all(isinstance(a, str) and a for a in c.audiences):
+        out.append("audiences must be a non-empty list of strings")
+    if not all(isinstance(a, str) and a.startswith("spiffe://") for a in c.admins):
+        out.append("admins must be SPIFFE IDs")
+    return out
