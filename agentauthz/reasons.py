@@ -31,6 +31,9 @@ POLICY_DENIED = "policy_denied"
 # 400: the request names nothing we can decide on.
 REQUEST_INVALID = "request_invalid"
 
+# 503: the decision could be made but not recorded, so it is not made (fail closed).
+AUDIT_UNAVAILABLE = "audit_unavailable"
+
 UNAUTHENTICATED = frozenset({
     TOKEN_MISSING, TOKEN_MALFORMED, TOKEN_TOO_LARGE, TOKEN_ALGORITHM, TOKEN_HEADER,
     TOKEN_TYPE, TOKEN_KEY_UNKNOWN, TOKEN_SIGNATURE, TOKEN_CLAIMS, TOKEN_ISSUER,

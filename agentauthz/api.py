@@ -1,0 +1,107 @@
+"""The agentauthz.v1 gRPC API: authenticate the caller, call the Authority, map errors to status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Callable
+
+import grpc
+
+from . import reasons
+from .authority import NOT_PERMITTED, Authority, Refused
+from .errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
+from .identity import IdentityError, svid_from_grpc_context
+from .tokens import DEFAULT_SENSITIVITY
+from .v1 import agentauthz_pb2 as pb
+from .v1 import agentauthz_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+_STATUS_BY_REASON = {
+    NOT_PERMITTED: grpc.StatusCode.PERMISSION_DENIED,
+    reasons.REQUEST_INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    reasons.TOKEN_AUDIENCE: grpc.StatusCode.INVALID_ARGUMENT,
+    reasons.TASK_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
+def grant_to_dict(g: pb.Grant) -> dict[str, Any]:
+    return {"tool": g.tool, "target": g.target, "ops": sorted(set(g.operations)),
+            "sensitivity": g.sensitivity or DEFAULT_SENSITIVITY}
+
+
+def grant_to_proto(g: dict[str, Any]) -> pb.Grant:
+    return pb.Grant(tool=g["tool"], target=g["target"], operations=g["ops"],
+                    sensitivity=g.get("sensitivity", DEFAULT_SENSITIVITY))
+
+
+class ApiService(pb_grpc.AgentAuthzServicer):
+    """Every method starts by proving who is calling: an X.509-SVID from the mTLS peer."""
+
+    def __init__(self, authority: Authority) -> None:
+        self._authority = authority
+
+    async def _caller(self, context: Any) -> str:
+        config = self._authority.config
+        try:
+            return svid_from_grpc_context(context, config.trust_domain, None).spiffe_id
+        except IdentityError as exc:
+            self._authority.audit.record("authn", decision=False, reason="identity_invalid", detail=str(exc))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"identity_invalid: {exc}")
+            raise  # abort raises; this line only satisfies type checkers
+
+    async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
+        """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes."""
+        try:
+            return await asyncio.to_thread(fn)
+        except Refused as exc:
+            code = _STATUS_BY_REASON.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
+            await context.abort(code, f"{exc.reason}: {exc}")
+        except (AuditUnavailable, CapacityExhausted) as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.reason}: {exc}")
+        except AgentAuthzError as exc:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc}")
+
+    async def Mint(self, request: pb.MintRequest, context: Any) -> pb.MintResponse:
+        agent = await self._caller(context)
+        grants = [grant_to_dict(g) for g in request.grants]
+        if not grants:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_invalid: no grants requested")
+        minted = await self._run(context, lambda: self._authority.mint(
+            agent, request.task, grants, intent=request.intent, ttl=request.ttl_seconds,
+            audience=request.audience))
+        return pb.MintResponse(
+            token=minted.token, token_id=minted.token_id, expires_at=minted.expires_at,
+            grants=[grant_to_proto(g) for g in minted.grants], task=minted.task, agent=minted.agent,
+            key_id=minted.key_id, denied=[grant_to_proto(g) for g in minted.denied],
+            needs_approval=[grant_to_proto(g) for g in minted.needs_approval])
+
+    async def Revoke(self, request: pb.RevokeRequest, context: Any) -> pb.RevokeResponse:
+        caller = await self._caller(context)
+        which = request.WhichOneof("target")
+        a = self._authority
+        actions = {
+            "token_id": lambda: a.revoke_token(caller, request.token_id),
+            "task": lambda: a.end_task(caller, request.task),
+            "agent": lambda: a.revoke_agent(caller, request.agent),
+            "key_id": lambda: a.revoke_key(caller, request.key_id),
+        }
+        if which is None or not getattr(request, which):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_invalid: name what to revoke")
+        return pb.RevokeResponse(revoked_at=await self._run(context, actions[which]))
+
+    async def EndTask(self, request: pb.EndTaskRequest, context: Any) -> pb.RevokeResponse:
+        caller = await self._caller(context)
+        cutoff = await self._run(context, lambda: self._authority.end_task(caller, request.task))
+        return pb.RevokeResponse(revoked_at=cutoff)
+
+    async def GetKeys(self, request: pb.GetKeysRequest, context: Any) -> pb.GetKeysResponse:
+        await self._caller(context)
+        return pb.GetKeysResponse(jwks_json=json.dumps(self._authority.keyring.jwks(), sort_keys=True))
+
+    async def RotateKeys(self, request: pb.RotateKeysRequest, context: Any) -> pb.RotateKeysResponse:
+        caller = await self._caller(context)
+        kid = await self._run(context, lambda: self._authority.rotate_keys(caller))
+        return pb.RotateKeysResponse(current_key_id=kid)

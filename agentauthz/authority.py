@@ -1,0 +1,260 @@
+"""The daemon's state and its operations: mint, revoke, end task; transports stay thin around it.
+
+Assembles the keyring, revocation store, policy, verifier and audit log from
+one ``Config`` and keeps them consistent: key changes reach the verifier,
+a policy reload swaps atomically, every operation is audited.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from . import _accel, reasons, tokens
+from .audit import AuditLog
+from .config import Config
+from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
+from .keys import Keyring
+from .policy import DEV_POLICY, Policy
+from .revocation import RevocationStore
+
+log = logging.getLogger(__name__)
+
+STATUS_PATH = "/status-list"
+
+
+class Refused(AgentAuthzError):
+    """An API request the caller may not make; ``reason`` is the shared constant."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+NOT_PERMITTED = "not_permitted"
+NOTHING_GRANTED = "nothing_granted"
+NEEDS_APPROVAL = "approval_required"
+UNKNOWN_TOKEN_ID = "unknown_token_id"
+
+
+@dataclass(frozen=True)
+class Minted:
+    token: str
+    token_id: str
+    expires_at: int
+    grants: list[dict[str, Any]]
+    task: str
+    agent: str
+    key_id: str
+    denied: list[dict[str, Any]] = field(default_factory=list)
+    needs_approval: list[dict[str, Any]] = field(default_factory=list)
+
+
+class TokenIds:
+    """Token ids that carry their revocation slot and expiry, and prove who minted them.
+
+    ``<slot>.<exp>.<mac>`` with an HMAC over slot, expiry and the minting agent:
+    Revoke-by-id needs no registry (it survives restarts for free), and only the
+    agent that minted a token can name it for revocation.
+    """
+
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    @classmethod
+    def open(cls, path: Path) -> TokenIds:
+        if not path.exists():
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(os.urandom(32))
+                f.flush()
+                os.fsync(f.fileno())
+        key = path.read_bytes()
+        if len(key) != 32:
+            raise StateError(f"{path}: token-id key must be 32 bytes")
+        return cls(key)
+
+    def _mac(self, slot: int, exp: int, agent: str) -> str:
+        digest = hmac.new(self._key, f"{slot}.{exp}.{agent}".encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+
+    def make(self, slot: int, exp: int, agent: str) -> str:
+        return f"{slot}.{exp}.{self._mac(slot, exp, agent)}"
+
+    def parse(self, token_id: str) -> tuple[int, int, str]:
+        """(slot, exp, mac); raises Refused for anything that is not one of our ids."""
+        parts = token_id.split(".")
+        if len(parts) != 3 or not all(parts) or not parts[0].isdigit() or not parts[1].isdigit():
+            raise Refused(UNKNOWN_TOKEN_ID, "not a token id issued here")
+        return int(parts[0]), int(parts[1]), parts[2]
+
+    def minted_by(self, token_id: str, agent: str) -> bool:
+        slot, exp, mac = self.parse(token_id)
+        return hmac.compare_digest(mac, self._mac(slot, exp, agent))
+
+
+def task_key(agent: str, task: str) -> str:
+    """Revocation key of a task: tasks are named per agent, so one agent cannot end another's."""
+    return f"{agent} {task}"
+
+
+class Authority:
+    """Everything the daemon decides with, loaded and validated before any listener opens."""
+
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.clock = clock
+        state = config.state_dir
+        state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.policy_path = Path(config.policy_file) if config.policy_file else DEV_POLICY
+        self.policy = Policy.load(self.policy_path)
+        self.keyring = Keyring.open(state / "keys", rotation_interval=config.rotation_interval,
+                                    max_token_lifetime=config.max_token_lifetime,
+                                    leeway=config.leeway, clock=clock)
+        self.index = _accel.RevocationIndex(_accel.Bitset(config.revocation_capacity))
+        self.revocations = RevocationStore.open(state / "revocations", self.index,
+                                                max_lifetime=config.max_token_lifetime,
+                                                leeway=config.leeway, clock=clock)
+        self.token_ids = TokenIds.open(state / "token-id.key")
+        self.verifier = _accel.Verifier(
+            issuer=config.issuer, audiences=frozenset(config.audiences), token_type=config.token_type,
+            revocations=self.index, leeway=config.leeway, max_lifetime=config.max_token_lifetime,
+            max_token_bytes=config.max_token_bytes, cache_size=config.verified_cache_size)
+        self.verifier.set_policy(self.policy)
+        self.verifier.set_keys(self.keyring.verification_keys())
+        self.keyring.subscribe(self.verifier.set_keys)
+        self.audit = AuditLog.open(state / "audit", flush_interval=config.audit_flush_interval,
+                                   batch_size=config.audit_batch_size, queue_max=config.audit_queue_max,
+                                   clock=clock)
+        self._policy_lock = threading.Lock()
+        self.status_uri = f"http://{config.http_listen}{STATUS_PATH}"
+
+    # -- lifecycle -----------------------------------------------------------
+
+    def start(self) -> None:
+        self.audit.start()
+        self.audit.record("start", policy_digest=self.policy.digest,
+                          keys=sorted(self.keyring.verification_keys()))
+
+    def stop(self) -> None:
+        self.audit.record("stop")
+        self.audit.stop()
+        self.revocations.close()
+
+    def reload_policy(self) -> bool:
+        """Load the policy file again; a bad file keeps the old policy and says why."""
+        with self._policy_lock:
+            try:
+                policy = Policy.load(self.policy_path)
+            except PolicyError as exc:
+                log.error("policy reload refused, keeping %s: %s", self.policy.digest[:12], exc)
+                self.audit.record("policy_reload", decision=False, reason=str(exc))
+                return False
+            self.policy = policy
+            self.verifier.set_policy(policy)
+        log.info("policy reloaded: %s (%d rules)", policy.digest[:12], policy.rule_count)
+        self.audit.record("policy_reload", decision=True, policy_digest=policy.digest)
+        return True
+
+    def _audit(self, kind: str, **fields: Any) -> None:
+        if not self.audit.record(kind, **fields):
+            raise AuditUnavailable("the audit log cannot record this operation")
+
+    # -- mint ----------------------------------------------------------------
+
+    def mint(self, agent: str, task: str, grants: Sequence[Mapping[str, Any]], *, intent: str = "",
+             ttl: int = 0, audience: str = "", cnf: Mapping[str, Any] | None = None) -> Minted:
+        """A token for ``agent``'s ``task``: the requested grants as narrowed by policy."""
+        if not task or len(task) > 256 or any(c.isspace() for c in task):
+            raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 characters without spaces")
+        if len(intent) > tokens.MAX_INTENT_CHARS:
+            raise Refused(reasons.REQUEST_INVALID, "intent is too long")
+        audience = audience or self.config.audiences[0]
+        if audience not in self.config.audiences:
+            raise Refused(reasons.TOKEN_AUDIENCE, f"audience {audience!r} is not served here")
+        if task_key(agent, task) in self.index.tasks:
+            raise Refused(reasons.TASK_ENDED, "this task has ended; start a new one")
+        if ttl < 0:
+            raise Refused(reasons.REQUEST_INVALID, "ttl must not be negative")
+        narrowed = self.policy.narrow(agent, list(grants), ttl or self.config.max_token_lifetime)
+        if not narrowed.granted:
+            reason = NEEDS_APPROVAL if narrowed.needs_approval else NOTHING_GRANTED
+            self._audit("mint", decision=False, reason=reason, agent=agent, task=task, intent=intent,
+                        requested=list(grants))
+            raise Refused(reason, "policy allows none of the requested grants"
+                          + (" without a human approval" if narrowed.needs_approval else ""))
+        now = int(self.clock())
+        ttl = min(narrowed.ttl, self.config.max_token_lifetime)
+        exp = now + ttl
+        slot = self.revocations.allocate_slot(exp)
+        token_id = self.token_ids.make(slot, exp, agent)
+        kid, _ = self.keyring.signer()
+        claims = tokens.build_claims(
+            issuer=self.config.issuer, audience=audience, subject=agent, task=task,
+            grants=narrowed.granted, issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_uri,
+            intent=intent, token_id=token_id, cnf=cnf)
+        token = self.keyring.sign(claims)
+        self._audit("mint", decision=True, reason=reasons.ALLOW, agent=agent, task=task, intent=intent,
+                    token_id=token_id, grants=narrowed.granted, denied=narrowed.denied,
+                    needs_approval=narrowed.needs_approval, expires_at=exp, key_id=kid, audience=audience)
+        return Minted(token, token_id, exp, narrowed.granted, task, agent, kid,
+                      narrowed.denied, narrowed.needs_approval)
+
+    # -- revoke --------------------------------------------------------------
+
+    def is_admin(self, caller: str) -> bool:
+        return caller in self.config.admins
+
+    def revoke_token(self, caller: str, token_id: str) -> int:
+        slot, exp, _ = self.token_ids.parse(token_id)
+        if not (self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)):
+            self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, token_id=token_id)
+            raise Refused(NOT_PERMITTED, "only the agent that minted a token (or an admin) may revoke it")
+        self.revocations.revoke_token(token_id, slot, exp)
+        self._audit("revoke", decision=True, scope="token", agent=caller, token_id=token_id)
+        return int(self.clock())
+
+    def end_task(self, caller: str, task: str, owner: str | None = None) -> int:
+        """End ``owner``'s task (the caller's own unless an admin names another agent)."""
+        owner = owner or caller
+        if owner != caller and not self.is_admin(caller):
+            self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, task=task)
+            raise Refused(NOT_PERMITTED, "an agent may end only its own tasks")
+        cutoff = self.revocations.revoke_task(task_key(owner, task))
+        self._audit("revoke", decision=True, scope="task", agent=caller, owner=owner, task=task)
+        return cutoff
+
+    def revoke_agent(self, caller: str, agent: str) -> int:
+        if agent != caller and not self.is_admin(caller):
+            self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, target_agent=agent)
+            raise Refused(NOT_PERMITTED, "an agent may revoke only itself unless it is an admin")
+        cutoff = self.revocations.revoke_agent(agent)
+        self._audit("revoke", decision=True, scope="agent", agent=caller, target_agent=agent)
+        return cutoff
+
+    def revoke_key(self, caller: str, kid: str) -> int:
+        if not self.is_admin(caller):
+            self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, key_id=kid)
+            raise Refused(NOT_PERMITTED, "only an admin may revoke a signing key")
+        self.revocations.revoke_key(kid)
+        try:
+            self.keyring.retire(kid)
+        except KeyError:
+            pass  # already gone from the keyring; the durable revocation still stands
+        self._audit("revoke", decision=True, scope="key", agent=caller, key_id=kid)
+        return int(self.clock())
+
+    def rotate_keys(self, caller: str) -> str:
+        if not self.is_admin(caller):
+            raise Refused(NOT_PERMITTED, "only an admin may rotate keys")
+        kid = self.keyring.rotate()
+        self._audit("rotate", agent=caller, key_id=kid)
+        return kid

@@ -1,0 +1,236 @@
+"""Python client for agentauthz, sync (``Client``) and asyncio (``AsyncClient``).
+
+    client = Client("127.0.0.1:9190", Identity.from_dir("id/"), check_server="127.0.0.1:9191")
+    with client.task("summarise-inbox", ["demo:*:read"], intent="summarise") as t:
+        call_tool(headers={"authorization": f"Bearer {t.token}"})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Sequence
+
+import grpc
+from envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+
+from .tokens import DEFAULT_SENSITIVITY
+from .v1 import agentauthz_pb2 as pb
+from .v1 import agentauthz_pb2_grpc as pb_grpc
+
+CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
+RENEW_AT = 0.8  # renew a task's token when 80% of its lifetime has passed
+
+
+@dataclass(frozen=True)
+class Identity:
+    """An X.509-SVID (leaf, key) and the trust bundle to verify the daemon with."""
+
+    certificate: bytes
+    key: bytes
+    bundle: bytes
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> Identity:
+        d = Path(directory)
+        return cls((d / "svid.pem").read_bytes(), (d / "svid.key").read_bytes(),
+                   (d / "bundle.pem").read_bytes())
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(root_certificates=self.bundle, private_key=self.key,
+                                            certificate_chain=self.certificate)
+
+
+def parse_grant(text: str) -> pb.Grant:
+    """``TOOL:TARGET:OPS[:SENSITIVITY]`` with comma-separated OPS, e.g. ``demo:*:read,write``."""
+    parts = text.split(":")
+    if len(parts) not in (3, 4) or not all(parts):
+        raise ValueError(f"grant {text!r} is not TOOL:TARGET:OPS[:SENSITIVITY]")
+    ops = [op for op in parts[2].split(",") if op]
+    return pb.Grant(tool=parts[0], target=parts[1], operations=ops,
+                    sensitivity=parts[3] if len(parts) == 4 else DEFAULT_SENSITIVITY)
+
+
+def _grants(grants: Sequence[str | pb.Grant]) -> list[pb.Grant]:
+    return [parse_grant(g) if isinstance(g, str) else g for g in grants]
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What Check answered: allowed, the HTTP status Envoy would send, the reason, headers."""
+
+    allowed: bool
+    status: int
+    reason: str
+    headers: dict[str, str]
+    decision_id: str
+
+
+def check_request(token: str | None, tool: str, target: str, operation: str,
+                  sensitivity: str = DEFAULT_SENSITIVITY, method: str = "POST", path: str = "/") -> bytes:
+    """The CheckRequest Envoy would send for this call, serialized."""
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    return ext_authz.CheckRequest(attributes=attrs.AttributeContext(
+        request=attrs.AttributeContext.Request(http=attrs.AttributeContext.HttpRequest(
+            method=method, path=path, headers=headers)),
+        context_extensions={"tool": tool, "target": target, "operation": operation,
+                            "sensitivity": sensitivity})).SerializeToString()
+
+
+def decision_from(raw: bytes) -> Decision:
+    response = ext_authz.CheckResponse.FromString(raw)
+    decision_id = response.dynamic_metadata.fields["decision_id"].string_value
+    if response.HasField("ok_response") or (response.status.code == 0 and response.HasField("status")):
+        headers = {h.header.key: h.header.value for h in response.ok_response.headers}
+        return Decision(True, 200, "allow", headers, decision_id)
+    denied = response.denied_response
+    headers = {h.header.key: h.header.value for h in denied.headers}
+    reason = json.loads(denied.body)["error"] if denied.body else response.status.message
+    return Decision(False, int(denied.status.code), reason, headers, decision_id)
+
+
+class TaskToken:
+    """The live token of a task; ``token`` always returns the newest one."""
+
+    def __init__(self, minted: pb.MintResponse) -> None:
+        self.minted = minted
+
+    @property
+    def token(self) -> str:
+        return self.minted.token
+
+    @property
+    def token_id(self) -> str:
+        return self.minted.token_id
+
+
+class Client:
+    """Synchronous client: mint, revoke, end task, JWKS over mTLS; Check over the Check listener."""
+
+    def __init__(self, server: str, identity: Identity | None = None, *, check_server: str | None = None,
+                 timeout: float = 5.0) -> None:
+        self._timeout = timeout
+        self._api = pb_grpc.AgentAuthzStub(grpc.secure_channel(server, identity.credentials())) \
+            if identity else None
+        self._check = grpc.insecure_channel(check_server).unary_unary(CHECK_METHOD) \
+            if check_server else None
+
+    def _stub(self) -> pb_grpc.AgentAuthzStub:
+        if self._api is None:
+            raise ValueError("this client has no identity: the API needs an X.509-SVID")
+        return self._api
+
+    def mint(self, task: str, grants: Sequence[str | pb.Grant], *, intent: str = "", ttl: int = 0,
+             audience: str = "") -> pb.MintResponse:
+        return self._stub().Mint(pb.MintRequest(task=task, intent=intent, grants=_grants(grants),
+                                                ttl_seconds=ttl, audience=audience), timeout=self._timeout)
+
+    def revoke(self, *, token_id: str = "", task: str = "", agent: str = "", key_id: str = "") -> int:
+        request = pb.RevokeRequest(token_id=token_id or None, task=task or None, agent=agent or None,
+                                   key_id=key_id or None)
+        return self._stub().Revoke(request, timeout=self._timeout).revoked_at
+
+    def end_task(self, task: str) -> int:
+        return self._stub().EndTask(pb.EndTaskRequest(task=task), timeout=self._timeout).revoked_at
+
+    def jwks(self) -> dict[str, Any]:
+        return json.loads(self._stub().GetKeys(pb.GetKeysRequest(), timeout=self._timeout).jwks_json)
+
+    def check(self, token: str | None, tool: str, target: str, operation: str,
+              sensitivity: str = DEFAULT_SENSITIVITY) -> Decision:
+        if self._check is None:
+            raise ValueError("this client has no check_server")
+        raw = self._check(check_request(token, tool, target, operation, sensitivity), timeout=self._timeout)
+        return decision_from(raw)
+
+    @contextlib.contextmanager
+    def task(self, task: str, grants: Sequence[str | pb.Grant], *, intent: str = "", ttl: int = 0,
+             audience: str = "") -> Iterator[TaskToken]:
+        """Mint on entry, renew before expiry, end the task on exit, exceptions included."""
+        live = TaskToken(self.mint(task, grants, intent=intent, ttl=ttl, audience=audience))
+        done = threading.Event()
+
+        def renew() -> None:
+            while True:
+                lifetime = live.minted.expires_at - time.time()
+                if done.wait(max(lifetime * (1 - RENEW_AT), 0.05)):
+                    return
+                live.minted = self.mint(task, grants, intent=intent, ttl=ttl, audience=audience)
+
+        renewer = threading.Thread(target=renew, name=f"agentauthz-renew-{task}", daemon=True)
+        renewer.start()
+        try:
+            yield live
+        finally:
+            done.set()
+            renewer.join()
+            self.end_task(task)
+
+
+class AsyncClient:
+    """asyncio twin of ``Client`` on grpc.aio."""
+
+    def __init__(self, server: str, identity: Identity | None = None, *, check_server: str | None = None,
+                 timeout: float = 5.0) -> None:
+        self._timeout = timeout
+        self._api = pb_grpc.AgentAuthzStub(grpc.aio.secure_channel(server, identity.credentials())) \
+            if identity else None
+        self._check = grpc.aio.insecure_channel(check_server).unary_unary(CHECK_METHOD) \
+            if check_server else None
+
+    def _stub(self) -> pb_grpc.AgentAuthzStub:
+        if self._api is None:
+            raise ValueError("this client has no identity: the API needs an X.509-SVID")
+        return self._api
+
+    async def mint(self, task: str, grants: Sequence[str | pb.Grant], *, intent: str = "", ttl: int = 0,
+                   audience: str = "") -> pb.MintResponse:
+        return await self._stub().Mint(pb.MintRequest(
+            task=task, intent=intent, grants=_grants(grants), ttl_seconds=ttl, audience=audience),
+            timeout=self._timeout)
+
+    async def end_task(self, task: str) -> int:
+        return (await self._stub().EndTask(pb.EndTaskRequest(task=task), timeout=self._timeout)).revoked_at
+
+    async def revoke(self, *, token_id: str = "", task: str = "", agent: str = "", key_id: str = "") -> int:
+        request = pb.RevokeRequest(token_id=token_id or None, task=task or None, agent=agent or None,
+                                   key_id=key_id or None)
+        return (await self._stub().Revoke(request, timeout=self._timeout)).revoked_at
+
+    async def jwks(self) -> dict[str, Any]:
+        response = await self._stub().GetKeys(pb.GetKeysRequest(), timeout=self._timeout)
+        return json.loads(response.jwks_json)
+
+    async def check(self, token: str | None, tool: str, target: str, operation: str,
+                    sensitivity: str = DEFAULT_SENSITIVITY) -> Decision:
+        if self._check is None:
+            raise ValueError("this client has no check_server")
+        raw = await self._check(check_request(token, tool, target, operation, sensitivity),
+                                timeout=self._timeout)
+        return decision_from(raw)
+
+    @contextlib.asynccontextmanager
+    async def task(self, task: str, grants: Sequence[str | pb.Grant], *, intent: str = "", ttl: int = 0,
+                   audience: str = "") -> AsyncIterator[TaskToken]:
+        """Mint on entry, renew before expiry, end the task on exit, exceptions included."""
+        import asyncio
+        live = TaskToken(await self.mint(task, grants, intent=intent, ttl=ttl, audience=audience))
+
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(max((live.minted.expires_at - time.time()) * (1 - RENEW_AT), 0.05))
+                live.minted = await self.mint(task, grants, intent=intent, ttl=ttl, audience=audience)
+
+        renewer = asyncio.create_task(renew())
+        try:
+            yield live
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
+            await self.end_task(task)

@@ -1,0 +1,191 @@
+"""Envoy ext_authz v3 Check: request -> one decision call -> pre-built response bytes.
+
+Responses are serialized once per reason (and once per token for allows) and
+handed to gRPC as bytes; the per-request decision id is spliced into a
+pre-serialized ``dynamic_metadata`` field rather than re-encoding the message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from typing import Any, Callable
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from . import reasons
+from .tokens import DEFAULT_SENSITIVITY
+
+SERVICE = "envoy.service.auth.v3.Authorization"
+HEADER_AGENT = "x-agentauthz-agent"
+HEADER_TASK = "x-agentauthz-task"
+HEADER_TOKEN_ID = "x-agentauthz-token-id"
+HEADER_DECISION = "x-agentauthz-decision-id"
+_DECISION_ID_CHARS = 16
+
+# Fallbacks when a route sets no context_extensions: operation from the
+# method, tool and target from the path "/<tool>/<target...>".
+OPERATION_BY_METHOD = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "POST": "write",
+                       "PUT": "write", "PATCH": "write", "DELETE": "delete"}
+
+
+def http_status_for(reason: str) -> int:
+    """401 for an unusable credential, 403 for one that does not cover the request (RFC 6750 §3.1)."""
+    if reason in reasons.UNAUTHENTICATED:
+        return 401
+    if reason in reasons.FORBIDDEN:
+        return 403
+    if reason == reasons.REQUEST_INVALID:
+        return 400
+    if reason == reasons.AUDIT_UNAVAILABLE:
+        return 503
+    return 403  # anything unforeseen is still a denial
+
+
+def _www_authenticate(reason: str) -> str:
+    if reason == reasons.TOKEN_MISSING:
+        return 'Bearer realm="agentauthz"'
+    if reason in reasons.UNAUTHENTICATED:
+        return f'Bearer realm="agentauthz", error="invalid_token", error_description="{reason}"'
+    return f'Bearer realm="agentauthz", error="insufficient_scope", error_description="{reason}"'
+
+
+def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def denied_response(reason: str) -> bytes:
+    """The serialized CheckResponse denying with ``reason``."""
+    status = http_status_for(reason)
+    grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
+    headers = [_header("content-type", "application/json")]
+    if status in (401, 403):
+        headers.append(_header("www-authenticate", _www_authenticate(reason)))
+    return ext_authz.CheckResponse(
+        status=status_pb2.Status(code=grpc_code, message=reason),
+        denied_response=ext_authz.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=status),
+            headers=headers,
+            body=json.dumps({"error": reason}) + "\n"),
+    ).SerializeToString()
+
+
+def allowed_response(agent: str, task: str, token_id: str) -> bytes:
+    """The serialized CheckResponse allowing a token's request; the bearer is stripped."""
+    return ext_authz.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=ext_authz.OkHttpResponse(
+            headers=[_header(HEADER_AGENT, agent), _header(HEADER_TASK, task),
+                     _header(HEADER_TOKEN_ID, token_id)],
+            # The tool never sees the credential (DESIGN §3).
+            headers_to_remove=["authorization"]),
+    ).SerializeToString()
+
+
+class DecisionIds:
+    """Fixed-width, unique-per-process decision ids, spliced into pre-built metadata bytes."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(3).hex()  # tells worker processes apart
+        self._counter = itertools.count(1)
+        placeholder = "#" * _DECISION_ID_CHARS
+        field = ext_authz.CheckResponse(dynamic_metadata=struct_pb2.Struct(
+            fields={"decision_id": struct_pb2.Value(string_value=placeholder)})).SerializeToString()
+        at = field.index(placeholder.encode())
+        self._head, self._tail = field[:at], field[at + _DECISION_ID_CHARS:]
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFF:010x}"
+
+    def metadata(self, decision_id: str) -> bytes:
+        """``dynamic_metadata`` as a serialized CheckResponse field; protobuf merges concatenations."""
+        return self._head + decision_id.encode("ascii") + self._tail
+
+
+def bearer_token(headers: Any) -> str | None:
+    """The RFC 6750 §2.1 bearer credential, or None; any other scheme counts as none."""
+    value = headers.get("authorization")
+    if not value:
+        return None
+    scheme, _, token = value.partition(" ")
+    if scheme.lower() != "bearer" or not token or " " in token:
+        return None
+    return token
+
+
+def request_fields(request: Any) -> tuple[str, str, str, str]:
+    """(tool, target, operation, sensitivity) from the route's context_extensions, else method and path."""
+    attributes = request.attributes
+    extensions = attributes.context_extensions
+    http = attributes.request.http
+    tool = extensions.get("tool")
+    target = extensions.get("target")
+    operation = extensions.get("operation") or OPERATION_BY_METHOD.get(http.method, "")
+    if tool is None or target is None:
+        path = http.path.partition("?")[0].lstrip("/")
+        path_tool, _, path_target = path.partition("/")
+        tool = tool if tool is not None else path_tool
+        target = target if target is not None else path_target
+    return tool, target, operation, extensions.get("sensitivity") or DEFAULT_SENSITIVITY
+
+
+class CheckService:
+    """The ext_authz servicer; ``check`` is the whole request path."""
+
+    def __init__(self, verifier: Any, audit: Any, clock: Callable[[], float] = time.time) -> None:
+        self._verifier = verifier
+        self._audit = audit
+        self._clock = clock
+        self._ids = DecisionIds()
+        self._denied = {}  # reason -> bytes, filled lazily for reasons we have not met yet
+
+    def _deny(self, reason: str) -> bytes:
+        body = self._denied.get(reason)
+        if body is None:
+            body = self._denied[reason] = denied_response(reason)
+        return body
+
+    async def check(self, request: Any, context: Any) -> bytes:
+        decision_id = self._ids.next()
+        http = request.attributes.request.http
+        token = bearer_token(http.headers)
+        tool, target, operation, sensitivity = request_fields(request)
+        if token is None:
+            reason, entry = reasons.TOKEN_MISSING, None
+        else:
+            reason, entry = self._verifier.decide(token, tool, target, operation, sensitivity,
+                                                  self._clock())
+        recorded = self._audit.record(
+            "check", decision=reason == reasons.ALLOW, reason=reason, decision_id=decision_id,
+            tool=tool, target=target, operation=operation, sensitivity=sensitivity,
+            agent=entry.sub if entry else None, task=entry.task if entry else None,
+            token_id=entry.jti if entry else None,
+            chain=list(entry.subjects[1:]) if entry else None,
+            intent=entry.claims.get("intent") if entry else None,
+            request_id=http.id or None)
+        if not recorded:
+            # An allow we cannot record is not an allow (DESIGN §5).
+            reason, entry = reasons.AUDIT_UNAVAILABLE, None
+        if entry is None:
+            return self._deny(reason) + self._ids.metadata(decision_id)
+        body = entry.attachment
+        if body is None:
+            body = entry.attachment = allowed_response(entry.sub, entry.task, entry.jti)
+        return body + self._ids.metadata(decision_id)
+
+
+def add_to_server(server: Any, service: CheckService) -> None:
+    """Register Check with raw-bytes responses (no re-serialization per call)."""
+    handler = grpc.unary_unary_rpc_method_handler(
+        service.check, request_deserializer=ext_authz.CheckRequest.FromString,
+        response_serializer=None)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))
