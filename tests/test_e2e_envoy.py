@@ -1,0 +1,167 @@
+"""End to end through a real Envoy: agent mints over mTLS, calls a tool through Envoy, agentauthz decides."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, request
+
+from agentauthz.client import Client, Identity
+from agentauthz.devca import ensure_dev_pki, issue_svid
+
+AGENT = "spiffe://dev.local/agent/alpha"
+OTHER_AGENT = "spiffe://dev.local/agent/beta"
+READ_WRITE = ["demo:*:read,write:internal"]
+
+
+class Stack:
+    """Daemon + Envoy + upstream tool, and identities for two agents."""
+
+    def __init__(self, daemon: Daemon, proxy_port: int, work: Path) -> None:
+        self.daemon = daemon
+        self.port = proxy_port
+        pki = ensure_dev_pki(daemon.state_dir)
+        self.clients = {}
+        for agent in (AGENT, OTHER_AGENT):
+            out = work / agent.rsplit("/", 1)[1]
+            issue_svid(pki, agent, out)
+            self.clients[agent] = Client(daemon.api_address, Identity.from_dir(out),
+                                         check_server=daemon.check_address)
+
+    def mint(self, task: str, grants: list[str] = READ_WRITE, agent: str = AGENT, **kw: Any) -> Any:
+        return self.clients[agent].mint(task, grants, **kw)
+
+    def call(self, token: str | None, method: str = "GET", path: str = "/demo/reports") -> Any:
+        return request(self.port, path, method, token)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    work = tmp_path_factory.mktemp("e2e")
+    daemon = Daemon(work / "state", {"leeway": 0}).start()
+    proxy_port, admin_port = free_port(), free_port()
+    try:
+        with echo_upstream() as upstream_port:
+            config = envoy_config(daemon.check_port, upstream_port, proxy_port, admin_port)
+            with envoy(config, work, admin_port):
+                yield Stack(daemon, proxy_port, work)
+    finally:
+        daemon.stop()
+
+
+def test_no_token_is_401_with_bearer_challenge(stack: Stack) -> None:
+    status, body, headers = stack.call(None)
+    assert status == 401
+    assert body == {"error": "token_missing"}
+    assert headers["www-authenticate"].startswith("Bearer")
+
+
+def test_granted_call_reaches_tool_with_identity_headers_and_without_token(stack: Stack) -> None:
+    minted = stack.mint("report-1", intent="summarise the reports")
+    status, body, _ = stack.call(minted.token)
+    assert status == 200, body
+    seen = body["headers"]
+    assert seen["x-agentauthz-agent"] == AGENT
+    assert seen["x-agentauthz-task"] == "report-1"
+    assert seen["x-agentauthz-token-id"] == minted.token_id
+    assert "authorization" not in seen  # the tool never sees the credential
+    status, body, _ = stack.call(minted.token, "POST")
+    assert status == 200 and body["method"] == "POST"
+
+
+def test_other_operation_and_other_tool_are_403(stack: Stack) -> None:
+    token = stack.mint("report-2").token
+    status, body, headers = stack.call(token, "DELETE")
+    assert (status, body["error"]) == (403, "scope_denied")
+    assert 'error="insufficient_scope"' in headers["www-authenticate"]
+    status, body, _ = stack.call(token, "GET", "/billing/invoices")
+    assert (status, body["error"]) == (403, "scope_denied")
+
+
+def test_sensitivity_above_grant_is_403(stack: Stack) -> None:
+    token = stack.mint("report-3", ["demo:*:read,write:public"]).token
+    status, body, _ = stack.call(token)
+    assert (status, body["error"]) == (403, "sensitivity_exceeded")
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda t: t[:-4] + ("AAAA" if not t.endswith("AAAA") else "BBBB"),  # signature changed
+    lambda t: t.split(".")[0] + "." + t.split(".")[1][:-2] + "xx." + t.split(".")[2],  # claims changed
+    lambda t: "garbage",
+    lambda t: t + ".extra",
+    lambda t: "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0.",  # alg none
+])
+def test_tampered_and_garbage_tokens_are_401(stack: Stack, mangle: Any) -> None:
+    token = stack.mint("tamper").token
+    status, body, headers = stack.call(mangle(token))
+    assert status == 401, body
+    assert body["error"].startswith("token_")
+    assert 'error="invalid_token"' in headers["www-authenticate"]
+
+
+def test_ended_task_is_401_at_the_next_request_and_other_tasks_live_on(stack: Stack) -> None:
+    doomed = stack.mint("doomed").token
+    survivor = stack.mint("survivor").token
+    other_agents_same_name = stack.mint("doomed", agent=OTHER_AGENT).token
+    assert stack.call(doomed)[0] == 200
+    stack.clients[AGENT].end_task("doomed")
+    status, body, _ = stack.call(doomed)
+    assert (status, body["error"]) == (401, "task_ended")
+    assert stack.call(survivor)[0] == 200
+    # Tasks are per agent: ending mine does not end another agent's task of the same name.
+    assert stack.call(other_agents_same_name)[0] == 200
+
+
+def test_revoked_token_is_401(stack: Stack) -> None:
+    minted = stack.mint("revoke-one")
+    sibling = stack.mint("revoke-one")
+    assert stack.call(minted.token)[0] == 200
+    stack.clients[AGENT].revoke(token_id=minted.token_id)
+    assert stack.call(minted.token)[1]["error"] == "token_revoked"
+    assert stack.call(sibling.token)[0] == 200
+
+
+def test_another_agent_cannot_revoke_my_token_or_end_my_task(stack: Stack) -> None:
+    import grpc
+    minted = stack.mint("mine")
+    with pytest.raises(grpc.RpcError) as err:
+        stack.clients[OTHER_AGENT].revoke(token_id=minted.token_id)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    stack.clients[OTHER_AGENT].end_task("mine")  # ends beta's own (nonexistent) task "mine" only
+    assert stack.call(minted.token)[0] == 200
+
+
+def test_expired_token_is_401(stack: Stack) -> None:
+    token = stack.mint("short", ttl=1).token
+    assert stack.call(token)[0] == 200
+    time.sleep(1.2)
+    status, body, _ = stack.call(token)
+    assert (status, body["error"]) == (401, "token_expired")
+
+
+def test_restart_keeps_live_tokens_and_revocations_and_stop_fails_closed(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state").start()
+    proxy_port, admin_port = free_port(), free_port()
+    with echo_upstream() as upstream_port:
+        config = envoy_config(daemon.check_port, upstream_port, proxy_port, admin_port)
+        with envoy(config, tmp_path, admin_port):
+            stack = Stack(daemon, proxy_port, tmp_path)
+            live = stack.mint("keep").token
+            revoked = stack.mint("drop")
+            ended = stack.mint("end").token
+            stack.clients[AGENT].revoke(token_id=revoked.token_id)
+            stack.clients[AGENT].end_task("end")
+            assert daemon.stop() == 0
+            # Daemon down: Envoy must deny, never pass the call through.
+            status, _, _ = stack.call(live)
+            assert status == 503
+            daemon.start()
+            assert stack.call(live)[0] == 200
+            assert stack.call(revoked.token)[1]["error"] == "token_revoked"
+            assert stack.call(ended)[1]["error"] == "task_ended"
+    assert daemon.stop() == 0
+    verified = daemon.cli("audit", "verify", str(tmp_path / "state" / "audit"), "--json")
+    assert verified.returncode == 0, verified.stderr
