@@ -12,7 +12,7 @@ import grpc
 from . import reasons
 from .authority import NOT_PERMITTED, Authority, Refused
 from .errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
-from .identity import IdentityError, svid_from_grpc_context
+from .identity import IdentityError, Svid, svid_from_grpc_context
 from .tokens import DEFAULT_SENSITIVITY
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc
@@ -40,17 +40,23 @@ def grant_to_proto(g: dict[str, Any]) -> pb.Grant:
 class ApiService(pb_grpc.AgentAuthzServicer):
     """Every method starts by proving who is calling: an X.509-SVID from the mTLS peer."""
 
-    def __init__(self, authority: Authority) -> None:
+    def __init__(self, authority: Authority, bundle: list[Any]) -> None:
         self._authority = authority
+        # gRPC verified the chain already; checking again against the bundle costs
+        # microseconds and survives a TLS misconfiguration.
+        self._bundle = bundle
+
+    async def _peer(self, context: Any) -> Svid:
+        try:
+            return svid_from_grpc_context(context, self._authority.config.trust_domain, self._bundle)
+        except IdentityError as exc:
+            self._authority.audit.record("authn", decision=False, reason=reasons.IDENTITY_INVALID,
+                                         detail=str(exc))
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reasons.IDENTITY_INVALID}: {exc}")
+            raise  # abort raises; this line only satisfies type checkers
 
     async def _caller(self, context: Any) -> str:
-        config = self._authority.config
-        try:
-            return svid_from_grpc_context(context, config.trust_domain, None).spiffe_id
-        except IdentityError as exc:
-            self._authority.audit.record("authn", decision=False, reason="identity_invalid", detail=str(exc))
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"identity_invalid: {exc}")
-            raise  # abort raises; this line only satisfies type checkers
+        return (await self._peer(context)).spiffe_id
 
     async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
         """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes."""
@@ -65,13 +71,16 @@ class ApiService(pb_grpc.AgentAuthzServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc}")
 
     async def Mint(self, request: pb.MintRequest, context: Any) -> pb.MintResponse:
-        agent = await self._caller(context)
+        peer = await self._peer(context)
         grants = [grant_to_dict(g) for g in request.grants]
         if not grants:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_invalid: no grants requested")
+        # Sender binding (RFC 8705 §3.1): the token names the certificate it was minted over,
+        # and never outlives it.
         minted = await self._run(context, lambda: self._authority.mint(
-            agent, request.task, grants, intent=request.intent, ttl=request.ttl_seconds,
-            audience=request.audience))
+            peer.spiffe_id, request.task, grants, intent=request.intent, ttl=request.ttl_seconds,
+            audience=request.audience, cnf={"x5t#S256": peer.x5t_s256},
+            not_after=int(peer.not_after.timestamp())))
         return pb.MintResponse(
             token=minted.token, token_id=minted.token_id, expires_at=minted.expires_at,
             grants=[grant_to_proto(g) for g in minted.grants], task=minted.task, agent=minted.agent,

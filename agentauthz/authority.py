@@ -171,7 +171,8 @@ class Authority:
     # -- mint ----------------------------------------------------------------
 
     def mint(self, agent: str, task: str, grants: Sequence[Mapping[str, Any]], *, intent: str = "",
-             ttl: int = 0, audience: str = "", cnf: Mapping[str, Any] | None = None) -> Minted:
+             ttl: int = 0, audience: str = "", cnf: Mapping[str, Any] | None = None,
+             not_after: int | None = None) -> Minted:
         """A token for ``agent``'s ``task``: the requested grants as narrowed by policy."""
         if not task or len(task) > 256 or any(c.isspace() for c in task):
             raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 characters without spaces")
@@ -193,6 +194,10 @@ class Authority:
                           + (" without a human approval" if narrowed.needs_approval else ""))
         now = int(self.clock())
         ttl = min(narrowed.ttl, self.config.max_token_lifetime)
+        if not_after is not None:
+            ttl = min(ttl, not_after - now)
+            if ttl <= 0:
+                raise Refused(reasons.IDENTITY_INVALID, "the caller's certificate has expired")
         exp = now + ttl
         slot = self.revocations.allocate_slot(exp)
         token_id = self.token_ids.make(slot, exp, agent)
@@ -224,6 +229,8 @@ class Authority:
 
     def end_task(self, caller: str, task: str, owner: str | None = None) -> int:
         """End ``owner``'s task (the caller's own unless an admin names another agent)."""
+        if not task:
+            raise Refused(reasons.REQUEST_INVALID, "name the task to end")
         owner = owner or caller
         if owner != caller and not self.is_admin(caller):
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, task=task)

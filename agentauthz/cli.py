@@ -97,8 +97,11 @@ def cmd_serve(args: argparse.Namespace) -> None:
 def cmd_dev_identity(args: argparse.Namespace) -> None:
     from .devca import ensure_dev_pki, is_development, issue_svid
     config = _config(args)
-    if config.state_dir.exists() and not is_development(config.state_dir):
-        raise Refusal(f"{config.state_dir} is not a development state directory")
+    if not config.development:
+        raise Refusal(f"trust domain {config.trust_domain} is not the development one")
+    state = config.state_dir
+    if state.exists() and any(state.iterdir()) and not is_development(state):
+        raise Refusal(f"{state} is not a development state directory")
     pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain)
     issue_svid(pki, args.spiffe_id, Path(args.out))
     _emit(args, {"spiffe_id": args.spiffe_id, "out": args.out},

@@ -13,6 +13,7 @@ from .errors import ConfigError
 from .tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
 
 DEV_TRUST_DOMAIN = "dev.local"
+_PATHS = ("state_dir", "policy_file", "tls_cert", "tls_key", "trust_bundle")
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,10 @@ class Config:
     api_listen: str = "127.0.0.1:9190"
     http_listen: str = "127.0.0.1:9192"
     admins: tuple[str, ...] = field(default_factory=tuple)
+    # The API's mTLS material; in development these default to the dev PKI under state_dir/pki.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    trust_bundle: Path | None = None
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -69,7 +74,7 @@ class Config:
             raise ConfigError(f"{source}: unknown setting(s): {', '.join(unknown)}")
         values: dict[str, Any] = {}
         for key, value in data.items():
-            if key in ("state_dir", "policy_file") and value is not None:
+            if key in _PATHS and value is not None:
                 value = Path(value)
             elif key in ("audiences", "admins"):
                 if isinstance(value, str) or not isinstance(value, list):
@@ -121,4 +126,10 @@ def _problems(c: Config) -> list[str]:
         out.append("audiences must be a non-empty list of strings")
     if not all(isinstance(a, str) and a.startswith("spiffe://") for a in c.admins):
         out.append("admins must be SPIFFE IDs")
+    tls = (c.tls_cert, c.tls_key, c.trust_bundle)
+    if any(tls) and not all(tls):
+        out.append("tls_cert, tls_key and trust_bundle go together")
+    if not any(tls) and c.trust_domain != DEV_TRUST_DOMAIN:
+        out.append(f"trust domain {c.trust_domain!r} needs tls_cert, tls_key and trust_bundle "
+                   "(only the development trust domain has a built-in CA)")
     return out

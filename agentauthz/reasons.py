@@ -23,6 +23,9 @@ TASK_ENDED = "task_ended"
 AGENT_REVOKED = "agent_revoked"
 KEY_REVOKED = "key_revoked"
 
+# The API caller's workload identity (X.509-SVID) was refused.
+IDENTITY_INVALID = "identity_invalid"
+
 # 403: a valid credential that does not cover this request.
 SCOPE_DENIED = "scope_denied"
 SENSITIVITY_EXCEEDED = "sensitivity_exceeded"

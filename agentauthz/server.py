@@ -19,6 +19,8 @@ from . import extauthz
 from .api import ApiService
 from .authority import Authority
 from .config import Config
+from .errors import ConfigError
+from .identity import load_bundle
 from .keys import RotationThread
 from .v1 import agentauthz_pb2, agentauthz_pb2_grpc
 
@@ -81,12 +83,17 @@ def _http_handler(authority: Authority, serving: threading.Event) -> type[BaseHT
     return Handler
 
 
-def _api_credentials(config: Config) -> grpc.ServerCredentials:
+def api_tls(config: Config) -> tuple[bytes, bytes, bytes]:
+    """(server key, server certificate, trust bundle) PEMs: configured, or the dev PKI."""
+    if config.tls_cert and config.tls_key and config.trust_bundle:
+        try:
+            return (config.tls_key.read_bytes(), config.tls_cert.read_bytes(),
+                    config.trust_bundle.read_bytes())
+        except OSError as exc:
+            raise ConfigError(f"cannot read TLS material: {exc}") from None
     from .devca import ensure_dev_pki
     pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain)
-    return grpc.ssl_server_credentials(
-        [(pki.server_key_pem, pki.server_cert_pem)], root_certificates=pki.ca_cert_pem,
-        require_client_auth=True)
+    return pki.server_key_pem, pki.server_cert_pem, pki.ca_cert_pem
 
 
 class Daemon:
@@ -94,6 +101,8 @@ class Daemon:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        # TLS first: in development this creates the dev PKI and marks the state dir as such.
+        self.tls_key, self.tls_cert, self.trust_bundle = api_tls(config)
         self.authority = Authority(config)
         self.serving = threading.Event()
         self.health = health.aio.HealthServicer()
@@ -118,14 +127,16 @@ class Daemon:
         check = self.check_server = grpc.aio.server()
         extauthz.add_to_server(check, extauthz.CheckService(a.verifier, a.audit, a.clock))
         api = self.api_server = grpc.aio.server()
-        agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(ApiService(a), api)
+        service = ApiService(a, load_bundle(self.trust_bundle))
+        agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(service, api)
         for server in (check, api):
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
             reflection.enable_server_reflection(
                 (extauthz.SERVICE if server is check else API_SERVICE,
                  health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         check.add_insecure_port(self.config.check_listen)
-        api.add_secure_port(self.config.api_listen, _api_credentials(self.config))
+        api.add_secure_port(self.config.api_listen, grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)], root_certificates=self.trust_bundle, require_client_auth=True))
         await check.start()
         await api.start()
 
