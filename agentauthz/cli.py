@@ -50,13 +50,12 @@ def cmd_policy_check(args: argparse.Namespace) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
-    from .audit import verify_dir
-    report = verify_dir(Path(args.dir), checkpoints=Path(args.checkpoints) if args.checkpoints else None)
-    result = {"ok": report.ok, "records": report.records, "checkpoints": report.checkpoints,
-              "first_bad": report.first_bad}
-    if not report.ok:
-        raise Refusal(f"audit log is not intact: {report.first_bad}", result)
-    _emit(args, result, f"{args.dir}: ok, {report.records} records, {report.checkpoints} checkpoints")
+    from .audit import main_verify
+    code, result = main_verify(Path(args.dir), Path(args.checkpoints) if args.checkpoints else None,
+                               Path(args.key) if args.key else None)
+    if code:
+        raise Refusal(f"audit log is not intact: {result['first_bad']}", result)
+    _emit(args, result, f"{args.dir}: {result['message']}")
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
@@ -224,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints", audit)
     p.add_argument("dir")
     p.add_argument("--checkpoints", help="an exported checkpoints.jsonl to verify against")
+    p.add_argument("--key", help="the audit public key (PEM) to pin, instead of the one in DIR")
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
     p = command("list", cmd_keys_list, "list the keyring in a state directory", keys)

@@ -172,7 +172,7 @@ class CheckService:
             chain=list(entry.subjects[1:]) if entry else None,
             intent=entry.claims.get("intent") if entry else None,
             request_id=http.id or None)
-        if not recorded:
+        if not (recorded and self._audit.healthy):
             # An allow we cannot record is not an allow (DESIGN §5).
             reason, entry = reasons.AUDIT_UNAVAILABLE, None
         if entry is None:

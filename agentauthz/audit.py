@@ -1,0 +1,484 @@
+"""Audit log: O(1) enqueue, batch writer thread, SHA-256 hash chain, Ed25519-signed checkpoints, verifier."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from .errors import StateError
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+CHECKPOINTS, KEY_FILE, PUB_FILE = "checkpoints.jsonl", "audit-key.pem", "audit-key.pub.pem"
+_NAME = re.compile(r"audit-(\d{10,})\.jsonl")
+# A compact JWS anywhere in a value (also "Bearer eyJ..."): three base64url segments; "eyJ" is '{"' encoded.
+_JWS = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+_BACKOFF_MAX = 1.0
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _canon(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+# Built once: json.dumps(**kwargs) would build an encoder per record (~20% of the writer's cost).
+# default=str: one odd field type must not kill the writer thread.
+_ENCODE = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return _ENCODE(obj).encode()
+
+
+def thumbprint(public: Ed25519PublicKey) -> str:
+    """RFC 7638 JWK thumbprint of an Ed25519 (OKP, RFC 8037) public key."""
+    raw = public.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return _b64(hashlib.sha256(_canon({"crv": "Ed25519", "kty": "OKP", "x": _b64(raw)})).digest())
+
+
+def _refuse_tokens(value: Any, depth: int = 0) -> None:
+    if isinstance(value, str):
+        if "eyJ" in value and any(len(m.group()) > 40 for m in _JWS.finditer(value)):
+            raise ValueError("audit fields take token ids, never tokens: a value looks like a compact JWS")
+    elif isinstance(value, (list, tuple, dict)):
+        if depth > 8:  # also stops a circular structure
+            raise ValueError("audit field nested too deep")
+        for v in value.values() if isinstance(value, dict) else value:
+            _refuse_tokens(v, depth + 1)
+
+
+def _append(fd: int, offset: int, data: bytes) -> int:
+    """Write ``data`` at ``offset`` and fsync; return the new durable end."""
+    os.ftruncate(fd, offset)  # a failed earlier try (ENOSPC mid-write) may have left part of ``data``
+    view = memoryview(data)
+    while view:  # a short write is how a full disk first shows; the next write raises
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+    return offset + len(data)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: bytes, mode: int) -> None:
+    tmp = path.with_name(path.name + ".tmp")  # write-then-rename: a crash never leaves half a key
+    tmp.unlink(missing_ok=True)
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _load_key(directory: Path) -> Ed25519PrivateKey:
+    path, pub_path = directory / KEY_FILE, directory / PUB_FILE
+    if not path.exists():
+        key = Ed25519PrivateKey.generate()
+        _write_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption()), 0o600)
+    elif path.stat().st_mode & 0o077:
+        raise StateError(f"{path}: audit key must be owner-only (0600)")
+    else:
+        try:
+            loaded = serialization.load_pem_private_key(path.read_bytes(), None)
+        except ValueError as exc:
+            raise StateError(f"{path}: unreadable audit key: {exc}") from exc
+        if not isinstance(loaded, Ed25519PrivateKey):
+            raise StateError(f"{path}: audit key is not Ed25519")
+        key = loaded
+    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                        serialization.PublicFormat.SubjectPublicKeyInfo)
+    if not pub_path.exists():
+        _write_file(pub_path, pub, 0o644)
+    elif pub_path.read_bytes() != pub:
+        raise StateError(f"{pub_path} does not match {path}")
+    return key
+
+
+def _log_files(directory: Path) -> list[tuple[int, Path]]:
+    found = ((_NAME.fullmatch(p.name), p) for p in directory.glob("audit-*.jsonl"))
+    return sorted((int(m.group(1)), p) for m, p in found if m)
+
+
+def _parse(line: bytes, chained: bool = True) -> dict[str, Any] | None:
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    ok = isinstance(obj, dict) and type(obj.get("seq")) is int
+    return obj if ok and (not chained or isinstance(obj.get("prev"), str)) else None
+
+
+def _last_line(path: Path, chained: bool = True) -> tuple[int, bytes | None]:
+    """(end offset of the last complete, parsable line; that line): everything after it is torn."""
+    with open(path, "rb") as f:
+        size, span = f.seek(0, os.SEEK_END), 1 << 16
+        while True:  # read backwards in a growing window: startup cost does not grow with the file
+            start = max(0, size - span)
+            f.seek(start)
+            buf = f.read(size - start)
+            end = buf.rfind(b"\n")
+            while end >= 0:
+                begin = buf.rfind(b"\n", 0, end) + 1
+                if begin == 0 and start > 0:
+                    break  # the line may begin before the window
+                if _parse(buf[begin:end], chained) is not None:
+                    return start + end + 1, buf[begin:end]
+                end = begin - 1
+            if start == 0:
+                return 0, None
+            span *= 4
+
+
+def _cut(path: Path, keep: int) -> dict[str, Any] | None:
+    """Truncate a torn tail after ``keep`` bytes; describe the cut by size and hash, never content."""
+    size = path.stat().st_size
+    if size <= keep:
+        return None
+    with open(path, "r+b") as f:
+        f.seek(keep)
+        digest = hashlib.sha256(f.read()).hexdigest()
+        f.truncate(keep)
+        os.fsync(f.fileno())
+    log.warning("audit: cut %d torn bytes from %s", size - keep, path)
+    return {"file": path.name, "offset": keep, "bytes_cut": size - keep, "cut_sha256": digest}
+
+
+class AuditLog:
+    """Bounded in-memory queue in front of one writer thread that owns every byte on disk."""
+
+    @classmethod
+    def open(cls, directory: Path, *, flush_interval: float = 0.05, batch_size: int = 512,
+             queue_max: int = 65536, checkpoint_every: int = 1, max_file_bytes: int = 64 << 20,
+             clock: Callable[[], float] = time.time) -> AuditLog:
+        """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started."""
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(directory / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:  # two writers would fork the chain
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError(f"{directory}: audit log is open in another process") from None
+            return cls(directory, lock, _load_key(directory), flush_interval, batch_size, queue_max,
+                       checkpoint_every, max_file_bytes, clock)
+        except BaseException:
+            os.close(lock)
+            raise
+
+    def __init__(self, directory: Path, lock: int, key: Ed25519PrivateKey, flush_interval: float,
+                 batch_size: int, queue_max: int, checkpoint_every: int, max_file_bytes: int,
+                 clock: Callable[[], float]) -> None:
+        self._dir, self._lock, self._key, self._kid = directory, lock, key, thumbprint(key.public_key())
+        self._interval, self._batch, self._max = flush_interval, batch_size, queue_max
+        self._cp_every, self._max_bytes, self._clock = checkpoint_every, max_file_bytes, clock
+        # deque.append/popleft are atomic under the GIL: the request path takes no lock.
+        self._q: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = self._stopping = False
+        self._ok, self._fd, self._fd_name = True, -1, ""
+        self._seq, self._prev, self._batches, self._since_cp = 0, GENESIS, 0, 0
+        # The batch in flight: kept until durable and retried byte for byte, so the chain never forks.
+        self._out: bytes | None = None
+        self._out_n, self._out_cp = 0, b""
+        self._out_waiters: list[threading.Event] = []
+        cuts = self._resume()
+        cp_path = directory / CHECKPOINTS
+        cp_path.touch(mode=0o600)
+        cuts.append(_cut(cp_path, _last_line(cp_path, chained=False)[0]))
+        self._cp_fd = os.open(cp_path, os.O_WRONLY | os.O_APPEND)
+        self._cp_offset = cp_path.stat().st_size
+        # A cut is itself audited, first thing after it, so the gap is explained in the chain.
+        self._q.extend(("audit_truncated", clock(), cut) for cut in cuts if cut)
+
+    def _resume(self) -> list[dict[str, Any] | None]:
+        files = _log_files(self._dir)
+        self._file, self._offset = "", 0
+        if not files:
+            return []
+        # Only the file being appended to at a crash can be torn; a torn earlier file is damage.
+        end, line = _last_line(files[-1][1])
+        cut = _cut(files[-1][1], end)
+        self._file, self._offset = files[-1][1].name, end
+        for _, path in reversed(files[:-1]):
+            if line is not None:
+                break
+            end, line = _last_line(path)
+            if end != path.stat().st_size:
+                raise StateError(f"{path}: torn line inside the log; run `agentauthz audit verify`")
+        if line is not None:
+            self._seq, self._prev = json.loads(line)["seq"], hashlib.sha256(line).hexdigest()
+        return [cut]
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+
+    def record(self, kind: str, **fields: Any) -> bool:
+        """Enqueue one record; False means it was NOT taken (queue full or log closed): fail closed.
+
+        While the disk fails, records are still taken and held (``healthy`` is False) until the queue is full.
+        """
+        for v in fields.values():
+            if v.__class__ is not str or "eyJ" in v:
+                _refuse_tokens(v)
+        if "seq" in fields or "prev" in fields or "ts" in fields or kind == "checkpoint":
+            raise ValueError("seq, prev, ts and checkpoint records belong to the audit log")
+        q, item = self._q, (kind, self._clock(), fields)
+        if len(q) >= self._max:
+            return False
+        q.append(item)
+        if self._closed:  # checked after the append, so a racing stop() cannot strand the record
+            try:
+                q.remove(item)
+                return False
+            except ValueError:
+                pass  # the writer already took it: it will be written
+        if len(q) == self._batch:  # '==': a backlog must not cut the writer's backoff short on every call
+            self._wake.set()
+        return True
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._q.append(done)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Refuse new records, drain the queue, write a final checkpoint, join the writer."""
+        self.start()
+        self._closed = self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("audit: writer did not drain in %.1fs, %d records pending", timeout, self.pending)
+                return
+        for fd in (self._fd, self._cp_fd, self._lock):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._cp_fd = self._lock = -1
+
+    @property
+    def healthy(self) -> bool:
+        """True while the writer runs and its last write succeeded."""
+        return self._ok and not self._closed and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def pending(self) -> int:
+        """Records taken but not yet durable."""
+        return len(self._q) + self._out_n
+
+    def _run(self) -> None:
+        backoff = 0.0
+        try:
+            while True:
+                if not (self._out is not None or self._out_cp or self._out_waiters):
+                    if len(self._q) < self._batch and not self._stopping:
+                        self._wake.wait(self._interval)
+                    self._wake.clear()  # clear before taking: a set() after this is never lost
+                    if not self._take():
+                        if self._stopping and not self._q:
+                            break
+                        continue
+                try:
+                    self._write_out()
+                except OSError as exc:  # ENOSPC, EIO...: keep the batch, report unhealthy, retry
+                    if self._ok:
+                        log.error("audit: write failed, holding %d records: %s", self.pending, exc)
+                    self._ok, backoff = False, min(max(backoff * 2, 0.01), _BACKOFF_MAX)
+                    self._wake.wait(backoff)  # flush() and stop() cut it short
+                    self._wake.clear()  # else one early set() would turn the backoff into a busy loop
+                    continue
+                if not self._ok:
+                    log.warning("audit: writing again")
+                self._ok, backoff = True, 0.0
+        except BaseException:
+            log.exception("audit: writer died; the log is closed")
+            self._closed, self._ok = True, False
+            raise
+
+    def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
+        line = _dumps({"seq": self._seq + 1, "prev": self._prev, "ts": ts, "kind": kind, **fields})
+        self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
+        return line + b"\n"
+
+    def _take(self) -> bool:
+        """Chain up to a batch of queued records (+ a checkpoint) into self._out; True if there is work."""
+        lines: list[bytes] = []
+        q = self._q
+        while q and len(lines) < self._batch:
+            item = q.popleft()
+            if isinstance(item, threading.Event):
+                self._out_waiters.append(item)
+                continue
+            kind, ts, fields = item
+            try:
+                lines.append(self._line(ts, kind, fields))
+            except (ValueError, TypeError):  # e.g. a non-str dict key: keep that it happened
+                lines.append(self._line(ts, kind, {"unencodable": sorted(fields)}))
+        final = self._stopping and not q and self._since_cp + len(lines) > 0
+        size = sum(map(len, lines))
+        if lines and (not self._file or (self._offset and self._offset + size > self._max_bytes)):
+            self._file, self._offset = f"audit-{self._seq - len(lines) + 1:010d}.jsonl", 0
+        self._batches += 1 if lines else 0
+        self._since_cp += len(lines)
+        if final or self._batches >= self._cp_every:
+            now = self._clock()
+            cp = {"seq": self._seq, "hash": self._prev, "file": self._file, "ts": now, "kid": self._kid}
+            sig = _b64(self._key.sign(_canon(cp)))
+            lines.append(self._line(now, "checkpoint", {"checkpoint": cp, "sig": sig}))
+            self._out_cp = _dumps({**cp, "sig": sig}) + b"\n"
+            self._batches = self._since_cp = 0
+        if lines:
+            self._out, self._out_n = b"".join(lines), len(lines)
+        return bool(lines or self._out_waiters)
+
+    def _write_out(self) -> None:
+        if self._out is not None:
+            if self._fd_name != self._file:
+                if self._fd >= 0:
+                    os.close(self._fd)
+                self._fd = os.open(self._dir / self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                _fsync_dir(self._dir)  # the new name must survive a crash as much as its content
+                self._fd_name = self._file
+            self._offset = _append(self._fd, self._offset, self._out)  # group commit: one fsync per batch
+            self._out, self._out_n = None, 0
+        if self._out_cp:  # only after the log fsync: a checkpoint never names a record that is not durable
+            self._cp_offset, self._out_cp = _append(self._cp_fd, self._cp_offset, self._out_cp), b""
+        for done in self._out_waiters:
+            done.set()
+        self._out_waiters = []
+
+
+@dataclass
+class VerifyReport:
+    """Outcome of verify_dir; ``checkpoints`` counts checkpoints-file entries checked against the chain."""
+
+    ok: bool
+    records: int
+    checkpoints: int
+    first_bad: str | None = None
+
+
+def _public_key(directory: Path, public_key: bytes | None) -> Ed25519PublicKey:
+    data = public_key if public_key is not None else (directory / PUB_FILE).read_bytes()
+    key = Ed25519PublicKey.from_public_bytes(data) if len(data) == 32 else \
+        serialization.load_pem_public_key(data)
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("audit public key is not Ed25519")
+    return key
+
+
+def _check_sig(key: Ed25519PublicKey, kid: str, cp: Any, sig: Any) -> str | None:
+    if not isinstance(cp, dict) or not isinstance(sig, str):
+        return "malformed checkpoint"
+    if cp.get("kid") != kid:
+        return f"checkpoint signed by unknown key {cp.get('kid')!r}"
+    try:
+        key.verify(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)), _canon(cp))
+    except (InvalidSignature, ValueError):
+        return "checkpoint signature invalid"
+    return None
+
+
+def verify_dir(directory: Path, public_key: bytes | None = None,
+               checkpoints: Path | None = None) -> VerifyReport:
+    """Verify every line, the seq and hash chain, and every signed checkpoint (log and checkpoints file)."""
+    directory = Path(directory)
+    cp_path = Path(checkpoints) if checkpoints is not None else directory / CHECKPOINTS
+    try:
+        key = _public_key(directory, public_key)
+        anchors = cp_path.read_bytes() if checkpoints is not None or cp_path.exists() else b""
+    except (OSError, ValueError) as exc:
+        return VerifyReport(False, 0, 0, f"cannot read key or checkpoints: {exc}")
+    kid, records, seq, prev, where, last_file = thumbprint(key), 0, 0, GENESIS, cp_path.name, ""
+
+    def bad(line_no: int, why: str) -> VerifyReport:
+        return VerifyReport(False, records, 0, f"{where}:{line_no}: {why}")
+
+    entries = [(n, _parse(raw, chained=False), raw) for n, raw in enumerate(anchors.splitlines(True), 1)]
+    for n, cp, raw in entries:
+        if cp is None or not raw.endswith(b"\n"):
+            return bad(n, "not a checkpoint")
+    wanted: dict[int, tuple[str, str] | None] = {cp["seq"]: None for _, cp, _ in entries if cp}
+    for first, path in _log_files(directory):
+        where = path.name
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                line, rec = raw[:-1], _parse(raw)
+                if not raw.endswith(b"\n"):
+                    return bad(n, "torn line (no newline)")
+                if rec is None:
+                    return bad(n, "not a record")
+                if rec["seq"] != seq + 1:
+                    return bad(n, f"seq {rec['seq']}, expected {seq + 1}")
+                if n == 1 and first != rec["seq"]:
+                    return bad(n, f"file name says first record {first}")
+                if rec["prev"] != prev:
+                    return bad(n, f"prev hash does not match record {seq}")
+                if rec.get("kind") == "checkpoint":
+                    cp = rec.get("checkpoint")
+                    why = _check_sig(key, kid, cp, rec.get("sig"))
+                    if why is None and isinstance(cp, dict):
+                        if cp.get("seq") != seq or cp.get("hash") != prev:
+                            why = f"checkpoint does not match record {seq}"
+                        elif cp.get("file") != last_file:
+                            why = f"checkpoint names file {cp.get('file')!r} for record {seq}"
+                    if why:
+                        return bad(n, why)
+                seq, prev, records, last_file = seq + 1, hashlib.sha256(line).hexdigest(), records + 1, where
+                if seq in wanted:
+                    wanted[seq] = (prev, where)
+    where = cp_path.name
+    for n, cp, _ in entries:
+        assert cp is not None
+        why = _check_sig(key, kid, {k: v for k, v in cp.items() if k != "sig"}, cp.get("sig"))
+        if why:
+            return bad(n, why)
+        if cp["seq"] > seq:
+            return bad(n, f"log ends at record {seq}, before checkpoint {cp['seq']} (truncated)")
+        if wanted[cp["seq"]] != (cp.get("hash"), cp.get("file")):
+            return bad(n, f"checkpoint disagrees with the chain at record {cp['seq']}")
+    return VerifyReport(True, records, len(entries))
+
+
+def main_verify(directory: Path, checkpoints: Path | None = None,
+                public_key: Path | None = None) -> tuple[int, dict[str, Any]]:
+    """`agentauthz audit verify`: (exit code, 0 ok / 1 bad; result dict with a one-line ``message``)."""
+    r = verify_dir(Path(directory), Path(public_key).read_bytes() if public_key else None, checkpoints)
+    message = (f"OK: {r.records} records, {r.checkpoints} checkpoints verified" if r.ok
+               else f"FAIL: {r.first_bad}")
+    return (0 if r.ok else 1), {"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints,
+                                "first_bad": r.first_bad, "directory": str(directory), "message": message}

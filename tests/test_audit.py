@@ -1,0 +1,516 @@
+"""Audit log: real files, real writer thread, real tampering."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from support import Forge
+
+from agentauthz import audit
+from agentauthz.audit import GENESIS, AuditLog, main_verify, verify_dir
+from agentauthz.errors import StateError
+
+LOG1 = "audit-0000000001.jsonl"
+
+
+def lines(directory: Path) -> list[bytes]:
+    out: list[bytes] = []
+    for _, path in audit._log_files(directory):
+        out += path.read_bytes().splitlines(keepends=True)
+    return out
+
+
+def records(directory: Path) -> list[dict[str, Any]]:
+    return [json.loads(raw) for raw in lines(directory)]
+
+
+def sha(raw: bytes) -> str:
+    return hashlib.sha256(raw.rstrip(b"\n")).hexdigest()
+
+
+def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return predicate()
+
+
+def check(log: AuditLog, i: int, **extra: Any) -> bool:
+    return log.record("check", decision="allow", reason="allow", agent="spiffe://dev.local/agent/a",
+                      task="task-1", tool="demo", target=f"t{i}", operation="read", intent="test",
+                      token_id=f"tok-{i}", chain=["spiffe://dev.local/agent/root"], decision_id=f"d{i}",
+                      **extra)
+
+
+def build(directory: Path, groups: int = 4, per: int = 5, **kwargs: Any) -> None:
+    """A deterministic log: ``groups`` batches of ``per`` records, each followed by its checkpoint."""
+    log = AuditLog.open(directory, flush_interval=60, **kwargs)
+    log.start()
+    for g in range(groups):
+        for i in range(per):
+            assert check(log, g * per + i)
+        assert log.flush()
+    log.stop()
+
+
+def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path, batch_size=100, flush_interval=0.02)
+    for i in range(50):
+        assert check(log, i)
+    assert not audit._log_files(tmp_path), "record() must not touch the disk"
+    log.start()
+    for i in range(50, 1000):
+        assert check(log, i)
+    assert log.flush()
+    assert log.pending == 0 and log.healthy
+    log.stop()
+    assert not log.healthy
+    recs = records(tmp_path)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    checks = [r for r in recs if r["kind"] == "check"]
+    cps = [r for r in recs if r["kind"] == "checkpoint"]
+    assert [r["target"] for r in checks] == [f"t{i}" for i in range(1000)]
+    assert 10 <= len(cps) < 200, "one checkpoint per batch: records must have been grouped"
+    report = verify_dir(tmp_path)
+    assert report.ok and report.records == len(recs) and report.checkpoints == len(cps)
+
+
+def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path, clock=lambda: 1700000000.5)
+    log.start()
+    assert log.record("mint", agent="a", task="t", token_id="tok-1", grants=[{"tool": "demo"}])
+    log.stop()
+    raw = lines(tmp_path)
+    first, cp = json.loads(raw[0]), json.loads(raw[1])
+    assert list(first)[:4] == ["seq", "prev", "ts", "kind"]
+    assert first == {"seq": 1, "prev": GENESIS, "ts": 1700000000.5, "kind": "mint", "agent": "a", "task": "t",
+                     "token_id": "tok-1", "grants": [{"tool": "demo"}]}
+    assert cp["kind"] == "checkpoint" and cp["prev"] == sha(raw[0])
+    assert cp["checkpoint"] == {"seq": 1, "hash": sha(raw[0]), "file": LOG1, "ts": 1700000000.5,
+                                "kid": audit.thumbprint(audit._public_key(tmp_path, None))}
+    exported = json.loads((tmp_path / "checkpoints.jsonl").read_bytes())
+    assert exported == {**cp["checkpoint"], "sig": cp["sig"]}
+
+
+def test_audit_key_files(tmp_path: Path) -> None:
+    build(tmp_path, groups=1)
+    key = tmp_path / "audit-key.pem"
+    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert key.stat().st_mode & 0o777 == 0o600
+    kid = audit.thumbprint(audit._public_key(tmp_path, None))
+    assert {r["checkpoint"]["kid"] for r in records(tmp_path) if r["kind"] == "checkpoint"} == {kid}
+    build(tmp_path, groups=1)  # reopened: same key, same kid
+    assert audit.thumbprint(audit._public_key(tmp_path, None)) == kid and verify_dir(tmp_path).ok
+    key.chmod(0o644)
+    with pytest.raises(StateError, match="owner-only"):
+        AuditLog.open(tmp_path)
+    key.chmod(0o600)
+    (tmp_path / "audit-key.pub.pem").write_bytes(audit._public_key(tmp_path, RFC8037_X).public_bytes(
+        audit.serialization.Encoding.PEM, audit.serialization.PublicFormat.SubjectPublicKeyInfo))
+    with pytest.raises(StateError, match="does not match"):
+        AuditLog.open(tmp_path)
+
+
+# RFC 8037 appendix A.2/A.3: the Ed25519 public key and its RFC 7638 thumbprint.
+RFC8037_X = base64.urlsafe_b64decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo=")
+
+
+def test_thumbprint_rfc8037_vector(tmp_path: Path) -> None:
+    pub = audit._public_key(tmp_path, RFC8037_X)
+    assert audit.thumbprint(pub) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+
+
+def test_second_writer_refused(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path)
+    with pytest.raises(StateError, match="another process"):
+        AuditLog.open(tmp_path)
+    log.stop()
+    AuditLog.open(tmp_path).stop()
+
+
+def test_seq_continues_across_restart_and_files(tmp_path: Path) -> None:
+    build(tmp_path, groups=3, max_file_bytes=1500)
+    build(tmp_path, groups=3, max_file_bytes=1500)
+    files = audit._log_files(tmp_path)
+    assert len(files) > 2
+    for first, path in files:
+        assert path.name == f"audit-{first:010d}.jsonl"
+        assert json.loads(path.read_bytes().splitlines()[0])["seq"] == first
+    recs = records(tmp_path)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    assert sum(r["kind"] == "check" for r in recs) == 30
+    assert verify_dir(tmp_path).ok
+
+
+def _rewrite(directory: Path, raw: list[bytes]) -> None:
+    (directory / LOG1).write_bytes(b"".join(raw))
+
+
+def _rechain(raw: list[bytes], start: int = 0) -> list[bytes]:
+    """What an attacker without the audit key can do: recompute seq and prev after an edit."""
+    out: list[bytes] = []
+    prev = sha(raw[start - 1]) if start else GENESIS
+    for i, line in enumerate(raw):
+        if i < start:
+            out.append(line)
+            continue
+        rec = json.loads(line)
+        rec["seq"], rec["prev"] = len(out) + 1, prev
+        line = json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+        prev = sha(line)
+        out.append(line)
+    return out
+
+
+def _resign(line: bytes, **change: Any) -> bytes:
+    """A checkpoint re-signed with a key that is not the audit key (same kid claimed)."""
+    rec = json.loads(line)
+    body = {k: v for k, v in rec.items() if k != "sig"}
+    body.update(change)
+    rec = {**body, "sig": audit._b64(Ed25519PrivateKey.generate().sign(audit._canon(body)))}
+    return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
+
+
+def _edit(raw: list[bytes], i: int, **change: Any) -> list[bytes]:
+    rec = json.loads(raw[i])
+    rec.update(change)
+    return raw[:i] + [json.dumps(rec, separators=(",", ":")).encode() + b"\n"] + raw[i + 1:]
+
+
+# Layout from build(): seq 1-5 checks, 6 checkpoint(5), 7-11, 12 cp(11), 13-17, 18 cp(17), 19-23, 24 cp(23).
+def t_edit(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, _edit(raw, 7, decision="deny"))
+
+
+def t_edit_before_checkpoint(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, _edit(raw, 22, decision="deny"))
+
+
+def t_insert(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, raw[:3] + [raw[2]] + raw[3:])
+
+
+def t_insert_rechained(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, _rechain(raw[:3] + [raw[2]] + raw[3:], 3))
+
+
+def t_delete(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, raw[:9] + raw[10:])
+
+
+def t_delete_rechained(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, _rechain(raw[:9] + raw[10:], 9))
+
+
+def t_reorder(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, raw[:7] + [raw[8], raw[7]] + raw[9:])
+
+
+def t_truncate(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, raw[:14])
+
+
+def t_torn(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, raw[:-1] + [raw[-1][:-5]])
+
+
+def t_forged_chain_checkpoint(d: Path, raw: list[bytes]) -> None:
+    rec = json.loads(raw[11])
+    body = rec["checkpoint"]
+    rec["sig"] = audit._b64(Ed25519PrivateKey.generate().sign(audit._canon(body)))
+    _rewrite(d, raw[:11] + [json.dumps(rec).encode() + b"\n"] + raw[12:])
+
+
+def t_forged_checkpoint_file(d: Path, raw: list[bytes]) -> None:
+    cps = (d / "checkpoints.jsonl").read_bytes().splitlines(keepends=True)
+    cps[1] = _resign(cps[1], hash="ab" * 32)
+    (d / "checkpoints.jsonl").write_bytes(b"".join(cps))
+
+
+def t_edit_rechained(d: Path, raw: list[bytes]) -> None:
+    _rewrite(d, _rechain(_edit(raw, 7, decision="deny"), 7))
+
+
+def t_edit_rechained_checkpoints_dropped(d: Path, raw: list[bytes]) -> None:
+    # Drop the chain's checkpoint records too: only the signed checkpoints file is left to catch it.
+    kept = [line for line in _edit(raw, 7, decision="deny") if b'"kind":"checkpoint"' not in line]
+    _rewrite(d, _rechain(kept))
+
+
+def t_checkpoints_from_another_log(d: Path, raw: list[bytes]) -> None:
+    other = d.parent / "other"
+    other.mkdir()
+    shutil.copy(d / "audit-key.pem", other)
+    log = AuditLog.open(other, flush_interval=60)
+    log.start()
+    for i in range(5):
+        log.record("revoke", token_id=f"other-{i}")
+    log.stop()
+    shutil.copy(other / "checkpoints.jsonl", d / "checkpoints.jsonl")
+
+
+TAMPER = {
+    t_edit: f"{LOG1}:9: prev hash does not match record 8",
+    t_edit_before_checkpoint: f"{LOG1}:24: prev hash does not match record 23",
+    t_insert: f"{LOG1}:4: seq 3, expected 4",
+    t_insert_rechained: f"{LOG1}:7: checkpoint does not match record 6",
+    t_delete: f"{LOG1}:10: seq 11, expected 10",
+    t_delete_rechained: f"{LOG1}:11: checkpoint does not match record 10",
+    t_reorder: f"{LOG1}:8: seq 9, expected 8",
+    t_truncate: "checkpoints.jsonl:3: log ends at record 14, before checkpoint 17 (truncated)",
+    t_torn: f"{LOG1}:24: torn line (no newline)",
+    t_forged_chain_checkpoint: f"{LOG1}:12: checkpoint signature invalid",
+    t_forged_checkpoint_file: "checkpoints.jsonl:2: checkpoint signature invalid",
+    t_edit_rechained: f"{LOG1}:12: checkpoint does not match record 11",
+    t_edit_rechained_checkpoints_dropped:
+        "checkpoints.jsonl:2: checkpoint disagrees with the chain at record 11",
+    t_checkpoints_from_another_log: "checkpoints.jsonl:1: checkpoint disagrees with the chain at record 5",
+}
+
+
+@pytest.mark.parametrize("tamper", list(TAMPER), ids=lambda f: f.__name__[2:])
+def test_tampering_is_detected(tmp_path: Path, tamper: Any) -> None:
+    d = tmp_path / "audit"
+    build(d)
+    raw = lines(d)
+    assert len(raw) == 24 and verify_dir(d).ok
+    tamper(d, raw)
+    report = verify_dir(d)
+    assert not report.ok
+    assert report.first_bad == TAMPER[tamper]
+    code, result = main_verify(d)
+    assert code == 1 and result["first_bad"] == TAMPER[tamper] and result["message"].startswith("FAIL")
+
+
+def test_main_verify_ok(tmp_path: Path) -> None:
+    build(tmp_path)
+    code, result = main_verify(tmp_path)
+    assert code == 0 and result["ok"] and result["records"] == 24 and result["checkpoints"] == 4
+    assert result["message"] == "OK: 24 records, 4 checkpoints verified"
+    json.dumps(result)
+
+
+def test_exported_checkpoints_catch_truncation_the_local_copy_cannot(tmp_path: Path) -> None:
+    d = tmp_path / "audit"
+    build(d, groups=2)
+    exported = tmp_path / "offhost.jsonl"
+    shutil.copy(d / "checkpoints.jsonl", exported)
+    build(d, groups=2)
+    assert verify_dir(d, checkpoints=exported) == audit.VerifyReport(True, 24, 2, None)
+    # An intruder cuts the log back and trims the local checkpoints to match: locally consistent.
+    _rewrite(d, lines(d)[:6])
+    cps = (d / "checkpoints.jsonl").read_bytes().splitlines(keepends=True)
+    (d / "checkpoints.jsonl").write_bytes(cps[0])
+    assert verify_dir(d).ok
+    report = verify_dir(d, checkpoints=exported)
+    assert report.first_bad == "offhost.jsonl:2: log ends at record 6, before checkpoint 11 (truncated)"
+    assert main_verify(d, checkpoints=exported)[0] == 1
+    assert not verify_dir(d, checkpoints=tmp_path / "missing.jsonl").ok
+
+
+def test_pinned_public_key(tmp_path: Path) -> None:
+    build(tmp_path, groups=1)
+    pinned = (tmp_path / "audit-key.pub.pem").read_bytes()
+    assert verify_dir(tmp_path, public_key=pinned).ok
+    other = Ed25519PrivateKey.generate().public_key()
+    raw = other.public_bytes(audit.serialization.Encoding.Raw, audit.serialization.PublicFormat.Raw)
+    assert verify_dir(tmp_path, public_key=raw).first_bad.endswith(  # type: ignore[union-attr]
+        f"checkpoint signed by unknown key {json.loads(lines(tmp_path)[-1])['checkpoint']['kid']!r}")
+
+
+@pytest.mark.parametrize("tail", [b'{"seq":25,"prev":"ab', b"garbage\n", b'{"seq":25}\n{"se'])
+def test_torn_tail_is_cut_and_recorded(tmp_path: Path, tail: bytes) -> None:
+    build(tmp_path)
+    good = (tmp_path / LOG1).read_bytes()
+    (tmp_path / LOG1).write_bytes(good + tail)
+    log = AuditLog.open(tmp_path)
+    assert (tmp_path / LOG1).read_bytes() == good
+    log.start()
+    assert log.record("mint", token_id="tok-after")
+    log.stop()
+    recs = records(tmp_path)
+    cut = recs[24]
+    assert cut["seq"] == 25 and cut["kind"] == "audit_truncated"
+    assert cut["prev"] == sha(good.splitlines()[-1])
+    assert cut["bytes_cut"] == len(tail) and cut["offset"] == len(good) and cut["file"] == LOG1
+    assert cut["cut_sha256"] == hashlib.sha256(tail).hexdigest()
+    assert recs[25]["kind"] == "mint"
+    assert verify_dir(tmp_path).ok
+
+
+def test_torn_checkpoints_file_is_cut(tmp_path: Path) -> None:
+    build(tmp_path, groups=2)
+    with open(tmp_path / "checkpoints.jsonl", "ab") as f:
+        f.write(b'{"seq":99,"ha')
+    AuditLog.open(tmp_path).stop()
+    cut = [r for r in records(tmp_path) if r["kind"] == "audit_truncated"]
+    assert [(c["file"], c["bytes_cut"]) for c in cut] == [("checkpoints.jsonl", 13)]
+    assert verify_dir(tmp_path) == audit.VerifyReport(True, 14, 3, None)
+
+
+def test_jws_looking_values_refused(tmp_path: Path) -> None:
+    token = Forge().token()
+    log = AuditLog.open(tmp_path)
+    for bad in ({"token": token}, {"chain": ["a", token]}, {"intent": f"Bearer {token}"},
+                {"meta": {"header": f"authorization: Bearer {token}"}}):
+        with pytest.raises(ValueError, match="token ids, never tokens"):
+            log.record("check", **bad)
+    with pytest.raises(ValueError):
+        log.record("check", prev="x")
+    with pytest.raises(ValueError):
+        log.record("checkpoint")
+    # Short or non-JWS values that merely start alike are fine.
+    assert log.record("check", token_id="eyJ.a.b", intent="eyJust saying", n=3, chain=None)
+    assert log.pending == 1
+    log.stop()
+    assert token.encode() not in b"".join(lines(tmp_path))
+
+
+def test_queue_full_refuses_without_blocking(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path, queue_max=3)
+    assert [check(log, i) for i in range(5)] == [True, True, True, False, False]
+    assert log.pending == 3 and not log.healthy and not log.flush(0.1)
+    log.stop()  # drains what was taken: nothing that returned True is lost
+    assert not check(log, 9), "a stopped log takes nothing"
+    assert [r["target"] for r in records(tmp_path) if r["kind"] == "check"] == ["t0", "t1", "t2"]
+    assert verify_dir(tmp_path).ok
+
+
+def _mount_tmpfs(path: Path, size: str) -> None:
+    path.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a size-limited tmpfs")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                          capture_output=True, text=True)
+    if done.returncode:
+        pytest.skip(f"cannot mount a size-limited tmpfs here: {done.stderr.strip()}")
+
+
+def _fill(path: Path) -> None:
+    with open(path, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as exc:
+            assert exc.errno == errno.ENOSPC
+
+
+def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatch: Any) -> None:
+    fs = tmp_path / "fs"
+    _mount_tmpfs(fs, "64k")
+    attempts = []
+    real_append = audit._append
+
+    def counting_append(fd: int, offset: int, data: bytes) -> int:
+        attempts.append(time.monotonic())
+        return real_append(fd, offset, data)
+
+    monkeypatch.setattr(audit, "_append", counting_append)
+    log = None
+    try:
+        d = fs / "audit"
+        log = AuditLog.open(d, flush_interval=0.01, batch_size=8, queue_max=40)
+        log.start()
+        taken = [i for i in range(5) if check(log, i)]
+        assert log.flush() and log.healthy
+        _fill(fs / "filler")
+        # Records big enough not to fit in the log file's last partly used page.
+        taken += [i for i in range(5, 25) if check(log, i, note="x" * 1000)]
+        assert taken == list(range(25))
+        assert wait_for(lambda: not log.healthy), "ENOSPC must turn the log unhealthy"
+        assert not log.flush(0.2)
+        more = [check(log, i) for i in range(25, 200)]
+        assert True in more and more[-1] is False, "records are taken until the queue is full"
+        taken += [i for i, ok in zip(range(25, 200), more, strict=True) if ok]
+        assert not log.healthy
+        failing_since = time.monotonic()
+        time.sleep(0.5)
+        retries = sum(t >= failing_since for t in attempts)
+        assert retries <= 20, f"capped backoff, not a busy loop: {retries} tries in 0.5s"
+        (fs / "filler").unlink()
+        assert wait_for(lambda: log.healthy)
+        assert log.flush() and log.pending == 0
+        log.stop()
+        recs = records(d)
+        assert [r["target"] for r in recs if r["kind"] == "check"] == [f"t{i}" for i in taken]
+        assert verify_dir(d).ok
+    finally:
+        if log is not None:
+            log.stop(timeout=1)
+        subprocess.run(["umount", "-l", str(fs)], check=False)
+
+
+def test_checkpoint_every_n_batches_and_final(tmp_path: Path) -> None:
+    build(tmp_path, groups=5, per=2, checkpoint_every=2)
+    kinds = [r["kind"] for r in records(tmp_path)]
+    # Batches 2 and 4 are checkpointed; the 5th batch gets the final checkpoint from stop().
+    assert [i + 1 for i, k in enumerate(kinds) if k == "checkpoint"] == [5, 10, 13]
+    assert verify_dir(tmp_path) == audit.VerifyReport(True, 13, 3, None)
+
+
+def test_torn_line_alone_in_a_new_file(tmp_path: Path) -> None:
+    build(tmp_path, groups=3, max_file_bytes=1500)
+    last_seq = records(tmp_path)[-1]["seq"]
+    fresh = tmp_path / f"audit-{last_seq + 1:010d}.jsonl"
+    fresh.write_bytes(b'{"seq":%d,"pr' % (last_seq + 1))  # crashed mid-way through its first line
+    log = AuditLog.open(tmp_path)
+    log.start()
+    log.record("revoke", token_id="tok-9")
+    log.stop()
+    recs = json.loads(fresh.read_bytes().splitlines()[0])
+    assert recs["seq"] == last_seq + 1 and recs["kind"] == "audit_truncated" and recs["offset"] == 0
+    assert verify_dir(tmp_path).ok
+
+
+def test_unencodable_fields_do_not_kill_the_writer(tmp_path: Path) -> None:
+    loop: dict[str, Any] = {}
+    loop["self"] = loop
+    log = AuditLog.open(tmp_path)
+    log.start()
+    with pytest.raises(ValueError, match="too deep"):
+        log.record("check", meta=loop)
+    assert log.record("check", meta={("tuple", "key"): 1}, when=object())
+    assert log.record("check", token_id="tok-2")
+    assert log.flush() and log.healthy
+    log.stop()
+    recs = records(tmp_path)
+    assert recs[0]["unencodable"] == ["meta", "when"] and recs[1]["token_id"] == "tok-2"
+    assert verify_dir(tmp_path).ok
+
+
+def test_record_racing_stop_is_never_lost(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path, flush_interval=0.001, batch_size=64, queue_max=2000)
+    log.start()
+    taken: list[list[str]] = [[] for _ in range(4)]
+
+    def hammer(mine: list[str], w: int) -> None:
+        for i in range(100000):
+            if log.record("check", token_id=f"{w}-{i}"):
+                mine.append(f"{w}-{i}")
+            elif log._closed:
+                return
+
+    threads = [threading.Thread(target=hammer, args=(taken[w], w)) for w in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.05)
+    log.stop()
+    for t in threads:
+        t.join()
+    written = [r["token_id"] for r in records(tmp_path) if r["kind"] == "check"]
+    assert sorted(written) == sorted(sum(taken, [])) and written
+    assert verify_dir(tmp_path).ok
