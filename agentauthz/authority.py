@@ -223,7 +223,10 @@ class Authority:
         if not (self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)):
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, token_id=token_id)
             raise Refused(NOT_PERMITTED, "only the agent that minted a token (or an admin) may revoke it")
-        self.revocations.revoke_token(token_id, slot, exp)
+        try:
+            self.revocations.revoke_token(token_id, slot, exp)
+        except ValueError as exc:  # a slot never handed out: not a token of ours
+            raise Refused(UNKNOWN_TOKEN_ID, str(exc)) from None
         self._audit("revoke", decision=True, scope="token", agent=caller, token_id=token_id)
         return int(self.clock())
 
