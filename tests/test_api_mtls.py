@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator
@@ -47,12 +49,12 @@ def mint_with(daemon: Daemon, ident: Identity | None, pki: DevPki) -> pb.MintRes
                                                                    operations=["read"])]), timeout=5)
 
 
-def test_valid_svid_mints_a_token_bound_to_its_certificate(daemon: Daemon, pki: DevPki, tmp_path: Path) -> None:
+def test_valid_svid_mints_a_token_bound_to_its_certificate(daemon: Daemon, pki: DevPki,
+                                                           tmp_path: Path) -> None:
     issue_svid(pki, AGENT, tmp_path)
     minted = Client(daemon.api_address, Identity.from_dir(tmp_path)).mint("t", GRANT, intent="test")
     assert minted.agent == AGENT and minted.token.count(".") == 2
     assert [(g.tool, g.target, list(g.operations)) for g in minted.grants] == [("demo", "*", ["read"])]
-    import base64
     claims = json.loads(base64.urlsafe_b64decode(minted.token.split(".")[1] + "=="))
     assert claims["sub"] == AGENT and claims["cnf"]["x5t#S256"]
     assert claims["exp"] - claims["iat"] <= 600  # the dev policy's cap
@@ -64,7 +66,7 @@ def test_policy_narrows_what_is_minted(daemon: Daemon, pki: DevPki, tmp_path: Pa
     minted = client.mint("narrow", ["demo:*:read,write,admin:restricted", "billing:*:read"], ttl=86400)
     assert [(g.tool, sorted(g.operations), g.sensitivity) for g in minted.grants] == \
         [("demo", ["read", "write"], "internal")]
-    assert minted.expires_at - __import__("time").time() <= 601
+    assert minted.expires_at - time.time() <= 601
     assert {g.tool for g in minted.denied} >= {"billing"}
 
 
