@@ -7,6 +7,7 @@ pre-serialized ``dynamic_metadata`` field rather than re-encoding the message.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
 import os
@@ -27,7 +28,6 @@ SERVICE = "envoy.service.auth.v3.Authorization"
 HEADER_AGENT = "x-agentauthz-agent"
 HEADER_TASK = "x-agentauthz-task"
 HEADER_TOKEN_ID = "x-agentauthz-token-id"
-HEADER_DECISION = "x-agentauthz-decision-id"
 _DECISION_ID_CHARS = 16
 
 # Fallbacks when a route sets no context_extensions: operation from the
@@ -146,7 +146,8 @@ class CheckService:
         self._audit = audit
         self._clock = clock
         self._ids = DecisionIds()
-        self._denied = {}  # reason -> bytes, filled lazily for reasons we have not met yet
+        self._denied: dict[str, bytes] = {}  # reason -> bytes, filled as reasons first occur
+        self.decisions: collections.Counter[str] = collections.Counter()  # reason -> count, for /metrics
 
     def _deny(self, reason: str) -> bytes:
         body = self._denied.get(reason)
@@ -175,6 +176,7 @@ class CheckService:
         if not (recorded and self._audit.healthy):
             # An allow we cannot record is not an allow (DESIGN §5).
             reason, entry = reasons.AUDIT_UNAVAILABLE, None
+        self.decisions[reason] += 1
         if entry is None:
             return self._deny(reason) + self._ids.metadata(decision_id)
         body = entry.attachment

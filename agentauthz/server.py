@@ -9,7 +9,7 @@ import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from typing import Any, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,7 +52,34 @@ class Housekeeping(threading.Thread):
         self.join(timeout)
 
 
-def _http_handler(authority: Authority, serving: threading.Event) -> type[BaseHTTPRequestHandler]:
+class Metrics:
+    """Prometheus collector reading counters the daemon keeps anyway: nothing on the request path."""
+
+    def __init__(self, authority: Authority, check: extauthz.CheckService) -> None:
+        self._authority = authority
+        self._check = check
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+        decisions = CounterMetricFamily("agentauthz_check_decisions", "Check decisions by reason",
+                                        labels=["reason"])
+        for reason, count in sorted(self._check.decisions.items()):
+            decisions.add_metric([reason], count)
+        yield decisions
+        a = self._authority
+        stats = a.revocations.stats()
+        for name, value, helptext in (
+            ("agentauthz_verified_cache_tokens", a.verifier.cache_len(), "tokens in the verified cache"),
+            ("agentauthz_revoked_tokens", stats["revoked_tokens"], "revoked tokens in the live window"),
+            ("agentauthz_audit_pending", a.audit.pending, "audit records not yet on disk"),
+            ("agentauthz_audit_healthy", int(a.audit.healthy), "1 while the audit writer can write"),
+            ("agentauthz_verification_keys", len(a.keyring.verification_keys()), "published keys"),
+        ):
+            yield GaugeMetricFamily(name, helptext, value=value)
+
+
+def _http_handler(authority: Authority, serving: threading.Event,
+                  registry: Any) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "agentauthz"
 
@@ -73,7 +100,7 @@ def _http_handler(authority: Authority, serving: threading.Event) -> type[BaseHT
                 self._send(200, json.dumps(authority.keyring.jwks()).encode(), "application/json")
             elif path == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-                self._send(200, generate_latest(), CONTENT_TYPE_LATEST)
+                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             else:
                 self._send(404, b'{"error":"not_found"}\n', "application/json")
 
@@ -125,7 +152,8 @@ class Daemon:
             t.start()
 
         check = self.check_server = grpc.aio.server()
-        extauthz.add_to_server(check, extauthz.CheckService(a.verifier, a.audit, a.clock))
+        check_service = extauthz.CheckService(a.verifier, a.audit, a.clock)
+        extauthz.add_to_server(check, check_service)
         api = self.api_server = grpc.aio.server()
         service = ApiService(a, load_bundle(self.trust_bundle))
         agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(service, api)
@@ -141,7 +169,10 @@ class Daemon:
         await api.start()
 
         host, _, port = self.config.http_listen.rpartition(":")
-        self.http = ThreadingHTTPServer((host, int(port)), _http_handler(a, self.serving))
+        from prometheus_client import CollectorRegistry
+        registry = CollectorRegistry()
+        registry.register(Metrics(a, check_service))
+        self.http = ThreadingHTTPServer((host, int(port)), _http_handler(a, self.serving, registry))
         threading.Thread(target=self.http.serve_forever, name="agentauthz-http", daemon=True).start()
 
         # Keys, revocations and policy loaded, listeners up: now we serve.
