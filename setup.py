@@ -4,6 +4,7 @@ AGENTAUTHZ_NO_EXTENSIONS=1 (or true/yes/on) skips the native build entirely.
 """
 
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -37,6 +38,21 @@ class OptionalBuildExt(build_ext):
         )
 
 
+def _pxd_include_dir():
+    """Stage native/*.pxd as agentauthz/*.pxd, the only place Cython looks for them.
+
+    Cython finds the declarations of a module named agentauthz._x (its own and
+    every cimport of it) at <include dir>/agentauthz/_x.pxd, never beside the
+    .pyx under native/: without this the .pxd files would be silently ignored.
+    """
+    stage = os.path.join("build", "cython-include")
+    package = os.path.join(stage, "agentauthz")
+    os.makedirs(package, exist_ok=True)
+    for name in NATIVE_MODULES:
+        shutil.copy2(os.path.join("native", f"{name}.pxd"), package)
+    return stage
+
+
 def extensions():
     if os.environ.get("AGENTAUTHZ_NO_EXTENSIONS", "").strip().lower() in _TRUE:
         sys.stderr.write("*** agentauthz: AGENTAUTHZ_NO_EXTENSIONS set, building pure Python only\n")
@@ -51,7 +67,8 @@ def extensions():
         Extension(f"agentauthz.{name}", [f"native/{name}.pyx"], include_dirs=["native"])
         for name in NATIVE_MODULES
     ]
-    return cythonize(exts, compiler_directives={"language_level": "3"}, include_path=["native"])
+    return cythonize(exts, compiler_directives={"language_level": "3"},
+                     include_path=[_pxd_include_dir(), "native"])
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

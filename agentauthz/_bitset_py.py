@@ -14,6 +14,7 @@ import struct
 
 HEADER_BYTES = 16
 _U64 = struct.Struct("<Q")
+_SLOT_LIMIT = 1 << 64  # slots are uint64 like the base: the window never reaches past 2**64 - 1
 
 
 def buffer_size(capacity: int) -> int:
@@ -49,7 +50,7 @@ class Bitset:
     def test(self, slot: int) -> bool:
         """True when ``slot`` is revoked, or outside the window (fail closed)."""
         base = _U64.unpack_from(self._buf, 0)[0]
-        if slot < base or slot >= base + self._capacity:
+        if slot < base or slot >= base + self._capacity or slot >= _SLOT_LIMIT:
             return True
         i = slot % self._capacity
         return bool(self._buf[HEADER_BYTES + (i >> 3)] >> (i & 7) & 1)
@@ -59,7 +60,7 @@ class Bitset:
         base = self.base
         if slot < base:
             return False
-        if slot >= base + self._capacity:
+        if slot >= base + self._capacity or slot >= _SLOT_LIMIT:
             raise ValueError(f"slot {slot} is beyond the window [{base}, {base + self._capacity})")
         i = slot % self._capacity
         self._buf[HEADER_BYTES + (i >> 3)] |= 1 << (i & 7)
@@ -74,6 +75,8 @@ class Bitset:
         base = self.base
         if new_base <= base:
             return
+        if new_base >= _SLOT_LIMIT:  # checked before any bit is cleared: the header holds a uint64
+            raise OverflowError("new_base must fit in 64 bits")
         if new_base - base >= self._capacity:
             self._buf[HEADER_BYTES:HEADER_BYTES + self._capacity // 8] = bytes(self._capacity // 8)
         else:

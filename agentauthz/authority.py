@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import _accel, reasons, tokens
+from .tokens import task_key
 from .audit import AuditLog
 from .config import Config
 from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
@@ -99,11 +100,6 @@ class TokenIds:
     def minted_by(self, token_id: str, agent: str) -> bool:
         slot, exp, mac = self.parse(token_id)
         return hmac.compare_digest(mac, self._mac(slot, exp, agent))
-
-
-def task_key(agent: str, task: str) -> str:
-    """Revocation key of a task: tasks are named per agent, so one agent cannot end another's."""
-    return f"{agent} {task}"
 
 
 class Authority:

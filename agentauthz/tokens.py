@@ -45,6 +45,15 @@ def new_token_id() -> str:
     return secrets.token_urlsafe(16)
 
 
+def task_key(root_agent: str, task: str) -> str:
+    """The revocation key of a task: task names are per agent, so one agent cannot end another's.
+
+    ``root_agent`` is the agent that minted the task's first token; delegated
+    tokens keep it as the innermost ``act`` and so die with the task.
+    """
+    return f"{root_agent} {task}"
+
+
 def grant(tool: str, target: str, ops: Iterable[str], sensitivity: str = DEFAULT_SENSITIVITY,
           **extra: Any) -> dict[str, Any]:
     """One grant as it appears in a token's ``grants`` claim."""

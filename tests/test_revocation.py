@@ -117,7 +117,7 @@ def _scenario(w: World, kind: str) -> tuple[str, str]:
         w.store.revoke_token(parent["jti"], _slot(parent), parent["exp"])
     elif kind == "task":
         victim, _ = w.mint(task="task-victim")
-        assert w.store.revoke_task("task-victim") == int(w.clock.now)
+        assert w.store.revoke_task(tokens.task_key(support.AGENT, "task-victim")) == int(w.clock.now)
     elif kind == "agent":
         victim, _ = w.mint(sub=OTHER_AGENT)
         assert w.store.revoke_agent(OTHER_AGENT) == int(w.clock.now)
@@ -285,7 +285,7 @@ def test_compaction_shrinks_the_journal_and_keeps_live_state(world: World) -> No
     live_token, claims = world.mint()
     world.store.revoke_token(claims["jti"], _slot(claims), claims["exp"])
     task_victim, _ = world.mint(task="live-task")
-    world.store.revoke_task("live-task")
+    world.store.revoke_task(tokens.task_key(support.AGENT, "live-task"))
     agent_victim, _ = world.mint(sub=OTHER_AGENT)
     world.store.revoke_agent(OTHER_AGENT)
     key_victim, _ = world.mint(world.other_forge)
@@ -319,10 +319,10 @@ def test_slide_compacts_when_the_journal_grows(hot: HotPath, tmp_path: Path) -> 
 
 def test_cutoffs_older_than_the_horizon_are_dropped(world: World) -> None:
     old, _ = world.mint(task="t-old", ttl=MAX_LIFETIME)
-    world.store.revoke_task("t-old")
+    world.store.revoke_task(tokens.task_key(support.AGENT, "t-old"))
     world.store.revoke_agent(OTHER_AGENT)
     world.advance(MAX_LIFETIME)
-    world.store.revoke_task("t-new")
+    world.store.revoke_task(tokens.task_key(support.AGENT, "t-new"))
     world.advance(LEEWAY - 1)
     world.store.slide()
     assert world.store.stats()["tasks"] == 2  # not yet: a token of t-old is still within leeway
@@ -332,7 +332,7 @@ def test_cutoffs_older_than_the_horizon_are_dropped(world: World) -> None:
     stats = world.store.stats()
     assert (stats["tasks"], stats["agents"]) == (1, 0)
     if world.hot.name == "pure":
-        assert set(world.index.tasks) == {"t-new"} and not world.index.agents
+        assert set(world.index.tasks) == {tokens.task_key(support.AGENT, "t-new")} and not world.index.agents
     assert world.decide(old) == reasons.TOKEN_EXPIRED
     assert world.decide(world.mint(task="t-old")[0]) == reasons.ALLOW
     world.restart()
@@ -352,7 +352,7 @@ def test_concurrent_revokers_and_readers(world: World) -> None:
                 if n % 2:
                     world.store.revoke_token(claims["jti"], _slot(claims), claims["exp"])
                 else:
-                    world.store.revoke_task(claims["task"])
+                    world.store.revoke_task(tokens.task_key(claims["sub"], claims["task"]))
         except BaseException as exc:
             failures.append(exc)
 

@@ -1,0 +1,89 @@
+# cython: language_level=3
+"""Declarations of the native hot path, the twin of ``agentauthz/_verify_py.py``."""
+
+cimport cython
+from libc.stdint cimport uint64_t
+
+from agentauthz._bitset_c cimport Bitset
+
+cdef enum:
+    # Status slots one token can carry: its own plus one per delegating
+    # ancestor. tokens.MAX_DELEGATION_DEPTH + 1 must fit; checked at import.
+    SLOTS_MAX = 16
+
+
+@cython.final
+cdef class Grant:
+    cdef readonly object tool
+    cdef readonly object target
+    cdef readonly object prefix  # target without its trailing "*", or None for an exact target
+    cdef readonly object ops
+    cdef readonly long level
+
+    cdef int _init(self, object tool, object target, object ops, long level) except -1
+    cdef bint _covers(self, object tool, object target, object operation, long level) except -1
+
+
+@cython.final
+cdef class VerifiedToken:
+    cdef readonly dict claims
+    cdef readonly str kid
+    cdef readonly str jti
+    cdef readonly str sub
+    cdef readonly str task
+    cdef readonly str task_key  # tokens.task_key(root agent, task): what EndTask revokes
+    cdef readonly long long iat
+    cdef readonly long long nbf
+    cdef readonly long long exp
+    cdef readonly tuple grants
+    cdef readonly tuple slots  # own status slot first, then each delegating ancestor's
+    cdef readonly tuple subjects  # sub, then each actor up the delegation chain
+    cdef readonly tuple allowed  # (reasons.ALLOW, self), returned as is by every allowed decide
+    cdef public object attachment  # free for the transport, e.g. a pre-built response
+
+    # Decision state, read and written only with the GIL held.
+    cdef dict memo  # (tool, target, operation, sensitivity) -> reason, for policy generation pol_gen
+    cdef long long pol_gen
+    cdef long long rev_gen  # RevocationIndex.generation rev_reason was computed for
+    cdef object rev_reason
+    # ``slots`` as C integers, so the decision tests bits without touching Python ints.
+    cdef Py_ssize_t n_slots
+    cdef uint64_t slot_c[SLOTS_MAX]
+    cdef unsigned int slot_outside  # bit i set: slots[i] does not fit in 64 bits, always revoked
+
+    cdef int _fill(self, dict claims, str kid, tuple grants, tuple slots, tuple subjects) except -1
+
+
+@cython.final
+cdef class RevocationIndex:
+    cdef Bitset _bits  # never None: the decision tests it without a check
+    cdef public dict tasks
+    cdef public dict agents
+    cdef public set kids
+    cdef public long long generation
+
+    cdef object _reason_for(self, VerifiedToken token)
+
+
+@cython.final
+cdef class Verifier:
+    cdef public object issuer
+    cdef public frozenset audiences
+    cdef public object token_type
+    cdef public long long leeway
+    cdef public long long max_lifetime
+    cdef public long long max_token_bytes
+    cdef public long long cache_size
+    cdef RevocationIndex _revocations
+    cdef dict _keys  # kid -> 32-byte Ed25519 public key; replaced whole, never mutated
+    cdef dict _headers  # header segment text -> (token_type, kid) of a header that passed
+    cdef object _cache  # OrderedDict: token text -> VerifiedToken, oldest first
+    cdef object _policy
+    cdef long long _policy_gen
+
+    cdef VerifiedToken _verify_uncached(self, object token, double now)
+    cdef str _check_header(self, dict header)
+    cdef VerifiedToken _check_claims(self, dict claims, str kid, double now)
+    cdef int _check_time(self, VerifiedToken entry, double now) except -1
+    cdef object _match(self, VerifiedToken entry, object tool, object target, object operation,
+                       object sensitivity, object policy)
