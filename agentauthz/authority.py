@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from . import _accel, reasons, tokens
-from .tokens import task_key
 from .audit import AuditLog
 from .config import Config
 from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
 from .keys import Keyring
 from .policy import DEV_POLICY, Policy
 from .revocation import RevocationStore
+from .tokens import task_key
 
 log = logging.getLogger(__name__)
 
