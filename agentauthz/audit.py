@@ -21,6 +21,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from . import durable
 from .errors import StateError
 
 log = logging.getLogger(__name__)
@@ -77,29 +78,15 @@ def _append(fd: int, offset: int, data: bytes) -> int:
     return offset + len(data)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
-def _write_file(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")  # write-then-rename: a crash never leaves half a key
-    tmp.unlink(missing_ok=True)
-    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode), "wb") as f:
-        f.write(data)
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _load_key(directory: Path) -> Ed25519PrivateKey:
     path, pub_path = directory / KEY_FILE, directory / PUB_FILE
     if not path.exists():
         key = Ed25519PrivateKey.generate()
-        _write_file(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        durable.replace(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                             serialization.NoEncryption()), 0o600)
     elif path.stat().st_mode & 0o077:
         raise StateError(f"{path}: audit key must be owner-only (0600)")
@@ -114,7 +101,7 @@ def _load_key(directory: Path) -> Ed25519PrivateKey:
     pub = key.public_key().public_bytes(serialization.Encoding.PEM,
                                         serialization.PublicFormat.SubjectPublicKeyInfo)
     if not pub_path.exists():
-        _write_file(pub_path, pub, 0o644)
+        durable.replace(pub_path, pub, 0o644)
     elif pub_path.read_bytes() != pub:
         raise StateError(f"{pub_path} does not match {path}")
     return key
@@ -371,7 +358,7 @@ class AuditLog:
                 if self._fd >= 0:
                     os.close(self._fd)
                 self._fd = os.open(self._dir / self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                _fsync_dir(self._dir)  # the new name must survive a crash as much as its content
+                durable.fsync_dir(self._dir)  # the new name must survive a crash as much as its content
                 self._fd_name = self._file
             self._offset = _append(self._fd, self._offset, self._out)  # group commit: one fsync per batch
             self._out, self._out_n = None, 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import _accel, reasons, tokens
+from . import _accel, durable, reasons, tokens
 from .audit import AuditLog
 from .config import Config
 from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
@@ -73,11 +73,8 @@ class TokenIds:
     @classmethod
     def open(cls, path: Path) -> TokenIds:
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(os.urandom(32))
-                f.flush()
-                os.fsync(f.fileno())
+            durable.write_new(path, os.urandom(32))
+            durable.fsync_dir(path.parent)
         key = path.read_bytes()
         if len(key) != 32:
             raise StateError(f"{path}: token-id key must be 32 bytes")

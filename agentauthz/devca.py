@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from . import durable
 from .errors import StateError
 from .identity import IdentityError, parse_spiffe_id, validate_trust_domain
 
@@ -180,8 +181,8 @@ def ensure_dev_pki(state_dir: Path, trust_domain: str = DEV_TRUST_DOMAIN,
             pki = _load(state_dir, trust_domain)
             if _server_stale(pki, server_names):
                 server = _server_cert(pki.ca, trust_domain, server_names)
-                _replace(pki_dir / "server.key", server.key_pem, 0o600)
-                _replace(pki_dir / "server.pem", server.cert_pem, 0o644)
+                durable.replace(pki_dir / "server.key", server.key_pem, 0o600)
+                durable.replace(pki_dir / "server.pem", server.cert_pem, 0o644)
                 pki = DevPki(state_dir, trust_domain, pki.ca, server)
     except OSError as exc:
         raise StateError(f"{pki_dir}: cannot create or renew the development PKI: {exc}") from exc
@@ -225,12 +226,12 @@ def _create(pki_dir: Path, trust_domain: str, server_names: Sequence[str]) -> No
     try:
         ca = make_ca("agentauthz development CA", trust_domain, permitted_hosts=server_names)
         server = _server_cert(ca, trust_domain, server_names)
-        _write(tmp / "ca.key", ca.key_pem, 0o600)
-        _write(tmp / "ca.pem", ca.cert_pem, 0o644)
-        _write(tmp / "server.key", server.key_pem, 0o600)
-        _write(tmp / "server.pem", server.cert_pem, 0o644)
+        durable.write_new(tmp / "ca.key", ca.key_pem, 0o600)
+        durable.write_new(tmp / "ca.pem", ca.cert_pem, 0o644)
+        durable.write_new(tmp / "server.key", server.key_pem, 0o600)
+        durable.write_new(tmp / "server.pem", server.cert_pem, 0o644)
         marker = {"trust_domain": trust_domain, "note": "development only: never trust this CA elsewhere"}
-        _write(tmp / MARKER, json.dumps(marker).encode() + b"\n", 0o644)
+        durable.write_new(tmp / MARKER, json.dumps(marker).encode() + b"\n", 0o644)
         os.rename(tmp, pki_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -284,9 +285,9 @@ def issue_svid(pki: DevPki, spiffe_id: str, out_dir: Path, ttl: timedelta = SVID
     svid = make_leaf(pki.ca, [str(parsed)], not_after=not_after)
     out_dir = Path(out_dir)
     out_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    _replace(out_dir / "svid.key", svid.key_pem, 0o600)
-    _replace(out_dir / "svid.pem", svid.cert_pem, 0o644)
-    _replace(out_dir / "bundle.pem", pki.ca.cert_pem, 0o644)
+    durable.replace(out_dir / "svid.key", svid.key_pem, 0o600)
+    durable.replace(out_dir / "svid.pem", svid.cert_pem, 0o644)
+    durable.replace(out_dir / "bundle.pem", pki.ca.cert_pem, 0o644)
     return out_dir
 
 
@@ -299,21 +300,3 @@ def _locked(path: Path) -> Iterator[None]:
     finally:
         os.close(fd)  # closing releases the lock
 
-
-def _write(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start (never a window with wider permissions)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _replace(path: Path, data: bytes, mode: int) -> None:
-    """Atomically replace ``path``: readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        _write(tmp, data, mode)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

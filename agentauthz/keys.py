@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from nacl.signing import SigningKey
 
-from . import tokens
+from . import durable, tokens
 from .errors import StateError
 
 log = logging.getLogger(__name__)
@@ -66,25 +66,6 @@ _Keys = list[_Key]  # an alias: inside Keyring, ``list`` names the method
 def _generate(now: float) -> _Key:
     key = SigningKey.generate()
     return _Key(thumbprint(bytes(key.verify_key)), NEXT, now, signing_key=key)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes, *, exclusive: bool) -> None:
-    # Created 0600 from the first byte: never a window where a secret is readable by others.
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(fd, 0o600)  # a leftover temp file could carry other bits
-        f.write(data)
-        f.flush()
-        os.fsync(fd)
 
 
 def _read_owner_only(path: Path) -> bytes:
@@ -321,14 +302,12 @@ class Keyring:
         new = {k.kid for k in keys if k.state != RETIRED}
         for k in keys:
             if k.kid in new - old:
-                _write_file(self._dir / f"{k.kid}.pem", _pem(k), exclusive=True)
+                durable.write_new(self._dir / f"{k.kid}.pem", _pem(k))
         # PEMs are durable before the metadata that names them, so a crash never loses a key.
-        _fsync_dir(self._dir)
+        durable.fsync_dir(self._dir)
         doc = {"format": _FORMAT, "keys": [k.meta() for k in keys]}
-        tmp = self._dir / (METADATA + ".tmp")
-        _write_file(tmp, json.dumps(doc, indent=1, allow_nan=False).encode("ascii"), exclusive=False)
-        os.replace(tmp, self._dir / METADATA)
-        _fsync_dir(self._dir)  # the change is durable before anything acts on it
+        # Durable before anything acts on it.
+        durable.replace(self._dir / METADATA, json.dumps(doc, indent=1, allow_nan=False).encode("ascii"))
         self._keys = keys
         for kid in old - new:
             try:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import errors
+from . import durable, errors
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _fsync_dir(directory: Path) -> None:
-    # A new or renamed file survives power loss only once its directory entry is synced.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class _Block:
@@ -129,7 +120,7 @@ class RevocationStore:
                 raise errors.StateError(f"{store.path}: in use by another process") from None
             store._fd = os.open(store.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             os.fchmod(store._fd, 0o600)
-            _fsync_dir(directory)
+            durable.fsync_dir(directory)
             store._replay()
         except BaseException:
             store._close_fds()
@@ -282,7 +273,7 @@ class RevocationStore:
         finally:
             os.close(fd)
         os.replace(tmp, self.path)
-        _fsync_dir(self.path.parent)
+        durable.fsync_dir(self.path.parent)
         new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
         os.close(self._fd)
         self._fd = new_fd
