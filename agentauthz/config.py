@@ -41,7 +41,10 @@ class Config:
     audit_batch_size: int = 512
     audit_queue_max: int = 65536
 
-    check_listen: str = "127.0.0.1:9191"
+    check_listen: str = "127.0.0.1:9191"  # HOST:PORT, or unix:PATH (Envoy's `pipe` address)
+    # Plaintext suits loopback and Unix sockets; across hosts require Envoy's client certificate
+    # (chained to trust_bundle) on the Check listener too.
+    check_mtls: bool = False
     api_listen: str = "127.0.0.1:9190"
     http_listen: str = "127.0.0.1:9192"
     admins: tuple[str, ...] = field(default_factory=tuple)
@@ -126,6 +129,8 @@ def _problems(c: Config) -> list[str]:
         out.append("audiences must be a non-empty list of strings")
     if not all(isinstance(a, str) and a.startswith("spiffe://") for a in c.admins):
         out.append("admins must be SPIFFE IDs")
+    if not isinstance(c.check_mtls, bool):
+        out.append("check_mtls must be true or false")
     tls = (c.tls_cert, c.tls_key, c.trust_bundle)
     if any(tls) and not all(tls):
         out.append("tls_cert, tls_key and trust_bundle go together")

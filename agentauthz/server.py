@@ -162,9 +162,13 @@ class Daemon:
             reflection.enable_server_reflection(
                 (extauthz.SERVICE if server is check else API_SERVICE,
                  health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        check.add_insecure_port(self.config.check_listen)
-        api.add_secure_port(self.config.api_listen, grpc.ssl_server_credentials(
-            [(self.tls_key, self.tls_cert)], root_certificates=self.trust_bundle, require_client_auth=True))
+        mtls = grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)],
+                                           root_certificates=self.trust_bundle, require_client_auth=True)
+        if self.config.check_mtls:
+            check.add_secure_port(self.config.check_listen, mtls)
+        else:
+            check.add_insecure_port(self.config.check_listen)
+        api.add_secure_port(self.config.api_listen, mtls)
         await check.start()
         await api.start()
 

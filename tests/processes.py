@@ -54,17 +54,15 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 class Daemon:
     """``agentauthz serve`` in its own process, on free ports and a state dir of the test's."""
 
-    def __init__(self, state_dir: Path, config: dict[str, Any] | None = None) -> None:
+    def __init__(self, state_dir: Path, config: dict[str, Any] | None = None,
+                 check_listen: str | None = None) -> None:
         self.state_dir = state_dir
         self.check_port, self.api_port, self.http_port = free_port(), free_port(), free_port()
+        self.check_address = check_listen or f"127.0.0.1:{self.check_port}"
         self.config_path = state_dir.parent / f"{state_dir.name}-config.yaml"
         self.config_path.write_text(yaml.safe_dump({"state_dir": str(state_dir), **(config or {})}))
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = state_dir.parent / f"{state_dir.name}-daemon.log"
-
-    @property
-    def check_address(self) -> str:
-        return f"127.0.0.1:{self.check_port}"
 
     @property
     def api_address(self) -> str:

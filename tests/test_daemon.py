@@ -155,3 +155,30 @@ def test_sigterm_under_load_drains_flushes_audit_and_exits_zero(tmp_path: Path) 
     assert audited_allows >= sum(allowed) > 200
     assert "stop" in (tmp_path / "state" / "audit").joinpath(
         sorted(p.name for p in (tmp_path / "state" / "audit").glob("audit-*.jsonl"))[-1]).read_text()
+
+
+def test_check_over_a_unix_socket_and_with_mtls(tmp_path: Path) -> None:
+    socket_path = tmp_path / "check.sock"
+    daemon = Daemon(tmp_path / "state", {"check_mtls": False}, check_listen=f"unix:{socket_path}").start()
+    try:
+        ident = identity_for(daemon, tmp_path / "id")
+        client = Client(daemon.api_address, ident, check_server=f"unix:{socket_path}")
+        token = client.mint("uds", ["demo:*:read"]).token
+        assert client.check(token, "demo", "a", "read").allowed
+    finally:
+        assert daemon.stop() == 0
+    daemon = Daemon(tmp_path / "state2", {"check_mtls": True}).start()
+    try:
+        ident = identity_for(daemon, tmp_path / "id2", "spiffe://dev.local/envoy/edge")
+        with grpc.insecure_channel(daemon.check_address) as plain:
+            with pytest.raises(grpc.RpcError) as err:
+                plain.unary_unary("/envoy.service.auth.v3.Authorization/Check")(b"", timeout=5)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # no TLS, no answer
+        target = f"localhost:{daemon.check_port}"
+        with grpc.secure_channel(target, ident.credentials()) as channel:
+            from agentauthz.client import check_request, decision_from
+            raw = channel.unary_unary("/envoy.service.auth.v3.Authorization/Check")(
+                check_request(None, "demo", "a", "read"), timeout=5)
+            assert decision_from(raw).reason == "token_missing"
+    finally:
+        assert daemon.stop() == 0
