@@ -28,6 +28,15 @@ log = logging.getLogger(__name__)
 
 API_SERVICE = agentauthz_pb2.DESCRIPTOR.services_by_name["AgentAuthz"].full_name
 HOUSEKEEPING_INTERVAL = 5.0
+DEV_HINT = """
+agentauthz is running on development defaults. In another terminal:
+
+  .venv/bin/agentauthz dev-identity spiffe://dev.local/agent/alpha --state-dir {state} --out id/alpha
+  .venv/bin/agentauthz mint --server {api} --identity id/alpha --task demo-1 --grant 'demo:*:read' --json
+  .venv/bin/agentauthz check --server {check} --token TOKEN --tool demo --target reports --operation read
+
+README.md walks through calling a tool through Envoy. Ctrl-C drains and stops.
+"""
 
 
 class Housekeeping(threading.Thread):
@@ -184,6 +193,9 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving: check %s, api %s (mTLS), http %s", self.config.check_listen,
                  self.config.api_listen, self.config.http_listen)
+        if self.config.development:
+            print(DEV_HINT.format(state=self.config.state_dir, api=self.config.api_listen,
+                                  check=self.config.check_listen), flush=True)
 
     async def stop(self, grace: float = 10.0) -> None:
         """NOT_SERVING first, so load balancers move on; then drain, flush audit, exit."""
