@@ -22,19 +22,13 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from . import reasons
-from .tokens import DEFAULT_SENSITIVITY
+from .policy import RequestDefaults
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 HEADER_AGENT = "x-agentauthz-agent"
 HEADER_TASK = "x-agentauthz-task"
 HEADER_TOKEN_ID = "x-agentauthz-token-id"
 _DECISION_ID_CHARS = 16
-
-# Fallbacks when a route sets no context_extensions: operation from the
-# method, tool and target from the path "/<tool>/<target...>".
-OPERATION_BY_METHOD = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "POST": "write",
-                       "PUT": "write", "PATCH": "write", "DELETE": "delete"}
-
 
 def http_status_for(reason: str) -> int:
     """401 for an unusable credential, 403 for one that does not cover the request (RFC 6750 §3.1)."""
@@ -122,27 +116,31 @@ def bearer_token(headers: Any) -> str | None:
     return token
 
 
-def request_fields(request: Any) -> tuple[str, str, str, str]:
-    """(tool, target, operation, sensitivity) from the route's context_extensions, else method and path."""
+def request_fields(request: Any, defaults: RequestDefaults) -> tuple[str, str, str, str]:
+    """(tool, target, operation, sensitivity) from the route's context_extensions, else the policy's
+    ``requests`` defaults: operation from the method, tool and target from ``/<tool>/<target...>``."""
     attributes = request.attributes
     extensions = attributes.context_extensions
     http = attributes.request.http
     tool = extensions.get("tool")
     target = extensions.get("target")
-    operation = extensions.get("operation") or OPERATION_BY_METHOD.get(http.method, "")
+    operation = extensions.get("operation") or defaults.operations.get(http.method, "")
     if tool is None or target is None:
-        path = http.path.partition("?")[0].lstrip("/")
-        path_tool, _, path_target = path.partition("/")
+        path_tool = path_target = ""
+        if defaults.tool_from_path:
+            path_tool, _, path_target = http.path.partition("?")[0].lstrip("/").partition("/")
         tool = tool if tool is not None else path_tool
         target = target if target is not None else path_target
-    return tool, target, operation, extensions.get("sensitivity") or DEFAULT_SENSITIVITY
+    return tool, target, operation, extensions.get("sensitivity") or defaults.sensitivity
 
 
 class CheckService:
     """The ext_authz servicer; ``check`` is the whole request path."""
 
-    def __init__(self, verifier: Any, audit: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, verifier: Any, audit: Any, request_defaults: Callable[[], RequestDefaults],
+                 clock: Callable[[], float] = time.time) -> None:
         self._verifier = verifier
+        self._request_defaults = request_defaults
         self._audit = audit
         self._clock = clock
         self._ids = DecisionIds()
@@ -159,7 +157,7 @@ class CheckService:
         decision_id = self._ids.next()
         http = request.attributes.request.http
         token = bearer_token(http.headers)
-        tool, target, operation, sensitivity = request_fields(request)
+        tool, target, operation, sensitivity = request_fields(request, self._request_defaults())
         if token is None:
             reason, entry = reasons.TOKEN_MISSING, None
         else:

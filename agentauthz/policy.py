@@ -28,7 +28,8 @@ VERSION = 1
 CACHE_SIZE = 10_000
 MAX_TTL_LIMIT = 86_400  # task tokens are short-lived; a day is already far too long
 
-_TOP_KEYS = frozenset({"version", "defaults", "rules"})
+_TOP_KEYS = frozenset({"version", "defaults", "requests", "rules"})
+_REQUEST_KEYS = frozenset({"operations", "tool_from_path", "sensitivity"})
 _DEFAULT_KEYS = frozenset({"max_ttl", "max_delegation_depth", "max_sensitivity"})
 _REQUIRED = ("id", "agents", "tool", "targets", "operations")
 _ALLOW_ONLY = frozenset({"max_sensitivity", "max_ttl", "approval"})
@@ -188,6 +189,37 @@ def _compile_rule(raw: Any, index: int, defaults: dict[str, Any]) -> tuple[_Rule
 
 
 @dataclass(frozen=True)
+class RequestDefaults:
+    """How Check reads a request whose Envoy route sets no ``context_extensions``."""
+
+    operations: Mapping[str, str]  # HTTP method -> operation
+    tool_from_path: bool  # "/<tool>/<target...>"
+    sensitivity: str
+
+
+DEFAULT_REQUESTS = RequestDefaults(
+    operations={"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write",
+                "DELETE": "delete"},
+    tool_from_path=True, sensitivity=DEFAULT_SENSITIVITY)
+
+
+def _request_defaults(raw: Any) -> RequestDefaults:
+    if raw is None:
+        return DEFAULT_REQUESTS
+    _keys(raw, _REQUEST_KEYS, "requests")
+    operations = raw.get("operations", DEFAULT_REQUESTS.operations)
+    if not isinstance(operations, dict) or not all(
+            isinstance(m, str) and m.isupper() and _name_problem(op) is None for m, op in operations.items()):
+        raise ValueError("requests.operations must map upper-case HTTP methods to operation names")
+    tool_from_path = raw.get("tool_from_path", True)
+    if not isinstance(tool_from_path, bool):
+        raise ValueError("requests.tool_from_path must be true or false")
+    sensitivity = _choice(raw.get("sensitivity", DEFAULT_SENSITIVITY), SENSITIVITY_LEVELS,
+                          "requests.sensitivity")
+    return RequestDefaults(dict(operations), tool_from_path, sensitivity)
+
+
+@dataclass(frozen=True)
 class Narrowed:
     """What ``Policy.narrow`` leaves of a Mint request."""
 
@@ -200,12 +232,13 @@ class Narrowed:
 class Policy:
     """An immutable, indexed policy; build one with ``load``, ``from_text`` or ``from_data``."""
 
-    __slots__ = ("source", "digest", "rule_count", "max_delegation_depth", "_exact", "_patterns",
-                 "_views", "_cache_size", "_lock")
+    __slots__ = ("source", "digest", "rule_count", "max_delegation_depth", "requests", "_exact",
+                 "_patterns", "_views", "_cache_size", "_lock")
     source: str
     digest: str  # sha256 (hex) of the file bytes, for audit and reload logs
     rule_count: int
     max_delegation_depth: int
+    requests: RequestDefaults
     _exact: dict[str, dict[str, list[_Rule]]]  # agent ID -> tool -> rules
     _patterns: dict[str, dict[str, list[_Rule]]]  # "spiffe://td/p/" (from ".../p/*") -> tool -> rules
     _views: dict[str, dict[str, tuple[tuple[_Rule, ...], tuple[_Rule, ...]]]]
@@ -229,6 +262,7 @@ class Policy:
                 "max_delegation_depth": _int(raw_defaults.get("max_delegation_depth", 0),
                                              "defaults.max_delegation_depth", 0, MAX_DELEGATION_DEPTH),
             }
+            requests = _request_defaults(data.get("requests"))
             if not isinstance(data.get("rules"), list):
                 raise ValueError("rules must be a list (it may be empty: then nothing is allowed)")
         except ValueError as exc:
@@ -250,7 +284,8 @@ class Policy:
                 index_, key = (patterns, agent[:-1]) if agent.endswith("/*") else (exact, agent)
                 index_.setdefault(key, {}).setdefault(rule.tool, []).append(rule)
         for name, value in (("source", source), ("digest", digest), ("rule_count", len(seen)),
-                            ("max_delegation_depth", defaults["max_delegation_depth"]), ("_exact", exact),
+                            ("max_delegation_depth", defaults["max_delegation_depth"]),
+                            ("requests", requests), ("_exact", exact),
                             ("_patterns", patterns), ("_views", {}), ("_cache_size", cache_size),
                             ("_lock", threading.Lock())):
             object.__setattr__(self, name, value)

@@ -161,7 +161,7 @@ class Daemon:
             t.start()
 
         check = self.check_server = grpc.aio.server()
-        check_service = extauthz.CheckService(a.verifier, a.audit, a.clock)
+        check_service = extauthz.CheckService(a.verifier, a.audit, lambda: a.policy.requests, a.clock)
         extauthz.add_to_server(check, check_service)
         api = self.api_server = grpc.aio.server()
         service = ApiService(a, load_bundle(self.trust_bundle))

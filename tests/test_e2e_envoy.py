@@ -81,6 +81,14 @@ def test_other_operation_and_other_tool_are_403(stack: Stack) -> None:
     assert (status, body["error"]) == (403, "scope_denied")
 
 
+def test_routes_without_context_extensions_use_the_policy_request_defaults(stack: Stack) -> None:
+    token = stack.mint("fallback", ["demo:notes*:read"]).token
+    status, body, _ = stack.call(token, "GET", "/demo/notes/today")  # tool demo, target notes/today
+    assert status == 200 and body["headers"]["x-agentauthz-task"] == "fallback"
+    assert stack.call(token, "POST", "/demo/notes/today")[1]["error"] == "scope_denied"  # write
+    assert stack.call(token, "GET", "/demo/drafts")[1]["error"] == "scope_denied"
+
+
 def test_sensitivity_above_grant_is_403(stack: Stack) -> None:
     token = stack.mint("report-3", ["demo:*:read,write:public"]).token
     status, body, _ = stack.call(token)

@@ -552,3 +552,17 @@ def _denied_by_rule(data: dict[str, Any], agent: str, tool: str, target: str, op
         {"effect": "allow", "agents": [agent], "tool": tool, "targets": ["*"], "operations": ["*"],
          "max_sensitivity": "restricted"}]}
     return not brute(only_allow_all, agent, tool, target, op, 0)
+
+
+def test_request_defaults_parse_and_refuse_bad_values() -> None:
+    from agentauthz.policy import DEFAULT_REQUESTS
+    assert Policy.load(DEV_POLICY).requests == DEFAULT_REQUESTS
+    custom = Policy.from_text("version: 1\nrules: []\nrequests: {operations: {GET: fetch}, "
+                              "tool_from_path: false, sensitivity: internal}\n")
+    assert (dict(custom.requests.operations), custom.requests.tool_from_path,
+            custom.requests.sensitivity) == ({"GET": "fetch"}, False, "internal")
+    for bad, why in (("{operations: {get: read}}", "upper-case"), ("{tool_from_path: 1}", "true or false"),
+                     ("{sensitivity: secret}", "sensitivity"), ("{method: GET}", "unknown")):
+        with pytest.raises(PolicyError) as info:
+            Policy.from_text(f"version: 1\nrules: []\nrequests: {bad}\n")
+        assert why in str(info.value)
