@@ -59,13 +59,13 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
-    from .config import Config
-    from .keys import Keyring
-    config = Config.load(args.config) if args.config else Config()
-    state = Path(args.state_dir) if args.state_dir else config.state_dir
-    ring = Keyring.open(state / "keys", rotation_interval=config.rotation_interval,
-                        max_token_lifetime=config.max_token_lifetime, leeway=config.leeway)
-    keys = ring.list()
+    # Read the metadata only: opening a Keyring could tidy files under a running daemon.
+    from .keys import METADATA
+    state = _config(args).state_dir
+    try:
+        keys = json.loads((state / "keys" / METADATA).read_text())["keys"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise Refusal(f"cannot read the keyring in {state}: {exc}") from None
     _emit(args, {"keys": keys}, "\n".join(f"{k['kid']}  {k['state']}" for k in keys))
 
 

@@ -148,3 +148,23 @@ def test_cli_mint_and_check_round_trip(daemon: Daemon, pki: DevPki, tmp_path: Pa
     refused = daemon.cli("mint", "--server", daemon.api_address, "--identity", str(out), "--task", "x",
                          "--grant", "not-a-grant")
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+
+
+def test_cli_keys_list_and_admin_rotation(daemon: Daemon, pki: DevPki, tmp_path: Path) -> None:
+    def keys() -> dict[str, str]:
+        listed = daemon.cli("keys", "list", "--state-dir", str(daemon.state_dir), "--json")
+        assert listed.returncode == 0, listed.stderr
+        return {k["kid"]: k["state"] for k in json.loads(listed.stdout)["keys"]}
+    before = keys()
+    issue_svid(pki, "spiffe://dev.local/admin/ops", tmp_path / "admin")
+    issue_svid(pki, AGENT, tmp_path / "agent")
+    refused = daemon.cli("keys", "rotate", "--server", daemon.api_address, "--identity",
+                         str(tmp_path / "agent"))
+    assert refused.returncode == 1 and "permission_denied" in refused.stderr
+    rotated = daemon.cli("keys", "rotate", "--server", daemon.api_address, "--identity",
+                         str(tmp_path / "admin"), "--json")
+    assert rotated.returncode == 0, rotated.stderr
+    new_current = json.loads(rotated.stdout)["current_key_id"]
+    after = keys()
+    assert after[new_current] == "current" and before[new_current] == "next"  # published before it signed
+    assert sum(state == "previous" for state in after.values()) >= 1
