@@ -72,3 +72,9 @@ RevocationIndex = ACTIVE.RevocationIndex
 Grant = ACTIVE.Grant
 compile_grant = ACTIVE.compile_grant
 Bitset = ACTIVE.Bitset
+
+
+def bitset_buffer_size(capacity: int) -> int:
+    """Bytes a revocation bitset of ``capacity`` bits needs; both twins share one layout."""
+    from ._bitset_py import buffer_size
+    return buffer_size(capacity)

@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import mmap
 import os
 import threading
 import time
@@ -99,6 +100,12 @@ class TokenIds:
         return hmac.compare_digest(mac, self._mac(slot, exp, agent))
 
 
+def open_audit(config: Config, directory: Path, clock: Callable[[], float] = time.time) -> AuditLog:
+    """An audit log as configured (the daemon's, or a worker process's own)."""
+    return AuditLog.open(directory, flush_interval=config.audit_flush_interval,
+                         batch_size=config.audit_batch_size, queue_max=config.audit_queue_max, clock=clock)
+
+
 class Authority:
     """Everything the daemon decides with, loaded and validated before any listener opens."""
 
@@ -112,7 +119,9 @@ class Authority:
         self.keyring = Keyring.open(state / "keys", rotation_interval=config.rotation_interval,
                                     max_token_lifetime=config.max_token_lifetime,
                                     leeway=config.leeway, clock=clock)
-        self.index = _accel.RevocationIndex(_accel.Bitset(config.revocation_capacity))
+        # An anonymous shared mapping: worker processes forked later see every bit as it is set.
+        bits_buffer = mmap.mmap(-1, _accel.bitset_buffer_size(config.revocation_capacity))
+        self.index = _accel.RevocationIndex(_accel.Bitset(config.revocation_capacity, bits_buffer))
         self.revocations = RevocationStore.open(state / "revocations", self.index,
                                                 max_lifetime=config.max_token_lifetime,
                                                 leeway=config.leeway, clock=clock)
@@ -124,10 +133,9 @@ class Authority:
         self.verifier.set_policy(self.policy)
         self.verifier.set_keys(self.keyring.verification_keys())
         self.keyring.subscribe(self.verifier.set_keys)
-        self.audit = AuditLog.open(state / "audit", flush_interval=config.audit_flush_interval,
-                                   batch_size=config.audit_batch_size, queue_max=config.audit_queue_max,
-                                   clock=clock)
+        self.audit = open_audit(config, state / "audit", clock)
         self._policy_lock = threading.Lock()
+        self._policy_listeners: list[Callable[[], None]] = []
         self.status_uri = f"http://{config.http_listen}{STATUS_PATH}"
 
     # -- lifecycle -----------------------------------------------------------
@@ -151,11 +159,24 @@ class Authority:
                 log.error("policy reload refused, keeping %s: %s", self.policy.digest[:12], exc)
                 self.audit.record("policy_reload", decision=False, reason=str(exc))
                 return False
-            self.policy = policy
-            self.verifier.set_policy(policy)
+            self.adopt_policy(policy)
+            for listener in self._policy_listeners:
+                listener()
         log.info("policy reloaded: %s (%d rules)", policy.digest[:12], policy.rule_count)
         self.audit.record("policy_reload", decision=True, policy_digest=policy.digest)
         return True
+
+    def adopt_policy(self, policy: Policy) -> None:
+        """Decide under ``policy`` from the next Check on (and read its request defaults)."""
+        self.policy = policy
+        self.verifier.set_policy(policy)
+
+    def replicate_to(self, workers: list[Any]) -> None:
+        """Keep forked Check workers in step: revocations, keys and policy reach them before any ack."""
+        from .workers import ReplicatedIndex, broadcast
+        self.revocations.replicate(ReplicatedIndex(self.index, workers))
+        self.keyring.subscribe(lambda keys: broadcast(workers, ("keys", keys)))
+        self._policy_listeners.append(lambda: broadcast(workers, ("policy",)))
 
     def _audit(self, kind: str, **fields: Any) -> None:
         if not self.audit.record(kind, **fields):

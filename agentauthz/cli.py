@@ -72,7 +72,7 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from .config import Config
     config = Config.load(args.config) if getattr(args, "config", None) else Config()
-    changes = {name: getattr(args, name) for name in ("check_listen", "api_listen", "http_listen")
+    changes = {name: getattr(args, name) for name in ("check_listen", "api_listen", "http_listen", "workers")
                if getattr(args, name, None)}
     if getattr(args, "state_dir", None):
         changes["state_dir"] = Path(args.state_dir)
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-listen", help="HOST:PORT or unix:PATH (default 127.0.0.1:9191)")
     p.add_argument("--api-listen", help="HOST:PORT (default 127.0.0.1:9190, always mTLS)")
     p.add_argument("--http-listen", help="HOST:PORT (default 127.0.0.1:9192)")
+    p.add_argument("--workers", type=int, help="Check worker processes sharing the listener (default 1)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = command("dev-identity", cmd_dev_identity, "issue a development X.509-SVID")

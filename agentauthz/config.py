@@ -45,6 +45,8 @@ class Config:
     # Plaintext suits loopback and Unix sockets; across hosts require Envoy's client certificate
     # (chained to trust_bundle) on the Check listener too.
     check_mtls: bool = False
+    # Check worker processes sharing the listener (SO_REUSEPORT); measure before raising past cores.
+    workers: int = 1
     api_listen: str = "127.0.0.1:9190"
     http_listen: str = "127.0.0.1:9192"
     admins: tuple[str, ...] = field(default_factory=tuple)
@@ -109,6 +111,7 @@ def _problems(c: Config) -> list[str]:
         "revocation_capacity": (c.revocation_capacity, 64, 1 << 32),
         "audit_batch_size": (c.audit_batch_size, 1, 1 << 20),
         "audit_queue_max": (c.audit_queue_max, 1, 1 << 24),
+        "workers": (c.workers, 1, 64),
     }
     for name, (value, low, high) in ints.items():
         if type(value) is not int or not low <= value <= high:
@@ -129,6 +132,8 @@ def _problems(c: Config) -> list[str]:
         out.append("audiences must be a non-empty list of strings")
     if not all(isinstance(a, str) and a.startswith("spiffe://") for a in c.admins):
         out.append("admins must be SPIFFE IDs")
+    if isinstance(c.check_listen, str) and c.check_listen.startswith("unix:") and c.workers != 1:
+        out.append("several workers need a TCP check_listen (SO_REUSEPORT does not share Unix sockets)")
     if not isinstance(c.check_mtls, bool):
         out.append("check_mtls must be true or false")
     tls = (c.tls_cert, c.tls_key, c.trust_bundle)

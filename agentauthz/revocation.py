@@ -127,6 +127,13 @@ class RevocationStore:
             raise
         return store
 
+    def replicate(self, index: Any) -> None:
+        """Write later changes through ``index`` (e.g. ``workers.ReplicatedIndex`` over the same bits)."""
+        with self._lock:
+            if index.bits is not self._bits:
+                raise ValueError("a replica must share this store's bits")
+            self._index = index
+
     def allocate_slot(self, exp: int) -> int:
         """The status slot for a new token expiring at ``exp``; never one a live token may hold."""
         with self._lock:

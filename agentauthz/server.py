@@ -15,9 +15,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import extauthz
+from . import extauthz, workers
 from .api import ApiService
-from .authority import Authority
+from .authority import Authority, open_audit
 from .config import Config
 from .errors import ConfigError
 from .identity import load_bundle
@@ -146,7 +146,30 @@ class Daemon:
         self.api_server: Any = None
         self.http: ThreadingHTTPServer | None = None
         self._threads: list[Any] = []
-        self._stopped = asyncio.Event()
+        self.workers: list[workers.Worker] = []
+
+    def fork_workers(self) -> None:
+        """With ``workers > 1``, fork the extra Check workers; before any gRPC object exists."""
+        if self.config.workers > 1:
+            self.workers = workers.spawn(self.config.workers - 1, self.serve_worker)
+            self.authority.replicate_to(self.workers)
+
+    def _credentials(self) -> grpc.ServerCredentials:
+        return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)],
+                                           root_certificates=self.trust_bundle, require_client_auth=True)
+
+    def _check_server(self, service: extauthz.CheckService) -> Any:
+        server = grpc.aio.server()
+        extauthz.add_to_server(server, service)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (extauthz.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        # gRPC sets SO_REUSEPORT on Linux, so every worker can bind the same address.
+        if self.config.check_mtls:
+            server.add_secure_port(self.config.check_listen, self._credentials())
+        else:
+            server.add_insecure_port(self.config.check_listen)
+        return server
 
     async def _set_health(self, status: int) -> None:
         for name in ("", extauthz.SERVICE, API_SERVICE):
@@ -160,24 +183,15 @@ class Daemon:
         for t in self._threads:
             t.start()
 
-        check = self.check_server = grpc.aio.server()
         check_service = extauthz.CheckService(a.verifier, a.audit, lambda: a.policy.requests, a.clock)
-        extauthz.add_to_server(check, check_service)
+        check = self.check_server = self._check_server(check_service)
         api = self.api_server = grpc.aio.server()
-        service = ApiService(a, load_bundle(self.trust_bundle))
-        agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(service, api)
-        for server in (check, api):
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-            reflection.enable_server_reflection(
-                (extauthz.SERVICE if server is check else API_SERVICE,
-                 health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        mtls = grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)],
-                                           root_certificates=self.trust_bundle, require_client_auth=True)
-        if self.config.check_mtls:
-            check.add_secure_port(self.config.check_listen, mtls)
-        else:
-            check.add_insecure_port(self.config.check_listen)
-        api.add_secure_port(self.config.api_listen, mtls)
+        api_service = ApiService(a, load_bundle(self.trust_bundle))
+        agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(api_service, api)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, api)
+        reflection.enable_server_reflection(
+            (API_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), api)
+        api.add_secure_port(self.config.api_listen, self._credentials())
         await check.start()
         await api.start()
 
@@ -205,10 +219,36 @@ class Daemon:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
+        await asyncio.to_thread(workers.stop_all, self.workers)
         for t in self._threads:
             t.stop()
         self.authority.stop()
-        self._stopped.set()
+
+    def serve_worker(self, number: int, conn: Any) -> int:
+        """A forked Check worker: its own gRPC server and audit log; state changes come from the primary."""
+        stopping = threading.Event()
+        workers.listen_for_changes(conn, self.authority, stopping.set)
+        asyncio.run(self._worker(number, stopping))
+        return 0
+
+    async def _worker(self, number: int, stopping: threading.Event) -> None:
+        a = self.authority
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary reloads, then tells us
+        audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}")
+        audit.start()
+        service = extauthz.CheckService(a.verifier, audit, lambda: a.policy.requests, a.clock)
+        server = self._check_server(service)
+        await server.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        log.info("worker %d serving check %s", number, self.config.check_listen)
+        await loop.run_in_executor(None, stopping.wait)
+        await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(10.0)
+        audit.stop()
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -231,6 +271,7 @@ def run(config: Config) -> int:
     except ImportError:  # measured ~2x throughput with uvloop; still correct without it
         log.warning("uvloop not installed; using the default asyncio loop")
     daemon = Daemon(config)
+    daemon.fork_workers()
     started = time.monotonic()
     asyncio.run(daemon.run_until_signalled())
     log.info("stopped after %.1f s", time.monotonic() - started)

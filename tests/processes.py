@@ -68,12 +68,12 @@ class Daemon:
     def api_address(self) -> str:
         return f"localhost:{self.api_port}"
 
-    def start(self, timeout: float = 30.0) -> Daemon:
+    def start(self, timeout: float = 30.0, *extra: str) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentauthz", "serve", "--config", str(self.config_path),
              "--check-listen", self.check_address, "--api-listen", f"127.0.0.1:{self.api_port}",
-             "--http-listen", f"127.0.0.1:{self.http_port}"],
+             "--http-listen", f"127.0.0.1:{self.http_port}", *extra],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         try:

@@ -1,0 +1,78 @@
+"""Several Check worker processes: one listener, one revocation state, no stale worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from processes import Daemon, wait_for
+
+from agentauthz.audit import verify_dir
+from agentauthz.client import Client, Identity
+from agentauthz.devca import ensure_dev_pki, issue_svid
+
+AGENT = "spiffe://dev.local/agent/alpha"
+CHECKS = 60  # new connections each, so SO_REUSEPORT spreads them over the workers
+
+
+def fresh_check(daemon: Daemon, token: str) -> str:
+    """One Check on a new connection: lands on whichever worker the kernel picks."""
+    return Client(daemon.api_address, check_server=daemon.check_address).check(
+        token, "demo", "a", "read").reason
+
+
+def test_workers_share_the_port_and_every_worker_sees_each_revocation(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state", {"workers": 2}).start(30.0)
+    try:
+        issue_svid(ensure_dev_pki(daemon.state_dir), AGENT, tmp_path / "id")
+        client = Client(daemon.api_address, Identity.from_dir(tmp_path / "id"))
+        by_bit, by_task, kept = (client.mint(t, ["demo:*:read"]) for t in ("bit", "task", "kept"))
+        assert {fresh_check(daemon, by_bit.token) for _ in range(CHECKS)} == {"allow"}
+        client.revoke(token_id=by_bit.token_id)  # shared-memory bit
+        client.end_task("task")  # replicated to the worker before the ack
+        for _ in range(CHECKS):
+            assert fresh_check(daemon, by_bit.token) == "token_revoked"
+            assert fresh_check(daemon, by_task.token) == "task_ended"
+            assert fresh_check(daemon, kept.token) == "allow"
+    finally:
+        assert daemon.stop() == 0
+    audit = tmp_path / "state" / "audit"
+    worker_log = audit / "worker-1"
+    assert verify_dir(audit).ok and verify_dir(worker_log).ok
+    checks = [json.loads(line) for f in sorted(worker_log.glob("audit-*.jsonl"))
+              for line in f.read_text().splitlines()]
+    # The worker really answered some of the calls (the kernel spreads new connections).
+    assert any(r["kind"] == "check" for r in checks)
+
+
+def test_a_dead_primary_stops_its_workers(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state", {"workers": 2}).start(30.0)
+    children = [int(p) for p in Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children")
+                .read_text().split()]
+    assert children
+    daemon.proc.send_signal(signal.SIGKILL)
+    daemon.proc.wait(10)
+
+    def gone() -> bool:
+        for pid in children:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                continue
+            try:  # reap if it is a zombie reparented to us
+                if open(f"/proc/{pid}/stat").read().split()[2] == "Z":
+                    continue
+            except OSError:
+                continue
+            return False
+        return True
+    wait_for(gone, 20, "workers to exit after the primary died")
+    with grpc.insecure_channel(daemon.check_address) as channel:
+        try:
+            grpc.channel_ready_future(channel).result(timeout=1)
+            raise AssertionError("a worker still answers without its primary")
+        except grpc.FutureTimeoutError:
+            pass
