@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, request
+from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, request, wait_for
 
 from agentauthz.client import Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
@@ -173,3 +173,14 @@ def test_restart_keeps_live_tokens_and_revocations_and_stop_fails_closed(tmp_pat
     assert daemon.stop() == 0
     verified = daemon.cli("audit", "verify", str(tmp_path / "state" / "audit"), "--json")
     assert verified.returncode == 0, verified.stderr
+
+
+def test_token_in_the_request_path_is_answered_and_never_audited(stack: Stack) -> None:
+    token = stack.mint("leak").token
+    status, _, _ = stack.call(token, "GET", f"/demo/{token}")
+    assert status == 200  # an attacker-chosen path cannot make the decision fail
+    audit_dir = stack.daemon.state_dir / "audit"
+    wait_for(lambda: any(b'"task":"leak"' in f.read_bytes() for f in audit_dir.glob("audit-*.jsonl")),
+             10, "the check to be audited")
+    for f in audit_dir.glob("*.jsonl"):
+        assert token.encode() not in f.read_bytes()

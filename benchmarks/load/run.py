@@ -1,0 +1,443 @@
+"""The load half of ``make bench``: every comparison side by side, rounds interleaved.
+
+    python -m benchmarks.load [--duration 5] [--rounds 3] [--out benchmarks/results/load.json]
+
+Each table loads its targets in turn, A B C D A B C D ..., so slow drift of a
+noisy machine (other tenants, thermal, page cache) falls on every target alike
+instead of on whichever ran last. Per run we keep requests/s, p50/p90/p99 and
+the CPU seconds each server process spent per request (utime + stime from
+/proc); the summary is the median over rounds. Every run is bounded by time
+(h2load ``-D``, the Python client's ``--duration``) and by a subprocess
+timeout, and everything started here is stopped here.
+
+A run counts as valid only if every response was an allow: h2load only sees
+HTTP status (gRPC status lives in trailers), so gRPC targets are checked with a
+full parse before they are loaded and agentauthz's own decision counters
+(/metrics) are compared before and after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import grpc
+
+from . import envoy, loadgen
+from .daemon import Daemon
+from .procs import Process, cpu_seconds, free_port, pin, rss_bytes, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Settings:
+    """Every knob of a run; recorded in the results so a figure can be reproduced."""
+
+    duration: float = 5.0        # seconds per measured run
+    warmup: float = 1.0          # seconds of unmeasured load per target before each table
+    rounds: int = 3
+    pin: bool = True             # pinned tables: servers on the last CPU, load generators on CPU 0
+    h2_clients: int = 4          # h2load connections ...
+    h2_streams: int = 16         # ... and concurrent streams on each: 64 calls in flight
+    py_concurrency: int = 64     # calls in flight from the Python client (one channel)
+    cold_tokens: int = 2000      # distinct tokens cycled in the cold table ...
+    cold_cache: int = 1000       # ... through a verified-token cache this small (FIFO): every Check misses
+    mint_threads: int = 4
+    envoy_clients: int = 16      # HTTP/1.1 connections for the through-Envoy throughput table
+    profile_seconds: float = 10.0  # py-spy on the warm daemon under h2load; 0 to skip
+    work: str = ""               # scratch directory (default: a fresh one under /tmp, removed after)
+
+
+@dataclass
+class Target:
+    """One thing to load in a table: how to drive it and which processes to charge CPU to."""
+
+    name: str
+    label: str
+    drive: Callable[[float], dict[str, Any]]          # duration -> one run's figures
+    cpu: dict[str, int]                               # role -> pid whose CPU is charged
+    daemon: Daemon | None = None                      # decisions are checked when set
+    notes: list[str] = field(default_factory=list)
+
+
+def _median(values: list[float]) -> float:
+    values = [v for v in values if v == v]  # drop NaN
+    return statistics.median(values) if values else float("nan")
+
+
+class Bench:
+    """Holds the processes and the results; each ``table_*`` method produces one table."""
+
+    def __init__(self, settings: Settings, work: Path) -> None:
+        self.s = settings
+        self.work = work
+        self.tables: dict[str, Any] = {}
+        self.processes: dict[str, list[str]] = {}
+        self.server_cpus = {os.cpu_count() - 1} if settings.pin and (os.cpu_count() or 1) > 1 else None
+        self.client_cpus = {0} if self.server_cpus else None
+
+    # -- running a table ---------------------------------------------------------------------
+
+    def table(self, key: str, title: str, generator: str, targets: list[Target], *, pinned: bool,
+              settings: dict[str, Any], note: str = "") -> None:
+        """Warm every target up, then ``rounds`` interleaved rounds; store runs and medians."""
+        pinned = pinned and self.server_cpus is not None
+        for t in targets:
+            for pid in t.cpu.values():
+                pin(pid, self.server_cpus if pinned else None)
+        print(f"\n== {title}  [{generator}{', pinned' if pinned else ''}]", flush=True)
+        for t in targets:
+            t.drive(self.s.warmup)
+        runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
+        for r in range(self.s.rounds):
+            for t in targets:
+                run = self._measure(t)
+                runs[t.name].append(run)
+                flag = "" if run["valid"] else "  INVALID: " + "; ".join(run["problems"])
+                print(f"  round {r + 1} {t.name:<12} {run['rps']:9.0f} req/s  p50 {run['p50']:7.3f} ms  "
+                      f"p99 {run['p99']:7.3f} ms  cpu/req {self._cpu_text(run)}{flag}", flush=True)
+        for t in targets:
+            for pid in t.cpu.values():
+                pin(pid, None)
+        rows = {t.name: {"label": t.label, "notes": t.notes, "summary": self._summary(runs[t.name]),
+                         "rounds": runs[t.name]} for t in targets}
+        self.tables[key] = {"title": title, "generator": generator, "pinned": pinned,
+                            "settings": settings, "note": note, "rows": rows}
+
+    @staticmethod
+    def _cpu_text(run: dict[str, Any]) -> str:
+        return " ".join(f"{k} {v:.0f}µs" for k, v in run["cpu_us_per_request"].items())
+
+    def _measure(self, t: Target) -> dict[str, Any]:
+        before = {role: cpu_seconds(pid) for role, pid in t.cpu.items()}
+        decisions_before = t.daemon.decisions() if t.daemon else {}
+        run = t.drive(self.s.duration)
+        after = {role: cpu_seconds(pid) for role, pid in t.cpu.items()}
+        n = max(run["requests"], 1)
+        run["cpu_s"] = {role: after[role] - before[role] for role in t.cpu}
+        run["cpu_us_per_request"] = {role: 1e6 * run["cpu_s"][role] / n for role in t.cpu}
+        run["rss_mb"] = {role: rss_bytes(pid) / 2**20 for role, pid in t.cpu.items()}
+        problems = []
+        if run["requests"] == 0:
+            problems.append("no request completed")
+        if "status_2xx" in run and (run["status_2xx"] != run["requests"] or run["failed"]):
+            problems.append(f"{run['requests'] - run['status_2xx']} non-2xx, {run['failed']} failed")
+        outcomes = run.get("outcomes", {})
+        if set(outcomes) - {"allow"}:
+            problems.append(f"outcomes {outcomes}")
+        if t.daemon:
+            after_d = t.daemon.decisions()
+            delta = {k: after_d.get(k, 0) - decisions_before.get(k, 0) for k in after_d}
+            run["decisions"] = {k: v for k, v in delta.items() if v}
+            if set(run["decisions"]) - {"allow"}:
+                problems.append(f"daemon decided {run['decisions']}")
+        run["valid"] = not problems
+        run["problems"] = problems
+        return run
+
+    @staticmethod
+    def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+        valid = [r for r in runs if r["valid"]] or runs
+        out = {k: _median([r[k] for r in valid]) for k in ("rps", "p50", "p90", "p99", "mean_ms")}
+        out["rps_min"] = min(r["rps"] for r in valid)
+        out["rps_max"] = max(r["rps"] for r in valid)
+        out["cpu_us_per_request"] = {role: _median([r["cpu_us_per_request"][role] for r in valid])
+                                     for role in valid[0]["cpu_us_per_request"]}
+        out["client_cpu_s_per_s"] = _median([r.get("client_cpu_s", float("nan")) / r["elapsed_s"]
+                                             for r in valid])
+        out["valid_rounds"] = sum(r["valid"] for r in runs)
+        out["rounds"] = len(runs)
+        return out
+
+    # -- drivers -----------------------------------------------------------------------------
+
+    def h2load_grpc(self, address: str, body: Path, clients: int, streams: int,
+                    pinned: bool) -> Callable[[float], dict[str, Any]]:
+        url = f"http://{address}{loadgen.CHECK_PATH}"
+        cpus = self.client_cpus if pinned else None
+        return lambda d: loadgen.h2load(url, duration=d, clients=clients, streams=streams,
+                                        log_file=self.work / "h2load.log", body=body,
+                                        headers=loadgen.GRPC_HEADERS, cpus=cpus)
+
+    def python_check(self, address: str, bodies: Path, pinned: bool) -> Callable[[float], dict[str, Any]]:
+        cpus = self.client_cpus if pinned else None
+        return lambda d: loadgen.python_client(
+            ["check", "--target", address, "--bodies", str(bodies), "--concurrency",
+             str(self.s.py_concurrency), "--duration", f"{d:g}"], d, cpus, ROOT)
+
+    def h2load_http(self, url: str, token: str, clients: int) -> Callable[[float], dict[str, Any]]:
+        return lambda d: loadgen.h2load(url, duration=d, clients=clients, streams=1, h1=True,
+                                        log_file=self.work / "h2load.log",
+                                        headers=[f"authorization: Bearer {token}"])
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def start_server(self, stack: contextlib.ExitStack, kind: str, *extra: str) -> tuple[Process, str]:
+        port = free_port()
+        address = f"127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "benchmarks.load.servers", kind, "--listen", address, *extra]
+        proc = Process(kind, argv, self.work, cwd=ROOT)
+        stack.callback(proc.stop)
+        self.processes[kind] = argv
+        wait_for(lambda: proc.alive() and _answers(address), 30, f"{kind} server")
+        return proc, address
+
+    def start_daemon(self, stack: contextlib.ExitStack, name: str, **kwargs: Any) -> Daemon:
+        daemon = Daemon(name, self.work, ROOT, **kwargs)
+        stack.callback(daemon.stop)
+        self.processes[name] = daemon.argv
+        return daemon
+
+    def bodies(self, name: str, tokens: list[str]) -> Path:
+        from agentauthz.client import check_request
+        return loadgen.write_frames(self.work / f"{name}.bin",
+                                    [check_request(t, "demo", "reports", "read") for t in tokens])
+
+
+def _answers(address: str) -> bool:
+    """The server accepts a Check (any response will do: this is readiness, not correctness)."""
+    with grpc.insecure_channel(address) as channel:
+        grpc.channel_ready_future(channel).result(timeout=2)
+    return True
+
+
+def check_allowed(address: str, frames: Path, what: str) -> None:
+    """A full parse of the response to the first and last body: the target must allow them."""
+    from agentauthz.client import decision_from
+    messages = loadgen.read_frames(frames)
+    with grpc.insecure_channel(address) as channel:
+        call = channel.unary_unary(loadgen.CHECK_PATH)
+        for message in {messages[0], messages[-1]}:
+            raw = call(message, timeout=10)
+            decision = decision_from(raw)
+            if not (decision.allowed and raw.startswith(loadgen.ALLOW_PREFIX)):
+                raise RuntimeError(f"{what} does not allow the benchmark request: {decision}")
+
+
+def check_envoy_allows(url: str, token: str, what: str) -> None:
+    request = urllib.request.Request(url, headers={"authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        if response.status != 200:
+            raise RuntimeError(f"{what} answered {response.status}")
+
+
+def profile(bench: Bench, daemon: Daemon, body: Path) -> dict[str, Any]:
+    """py-spy on the warm daemon while h2load loads it: where a Check's time goes."""
+    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if bench.s.profile_seconds <= 0 or not Path(pyspy).exists():
+        return {"skipped": "py-spy not installed" if bench.s.profile_seconds > 0 else "disabled"}
+    out: dict[str, Any] = {"seconds": bench.s.profile_seconds}
+    seconds = bench.s.profile_seconds
+    url = f"http://{daemon.check_address}{loadgen.CHECK_PATH}"
+    load = ["h2load", "-D", f"{seconds + 3:g}", "-c", str(bench.s.h2_clients), "-m", str(bench.s.h2_streams),
+            "-d", str(body), *sum((["-H", h] for h in loadgen.GRPC_HEADERS), []), url]
+    for fmt, name in (("raw", "profile.txt"), ("flamegraph", "profile.svg")):
+        path = bench.work / name
+        h2 = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            time.sleep(1)
+            command = [pyspy, "record", "--pid", str(daemon.pid), "-d", f"{seconds:g}", "-r", "250",
+                       "--nonblocking", "--threads", "--format", fmt, "-o", str(path)]
+            done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
+            if done.returncode != 0:
+                return {"skipped": f"py-spy failed: {done.stderr.strip()[-500:]}"}
+        finally:
+            h2.wait(seconds + 60)
+        out[fmt] = str(path)
+        out.setdefault("commands", []).append(" ".join(command))
+    out["collapsed"] = (bench.work / "profile.txt").read_text()
+    out["svg"] = (bench.work / "profile.svg").read_text()
+    return out
+
+
+def versions() -> dict[str, str]:
+    import google.protobuf
+    import uvloop
+    v = {"python": platform.python_version(), "grpcio": grpc.__version__,
+         "protobuf": google.protobuf.__version__, "uvloop": uvloop.__version__,
+         "h2load": loadgen.h2load_version(), "envoy": envoy.envoy_version()}
+    try:
+        import jwt
+        v["pyjwt"] = jwt.__version__
+    except ImportError:
+        v["pyjwt"] = "missing"
+    agentauthz = subprocess.run([sys.executable, "-m", "agentauthz", "version", "--json"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+    v["agentauthz"] = agentauthz.stdout.strip() or agentauthz.stderr.strip()[-300:]
+    return v
+
+
+def run_all(s: Settings, work: Path) -> dict[str, Any]:
+    bench = Bench(s, work)
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        # -- the four Check servers ------------------------------------------------------------
+        warm = bench.start_daemon(stack, "agentauthz-warm")
+        cold = bench.start_daemon(stack, "agentauthz-cold", config={"verified_cache_size": s.cold_cache})
+        jwks_path = work / "jwks.json"
+        jwks = warm.jwks()
+        jwks_path.write_text(json.dumps(jwks))
+        floor, floor_addr = bench.start_server(stack, "floor")
+        naive, naive_addr = bench.start_server(stack, "naive", "--jwks", str(jwks_path))
+
+        def direct_targets(drive: Callable[[str], Callable[[float], dict[str, Any]]],
+                           body: Path) -> list[Target]:
+            for address, what in ((floor_addr, "floor"), (warm.check_address, "agentauthz"),
+                                  (naive_addr, "naive peer")):
+                check_allowed(address, body, what)
+            return [Target("floor", "floor: grpc.aio constant OK", drive(floor_addr), {"server": floor.pid}),
+                    Target("warm", "agentauthz, one token (warm)", drive(warm.check_address),
+                           {"server": warm.pid}, warm),
+                    Target("naive", "naive peer: PyJWT + set", drive(naive_addr), {"server": naive.pid})]
+
+        h2_settings = {"clients": s.h2_clients, "streams_per_client": s.h2_streams,
+                       "in_flight": s.h2_clients * s.h2_streams}
+        for key, title, pinned in (
+                ("direct_h2load", "Check direct over gRPC (h2load)", False),
+                ("direct_h2load_pinned", "Check direct over gRPC (h2load), server on one core", True)):
+            body = bench.bodies(f"warm-{key}", [warm.mint()])
+            bench.table(key, title, "h2load", direct_targets(
+                lambda a, b=body, p=pinned: bench.h2load_grpc(a, b, s.h2_clients, s.h2_streams, p), body),
+                pinned=pinned, settings=h2_settings,
+                note="Same request bytes (one CheckRequest, one token) for every server.")
+
+        body = bench.bodies("warm-latency", [warm.mint()])
+        bench.table("direct_h2load_1", "Check direct over gRPC, one call in flight (h2load)", "h2load",
+                    direct_targets(lambda a: bench.h2load_grpc(a, body, 1, 1, False), body), pinned=False,
+                    settings={"clients": 1, "streams_per_client": 1, "in_flight": 1},
+                    note="Latency with no queueing: one connection, one call at a time.")
+
+        body = bench.bodies("warm-python", [warm.mint()])
+        t0 = time.monotonic()
+        cold_tokens = cold.mint_many(s.cold_tokens)
+        mint_setup = {"tokens": len(cold_tokens), "seconds": time.monotonic() - t0}
+        cold_body = bench.bodies("cold", cold_tokens)
+        check_allowed(cold.check_address, cold_body, "agentauthz (cold)")
+        targets = direct_targets(lambda a: bench.python_check(a, body, True), body)
+        targets.insert(2, Target(
+            "cold", f"agentauthz, {s.cold_tokens} tokens, cache {s.cold_cache} (cold)",
+            bench.python_check(cold.check_address, cold_body, True), {"server": cold.pid}, cold,
+            notes=[f"{s.cold_tokens} distinct tokens cycled in order through a FIFO verified-token cache "
+                   f"of {s.cold_cache}: every Check verifies a signature (a cache miss)."]))
+        bench.table("direct_python", "Check direct over gRPC (Python grpc.aio client)", "python-grpc.aio",
+                    targets, pinned=True, settings={"in_flight": s.py_concurrency, "channels": 1},
+                    note="Our asyncio client, because h2load sends one body and the cold case needs "
+                         "many tokens; the floor, warm and naive rows use the warm body.")
+        stack.callback(lambda: None)
+        cold.stop()
+        naive.stop()
+        floor.stop()
+
+        prof = profile(bench, warm, body)
+
+        # -- transport: TCP loopback vs Unix domain socket ------------------------------------
+        uds_path = work / "check.sock"
+        uds = bench.start_daemon(stack, "agentauthz-uds", check_listen=f"unix:{uds_path}")
+        tcp_body = bench.bodies("tcp", [warm.mint()])
+        uds_body = bench.bodies("uds", [uds.mint()])
+        check_allowed(warm.check_address, tcp_body, "agentauthz (tcp)")
+        check_allowed(uds.check_address, uds_body, "agentauthz (uds)")
+        bench.table("transport", "Check over TCP loopback vs Unix domain socket (Python client)",
+                    "python-grpc.aio",
+                    [Target("tcp", "agentauthz, TCP 127.0.0.1", bench.python_check(warm.check_address, tcp_body,
+                                                                                   True), {"server": warm.pid}, warm),
+                     Target("uds", "agentauthz, unix socket", bench.python_check(uds.check_address, uds_body,
+                                                                                 True), {"server": uds.pid}, uds)],
+                    pinned=True, settings={"in_flight": s.py_concurrency},
+                    note="h2load cannot dial a Unix socket, so both rows use the Python client.")
+        uds.stop()
+
+        # -- mint over mTLS --------------------------------------------------------------------
+        def mint(d: float) -> dict[str, Any]:
+            return loadgen.python_client(
+                ["mint", "--api", warm.api_address, "--identity", str(warm.identity_dir),
+                 "--threads", str(s.mint_threads), "--duration", f"{d:g}"], d, bench.client_cpus, ROOT)
+        bench.table("mint", "Mint over mTLS (Python client, threads)", "python-grpc",
+                    [Target("mint", f"Mint, {s.mint_threads} threads", mint, {"server": warm.pid})],
+                    pinned=True, settings={"threads": s.mint_threads, "channels": s.mint_threads},
+                    note=f"Setup minted {mint_setup['tokens']} cold tokens in {mint_setup['seconds']:.1f} s.")
+
+        # -- through Envoy ---------------------------------------------------------------------
+        token = warm.mint()
+        upstream = envoy.start("envoy-upstream", envoy.upstream_config, work)
+        stack.callback(upstream.stop)
+        fronts = {}
+        for mode in envoy.MODES:
+            fronts[mode] = envoy.start(f"envoy-{mode}", lambda listen, admin, m=mode: envoy.front_config(
+                m, listen, admin, upstream.listen_port, check_address=warm.check_address, jwks=jwks), work)
+            stack.callback(fronts[mode].stop)
+            check_envoy_allows(fronts[mode].url, token, f"Envoy {mode}")
+            bench.processes[f"envoy-{mode}"] = fronts[mode].argv
+        labels = {"floor": "Envoy, no authorization", "jwt_authn": "Envoy jwt_authn (EdDSA, local JWKS)",
+                  "ext_authz": "Envoy ext_authz -> agentauthz"}
+
+        def envoy_targets(clients: int) -> list[Target]:
+            out = []
+            for mode, front in fronts.items():
+                cpu = {"envoy": front.pid, "upstream": upstream.pid}
+                if mode == "ext_authz":
+                    cpu["daemon"] = warm.pid
+                out.append(Target(mode, labels[mode], bench.h2load_http(front.url, token, clients), cpu,
+                                  warm if mode == "ext_authz" else None))
+            return out
+        bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", envoy_targets(1),
+                    pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
+                    note="Added latency = p50 here minus the floor's p50.")
+        bench.table("envoy_n", f"Through Envoy, {s.envoy_clients} connections (h2load --h1)", "h2load",
+                    envoy_targets(s.envoy_clients), pinned=False,
+                    settings={"clients": s.envoy_clients, "protocol": "http/1.1"})
+        bench.processes["envoy-upstream"] = upstream.argv
+        configs = {m: f.config_path.read_text() for m, f in fronts.items()}
+
+    return {"settings": asdict(s), "started": started, "elapsed_s": time.time() - started,
+            "tables": bench.tables, "processes": bench.processes, "envoy_configs": configs,
+            "profile": prof, "versions": versions(), "cpus": {"server": sorted(bench.server_cpus or []),
+                                                              "client": sorted(bench.client_cpus or [])}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = Settings()
+    for name, value in asdict(defaults).items():
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "load.json")
+    args = parser.parse_args(argv)
+    settings = Settings(**{k: getattr(args, k) for k in asdict(defaults)})
+    if settings.rounds < 1 or settings.duration <= 0:
+        parser.error("--rounds must be at least 1 and --duration positive")
+    if not shutil.which("h2load"):
+        parser.error("h2load not found: apt-get install -y nghttp2-client (make bench does this)")
+    work = Path(settings.work) if settings.work else Path(tempfile.mkdtemp(prefix="agentauthz-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        results = run_all(settings, work)
+    finally:
+        if not settings.work:
+            shutil.rmtree(work, ignore_errors=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nload results: {args.out} ({results['elapsed_s']:.0f} s)")
+    return 0
+
+
+@contextlib.contextmanager
+def _nothing() -> Iterator[None]:
+    yield
