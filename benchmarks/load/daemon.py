@@ -40,7 +40,7 @@ class Daemon:
         if config:
             config_path = work / f"{name}-config.yaml"
             config_path.write_text(yaml.safe_dump({"state_dir": str(self.state_dir), **config}))
-            argv[3:3] = ["--config", str(config_path)]
+            argv[4:4] = ["--config", str(config_path)]
         self.argv = argv
         self.process = Process(name, argv, work, cwd=root, cpus=cpus)
         self.identity_dir = work / f"{name}-identity"

@@ -87,7 +87,7 @@ def h2load(url: str, *, duration: float, clients: int, streams: int, log_file: P
            body: Path | None = None, headers: Sequence[str] = (), h1: bool = False,
            cpus: set[int] | None = None) -> dict[str, Any]:
     """One timed h2load run; requests/s from h2load, percentiles from its per-request log."""
-    argv = ["h2load", "-D", f"{duration:g}", "-c", str(clients), "-m", str(streams), "-t", "1",
+    argv = ["h2load", "-D", f"{round(duration * 1000)}ms", "-c", str(clients), "-m", str(streams), "-t", "1",
             "--log-file", str(log_file)]
     if body is not None:
         argv += ["-d", str(body)]

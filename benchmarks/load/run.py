@@ -32,7 +32,7 @@ import time
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import grpc
 
@@ -243,8 +243,9 @@ def profile(bench: Bench, daemon: Daemon, body: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"seconds": bench.s.profile_seconds}
     seconds = bench.s.profile_seconds
     url = f"http://{daemon.check_address}{loadgen.CHECK_PATH}"
-    load = ["h2load", "-D", f"{seconds + 3:g}", "-c", str(bench.s.h2_clients), "-m", str(bench.s.h2_streams),
-            "-d", str(body), *sum((["-H", h] for h in loadgen.GRPC_HEADERS), []), url]
+    headers = [arg for h in loadgen.GRPC_HEADERS for arg in ("-H", h)]
+    load = ["h2load", "-D", f"{round((seconds + 3) * 1000)}ms", "-c", str(bench.s.h2_clients), "-m", str(bench.s.h2_streams),
+            "-d", str(body), *headers, url]
     for fmt, name in (("raw", "profile.txt"), ("flamegraph", "profile.svg")):
         path = bench.work / name
         h2 = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -337,7 +338,6 @@ def run_all(s: Settings, work: Path) -> dict[str, Any]:
                     targets, pinned=True, settings={"in_flight": s.py_concurrency, "channels": 1},
                     note="Our asyncio client, because h2load sends one body and the cold case needs "
                          "many tokens; the floor, warm and naive rows use the warm body.")
-        stack.callback(lambda: None)
         cold.stop()
         naive.stop()
         floor.stop()
@@ -437,7 +437,3 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nload results: {args.out} ({results['elapsed_s']:.0f} s)")
     return 0
 
-
-@contextlib.contextmanager
-def _nothing() -> Iterator[None]:
-    yield
