@@ -5,9 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 from nacl.signing import SigningKey
 
-from agentauthz import tokens
+from agentauthz import _accel, tokens
 from agentauthz._accel import HotPath
 
 ISSUER = "https://agentauthz.test"
@@ -60,3 +61,13 @@ def make_verifier(hot: HotPath, forge: Forge, capacity: int = 1 << 16, **kwargs:
     verifier.set_keys({forge.kid: forge.public})
     verifier.set_policy(AllowAll())
     return verifier
+
+
+def native_or_fail() -> HotPath:
+    """The native twin; a normal build without it fails the test rather than silently testing pure."""
+    try:
+        return _accel.native()
+    except ImportError as exc:
+        if _accel.extensions_disabled():
+            pytest.skip("AGENTAUTHZ_NO_EXTENSIONS set: native twin not built")
+        pytest.fail(f"native module did not load: {exc}")

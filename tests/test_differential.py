@@ -13,29 +13,20 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import AGENT, AllowAll, Forge, make_verifier, native_or_fail
 
 from agentauthz import _accel, _verify_py, errors, reasons, tokens
-from tests.support import AGENT, AllowAll, Forge, make_verifier
 
 B64URL = string.ascii_letters + string.digits + "-_"
 SUBSTITUTES = B64URL + ".=+/ \t\x00é"
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-def _native() -> _accel.HotPath:
-    try:
-        return _accel.native()
-    except ImportError as exc:
-        if _accel.extensions_disabled():
-            pytest.skip("AGENTAUTHZ_NO_EXTENSIONS set: native twin not built")
-        pytest.fail(f"native module did not load: {exc}")
-
-
 class Twins:
     """One forge, and a verifier of each twin trusting it."""
 
     def __init__(self) -> None:
-        self.native, self.pure = _native(), _accel.pure()
+        self.native, self.pure = native_or_fail(), _accel.pure()
         self.forge = Forge()
         self.now = self.forge.now
         self.token = self.forge.token(act={"sub": "spiffe://dev.local/agent/root", "idx": 99})

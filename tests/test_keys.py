@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import serialization
 from nacl.signing import SigningKey
+from support import AGENT, AUDIENCE, ISSUER, STATUS_URI, AllowAll
 
 from agentauthz import errors, keys, tokens
 from agentauthz._bitset_py import Bitset
 from agentauthz._verify_py import RevocationIndex, Verifier
-from tests.support import AGENT, AUDIENCE, ISSUER, STATUS_URI, AllowAll
 
 START = 1_700_000_000.0
 INTERVAL = 3600.0

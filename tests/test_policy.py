@@ -11,11 +11,11 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from support import Forge, make_verifier
 
 from agentauthz import _accel, policy, reasons, tokens
 from agentauthz.errors import PolicyError
 from agentauthz.policy import DEV_POLICY, Narrowed, Policy, check_file
-from tests.support import Forge, make_verifier
 
 DENIED = reasons.POLICY_DENIED
 RANK = tokens.SENSITIVITY_RANK

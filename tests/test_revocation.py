@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import support
 
 import agentauthz
 from agentauthz import errors, reasons, tokens
 from agentauthz._accel import HotPath
 from agentauthz.revocation import JOURNAL, RevocationStore
-from tests import support
 
 MAX_LIFETIME = 600
 LEEWAY = 30

@@ -6,10 +6,10 @@ import json
 from typing import Any, Callable
 
 import pytest
+from support import AGENT, AUDIENCE, ISSUER, AllowAll, Forge, make_verifier
 
 from agentauthz import errors, reasons, tokens
 from agentauthz._accel import HotPath
-from tests.support import AGENT, AUDIENCE, ISSUER, AllowAll, Forge, make_verifier
 
 LEEWAY = 30  # the Verifier default
 OTHER_AGENT = "spiffe://dev.local/agent/beta"
