@@ -29,7 +29,8 @@ class Daemon:
     """``python -m agentauthz serve`` on free loopback ports with a state directory of its own."""
 
     def __init__(self, name: str, work: Path, root: Path, *, check_listen: str | None = None,
-                 config: dict[str, Any] | None = None, cpus: set[int] | None = None) -> None:
+                 config: dict[str, Any] | None = None, cpus: set[int] | None = None,
+                 workers: int = 0) -> None:
         self.name = name
         self.state_dir = work / f"{name}-state"
         self.check_port, self.api_port, self.http_port = free_port(), free_port(), free_port()
@@ -37,6 +38,8 @@ class Daemon:
         argv = [sys.executable, "-m", "agentauthz", "serve", "--state-dir", str(self.state_dir),
                 "--check-listen", self.check_address, "--api-listen", f"127.0.0.1:{self.api_port}",
                 "--http-listen", f"127.0.0.1:{self.http_port}"]
+        if workers:
+            argv += ["--workers", str(workers)]
         if config:
             config_path = work / f"{name}-config.yaml"
             config_path.write_text(yaml.safe_dump({"state_dir": str(self.state_dir), **config}))
@@ -71,7 +74,10 @@ class Daemon:
         return Client(self.api_address, Identity.from_dir(self.identity_dir), timeout=30)
 
     def mint(self, task: str = "bench-warm") -> str:
-        return str(self.client().mint(task, [GRANT], ttl=TOKEN_TTL, intent="load benchmark").token)
+        return str(self.mint_response(task).token)
+
+    def mint_response(self, task: str) -> Any:
+        return self.client().mint(task, [GRANT], ttl=TOKEN_TTL, intent="load benchmark")
 
     def mint_many(self, count: int, threads: int = 4) -> list[str]:
         """``count`` distinct tokens, minted over the API from a few threads (each its own channel)."""

@@ -55,6 +55,31 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants (``serve --workers N`` forks its Check workers)."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                todo += [int(c) for c in Path(f"/proc/{p}/task/{tid}/children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of a process and its descendants, as a user of a pre-forked server pays them."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += cpu_seconds(p)
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # exited between listing and reading
+    return total
+
+
 def rss_bytes(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -63,16 +88,17 @@ def rss_bytes(pid: int) -> int:
 
 
 def pin(pid: int, cpus: set[int] | None) -> None:
-    """Restrict every existing thread of ``pid`` to ``cpus`` (None: all CPUs).
+    """Restrict every existing thread of ``pid`` and its children to ``cpus`` (None: all CPUs).
 
     Threads created later inherit their creator's mask, so this covers them too.
     """
     target = cpus or set(range(os.cpu_count() or 1))
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), target)
-        except (ProcessLookupError, PermissionError):
-            pass  # a thread that just exited
+    for p in process_tree(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            try:
+                os.sched_setaffinity(int(tid), target)
+            except (ProcessLookupError, PermissionError):
+                pass  # a thread that just exited
 
 
 class Process:
