@@ -19,14 +19,14 @@ $(STAMP): $(SOURCES)
 run: $(STAMP)
 	$(VENV)/bin/agentauthz serve
 
-# One pytest run covers both twins (native and pure, parametrised);
-# test-pure then proves the package also works with the native build disabled.
+# One pytest run covers both twins (native and pure, parametrised); test-pure
+# first proves the package also selects and builds pure with the switch set.
 test: $(STAMP)
-	$(PY) -m pytest -q
 	$(MAKE) --no-print-directory test-pure
+	$(PY) -m pytest -q
 
 test-pure: $(STAMP)
-	AGENTAUTHZ_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_accel.py
+	AGENTAUTHZ_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_accel.py tests/test_build.py
 
 bench: $(STAMP)
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds
