@@ -35,6 +35,16 @@ def test_version_reports_pure_when_extensions_are_disabled() -> None:
     assert "AGENTAUTHZ_NO_EXTENSIONS" in result["fallback_reason"]
 
 
+# Import the copy just built, not the checkout an editable install points every import at.
+PROBE = """
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
+sys.path.insert(0, ".")
+from agentauthz import _accel
+print(_accel.ACTIVE.name, _accel.__file__)
+"""
+
+
 def _copy_sources(dest: Path) -> None:
     for name in ("setup.py", "pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, dest / name)
@@ -55,7 +65,7 @@ def test_build_without_native_installs_pure_and_says_so(tmp_path: Path, env: dic
     assert build.returncode == 0, build.stderr[-2000:]
     assert says in build.stderr
     assert not list((tmp_path / "agentauthz").glob("*.so"))
-    probe = subprocess.run([sys.executable, "-c", "from agentauthz import _accel; print(_accel.ACTIVE.name)"],
-                           cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                           env={k: v for k, v in os.environ.items() if k != "AGENTAUTHZ_NO_EXTENSIONS"})
-    assert probe.stdout.strip() == "pure", probe.stderr
+    env = {k: v for k, v in os.environ.items() if k != "AGENTAUTHZ_NO_EXTENSIONS"}
+    probe = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=60, env=env)
+    assert probe.stdout.split() == ["pure", str(tmp_path / "agentauthz" / "_accel.py")], probe.stderr
