@@ -13,6 +13,7 @@ from . import reasons
 from .authority import NOT_PERMITTED, Authority, Refused
 from .errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
 from .identity import IdentityError, Svid, svid_from_grpc_context
+from .jwtsvid import JwtSvid, Verifier, bearer_token
 from .tokens import DEFAULT_SENSITIVITY
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc
@@ -38,22 +39,34 @@ def grant_to_proto(g: dict[str, Any]) -> pb.Grant:
 
 
 class ApiService(pb_grpc.AgentAuthzServicer):
-    """Every method starts by proving who is calling: an X.509-SVID from the mTLS peer."""
+    """Every method starts by proving who is calling: the mTLS peer's X.509-SVID, or its JWT-SVID bearer."""
 
     def __init__(self, authority: Authority, bundle: list[Any]) -> None:
         self._authority = authority
         # gRPC verified the chain already; checking again against the bundle costs
         # microseconds and survives a TLS misconfiguration.
         self._bundle = bundle
+        c = authority.config
+        self._jwt = Verifier(c.jwt_issuers, c.issuer, c.trust_domain, c.leeway)
 
-    async def _peer(self, context: Any) -> Svid:
+    async def _peer(self, context: Any) -> Svid | JwtSvid:
+        transport = None
         try:
-            return svid_from_grpc_context(context, self._authority.config.trust_domain, self._bundle)
+            svid = svid_from_grpc_context(context, self._authority.config.trust_domain, self._bundle)
+            transport = svid.spiffe_id
+            bearer = bearer_token(context.invocation_metadata())
+            if bearer is None:
+                return svid
+            caller = self._jwt.verify(bearer)
         except IdentityError as exc:
             self._authority.audit.record("authn", decision=False, reason=reasons.IDENTITY_INVALID,
-                                         detail=str(exc))
+                                         detail=str(exc), transport=transport)
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, f"{reasons.IDENTITY_INVALID}: {exc}")
             raise  # abort raises; this line only satisfies type checkers
+        # The certificate only carried the call (e.g. an agent runtime acting for the agent): say so.
+        self._authority.audit.record("authn", decision=True, agent=caller.spiffe_id, issuer=caller.issuer,
+                                     transport=transport)
+        return caller
 
     async def _caller(self, context: Any) -> str:
         return (await self._peer(context)).spiffe_id
@@ -76,10 +89,12 @@ class ApiService(pb_grpc.AgentAuthzServicer):
         if not grants:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_invalid: no grants requested")
         # Sender binding (RFC 8705 §3.1): the token names the certificate it was minted over,
-        # and never outlives it.
+        # and never outlives it. A JWT-SVID proved the identity, not the certificate: no cnf, but the
+        # token still never outlives the identity document that bought it.
+        cnf = {"x5t#S256": peer.x5t_s256} if isinstance(peer, Svid) else None
         minted = await self._run(context, lambda: self._authority.mint(
             peer.spiffe_id, request.task, grants, intent=request.intent, ttl=request.ttl_seconds,
-            audience=request.audience, cnf={"x5t#S256": peer.x5t_s256},
+            audience=request.audience, cnf=cnf,
             not_after=int(peer.not_after.timestamp())))
         return pb.MintResponse(
             token=minted.token, token_id=minted.token_id, expires_at=minted.expires_at,

@@ -211,7 +211,8 @@ class Authority:
         if not_after is not None:
             ttl = min(ttl, not_after - now)
             if ttl <= 0:
-                raise Refused(reasons.IDENTITY_INVALID, "the caller's certificate has expired")
+                raise Refused(reasons.IDENTITY_INVALID, "the caller's identity document (certificate or "
+                              "JWT-SVID) has expired")
         exp = now + ttl
         slot = self.revocations.allocate_slot(exp)
         token_id = self.token_ids.make(slot, exp, agent)

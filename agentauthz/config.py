@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import yaml
 
 from .errors import ConfigError
+from .jwtsvid import JwtIssuer, issuers_from, load_keys
 from .tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
 
 DEV_TRUST_DOMAIN = "dev.local"
@@ -54,6 +55,8 @@ class Config:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     trust_bundle: Path | None = None
+    # API callers may name themselves with a JWT-SVID from these issuers (DESIGN §4); none: refused.
+    jwt_issuers: tuple[JwtIssuer, ...] = ()
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -85,6 +88,11 @@ class Config:
                 if isinstance(value, str) or not isinstance(value, list):
                     raise ConfigError(f"{source}: {key} must be a list")
                 value = tuple(value)
+            elif key == "jwt_issuers":
+                try:
+                    value = issuers_from(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: {exc}") from None
             values[key] = value
         try:
             return cls(**values)
@@ -142,4 +150,16 @@ def _problems(c: Config) -> list[str]:
     if not any(tls) and c.trust_domain != DEV_TRUST_DOMAIN:
         out.append(f"trust domain {c.trust_domain!r} needs tls_cert, tls_key and trust_bundle "
                    "(only the development trust domain has a built-in CA)")
+    issuers = c.jwt_issuers
+    if not isinstance(issuers, tuple) or not all(isinstance(i, JwtIssuer) for i in issuers):
+        out.append("jwt_issuers must be a list of {issuer, jwks_file, algorithms}")
+    else:
+        for issuer in issuers:  # loaded now so that a bad JWKS stops the start, not the first caller
+            try:
+                load_keys(issuer)
+            except ConfigError as exc:
+                out.append(str(exc))
+        names = [i.issuer for i in issuers]
+        if any(names.count(n) > 1 for n in names):
+            out.append("jwt_issuers names an issuer twice")
     return out

@@ -185,7 +185,9 @@ class Daemon:
 
         check_service = extauthz.CheckService(a.verifier, a.audit, lambda: a.policy.requests, a.clock)
         check = self.check_server = self._check_server(check_service)
-        api = self.api_server = grpc.aio.server()
+        # Above gRPC's soft 8 KiB metadata limit, so our own 8 KiB JWT-SVID cap answers, not a random
+        # RESOURCE_EXHAUSTED.
+        api = self.api_server = grpc.aio.server(options=[("grpc.max_metadata_size", 32 * 1024)])
         api_service = ApiService(a, load_bundle(self.trust_bundle))
         agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(api_service, api)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, api)
