@@ -28,8 +28,20 @@ test: $(STAMP)
 test-pure: $(STAMP)
 	AGENTAUTHZ_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_accel.py tests/test_build.py
 
+# Micro benchmarks, then the load comparisons (h2load, Envoy, py-spy), then the report in
+# benchmarks/results/ (results.json, report.md, PNG charts). About 12 minutes on 2 cores.
+# BENCH_LOAD_ARGS passes options to the load driver, e.g. "--duration 2 --rounds 3".
+BENCH_RESULTS ?= benchmarks/results
+BENCH_LOAD_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds
+	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
+	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
+	test -x $(VENV)/bin/py-spy || $(PY) -m pip install -q py-spy
+	mkdir -p $(BENCH_RESULTS)
+	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds \
+		--benchmark-json $(BENCH_RESULTS)/micro.json
+	$(PY) -m benchmarks.load --out $(BENCH_RESULTS)/load.json $(BENCH_LOAD_ARGS)
+	$(PY) benchmarks/report.py --results $(BENCH_RESULTS)
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \

@@ -41,6 +41,7 @@ GRPC_HEADERS = ("content-type: application/grpc", "te: trailers")
 # Checking the prefix keeps the client's per-call cost down; run.py sanity-checks
 # each server with a full parse before it is loaded.
 ALLOW_PREFIX = b"\x0a\x00"
+MAX_REQUESTS = 2_000_000  # per run and client: a second bound besides the duration
 
 
 # --- request bodies -------------------------------------------------------------------------
@@ -131,8 +132,11 @@ def parse_h2load(text: str) -> dict[str, Any]:
 # --- the Python gRPC client -----------------------------------------------------------------
 
 async def check_load(target: str, bodies: Sequence[bytes], concurrency: int, duration: float,
-                     timeout: float = 5.0) -> dict[str, Any]:
-    """``concurrency`` calls in flight on one channel, cycling through ``bodies``, for ``duration`` s."""
+                     max_requests: int = MAX_REQUESTS, timeout: float = 5.0) -> dict[str, Any]:
+    """``concurrency`` calls in flight on one channel, cycling through ``bodies``, for ``duration`` s.
+
+    Bounded twice: by time, and by ``max_requests`` calls started, whichever comes first.
+    """
     channel = grpc.aio.insecure_channel(target)
     await asyncio.wait_for(channel.channel_ready(), 10)
     call = channel.unary_unary(CHECK_PATH)  # no serializers: raw bytes both ways
@@ -145,10 +149,11 @@ async def check_load(target: str, bodies: Sequence[bytes], concurrency: int, dur
     async def worker() -> None:
         while True:
             start = time.perf_counter()
-            if start >= stop_at:
+            i = next(turn)
+            if start >= stop_at or i >= max_requests:
                 return
             try:
-                raw = await call(bodies[next(turn) % count], timeout=timeout)
+                raw = await call(bodies[i % count], timeout=timeout)
             except grpc.aio.AioRpcError as exc:
                 outcomes[f"error_{exc.code().name.lower()}"] += 1
                 continue
@@ -176,7 +181,9 @@ def mint_load(api: str, identity_dir: Path, threads: int, duration: float) -> di
 
     def worker(i: int, stop_at: float) -> tuple[list[float], int]:
         latencies, errors = [], 0
-        while (start := time.perf_counter()) < stop_at:
+        for _ in range(MAX_REQUESTS):
+            if (start := time.perf_counter()) >= stop_at:
+                break
             try:
                 clients[i].mint(f"bench-mint-{i}", ["demo:*:read"], ttl=60)
             except Exception:
@@ -209,7 +216,8 @@ def python_client(argv: Sequence[str], duration: float, cpus: set[int] | None,
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="mode", required=True)
     check = sub.add_parser("check", help="Check load, cycling through request frames")
     check.add_argument("--target", required=True, help="HOST:PORT or unix:PATH")
@@ -224,7 +232,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.mode == "check":
         import uvloop
-        result = uvloop.run(check_load(args.target, read_frames(args.bodies), args.concurrency, args.duration))
+        bodies = read_frames(args.bodies)
+        result = uvloop.run(check_load(args.target, bodies, args.concurrency, args.duration))
     else:
         result = mint_load(args.api, args.identity, args.threads, args.duration)
     print(json.dumps(result))

@@ -149,5 +149,5 @@ def run_bounded(argv: Sequence[str], timeout: float, cpus: set[int] | None = Non
     after = os.times()
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
-    child_cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    child_cpu = after.children_user + after.children_system - before.children_user - before.children_system
     return proc.stdout, child_cpu

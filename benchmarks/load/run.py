@@ -36,9 +36,9 @@ from typing import Any, Callable
 
 import grpc
 
-from . import envoy, loadgen
+from . import envoy, loadgen, profile, scaling
 from .daemon import Daemon
-from .procs import Process, cpu_seconds, free_port, pin, rss_bytes, wait_for
+from .procs import Process, free_port, pin, rss_bytes, tree_cpu_seconds, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -87,8 +87,9 @@ class Bench:
         self.work = work
         self.tables: dict[str, Any] = {}
         self.processes: dict[str, list[str]] = {}
-        self.server_cpus = {os.cpu_count() - 1} if settings.pin and (os.cpu_count() or 1) > 1 else None
-        self.client_cpus = {0} if self.server_cpus else None
+        cpus = os.cpu_count() or 1
+        self.server_cpus: set[int] | None = {cpus - 1} if settings.pin and cpus > 1 else None
+        self.client_cpus: set[int] | None = {0} if self.server_cpus else None
 
     # -- running a table ---------------------------------------------------------------------
 
@@ -108,7 +109,7 @@ class Bench:
                 run = self._measure(t)
                 runs[t.name].append(run)
                 flag = "" if run["valid"] else "  INVALID: " + "; ".join(run["problems"])
-                print(f"  round {r + 1} {t.name:<12} {run['rps']:9.0f} req/s  p50 {run['p50']:7.3f} ms  "
+                print(f"  round {r + 1} {t.name:<15} {run['rps']:9.0f} req/s  p50 {run['p50']:7.3f} ms  "
                       f"p99 {run['p99']:7.3f} ms  cpu/req {self._cpu_text(run)}{flag}", flush=True)
         for t in targets:
             for pid in t.cpu.values():
@@ -123,10 +124,10 @@ class Bench:
         return " ".join(f"{k} {v:.0f}µs" for k, v in run["cpu_us_per_request"].items())
 
     def _measure(self, t: Target) -> dict[str, Any]:
-        before = {role: cpu_seconds(pid) for role, pid in t.cpu.items()}
+        before = {role: tree_cpu_seconds(pid) for role, pid in t.cpu.items()}
         decisions_before = t.daemon.decisions() if t.daemon else {}
         run = t.drive(self.s.duration)
-        after = {role: cpu_seconds(pid) for role, pid in t.cpu.items()}
+        after = {role: tree_cpu_seconds(pid) for role, pid in t.cpu.items()}
         n = max(run["requests"], 1)
         run["cpu_s"] = {role: after[role] - before[role] for role in t.cpu}
         run["cpu_us_per_request"] = {role: 1e6 * run["cpu_s"][role] / n for role in t.cpu}
@@ -152,7 +153,8 @@ class Bench:
     @staticmethod
     def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         valid = [r for r in runs if r["valid"]] or runs
-        out = {k: _median([r[k] for r in valid]) for k in ("rps", "p50", "p90", "p99", "mean_ms")}
+        out: dict[str, Any] = {k: _median([r[k] for r in valid])
+                               for k in ("rps", "p50", "p90", "p99", "mean_ms")}
         out["rps_min"] = min(r["rps"] for r in valid)
         out["rps_max"] = max(r["rps"] for r in valid)
         out["cpu_us_per_request"] = {role: _median([r["cpu_us_per_request"][role] for r in valid])
@@ -235,33 +237,40 @@ def check_envoy_allows(url: str, token: str, what: str) -> None:
             raise RuntimeError(f"{what} answered {response.status}")
 
 
-def profile(bench: Bench, daemon: Daemon, body: Path) -> dict[str, Any]:
-    """py-spy on the warm daemon while h2load loads it: where a Check's time goes."""
-    pyspy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if bench.s.profile_seconds <= 0 or not Path(pyspy).exists():
-        return {"skipped": "py-spy not installed" if bench.s.profile_seconds > 0 else "disabled"}
-    out: dict[str, Any] = {"seconds": bench.s.profile_seconds}
+def profiles(bench: Bench, warm: Daemon, warm_body: Path, cold: Daemon, cold_body: Path,
+             out_dir: Path) -> dict[str, Any]:
+    """py-spy on the warm daemon (h2load) and the cold one (Python client), outside measured runs."""
     seconds = bench.s.profile_seconds
-    url = f"http://{daemon.check_address}{loadgen.CHECK_PATH}"
-    headers = [arg for h in loadgen.GRPC_HEADERS for arg in ("-H", h)]
-    load = ["h2load", "-D", f"{round((seconds + 3) * 1000)}ms", "-c", str(bench.s.h2_clients), "-m", str(bench.s.h2_streams),
-            "-d", str(body), *headers, url]
-    for fmt, name in (("raw", "profile.txt"), ("flamegraph", "profile.svg")):
-        path = bench.work / name
-        h2 = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    if seconds <= 0:
+        return {"skipped": "disabled (--profile-seconds 0)"}
+    if profile.pyspy() is None:
+        return {"skipped": "py-spy is not installed (pip install py-spy)"}
+    out: dict[str, Any] = {"seconds": seconds, "commands": []}
+    h2_warm = ["h2load", "-D", f"{round((seconds + 4) * 1000)}ms", "-c", str(bench.s.h2_clients),
+               "-m", str(bench.s.h2_streams), "-d", str(warm_body),
+               *[arg for h in loadgen.GRPC_HEADERS for arg in ("-H", h)],
+               f"http://{warm.check_address}{loadgen.CHECK_PATH}"]
+    py_cold = [sys.executable, "-m", "benchmarks.load.loadgen", "check", "--target", cold.check_address,
+               "--bodies", str(cold_body), "--concurrency", str(bench.s.py_concurrency),
+               "--duration", f"{seconds + 4:g}"]
+    plan = (("warm", warm.pid, h2_warm, "raw", True), ("warm", warm.pid, h2_warm, "flamegraph", False),
+            ("cold", cold.pid, py_cold, "raw", False))
+    for name, pid, load, fmt, gil in plan:
+        path = out_dir / f"profile-{name}{'-gil' if gil else ''}.{'txt' if fmt == 'raw' else 'svg'}"
+        loader = subprocess.Popen(load, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
         try:
-            time.sleep(1)
-            command = [pyspy, "record", "--pid", str(daemon.pid), "-d", f"{seconds:g}", "-r", "250",
-                       "--nonblocking", "--threads", "--format", fmt, "-o", str(path)]
-            done = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60)
-            if done.returncode != 0:
-                return {"skipped": f"py-spy failed: {done.stderr.strip()[-500:]}"}
+            time.sleep(1.5)
+            out["commands"].append(" ".join(profile.record(pid, seconds, path, fmt=fmt, gil=gil)))
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as exc:
+            return {"skipped": f"py-spy failed: {exc}"}
         finally:
-            h2.wait(seconds + 60)
-        out[fmt] = str(path)
-        out.setdefault("commands", []).append(" ".join(command))
-    out["collapsed"] = (bench.work / "profile.txt").read_text()
-    out["svg"] = (bench.work / "profile.svg").read_text()
+            loader.wait(seconds + 60)
+        if fmt == "raw":
+            out[f"{name}{'_gil' if gil else ''}"] = {"file": path.name,
+                                                     "summary": profile.summarize(path.read_text(), gil=gil),
+                                                     "gil_only": gil}
+        else:
+            out[f"{name}_svg"] = path.name
     return out
 
 
@@ -282,15 +291,15 @@ def versions() -> dict[str, str]:
     return v
 
 
-def run_all(s: Settings, work: Path) -> dict[str, Any]:
+def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
     bench = Bench(s, work)
     started = time.time()
     with contextlib.ExitStack() as stack:
         # -- the four Check servers ------------------------------------------------------------
         warm = bench.start_daemon(stack, "agentauthz-warm")
         cold = bench.start_daemon(stack, "agentauthz-cold", config={"verified_cache_size": s.cold_cache})
-        jwks_path = work / "jwks.json"
         jwks = warm.jwks()
+        jwks_path = work / "jwks.json"
         jwks_path.write_text(json.dumps(jwks))
         floor, floor_addr = bench.start_server(stack, "floor")
         naive, naive_addr = bench.start_server(stack, "naive", "--jwks", str(jwks_path))
@@ -311,9 +320,10 @@ def run_all(s: Settings, work: Path) -> dict[str, Any]:
                 ("direct_h2load", "Check direct over gRPC (h2load)", False),
                 ("direct_h2load_pinned", "Check direct over gRPC (h2load), server on one core", True)):
             body = bench.bodies(f"warm-{key}", [warm.mint()])
-            bench.table(key, title, "h2load", direct_targets(
-                lambda a, b=body, p=pinned: bench.h2load_grpc(a, b, s.h2_clients, s.h2_streams, p), body),
-                pinned=pinned, settings=h2_settings,
+
+            def h2(address: str, b: Path = body, p: bool = pinned) -> Callable[[float], dict[str, Any]]:
+                return bench.h2load_grpc(address, b, s.h2_clients, s.h2_streams, p)
+            bench.table(key, title, "h2load", direct_targets(h2, body), pinned=pinned, settings=h2_settings,
                 note="Same request bytes (one CheckRequest, one token) for every server.")
 
         body = bench.bodies("warm-latency", [warm.mint()])
@@ -338,25 +348,22 @@ def run_all(s: Settings, work: Path) -> dict[str, Any]:
                     targets, pinned=True, settings={"in_flight": s.py_concurrency, "channels": 1},
                     note="Our asyncio client, because h2load sends one body and the cold case needs "
                          "many tokens; the floor, warm and naive rows use the warm body.")
+        prof = profiles(bench, warm, body, cold, cold_body, out_dir)
         cold.stop()
         naive.stop()
-        floor.stop()
-
-        prof = profile(bench, warm, body)
 
         # -- transport: TCP loopback vs Unix domain socket ------------------------------------
-        uds_path = work / "check.sock"
-        uds = bench.start_daemon(stack, "agentauthz-uds", check_listen=f"unix:{uds_path}")
+        uds = bench.start_daemon(stack, "agentauthz-uds", check_listen=f"unix:{work / 'check.sock'}")
         tcp_body = bench.bodies("tcp", [warm.mint()])
         uds_body = bench.bodies("uds", [uds.mint()])
         check_allowed(warm.check_address, tcp_body, "agentauthz (tcp)")
         check_allowed(uds.check_address, uds_body, "agentauthz (uds)")
         bench.table("transport", "Check over TCP loopback vs Unix domain socket (Python client)",
                     "python-grpc.aio",
-                    [Target("tcp", "agentauthz, TCP 127.0.0.1", bench.python_check(warm.check_address, tcp_body,
-                                                                                   True), {"server": warm.pid}, warm),
-                     Target("uds", "agentauthz, unix socket", bench.python_check(uds.check_address, uds_body,
-                                                                                 True), {"server": uds.pid}, uds)],
+                    [Target("tcp", "agentauthz, TCP 127.0.0.1", bench.python_check(
+                        warm.check_address, tcp_body, True), {"server": warm.pid}, warm),
+                     Target("uds", "agentauthz, unix socket",
+                            bench.python_check(uds.check_address, uds_body, True), {"server": uds.pid}, uds)],
                     pinned=True, settings={"in_flight": s.py_concurrency},
                     note="h2load cannot dial a Unix socket, so both rows use the Python client.")
         uds.stop()
@@ -369,48 +376,89 @@ def run_all(s: Settings, work: Path) -> dict[str, Any]:
         bench.table("mint", "Mint over mTLS (Python client, threads)", "python-grpc",
                     [Target("mint", f"Mint, {s.mint_threads} threads", mint, {"server": warm.pid})],
                     pinned=True, settings={"threads": s.mint_threads, "channels": s.mint_threads},
-                    note=f"Setup minted {mint_setup['tokens']} cold tokens in {mint_setup['seconds']:.1f} s.")
+                    note=f"Setup minted {mint_setup['tokens']} cold tokens in {mint_setup['seconds']:.1f} s "
+                         "(4 threads).")
+
+        # -- worker scaling --------------------------------------------------------------------
+        scaling_result = worker_scaling(bench, stack, warm)
 
         # -- through Envoy ---------------------------------------------------------------------
-        token = warm.mint()
-        upstream = envoy.start("envoy-upstream", envoy.upstream_config, work)
-        stack.callback(upstream.stop)
-        fronts = {}
-        for mode in envoy.MODES:
-            fronts[mode] = envoy.start(f"envoy-{mode}", lambda listen, admin, m=mode: envoy.front_config(
-                m, listen, admin, upstream.listen_port, check_address=warm.check_address, jwks=jwks), work)
-            stack.callback(fronts[mode].stop)
-            check_envoy_allows(fronts[mode].url, token, f"Envoy {mode}")
-            bench.processes[f"envoy-{mode}"] = fronts[mode].argv
-        labels = {"floor": "Envoy, no authorization", "jwt_authn": "Envoy jwt_authn (EdDSA, local JWKS)",
-                  "ext_authz": "Envoy ext_authz -> agentauthz"}
-
-        def envoy_targets(clients: int) -> list[Target]:
-            out = []
-            for mode, front in fronts.items():
-                cpu = {"envoy": front.pid, "upstream": upstream.pid}
-                if mode == "ext_authz":
-                    cpu["daemon"] = warm.pid
-                out.append(Target(mode, labels[mode], bench.h2load_http(front.url, token, clients), cpu,
-                                  warm if mode == "ext_authz" else None))
-            return out
-        bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", envoy_targets(1),
-                    pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
-                    note="Added latency = p50 here minus the floor's p50.")
-        bench.table("envoy_n", f"Through Envoy, {s.envoy_clients} connections (h2load --h1)", "h2load",
-                    envoy_targets(s.envoy_clients), pinned=False,
-                    settings={"clients": s.envoy_clients, "protocol": "http/1.1"})
-        bench.processes["envoy-upstream"] = upstream.argv
-        configs = {m: f.config_path.read_text() for m, f in fronts.items()}
+        configs = through_envoy(bench, stack, warm, floor_addr, jwks)
 
     return {"settings": asdict(s), "started": started, "elapsed_s": time.time() - started,
             "tables": bench.tables, "processes": bench.processes, "envoy_configs": configs,
-            "profile": prof, "versions": versions(), "cpus": {"server": sorted(bench.server_cpus or []),
-                                                              "client": sorted(bench.client_cpus or [])}}
+            "profile": prof, "workers": scaling_result, "versions": versions(),
+            "cpus": {"server": sorted(bench.server_cpus or []), "client": sorted(bench.client_cpus or [])}}
+
+
+def worker_scaling(bench: Bench, stack: contextlib.ExitStack, one: Daemon) -> dict[str, Any]:
+    """``serve --workers 2`` against one process, and revocation reaching every worker."""
+    s = bench.s
+    if not scaling.workers_supported(ROOT):
+        return {"skipped": "this agentauthz has no `serve --workers`"}
+    two = bench.start_daemon(stack, "agentauthz-workers2", workers=2)
+    clients, streams = 16, 4  # many connections: SO_REUSEPORT spreads connections, not calls
+    targets = []
+    for name, daemon in (("workers1", one), ("workers2", two)):
+        body = bench.bodies(f"{name}", [daemon.mint()])
+        check_allowed(daemon.check_address, body, name)
+        targets.append(Target(name, f"agentauthz --workers {1 if daemon is one else 2}",
+                              bench.h2load_grpc(daemon.check_address, body, clients, streams, False),
+                              {"server": daemon.pid}, daemon))
+    bench.table("workers", "Worker scaling (h2load, 16 connections)", "h2load", targets, pinned=False,
+                settings={"clients": clients, "streams_per_client": streams, "in_flight": clients * streams},
+                note="CPU is the whole process tree. The load generator shares the 2 cores.")
+    trials = [scaling.propagation(two, 2, kind, i) for kind in ("token", "task") for i in range(s.rounds)]
+    for t in trials:
+        print(f"  revoke by {t['kind']}: call {t['revoke_call_ms']:.1f} ms, every worker denying "
+              f"{t['all_denied_after_ms']} ms after the ack, stale allows {t['stale_allows']}", flush=True)
+    two.stop()
+    return {"propagation": trials}
+
+
+def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor_addr: str,
+                  jwks: dict[str, Any]) -> dict[str, str]:
+    """Three front Envoys (and ext_authz -> the floor server) before one direct_response upstream."""
+    token = warm.mint()
+    upstream = envoy.start("envoy-upstream", envoy.upstream_config, bench.work)
+    stack.callback(upstream.stop)
+    bench.processes["envoy-upstream"] = upstream.argv
+    modes = {"floor": ("Envoy, no authorization", None),
+             "jwt_authn": ("Envoy jwt_authn (EdDSA, local JWKS)", None),
+             "ext_authz": ("Envoy ext_authz -> agentauthz", warm.check_address),
+             "ext_authz_floor": ("Envoy ext_authz -> floor server (constant OK)", floor_addr)}
+    fronts = {}
+    for mode, (_, check) in modes.items():
+        fronts[mode] = envoy.start(f"envoy-{mode}", lambda listen, admin, m=mode, c=check: envoy.front_config(
+            m.replace("_floor", ""), listen, admin, upstream.listen_port, check_address=c, jwks=jwks),
+            bench.work)
+        stack.callback(fronts[mode].stop)
+        check_envoy_allows(fronts[mode].url, token, f"Envoy {mode}")
+        bench.processes[f"envoy-{mode}"] = fronts[mode].argv
+
+    def targets(clients: int) -> list[Target]:
+        out = []
+        for mode, front in fronts.items():
+            cpu = {"envoy": front.pid, "upstream": upstream.pid}
+            if mode == "ext_authz":
+                cpu["daemon"] = warm.pid
+            out.append(Target(mode, modes[mode][0], bench.h2load_http(front.url, token, clients), cpu,
+                              warm if mode == "ext_authz" else None))
+        return out
+
+    bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", targets(1),
+                pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
+                note="Added latency = p50 here minus the floor's p50. ext_authz -> floor server shows what "
+                     "the gRPC hop costs with no decision at all.")
+    bench.table("envoy_n", f"Through Envoy, {bench.s.envoy_clients} connections (h2load --h1)", "h2load",
+                targets(bench.s.envoy_clients), pinned=False,
+                settings={"clients": bench.s.envoy_clients, "protocol": "http/1.1"})
+    return {m: f.config_path.read_text() for m, f in fronts.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = Settings()
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
@@ -427,12 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("h2load not found: apt-get install -y nghttp2-client (make bench does this)")
     work = Path(settings.work) if settings.work else Path(tempfile.mkdtemp(prefix="agentauthz-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        results = run_all(settings, work)
+        results = run_all(settings, work, args.out.parent)
     finally:
         if not settings.work:
             shutil.rmtree(work, ignore_errors=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nload results: {args.out} ({results['elapsed_s']:.0f} s)")
     return 0

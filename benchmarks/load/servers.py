@@ -90,7 +90,7 @@ class NaiveAuthorization(ext_authz_grpc.AuthorizationServicer):
             return self._deny(401, "token_missing")
         token = value[7:]
         try:
-            kid = self._jwt.get_unverified_header(token).get("kid")
+            kid = str(self._jwt.get_unverified_header(token).get("kid"))
             claims = self._jwt.decode(token, self._keys[kid], algorithms=["EdDSA"],
                                       audience=self._audience, issuer=self._issuer)
         except (KeyError, self._jwt.InvalidTokenError):
@@ -120,7 +120,8 @@ async def serve_naive(listen: str, jwks_path: str, issuer: str, audience: str) -
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("kind", choices=["floor", "naive"])
     parser.add_argument("--listen", required=True)
     parser.add_argument("--jwks", help="naive: the daemon's JWKS as a file")

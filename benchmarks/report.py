@@ -1,0 +1,411 @@
+"""Turn the benchmark outputs into ``benchmarks/results/``: results.json, report.md, PNG charts.
+
+    python benchmarks/report.py [--results benchmarks/results]
+
+Reads ``load.json`` (``python -m benchmarks.load``) and ``micro.json``
+(``pytest benchmarks --benchmark-only --benchmark-json ...``), either may be
+missing. Every ratio the performance issue asks for is computed here from
+figures of the same run, put next to its target, and printed as a summary.
+Nothing here asserts: a missed target is reported, not hidden or failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# Micro benchmark names (benchmarks/bench_hotpath.py, bench_policy.py, bench_audit.py).
+MICRO_RATIOS = [
+    # key, title, numerator, denominator, target text, predicate on the ratio
+    ("micro_warm_decide_pure_over_native", "warm decide: pure / native (native is N× faster)",
+     "test_warm_decide[pure]", "test_warm_decide[native]", "≥ 5", lambda r: r >= 5),
+    ("micro_cold_verify_native_over_pynacl", "cold verify: native / bare PyNaCl verify",
+     "test_cold_verify[native]", "test_cold_verify_bare_pynacl", "≤ 1.15", lambda r: r <= 1.15),
+    ("micro_pyjwt_over_native_cold_verify", "cold verify: PyJWT decode / native",
+     "test_cold_verify_pyjwt", "test_cold_verify[native]", "(info)", None),
+    ("micro_decide_10m_revoked_over_0", "native decide: 10,000,000 revoked / 0 revoked",
+     "test_warm_decide_with_revocations[native-10000000]", "test_warm_decide_with_revocations[native-0]",
+     "≤ 1.2", lambda r: r <= 1.2),
+    ("micro_policy_warm_100k_over_10", "policy lookup (warm): 100,000 / 10 rules",
+     "test_permits_warm[100000]", "test_permits_warm[10]", "≤ 1.2", lambda r: r <= 1.2),
+    ("micro_policy_cold_100k_over_10", "policy lookup (cold cache): 100,000 / 10 rules",
+     "test_permits_cold[100000]", "test_permits_cold[10]", "≤ 1.2", lambda r: r <= 1.2),
+]
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    model = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    try:
+        nproc = int(subprocess.run(["nproc"], capture_output=True, text=True, timeout=10).stdout)
+    except (OSError, ValueError):
+        nproc = os.cpu_count() or 0
+    mem = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                if line.startswith("MemTotal")), 0)
+    return {"nproc": nproc, "cpu_model": model, "memory_mib": mem, "kernel": platform.release(),
+            "loadavg_at_report": os.getloadavg(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def micro_medians(micro: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """name -> median/min/mean in ns and rounds, from pytest-benchmark's JSON."""
+    out = {}
+    for b in micro.get("benchmarks", []):
+        st = b["stats"]
+        out[b["name"]] = {"median_ns": st["median"] * 1e9, "min_ns": st["min"] * 1e9,
+                          "mean_ns": st["mean"] * 1e9, "rounds": st["rounds"], "group": b.get("group")}
+    return out
+
+
+# --- ratios ---------------------------------------------------------------------------------
+
+def _row(load: dict[str, Any], table: str, row: str) -> dict[str, Any] | None:
+    r = load.get("tables", {}).get(table, {}).get("rows", {}).get(row)
+    return r["summary"] if r else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    if a is None or b is None or not b or math.isnan(a) or math.isnan(b):
+        return None
+    return a / b
+
+
+def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
+    """Every ratio with its target and verdict (``met`` is None where there is no target)."""
+    out: list[dict[str, Any]] = []
+
+    def add(key: str, title: str, value: float | None, target: str, ok: Any, unit: str = "×",
+            source: str = "") -> None:
+        met = None if ok is None or value is None else bool(ok(value))
+        out.append({"key": key, "title": title, "value": value, "unit": unit, "target": target,
+                    "met": met, "source": source})
+
+    def rps(table: str, row: str) -> float | None:
+        s = _row(load, table, row)
+        return s["rps"] if s else None
+
+    for table, gen in (("direct_h2load", "h2load"), ("direct_h2load_pinned", "h2load, 1 core"),
+                       ("direct_python", "Python client")):
+        add(f"warm_over_floor_{table}", f"warm Check throughput / floor ({gen})",
+            _ratio(rps(table, "warm"), rps(table, "floor")), "≥ 0.90", lambda r: r >= 0.90, source=table)
+    add("cold_over_floor", "cold Check throughput / floor (Python client)",
+        _ratio(rps("direct_python", "cold"), rps("direct_python", "floor")), "≥ 0.60", lambda r: r >= 0.60,
+        source="direct_python")
+    for table, gen in (("direct_h2load", "h2load"), ("direct_h2load_pinned", "h2load, 1 core"),
+                       ("direct_python", "Python client")):
+        add(f"warm_over_naive_{table}", f"agentauthz warm / naive PyJWT peer ({gen})",
+            _ratio(rps(table, "warm"), rps(table, "naive")), "≥ 2", lambda r: r >= 2, source=table)
+    add("cold_over_naive", "agentauthz cold / naive PyJWT peer (Python client)",
+        _ratio(rps("direct_python", "cold"), rps("direct_python", "naive")), "≥ 2", lambda r: r >= 2,
+        source="direct_python")
+    for table in ("direct_h2load_pinned", "direct_h2load"):
+        w, f = _row(load, table, "warm"), _row(load, table, "floor")
+        if w and f:
+            add(f"added_cpu_{table}", f"server CPU a warm Check adds over the floor ({table})",
+                w["cpu_us_per_request"]["server"] - f["cpu_us_per_request"]["server"], "(info)", None,
+                unit="µs", source=table)
+
+    e = {m: _row(load, "envoy_1", m) for m in ("floor", "jwt_authn", "ext_authz", "ext_authz_floor")}
+    if e["floor"] and e["ext_authz"]:
+        added = e["ext_authz"]["p50"] - e["floor"]["p50"]
+        add("envoy_added_p50_ms", "Envoy ext_authz → agentauthz: median added latency over the proxy floor "
+            "(1 connection)", added, "≤ 1 ms", lambda v: v <= 1.0, unit="ms", source="envoy_1")
+        if e["jwt_authn"]:
+            jwt_added = e["jwt_authn"]["p50"] - e["floor"]["p50"]
+            add("envoy_jwt_added_p50_ms", "Envoy jwt_authn: median added latency over the proxy floor",
+                jwt_added, "(info)", None, unit="ms", source="envoy_1")
+            add("envoy_added_over_jwt", "added latency: ext_authz→agentauthz / jwt_authn",
+                _ratio(added, jwt_added), "(report honestly)", None, source="envoy_1")
+        if e["ext_authz_floor"]:
+            add("envoy_hop_added_p50_ms", "Envoy ext_authz → constant-OK floor server: added latency "
+                "(the gRPC hop alone)", e["ext_authz_floor"]["p50"] - e["floor"]["p50"], "(bound)", None,
+                unit="ms", source="envoy_1")
+    add("envoy_ext_over_jwt_rps", "through Envoy, N connections: ext_authz / jwt_authn throughput",
+        _ratio(rps("envoy_n", "ext_authz"), rps("envoy_n", "jwt_authn")), "(report honestly)", None,
+        source="envoy_n")
+    add("envoy_ext_over_floor_rps", "through Envoy, N connections: ext_authz / no-authz throughput",
+        _ratio(rps("envoy_n", "ext_authz"), rps("envoy_n", "floor")), "(info)", None, source="envoy_n")
+    add("uds_over_tcp", "Check over Unix socket / TCP loopback throughput",
+        _ratio(rps("transport", "uds"), rps("transport", "tcp")), "(info)", None, source="transport")
+    add("mint_per_s", "Mint over mTLS", rps("mint", "mint"), "(info)", None, unit="mints/s", source="mint")
+    add("workers2_over_1", "serve --workers 2 / --workers 1 throughput",
+        _ratio(rps("workers", "workers2"), rps("workers", "workers1")), "(info: 2 cores shared with h2load)",
+        None, source="workers")
+    prop = load.get("workers", {}).get("propagation") or []
+    if prop:
+        times = [p["all_denied_after_ms"] for p in prop]
+        add("revocation_all_workers_ms", "Revoke acknowledged → every worker denying (max over trials)",
+            None if None in times else max(times), "(info)", None, unit="ms", source="workers")
+        add("revocation_stale_allows", "Checks allowed after a Revoke was acknowledged",
+            sum(p["stale_allows"] for p in prop), "0", lambda v: v == 0, unit="", source="workers")
+
+    def median_ns(name: str) -> float | None:
+        b = micro.get(name)
+        return b["median_ns"] if b else None
+
+    for key, title, num, den, target, ok in MICRO_RATIOS:
+        add(key, title, _ratio(median_ns(num), median_ns(den)), target, ok, source=f"micro: {num} / {den}")
+    native = median_ns("test_warm_decide[native]")
+    add("micro_warm_decide_native_us", "native warm decide, median", native / 1000 if native else None,
+        "≤ 2 µs", lambda v: v <= 2.0, unit="µs", source="micro: test_warm_decide[native]")
+    return out
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def _f(value: float | None, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.{digits}f}"
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "met", False: "MISSED", None: ""}[met]
+
+
+def ratio_table(rows: list[dict[str, Any]]) -> list[str]:
+    lines = ["| figure | value | target | verdict |", "|---|---:|---|---|"]
+    for r in rows:
+        unit = r["unit"]
+        value = "n/a" if r["value"] is None else f"{_f(r['value'])}{'' if unit in ('×', '') else ' '}{unit}"
+        lines.append(f"| {r['title']} | {value} | {r['target']} | {_verdict(r['met'])} |")
+    return lines
+
+
+def load_table(table: dict[str, Any]) -> list[str]:
+    roles = sorted({role for row in table["rows"].values() for role in row["summary"]["cpu_us_per_request"]},
+                   key=lambda r: ("server", "daemon", "envoy", "upstream").index(r)
+                   if r in ("server", "daemon", "envoy", "upstream") else 9)
+    head = ["target", "req/s (median)", "min–max", "p50 ms", "p90 ms", "p99 ms",
+            *[f"CPU µs/req ({r})" for r in roles], "valid rounds"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in table["rows"].values():
+        s = row["summary"]
+        cells = [row["label"], _f(s["rps"], 0), f"{_f(s['rps_min'], 0)}–{_f(s['rps_max'], 0)}",
+                 _f(s["p50"], 3), _f(s["p90"], 3), _f(s["p99"], 3),
+                 *[_f(s["cpu_us_per_request"].get(r), 0) for r in roles],
+                 f"{s['valid_rounds']}/{s['rounds']}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def profile_section(prof: dict[str, Any]) -> list[str]:
+    if not prof or "skipped" in prof:
+        return [f"_Skipped: {prof.get('skipped', 'no profile') if prof else 'no profile'}._"]
+    lines = []
+    for key, title in (
+            ("warm_gil", "Warm daemon under h2load, samples holding the GIL (`--gil --native`)"),
+            ("cold", "Cold daemon under the Python client, main thread, busy samples (`--native`)")):
+        p = prof.get(key)
+        if not p:
+            continue
+        s = p["summary"]
+        lines += [f"**{title}** — {s['samples']} samples, file `{p['file']}`", ""]
+        if s.get("gil_holder_pct"):
+            lines.append("GIL held by: " + ", ".join(f"{k} {v}%" for k, v in s["gil_holder_pct"].items()))
+            lines.append("")
+        lines += ["| where (main thread) | share |", "|---|---:|"]
+        lines += [f"| {k} | {v}% |" for k, v in s["buckets_pct"].items()]
+        lines += ["", "Top leaf frames: " + "; ".join(f"`{k}` {v}%" for k, v in s["top_leaf_pct"][:8]), "",
+                  "agentauthz frames (inclusive): "
+                  + "; ".join(f"`{k}` {v}%" for k, v in s["agentauthz_frames_pct"][:8]), ""]
+    if prof.get("warm_svg"):
+        lines.append(f"Flame graph of the warm daemon (all threads): `{prof['warm_svg']}`.")
+    lines.append("")
+    lines += ["Commands:", "", *[f"    {c}" for c in prof.get("commands", [])]]
+    return lines
+
+
+def render(results: dict[str, Any]) -> str:
+    load, micro, m, v = results["load"], results["micro"], results["machine"], results.get("versions", {})
+    out = ["# agentauthz benchmark report", "",
+           f"{m['date']} · {m['nproc']} × {m['cpu_model']} · {m['memory_mib']:,} MiB · Linux {m['kernel']}",
+           "", "Every ratio below compares figures measured in this same run. Load runs are interleaved "
+           "(A B C D A B C D …); each figure is the median over rounds. The machine is shared and noisy: "
+           "read ratios and CPU per request rather than absolute requests/s.", "",
+           "## Targets and ratios", "", *ratio_table(results["ratios"]), ""]
+    out += ["## Machine and versions", "", "| | |", "|---|---|"]
+    facts = [("nproc", m["nproc"]), ("CPU", m["cpu_model"]),
+             ("load average at report", m["loadavg_at_report"]), *v.items()]
+    out += [f"| {k} | {val} |" for k, val in facts]
+    s, cpus = load.get("settings", {}), load.get("cpus", {})
+    if s:
+        out += ["", f"Load settings: {s.get('rounds')} rounds × {s.get('duration')} s per target, "
+                f"{s.get('warmup')} s warm-up per target per table; pinned tables put servers on CPU "
+                f"{cpus.get('server')} and load generators on CPU {cpus.get('client')}. "
+                f"Load phase took {load.get('elapsed_s', 0):.0f} s."]
+    for table in load.get("tables", {}).values():
+        out += ["", f"## {table['title']}", "",
+                f"Generator: **{table['generator']}**{' · pinned' if table['pinned'] else ''} · "
+                + ", ".join(f"{k} {val}" for k, val in table["settings"].items()), ""]
+        if table.get("note"):
+            out += [table["note"], ""]
+        out += load_table(table)
+        notes = [n for row in table["rows"].values() for n in row.get("notes", [])]
+        out += [""] + [f"- {n}" for n in notes] if notes else []
+        bad = [(name, r["problems"]) for name, row in table["rows"].items() for r in row["rounds"]
+               if not r["valid"]]
+        if bad:
+            out += ["", "**Invalid runs (excluded from medians):** "
+                    + "; ".join(f"{n}: {', '.join(p)}" for n, p in bad)]
+    out += ["", "## Worker scaling", ""]
+    workers = load.get("workers", {})
+    if not workers or "skipped" in workers:
+        out += ["> **SKIPPED** — `agentauthz serve --workers N` is not available in this build; no numbers "
+                "are given rather than invented ones."]
+    else:
+        out += ["Throughput is in the *Worker scaling* table above. Revocation reaching every worker "
+                "(`--workers 2`, probes on 16 connections spread by SO_REUSEPORT):", "",
+                "| revoke by | Revoke call ms | every worker denying, ms after ack | workers seen | "
+                "stale allows after ack |", "|---|---:|---:|---:|---:|"]
+        out += [f"| {p['kind']} | {_f(p['revoke_call_ms'])} | {_f(p['all_denied_after_ms'])} | "
+                f"{p['workers_seen']}/{p['workers_configured']} | {p['stale_allows']} |"
+                for p in workers.get("propagation", [])]
+        out += ["", "The 'every worker denying' time is bounded below by the probe sweep itself "
+                "(sequential Checks over 16 connections); the first sweep after the ack already denies."]
+    out += ["", "## Where the time goes (py-spy)", "", *profile_section(load.get("profile", {}))]
+    out += ["", "## Micro benchmarks (pytest-benchmark, medians)", ""]
+    if micro:
+        out += ["| benchmark | group | median | min | rounds |", "|---|---|---:|---:|---:|"]
+        out += [f"| {name} | {b['group'] or ''} | {_ns(b['median_ns'])} | {_ns(b['min_ns'])} | "
+                f"{b['rounds']} |" for name, b in micro.items()]
+    else:
+        out.append("_No micro.json: run `pytest benchmarks --benchmark-only --benchmark-json ...`._")
+    out += ["", "## Charts", "", "![throughput](throughput.png)", "", "![latency](latency.png)", "",
+            "## Commands", "", "    " + "\n    ".join(results.get("commands", []))]
+    if load.get("processes"):
+        out += ["", "Processes under test:", ""]
+        out += [f"    {name}: {' '.join(argv)}" for name, argv in load["processes"].items()]
+    return "\n".join(out) + "\n"
+
+
+def _ns(ns: float) -> str:
+    if ns >= 1e6:
+        return f"{ns / 1e6:.2f} ms"
+    if ns >= 1e3:
+        return f"{ns / 1e3:.2f} µs"
+    return f"{ns:.0f} ns"
+
+
+def charts(load: dict[str, Any], out_dir: Path) -> list[str]:
+    """throughput.png (bars per table), latency.png (p50/p90/p99 per target); none without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    tables = load.get("tables", {})
+    written = []
+    shown = [k for k in ("direct_h2load", "direct_h2load_pinned", "direct_python", "envoy_n", "workers",
+                         "transport") if k in tables]
+    if shown:
+        fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.4 * len(shown)), squeeze=False)
+        for ax, key in zip(axes[:, 0], shown, strict=True):
+            rows = tables[key]["rows"]
+            names = [r["label"] for r in rows.values()]
+            values = [r["summary"]["rps"] for r in rows.values()]
+            errs = [[v - r["summary"]["rps_min"] for v, r in zip(values, rows.values(), strict=True)],
+                    [r["summary"]["rps_max"] - v for v, r in zip(values, rows.values(), strict=True)]]
+            ax.barh(names, values, xerr=errs, color="#4c72b0", capsize=3)
+            ax.invert_yaxis()
+            ax.set_title(f"{tables[key]['title']} [{tables[key]['generator']}]", fontsize=9)
+            ax.set_xlabel("requests/s (median, min–max over rounds)", fontsize=8)
+            ax.tick_params(labelsize=8)
+        fig.tight_layout()
+        fig.savefig(out_dir / "throughput.png", dpi=110)
+        plt.close(fig)
+        written.append("throughput.png")
+    shown = [k for k in ("direct_h2load_1", "envoy_1", "direct_h2load") if k in tables]
+    if shown:
+        fig, axes = plt.subplots(len(shown), 1, figsize=(9, 2.8 * len(shown)), squeeze=False)
+        for ax, key in zip(axes[:, 0], shown, strict=True):
+            rows = list(tables[key]["rows"].values())
+            width = 0.27
+            for i, p in enumerate(("p50", "p90", "p99")):
+                ax.barh([j + i * width for j in range(len(rows))], [r["summary"][p] for r in rows],
+                        height=width, label=p)
+            ax.set_yticks([j + width for j in range(len(rows))], [r["label"] for r in rows])
+            ax.invert_yaxis()
+            ax.set_title(f"{tables[key]['title']} [{tables[key]['generator']}]", fontsize=9)
+            ax.set_xlabel("latency, ms (median over rounds)", fontsize=8)
+            ax.tick_params(labelsize=8)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out_dir / "latency.png", dpi=110)
+        plt.close(fig)
+        written.append("latency.png")
+    return written
+
+
+def summary_lines(results: dict[str, Any]) -> list[str]:
+    """The printed summary: headline rows of the main tables, then every ratio."""
+    lines = []
+    for key in ("direct_h2load", "direct_h2load_pinned", "direct_h2load_1", "direct_python", "envoy_1",
+                "envoy_n", "transport", "mint", "workers"):
+        table = results["load"].get("tables", {}).get(key)
+        if not table:
+            continue
+        lines.append(f"{table['title']} [{table['generator']}{', pinned' if table['pinned'] else ''}]")
+        for row in table["rows"].values():
+            s = row["summary"]
+            cpu = " ".join(f"{k} {_f(val, 0)}" for k, val in s["cpu_us_per_request"].items())
+            lines.append(f"  {row['label']:<46} {s['rps']:>8.0f} req/s  p50 {s['p50']:7.3f}  "
+                         f"p90 {s['p90']:7.3f}  p99 {s['p99']:7.3f} ms  CPU µs/req {cpu}")
+    lines.append("")
+    width = max((len(r["title"]) for r in results["ratios"]), default=0)
+    for r in results["ratios"]:
+        value = "n/a" if r["value"] is None else f"{_f(r['value'])} {r['unit']}".rstrip()
+        lines.append(f"  {r['title']:<{width}}  {value:>12}  target {r['target']:<8} {_verdict(r['met'])}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    out_dir: Path = args.results
+    out_dir.mkdir(parents=True, exist_ok=True)
+    load = json.loads((out_dir / "load.json").read_text()) if (out_dir / "load.json").exists() else {}
+    micro_raw = json.loads((out_dir / "micro.json").read_text()) if (out_dir / "micro.json").exists() else {}
+    micro = micro_medians(micro_raw)
+    commands = ["make bench",
+                "pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/micro.json",
+                "python -m benchmarks.load --out benchmarks/results/load.json", "python benchmarks/report.py"]
+    for table in load.get("tables", {}).values():
+        for row in table["rows"].values():
+            if row["rounds"]:
+                commands.append(row["rounds"][0]["command"])
+    results = {"machine": machine(), "versions": load.get("versions", {}), "ratios": ratios(load, micro),
+               "micro": micro, "load": load, "commands": commands,
+               "micro_machine_info": micro_raw.get("machine_info", {})}
+    results["charts"] = charts(load, out_dir)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    (out_dir / "report.md").write_text(render(results))
+    print("\n".join(summary_lines(results)))
+    print(f"\nreport: {out_dir / 'report.md'}  data: {out_dir / 'results.json'}  charts: {results['charts']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
