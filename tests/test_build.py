@@ -60,12 +60,13 @@ def _copy_sources(dest: Path) -> None:
 def test_build_without_native_installs_pure_and_says_so(tmp_path: Path, env: dict[str, str],
                                                         says: str) -> None:
     _copy_sources(tmp_path)
+    # Each case sets its own cause: never inherit the switch from the test run's environment.
+    base = {k: v for k, v in os.environ.items() if k != "AGENTAUTHZ_NO_EXTENSIONS"}
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
-                           capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+                           capture_output=True, text=True, env={**base, **env}, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     assert says in build.stderr
     assert not list((tmp_path / "agentauthz").glob("*.so"))
-    env = {k: v for k, v in os.environ.items() if k != "AGENTAUTHZ_NO_EXTENSIONS"}
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=60, env=env)
+                           timeout=60, env=base)
     assert probe.stdout.split() == ["pure", str(tmp_path / "agentauthz" / "_accel.py")], probe.stderr
