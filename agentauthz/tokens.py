@@ -98,10 +98,3 @@ def encode(claims: Mapping[str, Any], signing_key: SigningKey, kid: str,
     signature = signing_key.sign(signing_input).signature
     return f"{header}.{payload}.{b64url(signature)}"
 
-
-def encode_raw(header: Mapping[str, Any], claims: Mapping[str, Any], signing_key: SigningKey) -> str:
-    """Sign an arbitrary header; exists so tests can forge tokens the verifier must refuse."""
-    h = b64url(_json(header))
-    p = b64url(_json(claims))
-    sig = signing_key.sign(f"{h}.{p}".encode("ascii")).signature
-    return f"{h}.{p}.{b64url(sig)}"
