@@ -6,11 +6,9 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
@@ -18,37 +16,13 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import yaml
+from echo_tool import EchoHandler  # the README's stand-in tool, used as-is
+
+# The load benchmarks' process plumbing; re-exported to the test modules.
+from benchmarks.load.procs import free_port, http_get, wait_for  # noqa: F401
 
 ROOT = Path(__file__).resolve().parent.parent
 ENVOY_EXAMPLE = ROOT / "examples" / "envoy.yaml"
-sys.path.insert(0, str(ROOT / "examples"))
-from echo_tool import EchoHandler  # noqa: E402  (the README's stand-in tool, used as-is)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.05)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
 
 
 class Daemon:
