@@ -295,7 +295,9 @@ class AuditLog:
     @property
     def healthy(self) -> bool:
         """True while the writer runs and its last write succeeded."""
-        return self._ok and not self._closed and self._thread is not None and self._thread.is_alive()
+        # Read on every Check: plain flags only. The writer clears _ok/sets _closed itself when it
+        # fails or dies (see _run), so Thread.is_alive() (~1 µs, a lock) adds nothing.
+        return self._ok and not self._closed and self._thread is not None
 
     @property
     def pending(self) -> int:

@@ -116,12 +116,9 @@ def bearer_token(headers: Any) -> str | None:
     return token
 
 
-def request_fields(request: Any, defaults: RequestDefaults) -> tuple[str, str, str, str]:
+def request_fields(http: Any, extensions: Any, defaults: RequestDefaults) -> tuple[str, str, str, str]:
     """(tool, target, operation, sensitivity) from the route's context_extensions, else the policy's
     ``requests`` defaults: operation from the method, tool and target from ``/<tool>/<target...>``."""
-    attributes = request.attributes
-    extensions = attributes.context_extensions
-    http = attributes.request.http
     tool = extensions.get("tool")
     target = extensions.get("target")
     operation = extensions.get("operation") or defaults.operations.get(http.method, "")
@@ -155,9 +152,12 @@ class CheckService:
 
     async def check(self, request: Any, context: Any) -> bytes:
         decision_id = self._ids.next()
-        http = request.attributes.request.http
+        # Each protobuf attribute access builds a wrapper object: walk the request once.
+        attributes = request.attributes
+        http = attributes.request.http
         token = bearer_token(http.headers)
-        tool, target, operation, sensitivity = request_fields(request, self._request_defaults())
+        tool, target, operation, sensitivity = request_fields(http, attributes.context_extensions,
+                                                              self._request_defaults())
         if token is None:
             reason, entry = reasons.TOKEN_MISSING, None
         else:
