@@ -101,15 +101,15 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]]) -> list[dic
         s = _row(load, table, row)
         return s["rps"] if s else None
 
-    for table, gen in (("direct_h2load", "h2load"), ("direct_h2load_pinned", "h2load, 1 core"),
-                       ("direct_python", "Python client")):
+    direct = (("direct_h2load", "h2load"), ("direct_h2load_pinned", "h2load, 1 core"),
+              ("direct_python", "Python client"))
+    for table, gen in direct:
         add(f"warm_over_floor_{table}", f"warm Check throughput / floor ({gen})",
             _ratio(rps(table, "warm"), rps(table, "floor")), "≥ 0.90", lambda r: r >= 0.90, source=table)
     add("cold_over_floor", "cold Check throughput / floor (Python client)",
         _ratio(rps("direct_python", "cold"), rps("direct_python", "floor")), "≥ 0.60", lambda r: r >= 0.60,
         source="direct_python")
-    for table, gen in (("direct_h2load", "h2load"), ("direct_h2load_pinned", "h2load, 1 core"),
-                       ("direct_python", "Python client")):
+    for table, gen in direct:
         add(f"warm_over_naive_{table}", f"agentauthz warm / naive PyJWT peer ({gen})",
             _ratio(rps(table, "warm"), rps(table, "naive")), "≥ 2", lambda r: r >= 2, source=table)
     add("cold_over_naive", "agentauthz cold / naive PyJWT peer (Python client)",
