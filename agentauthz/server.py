@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -37,6 +38,13 @@ agentauthz is running on development defaults. In another terminal:
 
 README.md walks through calling a tool through Envoy. Ctrl-C drains and stops.
 """
+
+
+def freeze_startup_objects() -> None:
+    """Exempt everything loaded at start from the cyclic GC: every Check allocates, and each full
+    collection would otherwise walk the policy, keys and modules again (measured: ~10% of CPU/Check)."""
+    gc.collect()
+    gc.freeze()
 
 
 class Housekeeping(threading.Thread):
@@ -205,6 +213,7 @@ class Daemon:
         threading.Thread(target=self.http.serve_forever, name="agentauthz-http", daemon=True).start()
 
         # Keys, revocations and policy loaded, listeners up: now we serve.
+        freeze_startup_objects()
         self.serving.set()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving: check %s, api %s (mTLS), http %s", self.config.check_listen,
@@ -244,6 +253,7 @@ class Daemon:
         service = extauthz.CheckService(a.verifier, audit, lambda: a.policy.requests, a.clock)
         server = self._check_server(service)
         await server.start()
+        freeze_startup_objects()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %d serving check %s", number, self.config.check_listen)
