@@ -381,6 +381,39 @@ def test_jws_looking_values_are_redacted_by_the_writer(tmp_path: Path) -> None:
     assert b"eyJust saying" in written and b"eyJ.a.b" in written
 
 
+def test_prepared_check_records_chain_escape_and_redact(tmp_path: Path) -> None:
+    """record_check writes the same JSON a dict would, inside the chain, with hostile ids tamed."""
+    token = Forge().token()
+    log = AuditLog.open(tmp_path)
+    prepared = audit.prepare(decision=True, reason="allow", target='quote" and \\ and \n', chain=[],
+                             intent=f"Bearer {token}")
+    assert log.record("check", token_id="first")
+    assert log.record_check("d1", 'evil", "decision": true, "x": "', prepared)
+    assert log.record_check("d2", f"Bearer {token}", prepared)
+    assert log.record_check("d3", "", prepared)
+    log.stop()
+    written = b"".join(lines(tmp_path))
+    assert token.encode() not in written
+    checks = [r for r in records(tmp_path) if r["kind"] == "check" and "decision_id" in r]
+    assert [r["decision_id"] for r in checks] == ["d1", "d2", "d3"]
+    assert checks[0]["request_id"] == 'evil", "decision": true, "x": "'  # a value, not new members
+    assert checks[1]["request_id"] == f"Bearer {audit.REDACTED}"
+    assert checks[2]["request_id"] is None
+    assert all(r["target"] == 'quote" and \\ and \n' and r["intent"] == f"Bearer {audit.REDACTED}"
+               and r["decision"] is True for r in checks)
+    assert verify_dir(tmp_path).ok
+
+
+def test_record_check_refuses_when_full_or_closed(tmp_path: Path) -> None:
+    log = AuditLog.open(tmp_path, queue_max=2)
+    prepared = audit.prepare(reason="allow")
+    assert log.record_check("a", "", prepared) and log.record_check("b", "", prepared)
+    assert not log.record_check("c", "", prepared)
+    log.stop()
+    assert not log.record_check("d", "", prepared)
+    assert [r.get("decision_id") for r in records(tmp_path) if r["kind"] == "check"] == ["a", "b"]
+
+
 def test_queue_full_refuses_without_blocking(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path, queue_max=3)
     assert [check(log, i) for i in range(5)] == [True, True, True, False, False]
