@@ -24,33 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentauthz/v1/agentauthz.proto\x12\ragentauthz.v1\"N\n\x05Grant\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x12\n\noperations\x18\x03 \x03(\t\x12\x13\n\x0bsensitivity\x18\x04 \x01(\t\"x\n\x0bMintRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12$\n\x06grants\x18\x03 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\"\xea\x01\n\x0cMintResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12$\n\x06grants\x18\x04 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12$\n\x06\x64\x65nied\x18\x08 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12,\n\x0eneeds_approval\x18\t \x03(\x0b\x32\x14.agentauthz.v1.Grant\"`\n\rRevokeRequest\x12\x12\n\x08token_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12\x0f\n\x05\x61gent\x18\x03 \x01(\tH\x00\x12\x10\n\x06key_id\x18\x04 \x01(\tH\x00\x42\x08\n\x06target\"$\n\x0eRevokeResponse\x12\x12\n\nrevoked_at\x18\x01 \x01(\x03\"\x1e\n\x0e\x45ndTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"\x10\n\x0eGetKeysRequest\"$\n\x0fGetKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x13\n\x11RotateKeysRequest\",\n\x12RotateKeysResponse\x12\x16\n\x0e\x63urrent_key_id\x18\x01 \x01(\t2\xfa\x02\n\nAgentAuthz\x12?\n\x04Mint\x12\x1a.agentauthz.v1.MintRequest\x1a\x1b.agentauthz.v1.MintResponse\x12\x45\n\x06Revoke\x12\x1c.agentauthz.v1.RevokeRequest\x1a\x1d.agentauthz.v1.RevokeResponse\x12G\n\x07\x45ndTask\x12\x1d.agentauthz.v1.EndTaskRequest\x1a\x1d.agentauthz.v1.RevokeResponse\x12H\n\x07GetKeys\x12\x1d.agentauthz.v1.GetKeysRequest\x1a\x1e.agentauthz.v1.GetKeysResponse\x12Q\n\nRotateKeys\x12 .agentauthz.v1.RotateKeysRequest\x1a!.agentauthz.v1.RotateKeysResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentauthz/v1/agentauthz.proto\x12\ragentauthz.v1\"\xab\x01\n\x05Grant\x12\x0c\n\x04tool\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12\x12\n\noperations\x18\x03 \x03(\t\x12\x13\n\x0bsensitivity\x18\x04 \x01(\t\x12\x34\n\targuments\x18\x05 \x03(\x0b\x32!.agentauthz.v1.ArgumentConstraint\x12%\n\x06\x62udget\x18\x06 \x01(\x0b\x32\x15.agentauthz.v1.Budget\"n\n\x12\x41rgumentConstraint\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\x0e\n\x06one_of\x18\x03 \x03(\t\x12\x10\n\x03max\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08required\x18\x05 \x01(\x08\x42\x06\n\x04_max\"C\n\x06\x42udget\x12\x11\n\tmax_calls\x18\x01 \x01(\x04\x12\x17\n\x0frate_per_second\x18\x02 \x01(\x01\x12\r\n\x05\x62urst\x18\x03 \x01(\r\"\xca\x01\n\x0f\x41pprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0e\n\x06intent\x18\x04 \x01(\t\x12$\n\x06grants\x18\x05 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12\x12\n\nexpires_at\x18\x06 \x01(\x03\x12\r\n\x05state\x18\x07 \x01(\t\x12\x10\n\x08\x61pprover\x18\x08 \x01(\t\x12\x12\n\ndecided_at\x18\t \x01(\x03\x12\x0f\n\x07\x63omment\x18\n \x01(\t\"\x8d\x01\n\x0bMintRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\x12\x0e\n\x06intent\x18\x02 \x01(\t\x12$\n\x06grants\x18\x03 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x10\n\x08\x61udience\x18\x05 \x01(\t\x12\x13\n\x0b\x61pproval_id\x18\x06 \x01(\t\"\xad\x02\n\x0cMintResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\x10\n\x08token_id\x18\x02 \x01(\t\x12\x12\n\nexpires_at\x18\x03 \x01(\x03\x12$\n\x06grants\x18\x04 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12\x0c\n\x04task\x18\x05 \x01(\t\x12\r\n\x05\x61gent\x18\x06 \x01(\t\x12\x0e\n\x06key_id\x18\x07 \x01(\t\x12$\n\x06\x64\x65nied\x18\x08 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12,\n\x0eneeds_approval\x18\t \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12/\n\x07pending\x18\n \x01(\x0b\x32\x1e.agentauthz.v1.ApprovalRequest\x12\x10\n\x08\x61pprover\x18\x0b \x01(\t\"~\n\x0f\x44\x65legateRequest\x12\x14\n\x0cparent_token\x18\x01 \x01(\t\x12\n\n\x02to\x18\x02 \x01(\t\x12$\n\x06grants\x18\x03 \x03(\x0b\x32\x14.agentauthz.v1.Grant\x12\x13\n\x0bttl_seconds\x18\x04 \x01(\r\x12\x0e\n\x06intent\x18\x05 \x01(\t\" \n\x12GetApprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\"%\n\x14ListApprovalsRequest\x12\r\n\x05state\x18\x01 \x01(\t\"J\n\x15ListApprovalsResponse\x12\x31\n\tapprovals\x18\x01 \x03(\x0b\x32\x1e.agentauthz.v1.ApprovalRequest\"E\n\x15\x44\x65\x63ideApprovalRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x03 \x01(\t\"`\n\rRevokeRequest\x12\x12\n\x08token_id\x18\x01 \x01(\tH\x00\x12\x0e\n\x04task\x18\x02 \x01(\tH\x00\x12\x0f\n\x05\x61gent\x18\x03 \x01(\tH\x00\x12\x10\n\x06key_id\x18\x04 \x01(\tH\x00\x42\x08\n\x06target\"$\n\x0eRevokeResponse\x12\x12\n\nrevoked_at\x18\x01 \x01(\x03\"\x1e\n\x0e\x45ndTaskRequest\x12\x0c\n\x04task\x18\x01 \x01(\t\"\x10\n\x0eGetKeysRequest\"$\n\x0fGetKeysResponse\x12\x11\n\tjwks_json\x18\x01 \x01(\t\"\x13\n\x11RotateKeysRequest\",\n\x12RotateKeysResponse\x12\x16\n\x0e\x63urrent_key_id\x18\x01 \x01(\t2\x95\x04\n\nAgentAuthz\x12?\n\x04Mint\x12\x1a.agentauthz.v1.MintRequest\x1a\x1b.agentauthz.v1.MintResponse\x12\x45\n\x06Revoke\x12\x1c.agentauthz.v1.RevokeRequest\x1a\x1d.agentauthz.v1.RevokeResponse\x12G\n\x07\x45ndTask\x12\x1d.agentauthz.v1.EndTaskRequest\x1a\x1d.agentauthz.v1.RevokeResponse\x12H\n\x07GetKeys\x12\x1d.agentauthz.v1.GetKeysRequest\x1a\x1e.agentauthz.v1.GetKeysResponse\x12Q\n\nRotateKeys\x12 .agentauthz.v1.RotateKeysRequest\x1a!.agentauthz.v1.RotateKeysResponse\x12G\n\x08\x44\x65legate\x12\x1e.agentauthz.v1.DelegateRequest\x1a\x1b.agentauthz.v1.MintResponse\x12P\n\x0bGetApproval\x12!.agentauthz.v1.GetApprovalRequest\x1a\x1e.agentauthz.v1.ApprovalRequest2\xb7\x01\n\tApprovals\x12Z\n\rListApprovals\x12#.agentauthz.v1.ListApprovalsRequest\x1a$.agentauthz.v1.ListApprovalsResponse\x12N\n\x06\x44\x65\x63ide\x12$.agentauthz.v1.DecideApprovalRequest\x1a\x1e.agentauthz.v1.ApprovalRequestb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentauthz.v1.agentauthz_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GRANT']._serialized_start=49
-  _globals['_GRANT']._serialized_end=127
-  _globals['_MINTREQUEST']._serialized_start=129
-  _globals['_MINTREQUEST']._serialized_end=249
-  _globals['_MINTRESPONSE']._serialized_start=252
-  _globals['_MINTRESPONSE']._serialized_end=486
-  _globals['_REVOKEREQUEST']._serialized_start=488
-  _globals['_REVOKEREQUEST']._serialized_end=584
-  _globals['_REVOKERESPONSE']._serialized_start=586
-  _globals['_REVOKERESPONSE']._serialized_end=622
-  _globals['_ENDTASKREQUEST']._serialized_start=624
-  _globals['_ENDTASKREQUEST']._serialized_end=654
-  _globals['_GETKEYSREQUEST']._serialized_start=656
-  _globals['_GETKEYSREQUEST']._serialized_end=672
-  _globals['_GETKEYSRESPONSE']._serialized_start=674
-  _globals['_GETKEYSRESPONSE']._serialized_end=710
-  _globals['_ROTATEKEYSREQUEST']._serialized_start=712
-  _globals['_ROTATEKEYSREQUEST']._serialized_end=731
-  _globals['_ROTATEKEYSRESPONSE']._serialized_start=733
-  _globals['_ROTATEKEYSRESPONSE']._serialized_end=777
-  _globals['_AGENTAUTHZ']._serialized_start=780
-  _globals['_AGENTAUTHZ']._serialized_end=1158
+  _globals['_GRANT']._serialized_start=50
+  _globals['_GRANT']._serialized_end=221
+  _globals['_ARGUMENTCONSTRAINT']._serialized_start=223
+  _globals['_ARGUMENTCONSTRAINT']._serialized_end=333
+  _globals['_BUDGET']._serialized_start=335
+  _globals['_BUDGET']._serialized_end=402
+  _globals['_APPROVALREQUEST']._serialized_start=405
+  _globals['_APPROVALREQUEST']._serialized_end=607
+  _globals['_MINTREQUEST']._serialized_start=610
+  _globals['_MINTREQUEST']._serialized_end=751
+  _globals['_MINTRESPONSE']._serialized_start=754
+  _globals['_MINTRESPONSE']._serialized_end=1055
+  _globals['_DELEGATEREQUEST']._serialized_start=1057
+  _globals['_DELEGATEREQUEST']._serialized_end=1183
+  _globals['_GETAPPROVALREQUEST']._serialized_start=1185
+  _globals['_GETAPPROVALREQUEST']._serialized_end=1217
+  _globals['_LISTAPPROVALSREQUEST']._serialized_start=1219
+  _globals['_LISTAPPROVALSREQUEST']._serialized_end=1256
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_start=1258
+  _globals['_LISTAPPROVALSRESPONSE']._serialized_end=1332
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_start=1334
+  _globals['_DECIDEAPPROVALREQUEST']._serialized_end=1403
+  _globals['_REVOKEREQUEST']._serialized_start=1405
+  _globals['_REVOKEREQUEST']._serialized_end=1501
+  _globals['_REVOKERESPONSE']._serialized_start=1503
+  _globals['_REVOKERESPONSE']._serialized_end=1539
+  _globals['_ENDTASKREQUEST']._serialized_start=1541
+  _globals['_ENDTASKREQUEST']._serialized_end=1571
+  _globals['_GETKEYSREQUEST']._serialized_start=1573
+  _globals['_GETKEYSREQUEST']._serialized_end=1589
+  _globals['_GETKEYSRESPONSE']._serialized_start=1591
+  _globals['_GETKEYSRESPONSE']._serialized_end=1627
+  _globals['_ROTATEKEYSREQUEST']._serialized_start=1629
+  _globals['_ROTATEKEYSREQUEST']._serialized_end=1648
+  _globals['_ROTATEKEYSRESPONSE']._serialized_start=1650
+  _globals['_ROTATEKEYSRESPONSE']._serialized_end=1694
+  _globals['_AGENTAUTHZ']._serialized_start=1697
+  _globals['_AGENTAUTHZ']._serialized_end=2230
+  _globals['_APPROVALS']._serialized_start=2233
+  _globals['_APPROVALS']._serialized_end=2416
 # @@protoc_insertion_point(module_scope)

@@ -59,6 +59,16 @@ class AgentAuthzStub:
                 request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.RotateKeysRequest.SerializeToString,
                 response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.RotateKeysResponse.FromString,
                 _registered_method=True)
+        self.Delegate = channel.unary_unary(
+                '/agentauthz.v1.AgentAuthz/Delegate',
+                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.DelegateRequest.SerializeToString,
+                response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.MintResponse.FromString,
+                _registered_method=True)
+        self.GetApproval = channel.unary_unary(
+                '/agentauthz.v1.AgentAuthz/GetApproval',
+                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.GetApprovalRequest.SerializeToString,
+                response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
+                _registered_method=True)
 
 
 class AgentAuthzServicer:
@@ -94,6 +104,20 @@ class AgentAuthzServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Delegate(self, request, context):
+        """A child token for another agent, narrower than the caller's own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetApproval(self, request, context):
+        """The state of one of the caller's own approval requests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentAuthzServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -121,6 +145,16 @@ def add_AgentAuthzServicer_to_server(servicer, server):
                     servicer.RotateKeys,
                     request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.RotateKeysRequest.FromString,
                     response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.RotateKeysResponse.SerializeToString,
+            ),
+            'Delegate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Delegate,
+                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.DelegateRequest.FromString,
+                    response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.MintResponse.SerializeToString,
+            ),
+            'GetApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetApproval,
+                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.GetApprovalRequest.FromString,
+                    response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -258,6 +292,181 @@ class AgentAuthz:
             '/agentauthz.v1.AgentAuthz/RotateKeys',
             agentauthz_dot_v1_dot_agentauthz__pb2.RotateKeysRequest.SerializeToString,
             agentauthz_dot_v1_dot_agentauthz__pb2.RotateKeysResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Delegate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentauthz.v1.AgentAuthz/Delegate',
+            agentauthz_dot_v1_dot_agentauthz__pb2.DelegateRequest.SerializeToString,
+            agentauthz_dot_v1_dot_agentauthz__pb2.MintResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentauthz.v1.AgentAuthz/GetApproval',
+            agentauthz_dot_v1_dot_agentauthz__pb2.GetApprovalRequest.SerializeToString,
+            agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
+class ApprovalsStub:
+    """Humans approve or reject on a listener of their own: server-authenticated TLS
+    and an OIDC/JWT bearer from an approver issuer. Agent identities never reach it.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListApprovals = channel.unary_unary(
+                '/agentauthz.v1.Approvals/ListApprovals',
+                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsRequest.SerializeToString,
+                response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsResponse.FromString,
+                _registered_method=True)
+        self.Decide = channel.unary_unary(
+                '/agentauthz.v1.Approvals/Decide',
+                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
+                _registered_method=True)
+
+
+class ApprovalsServicer:
+    """Humans approve or reject on a listener of their own: server-authenticated TLS
+    and an OIDC/JWT bearer from an approver issuer. Agent identities never reach it.
+    """
+
+    def ListApprovals(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Decide(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ApprovalsServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListApprovals': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListApprovals,
+                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsRequest.FromString,
+                    response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsResponse.SerializeToString,
+            ),
+            'Decide': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decide,
+                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'agentauthz.v1.Approvals', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('agentauthz.v1.Approvals', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Approvals:
+    """Humans approve or reject on a listener of their own: server-authenticated TLS
+    and an OIDC/JWT bearer from an approver issuer. Agent identities never reach it.
+    """
+
+    @staticmethod
+    def ListApprovals(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentauthz.v1.Approvals/ListApprovals',
+            agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsRequest.SerializeToString,
+            agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decide(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentauthz.v1.Approvals/Decide',
+            agentauthz_dot_v1_dot_agentauthz__pb2.DecideApprovalRequest.SerializeToString,
+            agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
             options,
             channel_credentials,
             insecure,
