@@ -123,7 +123,7 @@ class ApiService(pb_grpc.AgentAuthzServicer):
 
     async def GetKeys(self, request: pb.GetKeysRequest, context: Any) -> pb.GetKeysResponse:
         await self._caller(context)
-        return pb.GetKeysResponse(jwks_json=json.dumps(self._authority.keyring.jwks(), sort_keys=True))
+        return pb.GetKeysResponse(jwks_json=json.dumps(self._authority.jwks(), sort_keys=True))
 
     async def RotateKeys(self, request: pb.RotateKeysRequest, context: Any) -> pb.RotateKeysResponse:
         caller = await self._caller(context)

@@ -8,6 +8,7 @@ a policy reload swaps atomically, every operation is audited.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import logging
@@ -106,6 +107,11 @@ def open_audit(config: Config, directory: Path, clock: Callable[[], float] = tim
                          batch_size=config.audit_batch_size, queue_max=config.audit_queue_max, clock=clock)
 
 
+def keys_dir(state: Path, config: Config, audience: str) -> Path:
+    """The default boundary keeps ``keys/`` (as before boundaries); every other one ``keys-NAME/``."""
+    return state / "keys" if audience == config.audiences[0] else state / f"keys-{audience}"
+
+
 class Authority:
     """Everything the daemon decides with, loaded and validated before any listener opens."""
 
@@ -116,9 +122,14 @@ class Authority:
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.policy_path = Path(config.policy_file) if config.policy_file else DEV_POLICY
         self.policy = Policy.load(self.policy_path)
-        self.keyring = Keyring.open(state / "keys", rotation_interval=config.rotation_interval,
-                                    max_token_lifetime=config.max_token_lifetime,
-                                    leeway=config.leeway, clock=clock)
+        # One keyring per trust boundary (audience): a key that leaks from one boundary cannot mint
+        # for another, because each boundary's verifier knows only its own keys.
+        self.keyrings = {aud: Keyring.open(keys_dir(state, config, aud),
+                                           rotation_interval=config.rotation_interval,
+                                           max_token_lifetime=config.max_token_lifetime,
+                                           leeway=config.leeway, clock=clock)
+                         for aud in config.audiences}
+        self.keyring = self.keyrings[config.audiences[0]]  # the default boundary's
         # An anonymous shared mapping: worker processes forked later see every bit as it is set.
         bits_buffer = mmap.mmap(-1, _accel.bitset_buffer_size(config.revocation_capacity))
         self.index = _accel.RevocationIndex(_accel.Bitset(config.revocation_capacity, bits_buffer))
@@ -126,13 +137,15 @@ class Authority:
                                                 max_lifetime=config.max_token_lifetime,
                                                 leeway=config.leeway, clock=clock)
         self.token_ids = TokenIds.open(state / "token-id.key")
-        self.verifier = _accel.Verifier(
-            issuer=config.issuer, audiences=frozenset(config.audiences), token_type=config.token_type,
+        self.verifiers = {aud: _accel.Verifier(
+            issuer=config.issuer, audiences=frozenset({aud}), token_type=config.token_type,
             revocations=self.index, leeway=config.leeway, max_lifetime=config.max_token_lifetime,
             max_token_bytes=config.max_token_bytes, cache_size=config.verified_cache_size)
-        self.verifier.set_policy(self.policy)
-        self.verifier.set_keys(self.keyring.verification_keys())
-        self.keyring.subscribe(self.verifier.set_keys)
+            for aud in config.audiences}
+        self.verifier = self.verifiers[config.audiences[0]]
+        for aud, verifier in self.verifiers.items():
+            verifier.set_policy(self.policy)
+            self.keyrings[aud].subscribe(verifier.set_keys)
         self.audit = open_audit(config, state / "audit", clock)
         self._policy_lock = threading.Lock()
         self._policy_listeners: list[Callable[[], None]] = []
@@ -143,7 +156,7 @@ class Authority:
     def start(self) -> None:
         self.audit.start()
         self.audit.record("start", policy_digest=self.policy.digest,
-                          keys=sorted(self.keyring.verification_keys()))
+                          keys=sorted(self.verification_keys()))
 
     def stop(self) -> None:
         self.audit.record("stop")
@@ -169,13 +182,26 @@ class Authority:
     def adopt_policy(self, policy: Policy) -> None:
         """Decide under ``policy`` from the next Check on (and read its request defaults)."""
         self.policy = policy
-        self.verifier.set_policy(policy)
+        for verifier in self.verifiers.values():
+            verifier.set_policy(policy)
+
+    def verification_keys(self) -> dict[str, bytes]:
+        """Every boundary's published keys, kid -> raw Ed25519 public key (kids are thumbprints)."""
+        return {kid: key for ring in self.keyrings.values() for kid, key in ring.verification_keys().items()}
+
+    def jwks(self) -> dict[str, Any]:
+        """One JWK Set for every boundary; each key names its boundary in ``agentauthz_boundary``."""
+        keys = []
+        for aud, ring in self.keyrings.items():
+            keys += [{**jwk, "agentauthz_boundary": aud} for jwk in ring.jwks()["keys"]]
+        return {"keys": keys}
 
     def replicate_to(self, workers: list[Any]) -> None:
         """Keep forked Check workers in step: revocations, keys and policy reach them before any ack."""
         from .workers import ReplicatedIndex, broadcast
         self.revocations.replicate(ReplicatedIndex(self.index, workers))
-        self.keyring.subscribe(lambda keys: broadcast(workers, ("keys", keys)))
+        for aud, ring in self.keyrings.items():
+            ring.subscribe(functools.partial(lambda a, keys: broadcast(workers, ("keys", a, keys)), aud))
         self._policy_listeners.append(lambda: broadcast(workers, ("policy",)))
 
     def _audit(self, kind: str, **fields: Any) -> None:
@@ -207,7 +233,7 @@ class Authority:
             raise Refused(reason, "policy allows none of the requested grants"
                           + (" without a human approval" if narrowed.needs_approval else ""))
         now = int(self.clock())
-        ttl = min(narrowed.ttl, self.config.max_token_lifetime)
+        ttl = min(narrowed.ttl, self.config.max_token_lifetime, self.policy.boundary(audience).max_ttl)
         if not_after is not None:
             ttl = min(ttl, not_after - now)
             if ttl <= 0:
@@ -216,12 +242,13 @@ class Authority:
         exp = now + ttl
         slot = self.revocations.allocate_slot(exp)
         token_id = self.token_ids.make(slot, exp, agent)
-        kid, _ = self.keyring.signer()
+        keyring = self.keyrings[audience]
+        kid, _ = keyring.signer()
         claims = tokens.build_claims(
             issuer=self.config.issuer, audience=audience, subject=agent, task=task,
             grants=narrowed.granted, issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_uri,
             intent=intent, token_id=token_id, cnf=cnf)
-        token = self.keyring.sign(claims)
+        token = keyring.sign(claims)
         self._audit("mint", decision=True, reason=reasons.ALLOW, agent=agent, task=task, intent=intent,
                     token_id=token_id, grants=narrowed.granted, denied=narrowed.denied,
                     needs_approval=narrowed.needs_approval, expires_at=exp, key_id=kid, audience=audience)
@@ -270,10 +297,11 @@ class Authority:
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, key_id=kid)
             raise Refused(NOT_PERMITTED, "only an admin may revoke a signing key")
         self.revocations.revoke_key(kid)
-        try:
-            self.keyring.retire(kid)
-        except KeyError:
-            pass  # already gone from the keyring; the durable revocation still stands
+        for ring in self.keyrings.values():
+            try:
+                ring.retire(kid)
+            except KeyError:
+                pass  # not this boundary's, or already gone; the durable revocation still stands
         self._audit("revoke", decision=True, scope="key", agent=caller, key_id=kid)
         return int(self.clock())
 
@@ -281,5 +309,8 @@ class Authority:
         if not self.is_admin(caller):
             raise Refused(NOT_PERMITTED, "only an admin may rotate keys")
         kid = self.keyring.rotate()
+        for ring in self.keyrings.values():
+            if ring is not self.keyring:
+                ring.rotate()
         self._audit("rotate", agent=caller, key_id=kid)
         return kid

@@ -72,14 +72,17 @@ class Decision:
 
 
 def check_request(token: str | None, tool: str, target: str, operation: str,
-                  sensitivity: str = DEFAULT_SENSITIVITY, method: str = "POST", path: str = "/") -> bytes:
-    """The CheckRequest Envoy would send for this call, serialized."""
+                  sensitivity: str = DEFAULT_SENSITIVITY, method: str = "POST", path: str = "/",
+                  boundary: str = "") -> bytes:
+    """The CheckRequest Envoy would send for this call, serialized; ``boundary`` as a route names it."""
     headers = {"authorization": f"Bearer {token}"} if token else {}
+    extensions = {"tool": tool, "target": target, "operation": operation, "sensitivity": sensitivity}
+    if boundary:
+        extensions["boundary"] = boundary
     return ext_authz.CheckRequest(attributes=attrs.AttributeContext(
         request=attrs.AttributeContext.Request(http=attrs.AttributeContext.HttpRequest(
             method=method, path=path, headers=headers)),
-        context_extensions={"tool": tool, "target": target, "operation": operation,
-                            "sensitivity": sensitivity})).SerializeToString()
+        context_extensions=extensions)).SerializeToString()
 
 
 def decision_from(raw: bytes) -> Decision:
@@ -142,10 +145,11 @@ class Client:
         return json.loads(self._stub().GetKeys(pb.GetKeysRequest(), timeout=self._timeout).jwks_json)
 
     def check(self, token: str | None, tool: str, target: str, operation: str,
-              sensitivity: str = DEFAULT_SENSITIVITY) -> Decision:
+              sensitivity: str = DEFAULT_SENSITIVITY, boundary: str = "") -> Decision:
         if self._check is None:
             raise ValueError("this client has no check_server")
-        raw = self._check(check_request(token, tool, target, operation, sensitivity), timeout=self._timeout)
+        raw = self._check(check_request(token, tool, target, operation, sensitivity, boundary=boundary),
+                          timeout=self._timeout)
         return decision_from(raw)
 
     @contextlib.contextmanager
@@ -207,10 +211,10 @@ class AsyncClient:
         return json.loads(response.jwks_json)
 
     async def check(self, token: str | None, tool: str, target: str, operation: str,
-                    sensitivity: str = DEFAULT_SENSITIVITY) -> Decision:
+                    sensitivity: str = DEFAULT_SENSITIVITY, boundary: str = "") -> Decision:
         if self._check is None:
             raise ValueError("this client has no check_server")
-        raw = await self._check(check_request(token, tool, target, operation, sensitivity),
+        raw = await self._check(check_request(token, tool, target, operation, sensitivity, boundary=boundary),
                                 timeout=self._timeout)
         return decision_from(raw)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -109,6 +110,10 @@ class Config:
         return cls.from_mapping(data, str(path))
 
 
+# Each audience is a trust boundary with a key directory of its own: a name, never a path.
+_BOUNDARY_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]{0,62}")
+
+
 def _problems(c: Config) -> list[str]:
     out = []
     ints = {
@@ -136,8 +141,10 @@ def _problems(c: Config) -> list[str]:
         value = getattr(c, name)
         if not isinstance(value, str) or not value.strip():
             out.append(f"{name} must be a non-empty string")
-    if not c.audiences or not all(isinstance(a, str) and a for a in c.audiences):
-        out.append("audiences must be a non-empty list of strings")
+    if not c.audiences or not all(isinstance(a, str) and _BOUNDARY_NAME.fullmatch(a) for a in c.audiences):
+        out.append("audiences (trust boundaries) must be a non-empty list of names of a-z 0-9 _ . -")
+    elif len(set(c.audiences)) != len(c.audiences):
+        out.append("audiences must not repeat")
     if not all(isinstance(a, str) and a.startswith("spiffe://") for a in c.admins):
         out.append("admins must be SPIFFE IDs")
     if isinstance(c.check_listen, str) and c.check_listen.startswith("unix:") and c.workers != 1:

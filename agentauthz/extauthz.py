@@ -7,12 +7,16 @@ pre-serialized ``dynamic_metadata`` field rather than re-encoding the message.
 
 from __future__ import annotations
 
+import base64
 import collections
+import hashlib
 import itertools
 import json
 import os
+import ssl
 import time
-from typing import Any, Callable
+import urllib.parse
+from typing import Any, Callable, Mapping
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -23,7 +27,8 @@ from google.rpc import code_pb2, status_pb2
 
 from . import reasons
 from .audit import prepare
-from .policy import RequestDefaults
+from .errors import TokenError
+from .policy import Boundary, Policy, RequestDefaults
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 HEADER_AGENT = "x-agentauthz-agent"
@@ -142,13 +147,30 @@ def request_fields(http: Any, extensions: Any, defaults: RequestDefaults) -> tup
     return tool, target, operation, extensions.get("sensitivity") or defaults.sensitivity
 
 
-class CheckService:
-    """The ext_authz servicer; ``check`` is the whole request path."""
+def certificate_thumbprint(pem: str) -> str:
+    """RFC 8705 ``x5t#S256`` of the URL-encoded PEM Envoy forwards as ``source.certificate``; "" if
+    it is no certificate (which then matches no binding)."""
+    try:
+        der = ssl.PEM_cert_to_DER_cert(urllib.parse.unquote(pem))
+    except ValueError:
+        return ""
+    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode()
 
-    def __init__(self, verifier: Any, audit: Any, request_defaults: Callable[[], RequestDefaults],
+
+class CheckService:
+    """The ext_authz servicer; ``check`` is the whole request path.
+
+    ``verifiers`` maps each trust boundary (token audience) to its own verifier,
+    the default boundary first; a route names its boundary in the ``boundary``
+    context extension.
+    """
+
+    def __init__(self, verifiers: Mapping[str, Any], audit: Any, policy: Callable[[], Policy],
                  clock: Callable[[], float] = time.time) -> None:
-        self._verifier = verifier
-        self._request_defaults = request_defaults
+        self._verifiers = dict(verifiers)
+        self._default = next(iter(self._verifiers.items()))
+        self._policy = policy
+        self._thumbprints: dict[str, str] = {}  # forwarded certificate -> x5t#S256
         self._audit = audit
         self._clock = clock
         self._ids = DecisionIds()
@@ -177,19 +199,67 @@ class CheckService:
         self._prepared[key] = prepared
         return prepared
 
+    def _other_boundary(self, token: str, boundary: str) -> bool:
+        """Whether ``token`` verifies in another boundary: only to name the denial precisely."""
+        for name, verifier in self._verifiers.items():
+            if name != boundary:
+                try:
+                    verifier.verify(token, self._clock())
+                    return True
+                except TokenError:
+                    pass
+        return False
+
+    def _peer_reason(self, entry: Any, source: Any, boundary: Boundary) -> str:
+        """DESIGN §3 step 4: a peer Envoy reports must be the token's subject and hold its certificate."""
+        principal = source.principal
+        if principal and principal != entry.sub:
+            return reasons.TOKEN_SENDER
+        cnf = entry.claims.get("cnf")
+        bound = cnf.get("x5t#S256") if cnf else None
+        if bound is None:
+            return reasons.ALLOW
+        certificate = source.certificate
+        if not certificate:
+            required = boundary.require_certificate_binding
+            return reasons.TOKEN_CERTIFICATE_REQUIRED if required else reasons.ALLOW
+        thumbprint = self._thumbprints.get(certificate)
+        if thumbprint is None:
+            thumbprint = certificate_thumbprint(certificate)
+            if len(self._thumbprints) >= PREPARED_MAX:
+                self._thumbprints.clear()
+            self._thumbprints[certificate] = thumbprint
+        return reasons.ALLOW if thumbprint == bound else reasons.TOKEN_BINDING
+
     async def check(self, request: Any, context: Any) -> bytes:
         decision_id = self._ids.next()
         # Each protobuf attribute access builds a wrapper object: walk the request once.
         attributes = request.attributes
         http = attributes.request.http
+        extensions = attributes.context_extensions
         token = bearer_token(http.headers)
-        tool, target, operation, sensitivity = request_fields(http, attributes.context_extensions,
-                                                              self._request_defaults())
+        policy = self._policy()
+        tool, target, operation, sensitivity = request_fields(http, extensions, policy.requests)
+        boundary = extensions.get("boundary")
+        if boundary:
+            verifier = self._verifiers.get(boundary)
+        else:
+            boundary, verifier = self._default
         if token is None:
             reason, entry = reasons.TOKEN_MISSING, None
+        elif verifier is None:
+            reason, entry = reasons.BOUNDARY_UNKNOWN, None
         else:
-            reason, entry = self._verifier.decide(token, tool, target, operation, sensitivity,
-                                                  self._clock())
+            reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
+            if entry is not None:
+                source = attributes.source
+                if source.principal or source.certificate or "cnf" in entry.claims:
+                    peer = self._peer_reason(entry, source, policy.boundary(boundary))
+                    if peer is not reasons.ALLOW:
+                        reason, entry = peer, None
+            elif reason == reasons.TOKEN_KEY_UNKNOWN and len(self._verifiers) > 1 \
+                    and self._other_boundary(token, boundary):
+                reason = reasons.TOKEN_BOUNDARY
         key = (reason, entry.jti if entry else None, tool, target, operation, sensitivity)
         prepared = self._prepared.get(key)
         if prepared is None:

@@ -28,7 +28,8 @@ VERSION = 1
 CACHE_SIZE = 10_000
 MAX_TTL_LIMIT = 86_400  # task tokens are short-lived; a day is already far too long
 
-_TOP_KEYS = frozenset({"version", "defaults", "requests", "rules"})
+_TOP_KEYS = frozenset({"version", "defaults", "requests", "boundaries", "rules"})
+_BOUNDARY_KEYS = frozenset({"max_ttl", "require_certificate_binding"})
 _REQUEST_KEYS = frozenset({"operations", "tool_from_path", "sensitivity"})
 _DEFAULT_KEYS = frozenset({"max_ttl", "max_delegation_depth", "max_sensitivity"})
 _REQUIRED = ("id", "agents", "tool", "targets", "operations")
@@ -220,6 +221,39 @@ def _request_defaults(raw: Any) -> RequestDefaults:
 
 
 @dataclass(frozen=True)
+class Boundary:
+    """Per trust boundary (a token audience; an Envoy route's ``boundary``) limits."""
+
+    max_ttl: int = MAX_TTL_LIMIT
+    # A token minted over mTLS names its certificate (cnf); at Check, Envoy forwards the peer
+    # certificate only on mTLS listeners. True: a bound token without a certificate is refused.
+    require_certificate_binding: bool = False
+
+
+OPEN_BOUNDARY = Boundary()
+
+
+def _boundaries(raw: Any) -> dict[str, Boundary]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ValueError("boundaries must map boundary names to their settings")
+    out = {}
+    for name, settings in raw.items():
+        problem = _name_problem(name) if isinstance(name, str) else "must be a string"
+        if problem:
+            raise ValueError(f"boundary name {name!r} {problem}")
+        settings = {} if settings is None else settings
+        _keys(settings, _BOUNDARY_KEYS, f"boundaries.{name}")
+        binding = settings.get("require_certificate_binding", False)
+        if not isinstance(binding, bool):
+            raise ValueError(f"boundaries.{name}.require_certificate_binding must be true or false")
+        out[name] = Boundary(_int(settings.get("max_ttl", MAX_TTL_LIMIT), f"boundaries.{name}.max_ttl", 1,
+                                  MAX_TTL_LIMIT), binding)
+    return out
+
+
+@dataclass(frozen=True)
 class Narrowed:
     """What ``Policy.narrow`` leaves of a Mint request."""
 
@@ -232,13 +266,14 @@ class Narrowed:
 class Policy:
     """An immutable, indexed policy; build one with ``load``, ``from_text`` or ``from_data``."""
 
-    __slots__ = ("source", "digest", "rule_count", "max_delegation_depth", "requests", "_exact",
+    __slots__ = ("source", "digest", "rule_count", "max_delegation_depth", "requests", "boundaries", "_exact",
                  "_patterns", "_views", "_cache_size", "_lock")
     source: str
     digest: str  # sha256 (hex) of the file bytes, for audit and reload logs
     rule_count: int
     max_delegation_depth: int
     requests: RequestDefaults
+    boundaries: dict[str, Boundary]  # unnamed boundaries get OPEN_BOUNDARY
     _exact: dict[str, dict[str, list[_Rule]]]  # agent ID -> tool -> rules
     _patterns: dict[str, dict[str, list[_Rule]]]  # "spiffe://td/p/" (from ".../p/*") -> tool -> rules
     _views: dict[str, dict[str, tuple[tuple[_Rule, ...], tuple[_Rule, ...]]]]
@@ -263,6 +298,7 @@ class Policy:
                                              "defaults.max_delegation_depth", 0, MAX_DELEGATION_DEPTH),
             }
             requests = _request_defaults(data.get("requests"))
+            boundaries = _boundaries(data.get("boundaries"))
             if not isinstance(data.get("rules"), list):
                 raise ValueError("rules must be a list (it may be empty: then nothing is allowed)")
         except ValueError as exc:
@@ -285,13 +321,16 @@ class Policy:
                 index_.setdefault(key, {}).setdefault(rule.tool, []).append(rule)
         for name, value in (("source", source), ("digest", digest), ("rule_count", len(seen)),
                             ("max_delegation_depth", defaults["max_delegation_depth"]),
-                            ("requests", requests), ("_exact", exact),
+                            ("requests", requests), ("boundaries", boundaries), ("_exact", exact),
                             ("_patterns", patterns), ("_views", {}), ("_cache_size", cache_size),
                             ("_lock", threading.Lock())):
             object.__setattr__(self, name, value)
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("Policy is immutable: load a new one instead")
+
+    def boundary(self, name: str) -> Boundary:
+        return self.boundaries.get(name, OPEN_BOUNDARY)
 
     def __repr__(self) -> str:
         return f"Policy({self.source!r}, rules={self.rule_count}, digest={self.digest[:12]})"

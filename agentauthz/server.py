@@ -60,7 +60,8 @@ class Housekeeping(threading.Thread):
         while not self._stop_event.wait(self._interval):
             try:
                 self._authority.revocations.slide()
-                self._authority.verifier.purge_expired(self._authority.clock())
+                for verifier in self._authority.verifiers.values():
+                    verifier.purge_expired(self._authority.clock())
             except Exception:  # keep the thread alive; the next round retries
                 log.exception("housekeeping failed")
 
@@ -86,11 +87,12 @@ class Metrics:
         a = self._authority
         stats = a.revocations.stats()
         for name, value, helptext in (
-            ("agentauthz_verified_cache_tokens", a.verifier.cache_len(), "tokens in the verified cache"),
+            ("agentauthz_verified_cache_tokens", sum(v.cache_len() for v in a.verifiers.values()),
+             "tokens in the verified caches"),
             ("agentauthz_revoked_tokens", stats["revoked_tokens"], "revoked tokens in the live window"),
             ("agentauthz_audit_pending", a.audit.pending, "audit records not yet on disk"),
             ("agentauthz_audit_healthy", int(a.audit.healthy), "1 while the audit writer can write"),
-            ("agentauthz_verification_keys", len(a.keyring.verification_keys()), "published keys"),
+            ("agentauthz_verification_keys", len(a.verification_keys()), "published keys"),
         ):
             yield GaugeMetricFamily(name, helptext, value=value)
 
@@ -114,7 +116,7 @@ def _http_handler(authority: Authority, serving: threading.Event,
                 ok = serving.is_set() and authority.audit.healthy
                 self._send(200 if ok else 503, b"ok\n" if ok else b"not serving\n", "text/plain")
             elif path == "/.well-known/jwks.json":
-                self._send(200, json.dumps(authority.keyring.jwks()).encode(), "application/json")
+                self._send(200, json.dumps(authority.jwks()).encode(), "application/json")
             elif path == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
@@ -187,11 +189,11 @@ class Daemon:
         a = self.authority
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         a.start()
-        self._threads = [RotationThread(a.keyring), Housekeeping(a)]
+        self._threads = [*(RotationThread(ring) for ring in a.keyrings.values()), Housekeeping(a)]
         for t in self._threads:
             t.start()
 
-        check_service = extauthz.CheckService(a.verifier, a.audit, lambda: a.policy.requests, a.clock)
+        check_service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock)
         check = self.check_server = self._check_server(check_service)
         # Above gRPC's soft 8 KiB metadata limit, so our own 8 KiB JWT-SVID cap answers, not a random
         # RESOURCE_EXHAUSTED.
@@ -250,7 +252,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary reloads, then tells us
         audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}")
         audit.start()
-        service = extauthz.CheckService(a.verifier, audit, lambda: a.policy.requests, a.clock)
+        service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock)
         server = self._check_server(service)
         await server.start()
         freeze_startup_objects()

@@ -127,7 +127,7 @@ def listen_for_changes(conn: Connection, authority: Any, on_stop: Callable[[], N
             if kind == "index":
                 getattr(authority.index, message[1])(*message[2])
             elif kind == "keys":
-                authority.verifier.set_keys(message[1])
+                authority.verifiers[message[1]].set_keys(message[2])
             elif kind == "policy":
                 authority.adopt_policy(Policy.load(authority.policy_path))
             conn.send("ack")

@@ -1,0 +1,146 @@
+"""Trust boundaries: each audience has its own keys, TTL cap and binding rule; no token crosses over."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from nacl.signing import SigningKey
+from processes import Daemon
+
+from agentauthz import tokens
+from agentauthz.client import Client, Identity
+from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.errors import PolicyError
+from agentauthz.policy import DEV_POLICY, Policy
+
+AGENT = "spiffe://dev.local/agent/alpha"
+ADMIN = "spiffe://dev.local/agent/admin"
+GRANT = ["demo:*:read:internal"]
+BOUNDARIES = """
+boundaries:
+  data: {max_ttl: 60, require_certificate_binding: true}
+"""
+
+
+class Boundaries:
+    def __init__(self, daemon: Daemon, work: Path) -> None:
+        self.daemon = daemon
+        pki = ensure_dev_pki(daemon.state_dir)
+        self.clients = {}
+        for agent in (AGENT, ADMIN):
+            out = issue_svid(pki, agent, work / agent.rsplit("/", 1)[1])
+            self.clients[agent] = Client(daemon.api_address, Identity.from_dir(out),
+                                         check_server=daemon.check_address)
+        self.client = self.clients[AGENT]
+
+    def check(self, token: str, boundary: str = "") -> tuple[bool, str]:
+        d = self.client.check(token, "demo", "reports", "read", "internal", boundary=boundary)
+        return d.allowed, d.reason
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boundaries]:
+    work = tmp_path_factory.mktemp("boundaries")
+    policy = work / "policy.yaml"
+    policy.write_text(DEV_POLICY.read_text() + BOUNDARIES)
+    daemon = Daemon(work / "state", {"leeway": 0, "audiences": ["tools", "data"], "admins": [ADMIN],
+                                     "policy_file": str(policy)}).start()
+    try:
+        yield Boundaries(daemon, work)
+    finally:
+        daemon.stop()
+
+
+def claims_of(token: str) -> dict:
+    payload = token.split(".")[1]
+    return dict(json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))))
+
+
+def kids_by_boundary(client: Client) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for key in client.jwks()["keys"]:
+        out.setdefault(key["agentauthz_boundary"], set()).add(key["kid"])
+    return out
+
+
+def test_each_boundary_signs_with_its_own_keys_and_caps_ttl(two: Boundaries) -> None:
+    tools = two.client.mint("b-1", GRANT, ttl=600)
+    data = two.client.mint("b-1d", GRANT, ttl=600, audience="data")
+    kids = kids_by_boundary(two.client)
+    assert set(kids) == {"tools", "data"} and not kids["tools"] & kids["data"]
+    assert tools.key_id in kids["tools"] and data.key_id in kids["data"]
+    assert claims_of(tools.token)["aud"] == "tools" and claims_of(data.token)["aud"] == "data"
+    assert tools.expires_at - claims_of(tools.token)["iat"] == 600
+    assert data.expires_at - claims_of(data.token)["iat"] == 60  # the data boundary's max_ttl
+
+
+def test_no_token_works_across_boundaries(two: Boundaries) -> None:
+    tools = two.client.mint("b-2", GRANT).token
+    data = two.client.mint("b-2d", GRANT, audience="data").token
+    assert two.check(tools) == (True, "allow")
+    assert two.check(tools, "tools") == (True, "allow")
+    assert two.check(tools, "data") == (False, "token_boundary_mismatch")
+    # The data boundary requires certificate binding, and a direct Check carries no certificate.
+    assert two.check(data, "data") == (False, "token_certificate_required")
+    assert two.check(data) == (False, "token_boundary_mismatch")
+    assert two.check(tools, "billing") == (False, "boundary_unknown")
+
+
+def test_a_leaked_key_of_one_boundary_cannot_mint_for_another(two: Boundaries) -> None:
+    """Sign a token for ``data`` with the tools boundary's real private key from the state dir."""
+    real = claims_of(two.client.mint("b-3", GRANT).token)
+    kid = two.client.mint("b-3", GRANT).key_id
+    pem = (two.daemon.state_dir / "keys" / f"{kid}.pem").read_bytes()
+    raw = serialization.load_pem_private_key(pem, password=None).private_bytes(
+        serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+    now = int(time.time())
+    forged = tokens.encode({**real, "aud": "data", "iat": now, "nbf": now, "exp": now + 30,
+                            "jti": real["jti"] + "x"}, SigningKey(raw), kid)
+    assert two.check(forged, "data")[0] is False
+    assert two.check(forged, "data")[1] in ("token_boundary_mismatch", "token_key_unknown")
+    assert two.check(forged, "tools") == (False, "token_audience_mismatch")
+
+
+def test_revoking_one_boundarys_key_leaves_the_other_working(two: Boundaries) -> None:
+    tools = two.client.mint("b-4", GRANT)
+    data = two.client.mint("b-4d", GRANT, audience="data")
+    admin = two.clients[ADMIN]
+    admin.revoke(key_id=tools.key_id)
+    allowed, reason = two.check(tools.token)
+    assert not allowed and reason in ("key_revoked", "token_key_unknown")  # revoked and retired
+    assert two.check(data.token, "data") == (False, "token_certificate_required")  # still verifies
+    assert data.key_id in kids_by_boundary(two.client)["data"]
+    # The tools boundary signs again with a fresh key; data's key never changed.
+    fresh = two.client.mint("b-4e", GRANT)
+    assert fresh.key_id != tools.key_id and two.check(fresh.token) == (True, "allow")
+    assert two.client.mint("b-4f", GRANT, audience="data").key_id == data.key_id
+
+
+def test_mint_for_a_boundary_not_served_is_refused(two: Boundaries) -> None:
+    with pytest.raises(Exception) as info:
+        two.client.mint("b-5", GRANT, audience="billing")
+    assert "token_audience_mismatch" in str(info.value)
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("boundaries: [data]", "must map boundary names"),
+    ("boundaries: {data: {max_ttl: 0}}", "max_ttl"),
+    ("boundaries: {data: {require_certificate_binding: 'yes'}}", "true or false"),
+    ("boundaries: {data: {ttl: 5}}", "unknown key"),
+    ("boundaries: {'a b': {}}", "boundary name"),
+])
+def test_policy_refuses_bad_boundaries(text: str, problem: str) -> None:
+    with pytest.raises(PolicyError, match=problem):
+        Policy.from_text("version: 1\nrules: []\n" + text + "\n")
+
+
+def test_policy_boundaries_default_to_open() -> None:
+    policy = Policy.from_text("version: 1\nrules: []\nboundaries: {data: {max_ttl: 30}}\n")
+    assert policy.boundary("data").max_ttl == 30 and not policy.boundary("data").require_certificate_binding
+    assert policy.boundary("tools").max_ttl >= 3600
