@@ -40,6 +40,7 @@ bench: $(STAMP)
 	mkdir -p $(BENCH_RESULTS)
 	$(PY) -m pytest benchmarks -q --benchmark-only --benchmark-columns=min,median,mean,ops,rounds \
 		--benchmark-json $(BENCH_RESULTS)/micro.json
+	$(PY) -m benchmarks.paired --out $(BENCH_RESULTS)/paired.json
 	$(PY) -m benchmarks.load --out $(BENCH_RESULTS)/load.json $(BENCH_LOAD_ARGS)
 	$(PY) benchmarks/report.py --results $(BENCH_RESULTS)
 
