@@ -23,6 +23,7 @@ from nacl.exceptions import BadSignatureError
 
 from . import errors, reasons
 from ._bitset_py import Bitset
+from .constraints import Extras, compile_extras
 from .tokens import (
     ALGORITHM,
     MAX_DELEGATION_DEPTH,
@@ -94,17 +95,19 @@ def json_object(raw: bytes, what: str) -> dict[str, Any]:
 
 
 class Grant:
-    """One grant: tool, target pattern, operations, maximum sensitivity rank."""
+    """One grant: tool, target pattern, operations, maximum sensitivity rank, optional constraints."""
 
-    __slots__ = ("tool", "target", "prefix", "ops", "level")
+    __slots__ = ("tool", "target", "prefix", "ops", "level", "extras")
 
-    def __init__(self, tool: str, target: str, ops: frozenset[str], level: int) -> None:
+    def __init__(self, tool: str, target: str, ops: frozenset[str], level: int,
+                 extras: Extras | None = None) -> None:
         self.tool = tool
         self.target = target
         # "*" matches any target, "p*" any target starting with p, else exact.
         self.prefix = target[:-1] if target.endswith("*") else None
         self.ops = ops
         self.level = level
+        self.extras = extras  # argument constraints and budget (constraints.py), None for most grants
 
     def covers(self, tool: str, target: str, operation: str, level: int) -> bool:
         if tool != self.tool or operation not in self.ops or level > self.level:
@@ -132,7 +135,7 @@ def compile_grant(raw: Any) -> Grant:
         raise errors.TokenClaimsInvalid("grant ops must be a non-empty list of distinct strings")
     if not isinstance(sensitivity, str) or sensitivity not in SENSITIVITY_RANK:
         raise errors.TokenClaimsInvalid("grant sensitivity is not a known level")
-    return Grant(tool, target, frozenset(ops), SENSITIVITY_RANK[sensitivity])
+    return Grant(tool, target, frozenset(ops), SENSITIVITY_RANK[sensitivity], compile_extras(raw))
 
 
 def _time(claims: dict[str, Any], name: str) -> int:
@@ -161,7 +164,7 @@ class VerifiedToken:
     """A token whose signature and claims have been checked once; cached by its exact text."""
 
     __slots__ = ("claims", "kid", "jti", "sub", "task", "task_key", "iat", "nbf", "exp", "grants",
-                 "slots", "subjects", "rev_state", "memo_state", "allowed", "attachment")
+                 "slots", "subjects", "rev_state", "memo_state", "allowed", "attachment", "constrained")
 
     def __init__(self, claims: dict[str, Any], kid: str, grants: tuple[Grant, ...],
                  slots: tuple[int, ...], subjects: tuple[str, ...]) -> None:
@@ -183,6 +186,8 @@ class VerifiedToken:
         self.memo_state: tuple[int, dict[tuple[Any, ...], str]] = (-1, {})  # (policy generation, memo)
         self.allowed = (reasons.ALLOW, self)
         self.attachment: Any = None  # free for the transport, e.g. a pre-built response
+        # Whether Check must look past the hot path's allow (argument constraints, budgets).
+        self.constrained = any(g.extras is not None for g in grants)
 
     def __repr__(self) -> str:
         return f"VerifiedToken(jti={self.jti!r}, sub={self.sub!r}, task={self.task!r}, exp={self.exp})"
@@ -424,6 +429,28 @@ class Verifier:
         entry = VerifiedToken(claims, kid, grants, tuple(slots), tuple(subjects))
         self._check_time(entry, now)
         return entry
+
+    def verify_live(self, token: str, now: float) -> tuple[str, VerifiedToken | None]:
+        """``decide`` without a request: verification and every revocation check, no grant or policy.
+
+        ``(ALLOW, token)`` when the token is usable right now, else ``(reason, None)``; never
+        raises on input. Delegation asks this of a parent token before narrowing it.
+        """
+        if type(token) is not str:
+            return reasons.TOKEN_MALFORMED, None
+        try:
+            entry = self.verify(token, now)
+        except errors.TokenError as exc:
+            return exc.reason, None
+        bits = self.revocations.bits
+        if bits.test(entry.slots[0]):
+            return reasons.TOKEN_REVOKED, None
+        for slot in entry.slots[1:]:
+            if bits.test(slot):
+                return reasons.DELEGATION_REVOKED, None
+        # Computed afresh, not from rev_state: this path is rare and must never lag a revocation.
+        reason = self.revocations.reason_for(entry)
+        return entry.allowed if reason is None else (reason, None)
 
     # -- the decision --------------------------------------------------------
 

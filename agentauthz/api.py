@@ -10,6 +10,7 @@ from typing import Any, Callable
 import grpc
 
 from . import reasons
+from .approvals import Approval
 from .authority import NOT_PERMITTED, Authority, Refused
 from .errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
 from .identity import IdentityError, Svid, svid_from_grpc_context
@@ -25,17 +26,51 @@ _STATUS_BY_REASON = {
     reasons.REQUEST_INVALID: grpc.StatusCode.INVALID_ARGUMENT,
     reasons.TOKEN_AUDIENCE: grpc.StatusCode.INVALID_ARGUMENT,
     reasons.TASK_ENDED: grpc.StatusCode.FAILED_PRECONDITION,
+    reasons.APPROVAL_UNKNOWN: grpc.StatusCode.NOT_FOUND,
+    reasons.APPROVAL_PENDING: grpc.StatusCode.FAILED_PRECONDITION,  # ask again once a human has decided
+    reasons.APPROVAL_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
 def grant_to_dict(g: pb.Grant) -> dict[str, Any]:
-    return {"tool": g.tool, "target": g.target, "ops": sorted(set(g.operations)),
-            "sensitivity": g.sensitivity or DEFAULT_SENSITIVITY}
+    out = {"tool": g.tool, "target": g.target, "ops": sorted(set(g.operations)),
+           "sensitivity": g.sensitivity or DEFAULT_SENSITIVITY}
+    out.update(_constraints_to_dict(g))
+    return out
 
 
 def grant_to_proto(g: dict[str, Any]) -> pb.Grant:
     return pb.Grant(tool=g["tool"], target=g["target"], operations=g["ops"],
-                    sensitivity=g.get("sensitivity", DEFAULT_SENSITIVITY))
+                    sensitivity=g.get("sensitivity", DEFAULT_SENSITIVITY),
+                    arguments=[pb.ArgumentConstraint(**c) for c in g.get("arguments", ())],
+                    budget=pb.Budget(**g["budget"]) if "budget" in g else None)
+
+
+def _constraints_to_dict(g: pb.Grant) -> dict[str, Any]:
+    """Arguments and budget in the canonical form of constraints.py; policy refuses invalid ones.
+
+    Proto3 defaults (empty prefix, zero limits, required false) mean "not set" and are left out;
+    an all-zero budget is no budget.
+    """
+    out: dict[str, Any] = {}
+    if g.arguments:
+        out["arguments"] = [{"name": c.name, **({"prefix": c.prefix} if c.prefix else {}),
+                             **({"one_of": list(c.one_of)} if c.one_of else {}),
+                             **({"max": c.max} if c.HasField("max") else {}),
+                             **({"required": True} if c.required else {})} for c in g.arguments]
+    b = g.budget
+    budget = {k: v for k, v in (("max_calls", b.max_calls), ("rate_per_second", b.rate_per_second),
+                                ("burst", b.burst)) if v}
+    if budget:
+        out["budget"] = budget
+    return out
+
+
+def approval_to_proto(a: Approval, now: float) -> pb.ApprovalRequest:
+    return pb.ApprovalRequest(id=a.id, agent=a.agent, task=a.task, intent=a.intent,
+                              grants=[grant_to_proto(g) for g in a.grants], expires_at=a.expires_at,
+                              state=a.state_at(now), approver=a.approver, decided_at=a.decided_at,
+                              comment=a.comment)
 
 
 class ApiService(pb_grpc.AgentAuthzServicer):
@@ -95,12 +130,33 @@ class ApiService(pb_grpc.AgentAuthzServicer):
         minted = await self._run(context, lambda: self._authority.mint(
             peer.spiffe_id, request.task, grants, intent=request.intent, ttl=request.ttl_seconds,
             audience=request.audience, cnf=cnf,
-            not_after=int(peer.not_after.timestamp())))
+            not_after=int(peer.not_after.timestamp()), approval_id=request.approval_id))
+        now = self._authority.clock()
         return pb.MintResponse(
             token=minted.token, token_id=minted.token_id, expires_at=minted.expires_at,
             grants=[grant_to_proto(g) for g in minted.grants], task=minted.task, agent=minted.agent,
             key_id=minted.key_id, denied=[grant_to_proto(g) for g in minted.denied],
-            needs_approval=[grant_to_proto(g) for g in minted.needs_approval])
+            needs_approval=[grant_to_proto(g) for g in minted.needs_approval],
+            pending=approval_to_proto(minted.pending, now) if minted.pending else None,
+            approver=minted.approval.approver if minted.approval else "")
+
+    async def GetApproval(self, request: pb.GetApprovalRequest, context: Any) -> pb.ApprovalRequest:
+        caller = await self._caller(context)
+        found = await self._run(context, lambda: self._authority.get_approval(caller, request.id))
+        return approval_to_proto(found, self._authority.clock())
+
+    async def Delegate(self, request: pb.DelegateRequest, context: Any) -> pb.MintResponse:
+        # The caller must be the parent token's subject: holding the token is not enough.
+        caller = await self._caller(context)
+        grants = [grant_to_dict(g) for g in request.grants]
+        if not grants:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_invalid: no grants requested")
+        minted = await self._run(context, lambda: self._authority.delegate(
+            caller, request.parent_token, request.to, grants, ttl=request.ttl_seconds, intent=request.intent))
+        return pb.MintResponse(
+            token=minted.token, token_id=minted.token_id, expires_at=minted.expires_at,
+            grants=[grant_to_proto(g) for g in minted.grants], task=minted.task, agent=minted.agent,
+            key_id=minted.key_id, approver=minted.approval.approver if minted.approval else "")
 
     async def Revoke(self, request: pb.RevokeRequest, context: Any) -> pb.RevokeResponse:
         caller = await self._caller(context)

@@ -8,6 +8,7 @@ a policy reload swaps atomically, every operation is audited.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import functools
 import hashlib
 import hmac
@@ -20,12 +21,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import _accel, durable, reasons, tokens
+from . import _accel, approvals, delegation, durable, reasons, statuslist, tokens
+from .approvals import Approval, ApprovalStore
+from .approvers import Human
 from .audit import AuditLog
+from .budgets import BudgetTable
 from .config import Config
 from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
 from .keys import Keyring
-from .policy import DEV_POLICY, Policy
+from .policy import DEV_POLICY, Policy, spiffe_problem
 from .revocation import RevocationStore
 from .tokens import task_key
 
@@ -59,6 +63,8 @@ class Minted:
     key_id: str
     denied: list[dict[str, Any]] = field(default_factory=list)
     needs_approval: list[dict[str, Any]] = field(default_factory=list)
+    pending: Approval | None = None  # set, with no token, when a human must approve first
+    approval: Approval | None = None  # the approval the token was minted under
 
 
 class TokenIds:
@@ -137,6 +143,8 @@ class Authority:
                                                 max_lifetime=config.max_token_lifetime,
                                                 leeway=config.leeway, clock=clock)
         self.token_ids = TokenIds.open(state / "token-id.key")
+        # Shared with the Check workers forked later, like the revocation bits (budgets.py).
+        self.budgets = BudgetTable.open(state / "budgets", config.budget_capacity)
         self.verifiers = {aud: _accel.Verifier(
             issuer=config.issuer, audiences=frozenset({aud}), token_type=config.token_type,
             revocations=self.index, leeway=config.leeway, max_lifetime=config.max_token_lifetime,
@@ -147,9 +155,18 @@ class Authority:
             verifier.set_policy(self.policy)
             self.keyrings[aud].subscribe(verifier.set_keys)
         self.audit = open_audit(config, state / "audit", clock)
+        self.approvals = ApprovalStore.open(state / "approvals.json", clock)
+        # A crash between ending a task (or revoking an agent) and dropping its approvals leaves them
+        # on disk; the durable revocations say which ones are dead.
+        self.approvals.drop_where(self._approval_dropped)
         self._policy_lock = threading.Lock()
         self._policy_listeners: list[Callable[[], None]] = []
         self.status_uri = f"http://{config.http_listen}{STATUS_PATH}"
+        # GET /status-list: the bits as a signed Token Status List, plus ended tasks and revoked agents.
+        self.status_list = statuslist.StatusListPublisher(
+            bits_buffer, capacity=config.revocation_capacity, store=self.revocations, index=self.index,
+            keyring=self.keyring, uri=self.status_uri, issuer=config.issuer, leeway=config.leeway,
+            clock=clock)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -210,10 +227,36 @@ class Authority:
 
     # -- mint ----------------------------------------------------------------
 
+    def _issue(self, agent: str, task: str, audience: str, grants: list[dict[str, Any]], *, now: int,
+               ttl: int, intent: str, owner: str, cnf: Mapping[str, Any] | None = None,
+               act: Mapping[str, Any] | None = None,
+               extra: Mapping[str, Any] | None = None) -> tuple[str, str, int, str]:
+        """Slot, id and signature of one new token, for mint and delegate: (token, token id, exp, kid).
+
+        ``owner`` is the agent whose id MAC the token id carries: the one that may revoke it by id.
+        """
+        exp = now + ttl
+        slot = self.revocations.allocate_slot(exp)
+        token_id = self.token_ids.make(slot, exp, owner)
+        keyring = self.keyrings[audience]
+        kid, _ = keyring.signer()
+        claims = tokens.build_claims(
+            issuer=self.config.issuer, audience=audience, subject=agent, task=task, grants=grants,
+            issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_uri, intent=intent,
+            token_id=token_id, act=act, cnf=cnf, extra=extra)
+        subjects = statuslist.chain(agent, act)
+        self.status_list.remember_minted(task_key(subjects[-1], task), subjects, slot, exp, iat=now)
+        return keyring.sign(claims), token_id, exp, kid
+
     def mint(self, agent: str, task: str, grants: Sequence[Mapping[str, Any]], *, intent: str = "",
              ttl: int = 0, audience: str = "", cnf: Mapping[str, Any] | None = None,
-             not_after: int | None = None) -> Minted:
-        """A token for ``agent``'s ``task``: the requested grants as narrowed by policy."""
+             not_after: int | None = None, approval_id: str = "") -> Minted:
+        """A token for ``agent``'s ``task``: the requested grants as narrowed by policy.
+
+        Grants the policy gates behind a human mint nothing until approved: the answer is the
+        pending request instead. With ``approval_id`` (approved, same agent and task, the gated
+        grants inside the approved ones) they are granted, and the token expires with the approval.
+        """
         if not task or len(task) > 256 or any(c.isspace() for c in task):
             raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 characters without spaces")
         if len(intent) > tokens.MAX_INTENT_CHARS:
@@ -226,6 +269,15 @@ class Authority:
         if ttl < 0:
             raise Refused(reasons.REQUEST_INVALID, "ttl must not be negative")
         narrowed = self.policy.narrow(agent, list(grants), ttl or self.config.max_token_lifetime)
+        approval = None
+        if narrowed.needs_approval and not approval_id:
+            return self._request_approval(agent, task, intent, narrowed)
+        if approval_id:
+            approval = self._usable_approval(agent, task, approval_id, narrowed.needs_approval, grants)
+            # The gated rules' own TTL caps count too, not only the ungated ones narrow() used.
+            gated_ttl = self.policy.narrow(agent, narrowed.needs_approval, narrowed.ttl).ttl or narrowed.ttl
+            narrowed = dataclasses.replace(narrowed, granted=narrowed.granted + narrowed.needs_approval,
+                                           needs_approval=[], ttl=min(narrowed.ttl, gated_ttl))
         if not narrowed.granted:
             reason = NEEDS_APPROVAL if narrowed.needs_approval else NOTHING_GRANTED
             self._audit("mint", decision=False, reason=reason, agent=agent, task=task, intent=intent,
@@ -239,21 +291,119 @@ class Authority:
             if ttl <= 0:
                 raise Refused(reasons.IDENTITY_INVALID, "the caller's identity document (certificate or "
                               "JWT-SVID) has expired")
-        exp = now + ttl
-        slot = self.revocations.allocate_slot(exp)
-        token_id = self.token_ids.make(slot, exp, agent)
-        keyring = self.keyrings[audience]
-        kid, _ = keyring.signer()
-        claims = tokens.build_claims(
-            issuer=self.config.issuer, audience=audience, subject=agent, task=task,
-            grants=narrowed.granted, issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_uri,
-            intent=intent, token_id=token_id, cnf=cnf)
-        token = keyring.sign(claims)
+        if approval is not None:  # a token never outlives the human's approval it carries
+            ttl = min(ttl, approval.expires_at - now)
+            if ttl <= 0:
+                raise Refused(reasons.APPROVAL_EXPIRED, "the approval has expired")
+        token, token_id, exp, kid = self._issue(
+            agent, task, audience, narrowed.granted, now=now, ttl=ttl, intent=intent, owner=agent, cnf=cnf,
+            extra=None if approval is None else {"approval": {
+                "id": approval.id,
+                "approver": {"sub": approval.approver_subject, "iss": approval.approver_issuer}}})
         self._audit("mint", decision=True, reason=reasons.ALLOW, agent=agent, task=task, intent=intent,
                     token_id=token_id, grants=narrowed.granted, denied=narrowed.denied,
-                    needs_approval=narrowed.needs_approval, expires_at=exp, key_id=kid, audience=audience)
+                    needs_approval=narrowed.needs_approval, expires_at=exp, key_id=kid, audience=audience,
+                    **({} if approval is None else {"approval_id": approval.id,
+                                                    "approver": approval.approver}))
         return Minted(token, token_id, exp, narrowed.granted, task, agent, kid,
-                      narrowed.denied, narrowed.needs_approval)
+                      narrowed.denied, narrowed.needs_approval, approval=approval)
+
+    # -- delegate ------------------------------------------------------------
+
+    def delegate(self, caller: str, parent_token: str, to: str, grants: Sequence[Mapping[str, Any]], *,
+                 ttl: int = 0, intent: str = "") -> Minted:
+        """A child token for agent ``to``, inside ``caller``'s own live ``parent_token`` (DESIGN §4).
+
+        Same task and audience as the parent. ``act`` names the caller and its token's status slot
+        outermost, then the parent's own chain, so revoking any ancestor token, ending the root's
+        task or revoking any agent on the chain denies the child at its next Check. No ``cnf``: the
+        child's certificate is unknown here, so the child is bound by its ``sub``.
+        """
+        now = self.clock()
+        requested = list(grants)
+        reason, parent = self._live_token(parent_token, now)
+        if parent is None:
+            raise self._refuse_delegation(reason, f"the parent token is not usable: {reason}", caller, to,
+                                          None, requested)
+
+        def refuse(reason: str, message: str) -> Refused:
+            return self._refuse_delegation(reason, message, caller, to, parent.jti, requested)
+
+        if parent.sub != caller:
+            raise refuse(reasons.DELEGATION_NOT_HOLDER, "only the agent a token names (sub) may delegate it")
+        problem = spiffe_problem(to) or ("it is the caller itself" if to == caller else None)
+        if problem:
+            raise refuse(reasons.REQUEST_INVALID, f"to must be another agent's SPIFFE ID: {problem}")
+        if not 0 < len(requested) <= tokens.MAX_GRANTS or ttl < 0 or len(intent) > tokens.MAX_INTENT_CHARS:
+            raise refuse(reasons.REQUEST_INVALID, f"name 1 to {tokens.MAX_GRANTS} grants, a ttl >= 0 and a "
+                         "short intent")
+        depth = len(parent.subjects)  # actors on the child's chain: the caller, then the parent's own
+        limit = min(self.policy.max_delegation_depth, tokens.MAX_DELEGATION_DEPTH)
+        if depth > limit:
+            raise refuse(reasons.DELEGATION_DEPTH, f"{depth} delegations exceed the policy's limit {limit}")
+        children, outside = delegation.within_parent(requested, parent.claims["grants"])
+        if outside:
+            raise refuse(reasons.DELEGATION_EXCEEDS_PARENT,
+                         f"not inside the parent token's grants: {delegation.describe(outside)}")
+        verdict = delegation.for_child(self.policy, to, children, ttl or self.config.max_token_lifetime)
+        if verdict.denied:
+            raise refuse(reasons.DELEGATION_POLICY_DENIED,
+                         f"policy does not give {to}: {delegation.describe(verdict.denied)}")
+        approval = self._delegable_approval(parent, verdict.needs_approval, now) \
+            if verdict.needs_approval else None
+        if verdict.needs_approval and approval is None:
+            raise refuse(NEEDS_APPROVAL, f"policy gives {to} only under a human approval of this task "
+                         f"covering {delegation.describe(verdict.needs_approval)}; the parent carries none")
+        audience = parent.claims["aud"]
+        issued = int(now)
+        ttl = min(verdict.ttl, self.config.max_token_lifetime, self.policy.boundary(audience).max_ttl,
+                  parent.exp - issued)  # the child never outlives its parent (nor its status slot)
+        if ttl <= 0:
+            raise refuse(reasons.TOKEN_EXPIRED, "the parent token expires now: nothing is left to delegate")
+        act = {"sub": caller, "idx": parent.slots[0]}
+        if "act" in parent.claims:
+            act["act"] = parent.claims["act"]
+        intent = intent or parent.claims.get("intent", "")
+        # The delegator owns the child's id: it may revoke the child by id (its own token covers the rest).
+        token, token_id, exp, kid = self._issue(
+            to, parent.task, audience, children, now=issued, ttl=ttl, intent=intent, owner=caller, act=act,
+            extra=None if approval is None else {"approval": approval[0]})
+        if len(token) > self.config.max_token_bytes:  # the verifier would refuse it: say so now
+            raise refuse(reasons.REQUEST_INVALID, "the child token would exceed max_token_bytes")
+        self._audit("delegate", decision=True, reason=reasons.ALLOW, agent=caller, to=to, task=parent.task,
+                    intent=intent, token_id=token_id, parent_token_id=parent.jti,
+                    chain=[caller, *parent.subjects[1:]], grants=children, expires_at=exp, key_id=kid,
+                    audience=audience, **({} if approval is None else {"approval_id": approval[1].id}))
+        return Minted(token, token_id, exp, children, parent.task, to, kid,
+                      approval=None if approval is None else approval[1])
+
+    def _live_token(self, token: str, now: float) -> tuple[str, Any]:
+        """``verify_live`` by the token's own boundary: each verifier knows only its boundary's keys."""
+        first = None
+        for verifier in self.verifiers.values():
+            reason, entry = verifier.verify_live(token, now)
+            if entry is not None or reason not in (reasons.TOKEN_KEY_UNKNOWN, reasons.TOKEN_AUDIENCE):
+                return reason, entry
+            first = first or reason
+        return first or reasons.TOKEN_MALFORMED, None
+
+    def _delegable_approval(self, parent: Any, gated: list[dict[str, Any]],
+                            now: float) -> tuple[dict[str, Any], Approval] | None:
+        """The parent's approval claim, when the human's approval it names still holds for this task
+        and covers every ``gated`` grant: an approval of something else never stretches to the child."""
+        claim = parent.claims.get("approval")
+        record = self.approvals.get(claim["id"]) if isinstance(claim, dict) and isinstance(
+            claim.get("id"), str) else None
+        if (record is None or record.state_at(now) != approvals.APPROVED or record.task != parent.task
+                or record.agent != parent.subjects[-1] or not all(record.covers(g) for g in gated)):
+            return None
+        return dict(claim), record
+
+    def _refuse_delegation(self, reason: str, message: str, caller: str, to: str, parent_id: str | None,
+                           requested: list[Any]) -> Refused:
+        self._audit("delegate", decision=False, reason=reason, agent=caller, to=to,
+                    parent_token_id=parent_id, requested=requested, detail=message)
+        return Refused(reason, message)
 
     # -- revoke --------------------------------------------------------------
 
@@ -281,7 +431,9 @@ class Authority:
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, task=task)
             raise Refused(NOT_PERMITTED, "an agent may end only its own tasks")
         cutoff = self.revocations.revoke_task(task_key(owner, task))
+        self.status_list.task_ended(task_key(owner, task))
         self._audit("revoke", decision=True, scope="task", agent=caller, owner=owner, task=task)
+        self._drop_approvals(owner, task)
         return cutoff
 
     def revoke_agent(self, caller: str, agent: str) -> int:
@@ -289,7 +441,9 @@ class Authority:
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, target_agent=agent)
             raise Refused(NOT_PERMITTED, "an agent may revoke only itself unless it is an admin")
         cutoff = self.revocations.revoke_agent(agent)
+        self.status_list.agent_revoked(agent)
         self._audit("revoke", decision=True, scope="agent", agent=caller, target_agent=agent)
+        self._drop_approvals(agent, None)
         return cutoff
 
     def revoke_key(self, caller: str, kid: str) -> int:
@@ -314,3 +468,97 @@ class Authority:
                 ring.rotate()
         self._audit("rotate", agent=caller, key_id=kid)
         return kid
+
+    # -- human approval ------------------------------------------------------
+
+    def _request_approval(self, agent: str, task: str, intent: str, narrowed: Any) -> Minted:
+        """No token: the pending request (new, or the one this agent already has for these grants)."""
+        def commit(changed: Sequence[Approval]) -> None:
+            a = changed[0]
+            self._audit("approval_request", agent=agent, task=task, intent=intent, approval_id=a.id,
+                        grants=a.grants, expires_at=a.expires_at)
+        try:
+            pending, _ = self.approvals.request(agent, task, intent, narrowed.needs_approval,
+                                                self.config.approval_request_ttl, commit)
+        except approvals.LimitReached as exc:
+            self._audit("mint", decision=False, reason=reasons.APPROVAL_LIMIT, agent=agent, task=task)
+            raise Refused(reasons.APPROVAL_LIMIT, str(exc)) from None
+        self._audit("mint", decision=False, reason=reasons.APPROVAL_REQUIRED, agent=agent, task=task,
+                    intent=intent, approval_id=pending.id, needs_approval=narrowed.needs_approval)
+        return Minted("", "", 0, [], task, agent, "", narrowed.denied, narrowed.needs_approval,
+                      pending=pending)
+
+    def _usable_approval(self, agent: str, task: str, approval_id: str, gated: Sequence[Mapping[str, Any]],
+                         requested: Sequence[Mapping[str, Any]]) -> Approval:
+        """The approval ``agent`` may mint ``gated`` under for ``task`` now, or Refused saying why not."""
+        found = self.approvals.get(approval_id) if len(approval_id) <= 128 else None
+        state = found.state_at(self.clock()) if found else ""
+        problem = None
+        # Another agent's request is "unknown", not "forbidden": the caller learns nothing about it.
+        if found is None or found.agent != agent or self._approval_dropped(found):
+            problem = reasons.APPROVAL_UNKNOWN, "no such approval request for this agent"
+        elif found.task != task:
+            problem = reasons.APPROVAL_MISMATCH, f"the approval is for task {found.task!r}, not {task!r}"
+        elif state == approvals.PENDING:
+            problem = reasons.APPROVAL_PENDING, "no human has decided on the request yet"
+        elif state == approvals.REJECTED:
+            problem = reasons.APPROVAL_REJECTED, f"rejected by {found.approver}"
+        elif state == approvals.EXPIRED:
+            problem = reasons.APPROVAL_EXPIRED, "the approval has expired"
+        elif not all(found.covers(g) for g in gated):
+            problem = reasons.APPROVAL_MISMATCH, "the request asks for grants the human did not approve"
+        if problem is not None:
+            self._audit("mint", decision=False, reason=problem[0], agent=agent, task=task,
+                        approval_id=approval_id[:128], requested=list(requested))
+            raise Refused(*problem)
+        assert found is not None
+        return found
+
+    def _approval_dropped(self, a: Approval) -> bool:
+        """Whether ``a``'s task has ended or its agent was revoked after it was made."""
+        return (task_key(a.agent, a.task) in self.index.tasks
+                or a.created_at <= self.index.agents.get(a.agent, -1))
+
+    def _drop_approvals(self, agent: str, task: str | None) -> None:
+        self.approvals.drop(agent, task, lambda gone: self._audit(
+            "approval_drop", agent=agent, task=task, approval_ids=[a.id for a in gone]))
+
+    def get_approval(self, caller: str, approval_id: str) -> Approval:
+        """One of ``caller``'s own requests (another agent's is as unknown as a made-up id)."""
+        found = self.approvals.get(approval_id)
+        if found is None or found.agent != caller or self._approval_dropped(found):
+            raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request for this agent")
+        return found
+
+    def list_approvals(self, human: Human, state: str = "") -> list[Approval]:
+        """Requests in ``state`` (default: those awaiting a human), for an authenticated approver."""
+        state = state or approvals.PENDING
+        if state not in approvals.STATES:
+            raise Refused(reasons.REQUEST_INVALID, f"state must be one of {', '.join(approvals.STATES)}")
+        return [a for a in self.approvals.by_state(state) if not self._approval_dropped(a)]
+
+    def decide_approval(self, human: Human, approval_id: str, approve: bool, comment: str = "") -> Approval:
+        """Approve or reject a pending request; durable and audited before it returns."""
+        if len(comment) > tokens.MAX_INTENT_CHARS:
+            raise Refused(reasons.REQUEST_INVALID, "comment is too long")
+        who = {"approver": human.name, "approver_subject": human.subject, "approver_issuer": human.issuer}
+        found = self.approvals.get(approval_id)
+        if found is None or self._approval_dropped(found):
+            self._audit("approval_decide", decision=False, reason=reasons.APPROVAL_UNKNOWN,
+                        approval_id=approval_id[:128], **who)
+            raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request")
+
+        def commit(changed: Sequence[Approval]) -> None:
+            a = changed[0]
+            self._audit("approval_decide", decision=approve, state=a.state, approval_id=a.id, agent=a.agent,
+                        task=a.task, grants=a.grants, expires_at=a.expires_at, comment=comment, **who)
+        try:
+            return self.approvals.decide(approval_id, approve, human.subject, human.issuer, comment,
+                                         self.config.approval_ttl, commit)
+        except KeyError:  # dropped (its task ended) since we looked
+            raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request") from None
+        except approvals.NotPending as exc:
+            state = exc.args[0]
+            reason = reasons.APPROVAL_EXPIRED if state == approvals.EXPIRED else reasons.APPROVAL_DECIDED
+            self._audit("approval_decide", decision=False, reason=reason, approval_id=approval_id, **who)
+            raise Refused(reason, f"the request is {state}, no longer pending") from None

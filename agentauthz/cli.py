@@ -72,7 +72,8 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
 def _config(args: argparse.Namespace) -> Any:
     from .config import Config
     config = Config.load(args.config) if getattr(args, "config", None) else Config()
-    changes = {name: getattr(args, name) for name in ("check_listen", "api_listen", "http_listen", "workers")
+    changes = {name: getattr(args, name) for name in ("check_listen", "api_listen", "http_listen", "workers",
+                                                      "approval_listen")
                if getattr(args, name, None)}
     if getattr(args, "state_dir", None):
         changes["state_dir"] = Path(args.state_dir)
@@ -129,7 +130,7 @@ def cmd_mint(args: argparse.Namespace) -> None:
     except ValueError as exc:
         raise Refusal(str(exc)) from None
     m = _rpc(lambda: _client(args).mint(args.task, grants, intent=args.intent or "", ttl=args.ttl or 0,
-                                       audience=args.audience or ""))
+                                       audience=args.audience or "", approval_id=args.approval_id or ""))
 
     def g(grant: Any) -> dict[str, Any]:
         return {"tool": grant.tool, "target": grant.target, "ops": list(grant.operations),
@@ -137,6 +138,87 @@ def cmd_mint(args: argparse.Namespace) -> None:
     result = {"token": m.token, "token_id": m.token_id, "expires_at": m.expires_at, "task": m.task,
               "agent": m.agent, "key_id": m.key_id, "grants": [g(x) for x in m.grants],
               "denied": [g(x) for x in m.denied], "needs_approval": [g(x) for x in m.needs_approval]}
+    if m.approver:
+        result["approver"] = m.approver
+    if m.HasField("pending"):  # no token: a human must decide first
+        result["pending"] = _approval(m.pending)
+        then = "" if m.pending.state == "approved" else "once a human approves it, "
+        raise Refusal(f"approval_required: request {m.pending.id} is {m.pending.state}; {then}"
+                      f"mint again with --approval-id {m.pending.id}", result)
+    _emit(args, result, m.token)
+
+
+def _approval(a: Any) -> dict[str, Any]:
+    grants = [{"tool": g.tool, "target": g.target, "ops": list(g.operations), "sensitivity": g.sensitivity}
+              for g in a.grants]
+    return {"id": a.id, "agent": a.agent, "task": a.task, "intent": a.intent, "grants": grants,
+            "expires_at": a.expires_at, "state": a.state, "approver": a.approver, "decided_at": a.decided_at,
+            "comment": a.comment}
+
+
+def _approval_line(a: Any) -> str:
+    grants = " ".join(f"{g.tool}:{g.target}:{','.join(g.operations)}:{g.sensitivity}" for g in a.grants)
+    who = f" by {a.approver}" if a.approver else ""
+    return f"{a.id}  {a.state}{who}  {a.agent}  task={a.task}  {grants}  expires_at={a.expires_at}"
+
+
+def _approvals_client(args: argparse.Namespace) -> Any:
+    from .client import ApprovalsClient
+    ca = Path(args.ca) if args.ca else Path(args.state_dir or ".agentauthz") / "pki" / "ca.pem"
+    try:
+        credential = Path(args.credential).read_text(encoding="utf-8").strip()
+        ca_pem = ca.read_bytes()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Refusal(f"cannot read the credential or the CA (name it with --ca): {exc}") from None
+    if credential.count(".") != 2 or any(c.isspace() for c in credential):  # RFC 7515 §7.1 compact form
+        raise Refusal(f"{args.credential} does not hold one JWT (see agentauthz dev-human)")
+    return ApprovalsClient(args.server, credential, ca_pem)
+
+
+def cmd_approvals(args: argparse.Namespace) -> None:
+    found = _rpc(lambda: _approvals_client(args).list(args.state))
+    _emit(args, {"approvals": [_approval(a) for a in found]},
+          "\n".join(_approval_line(a) for a in found) or f"no {args.state} requests")
+
+
+def cmd_decide(args: argparse.Namespace) -> None:
+    client = _approvals_client(args)
+    decide = client.approve if args.approve else client.reject
+    a = _rpc(lambda: decide(args.request_id, args.comment or ""))
+    _emit(args, _approval(a), _approval_line(a))
+
+
+def cmd_dev_human(args: argparse.Namespace) -> None:
+    from . import durable
+    from .approvers import issue_dev_credential
+    from .devca import ensure_dev_pki, is_development
+    config = _config(args)
+    if not config.development or config.approvers:
+        raise Refusal("dev-human is for the development approver issuer; this configuration names its own")
+    state = config.state_dir
+    if state.exists() and any(state.iterdir()) and not is_development(state):
+        raise Refusal(f"{state} is not a development state directory")
+    ensure_dev_pki(state, trust_domain=config.trust_domain)
+    token = issue_dev_credential(state, args.name, args.ttl)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    durable.replace(out, token.encode() + b"\n", 0o600)  # a bearer credential: owner-only
+    _emit(args, {"name": args.name, "out": args.out, "ttl": args.ttl},
+          f"wrote a {args.ttl} s approver credential for {args.name} to {args.out}")
+
+
+def cmd_delegate(args: argparse.Namespace) -> None:
+    from .client import parse_grant
+    try:
+        grants = [parse_grant(g) for g in args.grant]
+    except ValueError as exc:
+        raise Refusal(str(exc)) from None
+    m = _rpc(lambda: _client(args).delegate(args.token, args.to, grants, ttl=args.ttl or 0,
+                                           intent=args.intent or ""))
+    granted = [{"tool": g.tool, "target": g.target, "ops": list(g.operations), "sensitivity": g.sensitivity}
+               for g in m.grants]
+    result = {"token": m.token, "token_id": m.token_id, "expires_at": m.expires_at, "task": m.task,
+              "agent": m.agent, "key_id": m.key_id, "grants": granted, "approver": m.approver}
     _emit(args, result, m.token)
 
 
@@ -184,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-listen", help="HOST:PORT (default 127.0.0.1:9190, always mTLS)")
     p.add_argument("--http-listen", help="HOST:PORT (default 127.0.0.1:9192)")
     p.add_argument("--workers", type=int, help="Check worker processes sharing the listener (default 1)")
+    p.add_argument("--approval-listen", help="HOST:PORT of the humans' Approvals service (TLS, default "
+                   "127.0.0.1:9193)")
     p.add_argument("-v", "--verbose", action="store_true")
 
     p = command("dev-identity", cmd_dev_identity, "issue a development X.509-SVID")
@@ -199,6 +283,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grant", action="append", required=True, help="TOOL:TARGET:OPS[:SENSITIVITY]")
     p.add_argument("--ttl", type=int)
     p.add_argument("--audience")
+    p.add_argument("--intent")
+    p.add_argument("--approval-id", help="mint under this approved request (same task, approved grants)")
+
+    p = command("dev-human", cmd_dev_human, "write a development approver credential (a short-lived JWT)")
+    p.add_argument("name", help="the human's name: the credential's subject")
+    p.add_argument("--out", required=True)
+    p.add_argument("--ttl", type=int, default=900, help="seconds (default 900)")
+    p.add_argument("--state-dir")
+    p.add_argument("--config")
+
+    def approvals_command(name: str, handler: Callable[[argparse.Namespace], None],
+                          helptext: str) -> argparse.ArgumentParser:
+        p = command(name, handler, helptext)
+        p.add_argument("--server", default="127.0.0.1:9193")
+        p.add_argument("--credential", required=True, help="file with the approver's JWT (see dev-human)")
+        p.add_argument("--ca", help="CA of the daemon's certificate (default: STATE_DIR/pki/ca.pem)")
+        p.add_argument("--state-dir", help="a development state directory (default .agentauthz)")
+        return p
+
+    p = approvals_command("approvals", cmd_approvals, "list approval requests (a human's credential)")
+    p.add_argument("--state", default="pending", choices=["pending", "approved", "rejected", "expired"])
+    for name, approve in (("approve", True), ("reject", False)):
+        p = approvals_command(name, cmd_decide, f"{name} a pending approval request")
+        p.add_argument("request_id")
+        p.add_argument("--comment")
+        p.set_defaults(approve=approve)
+
+    p = command("delegate", cmd_delegate, "a child token for another agent, inside your own token")
+    p.add_argument("--server", default="127.0.0.1:9190")
+    p.add_argument("--identity", required=True, help="directory with svid.pem, svid.key, bundle.pem")
+    p.add_argument("--token", required=True, help="your own (parent) token")
+    p.add_argument("--to", required=True, help="the child agent's SPIFFE ID")
+    p.add_argument("--grant", action="append", required=True, help="TOOL:TARGET:OPS[:SENSITIVITY]")
+    p.add_argument("--ttl", type=int)
     p.add_argument("--intent")
 
     p = command("revoke", cmd_revoke, "revoke a token, task, agent or signing key")

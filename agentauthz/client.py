@@ -19,6 +19,7 @@ import grpc
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 
+from .offline import verify_offline  # noqa: F401 (re-exported: verification without the daemon)
 from .tokens import DEFAULT_SENSITIVITY
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc
@@ -129,9 +130,22 @@ class Client:
         return self._api
 
     def mint(self, task: str, grants: Sequence[str | pb.Grant], *, intent: str = "", ttl: int = 0,
-             audience: str = "") -> pb.MintResponse:
+             audience: str = "", approval_id: str = "") -> pb.MintResponse:
+        """A token; or, for grants a human must approve first, no token and ``pending`` set."""
         return self._stub().Mint(pb.MintRequest(task=task, intent=intent, grants=_grants(grants),
-                                                ttl_seconds=ttl, audience=audience), timeout=self._timeout)
+                                                ttl_seconds=ttl, audience=audience, approval_id=approval_id),
+                                 timeout=self._timeout)
+
+    def get_approval(self, approval_id: str) -> pb.ApprovalRequest:
+        """The state of one of this agent's own approval requests (poll it until a human decides)."""
+        return self._stub().GetApproval(pb.GetApprovalRequest(id=approval_id), timeout=self._timeout)
+
+    def delegate(self, parent_token: str, to: str, grants: Sequence[str | pb.Grant], *, ttl: int = 0,
+                 intent: str = "") -> pb.MintResponse:
+        """A child token for agent ``to``, inside this agent's own ``parent_token``; same task."""
+        request = pb.DelegateRequest(parent_token=parent_token, to=to, grants=_grants(grants),
+                                     ttl_seconds=ttl, intent=intent)
+        return self._stub().Delegate(request, timeout=self._timeout)
 
     def revoke(self, *, token_id: str = "", task: str = "", agent: str = "", key_id: str = "") -> int:
         request = pb.RevokeRequest(token_id=token_id or None, task=task or None, agent=agent or None,
@@ -193,13 +207,22 @@ class AsyncClient:
         return self._api
 
     async def mint(self, task: str, grants: Sequence[str | pb.Grant], *, intent: str = "", ttl: int = 0,
-                   audience: str = "") -> pb.MintResponse:
+                   audience: str = "", approval_id: str = "") -> pb.MintResponse:
         return await self._stub().Mint(pb.MintRequest(
-            task=task, intent=intent, grants=_grants(grants), ttl_seconds=ttl, audience=audience),
-            timeout=self._timeout)
+            task=task, intent=intent, grants=_grants(grants), ttl_seconds=ttl, audience=audience,
+            approval_id=approval_id), timeout=self._timeout)
+
+    async def get_approval(self, approval_id: str) -> pb.ApprovalRequest:
+        return await self._stub().GetApproval(pb.GetApprovalRequest(id=approval_id), timeout=self._timeout)
 
     async def end_task(self, task: str) -> int:
         return (await self._stub().EndTask(pb.EndTaskRequest(task=task), timeout=self._timeout)).revoked_at
+
+    async def delegate(self, parent_token: str, to: str, grants: Sequence[str | pb.Grant], *, ttl: int = 0,
+                       intent: str = "") -> pb.MintResponse:
+        return await self._stub().Delegate(pb.DelegateRequest(
+            parent_token=parent_token, to=to, grants=_grants(grants), ttl_seconds=ttl, intent=intent),
+            timeout=self._timeout)
 
     async def revoke(self, *, token_id: str = "", task: str = "", agent: str = "", key_id: str = "") -> int:
         request = pb.RevokeRequest(token_id=token_id or None, task=task or None, agent=agent or None,
@@ -238,3 +261,31 @@ class AsyncClient:
             with contextlib.suppress(asyncio.CancelledError):
                 await renewer
             await self.end_task(task)
+
+
+class ApprovalsClient:
+    """A human's client for the Approvals listener: server TLS checked against ``ca``, the JWT as bearer.
+
+    It holds no workload identity: approvals never travel over an agent's credentials.
+    """
+
+    def __init__(self, server: str, credential: str, ca: bytes, *, timeout: float = 5.0) -> None:
+        credentials = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(root_certificates=ca),
+                                                         grpc.access_token_call_credentials(credential))
+        self._stub = pb_grpc.ApprovalsStub(grpc.secure_channel(server, credentials))
+        self._timeout = timeout
+
+    def list(self, state: str = "pending") -> list[pb.ApprovalRequest]:
+        """Requests in ``state``: pending (default), approved, rejected or expired."""
+        response = self._stub.ListApprovals(pb.ListApprovalsRequest(state=state), timeout=self._timeout)
+        return list(response.approvals)
+
+    def approve(self, approval_id: str, comment: str = "") -> pb.ApprovalRequest:
+        return self._decide(approval_id, True, comment)
+
+    def reject(self, approval_id: str, comment: str = "") -> pb.ApprovalRequest:
+        return self._decide(approval_id, False, comment)
+
+    def _decide(self, approval_id: str, approve: bool, comment: str) -> pb.ApprovalRequest:
+        request = pb.DecideApprovalRequest(id=approval_id, approve=approve, comment=comment)
+        return self._stub.Decide(request, timeout=self._timeout)

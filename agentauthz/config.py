@@ -10,6 +10,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from .approvers import approver_problems, approvers_from
 from .errors import ConfigError
 from .jwtsvid import JwtIssuer, issuers_from, load_keys
 from .tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
@@ -38,6 +39,8 @@ class Config:
     rotation_interval: float = 24 * 3600.0
     # 2^24 bits = 2 MiB: sixteen million tokens live at once.
     revocation_capacity: int = 1 << 24
+    # Task budgets: (task, tool) counters shared by the workers; a full table denies budgeted calls.
+    budget_capacity: int = 1 << 16
 
     audit_flush_interval: float = 0.05
     audit_batch_size: int = 512
@@ -58,6 +61,13 @@ class Config:
     trust_bundle: Path | None = None
     # API callers may name themselves with a JWT-SVID from these issuers (DESIGN §4); none: refused.
     jwt_issuers: tuple[JwtIssuer, ...] = ()
+    # Humans approve gated grants on a listener of their own (server TLS, no client certificate) with
+    # a bearer from one of these OIDC issuers; never an agent issuer. None in development: the daemon's
+    # own development approver issuer (``agentauthz dev-human``).
+    approvers: tuple[JwtIssuer, ...] = ()
+    approval_listen: str = "127.0.0.1:9193"
+    approval_request_ttl: int = 900  # a pending request expires unless a human decides by then
+    approval_ttl: int = 900  # an approval can be minted under for this long after the decision
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -89,9 +99,9 @@ class Config:
                 if isinstance(value, str) or not isinstance(value, list):
                     raise ConfigError(f"{source}: {key} must be a list")
                 value = tuple(value)
-            elif key == "jwt_issuers":
+            elif key in ("jwt_issuers", "approvers"):
                 try:
-                    value = issuers_from(value)
+                    value = issuers_from(value) if key == "jwt_issuers" else approvers_from(value)
                 except ConfigError as exc:
                     raise ConfigError(f"{source}: {exc}") from None
             values[key] = value
@@ -122,9 +132,12 @@ def _problems(c: Config) -> list[str]:
         "max_token_bytes": (c.max_token_bytes, 512, 65536),
         "verified_cache_size": (c.verified_cache_size, 1, 10_000_000),
         "revocation_capacity": (c.revocation_capacity, 64, 1 << 32),
+        "budget_capacity": (c.budget_capacity, 1, 1 << 24),
         "audit_batch_size": (c.audit_batch_size, 1, 1 << 20),
         "audit_queue_max": (c.audit_queue_max, 1, 1 << 24),
         "workers": (c.workers, 1, 64),
+        "approval_request_ttl": (c.approval_request_ttl, 1, 7 * 24 * 3600),
+        "approval_ttl": (c.approval_ttl, 1, 24 * 3600),
     }
     for name, (value, low, high) in ints.items():
         if type(value) is not int or not low <= value <= high:
@@ -137,7 +150,8 @@ def _problems(c: Config) -> list[str]:
             out.append(f"{name} must be a positive number of seconds")
     if isinstance(c.rotation_interval, (int, float)) and c.rotation_interval < 60:
         out.append("rotation_interval below 60 s would rotate faster than relying parties refresh JWKS")
-    for name in ("issuer", "token_type", "trust_domain", "check_listen", "api_listen", "http_listen"):
+    for name in ("issuer", "token_type", "trust_domain", "check_listen", "api_listen", "http_listen",
+                 "approval_listen"):
         value = getattr(c, name)
         if not isinstance(value, str) or not value.strip():
             out.append(f"{name} must be a non-empty string")
@@ -169,4 +183,6 @@ def _problems(c: Config) -> list[str]:
         names = [i.issuer for i in issuers]
         if any(names.count(n) > 1 for n in names):
             out.append("jwt_issuers names an issuer twice")
+    out += approver_problems(c.approvers, issuers if isinstance(issuers, tuple) else (), c.issuer,
+                             c.development)
     return out

@@ -103,3 +103,47 @@ class AuditUnavailable(AgentAuthzError):
     """The audit log cannot take another record; the caller must fail closed."""
 
     reason = "audit_unavailable"
+
+
+class TokenRevoked(TokenError):
+    """Offline: the token's own bit is set in the status list (revoked, its task ended, its agent revoked)."""
+
+    reason = reasons.TOKEN_REVOKED
+
+
+class DelegationRevoked(TokenError):
+    """Offline: the bit of an ancestor in the token's delegation chain (``act``) is set."""
+
+    reason = reasons.DELEGATION_REVOKED
+
+
+class KeySetInvalid(AgentAuthzError):
+    """A JWKS handed to the offline verifier is malformed or carries private key material."""
+
+    reason = reasons.JWKS_INVALID
+
+
+class StatusListError(AgentAuthzError):
+    """The Token Status List was refused; a token's status cannot be known from it (fail closed)."""
+
+    reason = reasons.STATUS_LIST_INVALID
+
+
+class StatusListInvalid(StatusListError):
+    reason = reasons.STATUS_LIST_INVALID
+
+
+class StatusListExpired(StatusListError):
+    reason = reasons.STATUS_LIST_EXPIRED
+
+
+class StatusListMismatch(StatusListError):
+    reason = reasons.STATUS_LIST_MISMATCH
+
+
+class StatusListTooLarge(StatusListError):
+    reason = reasons.STATUS_LIST_TOO_LARGE
+
+
+class StatusListTooShort(StatusListError):
+    reason = reasons.STATUS_LIST_TOO_SHORT

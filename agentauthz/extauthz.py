@@ -27,7 +27,10 @@ from google.rpc import code_pb2, status_pb2
 
 from . import reasons
 from .audit import prepare
+from .budgets import retry_after
+from .constraints import enforce
 from .errors import TokenError
+from .mcp import EXTENSION, Call, read_call
 from .policy import Boundary, Policy, RequestDefaults
 
 SERVICE = "envoy.service.auth.v3.Authorization"
@@ -47,7 +50,14 @@ def http_status_for(reason: str) -> int:
         return 400
     if reason == reasons.AUDIT_UNAVAILABLE:
         return 503
-    return 403  # anything unforeseen is still a denial
+    # MCP bodies, argument constraints, budgets (mcp.py, constraints.py, budgets.py).
+    if reason in reasons.MCP_REFUSED:
+        return 400
+    if reason == reasons.RATE_LIMITED:
+        return 429
+    if reason in (reasons.BUDGET_TABLE_FULL, reasons.BUDGET_UNAVAILABLE):
+        return 503
+    return 403  # argument constraints and exhausted budgets; anything unforeseen is still a denial
 
 
 def _www_authenticate(reason: str) -> str:
@@ -64,13 +74,15 @@ def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
         append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
 
 
-def denied_response(reason: str) -> bytes:
-    """The serialized CheckResponse denying with ``reason``."""
+def denied_response(reason: str, retry_after: int = 0) -> bytes:
+    """The serialized CheckResponse denying with ``reason`` (and ``Retry-After`` seconds, if any)."""
     status = http_status_for(reason)
     grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
     headers = [_header("content-type", "application/json")]
     if status in (401, 403):
         headers.append(_header("www-authenticate", _www_authenticate(reason)))
+    if retry_after:
+        headers.append(_header("retry-after", str(retry_after)))
     return ext_authz.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=reason),
         denied_response=ext_authz.DeniedHttpResponse(
@@ -166,7 +178,7 @@ class CheckService:
     """
 
     def __init__(self, verifiers: Mapping[str, Any], audit: Any, policy: Callable[[], Policy],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, budgets: Any = None) -> None:
         self._verifiers = dict(verifiers)
         self._default = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -176,7 +188,19 @@ class CheckService:
         self._ids = DecisionIds()
         self._prepared: dict[tuple[Any, ...], str] = {}  # see _prepare
         self._denied: dict[str, bytes] = {}  # reason -> bytes, filled as reasons first occur
+        self._budgets = budgets  # budgets.BudgetTable shared by every worker; None: budgeted grants deny
+        self._retry_denied: dict[int, bytes] = {}  # Retry-After seconds -> rate_limited response
         self.decisions: collections.Counter[str] = collections.Counter()  # reason -> count, for /metrics
+
+    def _deny_later(self, reason: str, seconds: float) -> bytes:
+        """A denial with Retry-After (rate limits); one pre-built response per whole second."""
+        after = retry_after(seconds)
+        body = self._retry_denied.get(after)
+        if body is None:
+            if len(self._retry_denied) >= PREPARED_MAX:
+                self._retry_denied.clear()
+            body = self._retry_denied[after] = denied_response(reason, after)
+        return body
 
     def _deny(self, reason: str) -> bytes:
         body = self._denied.get(reason)
@@ -240,6 +264,14 @@ class CheckService:
         token = bearer_token(http.headers)
         policy = self._policy()
         tool, target, operation, sensitivity = request_fields(http, extensions, policy.requests)
+        call: Call | None = None
+        refused = None
+        if EXTENSION in extensions and token is not None:  # an MCP route: the body says what is called
+            read = read_call(http)
+            if isinstance(read, str):
+                refused = read
+            elif read is not None:
+                call, tool, operation = read, read.tool, read.operation
         boundary = extensions.get("boundary")
         if boundary:
             verifier = self._verifiers.get(boundary)
@@ -247,6 +279,8 @@ class CheckService:
             boundary, verifier = self._default
         if token is None:
             reason, entry = reasons.TOKEN_MISSING, None
+        elif refused:
+            reason, entry = refused, None
         elif verifier is None:
             reason, entry = reasons.BOUNDARY_UNKNOWN, None
         else:
@@ -257,6 +291,11 @@ class CheckService:
                     peer = self._peer_reason(entry, source, policy.boundary(boundary))
                     if peer is not reasons.ALLOW:
                         reason, entry = peer, None
+                if entry is not None and entry.constrained:  # argument constraints, budgets
+                    reason, wait = enforce(entry, tool, target, operation, sensitivity,
+                                           call.arguments if call else None, self._budgets, self._clock())
+                    if reason != reasons.ALLOW:
+                        entry = None
             elif reason == reasons.TOKEN_KEY_UNKNOWN and len(self._verifiers) > 1 \
                     and self._other_boundary(token, boundary):
                 reason = reasons.TOKEN_BOUNDARY
@@ -270,6 +309,8 @@ class CheckService:
             reason, entry = reasons.AUDIT_UNAVAILABLE, None
         self.decisions[reason] += 1
         if entry is None:
+            if reason == reasons.RATE_LIMITED:  # only enforce() says so, and it sets ``wait``
+                return self._deny_later(reason, wait) + self._ids.metadata(decision_id)
             return self._deny(reason) + self._ids.metadata(decision_id)
         body = entry.attachment
         if body is None:

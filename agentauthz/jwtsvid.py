@@ -28,6 +28,7 @@ class JwtIssuer:
     issuer: str
     jwks_file: Path
     algorithms: tuple[str, ...]
+    audience: str | None = None  # None: the verifier's own (this daemon); approvers name their client id
 
 
 @dataclass(frozen=True)
@@ -108,16 +109,33 @@ def bearer_token(metadata: Iterable[Any] | None) -> str | None:
 class Verifier:
     """Verifies JWT-SVIDs presented to this daemon (its ``issuer`` is the audience)."""
 
+    kind = "JWT-SVID"  # names the credential in refusals
+    types: tuple[str, ...] = ("JWT", "JOSE")  # JWT-SVID §2.3
+
     def __init__(self, issuers: Iterable[JwtIssuer], audience: str, trust_domain: str, leeway: int) -> None:
+        issuers = tuple(issuers)
         self._keys = {i.issuer: load_keys(i) for i in issuers}
+        self._audiences = {i.issuer: i.audience or audience for i in issuers}
         self._audience, self._trust_domain, self._leeway = audience, trust_domain, leeway
 
     def verify(self, token: str) -> JwtSvid:
         """The identity ``token`` proves, or IdentityError naming the first rule it breaks."""
+        claims = self.verified_claims(token)
+        try:
+            sub = parse_spiffe_id(claims["sub"])  # JWT-SVID §3.1
+        except IdentityError as exc:
+            raise IdentityError(f"JWT-SVID sub is not a SPIFFE ID: {exc}") from None
+        if not sub.member_of(self._trust_domain) or not sub.path:
+            raise IdentityError(f"JWT-SVID sub {sub} is not a workload of {self._trust_domain!r}")
+        return JwtSvid(str(sub), claims["iss"], datetime.fromtimestamp(int(claims["exp"]), timezone.utc))
+
+    def verified_claims(self, token: str) -> dict[str, Any]:
+        """The claims of ``token`` once its issuer's key, algorithm, audience and times check out."""
+        kind = self.kind
         if len(token.encode("utf-8")) > MAX_JWT_BYTES:
             raise IdentityError(f"bearer token is larger than {MAX_JWT_BYTES} bytes")
         if not self._keys:  # never fall back to the certificate's identity behind the caller's back
-            raise IdentityError("a bearer token was sent but no JWT-SVID issuer is configured")
+            raise IdentityError(f"a bearer token was sent but no {kind} issuer is configured")
         try:  # PyJWT's messages are fixed text (plus at most a header name): they never echo the token
             unverified = jwt.decode_complete(token, options={"verify_signature": False})
         except jwt.PyJWTError as exc:
@@ -125,39 +143,34 @@ class Verifier:
         header, claims = unverified["header"], unverified["payload"]
         extra = sorted(set(header) - _HEADER)
         if extra:
-            raise IdentityError(f"JWT-SVID header must not carry {_show(extra[0])} (JWT-SVID §2)")
+            raise IdentityError(f"{kind} header must not carry {_show(extra[0])} (JWT-SVID §2)")
         alg, typ, kid, iss = header.get("alg"), header.get("typ", "JWT"), header.get("kid"), claims.get("iss")
         if not isinstance(alg, str) or alg not in ALGORITHMS:  # JWT-SVID §2.1, RFC 8725 §3.1
-            raise IdentityError(f"JWT-SVID alg {_show(str(alg))} is not RS/ES/PS (JWT-SVID §2.1)")
-        if typ not in ("JWT", "JOSE"):  # JWT-SVID §2.3
-            raise IdentityError(f"JWT-SVID typ {_show(str(typ))} is neither JWT nor JOSE")
+            raise IdentityError(f"{kind} alg {_show(str(alg))} is not RS/ES/PS (JWT-SVID §2.1)")
+        if typ not in self.types:
+            raise IdentityError(f"{kind} typ {_show(str(typ))} is not one of {', '.join(self.types)}")
         # The unverified iss only chooses whose keys and algorithms to verify with (RFC 8725 §3.8).
         keys = self._keys.get(iss) if isinstance(iss, str) else None
         if keys is None:
-            raise IdentityError(f"JWT-SVID issuer {_show(str(iss))} is not configured")
+            raise IdentityError(f"{kind} issuer {_show(str(iss))} is not configured")
         if kid is None:  # JWT-SVID §2.2 makes kid optional; we select keys only by it
-            raise IdentityError("JWT-SVID has no kid")
+            raise IdentityError(f"{kind} has no kid")
         key = keys.get((kid, alg))
         if key is None:
             known = any(k == kid for k, _ in keys)
             raise IdentityError(f"issuer {_show(iss)} does not allow {alg} with key {_show(kid)}" if known
                                 else f"kid {_show(kid)} is not a key of issuer {_show(iss)}")
+        audience = self._audiences[iss]
         try:
-            claims = jwt.decode(token, key, algorithms=[alg], audience=self._audience, issuer=iss,
+            claims = jwt.decode(token, key, algorithms=[alg], audience=audience, issuer=iss,
                                 leeway=self._leeway, options={"require": ["exp", "aud", "sub"]})
         except jwt.ExpiredSignatureError:
-            raise IdentityError("JWT-SVID has expired") from None
+            raise IdentityError(f"{kind} has expired") from None
         except jwt.InvalidAudienceError:  # JWT-SVID §3.2
-            raise IdentityError(f"JWT-SVID aud does not contain {self._audience!r}") from None
+            raise IdentityError(f"{kind} aud does not contain {audience!r}") from None
         except jwt.PyJWTError as exc:
-            raise IdentityError(f"JWT-SVID refused: {_show(str(exc), 120)}") from None
+            raise IdentityError(f"{kind} refused: {_show(str(exc), 120)}") from None
         exp = claims["exp"]  # JWT-SVID §3.3; PyJWT would also take the string "123"
         if not isinstance(exp, (int, float)) or isinstance(exp, bool) or not exp < 1 << 40:
-            raise IdentityError("JWT-SVID exp is not a NumericDate in range (RFC 7519 §2)")
-        try:
-            sub = parse_spiffe_id(claims["sub"])  # JWT-SVID §3.1
-        except IdentityError as exc:
-            raise IdentityError(f"JWT-SVID sub is not a SPIFFE ID: {exc}") from None
-        if not sub.member_of(self._trust_domain) or not sub.path:
-            raise IdentityError(f"JWT-SVID sub {sub} is not a workload of {self._trust_domain!r}")
-        return JwtSvid(str(sub), iss, datetime.fromtimestamp(int(exp), timezone.utc))
+            raise IdentityError(f"{kind} exp is not a NumericDate in range (RFC 7519 §2)")
+        return claims

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 import yaml
 
 from . import reasons
+from .constraints import canonical_arguments, canonical_budget, tighten
 from .errors import PolicyError
 from .identity import IdentityError, parse_spiffe_id
 from .tokens import DEFAULT_SENSITIVITY, MAX_DELEGATION_DEPTH, SENSITIVITY_LEVELS, SENSITIVITY_RANK, grant
@@ -33,9 +34,9 @@ _BOUNDARY_KEYS = frozenset({"max_ttl", "require_certificate_binding"})
 _REQUEST_KEYS = frozenset({"operations", "tool_from_path", "sensitivity"})
 _DEFAULT_KEYS = frozenset({"max_ttl", "max_delegation_depth", "max_sensitivity"})
 _REQUIRED = ("id", "agents", "tool", "targets", "operations")
-_ALLOW_ONLY = frozenset({"max_sensitivity", "max_ttl", "approval"})
+_ALLOW_ONLY = frozenset({"max_sensitivity", "max_ttl", "approval", "arguments", "budget"})
 _RULE_KEYS = frozenset(_REQUIRED) | _ALLOW_ONLY | {"effect", "description"}
-_GRANT_KEYS = frozenset({"tool", "target", "ops", "sensitivity"})
+_GRANT_KEYS = frozenset({"tool", "target", "ops", "sensitivity", "arguments", "budget"})
 _NAME = re.compile(r"[A-Za-z0-9_.:/-]+")  # rule ids, tools, operations: no '*', no spaces
 _SCHEME = "spiffe://"
 
@@ -81,7 +82,7 @@ class _Rule:
     """One compiled rule; target matching mirrors ``Grant.covers`` in the hot path."""
 
     __slots__ = ("id", "index", "deny", "tool", "targets", "exact", "prefixes", "ops", "level",
-                 "ttl", "approval")
+                 "ttl", "approval", "extras")
 
     def __init__(self, rule_id: str, index: int, deny: bool, tool: str, targets: tuple[str, ...],
                  ops: frozenset[str] | None, level: int, ttl: int, approval: bool) -> None:
@@ -90,6 +91,7 @@ class _Rule:
         self.prefixes = tuple(t[:-1] for t in targets if t.endswith("*"))
         self.ops = ops  # None: every operation
         self.level, self.ttl, self.approval = level, ttl, approval
+        self.extras: dict[str, Any] = {}  # canonical "arguments"/"budget" copied into what it grants
 
     def has_op(self, op: str) -> bool:
         return self.ops is None or op in self.ops
@@ -186,7 +188,18 @@ def _compile_rule(raw: Any, index: int, defaults: dict[str, Any]) -> tuple[_Rule
     ttl = _int(raw.get("max_ttl", defaults["max_ttl"]), "max_ttl", 1, MAX_TTL_LIMIT)
     rule = _Rule(rule_id, index, deny, tool, tuple(targets), None if ops == ["*"] else frozenset(ops),
                  SENSITIVITY_RANK[level], ttl, approval)
+    rule.extras = _extras(raw)
     return rule, agents
+
+
+def _extras(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A rule's or a requested grant's constraints in canonical form (constraints.py); raises ValueError."""
+    out: dict[str, Any] = {}
+    if "arguments" in raw:
+        out["arguments"] = canonical_arguments(raw["arguments"])
+    if "budget" in raw:
+        out["budget"] = canonical_budget(raw["budget"])
+    return out
 
 
 @dataclass(frozen=True)
@@ -419,10 +432,11 @@ class Policy:
             if parsed is None:
                 denied.append(_grant_shaped(raw))
                 continue
-            tool, target, ops, level = parsed
+            tool, target, ops, level, asked = parsed
             denies, allows = view.get(tool, ((), ()))
-            plain: dict[int, list[str]] = {}
-            approval: dict[int, list[str]] = {}
+            # Ops group by level and by the constraints of the rule that gives them (its extras).
+            plain: dict[tuple[int, str], tuple[list[str], dict[str, Any]]] = {}
+            approval: dict[tuple[int, str], tuple[list[str], dict[str, Any]]] = {}
             lost: list[str] = []
             for op in ops:
                 if any(r.has_op(op) and r.covers_pattern(target) for r in denies):
@@ -430,24 +444,25 @@ class Policy:
                     continue
                 free = _best(allows, op, target, level, approval=False)
                 if free:
-                    plain.setdefault(free[0], []).append(op)
+                    plain.setdefault(_group(free), ([], free[2]))[0].append(op)
                     granted_ttls.append(free[1])
                 held = _best(allows, op, target, level, approval=True)
                 if held and (free is None or held[0] > free[0]):
-                    approval.setdefault(held[0], []).append(op)
+                    approval.setdefault(_group(held), ([], held[2]))[0].append(op)
                     gated_ttls.append(held[1])
                 elif not free:
                     lost.append(op)
             for out, by_level in ((granted, plain), (gated, approval)):
-                out.extend(grant(tool, target, o, SENSITIVITY_LEVELS[n]) for n, o in sorted(by_level.items()))
+                out.extend(tighten(grant(tool, target, o, SENSITIVITY_LEVELS[n], **extras), asked)
+                           for (n, _), (o, extras) in sorted(by_level.items()))
             if lost:
                 denied.append(grant(tool, target, lost, SENSITIVITY_LEVELS[level]))
         caps = granted_ttls or gated_ttls
         return Narrowed(granted, gated, denied, min([ttl, *caps]) if caps else 0)
 
 
-def _requested(raw: Any) -> tuple[str, str, list[str], int] | None:
-    """A requested grant as (tool, target, ops, level), or None when malformed (denied whole)."""
+def _requested(raw: Any) -> tuple[str, str, list[str], int, dict[str, Any]] | None:
+    """A requested grant as (tool, target, ops, level, constraints), or None when malformed (denied whole)."""
     if not isinstance(raw, Mapping) or raw.keys() - _GRANT_KEYS:
         return None
     tool, target, ops = raw.get("tool"), raw.get("target"), raw.get("ops")
@@ -457,7 +472,11 @@ def _requested(raw: Any) -> tuple[str, str, list[str], int] | None:
             or any(_name_problem(op) for op in ops)
             or not isinstance(sensitivity, str) or sensitivity not in SENSITIVITY_RANK):
         return None
-    return tool, target, sorted(set(ops)), SENSITIVITY_RANK[sensitivity]
+    try:
+        asked = _extras(raw)  # a request may add constraints; they only tighten (constraints.tighten)
+    except ValueError:
+        return None
+    return tool, target, sorted(set(ops)), SENSITIVITY_RANK[sensitivity], asked
 
 
 def _grant_shaped(raw: Any) -> dict[str, Any]:
@@ -471,14 +490,21 @@ def _grant_shaped(raw: Any) -> dict[str, Any]:
 
 
 def _best(allows: Sequence[_Rule], op: str, target: str, level: int,
-          approval: bool) -> tuple[int, int] | None:
-    """The highest level (then longest TTL) at which an allow rule grants ``op`` on all of ``target``."""
+          approval: bool) -> tuple[int, int, dict[str, Any]] | None:
+    """(level, ttl, constraints) of the allow rule granting ``op`` on all of ``target`` at the highest
+    level, then longest TTL, then without constraints (any allow rule would do: the least constrained
+    is what policy allows); the first such rule on a tie."""
     best = None
     for r in allows:
         if r.approval == approval and r.has_op(op) and r.covers_pattern(target):
-            candidate = (min(level, r.level), r.ttl)
-            best = candidate if best is None else max(best, candidate)
-    return best
+            rank = (min(level, r.level), r.ttl, not r.extras)
+            if best is None or rank > best[0]:
+                best = (rank, r.extras)
+    return None if best is None else (best[0][0], best[0][1], best[1])
+
+
+def _group(best: tuple[int, int, dict[str, Any]]) -> tuple[int, str]:
+    return best[0], json.dumps(best[2], sort_keys=True)
 
 
 def check_file(path: str | Path) -> dict[str, Any]:

@@ -51,6 +51,13 @@ APPROVAL_MISMATCH = "approval_mismatch"        # another task, or grants the hum
 APPROVAL_LIMIT = "approval_limit"              # too many open requests for one agent
 APPROVER_INVALID = "approver_invalid"          # the human's credential was refused
 
+# Delegation (DESIGN §4): why a child token was not issued. A parent token that is not live
+# refuses with its own token_*/revocation reason.
+DELEGATION_NOT_HOLDER = "delegation_not_holder"          # the caller is not the parent token's sub
+DELEGATION_EXCEEDS_PARENT = "delegation_exceeds_parent"  # a child grant fits inside no parent grant
+DELEGATION_DEPTH = "delegation_depth_exceeded"           # the chain would be longer than policy allows
+DELEGATION_POLICY_DENIED = "delegation_policy_denied"    # policy would not give the child agent a grant
+
 # 503: the decision could be made but not recorded, so it is not made (fail closed).
 AUDIT_UNAVAILABLE = "audit_unavailable"
 
@@ -62,3 +69,36 @@ UNAUTHENTICATED = frozenset({
     TOKEN_BOUNDARY, TOKEN_SENDER, TOKEN_BINDING, TOKEN_CERTIFICATE_REQUIRED,
 })
 FORBIDDEN = frozenset({SCOPE_DENIED, SENSITIVITY_EXCEEDED, POLICY_DENIED, BOUNDARY_UNKNOWN})
+
+# Offline verification (agentauthz.offline): the Token Status List itself was refused, so no
+# token's status can be known from it.
+STATUS_LIST_INVALID = "status_list_invalid"  # unsigned by a known key, mistyped, malformed, undecodable
+STATUS_LIST_EXPIRED = "status_list_expired"  # past its exp or its ttl: fetch a fresh one
+STATUS_LIST_MISMATCH = "status_list_mismatch"  # its sub is not the uri the token names
+STATUS_LIST_TOO_LARGE = "status_list_too_large"  # inflates past the cap (a zlib bomb is never inflated)
+STATUS_LIST_TOO_SHORT = "status_list_too_short"  # the token's idx lies beyond the list
+JWKS_INVALID = "jwks_invalid"
+
+# MCP tool calls (mcp.py): 400, the body names nothing we can decide on; never guessed at.
+MCP_BODY_INVALID = "mcp_body_invalid"  # not strict JSON, not one JSON-RPC 2.0 request we understand
+MCP_BATCH_REFUSED = "mcp_batch_refused"  # a JSON-RPC batch: one call, one decision
+MCP_BODY_TOO_LARGE = "mcp_body_too_large"
+MCP_BODY_TRUNCATED = "mcp_body_truncated"  # Envoy sent part of the body (x-envoy-auth-partial-body)
+MCP_REFUSED = frozenset({MCP_BODY_INVALID, MCP_BATCH_REFUSED, MCP_BODY_TOO_LARGE, MCP_BODY_TRUNCATED})
+# Argument constraints (constraints.py): 403, no grant covering the call has all its constraints hold.
+ARGUMENTS_UNAVAILABLE = "arguments_unavailable"  # the grant constrains arguments; this request has none
+ARGUMENT_MISSING = "argument_missing"
+ARGUMENT_TYPE = "argument_type_invalid"
+ARGUMENT_PATH_UNSAFE = "argument_path_unsafe"  # '..', NUL, '%', '\\' or lookalikes: refused, not normalised
+ARGUMENT_OUTSIDE_PREFIX = "argument_outside_prefix"
+ARGUMENT_NOT_ALLOWED = "argument_not_allowed"
+ARGUMENT_ABOVE_MAX = "argument_above_max"
+# Task budgets (budgets.py).
+BUDGET_EXHAUSTED = "budget_exhausted"  # 403: the task has made all the calls the grant allows
+RATE_LIMITED = "rate_limited"  # 429 with Retry-After
+BUDGET_TABLE_FULL = "budget_table_full"  # 503: no room to count this task's calls, so none is made
+BUDGET_UNAVAILABLE = "budget_unavailable"  # 503: this process has no budget table
+CONSTRAINT_DENIED = frozenset({
+    ARGUMENTS_UNAVAILABLE, ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX,
+    ARGUMENT_NOT_ALLOWED, ARGUMENT_ABOVE_MAX, BUDGET_EXHAUSTED,
+})

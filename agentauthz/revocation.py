@@ -100,6 +100,8 @@ class RevocationStore:
         self._fd = self._lock_fd = -1
         self._size = self._live_size = 0
         self._broken = False
+        # Bumped on every bit set: the published status list is rebuilt only when it moved.
+        self.revision = 0
 
     @classmethod
     def open(cls, directory: Path, index: Any, *, max_lifetime: int, leeway: int,
@@ -200,6 +202,7 @@ class RevocationStore:
         if self._base <= slot < self._base + self._capacity:
             self._bits.set(slot)
             self._tokens[slot] = (jti, exp)
+            self.revision += 1
 
     def slide(self) -> None:
         """Move the window past dead slots, forget cutoffs no live token can fall under, compact if big."""

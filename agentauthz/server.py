@@ -16,9 +16,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import extauthz, workers
+from . import approval_api, extauthz, statuslist, workers
 from .api import ApiService
-from .authority import Authority, open_audit
+from .authority import STATUS_PATH, Authority, open_audit
 from .config import Config
 from .errors import ConfigError
 from .identity import load_bundle
@@ -35,6 +35,11 @@ agentauthz is running on development defaults. In another terminal:
   .venv/bin/agentauthz dev-identity spiffe://dev.local/agent/alpha --state-dir {state} --out id/alpha
   .venv/bin/agentauthz mint --server {api} --identity id/alpha --task demo-1 --grant 'demo:*:read' --json
   .venv/bin/agentauthz check --server {check} --token TOKEN --tool demo --target reports --operation read
+
+Grants that need a human (demo delete) wait for one; approve as a development human:
+
+  .venv/bin/agentauthz dev-human alice --state-dir {state} --out alice.jwt
+  .venv/bin/agentauthz approvals --server {approvals} --credential alice.jwt --state-dir {state}
 
 README.md walks through calling a tool through Envoy. Ctrl-C drains and stops.
 """
@@ -117,11 +122,22 @@ def _http_handler(authority: Authority, serving: threading.Event,
                 self._send(200 if ok else 503, b"ok\n" if ok else b"not serving\n", "text/plain")
             elif path == "/.well-known/jwks.json":
                 self._send(200, json.dumps(authority.jwks()).encode(), "application/json")
+            elif path == STATUS_PATH:
+                self._status_list()
             elif path == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             else:
                 self._send(404, b'{"error":"not_found"}\n', "application/json")
+
+        def _status_list(self) -> None:
+            try:
+                body = authority.status_list.token().encode("ascii")
+            except Exception:  # answer, and say why in the log; never a list we could not build whole
+                log.exception("cannot build the status list")
+                self._send(503, b'{"error":"status_list_unavailable"}\n', "application/json")
+                return
+            self._send(200, body, statuslist.CONTENT_TYPE)
 
         def log_message(self, format: str, *args: Any) -> None:
             log.debug("http: " + format, *args)
@@ -154,6 +170,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.check_server: Any = None
         self.api_server: Any = None
+        self.approval_server: Any = None
         self.http: ThreadingHTTPServer | None = None
         self._threads: list[Any] = []
         self.workers: list[workers.Worker] = []
@@ -181,8 +198,20 @@ class Daemon:
             server.add_insecure_port(self.config.check_listen)
         return server
 
+    def _approval_server(self) -> Any:
+        """Humans' own listener: server-authenticated TLS, no client certificate (that is the point:
+        grpc cannot make one optional on the agents' listener), an approver bearer on every call."""
+        server = grpc.aio.server(options=[("grpc.max_metadata_size", 32 * 1024)])
+        approval_api.add_to_server(server, approval_api.ApprovalsService(self.authority))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (approval_api.SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        server.add_secure_port(self.config.approval_listen, grpc.ssl_server_credentials(
+            [(self.tls_key, self.tls_cert)], require_client_auth=False))
+        return server
+
     async def _set_health(self, status: int) -> None:
-        for name in ("", extauthz.SERVICE, API_SERVICE):
+        for name in ("", extauthz.SERVICE, API_SERVICE, approval_api.SERVICE):
             await self.health.set(name, status)
 
     async def start(self) -> None:
@@ -193,7 +222,8 @@ class Daemon:
         for t in self._threads:
             t.start()
 
-        check_service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock)
+        check_service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock,
+                                               budgets=a.budgets)
         check = self.check_server = self._check_server(check_service)
         # Above gRPC's soft 8 KiB metadata limit, so our own 8 KiB JWT-SVID cap answers, not a random
         # RESOURCE_EXHAUSTED.
@@ -204,8 +234,10 @@ class Daemon:
         reflection.enable_server_reflection(
             (API_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), api)
         api.add_secure_port(self.config.api_listen, self._credentials())
+        approvals = self.approval_server = self._approval_server()
         await check.start()
         await api.start()
+        await approvals.start()
 
         host, _, port = self.config.http_listen.rpartition(":")
         from prometheus_client import CollectorRegistry
@@ -218,17 +250,19 @@ class Daemon:
         freeze_startup_objects()
         self.serving.set()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving: check %s, api %s (mTLS), http %s", self.config.check_listen,
-                 self.config.api_listen, self.config.http_listen)
+        log.info("serving: check %s, api %s (mTLS), approvals %s (TLS), http %s", self.config.check_listen,
+                 self.config.api_listen, self.config.approval_listen, self.config.http_listen)
         if self.config.development:
             print(DEV_HINT.format(state=self.config.state_dir, api=self.config.api_listen,
-                                  check=self.config.check_listen), flush=True)
+                                  check=self.config.check_listen, approvals=self.config.approval_listen),
+                  flush=True)
 
     async def stop(self, grace: float = 10.0) -> None:
         """NOT_SERVING first, so load balancers move on; then drain, flush audit, exit."""
         self.serving.clear()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        await asyncio.gather(self.check_server.stop(grace), self.api_server.stop(grace))
+        await asyncio.gather(self.check_server.stop(grace), self.api_server.stop(grace),
+                             self.approval_server.stop(grace))
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
@@ -252,7 +286,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary reloads, then tells us
         audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}")
         audit.start()
-        service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock)
+        service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock, budgets=a.budgets)
         server = self._check_server(service)
         await server.start()
         freeze_startup_objects()

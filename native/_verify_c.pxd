@@ -19,6 +19,7 @@ cdef class Grant:
     cdef readonly object prefix  # target without its trailing "*", or None for an exact target
     cdef readonly object ops
     cdef readonly long level
+    cdef readonly object extras  # argument constraints and budget (constraints.py), None for most grants
 
     cdef int _init(self, object tool, object target, object ops, long level) except -1
     cdef bint _covers(self, object tool, object target, object operation, long level) except -1
@@ -40,10 +41,14 @@ cdef class VerifiedToken:
     cdef readonly tuple subjects  # sub, then each actor up the delegation chain
     cdef readonly tuple allowed  # (reasons.ALLOW, self), returned as is by every allowed decide
     cdef public object attachment  # free for the transport, e.g. a pre-built response
+    cdef readonly bint constrained  # Check must look past the decision's allow (arguments, budgets)
 
     # Decision state, read and written only with the GIL held.
     cdef dict memo  # (tool, target, operation, sensitivity) -> reason, for policy generation pol_gen
     cdef long long pol_gen
+    # The last request and its memo answer: a repeat skips building and hashing the memo key.
+    cdef str last_tool, last_target, last_operation, last_sensitivity
+    cdef object last_reason  # None: no last request for policy generation pol_gen
     cdef long long rev_gen  # RevocationIndex.generation rev_reason was computed for
     cdef object rev_reason
     # ``slots`` as C integers, so the decision tests bits without touching Python ints.

@@ -17,6 +17,7 @@ import nacl.bindings  # noqa: F401  (importing it runs sodium_init(), required b
 from nacl._sodium import ffi as _ffi, lib as _sodium
 
 from agentauthz import errors, reasons
+from agentauthz.constraints import compile_extras
 from agentauthz.tokens import (
     ALGORITHM, MAX_DELEGATION_DEPTH, MAX_GRANTS, MAX_INTENT_CHARS, SENSITIVITY_RANK, task_key,
 )
@@ -357,10 +358,11 @@ def json_object(raw, what):
 # -- grants ----------------------------------------------------------------------
 
 cdef class Grant:
-    """One grant: tool, target pattern, operations, maximum sensitivity rank."""
+    """One grant: tool, target pattern, operations, maximum sensitivity rank, optional constraints."""
 
-    def __init__(self, tool, target, ops, long level):
+    def __init__(self, tool, target, ops, long level, extras=None):
         self._init(tool, target, ops, level)
+        self.extras = extras
 
     cdef int _init(self, object tool, object target, object ops, long level) except -1:
         self.tool = tool
@@ -415,6 +417,8 @@ cdef Grant _compile_grant(raw):
         raise TokenClaimsInvalid("grant sensitivity is not a known level")
     grant = Grant.__new__(Grant)  # skips __init__'s argument parsing; _init does the work
     grant._init(tool, target, distinct, _SENSITIVITY_RANK[sensitivity])
+    # Cold (once per token) and shared with the pure twin, so both accept and refuse alike.
+    grant.extras = compile_extras(raw)
     return grant
 
 
@@ -486,6 +490,10 @@ cdef class VerifiedToken:
         self.rev_reason = None
         self.allowed = (ALLOW, self)
         self.attachment = None
+        self.constrained = False
+        for grant in grants:
+            if (<Grant?>grant).extras is not None:
+                self.constrained = True
         return 0
 
     def __repr__(self):
@@ -781,6 +789,31 @@ cdef class Verifier:
         self._check_time(entry, now)
         return entry
 
+    def verify_live(self, token, double now):
+        """``decide`` without a request: verification and every revocation check, no grant or policy.
+
+        ``(ALLOW, token)`` when the token is usable right now, else ``(reason, None)``; never
+        raises on input. Delegation asks this of a parent token before narrowing it.
+        """
+        cdef VerifiedToken entry
+        cdef Bitset bits
+        cdef Py_ssize_t i
+        if not PyUnicode_CheckExact(token):
+            return DENY_MALFORMED
+        try:
+            entry = self.verify(token, now)
+        except TokenError as exc:
+            return exc.reason, None
+        bits = self._revocations._bits
+        if entry.slot_outside & 1 or bits.test_c(entry.slot_c[0]):
+            return DENY_REVOKED
+        for i in range(1, entry.n_slots):
+            if entry.slot_outside >> i & 1 or bits.test_c(entry.slot_c[i]):
+                return DENY_DELEGATION_REVOKED
+        # Computed afresh, not from rev_reason: this path is rare and must never lag a revocation.
+        reason = self._revocations._reason_for(entry)
+        return entry.allowed if reason is None else (reason, None)
+
     # -- the decision --------------------------------------------------------
 
     def decide(self, token, tool, target, operation, sensitivity, double now):
@@ -830,7 +863,16 @@ cdef class Verifier:
         generation = self._policy_gen
         if entry.pol_gen != generation:
             entry.memo = {}
+            entry.last_reason = None
             entry.pol_gen = generation
+        elif (entry.last_reason is not None and PyUnicode_CheckExact(tool) and PyUnicode_CheckExact(target)
+              and PyUnicode_CheckExact(operation) and PyUnicode_CheckExact(sensitivity)
+              and <str>tool == entry.last_tool and <str>target == entry.last_target
+              and <str>operation == entry.last_operation and <str>sensitivity == entry.last_sensitivity):
+            reason = entry.last_reason
+            if reason is ALLOW:
+                return entry.allowed
+            return reason, None
         memo = entry.memo
         key = (tool, target, operation, sensitivity)
         try:
@@ -844,7 +886,15 @@ cdef class Verifier:
             memo[key] = reason
         else:
             reason = <object>found
-        if reason is ALLOW or reason == ALLOW:
+        if reason == ALLOW:
+            reason = ALLOW  # the canonical object: the fast path above compares by identity
+        # Only if the policy did not change while _match ran Python code (permits may release the GIL).
+        if (entry.pol_gen == generation and PyUnicode_CheckExact(tool) and PyUnicode_CheckExact(target)
+                and PyUnicode_CheckExact(operation) and PyUnicode_CheckExact(sensitivity)):
+            entry.last_tool, entry.last_target = tool, target
+            entry.last_operation, entry.last_sensitivity = operation, sensitivity
+            entry.last_reason = reason
+        if reason is ALLOW:
             return entry.allowed
         return reason, None
 

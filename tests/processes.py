@@ -32,6 +32,7 @@ class Daemon:
                  check_listen: str | None = None) -> None:
         self.state_dir = state_dir
         self.check_port, self.api_port, self.http_port = free_port(), free_port(), free_port()
+        self.approval_port = free_port()  # humans' Approvals listener: never the shared default 9193
         self.check_address = check_listen or f"127.0.0.1:{self.check_port}"
         self.config_path = state_dir.parent / f"{state_dir.name}-config.yaml"
         self.config_path.write_text(yaml.safe_dump({"state_dir": str(state_dir), **(config or {})}))
@@ -42,12 +43,17 @@ class Daemon:
     def api_address(self) -> str:
         return f"localhost:{self.api_port}"
 
+    @property
+    def approval_address(self) -> str:
+        return f"localhost:{self.approval_port}"
+
     def start(self, timeout: float = 30.0, *extra: str) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentauthz", "serve", "--config", str(self.config_path),
              "--check-listen", self.check_address, "--api-listen", f"127.0.0.1:{self.api_port}",
-             "--http-listen", f"127.0.0.1:{self.http_port}", *extra],
+             "--http-listen", f"127.0.0.1:{self.http_port}",
+             "--approval-listen", f"127.0.0.1:{self.approval_port}", *extra],
             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
         log.close()
         try:

@@ -70,13 +70,13 @@ def test_policy_narrows_what_is_minted(daemon: Daemon, pki: DevPki, tmp_path: Pa
     assert {g.tool for g in minted.denied} >= {"billing"}
 
 
-def test_approval_required_grant_is_refused_with_a_clear_reason(daemon: Daemon, pki: DevPki,
-                                                               tmp_path: Path) -> None:
-    issue_svid(pki, AGENT, tmp_path)
-    with pytest.raises(grpc.RpcError) as err:
-        Client(daemon.api_address, Identity.from_dir(tmp_path)).mint("rm", ["demo:*:delete"])
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "approval_required" in err.value.details()
+def test_approval_required_grant_mints_nothing_and_waits_for_a_human(daemon: Daemon, pki: DevPki,
+                                                                      tmp_path: Path) -> None:
+    issue_svid(pki, AGENT, tmp_path)  # the whole flow is in test_approval.py
+    client = Client(daemon.api_address, Identity.from_dir(tmp_path))
+    minted = client.mint("rm", ["demo:*:read", "demo:*:delete"])
+    assert not minted.token and minted.pending.state == "pending"
+    assert [list(g.operations) for g in minted.pending.grants] == [["delete"]]
 
 
 def test_no_client_certificate_is_refused(daemon: Daemon, pki: DevPki) -> None:

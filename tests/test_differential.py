@@ -368,6 +368,27 @@ def test_decisions_agree(twins: Twins, grants: list[dict[str, Any]], requests: l
     assert results[0] == results[1]
 
 
+@SETTINGS
+@given(st.sets(st.sampled_from(["slot", "task", "agent", "key", "delegation"]), max_size=3),
+       st.sampled_from([0, 299, 300 + 29, 300 + 30, -31]),
+       st.sampled_from(["valid", "tampered", "not text"]))
+def test_verify_live_agrees(twins: Twins, revoked: set[str], offset: int, shape: str) -> None:
+    forge = _FORGE
+    token: Any = forge.token(slot=7, act={"sub": "spiffe://dev.local/agent/root", "idx": 8})
+    if shape == "tampered":
+        token = token[:-2] + ("A" if token[-2] != "A" else "B") + token[-1]
+    elif shape == "not text":
+        token = token.encode()
+    results = []
+    for hot in (twins.native, twins.pure):
+        verifier = make_verifier(hot, forge)
+        for kind in revoked:
+            revoke(verifier.revocations, kind, forge)
+        reason, entry = verifier.verify_live(token, forge.now + offset)
+        results.append((reason, None if entry is None else entry.jti))
+    assert results[0] == results[1]
+
+
 # -- bitsets -------------------------------------------------------------------------------------
 
 OPS = st.lists(st.one_of(

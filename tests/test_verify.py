@@ -740,6 +740,45 @@ def test_expired_cached_token_is_refused_by_decide(verifier: Any, forge: Forge) 
     assert decide(verifier, token, forge.now - LEEWAY - 1) == reasons.TOKEN_NOT_YET_VALID
 
 
+# -- verify_live: decide without a request (delegation asks it of a parent token) ------------
+
+
+def test_verify_live_is_decide_without_grants_or_policy(verifier: Any, forge: Forge) -> None:
+    # Grants that cover nothing anyone asks, and a policy that denies everything: still live.
+    token = forge.token(slot=40, act=act_chain(2, first_slot=50), grants=[tokens.grant("x", "y", ["z"])])
+    verifier.set_policy(None)
+    result = verifier.verify_live(token, forge.now)
+    entry = verifier.verify(token, forge.now)
+    assert result == (reasons.ALLOW, entry) and result is entry.allowed
+    assert verifier.verify_live(token, forge.now + 300 + LEEWAY) == (reasons.TOKEN_EXPIRED, None)
+    assert verifier.verify_live(token, forge.now - LEEWAY - 1) == (reasons.TOKEN_NOT_YET_VALID, None)
+    verifier.revocations.revoke_slot(51)  # the innermost (root) actor's token
+    assert verifier.verify_live(token, forge.now) == (reasons.DELEGATION_REVOKED, None)
+    verifier.revocations.revoke_slot(40)
+    assert verifier.verify_live(token, forge.now) == (reasons.TOKEN_REVOKED, None)
+
+
+@pytest.mark.parametrize("bad", [None, 7, b"abc", bytearray(b"a.b.c"), "", "a.b.c", "x" * 9000])
+def test_verify_live_never_raises_on_garbage(verifier: Any, forge: Forge, bad: Any) -> None:
+    reason, entry = verifier.verify_live(bad, forge.now)
+    assert entry is None and reason in reasons.UNAUTHENTICATED
+
+
+def test_verify_live_sees_every_revocation_at_once(verifier: Any, forge: Forge) -> None:
+    token = forge.token(act={"sub": ROOT_AGENT, "idx": 900})
+    index = verifier.revocations
+    assert decide(verifier, token, forge.now) == reasons.ALLOW  # caches "not revoked" for this generation
+    index.kids.add(forge.kid)  # a direct edit that forgets to bump the generation
+    assert verifier.verify_live(token, forge.now) == (reasons.KEY_REVOKED, None)
+    index.kids.discard(forge.kid)
+    for revoke, reason in ((lambda: index.revoke_agent(ROOT_AGENT, forge.now), reasons.AGENT_REVOKED),
+                           (lambda: index.revoke_task(tokens.task_key(ROOT_AGENT, "task-1"), forge.now),
+                            reasons.TASK_ENDED)):
+        revoke()
+        assert verifier.verify_live(token, forge.now) == (reason, None)
+        assert decide(verifier, token, forge.now) == reason
+
+
 # -- grants ----------------------------------------------------------------------------
 
 

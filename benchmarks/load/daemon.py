@@ -37,7 +37,8 @@ class Daemon:
         self.check_address = check_listen or f"127.0.0.1:{self.check_port}"
         argv = [sys.executable, "-m", "agentauthz", "serve", "--state-dir", str(self.state_dir),
                 "--check-listen", self.check_address, "--api-listen", f"127.0.0.1:{self.api_port}",
-                "--http-listen", f"127.0.0.1:{self.http_port}"]
+                "--http-listen", f"127.0.0.1:{self.http_port}",
+                "--approval-listen", f"127.0.0.1:{free_port()}"]  # not the shared default 9193
         if workers:
             argv += ["--workers", str(workers)]
         if config:

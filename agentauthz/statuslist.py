@@ -1,0 +1,269 @@
+"""The revocation bitset published as an IETF Token Status List (draft-ietf-oauth-status-list).
+
+``GET /status-list`` answers a JWT (``typ: statuslist+jwt``) signed by the daemon's current key,
+whose ``status_list`` holds one bit per slot, index i in byte i // 8, least significant bit first
+(draft §4.1), zlib-compressed and base64url-encoded. Indices are the absolute slots tokens carry:
+every slot below the live window is published as invalid (its token expired long ago, and a run of
+ones compresses to almost nothing), the window comes from the shared bitset, and the list ends with
+the window, so every token that can be minted before the window next slides is covered.
+
+Ending a task or revoking an agent is enforced online by cutoffs, not bits. So that offline
+verifiers see those too, ``MintedSlots`` remembers which slots this process minted per task and per
+agent, and marks them in a published-only overlay when the task ends or the agent is revoked. An
+overlay rather than journaled bits: a bit would make Check answer ``token_revoked`` where it now
+says ``task_ended``/``agent_revoked`` and cost an fsync per token; what the overlay loses on restart
+is what the in-memory record of minted slots loses anyway, so either way tokens minted before a
+restart are covered by the online cutoffs only (see README).
+"""
+
+from __future__ import annotations
+
+import threading
+import zlib
+from array import array
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Sequence
+
+from . import tokens
+from ._bitset_py import HEADER_BYTES
+
+TYP = "statuslist+jwt"
+CONTENT_TYPE = "application/statuslist+jwt"
+TTL = 60  # seconds a consumer may use one list; agentauthz.offline refuses an older one
+LIFETIME = 2 * TTL  # exp: a hard bound even for consumers that ignore ttl
+MIN_REBUILD_INTERVAL = 1.0  # a storm of revocations rebuilds the list at most once a second
+SWEEP_INTERVAL = 30.0  # how often remembered slots of expired tokens are dropped
+_ONES = memoryview(b"\xff" * (1 << 20))
+
+
+def pack(invalid: Iterable[int], size: int) -> bytes:
+    """A 1-bit status list of ``size`` entries with the ``invalid`` indices set (draft §4.1 bit order)."""
+    raw = bytearray((size + 7) // 8)
+    for i in invalid:
+        if not 0 <= i < size:
+            raise ValueError(f"index {i} is outside a list of {size}")
+        raw[i >> 3] |= 1 << (i & 7)
+    return bytes(raw)
+
+
+def encode_lst(raw: bytes) -> str:
+    """The ``lst`` member: ZLIB (RFC 1950) at the best compression, then base64url."""
+    return tokens.b64url(zlib.compress(raw, 9))
+
+
+def list_claims(uri: str, issuer: str, lst: str, iat: int, ttl: int = TTL,
+                lifetime: int = LIFETIME) -> dict[str, Any]:
+    """The claims of a Status List Token; ``sub`` is the uri the tokens name."""
+    return {"iss": issuer, "sub": uri, "iat": iat, "exp": iat + lifetime, "ttl": ttl,
+            "status_list": {"bits": 1, "lst": lst}}
+
+
+def chain(subject: str, act: Mapping[str, Any] | None) -> list[str]:
+    """The holder, then each delegating agent up the ``act`` chain; the last is the task's root agent."""
+    subjects = [subject]
+    while act:
+        subjects.append(act["sub"])
+        act = act.get("act")
+    return subjects
+
+
+class _Run:
+    """Slots minted for one task or agent, oldest first, with their expiries."""
+
+    __slots__ = ("slots", "exps")
+
+    def __init__(self) -> None:
+        self.slots = array("Q")
+        self.exps = array("q")
+
+
+class MintedSlots:
+    """Which slots this process minted, per task key and per agent, while their tokens live; the overlay."""
+
+    def __init__(self, cutoffs: Any, *, leeway: int, clock: Callable[[], float]) -> None:
+        self._cutoffs = cutoffs  # the RevocationIndex: task key / agent -> cutoff
+        self._leeway, self._clock = leeway, clock
+        self._lock = threading.Lock()
+        self._tasks: dict[str, _Run] = {}
+        self._agents: dict[str, _Run] = {}
+        self._marked: dict[int, int] = {}  # slot -> exp: published invalid though its bit is clear
+        self.revision = 0  # bumped whenever _marked grows
+        self._swept = clock()
+
+    def remember(self, task_key: str, subjects: Sequence[str], slot: int, exp: int,
+                 iat: int | None = None) -> None:
+        now = self._clock()
+        iat = int(now) if iat is None else iat
+        with self._lock:
+            self._add(self._tasks, task_key, slot, exp)
+            for subject in subjects:
+                self._add(self._agents, subject, slot, exp)
+            # The task ended or an agent was revoked between this mint and now: the mark that
+            # came with it has already run, so mark this one here.
+            cutoffs = [self._cutoffs.tasks.get(task_key)] + [self._cutoffs.agents.get(s) for s in subjects]
+            if any(cut is not None and iat <= cut for cut in cutoffs):
+                self._mark(slot, exp)
+            if now - self._swept >= SWEEP_INTERVAL:
+                self._sweep(now)
+
+    def mark_task(self, task_key: str) -> int:
+        """Publish every remembered token of the task as invalid; returns how many."""
+        with self._lock:
+            return self._mark_run(self._tasks.pop(task_key, None))
+
+    def mark_agent(self, agent: str) -> int:
+        """Publish every remembered token held or delegated by ``agent`` as invalid; returns how many."""
+        with self._lock:
+            return self._mark_run(self._agents.pop(agent, None))
+
+    def marked(self) -> list[int]:
+        with self._lock:
+            return list(self._marked)
+
+    def __len__(self) -> int:
+        """Slots remembered (a slot counts once per task and once per agent) plus slots marked."""
+        with self._lock:
+            runs = [*self._tasks.values(), *self._agents.values()]
+            return sum(len(r.slots) for r in runs) + len(self._marked)
+
+    def _add(self, runs: dict[str, _Run], name: str, slot: int, exp: int) -> None:
+        run = runs.get(name)
+        if run is None:
+            run = runs[name] = _Run()
+        run.slots.append(slot)
+        run.exps.append(exp)
+
+    def _mark_run(self, run: _Run | None) -> int:
+        # Every remembered token was minted before this call, so (to the second) at or before the
+        # cutoff; one minted within the cutoff's second after it is marked too: offline refuses a
+        # token Check would still allow, never the reverse.
+        if run is None:
+            return 0
+        for slot, exp in zip(run.slots, run.exps, strict=True):
+            self._mark(slot, exp)
+        return len(run.slots)
+
+    def _mark(self, slot: int, exp: int) -> None:
+        self._marked[slot] = max(exp, self._marked.get(slot, exp))
+        self.revision += 1
+
+    def _sweep(self, now: float) -> None:
+        # Runs are in mint order but expiries are not: drop the dead prefix only. An expired token
+        # behind a longer-lived one stays until that one expires, so memory is bounded by the tokens
+        # minted within one maximum lifetime.
+        self._swept = now
+        dead = now - self._leeway
+        for runs in (self._tasks, self._agents):
+            for name, run in list(runs.items()):
+                n = 0
+                while n < len(run.exps) and run.exps[n] < dead:
+                    n += 1
+                if n == len(run.exps):
+                    del runs[name]
+                elif n:
+                    del run.slots[:n], run.exps[:n]
+        self._marked = {slot: exp for slot, exp in self._marked.items() if exp >= dead}
+
+
+class _Published(NamedTuple):
+    jwt: str
+    iat: int
+    built: float
+    state: tuple[int, int, str]  # (bit revision, overlay revision, signing kid) it was built from
+
+
+class StatusListPublisher:
+    """Builds, signs and caches the daemon's Status List Token; rebuilt only when something moved."""
+
+    def __init__(self, bits_buffer: Any, *, capacity: int, store: Any, index: Any, keyring: Any,
+                 uri: str, issuer: str, leeway: int, clock: Callable[[], float], ttl: int = TTL,
+                 lifetime: int = LIFETIME, min_interval: float = MIN_REBUILD_INTERVAL) -> None:
+        if capacity <= 0 or capacity % 64 or not 0 < ttl <= lifetime:
+            raise ValueError("capacity must be a positive multiple of 64 and 0 < ttl <= lifetime")
+        self.minted = MintedSlots(index, leeway=leeway, clock=clock)
+        # The same bytes the Check path reads (header, then the ring of capacity bits).
+        self._view = memoryview(bits_buffer)
+        self._capacity, self._store, self._keyring = capacity, store, keyring
+        self._uri, self._issuer, self._clock = uri, issuer, clock
+        self._ttl, self._lifetime, self._min_interval = ttl, lifetime, min_interval
+        self._lock = threading.Lock()
+        self._cached: _Published | None = None
+        # The all-ones prefix below the window only grows: compress it once, incrementally, and
+        # start each build from a copy of that compressor.
+        self._prefix = zlib.compressobj(9)
+        self._prefix_out = bytearray()
+        self._prefix_len = 0
+        self.builds = 0
+
+    # -- fed by Authority ------------------------------------------------------
+
+    def remember_minted(self, task_key: str, subjects: Sequence[str], slot: int, exp: int, *,
+                        iat: int | None = None) -> None:
+        """Record a token this process minted, so ending its task or revoking an agent shows offline.
+
+        ``subjects``: the holder, then every delegating agent up the ``act`` chain.
+        """
+        self.minted.remember(task_key, subjects, slot, exp, iat)
+
+    def task_ended(self, task_key: str) -> None:
+        self.minted.mark_task(task_key)
+
+    def agent_revoked(self, agent: str) -> None:
+        self.minted.mark_agent(agent)
+
+    # -- published -------------------------------------------------------------
+
+    def token(self) -> str:
+        """The current Status List Token (compact JWS)."""
+        with self._lock:
+            now = self._clock()
+            kid, key = self._keyring.signer()
+            state = (self._store.revision, self.minted.revision, kid)
+            cached = self._cached
+            # Fresh (under half its ttl, so a fetcher always gets most of one) and either nothing
+            # moved or it was built under a second ago; a new signer always rebuilds.
+            if cached is not None and 0 <= now - cached.iat < self._ttl / 2 and cached.state[2] == kid and (
+                    cached.state == state or now - cached.built < self._min_interval):
+                return cached.jwt
+            iat = int(now)
+            lst = tokens.b64url(self._compressed())
+            jwt = tokens.encode(list_claims(self._uri, self._issuer, lst, iat, self._ttl, self._lifetime),
+                                key, kid, typ=TYP)
+            self._cached = _Published(jwt, iat, now, state)
+            self.builds += 1
+            return jwt
+
+    def _compressed(self) -> bytes:
+        base, ring = self._window()
+        cap = self._capacity
+        whole, shift = divmod(base, 8)
+        start = base % cap  # the window's first slot in the ring; start % 8 == shift (cap % 64 == 0)
+        if shift == 0:
+            tail = bytearray(ring[start // 8:] + ring[:start // 8])
+        else:  # a block size that is not a multiple of 8; never with the daemon's defaults
+            bits = int.from_bytes(ring, "little")
+            window = (bits >> start | bits << (cap - start)) & ((1 << cap) - 1)
+            tail = bytearray((window << shift | (1 << shift) - 1).to_bytes((cap + shift + 7) // 8, "little"))
+        for slot in self.minted.marked():
+            k = slot - 8 * whole  # below: already one; above: never handed out
+            if 0 <= k < 8 * len(tail):
+                tail[k >> 3] |= 1 << (k & 7)
+        while self._prefix_len < whole:
+            n = min(len(_ONES), whole - self._prefix_len)
+            self._prefix_out += self._prefix.compress(_ONES[:n])
+            self._prefix_len += n
+        z = self._prefix.copy()
+        return bytes(self._prefix_out) + z.compress(tail) + z.flush()
+
+    def _window(self) -> tuple[int, bytes]:
+        """(base, the ring's bytes) as one consistent snapshot, without the writer's lock.
+
+        The writer clears bits behind the window before it moves the base, so a copy is retried
+        when the base moved meanwhile. A copy racing the clear under an unchanged base may show
+        a bit of a slot that is leaving the window clear: such tokens have expired.
+        """
+        view, cap = self._view, self._capacity
+        while True:
+            base = int.from_bytes(view[:8], "little")
+            ring = bytes(view[HEADER_BYTES:HEADER_BYTES + cap // 8])
+            if int.from_bytes(view[:8], "little") == base:
+                return base, ring
