@@ -102,6 +102,7 @@ def test_token_presented_by_another_agent_fails(stack: Stack) -> None:
 def test_unbound_direct_check_follows_policy(stack: Stack) -> None:
     """Without a forwarded certificate the dev policy lets a bound token through (no mTLS to check)."""
     alpha = stack.identity(ALPHA, "alpha-4")
-    client = Client(stack.daemon.api_address, Identity.from_dir(alpha), check_server=stack.daemon.check_address)
+    client = Client(stack.daemon.api_address, Identity.from_dir(alpha),
+                    check_server=stack.daemon.check_address)
     token = client.mint("bind-4", ["demo:*:read:internal"]).token
     assert client.check(token, "demo", "reports", "read", "internal").allowed
