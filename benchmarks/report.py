@@ -119,6 +119,11 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
     for table, gen in direct:
         add(f"warm_over_floor_{table}", f"warm Check throughput / floor ({gen})",
             _ratio(rps(table, "warm"), rps(table, "floor")), "≥ 0.90", lambda r: r >= 0.90, source=table)
+    for table, gen in direct[:2]:
+        add(f"parse_over_floor_{table}", f"floor + request parse / floor ({gen}): any authorizer's bound",
+            _ratio(rps(table, "parse"), rps(table, "floor")), "(bound)", None, source=table)
+        add(f"warm_over_parse_{table}", f"warm Check throughput / floor + request parse ({gen})",
+            _ratio(rps(table, "warm"), rps(table, "parse")), "(info)", None, source=table)
     add("cold_over_floor", "cold Check throughput / floor (Python client)",
         _ratio(rps("direct_python", "cold"), rps("direct_python", "floor")), "≥ 0.60", lambda r: r >= 0.60,
         source="direct_python")

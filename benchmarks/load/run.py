@@ -302,14 +302,18 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         jwks_path = work / "jwks.json"
         jwks_path.write_text(json.dumps(jwks))
         floor, floor_addr = bench.start_server(stack, "floor")
+        parse, parse_addr = bench.start_server(stack, "parse")
         naive, naive_addr = bench.start_server(stack, "naive", "--jwks", str(jwks_path))
 
         def direct_targets(drive: Callable[[str], Callable[[float], dict[str, Any]]],
-                           body: Path) -> list[Target]:
+                           body: Path, with_parse: bool = False) -> list[Target]:
             for address, what in ((floor_addr, "floor"), (warm.check_address, "agentauthz"),
                                   (naive_addr, "naive peer")):
                 check_allowed(address, body, what)
+            parse_row = [Target("parse", "floor + parse the CheckRequest (the least any authorizer does)",
+                                drive(parse_addr), {"server": parse.pid})] if with_parse else []
             return [Target("floor", "floor: grpc.aio constant OK", drive(floor_addr), {"server": floor.pid}),
+                    *parse_row,
                     Target("warm", "agentauthz, one token (warm)", drive(warm.check_address),
                            {"server": warm.pid}, warm),
                     Target("naive", "naive peer: PyJWT + set", drive(naive_addr), {"server": naive.pid})]
@@ -323,7 +327,8 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
 
             def h2(address: str, b: Path = body, p: bool = pinned) -> Callable[[float], dict[str, Any]]:
                 return bench.h2load_grpc(address, b, s.h2_clients, s.h2_streams, p)
-            bench.table(key, title, "h2load", direct_targets(h2, body), pinned=pinned, settings=h2_settings,
+            bench.table(key, title, "h2load", direct_targets(h2, body, with_parse=True), pinned=pinned,
+                        settings=h2_settings,
                 note="Same request bytes (one CheckRequest, one token) for every server.")
 
         body = bench.bodies("warm-latency", [warm.mint()])

@@ -1,6 +1,7 @@
-"""The two comparison servers for Check, each run as its own process.
+"""The comparison servers for Check, each run as its own process.
 
     python -m benchmarks.load.servers floor --listen 127.0.0.1:PORT
+    python -m benchmarks.load.servers parse --listen 127.0.0.1:PORT
     python -m benchmarks.load.servers naive --listen 127.0.0.1:PORT --jwks FILE
 
 Both run on grpc.aio + uvloop, exactly like the daemon, so a difference in the
@@ -9,6 +10,8 @@ tables is the decision, not the framework:
 * ``floor`` answers every Check with one constant, pre-serialized OK without
   deserializing the request: the most a Python gRPC server can do on this
   machine; nothing authorizing can be faster.
+* ``parse`` is the floor plus parsing the CheckRequest and reading its
+  bearer header: what any authorizer pays before it decides anything.
 * ``naive`` is the ext_authz servicer a Python developer would write: the
   generated ``AuthorizationServicer``, PyJWT ``jwt.decode`` on every call, a
   Python set of revoked token ids, a grant check and a CheckResponse message
@@ -34,13 +37,23 @@ OK_RESPONSE = ext_authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)
                                       ok_response=ext_authz.OkHttpResponse()).SerializeToString()
 
 
-async def serve_floor(listen: str) -> None:
-    """Generic handler, no (de)serializers: the request bytes are never parsed."""
+async def serve_floor(listen: str, parse: bool = False) -> None:
+    """Generic handler, no (de)serializers: the request bytes are never parsed.
+
+    ``parse``: the request is parsed and its bearer header read, the least any authorizer must do
+    before deciding anything; the bound on what a real decision can reach, measured.
+    """
     async def check(request: bytes, context: Any) -> bytes:
         return OK_RESPONSE
 
+    async def check_parsed(request: ext_authz.CheckRequest, context: Any) -> bytes:
+        request.attributes.request.http.headers.get("authorization")
+        return OK_RESPONSE
+
     server = grpc.aio.server()
-    handler = grpc.unary_unary_rpc_method_handler(check, request_deserializer=None, response_serializer=None)
+    handler = grpc.unary_unary_rpc_method_handler(
+        check_parsed if parse else check, response_serializer=None,
+        request_deserializer=ext_authz.CheckRequest.FromString if parse else None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))
     server.add_insecure_port(listen)
     await server.start()
@@ -122,15 +135,15 @@ async def serve_naive(listen: str, jwks_path: str, issuer: str, audience: str) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["floor", "naive"])
+    parser.add_argument("kind", choices=["floor", "parse", "naive"])
     parser.add_argument("--listen", required=True)
     parser.add_argument("--jwks", help="naive: the daemon's JWKS as a file")
     parser.add_argument("--issuer", default="https://agentauthz.dev.local")
     parser.add_argument("--audience", default="tools")
     args = parser.parse_args(argv)
     import uvloop
-    if args.kind == "floor":
-        uvloop.run(serve_floor(args.listen))
+    if args.kind in ("floor", "parse"):
+        uvloop.run(serve_floor(args.listen, parse=args.kind == "parse"))
     else:
         if not args.jwks:
             parser.error("naive needs --jwks")
