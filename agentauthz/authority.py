@@ -179,6 +179,7 @@ class Authority:
         self.audit.record("stop")
         self.audit.stop()
         self.revocations.close()
+        self.budgets.close()
 
     def reload_policy(self) -> bool:
         """Load the policy file again; a bad file keeps the old policy and says why."""

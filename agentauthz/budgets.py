@@ -78,8 +78,11 @@ class BudgetTable:
         return cls(fd, buffer, capacity)
 
     def close(self) -> None:
-        self._buf.close()
-        os.close(self._fd)
+        """Unmap and close (idempotent); the counts stay in the file."""
+        if self._fd >= 0:
+            self._buf.close()
+            os.close(self._fd)
+            self._fd = -1
 
     def charge(self, key: str, budget: Budget, now: float, keep_until: int) -> tuple[str, float]:
         """(ALLOW, 0) having counted one call under ``key``, or (reason, seconds to wait) counting none."""

@@ -47,9 +47,9 @@ ROOT = Path(__file__).resolve().parents[2]
 class Settings:
     """Every knob of a run; recorded in the results so a figure can be reproduced."""
 
-    duration: float = 5.0        # seconds per measured run
+    duration: float = 3.0        # seconds per measured run
     warmup: float = 1.0          # seconds of unmeasured load per target before each table
-    rounds: int = 3
+    rounds: int = 5
     pin: bool = True             # pinned tables: servers on the last CPU, load generators on CPU 0
     h2_clients: int = 4          # h2load connections ...
     h2_streams: int = 16         # ... and concurrent streams on each: 64 calls in flight
