@@ -91,6 +91,7 @@ def test_invalid_spiffe_ids(text: str, message: str) -> None:
 # --- X.509-SVID validation (X509-SVID §5) ---
 
 def test_dev_svid_accepted(pki: devca.DevPki, tmp_path: Path) -> None:
+    issued = datetime.now(timezone.utc)  # not NOW: the module may have been imported minutes ago
     out = devca.issue_svid(pki, AGENT, tmp_path / "svid")
     bundle = load_bundle((out / "bundle.pem").read_bytes())
     svid = svid_from_pem((out / "svid.pem").read_bytes(), TD, bundle)
@@ -99,7 +100,7 @@ def test_dev_svid_accepted(pki: devca.DevPki, tmp_path: Path) -> None:
     assert svid.certificate_sha256 == hashlib.sha256(der).digest()
     assert svid.x5t_s256 == identity.certificate_thumbprint(der) and len(svid.x5t_s256) == 43
     assert "=" not in svid.x5t_s256 and "+" not in svid.x5t_s256 and "/" not in svid.x5t_s256
-    assert timedelta(hours=23) < svid.not_after - NOW <= timedelta(hours=24, minutes=1)
+    assert timedelta(hours=23) < svid.not_after - issued <= timedelta(hours=24, minutes=1)
     assert identity.peer_from_der_chain([der], TD, bundle).spiffe_id == AGENT
     with pytest.raises(IdentityError, match="expired"):
         svid_from_pem((out / "svid.pem").read_bytes(), TD, bundle, now=NOW + timedelta(days=2))
@@ -203,7 +204,8 @@ def test_dev_pki_files_and_reload(tmp_path: Path) -> None:
     server = pki.server.certificate
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(n.value) for n in names} == {"localhost", "127.0.0.1", "spiffe://dev.local/agentauthz"}
-    assert timedelta(days=29) < server.not_valid_after_utc - NOW <= timedelta(days=30, minutes=1)
+    left = server.not_valid_after_utc - datetime.now(timezone.utc)  # the fixture made it moments ago
+    assert timedelta(days=29) < left <= timedelta(days=30, minutes=1)
     assert svid_from_pem(pki.server.cert_pem, TD, pki.bundle).spiffe_id == "spiffe://dev.local/agentauthz"
 
 

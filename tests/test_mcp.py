@@ -23,7 +23,7 @@ from limits_support import (
     start,
     tool_call,
 )
-from processes import echo_upstream, envoy, envoy_config, free_port
+from processes import echo_upstream, envoy, envoy_config, free_port, request
 from support import Forge, make_verifier, native_or_fail
 
 from agentauthz import _accel, errors, mcp, reasons, tokens
@@ -437,6 +437,7 @@ def test_through_envoy(stack: Stack, tmp_path: Path) -> None:
     proxy, admin = free_port(), free_port()
     budgeted = stack.client.mint("envoy-budget", [grant("search")]).token
     demo = stack.client.mint("demo", [grant("demo", "*", ("read", "write"))]).token
+    ticker = stack.client.mint("ticker", [grant("ticker", "*", ("read",))]).token
     with echo_upstream() as upstream, \
             envoy(envoy_config(stack.daemon.check_port, upstream, proxy, admin), tmp_path, admin):
         status, body, _ = post(proxy, tool_call("read_file", {"path": "/srv/reports/q1"}), stack.token)
@@ -464,3 +465,8 @@ def test_through_envoy(stack: Stack, tmp_path: Path) -> None:
         # The example's other routes are untouched: no body goes to agentauthz there.
         status, body, _ = post(proxy, b"[not json", demo, path="/demo/reports")
         assert status == 200, body
+        # A rate-limited budget on a plain route: Envoy passes 429 and Retry-After on.
+        assert [request(proxy, "/ticker/x", token=ticker)[0] for _ in range(2)] == [200, 200]
+        status, body, headers = request(proxy, "/ticker/x", token=ticker)
+        assert (status, body) == (429, {"error": reasons.RATE_LIMITED})
+        assert 1 <= int(headers["retry-after"]) <= 4
