@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd)
 
-.PHONY: run test test-pure bench protos check-protos lint clean
+.PHONY: run test fuzz fuzz-native test-pure bench protos check-protos lint clean
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,20 @@ run: $(STAMP)
 test: $(STAMP)
 	$(MAKE) --no-print-directory test-pure
 	$(PY) -m pytest -q
+
+# The fuzz tests (tests/test_fuzz_*.py, seeds in tests/corpus/) with many more examples than `make test`
+# runs; FUZZ_ARGS passes pytest options, e.g. "--hypothesis-seed=1 -x".
+FUZZ_ARGS ?=
+fuzz: $(STAMP)
+	$(PY) -m pytest tests -q -k fuzz --hypothesis-profile=fuzz --hypothesis-show-statistics $(FUZZ_ARGS)
+
+# The native twin under libFuzzer (atheris), the pure twin as oracle and coverage map; crash-* files
+# land in .fuzz/. FUZZ_SECONDS bounds the run.
+FUZZ_SECONDS ?= 120
+fuzz-native: $(STAMP)
+	$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q atheris
+	mkdir -p .fuzz/native && cp -n tests/corpus/tokens/*.jwt .fuzz/native/
+	cd .fuzz && ../$(PY) ../tests/fuzz_native_atheris.py -max_total_time=$(FUZZ_SECONDS) -max_len=8192 native
 
 test-pure: $(STAMP)
 	AGENTAUTHZ_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_accel.py tests/test_build.py

@@ -18,17 +18,19 @@ import re
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Protocol
 
-from nacl.bindings import crypto_sign_open
+from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 from . import errors, reasons
 from ._bitset_py import Bitset
 from .constraints import Extras, compile_extras
+from .identity import IdentityError, parse_spiffe_id
 from .tokens import (
     ALGORITHM,
     MAX_DELEGATION_DEPTH,
     MAX_GRANTS,
     MAX_INTENT_CHARS,
+    MAX_JSON_DEPTH,
     SENSITIVITY_RANK,
     task_key,
 )
@@ -59,6 +61,43 @@ def b64url_decode(segment: str) -> bytes:
     return raw
 
 
+def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
+    """Ed25519 (RFC 8032 §5.1.7) as token verification checks it: libsodium, strict encodings."""
+    if len(public_key) != 32 or len(signature) != 64:
+        return False
+    try:
+        crypto_sign_open(bytes(signature) + bytes(message), bytes(public_key))
+    except BadSignatureError:
+        return False
+    return True
+
+
+def valid_public_key(key: bytes) -> bool:
+    """A canonical encoding of a point of prime order (RFC 8032 §5.1.3): not small order, no torsion."""
+    return len(key) == 32 and bool(crypto_core_ed25519_is_valid_point(bytes(key)))
+
+
+_AGENTS: dict[str, bool] = {}  # SPIFFE IDs already found valid: a cold verify parses each agent once
+_AGENTS_MAX = 4096
+
+
+def is_agent(value: Any) -> bool:
+    """A workload's SPIFFE ID in its one spelling (SPIFFE-ID §2, ASCII only), as mint writes ``sub``."""
+    if type(value) is not str or not value.isascii():
+        return False
+    if value in _AGENTS:
+        return True
+    try:
+        if not parse_spiffe_id(value).path:
+            return False
+    except IdentityError:
+        return False
+    if len(_AGENTS) >= _AGENTS_MAX:
+        _AGENTS.clear()
+    _AGENTS[value] = True
+    return True
+
+
 def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj: dict[str, Any] = {}
     for key, value in pairs:
@@ -79,10 +118,36 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _nesting_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether more than ``limit`` arrays and objects are open at once; brackets in strings do not count."""
+    if raw.count(b"[") + raw.count(b"{") <= limit:  # every real token: no scan
+        return False
+    depth, in_string, escaped = 0, False, False
+    for c in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash: the next byte cannot end the string
+                escaped = True
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c == 0x5B or c == 0x7B:
+            depth += 1
+            if depth > limit:
+                return True
+        elif c == 0x5D or c == 0x7D:
+            depth -= 1
+    return False
+
+
 def json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity."""
+    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, at most MAX_JSON_DEPTH deep."""
     try:
         text = raw.decode("utf-8")
+        if _nesting_exceeds(raw, MAX_JSON_DEPTH):
+            raise errors.TokenMalformed(f"{what} is nested too deeply")
         obj = json.loads(text, object_pairs_hook=_pairs_no_duplicates,
                          parse_constant=_reject_constant, parse_float=_finite_float)
     except errors.TokenMalformed:
@@ -148,8 +213,10 @@ def _time(claims: dict[str, Any], name: str) -> int:
 
 def _text(claims: dict[str, Any], name: str) -> str:
     value = claims.get(name)
-    if not isinstance(value, str) or not value:
-        raise errors.TokenClaimsInvalid(f"{name} must be a non-empty string")
+    # sub, jti and task reach the upstream as header values: no control or format characters, no
+    # spaces (RFC 9110 §5.5: CR, LF and NUL in a field value are invalid and dangerous).
+    if not isinstance(value, str) or not value or not value.isprintable() or " " in value:
+        raise errors.TokenClaimsInvalid(f"{name} must be a non-empty string of printable characters")
     return value
 
 
@@ -284,6 +351,8 @@ class Verifier:
         for kid, key in keys.items():
             if not isinstance(kid, str) or not kid or len(bytes(key)) != 32:
                 raise ValueError("keys must map non-empty kids to 32-byte Ed25519 public keys")
+            if not valid_public_key(bytes(key)):  # a small-order key verifies forged signatures
+                raise ValueError("a key is not a canonical Ed25519 public key of prime order")
             new[kid] = bytes(key)
         old, self._keys = self._keys, new
         # Every cached entry was verified under old[entry.kid] (see _verify_uncached).
@@ -357,10 +426,8 @@ class Verifier:
         if key is None:
             raise errors.TokenKeyUnknown("no verification key with this kid")
         signing_input = token[:len(header_b64) + 1 + len(payload_b64)].encode("ascii")
-        try:
-            crypto_sign_open(signature + signing_input, key)
-        except BadSignatureError:
-            raise errors.TokenSignatureInvalid("signature does not verify") from None
+        if not ed25519_verify(key, signing_input, signature):
+            raise errors.TokenSignatureInvalid("signature does not verify")
         claims = json_object(payload, "claims")
         entry = self._check_claims(claims, kid, now)
         # The GIL is released during the signature check: if set_keys retired
@@ -402,7 +469,7 @@ class Verifier:
         if iat > now + self.leeway:
             raise errors.TokenNotYetValid("token was issued in the future")
         sub, _, _ = _text(claims, "sub"), _text(claims, "jti"), _text(claims, "task")
-        if not sub.startswith("spiffe://"):
+        if not is_agent(sub):  # one spelling per agent: policy and revocation compare it as text
             raise errors.TokenClaimsInvalid("sub must be a SPIFFE ID")
         intent = claims.get("intent", "")
         if not isinstance(intent, str) or len(intent) > MAX_INTENT_CHARS:
@@ -418,7 +485,7 @@ class Verifier:
         while act is not None:
             if len(subjects) > MAX_DELEGATION_DEPTH:
                 raise errors.TokenClaimsInvalid("delegation chain is too deep")
-            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            if not isinstance(act, dict) or not is_agent(act.get("sub")):
                 raise errors.TokenClaimsInvalid("act must be an object with a sub")
             subjects.append(act["sub"])
             slots.append(_slot(act, "act"))

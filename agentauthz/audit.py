@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import fcntl
@@ -17,23 +18,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import durable
-from .errors import StateError
+from .errors import AuditUnavailable, StateError
 
 log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 CHECKPOINTS, KEY_FILE, PUB_FILE = "checkpoints.jsonl", "audit-key.pem", "audit-key.pub.pem"
 _NAME = re.compile(r"audit-(\d{10,})\.jsonl")
-# A compact JWS anywhere in a value (also "Bearer eyJ..."): three base64url segments; "eyJ" is '{"' encoded.
-_JWS = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# A compact JWS anywhere in a value (also "Bearer eyJ...", "report-eyJ...", "x_eyJ..."): three base64url
+# segments; "eyJ" is '{"' encoded. Whatever comes before it does not matter (tests/test_no_secrets_leak.py).
+_JWS = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
 _BACKOFF_MAX = 1.0
 REDACTED = "[redacted: token]"
 _CHECK = object()  # marks record_check()'s queue items
+WITHDRAWN = "checks_withdrawn"  # allows answered audit_unavailable because their record could not be written
 
 
 def _b64(data: bytes) -> str:
@@ -76,6 +79,11 @@ def _redacted(value: Any, depth: int = 0) -> Any:
             return {k: _redacted(v, depth + 1) for k, v in value.items()}
         return [_redacted(v, depth + 1) for v in value]
     return value
+
+
+def redact_tokens(text: str) -> str:
+    """``text`` with every compact JWS in it replaced, for free text kept outside the log too."""
+    return _redacted(text)  # type: ignore[no-any-return]
 
 
 def _redacted_fields(fields: dict[str, Any]) -> dict[str, Any]:
@@ -125,7 +133,7 @@ def _load_key(directory: Path) -> Ed25519PrivateKey:
     else:
         try:
             loaded = serialization.load_pem_private_key(path.read_bytes(), None)
-        except ValueError as exc:
+        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: an encrypted key
             raise StateError(f"{path}: unreadable audit key: {exc}") from exc
         if not isinstance(loaded, Ed25519PrivateKey):
             raise StateError(f"{path}: audit key is not Ed25519")
@@ -227,6 +235,10 @@ class AuditLog:
         self._out: bytes | None = None
         self._out_n, self._out_cp = 0, b""
         self._out_waiters: list[threading.Event] = []
+        # Group commit (record_check_durable): (future, decision id) of allows waiting for the batch in
+        # flight, and when the last checkpoint was written (checkpoints are throttled, see _take).
+        self._out_durable: list[tuple[asyncio.Future[None], str]] = []
+        self._cp_at = -float("inf")
         cuts = self._resume()
         cp_path = directory / CHECKPOINTS
         cp_path.touch(mode=0o600)
@@ -287,7 +299,7 @@ class AuditLog:
         q = self._q
         if len(q) >= self._max:
             return False
-        item = (_CHECK, self._clock(), decision_id, request_id, prepared)
+        item = (_CHECK, self._clock(), decision_id, request_id, prepared, None)
         q.append(item)
         if self._closed:  # as in record()
             try:
@@ -298,6 +310,32 @@ class AuditLog:
         if len(q) == self._batch:
             self._wake.set()
         return True
+
+    def record_check_durable(self, decision_id: str, request_id: str,
+                             prepared: str) -> asyncio.Future[None] | None:
+        """``record_check`` for an allow: a future of the running loop, done once the record is fsynced.
+
+        None means the record was not taken. The future fails with ``AuditUnavailable`` if the disk
+        fails first; the record is then still written once it can be, followed by a ``checks_withdrawn``
+        record naming the decision. A process killed at any moment has therefore written every allow
+        it answered. Group commit: the writer is woken at once and one fsync covers every allow
+        waiting, so a Check waits about one fsync, not a flush interval.
+        """
+        q = self._q
+        if len(q) >= self._max:
+            return None
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        item = (_CHECK, self._clock(), decision_id, request_id, prepared, done)
+        q.append(item)
+        if self._closed:  # as in record()
+            try:
+                q.remove(item)
+                return None
+            except ValueError:
+                pass
+        if not self._wake.is_set():
+            self._wake.set()
+        return done
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""
@@ -336,12 +374,15 @@ class AuditLog:
         return len(self._q) + self._out_n
 
     def _run(self) -> None:
-        backoff = 0.0
+        backoff, recovered = 0.0, False
         try:
             while True:
                 if not (self._out is not None or self._out_cp or self._out_waiters):
-                    if len(self._q) < self._batch and not self._stopping:
+                    # Just recovered: the backoff's clear() may have swallowed a flush() or a waiting
+                    # allow's wake-up, so take what is queued now rather than a flush interval later.
+                    if len(self._q) < self._batch and not self._stopping and not recovered:
                         self._wake.wait(self._interval)
+                    recovered = False
                     self._wake.clear()  # clear before taking: a set() after this is never lost
                     if not self._take():
                         if self._stopping and not self._q:
@@ -353,15 +394,18 @@ class AuditLog:
                     if self._ok:
                         log.error("audit: write failed, holding %d records: %s", self.pending, exc)
                     self._ok, backoff = False, min(max(backoff * 2, 0.01), _BACKOFF_MAX)
+                    self._withdraw(exc)
                     self._wake.wait(backoff)  # flush() and stop() cut it short
                     self._wake.clear()  # else one early set() would turn the backoff into a busy loop
                     continue
                 if not self._ok:
                     log.warning("audit: writing again")
+                    recovered = True
                 self._ok, backoff = True, 0.0
-        except BaseException:
+        except BaseException as exc:
             log.exception("audit: writer died; the log is closed")
             self._closed, self._ok = True, False
+            self._withdraw(exc)  # nobody will write them: answer the waiting allows now
             raise
 
     def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
@@ -388,7 +432,9 @@ class AuditLog:
                 self._out_waiters.append(item)
                 continue
             if item[0] is _CHECK:
-                lines.append(self._check_line(*item[1:]))
+                lines.append(self._check_line(item[1], item[2], item[3], item[4]))
+                if item[5] is not None:
+                    self._out_durable.append((item[5], item[2]))
                 continue
             kind, ts, fields = item
             try:
@@ -396,12 +442,16 @@ class AuditLog:
             except (ValueError, TypeError):  # e.g. a non-str dict key: keep that it happened
                 lines.append(self._line(ts, kind, {"unencodable": sorted(fields)}))
         final = self._stopping and not q and self._since_cp + len(lines) > 0
+        # Group commit writes as often as allows wait: checkpoint those batches at most once a flush
+        # interval (a signature and a second fsync each), the rest as configured.
+        eager = bool(self._out_durable) and time.monotonic() - self._cp_at < self._interval
         size = sum(map(len, lines))
         if lines and (not self._file or (self._offset and self._offset + size > self._max_bytes)):
             self._file, self._offset = f"audit-{self._seq - len(lines) + 1:010d}.jsonl", 0
         self._batches += 1 if lines else 0
         self._since_cp += len(lines)
-        if final or self._batches >= self._cp_every:
+        if final or (self._batches >= self._cp_every and not eager):
+            self._cp_at = time.monotonic()
             now = self._clock()
             cp = {"seq": self._seq, "hash": self._prev, "file": self._file, "ts": now, "kid": self._kid}
             sig = _b64(self._key.sign(_canon(cp)))
@@ -422,11 +472,49 @@ class AuditLog:
                 self._fd_name = self._file
             self._offset = _append(self._fd, self._offset, self._out)  # group commit: one fsync per batch
             self._out, self._out_n = None, 0
+            if self._out_durable:  # before the checkpoint's own fsync: the allows wait for the log only
+                _resolve(self._out_durable, None)
+                self._out_durable = []
         if self._out_cp:  # only after the log fsync: a checkpoint never names a record that is not durable
             self._cp_offset, self._out_cp = _append(self._cp_fd, self._cp_offset, self._out_cp), b""
         for done in self._out_waiters:
             done.set()
         self._out_waiters = []
+
+    def _withdraw(self, exc: BaseException) -> None:
+        """The disk failed: answer every allow still waiting (in the batch in flight or queued) with
+        AuditUnavailable now, and say so in the log right after the records that name them."""
+        failed = self._out_durable
+        self._out_durable = []
+        for item in list(self._q):  # a snapshot: request threads keep appending
+            if item.__class__ is tuple and item[0] is _CHECK and item[5] is not None and not item[5].done():
+                failed.append((item[5], item[2]))
+        if failed:
+            # appendleft: chained right after the held batch once the disk takes it again.
+            self._q.appendleft((WITHDRAWN, self._clock(), {
+                "decision_ids": [d for _, d in failed], "reason": "audit_unavailable", "error": str(exc)}))
+            _resolve(failed, AuditUnavailable(f"audit log cannot be written: {exc}"))
+
+
+def _resolve(waiting: list[tuple[asyncio.Future[None], str]], error: BaseException | None) -> None:
+    """Complete futures of (usually one) event loop from the writer thread: one wake-up per loop."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for future, _ in waiting:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    for loop, futures in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_complete, futures, error)
+        except RuntimeError:  # that loop has closed: nobody waits any more
+            pass
+
+
+def _complete(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled Check (client gone) cancelled its future
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
 
 @dataclass

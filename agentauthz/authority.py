@@ -24,8 +24,9 @@ from typing import Any, Callable, Mapping, Sequence
 from . import _accel, approvals, delegation, durable, reasons, statuslist, tokens
 from .approvals import Approval, ApprovalStore
 from .approvers import Human
-from .audit import AuditLog
+from .audit import AuditLog, redact_tokens
 from .budgets import BudgetTable
+from .clock import SteadyClock
 from .config import Config
 from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
 from .keys import Keyring
@@ -123,7 +124,9 @@ class Authority:
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
         self.config = config
-        self.clock = clock
+        # Everything below reads this one clock, which never runs backwards (clock.py): a wall clock
+        # stepped back must not revive an expired token nor refuse a live one.
+        self.clock = clock = SteadyClock(clock)
         state = config.state_dir
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.policy_path = Path(config.policy_file) if config.policy_file else DEV_POLICY
@@ -258,8 +261,9 @@ class Authority:
         pending request instead. With ``approval_id`` (approved, same agent and task, the gated
         grants inside the approved ones) they are granted, and the token expires with the approval.
         """
-        if not task or len(task) > 256 or any(c.isspace() for c in task):
-            raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 characters without spaces")
+        # The task reaches the upstream as x-agentauthz-task: no control or format characters either.
+        if not task or len(task) > 256 or any(c.isspace() for c in task) or not task.isprintable():
+            raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 printable characters without spaces")
         if len(intent) > tokens.MAX_INTENT_CHARS:
             raise Refused(reasons.REQUEST_INVALID, "intent is too long")
         audience = audience or self.config.audiences[0]
@@ -479,7 +483,8 @@ class Authority:
             self._audit("approval_request", agent=agent, task=task, intent=intent, approval_id=a.id,
                         grants=a.grants, expires_at=a.expires_at)
         try:
-            pending, _ = self.approvals.request(agent, task, intent, narrowed.needs_approval,
+            # approvals.json keeps the intent, and humans read it: an agent's token pasted in stays out.
+            pending, _ = self.approvals.request(agent, task, redact_tokens(intent), narrowed.needs_approval,
                                                 self.config.approval_request_ttl, commit)
         except approvals.LimitReached as exc:
             self._audit("mint", decision=False, reason=reasons.APPROVAL_LIMIT, agent=agent, task=task)
@@ -554,8 +559,8 @@ class Authority:
             self._audit("approval_decide", decision=approve, state=a.state, approval_id=a.id, agent=a.agent,
                         task=a.task, grants=a.grants, expires_at=a.expires_at, comment=comment, **who)
         try:
-            return self.approvals.decide(approval_id, approve, human.subject, human.issuer, comment,
-                                         self.config.approval_ttl, commit)
+            return self.approvals.decide(approval_id, approve, human.subject, human.issuer,
+                                         redact_tokens(comment), self.config.approval_ttl, commit)
         except KeyError:  # dropped (its task ended) since we looked
             raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request") from None
         except approvals.NotPending as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from . import reasons
 from .constraints import Budget
+from .errors import StateError
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class BudgetTable:
 
     @classmethod
     def open(cls, path: Path, capacity: int) -> BudgetTable:
-        """Map ``path`` (created owner-only); a file of another layout or capacity starts afresh."""
+        """Map ``path`` (created owner-only); another capacity starts afresh, a damaged file is refused."""
         if capacity < 1:
             raise ValueError("budget capacity must be positive")
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -61,11 +62,17 @@ class BudgetTable:
             fcntl.lockf(fd, fcntl.LOCK_EX)
             try:
                 size = file_size(capacity)
-                header = os.pread(fd, HEADER.size, 0)
-                if len(header) != HEADER.size or HEADER.unpack(header) != (MAGIC, capacity) \
-                        or os.fstat(fd).st_size != size:
-                    if header:
-                        log.warning("%s: another layout or capacity; budgets start afresh", path)
+                raw = os.pread(fd, HEADER.size, 0)
+                fresh = not raw.strip(b"\0")  # new, or sized by a crash before its header: never used
+                magic, found = HEADER.unpack(raw.ljust(HEADER.size, b"\0"))
+                # Counts that start afresh are budgets handed out again: a new file or a changed
+                # capacity may do that, never damage (a crash cannot reset a budget, nor can a bad disk).
+                if not fresh and (magic != MAGIC or (found == capacity and os.fstat(fd).st_size != size)):
+                    raise StateError(f"{path}: damaged budget table (bad header or size); refusing to start "
+                                     "rather than reset every task budget")
+                if fresh or found != capacity or os.fstat(fd).st_size != size:
+                    if not fresh:
+                        log.warning("%s: another capacity; budgets start afresh", path)
                     os.ftruncate(fd, 0)
                     os.ftruncate(fd, size)
                     os.pwrite(fd, HEADER.pack(MAGIC, capacity), 0)

@@ -50,6 +50,10 @@ class Config:
     # Plaintext suits loopback and Unix sockets; across hosts require Envoy's client certificate
     # (chained to trust_bundle) on the Check listener too.
     check_mtls: bool = False
+    # Checks in progress at once per worker (an allow waits for its audit fsync); past it a Check is
+    # refused at once (RESOURCE_EXHAUSTED, which Envoy turns into a denial) instead of queuing without
+    # bound: load is shed fast and memory stays bounded.
+    check_max_concurrent_rpcs: int = 1024
     # Check worker processes sharing the listener (SO_REUSEPORT); measure before raising past cores.
     workers: int = 1
     api_listen: str = "127.0.0.1:9190"
@@ -135,6 +139,7 @@ def _problems(c: Config) -> list[str]:
         "budget_capacity": (c.budget_capacity, 1, 1 << 24),
         "audit_batch_size": (c.audit_batch_size, 1, 1 << 20),
         "audit_queue_max": (c.audit_queue_max, 1, 1 << 24),
+        "check_max_concurrent_rpcs": (c.check_max_concurrent_rpcs, 1, 1 << 20),
         "workers": (c.workers, 1, 64),
         "approval_request_ttl": (c.approval_request_ttl, 1, 7 * 24 * 3600),
         "approval_ttl": (c.approval_ttl, 1, 24 * 3600),

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence, TypeVar
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -253,17 +254,22 @@ def _load(state_dir: Path, trust_domain: str) -> DevPki:
 
 def _load_pair(pki_dir: Path, stem: str) -> CertAndKey:
     key_path, cert_path = pki_dir / f"{stem}.key", pki_dir / f"{stem}.pem"
+    where = key_path  # the file to name if one cannot be parsed
     try:
         fd = os.open(key_path, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
             if os.fstat(f.fileno()).st_mode & 0o077:
                 raise StateError(f"{key_path}: private key must be accessible by its owner only (0600)")
-            key = serialization.load_pem_private_key(f.read(), password=None)
+            data = f.read()
+        key = serialization.load_pem_private_key(data, password=None)
+        where = cert_path
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
     except OSError as exc:
-        raise StateError(f"{pki_dir}: cannot read {stem} certificate or key: {exc.strerror}") from exc
-    except ValueError as exc:
-        raise StateError(f"{pki_dir}: {stem} certificate or key is unreadable: {exc}") from exc
+        raise StateError(f"{exc.filename or pki_dir}: cannot read {stem} certificate or key: "
+                         f"{exc.strerror}") from exc
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: an encrypted key
+        raise StateError(f"{where}: unreadable {stem} {'key' if where == key_path else 'certificate'}: "
+                         f"{exc}") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.public_key() != cert.public_key():
         raise StateError(f"{key_path}: key does not match {cert_path.name}")
     return CertAndKey(cert, key)

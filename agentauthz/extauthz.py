@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import ssl
 import time
 import urllib.parse
@@ -23,13 +24,14 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
+from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
 from . import reasons
 from .audit import prepare
 from .budgets import retry_after
 from .constraints import enforce
-from .errors import TokenError
+from .errors import AuditUnavailable, TokenError
 from .mcp import EXTENSION, Call, read_call
 from .policy import Boundary, Policy, RequestDefaults
 
@@ -144,6 +146,12 @@ def bearer_token(headers: Any) -> str | None:
     return token
 
 
+# A path the upstream could resolve to another tool or target than the one it names: dot segments,
+# empty segments, percent-encoding, backslashes, path parameters, fragments (CVE-2019-9901:
+# Envoy forwards the path as sent unless normalize_path is on).
+_ABNORMAL_PATH = re.compile(r"[%\\;#]|//|/\.\.?(?:/|$)")
+
+
 def request_fields(http: Any, extensions: Any, defaults: RequestDefaults) -> tuple[str, str, str, str]:
     """(tool, target, operation, sensitivity) from the route's context_extensions, else the policy's
     ``requests`` defaults: operation from the method, tool and target from ``/<tool>/<target...>``."""
@@ -153,7 +161,10 @@ def request_fields(http: Any, extensions: Any, defaults: RequestDefaults) -> tup
     if tool is None or target is None:
         path_tool = path_target = ""
         if defaults.tool_from_path:
-            path_tool, _, path_target = http.path.partition("?")[0].lstrip("/").partition("/")
+            path = http.path.partition("?")[0]
+            if _ABNORMAL_PATH.search(path):  # names nothing: no tool, so request_invalid (400)
+                return "", "", operation, extensions.get("sensitivity") or defaults.sensitivity
+            path_tool, _, path_target = path.lstrip("/").partition("/")
         tool = tool if tool is not None else path_tool
         target = target if target is not None else path_target
     return tool, target, operation, extensions.get("sensitivity") or defaults.sensitivity
@@ -201,6 +212,16 @@ class CheckService:
                 self._retry_denied.clear()
             body = self._retry_denied[after] = denied_response(reason, after)
         return body
+
+    def _undecodable(self, decision_id: str) -> bytes:
+        """Deny (and record) a request that did not parse as a CheckRequest."""
+        reason = reasons.REQUEST_INVALID
+        key = (reason, None, "", "", "", "")
+        prepared = self._prepared.get(key) or self._prepare(key, None)
+        if not (self._audit.record_check(decision_id, "", prepared) and self._audit.healthy):
+            reason = reasons.AUDIT_UNAVAILABLE
+        self.decisions[reason] += 1
+        return self._deny(reason) + self._ids.metadata(decision_id)
 
     def _deny(self, reason: str) -> bytes:
         body = self._denied.get(reason)
@@ -257,6 +278,8 @@ class CheckService:
 
     async def check(self, request: Any, context: Any) -> bytes:
         decision_id = self._ids.next()
+        if request is None:  # not a CheckRequest (see parse_check_request): nothing to decide on
+            return self._undecodable(decision_id)
         # Each protobuf attribute access builds a wrapper object: walk the request once.
         attributes = request.attributes
         http = attributes.request.http
@@ -299,14 +322,25 @@ class CheckService:
             elif reason == reasons.TOKEN_KEY_UNKNOWN and len(self._verifiers) > 1 \
                     and self._other_boundary(token, boundary):
                 reason = reasons.TOKEN_BOUNDARY
+        if not self._audit.healthy:  # before the record is made, so that it says what was answered
+            reason, entry = reasons.AUDIT_UNAVAILABLE, None
         key = (reason, entry.jti if entry else None, tool, target, operation, sensitivity)
         prepared = self._prepared.get(key)
         if prepared is None:
             prepared = self._prepare(key, entry)
-        recorded = self._audit.record_check(decision_id, http.id, prepared)
-        if not (recorded and self._audit.healthy):
-            # An allow we cannot record is not an allow (DESIGN §5).
-            reason, entry = reasons.AUDIT_UNAVAILABLE, None
+        if entry is None:
+            if not self._audit.record_check(decision_id, http.id, prepared):
+                reason = reasons.AUDIT_UNAVAILABLE
+        else:
+            # An allow we cannot record is not an allow (DESIGN §5): it is answered once its record
+            # is on disk, so a crash at any moment loses no allow a caller saw (group commit, audit.py).
+            durable = self._audit.record_check_durable(decision_id, http.id, prepared)
+            try:
+                if durable is None:
+                    raise AuditUnavailable("audit queue full")
+                await durable
+            except AuditUnavailable:
+                reason, entry = reasons.AUDIT_UNAVAILABLE, None
         self.decisions[reason] += 1
         if entry is None:
             if reason == reasons.RATE_LIMITED:  # only enforce() says so, and it sets ``wait``
@@ -318,9 +352,21 @@ class CheckService:
         return body + self._ids.metadata(decision_id)
 
 
+def parse_check_request(raw: bytes) -> Any:
+    """The CheckRequest in ``raw``, or None when it is none (a header value that is not UTF-8, say).
+
+    A deserializer that raises makes gRPC answer UNKNOWN and log a traceback: one per call, from
+    any client of this unauthenticated listener. None is answered as a recorded request_invalid.
+    """
+    try:
+        return ext_authz.CheckRequest.FromString(raw)
+    except DecodeError:
+        return None
+
+
 def add_to_server(server: Any, service: CheckService) -> None:
     """Register Check with raw-bytes responses (no re-serialization per call)."""
     handler = grpc.unary_unary_rpc_method_handler(
-        service.check, request_deserializer=ext_authz.CheckRequest.FromString,
+        service.check, request_deserializer=parse_check_request,
         response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))

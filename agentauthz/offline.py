@@ -17,7 +17,7 @@ from nacl.exceptions import BadSignatureError
 
 from . import errors
 from ._bitset_py import Bitset
-from ._verify_py import RevocationIndex, Verifier, _time, b64url_decode, json_object
+from ._verify_py import RevocationIndex, Verifier, _time, b64url_decode, json_object, valid_public_key
 from .statuslist import TYP
 from .tokens import ALGORITHM, TOKEN_TYPE
 
@@ -53,6 +53,8 @@ def _keys(jwks: Mapping[str, Any] | str | bytes) -> dict[str, tuple[bytes, str |
             raise errors.KeySetInvalid(f"key {kid}: x is not canonical base64url") from None
         if len(raw) != 32:
             raise errors.KeySetInvalid(f"key {kid}: x is not a 32-byte Ed25519 key")
+        if not valid_public_key(raw):  # RFC 8032 §5.1.3: a small-order key would vouch for forgeries
+            raise errors.KeySetInvalid(f"key {kid}: x is not a canonical Ed25519 public key of prime order")
         boundary = jwk.get(BOUNDARY)
         keys[kid] = raw, boundary if isinstance(boundary, str) else None
     return keys

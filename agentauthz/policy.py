@@ -365,13 +365,22 @@ class Policy:
     def from_text(cls, text: str, source: str = "<string>", *, cache_size: int = CACHE_SIZE) -> Policy:
         """Compile policy text (YAML); ``source`` names it in errors."""
         try:
+            digest = hashlib.sha256(text.encode()).hexdigest()
+        except UnicodeEncodeError:
+            raise PolicyError("policy text is not valid Unicode (a lone surrogate)", file=source) from None
+        try:
             data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or exc
             raise PolicyError(f"YAML error{at}: {problem}", file=source) from None
-        return cls(data, source, hashlib.sha256(text.encode()).hexdigest(), cache_size)
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as exc:
+            # PyYAML's constructors raise these for scalars its parser accepted: a date such as
+            # 2001-13-45, an integer of more than 4300 digits, "!!bool maybe" (tests/test_fuzz_policy.py).
+            raise PolicyError(f"YAML error: a value cannot be read ({type(exc).__name__}: {exc})",
+                              file=source) from None
+        return cls(data, source, digest, cache_size)
 
     @classmethod
     def from_data(cls, data: Any, source: str = "<data>", *, cache_size: int = CACHE_SIZE) -> Policy:

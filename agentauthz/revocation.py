@@ -120,7 +120,11 @@ class RevocationStore:
                 fcntl.flock(store._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise errors.StateError(f"{store.path}: in use by another process") from None
-            store._fd = os.open(store.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if not os.path.lexists(store.path):
+                # Born with a first record, atomically: an empty journal is never a state it had, so
+                # one found empty was truncated and is refused (it would forget every revocation).
+                durable.replace(store.path, _encode({"op": "base", "base": 0}))
+            store._fd = os.open(store.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
             os.fchmod(store._fd, 0o600)
             durable.fsync_dir(directory)
             store._replay()
@@ -321,6 +325,9 @@ class RevocationStore:
         with open(self.path, "rb") as f:
             data = f.read()
         end = data.rfind(b"\n") + 1
+        if end == 0:
+            raise errors.StateError(f"{self.path}: no complete record (a journal starts with one): truncated "
+                                    "or damaged; refusing to start without the revocations it held")
         if end < len(data):
             # A crash mid-append: that record was never acknowledged, so cutting it loses nothing.
             log.warning("%s: cutting a torn last line of %d bytes", self.path, len(data) - end)

@@ -10,7 +10,7 @@ import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 API_SERVICE = agentauthz_pb2.DESCRIPTOR.services_by_name["AgentAuthz"].full_name
 HOUSEKEEPING_INTERVAL = 5.0
+AUDIT_HEALTH_INTERVAL = 0.1  # how soon gRPC health reports an audit log that cannot write (and recovery)
 DEV_HINT = """
 agentauthz is running on development defaults. In another terminal:
 
@@ -174,6 +175,7 @@ class Daemon:
         self.http: ThreadingHTTPServer | None = None
         self._threads: list[Any] = []
         self.workers: list[workers.Worker] = []
+        self._audit_health: asyncio.Task[None] | None = None
 
     def fork_workers(self) -> None:
         """With ``workers > 1``, fork the extra Check workers; before any gRPC object exists."""
@@ -186,7 +188,7 @@ class Daemon:
                                            root_certificates=self.trust_bundle, require_client_auth=True)
 
     def _check_server(self, service: extauthz.CheckService) -> Any:
-        server = grpc.aio.server()
+        server = grpc.aio.server(maximum_concurrent_rpcs=self.config.check_max_concurrent_rpcs)
         extauthz.add_to_server(server, service)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -210,9 +212,25 @@ class Daemon:
             [(self.tls_key, self.tls_cert)], require_client_auth=False))
         return server
 
-    async def _set_health(self, status: int) -> None:
-        for name in ("", extauthz.SERVICE, API_SERVICE, approval_api.SERVICE):
+    async def _set_health(self, status: int, names: tuple[str, ...] = ("", extauthz.SERVICE, API_SERVICE,
+                                                                       approval_api.SERVICE)) -> None:
+        for name in names:
             await self.health.set(name, status)
+
+    async def _follow_audit(self, audit: Any, serving: Callable[[], bool], names: tuple[str, ...]) -> None:
+        """gRPC health follows the audit log, as /healthz does: NOT_SERVING while it cannot write
+        (every Check is denied audit_unavailable then), SERVING again once it can."""
+        reported = True
+        while True:
+            await asyncio.sleep(AUDIT_HEALTH_INTERVAL)
+            if not serving():
+                return  # shutting down: stop() owns health from here
+            if audit.healthy != reported:
+                reported = not reported
+                log.warning("audit log %s: health %s", "writable again" if reported else "cannot write",
+                            "SERVING" if reported else "NOT_SERVING")
+                await self._set_health(health_pb2.HealthCheckResponse.SERVING if reported
+                                       else health_pb2.HealthCheckResponse.NOT_SERVING, names)
 
     async def start(self) -> None:
         a = self.authority
@@ -250,6 +268,8 @@ class Daemon:
         freeze_startup_objects()
         self.serving.set()
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._audit_health = asyncio.create_task(self._follow_audit(a.audit, self.serving.is_set, (
+            "", extauthz.SERVICE, API_SERVICE, approval_api.SERVICE)))
         log.info("serving: check %s, api %s (mTLS), approvals %s (TLS), http %s", self.config.check_listen,
                  self.config.api_listen, self.config.approval_listen, self.config.http_listen)
         if self.config.development:
@@ -260,6 +280,8 @@ class Daemon:
     async def stop(self, grace: float = 10.0) -> None:
         """NOT_SERVING first, so load balancers move on; then drain, flush audit, exit."""
         self.serving.clear()
+        if self._audit_health is not None:
+            self._audit_health.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         await asyncio.gather(self.check_server.stop(grace), self.api_server.stop(grace),
                              self.approval_server.stop(grace))
@@ -293,7 +315,10 @@ class Daemon:
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %d serving check %s", number, self.config.check_listen)
+        follow = asyncio.create_task(self._follow_audit(audit, lambda: not stopping.is_set(),
+                                                        ("", extauthz.SERVICE)))
         await loop.run_in_executor(None, stopping.wait)
+        follow.cancel()
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(10.0)
         audit.stop()

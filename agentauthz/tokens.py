@@ -28,6 +28,10 @@ MAX_GRANTS = 64
 MAX_DELEGATION_DEPTH = 8
 MAX_INTENT_CHARS = 1024
 MAX_TOKEN_BYTES = 8192
+# Arrays and objects open at once in a token's header or claims (and an MCP body, mcp.py): a token
+# needs fewer than 16. A fixed bound, checked before parsing, keeps the verdict on deep nesting from
+# depending on the interpreter's recursion limit or on how deep the caller's stack already is.
+MAX_JSON_DEPTH = 64
 
 
 def b64url(data: bytes) -> str:

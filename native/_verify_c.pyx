@@ -13,13 +13,14 @@ runs against both twins and asserts they agree.
 import json
 from collections import OrderedDict
 
-import nacl.bindings  # noqa: F401  (importing it runs sodium_init(), required before any libsodium call)
+import nacl.bindings  # importing it runs sodium_init(), required before any libsodium call
 from nacl._sodium import ffi as _ffi, lib as _sodium
 
 from agentauthz import errors, reasons
 from agentauthz.constraints import compile_extras
+from agentauthz.identity import IdentityError, parse_spiffe_id
 from agentauthz.tokens import (
-    ALGORITHM, MAX_DELEGATION_DEPTH, MAX_GRANTS, MAX_INTENT_CHARS, SENSITIVITY_RANK, task_key,
+    ALGORITHM, MAX_DELEGATION_DEPTH, MAX_GRANTS, MAX_INTENT_CHARS, MAX_JSON_DEPTH, SENSITIVITY_RANK, task_key,
 )
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
@@ -76,6 +77,7 @@ cdef tuple DENY_REQUEST_INVALID = (reasons.REQUEST_INVALID, None)
 cdef object _SENSITIVITY_RANK = SENSITIVITY_RANK
 cdef object _ALGORITHM = ALGORITHM
 cdef long _MAX_GRANTS = MAX_GRANTS
+cdef Py_ssize_t _MAX_JSON_DEPTH = MAX_JSON_DEPTH
 cdef long _MAX_INTENT_CHARS = MAX_INTENT_CHARS
 cdef Py_ssize_t _MAX_DELEGATION_DEPTH = MAX_DELEGATION_DEPTH
 cdef tuple _HEADER_KEY_MATERIAL = ("jwk", "jku", "x5u", "x5c")
@@ -128,6 +130,41 @@ cdef bint _signature_ok(const unsigned char *signature, const char *message, Py_
         rc = _sign_open(sm + smlen, &opened, sm, smlen, pk)
     free(sm)
     return rc == 0
+
+
+def ed25519_verify(public_key, message, signature):
+    """Ed25519 (RFC 8032 §5.1.7) as token verification checks it: libsodium, strict encodings."""
+    cdef bytes pk = bytes(public_key), msg = bytes(message), sig = bytes(signature)
+    if len(pk) != 32 or len(sig) != 64:
+        return False
+    return _signature_ok(<const unsigned char *>PyBytes_AS_STRING(sig), PyBytes_AS_STRING(msg), len(msg),
+                         <const unsigned char *>PyBytes_AS_STRING(pk))
+
+
+def valid_public_key(key):
+    """A canonical encoding of a point of prime order (RFC 8032 §5.1.3): not small order, no torsion."""
+    return len(key) == 32 and bool(nacl.bindings.crypto_core_ed25519_is_valid_point(bytes(key)))
+
+
+cdef Py_ssize_t _AGENTS_MAX = 4096
+cdef dict _AGENTS = {}  # SPIFFE IDs already found valid: a cold verify parses each agent once
+
+
+def is_agent(value):
+    """A workload's SPIFFE ID in its one spelling (SPIFFE-ID §2, ASCII only), as mint writes ``sub``."""
+    if not PyUnicode_CheckExact(value) or not (<str>value).isascii():
+        return False
+    if value in _AGENTS:
+        return True
+    try:
+        if not parse_spiffe_id(value).path:
+            return False
+    except IdentityError:
+        return False
+    if len(_AGENTS) >= _AGENTS_MAX:
+        _AGENTS.clear()
+    _AGENTS[value] = True
+    return True
 
 
 # -- strict base64url ----------------------------------------------------------
@@ -282,12 +319,36 @@ cdef Py_ssize_t _json_members(const unsigned char *p, Py_ssize_t n) noexcept:
     return members
 
 
+cdef bint _nesting_exceeds(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit) noexcept:
+    """Whether more than ``limit`` arrays and objects are open at once; brackets in strings do not count."""
+    cdef Py_ssize_t i = 0, depth = 0
+    cdef bint in_string = False
+    cdef unsigned char c
+    while i < n:
+        c = p[i]
+        if in_string:
+            if c == b'\\':
+                i += 1  # the escaped character cannot end the string
+            elif c == b'"':
+                in_string = False
+        elif c == b'"':
+            in_string = True
+        elif c == b'[' or c == b'{':
+            depth += 1
+            if depth > limit:
+                return True
+        elif c == b']' or c == b'}':
+            depth -= 1
+        i += 1
+    return False
+
+
 cdef Py_ssize_t _distinct_members(object node) except -2:
     """Members of every object in a parsed value, or -1 if it holds a non-finite float.
 
     A dict holds one entry per distinct key, so fewer entries than members
-    in the text means a duplicate key. Depth is bounded: the scanner that
-    built ``node`` enforced the recursion limit.
+    in the text means a duplicate key. Depth is bounded: _json_object refuses
+    texts nested deeper than MAX_JSON_DEPTH before ``node`` is built.
     """
     cdef Py_ssize_t total = 0, inner
     if type(node) is dict:
@@ -338,6 +399,8 @@ cdef dict _json_object(bytes raw, str what):
     cdef str text
     try:
         text = PyUnicode_DecodeUTF8(raw, len(raw), NULL)
+        if _nesting_exceeds(<const unsigned char *>PyBytes_AS_STRING(raw), len(raw), _MAX_JSON_DEPTH):
+            raise TokenMalformed(f"{what} is nested too deeply")
         obj = _plain_json(raw, text)
         if obj is None:  # never a valid result: a JSON null is not an object either
             obj = _strict_json(text)
@@ -351,7 +414,7 @@ cdef dict _json_object(bytes raw, str what):
 
 
 def json_object(raw, what):
-    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity."""
+    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, at most MAX_JSON_DEPTH deep."""
     return _json_object(bytes(raw), what)
 
 
@@ -439,8 +502,10 @@ cdef long long _time(dict claims, str name) except -1:
 
 cdef str _text(dict claims, str name):
     value = claims.get(name)
-    if not isinstance(value, str) or not value:
-        raise TokenClaimsInvalid(f"{name} must be a non-empty string")
+    # sub, jti and task reach the upstream as header values: no control or format characters, no
+    # spaces (RFC 9110 §5.5: CR, LF and NUL in a field value are invalid and dangerous).
+    if not isinstance(value, str) or not value or not (<str>value).isprintable() or " " in value:
+        raise TokenClaimsInvalid(f"{name} must be a non-empty string of printable characters")
     return value
 
 
@@ -613,6 +678,8 @@ cdef class Verifier:
         for kid, key in keys.items():
             if not isinstance(kid, str) or not kid or len(bytes(key)) != 32:
                 raise ValueError("keys must map non-empty kids to 32-byte Ed25519 public keys")
+            if not valid_public_key(bytes(key)):  # a small-order key verifies forged signatures
+                raise ValueError("a key is not a canonical Ed25519 public key of prime order")
             new[kid] = bytes(key)
         self._keys = new
         # Every cached entry was verified under old[entry.kid] (see _verify_uncached).
@@ -757,7 +824,7 @@ cdef class Verifier:
         sub = _text(claims, "sub")
         _text(claims, "jti")
         _text(claims, "task")
-        if not sub.startswith("spiffe://"):
+        if not is_agent(sub):  # one spelling per agent: policy and revocation compare it as text
             raise TokenClaimsInvalid("sub must be a SPIFFE ID")
         intent = claims.get("intent", "")
         if not isinstance(intent, str) or len(intent) > _MAX_INTENT_CHARS:
@@ -776,7 +843,7 @@ cdef class Verifier:
         while act is not None:
             if len(subjects) > _MAX_DELEGATION_DEPTH:
                 raise TokenClaimsInvalid("delegation chain is too deep")
-            if not isinstance(act, dict) or not isinstance(act.get("sub"), str) or not act["sub"]:
+            if not isinstance(act, dict) or not is_agent(act.get("sub")):
                 raise TokenClaimsInvalid("act must be an object with a sub")
             subjects += (act["sub"],)
             slots += (_slot(act, "act"),)

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import HealthCheck, settings
 from support import native_or_fail
 
 from agentauthz import _accel
+
+# Fuzz tests (tests/test_fuzz_*.py) leave max_examples to the profile: "ci", the default, keeps each to
+# a few seconds in `make test`; `make fuzz` passes --hypothesis-profile=fuzz. Explicit @settings win.
+_FUZZ_HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=_FUZZ_HEALTH,
+                          print_blob=True)
+settings.register_profile("fuzz", max_examples=4000, deadline=None, suppress_health_check=_FUZZ_HEALTH,
+                          print_blob=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not config.getoption("hypothesis_profile", None):  # before test modules build their @settings
+        settings.load_profile("ci")
 
 
 @pytest.fixture(params=["native", "pure"])

@@ -155,6 +155,14 @@ def test_sigterm_under_load_drains_flushes_audit_and_exits_zero(tmp_path: Path) 
     assert audited_allows >= sum(allowed) > 200
     assert "stop" in (tmp_path / "state" / "audit").joinpath(
         sorted(p.name for p in (tmp_path / "state" / "audit").glob("audit-*.jsonl"))[-1]).read_text()
+    # The final checkpoint signs the very last record ("stop"), in the chain and in the exported file.
+    audit_dir = tmp_path / "state" / "audit"
+    tail = sorted(audit_dir.glob("audit-*.jsonl"))[-1].read_text().splitlines()
+    stop_record, final = json.loads(tail[-2]), json.loads(tail[-1])
+    assert (stop_record["kind"], final["kind"]) == ("stop", "checkpoint")
+    assert final["checkpoint"]["seq"] == stop_record["seq"]
+    exported = json.loads((audit_dir / "checkpoints.jsonl").read_text().splitlines()[-1])
+    assert (exported["seq"], exported["sig"]) == (stop_record["seq"], final["sig"])
 
 
 def test_check_over_a_unix_socket_and_with_mtls(tmp_path: Path) -> None:

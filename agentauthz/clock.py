@@ -1,0 +1,47 @@
+"""The daemon's clock: the wall clock, except that it never runs backwards.
+
+Token times (``iat``/``nbf``/``exp``, RFC 7519 §4.1) are wall-clock seconds, so a decision must read
+the wall clock; but the wall clock jumps (an NTP step, a VM resumed from a snapshot, ``date -s``).
+Forward is safe: tokens expire early and keys rotate once (fail closed). Backward is not: a token
+that has expired would verify again, and every live token would look issued in the future. So
+when the wall clock goes back, this clock keeps counting forward on the monotonic clock from the
+last time it read, until the wall clock catches up; then it follows the wall clock again. While the
+wall clock moves forward it is returned exactly (NTP slewing included), so nothing drifts.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class SteadyClock:
+    """``wall()`` while it moves forward; after it steps back, the last reading plus monotonic time."""
+
+    def __init__(self, wall: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._wall, self._monotonic = wall, monotonic
+        self._lock = threading.Lock()  # readers on every thread: the request loop, writer, rotation
+        self._last, self._last_mono = wall(), monotonic()
+        self._behind = False  # for logging once per step back
+
+    def __call__(self) -> float:
+        wall, mono = self._wall(), self._monotonic()
+        with self._lock:
+            if wall >= self._last:
+                now, behind = wall, False
+            else:
+                now, behind = self._last + max(0.0, mono - self._last_mono), True
+            if behind != self._behind:
+                self._behind = behind
+                if behind:
+                    log.warning("the wall clock went back %.3f s; counting on from %.3f until it catches up",
+                                self._last - wall, self._last)
+                else:
+                    log.warning("the wall clock has caught up; following it again")
+            self._last, self._last_mono = now, mono
+            return now
