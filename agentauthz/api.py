@@ -73,6 +73,19 @@ def approval_to_proto(a: Approval, now: float) -> pb.ApprovalRequest:
                               comment=a.comment)
 
 
+async def call_authority(context: Any, fn: Callable[[], Any], status_by_reason: dict[str, Any]) -> Any:
+    """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes."""
+    try:
+        return await asyncio.to_thread(fn)
+    except Refused as exc:
+        code = status_by_reason.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
+        await context.abort(code, f"{exc.reason}: {exc}")
+    except (AuditUnavailable, CapacityExhausted) as exc:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.reason}: {exc}")
+    except AgentAuthzError as exc:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc}")
+
+
 class ApiService(pb_grpc.AgentAuthzServicer):
     """Every method starts by proving who is calling: the mTLS peer's X.509-SVID, or its JWT-SVID bearer."""
 
@@ -107,16 +120,7 @@ class ApiService(pb_grpc.AgentAuthzServicer):
         return (await self._peer(context)).spiffe_id
 
     async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
-        """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes."""
-        try:
-            return await asyncio.to_thread(fn)
-        except Refused as exc:
-            code = _STATUS_BY_REASON.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
-            await context.abort(code, f"{exc.reason}: {exc}")
-        except (AuditUnavailable, CapacityExhausted) as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.reason}: {exc}")
-        except AgentAuthzError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc}")
+        return await call_authority(context, fn, _STATUS_BY_REASON)
 
     async def Mint(self, request: pb.MintRequest, context: Any) -> pb.MintResponse:
         peer = await self._peer(context)

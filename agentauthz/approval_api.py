@@ -8,16 +8,14 @@ subjects are refused.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Callable
 
 import grpc
 
 from . import reasons
-from .api import approval_to_proto
+from .api import approval_to_proto, call_authority
 from .approvers import Human, HumanVerifier, approver_issuers
-from .authority import Authority, Refused
-from .errors import AgentAuthzError, AuditUnavailable
+from .authority import Authority
 from .identity import IdentityError
 from .jwtsvid import bearer_token
 from .v1 import agentauthz_pb2 as pb
@@ -55,16 +53,7 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):
         return human
 
     async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
-        """A blocking Authority call (it fsyncs) off the event loop; refusals become status codes."""
-        try:
-            return await asyncio.to_thread(fn)
-        except Refused as exc:
-            code = _STATUS_BY_REASON.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
-            await context.abort(code, f"{exc.reason}: {exc}")
-        except AuditUnavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.reason}: {exc}")
-        except AgentAuthzError as exc:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc}")
+        return await call_authority(context, fn, _STATUS_BY_REASON)
 
     async def ListApprovals(self, request: pb.ListApprovalsRequest, context: Any) -> pb.ListApprovalsResponse:
         human = await self._human(context)

@@ -280,7 +280,11 @@ class AuditLog:
         """
         if "seq" in fields or "prev" in fields or "ts" in fields or kind == "checkpoint":
             raise ValueError("seq, prev, ts and checkpoint records belong to the audit log")
-        q, item = self._q, (kind, self._clock(), fields)
+        return self._enqueue((kind, self._clock(), fields))
+
+    def _enqueue(self, item: Any, wake_now: bool = False) -> bool:
+        """Take ``item`` unless the queue is full or the log closed (then False: the caller fails closed)."""
+        q = self._q
         if len(q) >= self._max:
             return False
         q.append(item)
@@ -290,26 +294,16 @@ class AuditLog:
                 return False
             except ValueError:
                 pass  # the writer already took it: it will be written
-        if len(q) == self._batch:  # '==': a backlog must not cut the writer's backoff short on every call
+        if wake_now:
+            if not self._wake.is_set():
+                self._wake.set()
+        elif len(q) == self._batch:  # '==': a backlog must not cut the writer's backoff short on every call
             self._wake.set()
         return True
 
     def record_check(self, decision_id: str, request_id: str, prepared: str) -> bool:
         """``record("check", ...)`` for members made by ``prepare``, plus the two per-call ids."""
-        q = self._q
-        if len(q) >= self._max:
-            return False
-        item = (_CHECK, self._clock(), decision_id, request_id, prepared, None)
-        q.append(item)
-        if self._closed:  # as in record()
-            try:
-                q.remove(item)
-                return False
-            except ValueError:
-                pass
-        if len(q) == self._batch:
-            self._wake.set()
-        return True
+        return self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, None))
 
     def record_check_durable(self, decision_id: str, request_id: str,
                              prepared: str) -> asyncio.Future[None] | None:
@@ -321,21 +315,9 @@ class AuditLog:
         it answered. Group commit: the writer is woken at once and one fsync covers every allow
         waiting, so a Check waits about one fsync, not a flush interval.
         """
-        q = self._q
-        if len(q) >= self._max:
-            return None
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         item = (_CHECK, self._clock(), decision_id, request_id, prepared, done)
-        q.append(item)
-        if self._closed:  # as in record()
-            try:
-                q.remove(item)
-                return None
-            except ValueError:
-                pass
-        if not self._wake.is_set():
-            self._wake.set()
-        return done
+        return done if self._enqueue(item, wake_now=True) else None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""
