@@ -1,4 +1,7 @@
-"""Audit log: O(1) enqueue, batch writer thread, SHA-256 hash chain, Ed25519-signed checkpoints, verifier."""
+"""Audit log: O(1) enqueue, batch writer thread, SHA-256 hash chain, Ed25519-signed checkpoints.
+
+The offline verifier is ``audit_verify``.
+"""
 
 from __future__ import annotations
 
@@ -14,11 +17,10 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -108,13 +110,15 @@ def prepare(**fields: Any) -> str:
 _json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
-def _append(fd: int, offset: int, data: bytes) -> int:
-    """Write ``data`` at ``offset`` and fsync; return the new durable end."""
-    os.ftruncate(fd, offset)  # a failed earlier try (ENOSPC mid-write) may have left part of ``data``
+def _append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
+    """Write ``data`` at ``offset`` and (``sync``) fsync; return the new end."""
+    if retry:  # a failed earlier try (ENOSPC mid-write) may have left part of ``data``
+        os.ftruncate(fd, offset)
     view = memoryview(data)
     while view:  # a short write is how a full disk first shows; the next write raises
         view = view[os.write(fd, view):]
-    os.fsync(fd)
+    if sync:
+        os.fsync(fd)
     return offset + len(data)
 
 
@@ -238,6 +242,9 @@ class AuditLog:
         # Group commit (record_check_durable): (future, decision id) of allows waiting for the batch in
         # flight, and when the last checkpoint was written (checkpoints are throttled, see _take).
         self._out_durable: list[tuple[asyncio.Future[None], str]] = []
+        self._kick_pending = False  # a _kick is scheduled on the event loop (record_check_durable)
+        # Taking, chaining and writing a batch: the writer thread, or the event loop's _kick.
+        self._mutex = threading.Lock()
         self._cp_at = -float("inf")
         cuts = self._resume()
         cp_path = directory / CHECKPOINTS
@@ -282,7 +289,7 @@ class AuditLog:
             raise ValueError("seq, prev, ts and checkpoint records belong to the audit log")
         return self._enqueue((kind, self._clock(), fields))
 
-    def _enqueue(self, item: Any, wake_now: bool = False) -> bool:
+    def _enqueue(self, item: Any) -> bool:
         """Take ``item`` unless the queue is full or the log closed (then False: the caller fails closed)."""
         q = self._q
         if len(q) >= self._max:
@@ -294,10 +301,7 @@ class AuditLog:
                 return False
             except ValueError:
                 pass  # the writer already took it: it will be written
-        if wake_now:
-            if not self._wake.is_set():
-                self._wake.set()
-        elif len(q) == self._batch:  # '==': a backlog must not cut the writer's backoff short on every call
+        if len(q) == self._batch:  # '==': a backlog must not cut the writer's backoff short on every call
             self._wake.set()
         return True
 
@@ -305,19 +309,80 @@ class AuditLog:
         """``record("check", ...)`` for members made by ``prepare``, plus the two per-call ids."""
         return self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, None))
 
+    def write_allow(self, decision_id: str, request_id: str, prepared: str) -> bool:
+        """Write an allow's record to the log file now, on the caller's thread; True once written.
+
+        The fast path of an allow: no queue, no thread hand-off, no future (each cost more than the
+        Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
+        next batch, within a flush interval, fsyncs it and signs a checkpoint. False, with nothing
+        recorded, when it cannot be done at once (records queued ahead of it, a batch in flight, a
+        failing disk): the caller then takes ``record_check_durable``. A write that fails is withdrawn.
+        """
+        if not self._ok or self._closed or self._q or not self._mutex.acquire(blocking=False):
+            return False
+        try:
+            if self._out is not None or self._out_cp:
+                return False
+            ts = self._clock()
+            self._q.append((_CHECK, ts, decision_id, request_id, prepared, None))
+            self._take(checkpoint=False)
+            try:
+                self._write_out(sync=False)
+            except OSError as exc:  # the batch stays held for the writer; this allow is not answered
+                log.error("audit: write failed, holding %d records: %s", self.pending, exc)
+                self._ok = False
+                self._q.appendleft((WITHDRAWN, ts, {"decision_ids": [decision_id],
+                                                    "reason": "audit_unavailable", "error": str(exc)}))
+                self._withdraw(exc)
+                self._wake.set()
+                raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
+            return True
+        finally:
+            self._mutex.release()
+
     def record_check_durable(self, decision_id: str, request_id: str,
                              prepared: str) -> asyncio.Future[None] | None:
-        """``record_check`` for an allow: a future of the running loop, done once the record is fsynced.
+        """``record_check`` for an allow: a future of the running loop, done once the record is written.
 
         None means the record was not taken. The future fails with ``AuditUnavailable`` if the disk
         fails first; the record is then still written once it can be, followed by a ``checks_withdrawn``
         record naming the decision. A process killed at any moment has therefore written every allow
-        it answered. Group commit: the writer is woken at once and one fsync covers every allow
-        waiting, so a Check waits about one fsync, not a flush interval.
+        it answered. The slow path of ``write_allow``: committed once per event-loop iteration, after
+        every Check that iteration handles has enqueued (``_kick``), or by the writer thread.
         """
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        item = (_CHECK, self._clock(), decision_id, request_id, prepared, done)
-        return done if self._enqueue(item, wake_now=True) else None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, done)):
+            return None
+        if not self._kick_pending:  # only the loop's thread reads or writes it
+            self._kick_pending = True
+            loop.call_soon(self._kick)
+        return done
+
+    def _kick(self) -> None:
+        """Commit the allows this loop iteration enqueued, on the loop's own thread.
+
+        Handing each batch to the writer thread cost more than the Check itself (a wake-up and two
+        GIL hand-offs per batch of one or two); here the loop encodes and writes the batch itself.
+        The writer thread keeps the rest: fsync and checkpoints on its interval, other records,
+        retries after a failure.
+        """
+        self._kick_pending = False
+        if not self._mutex.acquire(blocking=False):
+            self._wake.set()  # the writer is mid-batch: it takes ours next
+            return
+        try:
+            if self._ok and self._out is None and not self._out_cp and self._take(checkpoint=False):
+                # Written, not yet fsynced: a killed process loses none of it (the kernel has it). The
+                # writer's next batch, within a flush interval, fsyncs it and signs a checkpoint.
+                self._write_out(sync=False)
+        except OSError as exc:
+            log.error("audit: write failed, holding %d records: %s", self.pending, exc)
+            self._ok = False
+            self._withdraw(exc)
+            self._wake.set()  # the writer retries with backoff
+        finally:
+            self._mutex.release()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""
@@ -366,17 +431,21 @@ class AuditLog:
                         self._wake.wait(self._interval)
                     recovered = False
                     self._wake.clear()  # clear before taking: a set() after this is never lost
-                    if not self._take():
+                    with self._mutex:  # _kick may have left a batch that failed to write: never replace it
+                        took = self._out is not None or bool(self._out_cp) or self._take()
+                    if not took:
                         if self._stopping and not self._q:
                             break
                         continue
                 try:
-                    self._write_out()
+                    with self._mutex:
+                        self._write_out()
                 except OSError as exc:  # ENOSPC, EIO...: keep the batch, report unhealthy, retry
                     if self._ok:
                         log.error("audit: write failed, holding %d records: %s", self.pending, exc)
                     self._ok, backoff = False, min(max(backoff * 2, 0.01), _BACKOFF_MAX)
-                    self._withdraw(exc)
+                    with self._mutex:
+                        self._withdraw(exc)
                     self._wake.wait(backoff)  # flush() and stop() cut it short
                     self._wake.clear()  # else one early set() would turn the backoff into a busy loop
                     continue
@@ -404,8 +473,11 @@ class AuditLog:
         self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
         return line + b"\n"
 
-    def _take(self) -> bool:
-        """Chain up to a batch of queued records (+ a checkpoint) into self._out; True if there is work."""
+    def _take(self, checkpoint: bool = True) -> bool:
+        """Chain up to a batch of queued records (+ a checkpoint) into self._out; True if there is work.
+
+        Only with ``_mutex`` held and no batch in flight (``_out`` None, no ``_out_cp``).
+        """
         lines: list[bytes] = []
         q = self._q
         while q and len(lines) < self._batch:
@@ -432,7 +504,7 @@ class AuditLog:
             self._file, self._offset = f"audit-{self._seq - len(lines) + 1:010d}.jsonl", 0
         self._batches += 1 if lines else 0
         self._since_cp += len(lines)
-        if final or (self._batches >= self._cp_every and not eager):
+        if checkpoint and (final or (self._batches >= self._cp_every and not eager)):
             self._cp_at = time.monotonic()
             now = self._clock()
             cp = {"seq": self._seq, "hash": self._prev, "file": self._file, "ts": now, "kid": self._kid}
@@ -444,7 +516,7 @@ class AuditLog:
             self._out, self._out_n = b"".join(lines), len(lines)
         return bool(lines or self._out_waiters)
 
-    def _write_out(self) -> None:
+    def _write_out(self, sync: bool = True) -> None:
         if self._out is not None:
             if self._fd_name != self._file:
                 if self._fd >= 0:
@@ -452,13 +524,15 @@ class AuditLog:
                 self._fd = os.open(self._dir / self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 durable.fsync_dir(self._dir)  # the new name must survive a crash as much as its content
                 self._fd_name = self._file
-            self._offset = _append(self._fd, self._offset, self._out)  # group commit: one fsync per batch
+            # Group commit: one fsync per batch. After a failure (not _ok) the file may hold a torn try.
+            self._offset = _append(self._fd, self._offset, self._out, retry=not self._ok, sync=sync)
             self._out, self._out_n = None, 0
             if self._out_durable:  # before the checkpoint's own fsync: the allows wait for the log only
                 _resolve(self._out_durable, None)
                 self._out_durable = []
         if self._out_cp:  # only after the log fsync: a checkpoint never names a record that is not durable
-            self._cp_offset, self._out_cp = _append(self._cp_fd, self._cp_offset, self._out_cp), b""
+            self._cp_offset = _append(self._cp_fd, self._cp_offset, self._out_cp, retry=not self._ok)
+            self._out_cp = b""
         for done in self._out_waiters:
             done.set()
         self._out_waiters = []
@@ -479,11 +553,19 @@ class AuditLog:
 
 
 def _resolve(waiting: list[tuple[asyncio.Future[None], str]], error: BaseException | None) -> None:
-    """Complete futures of (usually one) event loop from the writer thread: one wake-up per loop."""
+    """Complete futures of (usually one) event loop: at once on that loop's thread (_kick), else with
+    one thread-safe wake-up per loop (the writer thread)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
     for future, _ in waiting:
         by_loop.setdefault(future.get_loop(), []).append(future)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
     for loop, futures in by_loop.items():
+        if loop is running:
+            _complete(futures, error)
+            continue
         try:
             loop.call_soon_threadsafe(_complete, futures, error)
         except RuntimeError:  # that loop has closed: nobody waits any more
@@ -497,105 +579,3 @@ def _complete(futures: list[asyncio.Future[None]], error: BaseException | None) 
                 future.set_result(None)
             else:
                 future.set_exception(error)
-
-
-@dataclass
-class VerifyReport:
-    """Outcome of verify_dir; ``checkpoints`` counts checkpoints-file entries checked against the chain."""
-
-    ok: bool
-    records: int
-    checkpoints: int
-    first_bad: str | None = None
-
-
-def _public_key(directory: Path, public_key: bytes | None) -> Ed25519PublicKey:
-    data = public_key if public_key is not None else (directory / PUB_FILE).read_bytes()
-    key = Ed25519PublicKey.from_public_bytes(data) if len(data) == 32 else \
-        serialization.load_pem_public_key(data)
-    if not isinstance(key, Ed25519PublicKey):
-        raise ValueError("audit public key is not Ed25519")
-    return key
-
-
-def _check_sig(key: Ed25519PublicKey, kid: str, cp: Any, sig: Any) -> str | None:
-    if not isinstance(cp, dict) or not isinstance(sig, str):
-        return "malformed checkpoint"
-    if cp.get("kid") != kid:
-        return f"checkpoint signed by unknown key {cp.get('kid')!r}"
-    try:
-        key.verify(base64.urlsafe_b64decode(sig + "=" * (-len(sig) % 4)), _canon(cp))
-    except (InvalidSignature, ValueError):
-        return "checkpoint signature invalid"
-    return None
-
-
-def verify_dir(directory: Path, public_key: bytes | None = None,
-               checkpoints: Path | None = None) -> VerifyReport:
-    """Verify every line, the seq and hash chain, and every signed checkpoint (log and checkpoints file)."""
-    directory = Path(directory)
-    cp_path = Path(checkpoints) if checkpoints is not None else directory / CHECKPOINTS
-    try:
-        key = _public_key(directory, public_key)
-        anchors = cp_path.read_bytes() if checkpoints is not None or cp_path.exists() else b""
-    except (OSError, ValueError) as exc:
-        return VerifyReport(False, 0, 0, f"cannot read key or checkpoints: {exc}")
-    kid, records, seq, prev, where, last_file = thumbprint(key), 0, 0, GENESIS, cp_path.name, ""
-
-    def bad(line_no: int, why: str) -> VerifyReport:
-        return VerifyReport(False, records, 0, f"{where}:{line_no}: {why}")
-
-    entries = [(n, _parse(raw, chained=False), raw) for n, raw in enumerate(anchors.splitlines(True), 1)]
-    for n, cp, raw in entries:
-        if cp is None or not raw.endswith(b"\n"):
-            return bad(n, "not a checkpoint")
-    wanted: dict[int, tuple[str, str] | None] = {cp["seq"]: None for _, cp, _ in entries if cp}
-    for first, path in _log_files(directory):
-        where = path.name
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                line, rec = raw[:-1], _parse(raw)
-                if not raw.endswith(b"\n"):
-                    return bad(n, "torn line (no newline)")
-                if rec is None:
-                    return bad(n, "not a record")
-                if rec["seq"] != seq + 1:
-                    return bad(n, f"seq {rec['seq']}, expected {seq + 1}")
-                if n == 1 and first != rec["seq"]:
-                    return bad(n, f"file name says first record {first}")
-                if rec["prev"] != prev:
-                    return bad(n, f"prev hash does not match record {seq}")
-                if rec.get("kind") == "checkpoint":
-                    cp = rec.get("checkpoint")
-                    why = _check_sig(key, kid, cp, rec.get("sig"))
-                    if why is None and isinstance(cp, dict):
-                        if cp.get("seq") != seq or cp.get("hash") != prev:
-                            why = f"checkpoint does not match record {seq}"
-                        elif cp.get("file") != last_file:
-                            why = f"checkpoint names file {cp.get('file')!r} for record {seq}"
-                    if why:
-                        return bad(n, why)
-                seq, prev, records, last_file = seq + 1, hashlib.sha256(line).hexdigest(), records + 1, where
-                if seq in wanted:
-                    wanted[seq] = (prev, where)
-    where = cp_path.name
-    for n, cp, _ in entries:
-        assert cp is not None
-        why = _check_sig(key, kid, {k: v for k, v in cp.items() if k != "sig"}, cp.get("sig"))
-        if why:
-            return bad(n, why)
-        if cp["seq"] > seq:
-            return bad(n, f"log ends at record {seq}, before checkpoint {cp['seq']} (truncated)")
-        if wanted[cp["seq"]] != (cp.get("hash"), cp.get("file")):
-            return bad(n, f"checkpoint disagrees with the chain at record {cp['seq']}")
-    return VerifyReport(True, records, len(entries))
-
-
-def main_verify(directory: Path, checkpoints: Path | None = None,
-                public_key: Path | None = None) -> tuple[int, dict[str, Any]]:
-    """`agentauthz audit verify`: (exit code, 0 ok / 1 bad; result dict with a one-line ``message``)."""
-    r = verify_dir(Path(directory), Path(public_key).read_bytes() if public_key else None, checkpoints)
-    message = (f"OK: {r.records} records, {r.checkpoints} checkpoints verified" if r.ok
-               else f"FAIL: {r.first_bad}")
-    return (0 if r.ok else 1), {"ok": r.ok, "records": r.records, "checkpoints": r.checkpoints,
-                                "first_bad": r.first_bad, "directory": str(directory), "message": message}

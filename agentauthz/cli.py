@@ -50,7 +50,7 @@ def cmd_policy_check(args: argparse.Namespace) -> None:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
-    from .audit import main_verify
+    from .audit_verify import main_verify
     code, result = main_verify(Path(args.dir), Path(args.checkpoints) if args.checkpoints else None,
                                Path(args.key) if args.key else None)
     if code:

@@ -333,12 +333,13 @@ class CheckService:
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
             # An allow we cannot record is not an allow (DESIGN §5): it is answered once its record
-            # is on disk, so a crash at any moment loses no allow a caller saw (group commit, audit.py).
-            durable = self._audit.record_check_durable(decision_id, http.id, prepared)
+            # is in the log file, so a crashed daemon loses no allow a caller saw (audit.py).
             try:
-                if durable is None:
-                    raise AuditUnavailable("audit queue full")
-                await durable
+                if not self._audit.write_allow(decision_id, http.id, prepared):
+                    durable = self._audit.record_check_durable(decision_id, http.id, prepared)
+                    if durable is None:
+                        raise AuditUnavailable("audit queue full")
+                    await durable
             except AuditUnavailable:
                 reason, entry = reasons.AUDIT_UNAVAILABLE, None
         self.decisions[reason] += 1

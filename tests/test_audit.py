@@ -18,8 +18,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from support import Forge
 
-from agentauthz import audit
-from agentauthz.audit import GENESIS, AuditLog, main_verify, verify_dir
+from agentauthz import audit, audit_verify
+from agentauthz.audit import GENESIS, AuditLog
+from agentauthz.audit_verify import main_verify, verify_dir
 from agentauthz.errors import StateError
 
 LOG1 = "audit-0000000001.jsonl"
@@ -101,7 +102,7 @@ def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
                      "token_id": "tok-1", "grants": [{"tool": "demo"}]}
     assert cp["kind"] == "checkpoint" and cp["prev"] == sha(raw[0])
     assert cp["checkpoint"] == {"seq": 1, "hash": sha(raw[0]), "file": LOG1, "ts": 1700000000.5,
-                                "kid": audit.thumbprint(audit._public_key(tmp_path, None))}
+                                "kid": audit.thumbprint(audit_verify._public_key(tmp_path, None))}
     exported = json.loads((tmp_path / "checkpoints.jsonl").read_bytes())
     assert exported == {**cp["checkpoint"], "sig": cp["sig"]}
 
@@ -111,15 +112,15 @@ def test_audit_key_files(tmp_path: Path) -> None:
     key = tmp_path / "audit-key.pem"
     assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
     assert key.stat().st_mode & 0o777 == 0o600
-    kid = audit.thumbprint(audit._public_key(tmp_path, None))
+    kid = audit.thumbprint(audit_verify._public_key(tmp_path, None))
     assert {r["checkpoint"]["kid"] for r in records(tmp_path) if r["kind"] == "checkpoint"} == {kid}
     build(tmp_path, groups=1)  # reopened: same key, same kid
-    assert audit.thumbprint(audit._public_key(tmp_path, None)) == kid and verify_dir(tmp_path).ok
+    assert audit.thumbprint(audit_verify._public_key(tmp_path, None)) == kid and verify_dir(tmp_path).ok
     key.chmod(0o644)
     with pytest.raises(StateError, match="owner-only"):
         AuditLog.open(tmp_path)
     key.chmod(0o600)
-    (tmp_path / "audit-key.pub.pem").write_bytes(audit._public_key(tmp_path, RFC8037_X).public_bytes(
+    (tmp_path / "audit-key.pub.pem").write_bytes(audit_verify._public_key(tmp_path, RFC8037_X).public_bytes(
         audit.serialization.Encoding.PEM, audit.serialization.PublicFormat.SubjectPublicKeyInfo))
     with pytest.raises(StateError, match="does not match"):
         AuditLog.open(tmp_path)
@@ -130,7 +131,7 @@ RFC8037_X = base64.urlsafe_b64decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHUR
 
 
 def test_thumbprint_rfc8037_vector(tmp_path: Path) -> None:
-    pub = audit._public_key(tmp_path, RFC8037_X)
+    pub = audit_verify._public_key(tmp_path, RFC8037_X)
     assert audit.thumbprint(pub) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
 
@@ -310,7 +311,7 @@ def test_exported_checkpoints_catch_truncation_the_local_copy_cannot(tmp_path: P
     exported = tmp_path / "offhost.jsonl"
     shutil.copy(d / "checkpoints.jsonl", exported)
     build(d, groups=2)
-    assert verify_dir(d, checkpoints=exported) == audit.VerifyReport(True, 24, 2, None)
+    assert verify_dir(d, checkpoints=exported) == audit_verify.VerifyReport(True, 24, 2, None)
     # An intruder cuts the log back and trims the local checkpoints to match: locally consistent.
     _rewrite(d, lines(d)[:6])
     cps = (d / "checkpoints.jsonl").read_bytes().splitlines(keepends=True)
@@ -359,7 +360,7 @@ def test_torn_checkpoints_file_is_cut(tmp_path: Path) -> None:
     AuditLog.open(tmp_path).stop()
     cut = [r for r in records(tmp_path) if r["kind"] == "audit_truncated"]
     assert [(c["file"], c["bytes_cut"]) for c in cut] == [("checkpoints.jsonl", 13)]
-    assert verify_dir(tmp_path) == audit.VerifyReport(True, 14, 3, None)
+    assert verify_dir(tmp_path) == audit_verify.VerifyReport(True, 14, 3, None)
 
 
 def test_jws_looking_values_are_redacted_by_the_writer(tmp_path: Path) -> None:
@@ -449,9 +450,9 @@ def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatc
     attempts = []
     real_append = audit._append
 
-    def counting_append(fd: int, offset: int, data: bytes) -> int:
+    def counting_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
         attempts.append(time.monotonic())
-        return real_append(fd, offset, data)
+        return real_append(fd, offset, data, retry, sync)
 
     monkeypatch.setattr(audit, "_append", counting_append)
     log = None
@@ -493,7 +494,7 @@ def test_checkpoint_every_n_batches_and_final(tmp_path: Path) -> None:
     kinds = [r["kind"] for r in records(tmp_path)]
     # Batches 2 and 4 are checkpointed; the 5th batch gets the final checkpoint from stop().
     assert [i + 1 for i, k in enumerate(kinds) if k == "checkpoint"] == [5, 10, 13]
-    assert verify_dir(tmp_path) == audit.VerifyReport(True, 13, 3, None)
+    assert verify_dir(tmp_path) == audit_verify.VerifyReport(True, 13, 3, None)
 
 
 def test_torn_line_alone_in_a_new_file(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from processes import Daemon, http_get, wait_for
 
-from agentauthz.audit import verify_dir
+from agentauthz.audit_verify import verify_dir
 from agentauthz.client import AsyncClient, Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.policy import DEV_POLICY

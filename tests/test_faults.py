@@ -31,7 +31,8 @@ from faults_support import (
 from processes import Daemon, wait_for
 
 from agentauthz import audit
-from agentauthz.audit import WITHDRAWN, AuditLog, verify_dir
+from agentauthz.audit import WITHDRAWN, AuditLog
+from agentauthz.audit_verify import verify_dir
 from agentauthz.client import Client, Decision, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import AuditUnavailable

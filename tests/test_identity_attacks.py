@@ -31,7 +31,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from processes import Daemon, wait_for
 
-from agentauthz.audit import verify_dir
+from agentauthz.audit_verify import verify_dir
 from agentauthz.client import Identity
 from agentauthz.devca import CertAndKey, DevPki, ensure_dev_pki, issue_svid, make_ca, make_leaf
 from agentauthz.v1 import agentauthz_pb2 as pb

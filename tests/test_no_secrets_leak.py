@@ -303,7 +303,7 @@ def test_no_secret_appears_anywhere(session: Session) -> None:
 
 
 def test_the_session_left_a_verifiable_audit_log(session: Session) -> None:
-    from agentauthz.audit import verify_dir
+    from agentauthz.audit_verify import verify_dir
     report = verify_dir(session.daemon.state_dir / "audit")
     assert report.ok and report.records > 40, report
     audit = b"".join(p.read_bytes() for p in (session.daemon.state_dir / "audit").glob("audit-*.jsonl"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import grpc
 from processes import Daemon, wait_for
 
-from agentauthz.audit import verify_dir
+from agentauthz.audit_verify import verify_dir
 from agentauthz.client import Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
 
