@@ -11,10 +11,11 @@ import grpc
 
 from . import reasons
 from .approvals import Approval
-from .authority import NOT_PERMITTED, Authority, Refused
+from .authority import Authority
 from .errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
 from .identity import IdentityError, Svid, svid_from_grpc_context
 from .jwtsvid import JwtSvid, Verifier, bearer_token
+from .outcomes import NOT_PERMITTED, Refused
 from .tokens import DEFAULT_SENSITIVITY
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc

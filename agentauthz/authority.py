@@ -17,55 +17,27 @@ import mmap
 import os
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import _accel, approvals, delegation, durable, reasons, statuslist, tokens
-from .approvals import Approval, ApprovalStore
-from .approvers import Human
-from .audit import AuditLog, redact_tokens
+from . import _accel, durable, reasons, statuslist, tokens
+from .approval_flow import ApprovalFlow
+from .approvals import ApprovalStore
+from .audit import AuditLog
 from .budgets import BudgetTable
 from .clock import SteadyClock
 from .config import Config
-from .errors import AgentAuthzError, AuditUnavailable, PolicyError, StateError
+from .delegation import DelegationFlow
+from .errors import AuditUnavailable, PolicyError, StateError
 from .keys import Keyring
-from .policy import DEV_POLICY, Policy, spiffe_problem
+from .outcomes import NEEDS_APPROVAL, NOT_PERMITTED, NOTHING_GRANTED, UNKNOWN_TOKEN_ID, Minted, Refused
+from .policy import DEV_POLICY, Policy
 from .revocation import RevocationStore
 from .tokens import task_key
 
 log = logging.getLogger(__name__)
 
 STATUS_PATH = "/status-list"
-
-
-class Refused(AgentAuthzError):
-    """An API request the caller may not make; ``reason`` is the shared constant."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
-NOT_PERMITTED = "not_permitted"
-NOTHING_GRANTED = "nothing_granted"
-NEEDS_APPROVAL = "approval_required"
-UNKNOWN_TOKEN_ID = "unknown_token_id"
-
-
-@dataclass(frozen=True)
-class Minted:
-    token: str
-    token_id: str
-    expires_at: int
-    grants: list[dict[str, Any]]
-    task: str
-    agent: str
-    key_id: str
-    denied: list[dict[str, Any]] = field(default_factory=list)
-    needs_approval: list[dict[str, Any]] = field(default_factory=list)
-    pending: Approval | None = None  # set, with no token, when a human must approve first
-    approval: Approval | None = None  # the approval the token was minted under
 
 
 class TokenIds:
@@ -119,7 +91,7 @@ def keys_dir(state: Path, config: Config, audience: str) -> Path:
     return state / "keys" if audience == config.audiences[0] else state / f"keys-{audience}"
 
 
-class Authority:
+class Authority(DelegationFlow, ApprovalFlow):
     """Everything the daemon decides with, loaded and validated before any listener opens."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
@@ -313,103 +285,6 @@ class Authority:
         return Minted(token, token_id, exp, narrowed.granted, task, agent, kid,
                       narrowed.denied, narrowed.needs_approval, approval=approval)
 
-    # -- delegate ------------------------------------------------------------
-
-    def delegate(self, caller: str, parent_token: str, to: str, grants: Sequence[Mapping[str, Any]], *,
-                 ttl: int = 0, intent: str = "") -> Minted:
-        """A child token for agent ``to``, inside ``caller``'s own live ``parent_token`` (DESIGN §4).
-
-        Same task and audience as the parent. ``act`` names the caller and its token's status slot
-        outermost, then the parent's own chain, so revoking any ancestor token, ending the root's
-        task or revoking any agent on the chain denies the child at its next Check. No ``cnf``: the
-        child's certificate is unknown here, so the child is bound by its ``sub``.
-        """
-        now = self.clock()
-        requested = list(grants)
-        reason, parent = self._live_token(parent_token, now)
-        if parent is None:
-            raise self._refuse_delegation(reason, f"the parent token is not usable: {reason}", caller, to,
-                                          None, requested)
-
-        def refuse(reason: str, message: str) -> Refused:
-            return self._refuse_delegation(reason, message, caller, to, parent.jti, requested)
-
-        if parent.sub != caller:
-            raise refuse(reasons.DELEGATION_NOT_HOLDER, "only the agent a token names (sub) may delegate it")
-        problem = spiffe_problem(to) or ("it is the caller itself" if to == caller else None)
-        if problem:
-            raise refuse(reasons.REQUEST_INVALID, f"to must be another agent's SPIFFE ID: {problem}")
-        if not 0 < len(requested) <= tokens.MAX_GRANTS or ttl < 0 or len(intent) > tokens.MAX_INTENT_CHARS:
-            raise refuse(reasons.REQUEST_INVALID, f"name 1 to {tokens.MAX_GRANTS} grants, a ttl >= 0 and a "
-                         "short intent")
-        depth = len(parent.subjects)  # actors on the child's chain: the caller, then the parent's own
-        limit = min(self.policy.max_delegation_depth, tokens.MAX_DELEGATION_DEPTH)
-        if depth > limit:
-            raise refuse(reasons.DELEGATION_DEPTH, f"{depth} delegations exceed the policy's limit {limit}")
-        children, outside = delegation.within_parent(requested, parent.claims["grants"])
-        if outside:
-            raise refuse(reasons.DELEGATION_EXCEEDS_PARENT,
-                         f"not inside the parent token's grants: {delegation.describe(outside)}")
-        verdict = delegation.for_child(self.policy, to, children, ttl or self.config.max_token_lifetime)
-        if verdict.denied:
-            raise refuse(reasons.DELEGATION_POLICY_DENIED,
-                         f"policy does not give {to}: {delegation.describe(verdict.denied)}")
-        approval = self._delegable_approval(parent, verdict.needs_approval, now) \
-            if verdict.needs_approval else None
-        if verdict.needs_approval and approval is None:
-            raise refuse(NEEDS_APPROVAL, f"policy gives {to} only under a human approval of this task "
-                         f"covering {delegation.describe(verdict.needs_approval)}; the parent carries none")
-        audience = parent.claims["aud"]
-        issued = int(now)
-        ttl = min(verdict.ttl, self.config.max_token_lifetime, self.policy.boundary(audience).max_ttl,
-                  parent.exp - issued)  # the child never outlives its parent (nor its status slot)
-        if ttl <= 0:
-            raise refuse(reasons.TOKEN_EXPIRED, "the parent token expires now: nothing is left to delegate")
-        act = {"sub": caller, "idx": parent.slots[0]}
-        if "act" in parent.claims:
-            act["act"] = parent.claims["act"]
-        intent = intent or parent.claims.get("intent", "")
-        # The delegator owns the child's id: it may revoke the child by id (its own token covers the rest).
-        token, token_id, exp, kid = self._issue(
-            to, parent.task, audience, children, now=issued, ttl=ttl, intent=intent, owner=caller, act=act,
-            extra=None if approval is None else {"approval": approval[0]})
-        if len(token) > self.config.max_token_bytes:  # the verifier would refuse it: say so now
-            raise refuse(reasons.REQUEST_INVALID, "the child token would exceed max_token_bytes")
-        self._audit("delegate", decision=True, reason=reasons.ALLOW, agent=caller, to=to, task=parent.task,
-                    intent=intent, token_id=token_id, parent_token_id=parent.jti,
-                    chain=[caller, *parent.subjects[1:]], grants=children, expires_at=exp, key_id=kid,
-                    audience=audience, **({} if approval is None else {"approval_id": approval[1].id}))
-        return Minted(token, token_id, exp, children, parent.task, to, kid,
-                      approval=None if approval is None else approval[1])
-
-    def _live_token(self, token: str, now: float) -> tuple[str, Any]:
-        """``verify_live`` by the token's own boundary: each verifier knows only its boundary's keys."""
-        first = None
-        for verifier in self.verifiers.values():
-            reason, entry = verifier.verify_live(token, now)
-            if entry is not None or reason not in (reasons.TOKEN_KEY_UNKNOWN, reasons.TOKEN_AUDIENCE):
-                return reason, entry
-            first = first or reason
-        return first or reasons.TOKEN_MALFORMED, None
-
-    def _delegable_approval(self, parent: Any, gated: list[dict[str, Any]],
-                            now: float) -> tuple[dict[str, Any], Approval] | None:
-        """The parent's approval claim, when the human's approval it names still holds for this task
-        and covers every ``gated`` grant: an approval of something else never stretches to the child."""
-        claim = parent.claims.get("approval")
-        record = self.approvals.get(claim["id"]) if isinstance(claim, dict) and isinstance(
-            claim.get("id"), str) else None
-        if (record is None or record.state_at(now) != approvals.APPROVED or record.task != parent.task
-                or record.agent != parent.subjects[-1] or not all(record.covers(g) for g in gated)):
-            return None
-        return dict(claim), record
-
-    def _refuse_delegation(self, reason: str, message: str, caller: str, to: str, parent_id: str | None,
-                           requested: list[Any]) -> Refused:
-        self._audit("delegate", decision=False, reason=reason, agent=caller, to=to,
-                    parent_token_id=parent_id, requested=requested, detail=message)
-        return Refused(reason, message)
-
     # -- revoke --------------------------------------------------------------
 
     def is_admin(self, caller: str) -> bool:
@@ -473,98 +348,3 @@ class Authority:
                 ring.rotate()
         self._audit("rotate", agent=caller, key_id=kid)
         return kid
-
-    # -- human approval ------------------------------------------------------
-
-    def _request_approval(self, agent: str, task: str, intent: str, narrowed: Any) -> Minted:
-        """No token: the pending request (new, or the one this agent already has for these grants)."""
-        def commit(changed: Sequence[Approval]) -> None:
-            a = changed[0]
-            self._audit("approval_request", agent=agent, task=task, intent=intent, approval_id=a.id,
-                        grants=a.grants, expires_at=a.expires_at)
-        try:
-            # approvals.json keeps the intent, and humans read it: an agent's token pasted in stays out.
-            pending, _ = self.approvals.request(agent, task, redact_tokens(intent), narrowed.needs_approval,
-                                                self.config.approval_request_ttl, commit)
-        except approvals.LimitReached as exc:
-            self._audit("mint", decision=False, reason=reasons.APPROVAL_LIMIT, agent=agent, task=task)
-            raise Refused(reasons.APPROVAL_LIMIT, str(exc)) from None
-        self._audit("mint", decision=False, reason=reasons.APPROVAL_REQUIRED, agent=agent, task=task,
-                    intent=intent, approval_id=pending.id, needs_approval=narrowed.needs_approval)
-        return Minted("", "", 0, [], task, agent, "", narrowed.denied, narrowed.needs_approval,
-                      pending=pending)
-
-    def _usable_approval(self, agent: str, task: str, approval_id: str, gated: Sequence[Mapping[str, Any]],
-                         requested: Sequence[Mapping[str, Any]]) -> Approval:
-        """The approval ``agent`` may mint ``gated`` under for ``task`` now, or Refused saying why not."""
-        found = self.approvals.get(approval_id) if len(approval_id) <= 128 else None
-        state = found.state_at(self.clock()) if found else ""
-        problem = None
-        # Another agent's request is "unknown", not "forbidden": the caller learns nothing about it.
-        if found is None or found.agent != agent or self._approval_dropped(found):
-            problem = reasons.APPROVAL_UNKNOWN, "no such approval request for this agent"
-        elif found.task != task:
-            problem = reasons.APPROVAL_MISMATCH, f"the approval is for task {found.task!r}, not {task!r}"
-        elif state == approvals.PENDING:
-            problem = reasons.APPROVAL_PENDING, "no human has decided on the request yet"
-        elif state == approvals.REJECTED:
-            problem = reasons.APPROVAL_REJECTED, f"rejected by {found.approver}"
-        elif state == approvals.EXPIRED:
-            problem = reasons.APPROVAL_EXPIRED, "the approval has expired"
-        elif not all(found.covers(g) for g in gated):
-            problem = reasons.APPROVAL_MISMATCH, "the request asks for grants the human did not approve"
-        if problem is not None:
-            self._audit("mint", decision=False, reason=problem[0], agent=agent, task=task,
-                        approval_id=approval_id[:128], requested=list(requested))
-            raise Refused(*problem)
-        assert found is not None
-        return found
-
-    def _approval_dropped(self, a: Approval) -> bool:
-        """Whether ``a``'s task has ended or its agent was revoked after it was made."""
-        return (task_key(a.agent, a.task) in self.index.tasks
-                or a.created_at <= self.index.agents.get(a.agent, -1))
-
-    def _drop_approvals(self, agent: str, task: str | None) -> None:
-        self.approvals.drop(agent, task, lambda gone: self._audit(
-            "approval_drop", agent=agent, task=task, approval_ids=[a.id for a in gone]))
-
-    def get_approval(self, caller: str, approval_id: str) -> Approval:
-        """One of ``caller``'s own requests (another agent's is as unknown as a made-up id)."""
-        found = self.approvals.get(approval_id)
-        if found is None or found.agent != caller or self._approval_dropped(found):
-            raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request for this agent")
-        return found
-
-    def list_approvals(self, human: Human, state: str = "") -> list[Approval]:
-        """Requests in ``state`` (default: those awaiting a human), for an authenticated approver."""
-        state = state or approvals.PENDING
-        if state not in approvals.STATES:
-            raise Refused(reasons.REQUEST_INVALID, f"state must be one of {', '.join(approvals.STATES)}")
-        return [a for a in self.approvals.by_state(state) if not self._approval_dropped(a)]
-
-    def decide_approval(self, human: Human, approval_id: str, approve: bool, comment: str = "") -> Approval:
-        """Approve or reject a pending request; durable and audited before it returns."""
-        if len(comment) > tokens.MAX_INTENT_CHARS:
-            raise Refused(reasons.REQUEST_INVALID, "comment is too long")
-        who = {"approver": human.name, "approver_subject": human.subject, "approver_issuer": human.issuer}
-        found = self.approvals.get(approval_id)
-        if found is None or self._approval_dropped(found):
-            self._audit("approval_decide", decision=False, reason=reasons.APPROVAL_UNKNOWN,
-                        approval_id=approval_id[:128], **who)
-            raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request")
-
-        def commit(changed: Sequence[Approval]) -> None:
-            a = changed[0]
-            self._audit("approval_decide", decision=approve, state=a.state, approval_id=a.id, agent=a.agent,
-                        task=a.task, grants=a.grants, expires_at=a.expires_at, comment=comment, **who)
-        try:
-            return self.approvals.decide(approval_id, approve, human.subject, human.issuer,
-                                         redact_tokens(comment), self.config.approval_ttl, commit)
-        except KeyError:  # dropped (its task ended) since we looked
-            raise Refused(reasons.APPROVAL_UNKNOWN, "no such approval request") from None
-        except approvals.NotPending as exc:
-            state = exc.args[0]
-            reason = reasons.APPROVAL_EXPIRED if state == approvals.EXPIRED else reasons.APPROVAL_DECIDED
-            self._audit("approval_decide", decision=False, reason=reason, approval_id=approval_id, **who)
-            raise Refused(reason, f"the request is {state}, no longer pending") from None

@@ -11,9 +11,13 @@ every grant on its own: each agent boundary is a separate trust decision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
-from .policy import Policy
+from . import approvals, reasons, tokens
+from .approvals import Approval, ApprovalStore
+from .config import Config
+from .outcomes import NEEDS_APPROVAL, Minted, Refused
+from .policy import Policy, spiffe_problem
 from .tokens import DEFAULT_SENSITIVITY, SENSITIVITY_RANK, grant
 
 CARRIED = ("arguments", "budget")  # constraints a child inherits verbatim from its parent grant
@@ -121,3 +125,115 @@ def describe(grants: Iterable[Any]) -> str:
         else:
             out.append(repr(g))
     return ", ".join(out)
+
+
+class DelegationFlow:
+    """``Authority.delegate``: a mixin reading the Authority's verifiers, policy, config and approvals."""
+
+    verifiers: dict[str, Any]
+    policy: Policy
+    config: Config
+    approvals: ApprovalStore
+    clock: Callable[[], float]
+    if TYPE_CHECKING:
+        def _audit(self, kind: str, **fields: Any) -> None: ...
+
+        def _issue(self, agent: str, task: str, audience: str, grants: list[dict[str, Any]], *, now: int,
+                   ttl: int, intent: str, owner: str, cnf: Mapping[str, Any] | None = None,
+                   act: Mapping[str, Any] | None = None,
+                   extra: Mapping[str, Any] | None = None) -> tuple[str, str, int, str]: ...
+
+    def delegate(self, caller: str, parent_token: str, to: str, grants: Sequence[Mapping[str, Any]], *,
+                 ttl: int = 0, intent: str = "") -> Minted:
+        """A child token for agent ``to``, inside ``caller``'s own live ``parent_token`` (DESIGN §4).
+
+        Same task and audience as the parent. ``act`` names the caller and its token's status slot
+        outermost, then the parent's own chain, so revoking any ancestor token, ending the root's
+        task or revoking any agent on the chain denies the child at its next Check. No ``cnf``: the
+        child's certificate is unknown here, so the child is bound by its ``sub``.
+        """
+        now = self.clock()
+        requested = list(grants)
+        reason, parent = self._live_token(parent_token, now)
+        if parent is None:
+            raise self._refuse_delegation(reason, f"the parent token is not usable: {reason}", caller, to,
+                                          None, requested)
+
+        def refuse(reason: str, message: str) -> Refused:
+            return self._refuse_delegation(reason, message, caller, to, parent.jti, requested)
+
+        if parent.sub != caller:
+            raise refuse(reasons.DELEGATION_NOT_HOLDER, "only the agent a token names (sub) may delegate it")
+        problem = spiffe_problem(to) or ("it is the caller itself" if to == caller else None)
+        if problem:
+            raise refuse(reasons.REQUEST_INVALID, f"to must be another agent's SPIFFE ID: {problem}")
+        if not 0 < len(requested) <= tokens.MAX_GRANTS or ttl < 0 or len(intent) > tokens.MAX_INTENT_CHARS:
+            raise refuse(reasons.REQUEST_INVALID, f"name 1 to {tokens.MAX_GRANTS} grants, a ttl >= 0 and a "
+                         "short intent")
+        depth = len(parent.subjects)  # actors on the child's chain: the caller, then the parent's own
+        limit = min(self.policy.max_delegation_depth, tokens.MAX_DELEGATION_DEPTH)
+        if depth > limit:
+            raise refuse(reasons.DELEGATION_DEPTH, f"{depth} delegations exceed the policy's limit {limit}")
+        children, outside = within_parent(requested, parent.claims["grants"])
+        if outside:
+            raise refuse(reasons.DELEGATION_EXCEEDS_PARENT,
+                         f"not inside the parent token's grants: {describe(outside)}")
+        verdict = for_child(self.policy, to, children, ttl or self.config.max_token_lifetime)
+        if verdict.denied:
+            raise refuse(reasons.DELEGATION_POLICY_DENIED,
+                         f"policy does not give {to}: {describe(verdict.denied)}")
+        approval = self._delegable_approval(parent, verdict.needs_approval, now) \
+            if verdict.needs_approval else None
+        if verdict.needs_approval and approval is None:
+            raise refuse(NEEDS_APPROVAL, f"policy gives {to} only under a human approval of this task "
+                         f"covering {describe(verdict.needs_approval)}; the parent carries none")
+        audience = parent.claims["aud"]
+        issued = int(now)
+        ttl = min(verdict.ttl, self.config.max_token_lifetime, self.policy.boundary(audience).max_ttl,
+                  parent.exp - issued)  # the child never outlives its parent (nor its status slot)
+        if ttl <= 0:
+            raise refuse(reasons.TOKEN_EXPIRED, "the parent token expires now: nothing is left to delegate")
+        act = {"sub": caller, "idx": parent.slots[0]}
+        if "act" in parent.claims:
+            act["act"] = parent.claims["act"]
+        intent = intent or parent.claims.get("intent", "")
+        # The delegator owns the child's id: it may revoke the child by id (its own token covers the rest).
+        token, token_id, exp, kid = self._issue(
+            to, parent.task, audience, children, now=issued, ttl=ttl, intent=intent, owner=caller, act=act,
+            extra=None if approval is None else {"approval": approval[0]})
+        if len(token) > self.config.max_token_bytes:  # the verifier would refuse it: say so now
+            raise refuse(reasons.REQUEST_INVALID, "the child token would exceed max_token_bytes")
+        self._audit("delegate", decision=True, reason=reasons.ALLOW, agent=caller, to=to, task=parent.task,
+                    intent=intent, token_id=token_id, parent_token_id=parent.jti,
+                    chain=[caller, *parent.subjects[1:]], grants=children, expires_at=exp, key_id=kid,
+                    audience=audience, **({} if approval is None else {"approval_id": approval[1].id}))
+        return Minted(token, token_id, exp, children, parent.task, to, kid,
+                      approval=None if approval is None else approval[1])
+
+    def _live_token(self, token: str, now: float) -> tuple[str, Any]:
+        """``verify_live`` by the token's own boundary: each verifier knows only its boundary's keys."""
+        first = None
+        for verifier in self.verifiers.values():
+            reason, entry = verifier.verify_live(token, now)
+            if entry is not None or reason not in (reasons.TOKEN_KEY_UNKNOWN, reasons.TOKEN_AUDIENCE):
+                return reason, entry
+            first = first or reason
+        return first or reasons.TOKEN_MALFORMED, None
+
+    def _delegable_approval(self, parent: Any, gated: list[dict[str, Any]],
+                            now: float) -> tuple[dict[str, Any], Approval] | None:
+        """The parent's approval claim, when the human's approval it names still holds for this task
+        and covers every ``gated`` grant: an approval of something else never stretches to the child."""
+        claim = parent.claims.get("approval")
+        record = self.approvals.get(claim["id"]) if isinstance(claim, dict) and isinstance(
+            claim.get("id"), str) else None
+        if (record is None or record.state_at(now) != approvals.APPROVED or record.task != parent.task
+                or record.agent != parent.subjects[-1] or not all(record.covers(g) for g in gated)):
+            return None
+        return dict(claim), record
+
+    def _refuse_delegation(self, reason: str, message: str, caller: str, to: str, parent_id: str | None,
+                           requested: list[Any]) -> Refused:
+        self._audit("delegate", decision=False, reason=reason, agent=caller, to=to,
+                    parent_token_id=parent_id, requested=requested, detail=message)
+        return Refused(reason, message)

@@ -12,9 +12,10 @@ import yaml
 
 from agentauthz import _accel, reasons
 from agentauthz.approvers import Human
-from agentauthz.authority import Authority, Refused
+from agentauthz.authority import Authority
 from agentauthz.config import Config
 from agentauthz.delegation import fits, for_child, normalize, pattern_within, within_parent
+from agentauthz.outcomes import Refused
 from agentauthz.policy import Policy
 from agentauthz.tokens import grant
 

@@ -142,8 +142,9 @@ def acceptable(header: Any, claims: Any, request: tuple[str, str, str, str], now
     if not (iat <= nbf < exp and exp - iat <= MAX_LIFETIME and iat <= now + LEEWAY
             and nbf - LEEWAY <= now < exp + LEEWAY):
         return "times"
-    for name in ("sub", "jti", "task"):
-        if not isinstance(claims.get(name), str) or not claims[name]:
+    for name in ("sub", "jti", "task"):  # they become header values: printable, no spaces (RFC 9110 §5.5)
+        value = claims.get(name)
+        if not isinstance(value, str) or not _header_safe(value):
             return name
     if spiffe_problem(claims["sub"]):
         return "sub is not a SPIFFE ID"
@@ -213,13 +214,18 @@ def acts(draw: st.DrawFn) -> dict[str, Any] | None:
     return act
 
 
+def _header_safe(value: str) -> bool:
+    """What task and jti must be (they become header values): printable, no spaces, not empty."""
+    return bool(value) and value.isprintable() and " " not in value
+
+
 @st.composite
 def valid_claims(draw: st.DrawFn) -> dict[str, Any]:
     """A claim set the rules accept at ``NOW``: times around now, 1-4 grants, an act chain, a cnf."""
     ttl = draw(st.integers(1, MAX_LIFETIME))
     iat = draw(st.integers(NOW - ttl + 1, NOW + LEEWAY))  # live now, within leeway of issue
     claims = tokens.build_claims(
-        issuer=ISSUER, audience=AUDIENCE, subject=draw(AGENTS), task=draw(TEXT.filter(bool)),
+        issuer=ISSUER, audience=AUDIENCE, subject=draw(AGENTS), task=draw(TEXT.filter(_header_safe)),
         grants=draw(st.lists(grants(), min_size=1, max_size=4)), issued_at=iat, ttl=ttl,
         slot=draw(st.integers(0, CAPACITY - 1)), status_uri="http://127.0.0.1:9192/status-list",
         intent=draw(st.text(max_size=40) | st.just("i" * tokens.MAX_INTENT_CHARS)),
