@@ -323,19 +323,10 @@ class AuditLog:
         try:
             if self._out is not None or self._out_cp:
                 return False
-            ts = self._clock()
-            self._q.append((_CHECK, ts, decision_id, request_id, prepared, None))
-            self._take(checkpoint=False)
-            try:
-                self._write_out(sync=False)
-            except OSError as exc:  # the batch stays held for the writer; this allow is not answered
-                log.error("audit: write failed, holding %d records: %s", self.pending, exc)
-                self._ok = False
-                self._q.appendleft((WITHDRAWN, ts, {"decision_ids": [decision_id],
-                                                    "reason": "audit_unavailable", "error": str(exc)}))
-                self._withdraw(exc)
-                self._wake.set()
-                raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
+            self._q.append((_CHECK, self._clock(), decision_id, request_id, prepared, None))
+            error = self._write_queued(also_withdraw=decision_id)
+            if error is not None:  # this allow is not answered; the batch stays held for the writer
+                raise AuditUnavailable(f"audit log cannot be written: {error}")
             return True
         finally:
             self._mutex.release()
@@ -372,17 +363,33 @@ class AuditLog:
             self._wake.set()  # the writer is mid-batch: it takes ours next
             return
         try:
-            if self._ok and self._out is None and not self._out_cp and self._take(checkpoint=False):
-                # Written, not yet fsynced: a killed process loses none of it (the kernel has it). The
-                # writer's next batch, within a flush interval, fsyncs it and signs a checkpoint.
-                self._write_out(sync=False)
+            if self._ok and self._out is None and not self._out_cp:
+                self._write_queued()
+        finally:
+            self._mutex.release()
+
+    def _write_queued(self, also_withdraw: str = "") -> OSError | None:
+        """Chain what is queued and write it on the caller's thread (write_allow, _kick); the error if
+        that failed, after every allow waiting on it was withdrawn. ``_mutex`` held, no batch in flight.
+
+        Written, not yet fsynced: a killed process loses none of it (the kernel has it). The writer's
+        next batch, within a flush interval, fsyncs it and signs a checkpoint; after a failure the
+        writer retries with backoff.
+        """
+        if not self._take(checkpoint=False):
+            return None
+        try:
+            self._write_out(sync=False)
         except OSError as exc:
             log.error("audit: write failed, holding %d records: %s", self.pending, exc)
             self._ok = False
+            if also_withdraw:
+                self._q.appendleft((WITHDRAWN, self._clock(), {
+                    "decision_ids": [also_withdraw], "reason": "audit_unavailable", "error": str(exc)}))
             self._withdraw(exc)
-            self._wake.set()  # the writer retries with backoff
-        finally:
-            self._mutex.release()
+            self._wake.set()
+            return exc
+        return None
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""

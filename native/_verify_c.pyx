@@ -295,13 +295,13 @@ cdef Py_ssize_t _skip_json_space(str text, Py_ssize_t i):
     return i
 
 
-cdef Py_ssize_t _json_members(const unsigned char *p, Py_ssize_t n) noexcept:
-    """Object members in a valid JSON text: exactly one ':' outside strings each (RFC 8259 §4).
+cdef Py_ssize_t _json_members(const unsigned char *p, Py_ssize_t n, Py_ssize_t max_depth) noexcept:
+    """Object members in a valid JSON text (one ':' outside strings each, RFC 8259 §4), or -1 as soon
+    as more than ``max_depth`` arrays and objects are open at once. One pass over the bytes for both.
 
-    Scans the UTF-8 bytes: '"', backslash and ':' are ASCII and never occur
-    inside a multi-byte sequence.
+    '"', backslash, ':' and brackets are ASCII and never occur inside a multi-byte UTF-8 sequence.
     """
-    cdef Py_ssize_t i = 0, members = 0
+    cdef Py_ssize_t i = 0, members = 0, depth = 0
     cdef bint in_string = False
     cdef unsigned char c
     while i < n:
@@ -315,32 +315,14 @@ cdef Py_ssize_t _json_members(const unsigned char *p, Py_ssize_t n) noexcept:
             in_string = True
         elif c == b':':
             members += 1
-        i += 1
-    return members
-
-
-cdef bint _nesting_exceeds(const unsigned char *p, Py_ssize_t n, Py_ssize_t limit) noexcept:
-    """Whether more than ``limit`` arrays and objects are open at once; brackets in strings do not count."""
-    cdef Py_ssize_t i = 0, depth = 0
-    cdef bint in_string = False
-    cdef unsigned char c
-    while i < n:
-        c = p[i]
-        if in_string:
-            if c == b'\\':
-                i += 1  # the escaped character cannot end the string
-            elif c == b'"':
-                in_string = False
-        elif c == b'"':
-            in_string = True
         elif c == b'[' or c == b'{':
             depth += 1
-            if depth > limit:
-                return True
+            if depth > max_depth:
+                return -1
         elif c == b']' or c == b'}':
             depth -= 1
         i += 1
-    return False
+    return members
 
 
 cdef Py_ssize_t _distinct_members(object node) except -2:
@@ -369,8 +351,10 @@ cdef Py_ssize_t _distinct_members(object node) except -2:
     return total
 
 
-cdef object _plain_json(bytes raw, str text):
-    """The value of ``text`` when the strict hooks would accept it unchanged, else None."""
+cdef object _plain_json(str text, Py_ssize_t members):
+    """The value of ``text`` when the strict hooks would accept it unchanged, else None.
+
+    ``members``: what _json_members counted in its bytes."""
     cdef Py_ssize_t end
     try:
         value, end = _plain_scan_once(text, _skip_json_space(text, 0))
@@ -378,7 +362,7 @@ cdef object _plain_json(bytes raw, str text):
         return None
     if _skip_json_space(text, end) != len(text):
         return None
-    if _distinct_members(value) != _json_members(<const unsigned char *>PyBytes_AS_STRING(raw), len(raw)):
+    if _distinct_members(value) != members:
         return None  # a duplicate key or a NaN/Infinity: let the strict scanner name it
     return value
 
@@ -397,11 +381,13 @@ cdef object _strict_json(str text):
 
 cdef dict _json_object(bytes raw, str what):
     cdef str text
+    cdef Py_ssize_t members
     try:
         text = PyUnicode_DecodeUTF8(raw, len(raw), NULL)
-        if _nesting_exceeds(<const unsigned char *>PyBytes_AS_STRING(raw), len(raw), _MAX_JSON_DEPTH):
+        members = _json_members(<const unsigned char *>PyBytes_AS_STRING(raw), len(raw), _MAX_JSON_DEPTH)
+        if members < 0:
             raise TokenMalformed(f"{what} is nested too deeply")
-        obj = _plain_json(raw, text)
+        obj = _plain_json(text, members)
         if obj is None:  # never a valid result: a JSON null is not an object either
             obj = _strict_json(text)
     except TokenMalformed:
