@@ -111,19 +111,26 @@ _json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 
 
 def _append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
-    """Write ``data`` at ``offset`` and (``sync``) fsync; return the new end."""
-    if retry:  # a failed earlier try (ENOSPC mid-write) may have left part of ``data``
+    """Write ``data`` at ``offset`` and (``sync``) fsync; return the new end.
+
+    A write that fails is undone before the error is raised: the whole lines a short write left
+    would otherwise survive a crash as allows whose callers were told ``audit_unavailable``.
+    """
+    if retry:  # the undo of an earlier failed try may itself have failed
         os.ftruncate(fd, offset)
     view = memoryview(data)
-    while view:  # a short write is how a full disk first shows; the next write raises
-        view = view[os.write(fd, view):]
-    if sync:
-        os.fsync(fd)
+    try:
+        while view:  # a short write is how a full disk first shows; the next write raises
+            view = view[os.write(fd, view):]
+        if sync:
+            os.fsync(fd)
+    except OSError:
+        try:
+            os.ftruncate(fd, offset)
+        except OSError:
+            pass  # ``retry`` truncates again before the next try
+        raise
     return offset + len(data)
-
-
-
-
 
 
 def _load_key(directory: Path) -> Ed25519PrivateKey:

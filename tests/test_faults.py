@@ -147,29 +147,34 @@ def test_kill_9_mid_load_loses_no_allow_the_client_saw(tmp_path: Path) -> None:
     verify_cli(daemon)
 
 
-def test_kill_9_while_a_batch_write_is_torn_cuts_only_the_torn_record(tmp_path: Path) -> None:
-    """Disk full mid-batch: the write is short, the writer holds the batch and retries; SIGKILL then
-    leaves a torn record on disk, which the restart cuts and records (audit_truncated)."""
+def _ends_on_a_line(directory: Path) -> bool:
+    return all(not data or data.endswith(b"\n") for data in
+               (p.read_bytes() for p in [*directory.glob("audit-*.jsonl"), directory / "checkpoints.jsonl"]))
+
+
+def test_kill_9_while_batch_writes_fail_and_a_torn_tail_is_cut(tmp_path: Path) -> None:
+    """Disk full under load: every short batch write is undone at once (a whole line it left would
+    survive as an allow its caller was told was refused), the writer holds the batch and retries.
+    SIGKILL then; a write the kill cut short leaves a torn tail, which the restart cuts and records."""
     with audit_disk("disk_full", tmp_path, tmp_path / "state") as disk:
         daemon = Daemon(tmp_path / "state", FAST_AUDIT).start()
-        log_file = None
         try:
             token = agent_client(daemon, tmp_path).mint("torn", ["demo:*:read"]).token
             with Load(daemon.check_address, token) as load:
                 wait_for(lambda: load.count() > 200, 30, "load")
                 disk.exhaust()
                 wait_for(lambda: "audit_unavailable" in load.seen.reasons(), 10, "audit_unavailable")
-
-                def torn() -> bool:
-                    nonlocal log_file
-                    log_file = max(disk.directory.glob("audit-*.jsonl"))
-                    return not log_file.read_bytes().endswith(b"\n")
-                wait_for(torn, 10, "a torn record at the end of the log (short write on a full disk)")
+                for _ in range(40):  # the writer retries the held batch meanwhile
+                    assert _ends_on_a_line(disk.directory), "a failed write left part of its batch"
+                    time.sleep(0.025)
                 daemon.stop(signal.SIGKILL)
-            assert log_file is not None
-            data = log_file.read_bytes()
-            durable = data[:data.rfind(b"\n") + 1]
+            log_file = max(disk.directory.glob("audit-*.jsonl"))
+            durable = log_file.read_bytes()
+            # What a kill in the middle of write(2) leaves: the start of the next record, no newline.
+            torn = durable[durable.rfind(b"\n", 0, len(durable) - 1) + 1:][:57]
             disk.restore()
+            with open(log_file, "ab") as f:
+                f.write(torn)
             daemon.start()
             assert daemon.stop() == 0
         finally:
@@ -178,10 +183,11 @@ def test_kill_9_while_a_batch_write_is_torn_cuts_only_the_torn_record(tmp_path: 
         assert after.startswith(durable)
         cut = json.loads(after[len(durable):].splitlines()[0])
         assert cut["kind"] == "audit_truncated"
-        assert (cut["file"], cut["offset"], cut["bytes_cut"]) == (log_file.name, len(durable),
-                                                                 len(data) - len(durable))
+        assert (cut["file"], cut["offset"], cut["bytes_cut"]) == (log_file.name, len(durable), len(torn))
+        records = audit_records(disk.directory)
+        assert [r for r in records if r["kind"] == "audit_truncated"] == [cut]
         verify_cli(daemon)
-        assert_log_tells_the_truth(audit_records(disk.directory), load.seen.decisions)
+        assert_log_tells_the_truth(records, load.seen.decisions)
 
 
 def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: Path) -> None:
