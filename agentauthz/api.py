@@ -13,9 +13,10 @@ from . import reasons
 from .approvals import Approval
 from .authority import Authority
 from .errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
-from .identity import IdentityError, Svid, svid_from_grpc_context
+from .identity import IdentityError, Svid
 from .jwtsvid import JwtSvid, Verifier, bearer_token
 from .outcomes import NOT_PERMITTED, Refused
+from .tls_front import Peers
 from .tokens import DEFAULT_SENSITIVITY
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc
@@ -90,18 +91,18 @@ async def call_authority(context: Any, fn: Callable[[], Any], status_by_reason: 
 class ApiService(pb_grpc.AgentAuthzServicer):
     """Every method starts by proving who is calling: the mTLS peer's X.509-SVID, or its JWT-SVID bearer."""
 
-    def __init__(self, authority: Authority, bundle: list[Any]) -> None:
+    def __init__(self, authority: Authority, peers: Peers) -> None:
         self._authority = authority
-        # gRPC verified the chain already; checking again against the bundle costs
-        # microseconds and survives a TLS misconfiguration.
-        self._bundle = bundle
+        # The daemon's TLS front (tls_front.py) judged each connection's certificate chain; its verdict
+        # is kept under the address this server sees for the connection.
+        self._peers = peers
         c = authority.config
         self._jwt = Verifier(c.jwt_issuers, c.issuer, c.trust_domain, c.leeway)
 
     async def _peer(self, context: Any) -> Svid | JwtSvid:
         transport = None
         try:
-            svid = svid_from_grpc_context(context, self._authority.config.trust_domain, self._bundle)
+            svid = self._peers.identity(context.peer())
             transport = svid.spiffe_id
             bearer = bearer_token(context.invocation_metadata())
             if bearer is None:

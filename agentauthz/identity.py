@@ -8,6 +8,7 @@ import string
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Sequence, TypeVar
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -262,41 +263,115 @@ def _check_chain(certs: list[x509.Certificate], bundle: Sequence[x509.Certificat
     anchors = list(bundle)
     if not anchors:
         raise IdentityError("the trust bundle is empty: no certificate can be trusted")
-    child, below = certs[0], 0
+    path = certs[:1]  # the certificates below the next issuer, leaf first
     for parent in certs[1:]:
         if parent in anchors:  # the peer also sent a trusted CA: stop there and anchor on it
             break
-        _check_issuer(child, parent, now, below, "intermediate")
-        child, below = parent, below + 1
+        _check_issuer(path, parent, now, "intermediate")
+        path.append(parent)
     problems = []
     for ca in anchors:
-        if ca.subject != child.issuer:
+        if ca.subject != path[-1].issuer:
             continue
         try:
-            _check_issuer(child, ca, now, below, "trust bundle CA")
+            _check_issuer(path, ca, now, "trust bundle CA")
             return
         except IdentityError as exc:
             problems.append(str(exc))
     raise IdentityError("; ".join(problems)
-                        or f"issuer {_show(child.issuer.rfc4514_string())} is not in the trust bundle")
+                        or f"issuer {_show(path[-1].issuer.rfc4514_string())} is not in the trust bundle")
 
 
-def _check_issuer(child: x509.Certificate, ca: x509.Certificate, now: datetime, below: int,
-                  what: str) -> None:
+def _check_issuer(below: list[x509.Certificate], ca: x509.Certificate, now: datetime, what: str) -> None:
+    """``ca`` may have issued ``below[-1]`` and vouch for every certificate in ``below`` (leaf first)."""
+    child = below[-1]
     name = _show(ca.subject.rfc4514_string())
     _check_validity(ca, now, f"{what} {name}")
     constraints = _ext(ca, x509.BasicConstraints)
     if constraints is None or not constraints.ca:  # RFC 5280 §4.2.1.9
         raise IdentityError(f"{what} {name} is not a CA certificate")
-    if constraints.path_length is not None and below > constraints.path_length:
-        raise IdentityError(f"{what} {name} allows {constraints.path_length} intermediates below it")
-    usage = _ext(ca, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:  # RFC 5280 §4.2.1.3, X509-SVID §3.2
-        raise IdentityError(f"{what} {name} may not sign certificates (no keyCertSign)")
+    # The signature before the CA's limits: an impostor named like a real CA is refused as not its issuer.
     try:
         child.verify_directly_issued_by(ca)  # issuer name, signature algorithm and signature
     except (ValueError, TypeError, InvalidSignature):
         raise IdentityError(f"certificate is not signed by {what} {name}") from None
+    if constraints.path_length is not None and len(below) - 1 > constraints.path_length:
+        raise IdentityError(f"{what} {name} allows {constraints.path_length} intermediates below it")
+    usage = _ext(ca, x509.KeyUsage)
+    if usage is not None and not usage.key_cert_sign:  # RFC 5280 §4.2.1.3, X509-SVID §3.2
+        raise IdentityError(f"{what} {name} may not sign certificates (no keyCertSign)")
+    # RFC 5280 leaves EKU on a CA undefined; OpenSSL (and so gRPC before the TLS front) reads it as
+    # a limit on what the CA may issue. Keep that limit, or a CA meant for servers could vouch for agents.
+    extended = _ext(ca, x509.ExtendedKeyUsage)
+    if extended is not None and not {ExtendedKeyUsageOID.CLIENT_AUTH,
+                                     ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE} & set(extended):
+        raise IdentityError(f"{what} {name} may not issue client certificates (its extended key usage "
+                            "lacks clientAuth)")
+    names = _ext(ca, x509.NameConstraints)
+    if names is not None:
+        for cert in below:
+            _check_names(cert, names, f"{what} {name}")
+
+
+# -- RFC 5280 §4.2.1.10 name constraints: every name of a constrained type, in every certificate below ------
+
+
+def _check_names(cert: x509.Certificate, constraints: x509.NameConstraints, ca: str) -> None:
+    san = _ext(cert, x509.SubjectAlternativeName)
+    names: list[x509.GeneralName] = list(san) if san else []
+    if len(cert.subject):  # a subject DN is a directoryName (§4.2.1.10)
+        names.append(x509.DirectoryName(cert.subject))
+    permitted = list(constraints.permitted_subtrees or ())
+    excluded = list(constraints.excluded_subtrees or ())
+    for general in names:
+        kind = type(general)
+        allowed = [c for c in permitted if type(c) is kind]
+        if kind not in _COMPARABLE and (allowed or any(type(c) is kind for c in excluded)):
+            raise IdentityError(f"{ca} constrains {kind.__name__} names, which cannot be checked here")
+        if any(_within(general, c) for c in excluded if type(c) is kind):
+            raise IdentityError(f"{_describe(general)} is excluded by the name constraints of {ca}")
+        if allowed and not any(_within(general, c) for c in allowed):
+            raise IdentityError(f"{_describe(general)} is outside the name constraints of {ca}")
+
+
+_COMPARABLE = (x509.DNSName, x509.UniformResourceIdentifier, x509.RFC822Name, x509.IPAddress,
+               x509.DirectoryName)
+
+
+def _describe(name: x509.GeneralName) -> str:
+    kind = {x509.DNSName: "DNS name", x509.UniformResourceIdentifier: "URI", x509.IPAddress: "IP address",
+            x509.RFC822Name: "email address", x509.DirectoryName: "subject"}.get(type(name), "name")
+    value = name.value.rfc4514_string() if isinstance(name, x509.DirectoryName) else str(name.value)
+    return f"{kind} {_show(value)}"
+
+
+def _domain_within(host: str, base: str) -> bool:
+    """A DNS-style name inside a constraint: equal, or below it ("." first: strictly below)."""
+    host, base = host.lower().rstrip("."), base.lower()
+    if base.startswith("."):
+        return host.endswith(base)
+    return not base or host == base or host.endswith("." + base)
+
+
+def _within(name: x509.GeneralName, subtree: x509.GeneralName) -> bool:
+    if isinstance(name, x509.DNSName):
+        return _domain_within(name.value, subtree.value)
+    if isinstance(name, x509.UniformResourceIdentifier):  # the constraint names the URI's host
+        try:
+            host = urlsplit(name.value).hostname
+        except ValueError:  # e.g. an unclosed IPv6 bracket: a URI with no host is never inside
+            host = None
+        return host is not None and _domain_within(host, subtree.value)
+    if isinstance(name, x509.RFC822Name):
+        base = subtree.value.lower()
+        if "@" in base:
+            return name.value.lower() == base
+        return _domain_within(name.value.rpartition("@")[2], base)
+    if isinstance(name, x509.IPAddress):
+        return name.value in subtree.value  # an address in the network (no match across IPv4/IPv6)
+    if isinstance(name, x509.DirectoryName):
+        return name.value.rdns[:len(subtree.value.rdns)] == subtree.value.rdns
+    return False  # not reached: _check_names refuses types it cannot compare
 
 
 def load_bundle(pem: bytes) -> list[x509.Certificate]:

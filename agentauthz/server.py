@@ -23,6 +23,7 @@ from .config import Config
 from .errors import ConfigError
 from .identity import load_bundle
 from .keys import RotationThread
+from .tls_front import BACKEND_HOST, Peers, TlsFront
 from .v1 import agentauthz_pb2, agentauthz_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,11 @@ class Housekeeping(threading.Thread):
 class Metrics:
     """Prometheus collector reading counters the daemon keeps anyway: nothing on the request path."""
 
-    def __init__(self, authority: Authority, check: extauthz.CheckService) -> None:
+    def __init__(self, authority: Authority, check: extauthz.CheckService,
+                 front: TlsFront | None = None) -> None:
         self._authority = authority
         self._check = check
+        self._front = front
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -90,6 +93,14 @@ class Metrics:
         for reason, count in sorted(self._check.decisions.items()):
             decisions.add_metric([reason], count)
         yield decisions
+        if self._front is not None:
+            handshakes = CounterMetricFamily(
+                "agentauthz_api_tls_handshakes",
+                "API TLS handshakes by outcome (completed, failed, aborted, timeout, busy)",
+                labels=["outcome"])
+            for outcome, count in sorted(self._front.counts.items()):
+                handshakes.add_metric([outcome], count)
+            yield handshakes
         a = self._authority
         stats = a.revocations.stats()
         for name, value, helptext in (
@@ -171,6 +182,7 @@ class Daemon:
         self.health = health.aio.HealthServicer()
         self.check_server: Any = None
         self.api_server: Any = None
+        self.api_front: TlsFront | None = None
         self.approval_server: Any = None
         self.http: ThreadingHTTPServer | None = None
         self._threads: list[Any] = []
@@ -246,21 +258,25 @@ class Daemon:
         # Above gRPC's soft 8 KiB metadata limit, so our own 8 KiB JWT-SVID cap answers, not a random
         # RESOURCE_EXHAUSTED.
         api = self.api_server = grpc.aio.server(options=[("grpc.max_metadata_size", 32 * 1024)])
-        api_service = ApiService(a, load_bundle(self.trust_bundle))
-        agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(api_service, api)
+        peers = Peers(self.config.trust_domain, load_bundle(self.trust_bundle))
+        agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(ApiService(a, peers), api)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, api)
         reflection.enable_server_reflection(
             (API_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), api)
-        api.add_secure_port(self.config.api_listen, self._credentials())
+        # The API's gRPC server speaks plaintext on loopback only; agents reach it through the TLS front,
+        # which completes every handshake so that a refused identity is answered and audited.
+        backend_port = api.add_insecure_port(f"{BACKEND_HOST}:0")
+        self.api_front = TlsFront(self.config.api_listen, backend_port, self.tls_key, self.tls_cert, peers)
         approvals = self.approval_server = self._approval_server()
         await check.start()
         await api.start()
+        await self.api_front.start()
         await approvals.start()
 
         host, _, port = self.config.http_listen.rpartition(":")
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
-        registry.register(Metrics(a, check_service))
+        registry.register(Metrics(a, check_service, self.api_front))
         self.http = ThreadingHTTPServer((host, int(port)), _http_handler(a, self.serving, registry))
         threading.Thread(target=self.http.serve_forever, name="agentauthz-http", daemon=True).start()
 
@@ -270,8 +286,9 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         self._audit_health = asyncio.create_task(self._follow_audit(a.audit, self.serving.is_set, (
             "", extauthz.SERVICE, API_SERVICE, approval_api.SERVICE)))
-        log.info("serving: check %s, api %s (mTLS), approvals %s (TLS), http %s", self.config.check_listen,
-                 self.config.api_listen, self.config.approval_listen, self.config.http_listen)
+        log.info("serving: check %s, api %s (mTLS, terminated here; gRPC behind it on %s:%d), approvals %s "
+                 "(TLS), http %s", self.config.check_listen, self.config.api_listen, BACKEND_HOST,
+                 backend_port, self.config.approval_listen, self.config.http_listen)
         if self.config.development:
             print(DEV_HINT.format(state=self.config.state_dir, api=self.config.api_listen,
                                   check=self.config.check_listen, approvals=self.config.approval_listen),
@@ -283,8 +300,12 @@ class Daemon:
         if self._audit_health is not None:
             self._audit_health.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.api_front is not None:
+            self.api_front.close()  # no new agents; open connections drain through the gRPC server's grace
         await asyncio.gather(self.check_server.stop(grace), self.api_server.stop(grace),
                              self.approval_server.stop(grace))
+        if self.api_front is not None:
+            await self.api_front.abort()
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()

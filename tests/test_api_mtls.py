@@ -82,14 +82,17 @@ def test_approval_required_grant_mints_nothing_and_waits_for_a_human(daemon: Dae
 def test_no_client_certificate_is_refused(daemon: Daemon, pki: DevPki) -> None:
     with pytest.raises(grpc.RpcError) as err:
         mint_with(daemon, None, pki)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake itself fails
+    # The daemon terminates TLS itself: the handshake completes, and the call is refused with a reason.
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "presented no client certificate" in err.value.details()
 
 
 def test_certificate_from_another_ca_is_refused(daemon: Daemon, pki: DevPki) -> None:
     rogue = make_ca("rogue CA")
     with pytest.raises(grpc.RpcError) as err:
         mint_with(daemon, identity(make_leaf(rogue, [AGENT]), pki), pki)
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "is not in the trust bundle" in err.value.details()
 
 
 @pytest.mark.parametrize("uris, is_ca, usage", [
@@ -104,16 +107,16 @@ def test_hostile_certificates_from_the_right_ca_are_unauthenticated(
     leaf = make_leaf(pki.ca, uris, is_ca=is_ca, key_usage=usage)
     with pytest.raises(grpc.RpcError) as err:
         mint_with(daemon, identity(leaf, pki), pki)
-    assert err.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNAVAILABLE)
-    if err.value.code() == grpc.StatusCode.UNAUTHENTICATED:
-        assert "identity_invalid" in err.value.details()
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "identity_invalid" in err.value.details()
 
 
 def test_expired_certificate_is_refused(daemon: Daemon, pki: DevPki) -> None:
     past = datetime.now(timezone.utc) - timedelta(days=2)
     leaf = make_leaf(pki.ca, [AGENT], not_before=past, not_after=past + timedelta(hours=1))
-    with pytest.raises(grpc.RpcError):
+    with pytest.raises(grpc.RpcError) as err:
         mint_with(daemon, identity(leaf, pki), pki)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "expired at" in err.value.details()
 
 
 def test_only_an_admin_may_revoke_another_agent_or_a_key(daemon: Daemon, pki: DevPki, tmp_path: Path) -> None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import ipaddress
 import json
 import os
+import re
 from concurrent import futures
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Iterator
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
-from cryptography.x509.oid import ExtendedKeyUsageOID
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agentauthz import devca, identity
 from agentauthz.errors import AgentAuthzError, StateError
@@ -184,6 +187,66 @@ def test_intermediates() -> None:
     sub = devca.make_ca("sub", issuer=tight)
     with pytest.raises(IdentityError, match="allows 0 intermediates"):
         svid_from_pem(devca.make_leaf(sub, [AGENT]).cert_pem + sub.cert_pem, TD, [tight.certificate])
+
+
+def _ca_with(*extensions: x509.ExtensionType, issuer: devca.CertAndKey | None = None) -> devca.CertAndKey:
+    """make_ca's CA (or intermediate under ``issuer``) re-signed with ``extensions`` added."""
+    base = devca.make_ca("constrained", issuer=issuer)
+    builder = (x509.CertificateBuilder().subject_name(base.certificate.subject)
+               .issuer_name(base.certificate.issuer).public_key(base.key.public_key())
+               .serial_number(x509.random_serial_number()).not_valid_before(base.certificate.not_valid_before_utc)
+               .not_valid_after(base.certificate.not_valid_after_utc))
+    for ext in base.certificate.extensions:
+        builder = builder.add_extension(ext.value, ext.critical)
+    for value in extensions:
+        builder = builder.add_extension(value, critical=isinstance(value, x509.NameConstraints))
+    return devca.CertAndKey(builder.sign((issuer or base).key, hashes.SHA256()), base.key)
+
+
+TEN = x509.IPAddress(ipaddress.ip_network("10.0.0.0/8"))
+
+
+@pytest.mark.parametrize("constraints, sans, message", [
+    (x509.NameConstraints([x509.DNSName("localhost")], None), {"hosts": ["a.localhost"]}, None),
+    (x509.NameConstraints([x509.DNSName("localhost")], None), {"hosts": ["bank.example"]},
+     "DNS name 'bank.example' is outside the name constraints"),
+    (x509.NameConstraints(None, [x509.DNSName("example")]), {"hosts": ["bank.example"]},
+     "DNS name 'bank.example' is excluded by the name constraints"),
+    (x509.NameConstraints([x509.UniformResourceIdentifier("dev.local")], None), {}, None),
+    (x509.NameConstraints([x509.UniformResourceIdentifier("prod.example")], None), {},
+     "URI 'spiffe://dev.local/agent/alpha' is outside the name constraints"),
+    (x509.NameConstraints([x509.UniformResourceIdentifier(".local")], None), {}, None),
+    (x509.NameConstraints([TEN], None), {"hosts": ["10.1.2.3"]}, None),
+    (x509.NameConstraints([TEN], None), {"hosts": ["127.0.0.1"]},
+     "IP address '127.0.0.1' is outside the name constraints"),
+    (x509.NameConstraints(None, [x509.DirectoryName(x509.Name([x509.NameAttribute(
+        NameOID.ORGANIZATION_NAME, "agentauthz development")]))]), {}, "subject 'O=agentauthz development'"),
+], ids=["dns-inside", "dns-outside", "dns-excluded", "uri-inside", "uri-outside", "uri-subdomain",
+        "ip-inside", "ip-outside", "directory-excluded"])
+def test_name_constraints_of_a_bundle_ca(constraints: x509.NameConstraints, sans: dict[str, list[str]],
+                                         message: str | None) -> None:
+    ca = _ca_with(constraints)
+    pem = devca.make_leaf(ca, [AGENT], **sans).cert_pem  # type: ignore[arg-type]
+    if message is None:
+        assert svid_from_pem(pem, TD, [ca.certificate]).spiffe_id == AGENT
+    else:
+        with pytest.raises(IdentityError, match=re.escape(message)):
+            svid_from_pem(pem, TD, [ca.certificate])
+
+
+def test_an_intermediates_constraints_and_extended_key_usage_bind_what_it_issues() -> None:
+    root = devca.make_ca("root", path_length=1)
+    prod = x509.UniformResourceIdentifier("prod.example")
+    narrow = _ca_with(x509.NameConstraints([prod], None), issuer=root)
+    with pytest.raises(IdentityError, match="URI .* is outside the name constraints of intermediate"):
+        svid_from_pem(devca.make_leaf(narrow, [AGENT]).cert_pem + narrow.cert_pem, TD, [root.certificate])
+    servers_only = _ca_with(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), issuer=root)
+    with pytest.raises(IdentityError, match="may not issue client certificates"):
+        svid_from_pem(devca.make_leaf(servers_only, [AGENT]).cert_pem + servers_only.cert_pem, TD,
+                      [root.certificate])
+    clients = _ca_with(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), issuer=root)
+    chain = devca.make_leaf(clients, [AGENT]).cert_pem + clients.cert_pem
+    assert svid_from_pem(chain, TD, [root.certificate]).spiffe_id == AGENT
 
 
 # --- the development CA ---
