@@ -323,17 +323,24 @@ class AuditLog:
         Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
         next batch, within a flush interval, fsyncs it and signs a checkpoint. False, with nothing
         recorded, when it cannot be done at once (records queued ahead of it, a batch in flight, a
-        failing disk): the caller then takes ``record_check_durable``. A write that fails is withdrawn.
+        failing disk): the caller then takes ``record_check_durable``.
+        A write that fails is withdrawn and raises ``AuditUnavailable``.
         """
         if not self._ok or self._closed or self._q or not self._mutex.acquire(blocking=False):
             return False
         try:
             if self._out is not None or self._out_cp:
                 return False
-            self._q.append((_CHECK, self._clock(), decision_id, request_id, prepared, None))
-            error = self._write_queued(also_withdraw=decision_id)
-            if error is not None:  # this allow is not answered; the batch stays held for the writer
-                raise AuditUnavailable(f"audit log cannot be written: {error}")
+            line = self._check_line(self._clock(), decision_id, request_id, prepared)
+            self._batches += 1
+            self._since_cp += 1
+            self._file_for(len(line))
+            self._out, self._out_n = line, 1
+            try:
+                self._write_out(sync=False)
+            except OSError as exc:  # the line stays held, byte for byte, for the writer to retry
+                self._fail(exc, decision_id)
+                raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
             return True
         finally:
             self._mutex.release()
@@ -375,7 +382,7 @@ class AuditLog:
         finally:
             self._mutex.release()
 
-    def _write_queued(self, also_withdraw: str = "") -> OSError | None:
+    def _write_queued(self) -> OSError | None:
         """Chain what is queued and write it on the caller's thread (write_allow, _kick); the error if
         that failed, after every allow waiting on it was withdrawn. ``_mutex`` held, no batch in flight.
 
@@ -388,15 +395,19 @@ class AuditLog:
         try:
             self._write_out(sync=False)
         except OSError as exc:
-            log.error("audit: write failed, holding %d records: %s", self.pending, exc)
-            self._ok = False
-            if also_withdraw:
-                self._q.appendleft((WITHDRAWN, self._clock(), {
-                    "decision_ids": [also_withdraw], "reason": "audit_unavailable", "error": str(exc)}))
-            self._withdraw(exc)
-            self._wake.set()
+            self._fail(exc)
             return exc
         return None
+
+    def _fail(self, exc: OSError, also_withdraw: str = "") -> None:
+        """A write on the loop's thread failed: hold the batch for the writer, withdraw the allows."""
+        log.error("audit: write failed, holding %d records: %s", self.pending, exc)
+        self._ok = False
+        if also_withdraw:
+            self._q.appendleft((WITHDRAWN, self._clock(), {
+                "decision_ids": [also_withdraw], "reason": "audit_unavailable", "error": str(exc)}))
+        self._withdraw(exc)
+        self._wake.set()
 
     def flush(self, timeout: float = 5.0) -> bool:
         """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""
@@ -513,9 +524,8 @@ class AuditLog:
         # Group commit writes as often as allows wait: checkpoint those batches at most once a flush
         # interval (a signature and a second fsync each), the rest as configured.
         eager = bool(self._out_durable) and time.monotonic() - self._cp_at < self._interval
-        size = sum(map(len, lines))
-        if lines and (not self._file or (self._offset and self._offset + size > self._max_bytes)):
-            self._file, self._offset = f"audit-{self._seq - len(lines) + 1:010d}.jsonl", 0
+        if lines:
+            self._file_for(sum(map(len, lines)), len(lines))
         self._batches += 1 if lines else 0
         self._since_cp += len(lines)
         if checkpoint and (final or (self._batches >= self._cp_every and not eager)):
@@ -529,6 +539,11 @@ class AuditLog:
         if lines:
             self._out, self._out_n = b"".join(lines), len(lines)
         return bool(lines or self._out_waiters)
+
+    def _file_for(self, size: int, records: int = 1) -> None:
+        """Start a new file (named for its first record) when ``size`` more bytes would overfill this one."""
+        if not self._file or (self._offset and self._offset + size > self._max_bytes):
+            self._file, self._offset = f"audit-{self._seq - records + 1:010d}.jsonl", 0
 
     def _write_out(self, sync: bool = True) -> None:
         if self._out is not None:

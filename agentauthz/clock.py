@@ -31,6 +31,11 @@ class SteadyClock:
 
     def __call__(self) -> float:
         wall, mono = self._wall(), self._monotonic()
+        if wall >= self._last and not self._behind:
+            # The common case, read on every Check: no lock. Racing readers may store each other's
+            # (wall, mono) pair a few microseconds apart; a step back is still measured from there.
+            self._last, self._last_mono = wall, mono
+            return wall
         with self._lock:
             if wall >= self._last:
                 now, behind = wall, False

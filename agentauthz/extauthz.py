@@ -24,16 +24,18 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
-from google.protobuf.message import DecodeError
 from google.rpc import code_pb2, status_pb2
 
-from . import reasons
+from . import _accel, _request_py, reasons
+from ._request_py import Fields
 from .audit import prepare
 from .budgets import retry_after
 from .constraints import enforce
 from .errors import AuditUnavailable, TokenError
 from .mcp import EXTENSION, Call, read_call
 from .policy import Boundary, Policy, RequestDefaults
+
+_scan = _accel.ACTIVE.scan_check_request
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 HEADER_AGENT = "x-agentauthz-agent"
@@ -135,9 +137,9 @@ class DecisionIds:
         return self._head + decision_id.encode("ascii") + self._tail
 
 
-def bearer_token(headers: Any) -> str | None:
-    """The RFC 6750 §2.1 bearer credential, or None; any other scheme counts as none."""
-    value = headers.get("authorization")
+def bearer_token(value: str | None) -> str | None:
+    """The RFC 6750 §2.1 bearer credential in an authorization header, or None; any other scheme
+    counts as none."""
     if not value:
         return None
     scheme, _, token = value.partition(" ")
@@ -152,16 +154,17 @@ def bearer_token(headers: Any) -> str | None:
 _ABNORMAL_PATH = re.compile(r"[%\\;#]|//|/\.\.?(?:/|$)")
 
 
-def request_fields(http: Any, extensions: Any, defaults: RequestDefaults) -> tuple[str, str, str, str]:
+def request_fields(method: str, path: str, extensions: dict[str, str],
+                   defaults: RequestDefaults) -> tuple[str, str, str, str]:
     """(tool, target, operation, sensitivity) from the route's context_extensions, else the policy's
     ``requests`` defaults: operation from the method, tool and target from ``/<tool>/<target...>``."""
     tool = extensions.get("tool")
     target = extensions.get("target")
-    operation = extensions.get("operation") or defaults.operations.get(http.method, "")
+    operation = extensions.get("operation") or defaults.operations.get(method, "")
     if tool is None or target is None:
         path_tool = path_target = ""
         if defaults.tool_from_path:
-            path = http.path.partition("?")[0]
+            path = path.partition("?")[0]
             if _ABNORMAL_PATH.search(path):  # names nothing: no tool, so request_invalid (400)
                 return "", "", operation, extensions.get("sensitivity") or defaults.sensitivity
             path_tool, _, path_target = path.lstrip("/").partition("/")
@@ -255,16 +258,14 @@ class CheckService:
                     pass
         return False
 
-    def _peer_reason(self, entry: Any, source: Any, boundary: Boundary) -> str:
+    def _peer_reason(self, entry: Any, principal: str, certificate: str, boundary: Boundary) -> str:
         """DESIGN §3 step 4: a peer Envoy reports must be the token's subject and hold its certificate."""
-        principal = source.principal
         if principal and principal != entry.sub:
             return reasons.TOKEN_SENDER
         cnf = entry.claims.get("cnf")
         bound = cnf.get("x5t#S256") if cnf else None
         if bound is None:
             return reasons.ALLOW
-        certificate = source.certificate
         if not certificate:
             required = boundary.require_certificate_binding
             return reasons.TOKEN_CERTIFICATE_REQUIRED if required else reasons.ALLOW
@@ -276,21 +277,19 @@ class CheckService:
             self._thumbprints[certificate] = thumbprint
         return reasons.ALLOW if thumbprint == bound else reasons.TOKEN_BINDING
 
-    async def check(self, request: Any, context: Any) -> bytes:
+    async def check(self, fields: Fields | None, context: Any) -> bytes:
         decision_id = self._ids.next()
-        if request is None:  # not a CheckRequest (see parse_check_request): nothing to decide on
+        if fields is None:  # not a CheckRequest (see parse_check_request): nothing to decide on
             return self._undecodable(decision_id)
-        # Each protobuf attribute access builds a wrapper object: walk the request once.
-        attributes = request.attributes
-        http = attributes.request.http
-        extensions = attributes.context_extensions
-        token = bearer_token(http.headers)
+        authorization, request_id, method, path, extensions, principal, certificate, message = fields
+        token = bearer_token(authorization)
         policy = self._policy()
-        tool, target, operation, sensitivity = request_fields(http, extensions, policy.requests)
+        tool, target, operation, sensitivity = request_fields(method, path, extensions, policy.requests)
         call: Call | None = None
         refused = None
         if EXTENSION in extensions and token is not None:  # an MCP route: the body says what is called
-            read = read_call(http)
+            # The native scan leaves MCP routes to the pure twin, which keeps the parsed message.
+            read = read_call(message.attributes.request.http)
             if isinstance(read, str):
                 refused = read
             elif read is not None:
@@ -309,9 +308,8 @@ class CheckService:
         else:
             reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
             if entry is not None:
-                source = attributes.source
-                if source.principal or source.certificate or "cnf" in entry.claims:
-                    peer = self._peer_reason(entry, source, policy.boundary(boundary))
+                if principal or certificate or "cnf" in entry.claims:
+                    peer = self._peer_reason(entry, principal, certificate, policy.boundary(boundary))
                     if peer is not reasons.ALLOW:
                         reason, entry = peer, None
                 if entry is not None and entry.constrained:  # argument constraints, budgets
@@ -329,14 +327,14 @@ class CheckService:
         if prepared is None:
             prepared = self._prepare(key, entry)
         if entry is None:
-            if not self._audit.record_check(decision_id, http.id, prepared):
+            if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
             # An allow we cannot record is not an allow (DESIGN §5): it is answered once its record
             # is in the log file, so a crashed daemon loses no allow a caller saw (audit.py).
             try:
-                if not self._audit.write_allow(decision_id, http.id, prepared):
-                    durable = self._audit.record_check_durable(decision_id, http.id, prepared)
+                if not self._audit.write_allow(decision_id, request_id, prepared):
+                    durable = self._audit.record_check_durable(decision_id, request_id, prepared)
                     if durable is None:
                         raise AuditUnavailable("audit queue full")
                     await durable
@@ -353,16 +351,14 @@ class CheckService:
         return body + self._ids.metadata(decision_id)
 
 
-def parse_check_request(raw: bytes) -> Any:
-    """The CheckRequest in ``raw``, or None when it is none (a header value that is not UTF-8, say).
+def parse_check_request(raw: bytes) -> Fields | None:
+    """The fields of the CheckRequest in ``raw`` (see ``_request_py``), or None when it is none (a
+    header value that is not UTF-8, say): the native scan, else the protobuf runtime.
 
     A deserializer that raises makes gRPC answer UNKNOWN and log a traceback: one per call, from
     any client of this unauthenticated listener. None is answered as a recorded request_invalid.
     """
-    try:
-        return ext_authz.CheckRequest.FromString(raw)
-    except DecodeError:
-        return None
+    return _scan(raw) or _request_py.scan(raw)
 
 
 def add_to_server(server: Any, service: CheckService) -> None:

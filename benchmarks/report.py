@@ -122,10 +122,21 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
     for table, gen in direct[:2]:
         add(f"parse_over_floor_{table}", f"floor + request parse / floor ({gen}): any authorizer's bound",
             _ratio(rps(table, "parse"), rps(table, "floor")), "(bound)", None, source=table)
+        add(f"record_over_floor_{table}", f"floor + parse + one chained audit write / floor ({gen}): "
+            "an audited allow's bound", _ratio(rps(table, "record"), rps(table, "floor")), "(bound)", None,
+            source=table)
         add(f"warm_over_parse_{table}", f"warm Check throughput / floor + request parse ({gen})",
             _ratio(rps(table, "warm"), rps(table, "parse")), "(info)", None, source=table)
+        add(f"warm_over_record_{table}", f"warm Check throughput / its bound, parse + audit write ({gen})",
+            _ratio(rps(table, "warm"), rps(table, "record")), "(info)", None, source=table)
     add("cold_over_floor", "cold Check throughput / floor (Python client)",
         _ratio(rps("direct_python", "cold"), rps("direct_python", "floor")), "≥ 0.60", lambda r: r >= 0.60,
+        source="direct_python")
+    add("verify_over_floor", "floor + parse + audit write + bare PyNaCl verify / floor (Python client): "
+        "a cold allow's bound", _ratio(rps("direct_python", "verify"), rps("direct_python", "floor")),
+        "(bound)", None, source="direct_python")
+    add("cold_over_verify", "cold Check throughput / its bound (Python client)",
+        _ratio(rps("direct_python", "cold"), rps("direct_python", "verify")), "(info)", None,
         source="direct_python")
     for table, gen in direct:
         add(f"warm_over_naive_{table}", f"agentauthz warm / naive PyJWT peer ({gen})",

@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from faults_support import AGENT, audit_records
 
 from agentauthz.authority import Authority
 from agentauthz.client import check_request, decision_from
 from agentauthz.clock import SteadyClock
 from agentauthz.config import Config
-from agentauthz.extauthz import CheckService
+from agentauthz.extauthz import CheckService, parse_check_request
 from agentauthz.keys import Keyring, RotationThread
 from agentauthz.tokens import grant
 
@@ -55,7 +54,7 @@ def authority(tmp_path: Path, wall: Wall) -> Iterator[Authority]:
 def decide(a: Authority, token: str) -> str:
     """One Check through the real CheckService (as the daemon builds it), on a fresh event loop."""
     service = CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets)
-    request = ext_authz.CheckRequest.FromString(check_request(token, "demo", "a", "read"))
+    request = parse_check_request(check_request(token, "demo", "a", "read"))
     return decision_from(asyncio.run(service.check(request, None))).reason
 
 

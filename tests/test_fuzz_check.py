@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
@@ -111,7 +112,9 @@ class World:
         return {**self.live, **self.dead}
 
     def check(self, request: Any) -> bytes:
-        return self.loop.run_until_complete(self.service.check(request, None))
+        """Answer a CheckRequest (or bytes) as the gRPC handler would: deserialized by the scan."""
+        raw = request if isinstance(request, bytes) else request.SerializeToString()
+        return self.loop.run_until_complete(self.service.check(extauthz.parse_check_request(raw), None))
 
 
 @pytest.fixture(scope="module")
@@ -433,8 +436,11 @@ def test_fuzz_check_serialized_requests(world: World, data: st.DataObject) -> No
             raw[i:i] = data.draw(st.binary(min_size=1, max_size=4))
         else:
             raw[i] = 0xFF
-    request = extauthz.parse_check_request(bytes(raw))
-    reason = answer_is_sound(world, request, world.check(request))
+    try:
+        request = ext_authz.CheckRequest.FromString(bytes(raw))
+    except DecodeError:
+        request = None
+    reason = answer_is_sound(world, request, world.check(bytes(raw)))
     event(reason)
     if request is None:
         assert reason == reasons.REQUEST_INVALID

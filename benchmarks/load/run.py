@@ -303,6 +303,7 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         jwks_path.write_text(json.dumps(jwks))
         floor, floor_addr = bench.start_server(stack, "floor")
         parse, parse_addr = bench.start_server(stack, "parse")
+        record, record_addr = bench.start_server(stack, "record")
         naive, naive_addr = bench.start_server(stack, "naive", "--jwks", str(jwks_path))
 
         def direct_targets(drive: Callable[[str], Callable[[float], dict[str, Any]]],
@@ -311,7 +312,9 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
                                   (naive_addr, "naive peer")):
                 check_allowed(address, body, what)
             parse_row = [Target("parse", "floor + parse the CheckRequest (the least any authorizer does)",
-                                drive(parse_addr), {"server": parse.pid})] if with_parse else []
+                                drive(parse_addr), {"server": parse.pid}),
+                         Target("record", "parse + one chained audit write (the least an audited allow does)",
+                                drive(record_addr), {"server": record.pid})] if with_parse else []
             return [Target("floor", "floor: grpc.aio constant OK", drive(floor_addr), {"server": floor.pid}),
                     *parse_row,
                     Target("warm", "agentauthz, one token (warm)", drive(warm.check_address),
@@ -349,6 +352,13 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
             bench.python_check(cold.check_address, cold_body, True), {"server": cold.pid}, cold,
             notes=[f"{s.cold_tokens} distinct tokens cycled in order through a FIFO verified-token cache "
                    f"of {s.cold_cache}: every Check verifies a signature (a cache miss)."]))
+        cold_jwks = work / "cold-jwks.json"
+        cold_jwks.write_text(json.dumps(cold.jwks()))
+        verify, verify_addr = bench.start_server(stack, "verify", "--jwks", str(cold_jwks))
+        check_allowed(verify_addr, cold_body, "verify bound")
+        targets.insert(3, Target(
+            "verify", "audit write + bare PyNaCl verify per Check (the least a cold allow does)",
+            bench.python_check(verify_addr, cold_body, True), {"server": verify.pid}))
         bench.table("direct_python", "Check direct over gRPC (Python grpc.aio client)", "python-grpc.aio",
                     targets, pinned=True, settings={"in_flight": s.py_concurrency, "channels": 1},
                     note="Our asyncio client, because h2load sends one body and the cold case needs "
@@ -356,6 +366,8 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         prof = profiles(bench, warm, body, cold, cold_body, out_dir)
         cold.stop()
         naive.stop()
+        verify.stop()
+        record.stop()
 
         # -- transport: TCP loopback vs Unix domain socket ------------------------------------
         uds = bench.start_daemon(stack, "agentauthz-uds", check_listen=f"unix:{work / 'check.sock'}")

@@ -2,6 +2,8 @@
 
     python -m benchmarks.load.servers floor --listen 127.0.0.1:PORT
     python -m benchmarks.load.servers parse --listen 127.0.0.1:PORT
+    python -m benchmarks.load.servers record --listen 127.0.0.1:PORT
+    python -m benchmarks.load.servers verify --listen 127.0.0.1:PORT --jwks FILE
     python -m benchmarks.load.servers naive --listen 127.0.0.1:PORT --jwks FILE
 
 Both run on grpc.aio + uvloop, exactly like the daemon, so a difference in the
@@ -12,6 +14,11 @@ tables is the decision, not the framework:
   machine; nothing authorizing can be faster.
 * ``parse`` is the floor plus parsing the CheckRequest and reading its
   bearer header: what any authorizer pays before it decides anything.
+* ``record`` is ``parse`` plus what an allow that is audited before it is
+  answered cannot skip: one hash-chained record of ~400 bytes appended to a
+  file with write(2) per Check. The bound on warm Check, measured.
+* ``verify`` is ``record`` plus one bare PyNaCl Ed25519 verify of the token's
+  signature: the bound on a Check whose token is not cached (cold).
 * ``naive`` is the ext_authz servicer a Python developer would write: the
   generated ``AuthorizationServicer``, PyJWT ``jwt.decode`` on every call, a
   Python set of revoked token ids, a grant check and a CheckResponse message
@@ -23,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import time
 from typing import Any
 
 import grpc
@@ -50,14 +58,52 @@ async def serve_floor(listen: str, parse: bool = False) -> None:
         request.attributes.request.http.headers.get("authorization")
         return OK_RESPONSE
 
+    await _serve(listen, check_parsed if parse else check, parse)
+
+
+async def _serve(listen: str, check: Any, parse: bool) -> None:
     server = grpc.aio.server()
     handler = grpc.unary_unary_rpc_method_handler(
-        check_parsed if parse else check, response_serializer=None,
+        check, response_serializer=None,
         request_deserializer=ext_authz.CheckRequest.FromString if parse else None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))
     server.add_insecure_port(listen)
     await server.start()
     await server.wait_for_termination()
+
+
+async def serve_bound(listen: str, jwks_path: str | None) -> None:
+    """``record`` (no ``jwks_path``) or ``verify``: the unavoidable work of an audited allow."""
+    import hashlib
+    import os
+    import tempfile
+
+    from nacl.signing import VerifyKey
+    keys = {}
+    if jwks_path:
+        with open(jwks_path) as f:
+            keys = {k["kid"]: VerifyKey(_b64url(k["x"])) for k in json.load(f)["keys"]}
+    fd = os.open(os.path.join(tempfile.mkdtemp(prefix="bound-"), "log.jsonl"),
+                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    chain = {"seq": 0, "prev": "0" * 64}
+    fields = '"kind":"check","decision":true,"reason":"allow","tool":"demo","target":"reports",' \
+             '"operation":"read","sensitivity":"internal","agent":"spiffe://dev.local/agent/bench",' \
+             '"task":"bench","token_id":"0123456789abcdef0123456789abcdef"'
+
+    async def check(request: ext_authz.CheckRequest, context: Any) -> bytes:
+        token = request.attributes.request.http.headers.get("authorization", "")[7:]
+        if keys:
+            head, _, rest = token.partition(".")
+            payload, _, sig = rest.partition(".")
+            kid = json.loads(_b64url(head))["kid"]
+            keys[kid].verify(f"{head}.{payload}".encode(), _b64url(sig))
+        seq = chain["seq"] + 1
+        line = f'{{"seq":{seq},"prev":"{chain["prev"]}","ts":{time.time()!r},{fields}}}'.encode()
+        chain["seq"], chain["prev"] = seq, hashlib.sha256(line).hexdigest()
+        os.write(fd, line + b"\n")
+        return OK_RESPONSE
+
+    await _serve(listen, check, True)
 
 
 def _b64url(text: str) -> bytes:
@@ -135,18 +181,20 @@ async def serve_naive(listen: str, jwks_path: str, issuer: str, audience: str) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["floor", "parse", "naive"])
+    parser.add_argument("kind", choices=["floor", "parse", "record", "verify", "naive"])
     parser.add_argument("--listen", required=True)
-    parser.add_argument("--jwks", help="naive: the daemon's JWKS as a file")
+    parser.add_argument("--jwks", help="naive, verify: the daemon's JWKS as a file")
     parser.add_argument("--issuer", default="https://agentauthz.dev.local")
     parser.add_argument("--audience", default="tools")
     args = parser.parse_args(argv)
     import uvloop
+    if args.kind in ("verify", "naive") and not args.jwks:
+        parser.error(f"{args.kind} needs --jwks")
     if args.kind in ("floor", "parse"):
         uvloop.run(serve_floor(args.listen, parse=args.kind == "parse"))
+    elif args.kind in ("record", "verify"):
+        uvloop.run(serve_bound(args.listen, args.jwks if args.kind == "verify" else None))
     else:
-        if not args.jwks:
-            parser.error("naive needs --jwks")
         uvloop.run(serve_naive(args.listen, args.jwks, args.issuer, args.audience))
 
 
