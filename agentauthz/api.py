@@ -75,10 +75,22 @@ def approval_to_proto(a: Approval, now: float) -> pb.ApprovalRequest:
                               comment=a.comment)
 
 
-async def call_authority(context: Any, fn: Callable[[], Any], status_by_reason: dict[str, Any]) -> Any:
-    """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes."""
+async def call_authority(context: Any, authority: Authority, fn: Callable[[], Any],
+                         status_by_reason: dict[str, Any]) -> Any:
+    """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes.
+
+    Answered only once the audit records it made are fsynced: a token, a revocation or an approval
+    a caller was told of is in the log whenever the daemon dies (one fsync, shared by every call
+    and Check record the writer has by then).
+    """
+    def durably() -> Any:
+        result = fn()
+        if not authority.audit.flush():
+            raise AuditUnavailable("the audit log did not record this operation")
+        return result
+
     try:
-        return await asyncio.to_thread(fn)
+        return await asyncio.to_thread(durably)
     except Refused as exc:
         code = status_by_reason.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
         await context.abort(code, f"{exc.reason}: {exc}")
@@ -122,7 +134,7 @@ class ApiService(pb_grpc.AgentAuthzServicer):
         return (await self._peer(context)).spiffe_id
 
     async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
-        return await call_authority(context, fn, _STATUS_BY_REASON)
+        return await call_authority(context, self._authority, fn, _STATUS_BY_REASON)
 
     async def Mint(self, request: pb.MintRequest, context: Any) -> pb.MintResponse:
         peer = await self._peer(context)

@@ -53,7 +53,7 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):
         return human
 
     async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
-        return await call_authority(context, fn, _STATUS_BY_REASON)
+        return await call_authority(context, self._authority, fn, _STATUS_BY_REASON)
 
     async def ListApprovals(self, request: pb.ListApprovalsRequest, context: Any) -> pb.ListApprovalsResponse:
         human = await self._human(context)

@@ -28,6 +28,7 @@ def test_a_normal_build_runs_native() -> None:
     assert _accel.ACTIVE.name == "native"
     assert _accel.Verifier.__module__ == "agentauthz._verify_c"
     assert _accel.Bitset.__module__ == "agentauthz._bitset_c"
+    assert _accel.ACTIVE.scan_check_request.__module__ == "agentauthz._request_c"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "On", " on "])

@@ -90,6 +90,36 @@ def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) ->
     assert report.ok and report.records == len(recs) and report.checkpoints == len(cps)
 
 
+def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) -> None:
+    """write_allow: declined (False, nothing recorded) until the writer has a file open, then written
+    at once, in chain order with the queued records, and rotated into the next file by the writer."""
+    prepared = audit.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+    log = AuditLog.open(tmp_path, flush_interval=0.02, max_file_bytes=4096)
+    log.start()
+    try:
+        assert not log.write_allow("first", "", prepared)  # a fresh log: no file open yet
+        assert log.healthy and log.pending == 0
+        log.record("start")
+        assert log.flush()
+        written = 0
+        for i in range(200):  # as the Check does: declined means queued for the writer instead
+            if log.write_allow(f"allow-{i}", f"req-{i}", prepared):
+                written += 1
+            else:
+                assert log.record_check(f"allow-{i}", f"req-{i}", prepared)
+                assert log.flush()
+        assert written > 150 and log.healthy
+    finally:
+        log.stop()
+    recs = records(tmp_path)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    allows = [r["decision_id"] for r in recs if r["kind"] == "check"]
+    assert allows == [f"allow-{i}" for i in range(200)]
+    assert len(audit._log_files(tmp_path)) > 1, "the files rotated"
+    assert all(p.stat().st_size <= 4096 + 1024 for _, p in audit._log_files(tmp_path))
+    assert verify_dir(tmp_path).ok
+
+
 def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path, clock=lambda: 1700000000.5)
     log.start()

@@ -254,6 +254,28 @@ ADMIN = "spiffe://dev.local/admin/ops"
 BETA = "spiffe://dev.local/agent/beta"
 
 
+def test_kill_9_right_after_mints_are_answered_keeps_their_records(tmp_path: Path) -> None:
+    """A token a caller holds is in the log: Mint, Delegate and Revoke answer once their records are
+    fsynced, not a flush interval later (here 30 s, so only that can pass)."""
+    daemon = Daemon(tmp_path / "state", {"audit_flush_interval": 30}).start()
+    try:
+        alpha = agent_client(daemon, tmp_path / "alpha")
+        minted = [alpha.mint(f"task-{i}", ["demo:*:read"]) for i in range(3)]
+        child = alpha.delegate(minted[0].token, BETA, ["demo:*:read"])
+        alpha.revoke(token_id=minted[1].token_id)
+        daemon.stop(signal.SIGKILL)
+        records = audit_records(daemon.state_dir / "audit")
+        logged = {(r["kind"], r.get("token_id")) for r in records}
+        for m in minted:
+            assert ("mint", m.token_id) in logged
+        assert ("delegate", child.token_id) in logged
+        assert any(r["kind"] == "revoke" for r in records)
+        daemon.start()
+    finally:
+        assert daemon.stop() == 0
+    verify_cli(daemon)
+
+
 def test_kill_9_right_after_a_revocation_is_acknowledged_keeps_it(tmp_path: Path) -> None:
     """Each kind of revocation is durable before its ack: SIGKILL the moment it returns, restart, refused."""
     daemon = Daemon(tmp_path / "state", {"admins": [ADMIN]}).start()
