@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given
+from hypothesis import strategies as st
 from support import Forge
 
 from agentauthz import audit, audit_verify
@@ -579,3 +581,19 @@ def test_record_racing_stop_is_never_lost(tmp_path: Path) -> None:
     written = [r["token_id"] for r in records(tmp_path) if r["kind"] == "check"]
     assert sorted(written) == sorted(sum(taken, [])) and written
     assert verify_dir(tmp_path).ok
+
+
+TEXTS = st.one_of(st.text(), st.sampled_from(["eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhZ2VudCIsImV4cCI6MX0.c2ln" * 2,
+                                              "é\u2028\"\\\x00", "spiffe://dev.local/agent/a"]))
+JSON_VALUES = st.one_of(st.none(), st.booleans(), TEXTS, st.lists(TEXTS, max_size=3), st.integers(),
+                        st.floats(allow_nan=False), st.dictionaries(st.text(), TEXTS, max_size=2),
+                        st.lists(st.one_of(st.integers(), TEXTS), max_size=3))
+
+
+@given(st.dictionaries(st.text(min_size=1), JSON_VALUES, max_size=8))
+def test_prepare_writes_what_the_json_encoder_writes(fields: dict[str, Any]) -> None:
+    """prepare's own encoding of strings, None, booleans and lists of strings is the encoder's, byte
+    for byte (tokens redacted alike); anything else goes through the encoder itself."""
+    expected = audit._dumps(audit._redacted_fields(fields)).decode()[1:-1]
+    assert audit.prepare(**fields) == expected
+    assert json.loads("{" + audit.prepare(**fields) + "}") == json.loads("{" + expected + "}")
