@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
 from agentauthz import _accel, tokens
@@ -71,3 +72,22 @@ def native_or_fail() -> HotPath:
         if _accel.extensions_disabled():
             pytest.skip("AGENTAUTHZ_NO_EXTENSIONS set: native twin not built")
         pytest.fail(f"native module did not load: {exc}")
+
+
+def damaged(raw: bytes, data: st.DataObject, edits: int = 4) -> bytes:
+    """``raw`` with up to ``edits`` bytes flipped, cut, spliced in or made invalid UTF-8."""
+    out = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, edits), label="edits")):
+        if not out:
+            break
+        i = data.draw(st.integers(0, len(out) - 1), label="at")
+        kind = data.draw(st.sampled_from(["flip", "cut", "insert", "invalid utf-8"]), label="edit")
+        if kind == "flip":
+            out[i] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "cut":
+            del out[i:]
+        elif kind == "insert":
+            out[i:i] = data.draw(st.binary(min_size=1, max_size=4))
+        else:
+            out[i] = 0xFF
+    return bytes(out)
