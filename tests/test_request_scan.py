@@ -19,6 +19,7 @@ from support import damaged, native_or_fail
 
 from agentauthz import _request_py, extauthz
 from agentauthz.client import check_request
+from agentauthz.mcp import EXTENSION
 
 ENVOY_REQUEST = Path(__file__).parent / "corpus" / "envoy-check-request.bin"  # captured from Envoy 1.40
 
@@ -131,7 +132,7 @@ def _ext(key: bytes, value: bytes) -> bytes:
     (b"\x08\x01", "attributes as a varint (a wire type the schema does not give it)"),
     (b"\x0a\x05\x0a\x03\x0a\x01", "a length past the end"),
     (b"\x0a\x02\x18\x01", "an unknown field of AttributeContext"),
-    (_ext(b"mcp", b"true"), "an MCP route reads the body: the pure twin keeps the message"),
+    (_ext(EXTENSION.encode(), b"true"), "an MCP route reads the body: the pure twin keeps the message"),
 ])
 def test_native_defers_what_it_does_not_know(native: Any, raw: bytes, why: str) -> None:
     assert agree(native, raw) is None, why
