@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 from . import approvals, reasons, tokens
 from .approvals import Approval, ApprovalStore
 from .approvers import Human
-from .audit import redact_tokens
+from .audit_records import redact_tokens
 from .config import Config
 from .outcomes import Minted, Refused
 from .tokens import task_key

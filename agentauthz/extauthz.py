@@ -28,7 +28,7 @@ from google.rpc import code_pb2, status_pb2
 
 from . import _accel, _request_py, reasons
 from ._request_py import Fields
-from .audit import prepare
+from .audit_records import prepare
 from .budgets import retry_after
 from .constraints import enforce
 from .errors import AuditUnavailable, TokenError

@@ -20,7 +20,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import Forge
 
-from agentauthz import audit, audit_verify
+from agentauthz import audit, audit_records, audit_verify
 from agentauthz.audit import GENESIS, AuditLog
 from agentauthz.audit_verify import main_verify, verify_dir
 from agentauthz.errors import StateError
@@ -95,7 +95,7 @@ def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) ->
 def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) -> None:
     """write_allow: declined (False, nothing recorded) until the writer has a file open, then written
     at once, in chain order with the queued records, and rotated into the next file by the writer."""
-    prepared = audit.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
     log = AuditLog.open(tmp_path, flush_interval=0.02, max_file_bytes=4096)
     log.start()
     try:
@@ -214,7 +214,7 @@ def _resign(line: bytes, **change: Any) -> bytes:
     rec = json.loads(line)
     body = {k: v for k, v in rec.items() if k != "sig"}
     body.update(change)
-    rec = {**body, "sig": audit._b64(Ed25519PrivateKey.generate().sign(audit._canon(body)))}
+    rec = {**body, "sig": audit_records._b64(Ed25519PrivateKey.generate().sign(audit_records._canon(body)))}
     return json.dumps(rec, separators=(",", ":")).encode() + b"\n"
 
 
@@ -264,7 +264,7 @@ def t_torn(d: Path, raw: list[bytes]) -> None:
 def t_forged_chain_checkpoint(d: Path, raw: list[bytes]) -> None:
     rec = json.loads(raw[11])
     body = rec["checkpoint"]
-    rec["sig"] = audit._b64(Ed25519PrivateKey.generate().sign(audit._canon(body)))
+    rec["sig"] = audit_records._b64(Ed25519PrivateKey.generate().sign(audit_records._canon(body)))
     _rewrite(d, raw[:11] + [json.dumps(rec).encode() + b"\n"] + raw[12:])
 
 
@@ -410,7 +410,7 @@ def test_jws_looking_values_are_redacted_by_the_writer(tmp_path: Path) -> None:
     log.stop()
     written = b"".join(lines(tmp_path))
     assert token.encode() not in written
-    assert written.count(audit.REDACTED.encode()) == 4
+    assert written.count(audit_records.REDACTED.encode()) == 4
     assert b"eyJust saying" in written and b"eyJ.a.b" in written
 
 
@@ -418,7 +418,7 @@ def test_prepared_check_records_chain_escape_and_redact(tmp_path: Path) -> None:
     """record_check writes the same JSON a dict would, inside the chain, with hostile ids tamed."""
     token = Forge().token()
     log = AuditLog.open(tmp_path)
-    prepared = audit.prepare(decision=True, reason="allow", target='quote" and \\ and \n', chain=[],
+    prepared = audit_records.prepare(decision=True, reason="allow", target='quote" and \\ and \n', chain=[],
                              intent=f"Bearer {token}")
     assert log.record("check", token_id="first")
     assert log.record_check("d1", 'evil", "decision": true, "x": "', prepared)
@@ -430,16 +430,16 @@ def test_prepared_check_records_chain_escape_and_redact(tmp_path: Path) -> None:
     checks = [r for r in records(tmp_path) if r["kind"] == "check" and "decision_id" in r]
     assert [r["decision_id"] for r in checks] == ["d1", "d2", "d3"]
     assert checks[0]["request_id"] == 'evil", "decision": true, "x": "'  # a value, not new members
-    assert checks[1]["request_id"] == f"Bearer {audit.REDACTED}"
+    assert checks[1]["request_id"] == f"Bearer {audit_records.REDACTED}"
     assert checks[2]["request_id"] is None
-    assert all(r["target"] == 'quote" and \\ and \n' and r["intent"] == f"Bearer {audit.REDACTED}"
+    assert all(r["target"] == 'quote" and \\ and \n' and r["intent"] == f"Bearer {audit_records.REDACTED}"
                and r["decision"] is True for r in checks)
     assert verify_dir(tmp_path).ok
 
 
 def test_record_check_refuses_when_full_or_closed(tmp_path: Path) -> None:
     log = AuditLog.open(tmp_path, queue_max=2)
-    prepared = audit.prepare(reason="allow")
+    prepared = audit_records.prepare(reason="allow")
     assert log.record_check("a", "", prepared) and log.record_check("b", "", prepared)
     assert not log.record_check("c", "", prepared)
     log.stop()
@@ -594,6 +594,6 @@ JSON_VALUES = st.one_of(st.none(), st.booleans(), TEXTS, st.lists(TEXTS, max_siz
 def test_prepare_writes_what_the_json_encoder_writes(fields: dict[str, Any]) -> None:
     """prepare's own encoding of strings, None, booleans and lists of strings is the encoder's, byte
     for byte (tokens redacted alike); anything else goes through the encoder itself."""
-    expected = audit._dumps(audit._redacted_fields(fields)).decode()[1:-1]
-    assert audit.prepare(**fields) == expected
-    assert json.loads("{" + audit.prepare(**fields) + "}") == json.loads("{" + expected + "}")
+    expected = audit_records._dumps(audit_records._redacted_fields(fields)).decode()[1:-1]
+    assert audit_records.prepare(**fields) == expected
+    assert json.loads("{" + audit_records.prepare(**fields) + "}") == json.loads("{" + expected + "}")

@@ -30,8 +30,8 @@ from faults_support import (
 )
 from processes import Daemon, wait_for
 
-from agentauthz import audit
 from agentauthz.audit import WITHDRAWN, AuditLog
+from agentauthz.audit_records import prepare
 from agentauthz.audit_verify import verify_dir
 from agentauthz.client import Client, Decision, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
@@ -189,7 +189,7 @@ def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: P
     """The group commit under Check, in-process: a durable record is on disk when its future is done
     (even with a flush interval of a minute); a failing disk fails the waiting future instead, and
     the log says so once it can."""
-    prepared = audit.prepare(decision=True, reason="allow", agent=AGENT)
+    prepared = prepare(decision=True, reason="allow", agent=AGENT)
 
     async def scenario(log: AuditLog, directory: Path) -> None:
         started = time.monotonic()
@@ -200,7 +200,7 @@ def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: P
         assert all(f'"decision_id":"ok-{i}"'.encode() in on_disk for i in range(50))
         fill(directory / "filler")
         # Bigger than what is left of the log file's last, partly used page.
-        big = audit.prepare(decision=True, reason="allow", agent=AGENT, note="x" * 8192)
+        big = prepare(decision=True, reason="allow", agent=AGENT, note="x" * 8192)
         waiting = log.record_check_durable("doomed", "", big)
         assert waiting is not None
         with pytest.raises(AuditUnavailable):
@@ -231,7 +231,7 @@ def test_group_commit_does_not_storm_checkpoints(tmp_path: Path) -> None:
     each) still come at most about once a flush interval."""
     log = AuditLog.open(tmp_path, flush_interval=0.2)
     log.start()
-    prepared = audit.prepare(decision=True, reason="allow")
+    prepared = prepare(decision=True, reason="allow")
 
     async def one_by_one() -> float:
         started = time.monotonic()
