@@ -250,11 +250,11 @@ class AuditLog:
         Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
         next batch, within a flush interval, fsyncs it and signs a checkpoint. False, with nothing
         recorded, when it cannot be done at once (records queued ahead of it, a batch in flight, a
-        failing disk): the caller then takes ``record_check_durable``.
+        failing disk, no file open yet or this one full): the caller then takes ``record_check_durable``.
         A write that fails is withdrawn and raises ``AuditUnavailable``.
         """
-        # One function, no helper calls: under load each Python call here cost several times its
-        # isolated price, and this runs for every allow (measured: benchmarks/load "record" bound).
+        # One function, no helper calls: this runs for every allow, and under load each Python call
+        # here cost several times its isolated price (thread CPU per call, measured under h2load).
         if not self._ok or self._closed or self._q or self._out is not None or self._out_cp \
                 or not self._mutex.acquire(blocking=False):
             return False
@@ -324,22 +324,20 @@ class AuditLog:
         finally:
             self._mutex.release()
 
-    def _write_queued(self) -> OSError | None:
-        """Chain what is queued and write it on the caller's thread (write_allow, _kick); the error if
-        that failed, after every allow waiting on it was withdrawn. ``_mutex`` held, no batch in flight.
+    def _write_queued(self) -> None:
+        """Chain what is queued and write it on the loop's thread (_kick); if that fails, every allow
+        waiting on it is withdrawn. ``_mutex`` held, no batch in flight.
 
         Written, not yet fsynced: a killed process loses none of it (the kernel has it). The writer's
         next batch, within a flush interval, fsyncs it and signs a checkpoint; after a failure the
         writer retries with backoff.
         """
         if not self._take(checkpoint=False):
-            return None
+            return
         try:
             self._write_out(sync=False)
         except OSError as exc:
             self._fail(exc)
-            return exc
-        return None
 
     def _fail(self, exc: OSError, also_withdraw: str = "") -> None:
         """A write on the loop's thread failed: hold the batch for the writer, withdraw the allows."""
