@@ -76,16 +76,16 @@ def approval_to_proto(a: Approval, now: float) -> pb.ApprovalRequest:
 
 
 async def call_authority(context: Any, authority: Authority, fn: Callable[[], Any],
-                         status_by_reason: dict[str, Any]) -> Any:
+                         status_by_reason: dict[str, Any], *, reads_only: bool = False) -> Any:
     """Run a blocking Authority call (it fsyncs) off the event loop; map refusals to status codes.
 
-    Answered only once the audit records it made are fsynced: a token, a revocation or an approval
-    a caller was told of is in the log whenever the daemon dies (one fsync, shared by every call
-    and Check record the writer has by then).
+    Unless it ``reads_only`` (records nothing), answered only once the audit records it made are
+    fsynced: a token, a revocation or an approval a caller was told of is in the log whenever the
+    daemon dies (one fsync, shared by every call and Check record the writer has by then).
     """
     def durably() -> Any:
         result = fn()
-        if not authority.audit.flush():
+        if not reads_only and not authority.audit.flush():
             raise AuditUnavailable("the audit log did not record this operation")
         return result
 
@@ -133,8 +133,8 @@ class ApiService(pb_grpc.AgentAuthzServicer):
     async def _caller(self, context: Any) -> str:
         return (await self._peer(context)).spiffe_id
 
-    async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
-        return await call_authority(context, self._authority, fn, _STATUS_BY_REASON)
+    async def _run(self, context: Any, fn: Callable[[], Any], reads_only: bool = False) -> Any:
+        return await call_authority(context, self._authority, fn, _STATUS_BY_REASON, reads_only=reads_only)
 
     async def Mint(self, request: pb.MintRequest, context: Any) -> pb.MintResponse:
         peer = await self._peer(context)
@@ -160,7 +160,8 @@ class ApiService(pb_grpc.AgentAuthzServicer):
 
     async def GetApproval(self, request: pb.GetApprovalRequest, context: Any) -> pb.ApprovalRequest:
         caller = await self._caller(context)
-        found = await self._run(context, lambda: self._authority.get_approval(caller, request.id))
+        found = await self._run(context, lambda: self._authority.get_approval(caller, request.id),
+                                reads_only=True)
         return approval_to_proto(found, self._authority.clock())
 
     async def Delegate(self, request: pb.DelegateRequest, context: Any) -> pb.MintResponse:

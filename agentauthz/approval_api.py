@@ -52,12 +52,13 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):
             raise  # abort raises; this line only satisfies type checkers
         return human
 
-    async def _run(self, context: Any, fn: Callable[[], Any]) -> Any:
-        return await call_authority(context, self._authority, fn, _STATUS_BY_REASON)
+    async def _run(self, context: Any, fn: Callable[[], Any], reads_only: bool = False) -> Any:
+        return await call_authority(context, self._authority, fn, _STATUS_BY_REASON, reads_only=reads_only)
 
     async def ListApprovals(self, request: pb.ListApprovalsRequest, context: Any) -> pb.ListApprovalsResponse:
         human = await self._human(context)
-        found = await self._run(context, lambda: self._authority.list_approvals(human, request.state))
+        found = await self._run(context, lambda: self._authority.list_approvals(human, request.state),
+                                reads_only=True)
         now = self._authority.clock()
         return pb.ListApprovalsResponse(approvals=[approval_to_proto(a, now) for a in found])
 

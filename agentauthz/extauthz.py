@@ -358,7 +358,10 @@ def parse_check_request(raw: bytes) -> Fields | None:
     A deserializer that raises makes gRPC answer UNKNOWN and log a traceback: one per call, from
     any client of this unauthenticated listener. None is answered as a recorded request_invalid.
     """
-    return _scan(raw) or _request_py.scan(raw)
+    fields = _scan(raw)
+    if fields is None and _scan is not _request_py.scan:  # the native scan deferred
+        fields = _request_py.scan(raw)
+    return fields
 
 
 def add_to_server(server: Any, service: CheckService) -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
+from datetime import datetime, timezone
 from typing import Any, Union
 
 from cryptography import x509
@@ -43,6 +44,9 @@ class Peers:
     def __init__(self, trust_domain: str, bundle: list[x509.Certificate]) -> None:
         self.trust_domain, self.bundle = trust_domain, bundle
         self._by_peer: dict[str, Verdict] = {}
+        # An accepted chain's Svid and the span in which every certificate it rests on is valid: the
+        # chain is judged again (a DER parse and a signature per certificate) only outside that span.
+        self._accepted: dict[str, tuple[Svid, datetime, datetime]] = {}
 
     def judge(self, chain: list[bytes]) -> Verdict:
         try:
@@ -61,9 +65,17 @@ class Peers:
             raise IdentityError("the connection did not come through the TLS front")
         if isinstance(verdict, IdentityError):
             raise verdict
-        # Judged again at every call, as gRPC's TLS peer was before: a certificate (or CA) that expires
-        # while its connection stays open stops authenticating then. Microseconds next to a Mint.
-        return self.svid(verdict)
+        now = datetime.now(timezone.utc)
+        accepted = self._accepted.get(grpc_peer)
+        if accepted is not None and accepted[1] <= now <= accepted[2]:
+            return accepted[0]
+        # Outside the span, judged again, as gRPC's TLS peer was at every call: a certificate (or CA)
+        # that expires while its connection stays open stops authenticating then.
+        svid = self.svid(verdict)
+        certs = [*(x509.load_der_x509_certificate(der) for der in verdict), *self.bundle]
+        self._accepted[grpc_peer] = (svid, max(c.not_valid_before_utc for c in certs),
+                                     min(c.not_valid_after_utc for c in certs))
+        return svid
 
     def add(self, port: int, verdict: Verdict) -> str:
         key = f"ipv4:{BACKEND_HOST}:{port}"
@@ -72,6 +84,7 @@ class Peers:
 
     def remove(self, key: str) -> None:
         self._by_peer.pop(key, None)
+        self._accepted.pop(key, None)
 
 
 def server_context(key_pem: bytes, cert_pem: bytes, bundle: list[x509.Certificate]) -> SSL.Context:

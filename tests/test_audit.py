@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import base64
-import errno
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import threading
@@ -16,6 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from faults_support import fill, tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
 from support import Forge
@@ -457,28 +456,12 @@ def test_queue_full_refuses_without_blocking(tmp_path: Path) -> None:
     assert verify_dir(tmp_path).ok
 
 
-def _mount_tmpfs(path: Path, size: str) -> None:
-    path.mkdir()
-    if os.geteuid() != 0:
-        pytest.skip("needs root to mount a size-limited tmpfs")
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-                          capture_output=True, text=True)
-    if done.returncode:
-        pytest.skip(f"cannot mount a size-limited tmpfs here: {done.stderr.strip()}")
-
-
-def _fill(path: Path) -> None:
-    with open(path, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-
-
 def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatch: Any) -> None:
-    fs = tmp_path / "fs"
-    _mount_tmpfs(fs, "64k")
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        _disk_full_holds_records_then_writes_them_all(fs, monkeypatch)
+
+
+def _disk_full_holds_records_then_writes_them_all(fs: Path, monkeypatch: Any) -> None:
     attempts = []
     real_append = audit._append
 
@@ -494,7 +477,7 @@ def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatc
         log.start()
         taken = [i for i in range(5) if check(log, i)]
         assert log.flush() and log.healthy
-        _fill(fs / "filler")
+        fill(fs / "filler")
         # Records big enough not to fit in the log file's last partly used page.
         taken += [i for i in range(5, 25) if check(log, i, note="x" * 1000)]
         assert taken == list(range(25))

@@ -297,7 +297,7 @@ def test_peers_refuse_an_unknown_connection_and_forget_a_closed_one() -> None:
     key = peers.add(4242, IdentityError("certificate expired at then"))
     with pytest.raises(IdentityError, match="expired at then"):
         peers.identity(key)
-    # An accepted chain is judged again at every call: it stops working when its certificate expires.
+    # An accepted chain stops working the moment its certificate expires, connection open or not.
     soon = make_leaf(ca, [AGENT], not_after=datetime.now(timezone.utc) + timedelta(seconds=2))
     verdict = peers.judge([soon.certificate.public_bytes(Encoding.DER)])
     assert isinstance(verdict, list)
