@@ -32,7 +32,7 @@ _STATUS_BY_REASON = {
 
 
 class ApprovalsService(pb_grpc.ApprovalsServicer):
-    """ListApprovals and Decide, for a verified human only."""
+    """ListApprovals and Approve (which also rejects), for a verified human only."""
 
     def __init__(self, authority: Authority) -> None:
         self._authority = authority
@@ -62,7 +62,7 @@ class ApprovalsService(pb_grpc.ApprovalsServicer):
         now = self._authority.clock()
         return pb.ListApprovalsResponse(approvals=[approval_to_proto(a, now) for a in found])
 
-    async def Decide(self, request: pb.DecideApprovalRequest, context: Any) -> pb.ApprovalRequest:
+    async def Approve(self, request: pb.ApproveRequest, context: Any) -> pb.ApprovalRequest:
         human = await self._human(context)
         decided = await self._run(context, lambda: self._authority.decide_approval(
             human, request.id, request.approve, request.comment))

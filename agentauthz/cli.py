@@ -231,7 +231,7 @@ def cmd_revoke(args: argparse.Namespace) -> None:
 
 def cmd_check(args: argparse.Namespace) -> None:
     d = _rpc(lambda: _client(args).check(args.token, args.tool, args.target, args.operation,
-                                         args.sensitivity))
+                                         args.sensitivity, boundary=args.boundary or ""))
     result = {"allowed": d.allowed, "status": d.status, "reason": d.reason, "headers": d.headers,
               "decision_id": d.decision_id}
     if not d.allowed:
@@ -333,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", required=True)
     p.add_argument("--operation", required=True)
     p.add_argument("--sensitivity", default="public")
+    p.add_argument("--boundary", help="the trust boundary the route names (its `boundary` context "
+                   "extension; default: the daemon's first audience)")
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(
         dest="policy_command", required=True)

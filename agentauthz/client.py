@@ -287,5 +287,5 @@ class ApprovalsClient:
         return self._decide(approval_id, False, comment)
 
     def _decide(self, approval_id: str, approve: bool, comment: str) -> pb.ApprovalRequest:
-        request = pb.DecideApprovalRequest(id=approval_id, approve=approve, comment=comment)
-        return self._stub.Decide(request, timeout=self._timeout)
+        request = pb.ApproveRequest(id=approval_id, approve=approve, comment=comment)
+        return self._stub.Approve(request, timeout=self._timeout)

@@ -259,13 +259,19 @@ class CheckService:
         return False
 
     def _peer_reason(self, entry: Any, principal: str, certificate: str, boundary: Boundary) -> str:
-        """DESIGN §3 step 4: a peer Envoy reports must be the token's subject and hold its certificate."""
+        """DESIGN §3 step 4: a peer Envoy reports must be the token's subject and hold its certificate.
+
+        Where the boundary requires binding, a token bound to no certificate (a delegated child, or
+        one minted for a JWT-SVID caller) needs at least a peer Envoy authenticated as its subject:
+        otherwise anyone holding a bound token could delegate an unbound one and use it anywhere.
+        """
         if principal and principal != entry.sub:
             return reasons.TOKEN_SENDER
         cnf = entry.claims.get("cnf")
         bound = cnf.get("x5t#S256") if cnf else None
         if bound is None:
-            return reasons.ALLOW
+            required = boundary.require_certificate_binding and not principal
+            return reasons.TOKEN_CERTIFICATE_REQUIRED if required else reasons.ALLOW
         if not certificate:
             required = boundary.require_certificate_binding
             return reasons.TOKEN_CERTIFICATE_REQUIRED if required else reasons.ALLOW
@@ -308,8 +314,9 @@ class CheckService:
         else:
             reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
             if entry is not None:
-                if principal or certificate or "cnf" in entry.claims:
-                    peer = self._peer_reason(entry, principal, certificate, policy.boundary(boundary))
+                binding = policy.boundary(boundary)
+                if principal or certificate or binding.require_certificate_binding or "cnf" in entry.claims:
+                    peer = self._peer_reason(entry, principal, certificate, binding)
                     if peer is not reasons.ALLOW:
                         reason, entry = peer, None
                 if entry is not None and entry.constrained:  # argument constraints, budgets

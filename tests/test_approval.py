@@ -227,12 +227,12 @@ def test_no_agent_credential_and_no_forged_token_reaches_the_approvals_service(d
     ident, ca = identity(daemon), (daemon.state_dir / "pki" / "ca.pem").read_bytes()
     with grpc.secure_channel(daemon.approval_address, grpc.ssl_channel_credentials(
             ca, ident.key, ident.certificate)) as channel:
-        decide = pb_grpc.ApprovalsStub(channel).Decide
-        code, _ = refused(lambda: decide(pb.DecideApprovalRequest(id=pending.id, approve=True), timeout=5))
+        decide = pb_grpc.ApprovalsStub(channel).Approve
+        code, _ = refused(lambda: decide(pb.ApproveRequest(id=pending.id, approve=True), timeout=5))
         assert code == grpc.StatusCode.UNAUTHENTICATED
     with grpc.secure_channel(daemon.api_address, ident.credentials()) as channel:  # nor on the agents' API
-        decide = pb_grpc.ApprovalsStub(channel).Decide
-        code, _ = refused(lambda: decide(pb.DecideApprovalRequest(id=pending.id, approve=True), timeout=5))
+        decide = pb_grpc.ApprovalsStub(channel).Approve
+        code, _ = refused(lambda: decide(pb.ApproveRequest(id=pending.id, approve=True), timeout=5))
         assert code == grpc.StatusCode.UNIMPLEMENTED
     with grpc.insecure_channel(daemon.approval_address) as channel:  # and never without TLS
         code, _ = refused(lambda: pb_grpc.ApprovalsStub(channel).ListApprovals(pb.ListApprovalsRequest(),
@@ -270,6 +270,16 @@ def test_the_cli_dev_human_approvals_approve_reject(daemon: Daemon, tmp_path: Pa
     assert again.returncode == 1 and "approval_already_decided" in again.stderr
     minted = daemon.cli(*mint, "--approval-id", request_id)
     assert minted.returncode == 0 and json.loads(minted.stdout)["approver"] == f"alice ({DEV_ISSUER})"
+
+    # A rejection from the CLI: the request is closed, names who rejected it, and mints nothing.
+    asked = daemon.cli(*[a if a != "cli" else "cli-2" for a in mint])
+    other = json.loads(asked.stdout)["pending"]["id"]
+    rejected = daemon.cli("reject", other, "--comment", "not today", *human)
+    assert rejected.returncode == 0, rejected.stderr
+    assert json.loads(rejected.stdout)["state"] == "rejected"
+    assert json.loads(rejected.stdout)["approver"] == f"alice ({DEV_ISSUER})"
+    refused = daemon.cli(*[a if a != "cli" else "cli-2" for a in mint], "--approval-id", other)
+    assert refused.returncode == 1 and "approval_rejected" in refused.stderr, refused.stderr
 
 
 # -- configured approvers next to agent JWT-SVID issuers ----------------------------------------------
@@ -320,8 +330,8 @@ def test_only_the_approver_issuer_approves_never_the_requesting_agent(sso: Daemo
     ca = (sso.state_dir / "pki" / "ca.pem").read_bytes()  # its certificate and its bearer, together
     with grpc.secure_channel(sso.approval_address, grpc.ssl_channel_credentials(
             ca, runtime.key, runtime.certificate)) as channel:
-        code, _ = refused(lambda: pb_grpc.ApprovalsStub(channel).Decide(
-            pb.DecideApprovalRequest(id=pending.id, approve=True),
+        code, _ = refused(lambda: pb_grpc.ApprovalsStub(channel).Approve(
+            pb.ApproveRequest(id=pending.id, approve=True),
             metadata=(("authorization", f"Bearer {agent_jwt}"),), timeout=5))
         assert code == grpc.StatusCode.UNAUTHENTICATED
     assert sso.cli("dev-human", "alice", "--config", str(sso.config_path),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import ssl
 import urllib.error
 import urllib.request
@@ -11,33 +12,23 @@ from typing import Any, Iterator
 
 import pytest
 import yaml
-from processes import Daemon, echo_upstream, envoy, envoy_config, free_port
+from processes import ROOT, Daemon, echo_upstream, envoy, free_port
 
 from agentauthz.client import Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"
+GAMMA = "spiffe://dev.local/agent/gamma"
+MTLS_EXAMPLE = ROOT / "examples" / "envoy-mtls.yaml"
 
 
-def mtls_envoy_config(text: str, work: Path, pki: Any) -> str:
-    """The example config with its listener behind mTLS (dev CA) and the peer certificate forwarded."""
-    for name, pem in (("envoy.pem", pki.server_cert_pem), ("envoy.key", pki.server_key_pem),
-                      ("ca.pem", pki.ca_cert_pem)):
-        (work / name).write_bytes(pem)
-    config = yaml.safe_load(text)
-    chain = config["static_resources"]["listeners"][0]["filter_chains"][0]
-    chain["transport_socket"] = {"name": "envoy.transport_sockets.tls", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
-        "require_client_certificate": True,
-        "common_tls_context": {
-            "tls_certificates": [{"certificate_chain": {"filename": str(work / "envoy.pem")},
-                                  "private_key": {"filename": str(work / "envoy.key")}}],
-            "validation_context": {"trusted_ca": {"filename": str(work / "ca.pem")}}}}}
-    hcm = chain["filters"][0]["typed_config"]
-    ext_authz = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
-    ext_authz["typed_config"]["include_peer_certificate"] = True
-    return yaml.safe_dump(config)
+def mtls_example_config(state_dir: Path, check_port: int, upstream_port: int, listen_port: int,
+                        admin_port: int) -> str:
+    """examples/envoy-mtls.yaml as the README runs it, on the test's ports and dev PKI."""
+    text = MTLS_EXAMPLE.read_text().replace("filename: .agentauthz/pki/", f"filename: {state_dir}/pki/")
+    ports = {9191: check_port, 8080: upstream_port, 10443: listen_port, 9902: admin_port}
+    return re.sub(r"port_value: (\d+)", lambda m: f"port_value: {ports[int(m.group(1))]}", text)
 
 
 class Stack:
@@ -48,20 +39,28 @@ class Stack:
     def identity(self, agent: str, name: str) -> Path:
         return issue_svid(self.pki, agent, self.work / name)
 
-    def mint(self, identity: Path, task: str) -> str:
-        client = Client(self.daemon.api_address, Identity.from_dir(identity))
-        return str(client.mint(task, ["demo:*:read:internal"]).token)
+    def client(self, identity: Path) -> Client:
+        return Client(self.daemon.api_address, Identity.from_dir(identity))
 
-    def call(self, identity: Path, token: str) -> tuple[int, dict[str, Any]]:
+    def mint(self, identity: Path, task: str, grants: tuple[str, ...] = ("demo:*:read:internal",)) -> str:
+        return str(self.client(identity).mint(task, list(grants)).token)
+
+    def request(self, identity: Path, token: str,
+                method: str = "GET") -> tuple[int, dict[str, Any], dict[str, str]]:
+        """(status, JSON body, lower-cased headers) of a call to /demo/reports over ``identity``'s mTLS."""
         context = ssl.create_default_context(cafile=str(identity / "bundle.pem"))
         context.load_cert_chain(identity / "svid.pem", identity / "svid.key")
-        req = urllib.request.Request(f"https://localhost:{self.port}/demo/reports",
+        req = urllib.request.Request(f"https://localhost:{self.port}/demo/reports", method=method,
                                      headers={"authorization": f"Bearer {token}"})
         try:
             with urllib.request.urlopen(req, timeout=5, context=context) as r:
-                return r.status, json.loads(r.read())
+                status, body, headers = r.status, r.read(), r.headers
         except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
+            status, body, headers = e.code, e.read(), e.headers
+        return status, json.loads(body or b"{}"), {k.lower(): v for k, v in headers.items()}
+
+    def call(self, identity: Path, token: str, method: str = "GET") -> tuple[int, dict[str, Any]]:
+        return self.request(identity, token, method)[:2]
 
 
 @pytest.fixture(scope="module")
@@ -71,8 +70,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     proxy_port, admin_port = free_port(), free_port()
     try:
         with echo_upstream() as upstream_port:
-            text = envoy_config(daemon.check_port, upstream_port, proxy_port, admin_port)
-            with envoy(mtls_envoy_config(text, work, ensure_dev_pki(daemon.state_dir)), work, admin_port):
+            config = mtls_example_config(daemon.state_dir, daemon.check_port, upstream_port, proxy_port,
+                                         admin_port)
+            with envoy(config, work, admin_port):
                 yield Stack(daemon, proxy_port, work)
     finally:
         daemon.stop()
@@ -106,3 +106,46 @@ def test_unbound_direct_check_follows_policy(stack: Stack) -> None:
                     check_server=stack.daemon.check_address)
     token = client.mint("bind-4", ["demo:*:read:internal"]).token
     assert client.check(token, "demo", "reports", "read", "internal").allowed
+
+
+def test_delegated_child_works_only_for_the_child_agent_within_its_narrowed_grants(stack: Stack) -> None:
+    """alpha hands beta a read-only child of its read-write token: beta may read over its own
+    certificate; alpha (the parent's holder) and a third agent presenting the child are refused."""
+    alpha = stack.identity(ALPHA, "alpha-5")
+    beta, gamma = stack.identity(BETA, "beta-5"), stack.identity(GAMMA, "gamma-5")
+    parent = stack.mint(alpha, "bind-5", ("demo:*:read,write:internal",))
+    assert stack.call(alpha, parent, "POST")[0] == 200  # the parent may write; the child will not
+    child = stack.client(alpha).delegate(parent, BETA, ["demo:reports:read:internal"], ttl=120)
+    assert child.agent == BETA
+
+    # (a) The child agent, over its own certificate: allowed to read, and only to read.
+    status, body, _ = stack.request(beta, child.token)
+    assert status == 200, body
+    assert body["headers"]["x-agentauthz-agent"] == BETA
+    assert body["headers"]["x-agentauthz-token-id"] == child.token_id
+    status, body, headers = stack.request(beta, child.token, "POST")
+    assert (status, body) == (403, {"error": "scope_denied"})
+    assert 'error="insufficient_scope"' in headers["www-authenticate"]
+
+    # (b) The delegator holds the parent, not the child: its certificate names another sub.
+    # (c) Nor may anyone else on the trust domain use it.
+    for thief in (alpha, gamma):
+        status, body, headers = stack.request(thief, child.token)
+        assert (status, body) == (401, {"error": "token_sender_mismatch"})
+        assert headers["www-authenticate"] == ('Bearer realm="agentauthz", error="invalid_token", '
+                                               'error_description="token_sender_mismatch"')
+    # Refusing the thieves spent nothing of the child's: beta still reads.
+    assert stack.call(beta, child.token)[0] == 200
+
+
+def test_the_mtls_example_fails_closed() -> None:
+    """Like examples/envoy.yaml (tests/test_faults_load.py): a failed or late Check is a denial."""
+    config = yaml.safe_load(MTLS_EXAMPLE.read_text())
+    chain = config["static_resources"]["listeners"][0]["filter_chains"][0]
+    assert chain["transport_socket"]["typed_config"]["require_client_certificate"] is True
+    hcm = chain["filters"][0]["typed_config"]
+    settings = next(f["typed_config"] for f in hcm["http_filters"]
+                    if f["name"] == "envoy.filters.http.ext_authz")
+    assert settings["failure_mode_allow"] is False
+    assert settings["status_on_error"] == {"code": "ServiceUnavailable"}
+    assert settings["include_peer_certificate"] is True

@@ -8,13 +8,15 @@ import time
 from pathlib import Path
 from typing import Iterator
 
+import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from nacl.signing import SigningKey
 from processes import Daemon
 
 from agentauthz import tokens
-from agentauthz.client import Client, Identity
+from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from
 from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import PolicyError
 from agentauthz.policy import DEV_POLICY, Policy
@@ -55,6 +57,17 @@ def two(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Boundaries]:
         yield Boundaries(daemon, work)
     finally:
         daemon.stop()
+
+
+def check_as(two: Boundaries, token: str, boundary: str, principal: str) -> tuple[bool, str]:
+    """A Check as Envoy sends it from an mTLS listener without the certificate: the peer's SPIFFE ID."""
+    request = ext_authz.CheckRequest.FromString(
+        check_request(token, "demo", "reports", "read", "internal", boundary=boundary))
+    request.attributes.source.principal = principal
+    with grpc.insecure_channel(two.daemon.check_address) as channel:
+        raw = channel.unary_unary(CHECK_METHOD)(request.SerializeToString(), timeout=10)
+    decision = decision_from(raw)
+    return decision.allowed, decision.reason
 
 
 def claims_of(token: str) -> dict:
@@ -144,3 +157,36 @@ def test_policy_boundaries_default_to_open() -> None:
     policy = Policy.from_text("version: 1\nrules: []\nboundaries: {data: {max_ttl: 30}}\n")
     assert policy.boundary("data").max_ttl == 30 and not policy.boundary("data").require_certificate_binding
     assert policy.boundary("tools").max_ttl >= 3600
+
+
+def test_cli_check_names_the_boundary_as_a_route_would(two: Boundaries) -> None:
+    """``agentauthz check --boundary NAME`` asks as a route with that ``boundary`` extension."""
+    token = two.client.mint("b-6", GRANT).token
+
+    def check(*boundary: str) -> tuple[int, str, str]:
+        done = two.daemon.cli("check", "--server", two.daemon.check_address, "--token", token,
+                              "--tool", "demo", "--target", "reports", "--operation", "read",
+                              "--sensitivity", "internal", *boundary)
+        return done.returncode, done.stdout, done.stderr
+
+    code, out, _ = check()
+    assert code == 0 and out.startswith("allowed (")
+    code, out, _ = check("--boundary", "tools")
+    assert code == 0 and out.startswith("allowed (")
+    assert check("--boundary", "data")[::2] == (1, "agentauthz: denied: token_boundary_mismatch (HTTP 401)\n")
+    assert check("--boundary", "billing")[::2] == (1, "agentauthz: denied: boundary_unknown (HTTP 403)\n")
+    code, out, _ = check("--boundary", "data", "--json")
+    assert code == 1 and json.loads(out)["reason"] == "token_boundary_mismatch"
+    assert json.loads(out)["status"] == 401
+
+
+def test_a_delegated_child_needs_a_certificate_where_the_boundary_requires_binding(two: Boundaries) -> None:
+    parent = two.client.mint("b-7", GRANT, audience="data").token
+    assert two.check(parent, "data") == (False, "token_certificate_required")
+    child = two.client.delegate(parent, "spiffe://dev.local/agent/beta", GRANT).token
+    # Unbound (the child agent was not on the Delegate call), so only its subject's mTLS will do.
+    assert "cnf" not in claims_of(child)
+    assert two.check(child, "data") == (False, "token_certificate_required")
+    assert check_as(two, child, "data", principal="spiffe://dev.local/agent/beta") == (True, "allow")
+    assert check_as(two, child, "data", principal=AGENT) == (False, "token_sender_mismatch")
+    assert two.check(child) == (False, "token_boundary_mismatch")  # and it stays in its boundary

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -11,10 +12,12 @@ from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, req
 
 from agentauthz.client import Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.policy import DEV_POLICY
 
 AGENT = "spiffe://dev.local/agent/alpha"
 OTHER_AGENT = "spiffe://dev.local/agent/beta"
 READ_WRITE = ["demo:*:read,write:internal"]
+READ = ["demo:*:read:internal"]
 
 
 class Stack:
@@ -38,10 +41,10 @@ class Stack:
         return request(self.port, path, method, token)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    work = tmp_path_factory.mktemp("e2e")
-    daemon = Daemon(work / "state", {"leeway": 0}).start()
+@contextlib.contextmanager
+def envoy_stack(work: Path, config: dict[str, Any]) -> Iterator[Stack]:
+    """A daemon on ``config``, the echo tool, and the example Envoy config in front of both."""
+    daemon = Daemon(work / "state", config).start()
     proxy_port, admin_port = free_port(), free_port()
     try:
         with echo_upstream() as upstream_port:
@@ -50,6 +53,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 yield Stack(daemon, proxy_port, work)
     finally:
         daemon.stop()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    with envoy_stack(tmp_path_factory.mktemp("e2e"), {"leeway": 0}) as s:
+        yield s
 
 
 def test_no_token_is_401_with_bearer_challenge(stack: Stack) -> None:
@@ -184,3 +193,37 @@ def test_token_in_the_request_path_is_answered_and_never_audited(stack: Stack) -
              10, "the check to be audited")
     for f in audit_dir.glob("*.jsonl"):
         assert token.encode() not in f.read_bytes()
+
+
+def test_route_naming_a_boundary_the_daemon_does_not_serve_is_403(stack: Stack) -> None:
+    """The example's /data/reports route names boundary ``data``; this daemon serves ``tools`` only."""
+    token = stack.mint("no-data").token
+    assert stack.call(token)[0] == 200
+    status, body, headers = stack.call(token, "GET", "/data/reports")
+    assert (status, body) == (403, {"error": "boundary_unknown"})
+    assert 'error="insufficient_scope"' in headers["www-authenticate"]
+
+
+@pytest.fixture(scope="module")
+def bounded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The example Envoy config in front of a daemon serving two boundaries, ``tools`` and ``data``."""
+    work = tmp_path_factory.mktemp("e2e-boundaries")
+    policy = work / "policy.yaml"
+    policy.write_text(DEV_POLICY.read_text() + "\nboundaries:\n  data: {max_ttl: 60}\n")
+    with envoy_stack(work, {"leeway": 0, "audiences": ["tools", "data"], "policy_file": str(policy)}) as s:
+        yield s
+
+
+def test_a_token_works_on_its_own_boundarys_routes_only(bounded: Stack) -> None:
+    tools = bounded.mint("bounds", READ, ttl=600)  # no audience: the first one, tools
+    data = bounded.mint("bounds-data", READ, ttl=600, audience="data")
+    assert data.expires_at <= time.time() + 60 < tools.expires_at  # data's max_ttl caps it, not tools'
+    # /demo/reports names no boundary (tools); /data/reports names data.
+    for token, own, other in ((tools, "/demo/reports", "/data/reports"),
+                              (data, "/data/reports", "/demo/reports")):
+        status, body, _ = bounded.call(token.token, "GET", own)
+        assert status == 200, body
+        assert body["headers"]["x-agentauthz-token-id"] == token.token_id
+        status, body, headers = bounded.call(token.token, "GET", other)
+        assert (status, body) == (401, {"error": "token_boundary_mismatch"})
+        assert 'error="invalid_token"' in headers["www-authenticate"]

@@ -247,6 +247,8 @@ def answer_is_sound(world: World, request: Any, raw: bytes) -> str:
             assert thumbprint_of(source.certificate) == bound, "a bound token allowed with another cert"
         else:
             assert not world.authority.policy.boundary(boundary).require_certificate_binding
+    elif world.authority.policy.boundary(boundary).require_certificate_binding:
+        assert source.principal == claims["sub"], "an unbound token allowed without its sender's mTLS"
     tool, target, operation, sensitivity = expected_fields(request)
     assert covered(claims, tool, target, operation, sensitivity), "an allow no grant covers"
     level = tokens.SENSITIVITY_RANK[sensitivity]
@@ -448,9 +450,13 @@ def test_fuzz_check_every_live_token_is_allowed_where_it_belongs(world: World) -
             body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
                 "name": "read_file", "arguments": {"path": "/srv/reports/q1"}}}).encode()
         headers = {"authorization": f"Bearer {token}", "content-type": "application/json"}
+        # An unbound token where binding is required needs its subject's mTLS (Envoy's principal).
+        unbound_needs_peer = "cnf" not in claims and \
+            world.authority.policy.boundary(claims["aud"]).require_certificate_binding
         request = ext_authz.CheckRequest(attributes=attrs.AttributeContext(
             source=attrs.AttributeContext.Peer(
-                certificate=world.certificates[ALPHA] if "cnf" in claims else ""),
+                certificate=world.certificates[ALPHA] if "cnf" in claims else "",
+                principal=claims["sub"] if unbound_needs_peer else ""),
             request=attrs.AttributeContext.Request(http=attrs.AttributeContext.HttpRequest(
                 method="POST", path="/", headers=headers, raw_body=body)),
             context_extensions=extensions))

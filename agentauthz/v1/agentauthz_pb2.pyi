@@ -144,7 +144,7 @@ class ListApprovalsResponse(_message.Message):
     approvals: _containers.RepeatedCompositeFieldContainer[ApprovalRequest]
     def __init__(self, approvals: _Optional[_Iterable[_Union[ApprovalRequest, _Mapping]]] = ...) -> None: ...
 
-class DecideApprovalRequest(_message.Message):
+class ApproveRequest(_message.Message):
     __slots__ = ("id", "approve", "comment")
     ID_FIELD_NUMBER: _ClassVar[int]
     APPROVE_FIELD_NUMBER: _ClassVar[int]

@@ -373,9 +373,9 @@ class ApprovalsStub:
                 request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsRequest.SerializeToString,
                 response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsResponse.FromString,
                 _registered_method=True)
-        self.Decide = channel.unary_unary(
-                '/agentauthz.v1.Approvals/Decide',
-                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.DecideApprovalRequest.SerializeToString,
+        self.Approve = channel.unary_unary(
+                '/agentauthz.v1.Approvals/Approve',
+                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApproveRequest.SerializeToString,
                 response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
                 _registered_method=True)
 
@@ -391,8 +391,9 @@ class ApprovalsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Decide(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def Approve(self, request, context):
+        """approve or reject
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -405,9 +406,9 @@ def add_ApprovalsServicer_to_server(servicer, server):
                     request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsRequest.FromString,
                     response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ListApprovalsResponse.SerializeToString,
             ),
-            'Decide': grpc.unary_unary_rpc_method_handler(
-                    servicer.Decide,
-                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.DecideApprovalRequest.FromString,
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApproveRequest.FromString,
                     response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.SerializeToString,
             ),
     }
@@ -451,7 +452,7 @@ class Approvals:
             _registered_method=True)
 
     @staticmethod
-    def Decide(request,
+    def Approve(request,
             target,
             options=(),
             channel_credentials=None,
@@ -464,8 +465,8 @@ class Approvals:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/agentauthz.v1.Approvals/Decide',
-            agentauthz_dot_v1_dot_agentauthz__pb2.DecideApprovalRequest.SerializeToString,
+            '/agentauthz.v1.Approvals/Approve',
+            agentauthz_dot_v1_dot_agentauthz__pb2.ApproveRequest.SerializeToString,
             agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
             options,
             channel_credentials,
