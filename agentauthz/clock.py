@@ -18,6 +18,11 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
+# Readers on two threads may each read the wall, then store in the other order: the later store
+# then looks like a step back of however long the first reader was held up (a GIL switch, ~5 ms).
+# A step back this small holds the clock still instead of being declared and logged as one.
+RACE_SECONDS = 0.05
+
 
 class SteadyClock:
     """``wall()`` while it moves forward; after it steps back, the last reading plus monotonic time."""
@@ -39,6 +44,8 @@ class SteadyClock:
         with self._lock:
             if wall >= self._last:
                 now, behind = wall, False
+            elif not self._behind and self._last - wall < RACE_SECONDS:
+                return self._last  # a reading overtaken by another thread's, or a tiny step: stand still
             else:
                 now, behind = self._last + max(0.0, mono - self._last_mono), True
             if behind != self._behind:

@@ -8,6 +8,7 @@ An expired token must never become valid again, a live one must not be refused, 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 from typing import Iterator
@@ -158,3 +159,24 @@ def test_steady_clock_follows_the_wall_and_never_goes_back(wall: Wall) -> None:
     assert clock() == start + 10
     wall.now = start + 20
     assert clock() == start + 20  # wall ahead again: follow it
+
+
+def test_steady_clock_stands_still_for_a_reading_another_thread_overtook(
+        wall: Wall, caplog: pytest.LogCaptureFixture) -> None:
+    """Two threads read the wall and store in the other order: no step back is declared or logged."""
+    mono = [100.0]
+    clock = SteadyClock(wall, lambda: mono[0])
+    start = wall.now
+    wall.now = start + 0.004
+    assert clock() == start + 0.004  # the reader that stored first read the later time
+    wall.now = start + 0.001  # the overtaken reading, or a 3 ms step back: never backwards, no warning
+    mono[0] += 0.001
+    with caplog.at_level(logging.WARNING, logger="agentauthz.clock"):
+        assert clock() == start + 0.004
+        wall.now = start + 0.005
+        assert clock() == start + 0.005  # and the wall is followed again at once
+        assert not caplog.records
+        wall.now = start - 1.0  # a real step back is still declared, and counted on monotonic time
+        mono[0] += 0.5
+        assert clock() == start + 0.505
+        assert "went back" in caplog.text
