@@ -17,9 +17,10 @@ import json
 import math
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -99,6 +100,23 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b
 
 
+def _paired(load: dict[str, Any], table: str, a: str, b: str,
+            figure: Callable[[dict[str, Any], dict[str, Any]], float | None]) -> float | None:
+    """The median over rounds of ``figure(a's run, b's run)`` in the same round.
+
+    Rows of a table run interleaved, so a round's two runs are seconds apart: noise slower than
+    that (another tenant, a host's turbo) falls on both. A ratio of two medians taken over the
+    whole table does not cancel it. Rounds where either run was invalid are left out.
+    """
+    rows = load.get("tables", {}).get(table, {}).get("rows", {})
+    if a not in rows or b not in rows:
+        return None
+    pairs = zip(rows[a]["rounds"], rows[b]["rounds"], strict=True)
+    values = [v for v in (figure(x, y) for x, y in pairs if x["valid"] and y["valid"])
+              if v is not None and not math.isnan(v)]
+    return statistics.median(values) if values else None
+
+
 def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
            paired: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
     """Every ratio with its target and verdict (``met`` is None where there is no target)."""
@@ -111,6 +129,10 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
                     "met": met, "source": source})
 
     def rps(table: str, row: str) -> float | None:
+        """``row``'s throughput over ``table``'s rounds, or the paired ratio when a denominator row
+        is named as ``row/denominator``: see ``_paired``."""
+        if "/" in row:
+            return _paired(load, table, *row.split("/"), lambda a, b: _ratio(a["rps"], b["rps"]))
         s = _row(load, table, row)
         return s["rps"] if s else None
 
@@ -118,64 +140,67 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
               ("direct_python", "Python client"))
     for table, gen in direct:
         add(f"warm_over_floor_{table}", f"warm Check throughput / floor ({gen})",
-            _ratio(rps(table, "warm"), rps(table, "floor")), "≥ 0.90", lambda r: r >= 0.90, source=table)
+            rps(table, "warm/floor"), "≥ 0.90", lambda r: r >= 0.90, source=table)
     for table, gen in direct[:2]:
         add(f"parse_over_floor_{table}", f"floor + request parse / floor ({gen}): any authorizer's bound",
-            _ratio(rps(table, "parse"), rps(table, "floor")), "(bound)", None, source=table)
+            rps(table, "parse/floor"), "(bound)", None, source=table)
         add(f"record_over_floor_{table}", f"floor + parse + one chained audit write / floor ({gen}): "
-            "an audited allow's bound", _ratio(rps(table, "record"), rps(table, "floor")), "(bound)", None,
+            "an audited allow's bound", rps(table, "record/floor"), "(bound)", None,
             source=table)
         add(f"warm_over_parse_{table}", f"warm Check throughput / floor + request parse ({gen})",
-            _ratio(rps(table, "warm"), rps(table, "parse")), "(info)", None, source=table)
+            rps(table, "warm/parse"), "(info)", None, source=table)
         add(f"warm_over_record_{table}", f"warm Check throughput / its bound, parse + audit write ({gen})",
-            _ratio(rps(table, "warm"), rps(table, "record")), "(info)", None, source=table)
+            rps(table, "warm/record"), "(info)", None, source=table)
     add("cold_over_floor", "cold Check throughput / floor (Python client)",
-        _ratio(rps("direct_python", "cold"), rps("direct_python", "floor")), "≥ 0.60", lambda r: r >= 0.60,
+        rps("direct_python", "cold/floor"), "≥ 0.60", lambda r: r >= 0.60,
         source="direct_python")
     add("verify_over_floor", "floor + parse + audit write + bare PyNaCl verify / floor (Python client): "
-        "a cold allow's bound", _ratio(rps("direct_python", "verify"), rps("direct_python", "floor")),
+        "a cold allow's bound", rps("direct_python", "verify/floor"),
         "(bound)", None, source="direct_python")
     add("cold_over_verify", "cold Check throughput / its bound (Python client)",
-        _ratio(rps("direct_python", "cold"), rps("direct_python", "verify")), "(info)", None,
+        rps("direct_python", "cold/verify"), "(info)", None,
         source="direct_python")
     for table, gen in direct:
         add(f"warm_over_naive_{table}", f"agentauthz warm / naive PyJWT peer ({gen})",
-            _ratio(rps(table, "warm"), rps(table, "naive")), "≥ 2", lambda r: r >= 2, source=table)
+            rps(table, "warm/naive"), "≥ 2", lambda r: r >= 2, source=table)
     add("cold_over_naive", "agentauthz cold / naive PyJWT peer (Python client)",
-        _ratio(rps("direct_python", "cold"), rps("direct_python", "naive")), "≥ 2", lambda r: r >= 2,
+        rps("direct_python", "cold/naive"), "≥ 2", lambda r: r >= 2,
         source="direct_python")
+    def cpu_added(a: dict[str, Any], b: dict[str, Any]) -> float:
+        return float(a["cpu_us_per_request"]["server"] - b["cpu_us_per_request"]["server"])
+
     for table in ("direct_h2load_pinned", "direct_h2load"):
-        w, f = _row(load, table, "warm"), _row(load, table, "floor")
-        if w and f:
-            add(f"added_cpu_{table}", f"server CPU a warm Check adds over the floor ({table})",
-                w["cpu_us_per_request"]["server"] - f["cpu_us_per_request"]["server"], "(info)", None,
-                unit="µs", source=table)
+        add(f"added_cpu_{table}", f"server CPU a warm Check adds over the floor ({table})",
+            _paired(load, table, "warm", "floor", cpu_added), "(info)", None, unit="µs", source=table)
+
+    def p50_added(a: dict[str, Any], b: dict[str, Any]) -> float:
+        return float(a["p50"] - b["p50"])
 
     e = {m: _row(load, "envoy_1", m) for m in ("floor", "jwt_authn", "ext_authz", "ext_authz_floor")}
     if e["floor"] and e["ext_authz"]:
-        added = e["ext_authz"]["p50"] - e["floor"]["p50"]
+        added = _paired(load, "envoy_1", "ext_authz", "floor", p50_added)
         add("envoy_added_p50_ms", "Envoy ext_authz → agentauthz: median added latency over the proxy floor "
             "(1 connection)", added, "≤ 1 ms", lambda v: v <= 1.0, unit="ms", source="envoy_1")
         if e["jwt_authn"]:
-            jwt_added = e["jwt_authn"]["p50"] - e["floor"]["p50"]
+            jwt_added = _paired(load, "envoy_1", "jwt_authn", "floor", p50_added)
             add("envoy_jwt_added_p50_ms", "Envoy jwt_authn: median added latency over the proxy floor",
                 jwt_added, "(info)", None, unit="ms", source="envoy_1")
             add("envoy_added_over_jwt", "added latency: ext_authz→agentauthz / jwt_authn",
                 _ratio(added, jwt_added), "(report honestly)", None, source="envoy_1")
         if e["ext_authz_floor"]:
             add("envoy_hop_added_p50_ms", "Envoy ext_authz → constant-OK floor server: added latency "
-                "(the gRPC hop alone)", e["ext_authz_floor"]["p50"] - e["floor"]["p50"], "(bound)", None,
-                unit="ms", source="envoy_1")
+                "(the gRPC hop alone)", _paired(load, "envoy_1", "ext_authz_floor", "floor", p50_added),
+                "(bound)", None, unit="ms", source="envoy_1")
     add("envoy_ext_over_jwt_rps", "through Envoy, N connections: ext_authz / jwt_authn throughput",
-        _ratio(rps("envoy_n", "ext_authz"), rps("envoy_n", "jwt_authn")), "(report honestly)", None,
+        rps("envoy_n", "ext_authz/jwt_authn"), "(report honestly)", None,
         source="envoy_n")
     add("envoy_ext_over_floor_rps", "through Envoy, N connections: ext_authz / no-authz throughput",
-        _ratio(rps("envoy_n", "ext_authz"), rps("envoy_n", "floor")), "(info)", None, source="envoy_n")
+        rps("envoy_n", "ext_authz/floor"), "(info)", None, source="envoy_n")
     add("uds_over_tcp", "Check over Unix socket / TCP loopback throughput",
-        _ratio(rps("transport", "uds"), rps("transport", "tcp")), "(info)", None, source="transport")
+        rps("transport", "uds/tcp"), "(info)", None, source="transport")
     add("mint_per_s", "Mint over mTLS", rps("mint", "mint"), "(info)", None, unit="mints/s", source="mint")
     add("workers2_over_1", "serve --workers 2 / --workers 1 throughput",
-        _ratio(rps("workers", "workers2"), rps("workers", "workers1")), "(info: 2 cores shared with h2load)",
+        rps("workers", "workers2/workers1"), "(info: 2 cores shared with h2load)",
         None, source="workers")
     prop = load.get("workers", {}).get("propagation") or []
     if prop:
@@ -274,8 +299,9 @@ def render(results: dict[str, Any]) -> str:
     out = ["# agentauthz benchmark report", "",
            f"{m['date']} · {m['nproc']} × {m['cpu_model']} · {m['memory_mib']:,} MiB · Linux {m['kernel']}",
            "", "Every ratio below compares figures measured in this same run. Load runs are interleaved "
-           "(A B C D A B C D …); each figure is the median over rounds. The machine is shared and noisy: "
-           "read ratios and CPU per request rather than absolute requests/s.", "",
+           "(A B C D, then D C B A, …); each table figure is the median over rounds, and each ratio (or "
+           "added latency) the median of per-round ratios, each from two runs seconds apart. The machine "
+           "is shared and noisy: read ratios and CPU per request rather than absolute requests/s.", "",
            "## Targets and ratios", "", *ratio_table(results["ratios"]), ""]
     out += ["## Machine and versions", "", "| | |", "|---|---|"]
     facts = [("nproc", m["nproc"]), ("CPU", m["cpu_model"]),

@@ -1,0 +1,51 @@
+"""benchmarks/report.py judges load ratios on runs of the same round, not on medians of whole tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from benchmarks.report import ratios
+
+
+def table(**rows: list[Any]) -> dict[str, Any]:
+    """A load table whose rows ran these rounds: rps, or (rps, p50 ms), or None for an invalid run."""
+    def run(value: Any) -> dict[str, Any]:
+        rps, p50 = value if isinstance(value, tuple) else (value or 1.0, 1.0)
+        return {"rps": rps, "p50": p50, "cpu_us_per_request": {"server": 1e6 / rps},
+                "valid": value is not None}
+    return {"rows": {name: {"rounds": [run(v) for v in values], "summary": {"rps": 0.0, "p50": 0.0}}
+                     for name, values in rows.items()}}
+
+
+def figure(load: dict[str, Any], key: str) -> Any:
+    return next(r for r in ratios(load, {}) if r["key"] == key)
+
+
+def test_a_ratio_is_the_median_of_per_round_ratios() -> None:
+    # Host speed halves, then doubles: per round warm/floor is 0.9, 0.95, 0.9; the medians' ratio
+    # (200 / 400 = 0.5) would call it half as fast.
+    load = {"tables": {"direct_h2load": table(floor=[100, 400, 800], warm=[90, 380, 720])}}
+    r = figure(load, "warm_over_floor_direct_h2load")
+    assert r["value"] == pytest.approx(0.9) and r["met"] is True
+    # CPU a Check adds, per round: 1e6/90 - 1e6/100, 1e6/380 - 1e6/400, 1e6/720 - 1e6/800
+    assert figure(load, "added_cpu_direct_h2load")["value"] == pytest.approx(1e6 / 720 - 1e6 / 800)
+
+
+def test_a_round_with_an_invalid_run_is_left_out() -> None:
+    load = {"tables": {"direct_h2load": table(floor=[100, 100, 100], warm=[50, None, 95])}}
+    assert figure(load, "warm_over_floor_direct_h2load")["value"] == pytest.approx((0.5 + 0.95) / 2)
+    load = {"tables": {"direct_h2load": table(floor=[None, None], warm=[50, 60])}}
+    assert figure(load, "warm_over_floor_direct_h2load")["value"] is None  # nothing to compare
+
+
+def test_added_latency_through_envoy_is_paired_per_round_too() -> None:
+    load = {"tables": {"envoy_1": table(floor=[(1, 0.2), (1, 0.4), (1, 0.3)],
+                                        ext_authz=[(1, 1.1), (1, 1.5), (1, 1.2)],
+                                        ext_authz_floor=[(1, 1.0), (1, 1.3), (1, 1.1)],
+                                        jwt_authn=[(1, 0.3), (1, 0.5), (1, 0.4)])}}
+    added = figure(load, "envoy_added_p50_ms")
+    assert added["value"] == pytest.approx(0.9) and added["met"] is True
+    assert figure(load, "envoy_hop_added_p50_ms")["value"] == pytest.approx(0.8)
+    assert figure(load, "envoy_added_over_jwt")["value"] == pytest.approx(9.0)
