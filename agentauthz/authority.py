@@ -136,12 +136,14 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.approvals.drop_where(self._approval_dropped)
         self._policy_lock = threading.Lock()
         self._policy_listeners: list[Callable[[], None]] = []
-        self.status_uri = f"http://{config.http_listen}{STATUS_PATH}"
-        # GET /status-list: the bits as a signed Token Status List, plus ended tasks and revoked agents.
+        # GET /status-list: the bits as a signed Token Status List, plus ended tasks and revoked agents;
+        # /status-list/<boundary> the same, signed by that boundary's key, for its tokens.
+        base = f"http://{config.http_listen}{STATUS_PATH}"
         self.status_list = statuslist.StatusListPublisher(
             bits_buffer, capacity=config.revocation_capacity, store=self.revocations, index=self.index,
-            keyring=self.keyring, uri=self.status_uri, issuer=config.issuer, leeway=config.leeway,
-            clock=clock)
+            lists={aud: (ring, base if ring is self.keyring else f"{base}/{aud}")
+                   for aud, ring in self.keyrings.items()},
+            issuer=config.issuer, leeway=config.leeway, clock=clock)
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -218,7 +220,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         kid, _ = keyring.signer()
         claims = tokens.build_claims(
             issuer=self.config.issuer, audience=audience, subject=agent, task=task, grants=grants,
-            issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_uri, intent=intent,
+            issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_list.uri(audience), intent=intent,
             token_id=token_id, act=act, cnf=cnf, extra=extra)
         subjects = statuslist.chain(agent, act)
         self.status_list.remember_minted(task_key(subjects[-1], task), subjects, slot, exp, iat=now)

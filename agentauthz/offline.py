@@ -173,7 +173,8 @@ def verify_offline(token: str, jwks: Mapping[str, Any] | str | bytes, status_lis
                    max_list_bytes: int = MAX_LIST_BYTES) -> dict[str, Any]:
     """The claims of ``token`` if it is valid and neither it nor any delegating ancestor is revoked.
 
-    ``jwks``: the daemon's ``/.well-known/jwks.json``; ``status_list``: its ``/status-list`` body.
+    ``jwks``: the daemon's ``/.well-known/jwks.json``; ``status_list``: the body of the list the
+    token names (``status.status_list.uri``: ``/status-list``, or ``/status-list/<boundary>``).
     Raises ``errors.TokenError`` (the token; ``TokenRevoked``/``DelegationRevoked`` for a set bit),
     ``errors.StatusListError`` (the list) or ``errors.KeySetInvalid``. ``max_lifetime`` mirrors the
     daemon's ``max_token_lifetime``.
@@ -185,8 +186,12 @@ def verify_offline(token: str, jwks: Mapping[str, Any] | str | bytes, status_lis
     uri = status.get("uri")
     if not isinstance(uri, str) or not uri:
         raise errors.TokenClaimsInvalid("status.status_list must carry the uri of its list")
-    # Any of the daemon's keys may sign the list, whichever boundary the token belongs to.
-    bits, raw = verify_status_list(status_list, {kid: key for kid, (key, _) in keys.items()}, uri=uri,
+    # Only the token's own boundary may vouch for its status (the daemon publishes each boundary's
+    # list signed by its key): a key leaked from another boundary cannot clear this one's revocations.
+    # A JWKS that names no boundaries lets any of its keys sign.
+    aud = entry.claims["aud"]
+    signers = {kid: key for kid, (key, boundary) in keys.items() if boundary is None or boundary == aud}
+    bits, raw = verify_status_list(status_list, signers, uri=uri,
                                    issuer=entry.claims["iss"], now=now, leeway=leeway,
                                    max_bytes=max_list_bytes)
     for depth, slot in enumerate(entry.slots):

@@ -135,16 +135,18 @@ def _http_handler(authority: Authority, serving: threading.Event,
             elif path == "/.well-known/jwks.json":
                 self._send(200, json.dumps(authority.jwks()).encode(), "application/json")
             elif path == STATUS_PATH:
-                self._status_list()
+                self._status_list(None)
+            elif path.startswith(STATUS_PATH + "/") and path[len(STATUS_PATH) + 1:] in authority.keyrings:
+                self._status_list(path[len(STATUS_PATH) + 1:])
             elif path == "/metrics":
                 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
                 self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             else:
                 self._send(404, b'{"error":"not_found"}\n', "application/json")
 
-        def _status_list(self) -> None:
+        def _status_list(self, boundary: str | None) -> None:
             try:
-                body = authority.status_list.token().encode("ascii")
+                body = authority.status_list.token(boundary).encode("ascii")
             except Exception:  # answer, and say why in the log; never a list we could not build whole
                 log.exception("cannot build the status list")
                 self._send(503, b'{"error":"status_list_unavailable"}\n', "application/json")

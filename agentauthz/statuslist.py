@@ -1,11 +1,14 @@
 """The revocation bitset published as an IETF Token Status List (draft-ietf-oauth-status-list).
 
 ``GET /status-list`` answers a JWT (``typ: statuslist+jwt``) signed by the daemon's current key,
-whose ``status_list`` holds one bit per slot, index i in byte i // 8, least significant bit first
-(draft §4.1), zlib-compressed and base64url-encoded. Indices are the absolute slots tokens carry:
-every slot below the live window is published as invalid (its token expired long ago, and a run of
-ones compresses to almost nothing), the window comes from the shared bitset, and the list ends with
-the window, so every token that can be minted before the window next slides is covered.
+and ``GET /status-list/<boundary>`` the same bits signed by that trust boundary's key, the list its
+tokens name: a key that leaks from one boundary can then forge no list another boundary's tokens
+trust (``agentauthz.offline``). Its ``status_list`` holds one bit per slot, index i in byte i // 8,
+least significant bit first (draft §4.1), zlib-compressed and base64url-encoded. Indices are the
+absolute slots tokens carry: every slot below the live window is published as invalid (its token
+expired long ago, and a run of ones compresses to almost nothing), the window comes from the shared
+bitset, and the list ends with the window, so every token that can be minted before the window next
+slides is covered.
 
 Ending a task or revoking an agent is enforced online by cutoffs, not bits. So that offline
 verifiers see those too, ``MintedSlots`` remembers which slots this process minted per task and per
@@ -174,19 +177,23 @@ class _Published(NamedTuple):
 class StatusListPublisher:
     """Builds, signs and caches the daemon's Status List Token; rebuilt only when something moved."""
 
-    def __init__(self, bits_buffer: Any, *, capacity: int, store: Any, index: Any, keyring: Any,
-                 uri: str, issuer: str, leeway: int, clock: Callable[[], float], ttl: int = TTL,
-                 lifetime: int = LIFETIME, min_interval: float = MIN_REBUILD_INTERVAL) -> None:
+    def __init__(self, bits_buffer: Any, *, capacity: int, store: Any, index: Any,
+                 lists: Mapping[str, tuple[Any, str]], issuer: str, leeway: int,
+                 clock: Callable[[], float], ttl: int = TTL, lifetime: int = LIFETIME,
+                 min_interval: float = MIN_REBUILD_INTERVAL) -> None:
+        """``lists``: trust boundary -> (its keyring, the URI its list is published at); the first is
+        the default boundary's."""
         if capacity <= 0 or capacity % 64 or not 0 < ttl <= lifetime:
             raise ValueError("capacity must be a positive multiple of 64 and 0 < ttl <= lifetime")
         self.minted = MintedSlots(index, leeway=leeway, clock=clock)
         # The same bytes the Check path reads (header, then the ring of capacity bits).
         self._view = memoryview(bits_buffer)
-        self._capacity, self._store, self._keyring = capacity, store, keyring
-        self._uri, self._issuer, self._clock = uri, issuer, clock
+        self._capacity, self._store, self._lists = capacity, store, dict(lists)
+        self._default = next(iter(self._lists))
+        self._issuer, self._clock = issuer, clock
         self._ttl, self._lifetime, self._min_interval = ttl, lifetime, min_interval
         self._lock = threading.Lock()
-        self._cached: _Published | None = None
+        self._cached: dict[str, _Published] = {}  # boundary -> its list as last built
         # The all-ones prefix below the window only grows: compress it once, incrementally, and
         # start each build from a copy of that compressor.
         self._prefix = zlib.compressobj(9)
@@ -212,13 +219,20 @@ class StatusListPublisher:
 
     # -- published -------------------------------------------------------------
 
-    def token(self) -> str:
-        """The current Status List Token (compact JWS)."""
+    def uri(self, boundary: str) -> str:
+        """Where the list ``boundary``'s tokens name is published."""
+        return self._lists[boundary][1]
+
+    def token(self, boundary: str | None = None) -> str:
+        """The current Status List Token (compact JWS) of ``boundary`` (default: the default's);
+        KeyError for a boundary this daemon does not serve."""
+        boundary = boundary or self._default
+        keyring, uri = self._lists[boundary]
         with self._lock:
             now = self._clock()
-            kid, key = self._keyring.signer()
+            kid, key = keyring.signer()
             state = (self._store.revision, self.minted.revision, kid)
-            cached = self._cached
+            cached = self._cached.get(boundary)
             # Fresh (under half its ttl, so a fetcher always gets most of one) and either nothing
             # moved or it was built under a second ago; a new signer always rebuilds.
             if cached is not None and 0 <= now - cached.iat < self._ttl / 2 and cached.state[2] == kid and (
@@ -226,9 +240,9 @@ class StatusListPublisher:
                 return cached.jwt
             iat = int(now)
             lst = tokens.b64url(self._compressed())
-            jwt = tokens.encode(list_claims(self._uri, self._issuer, lst, iat, self._ttl, self._lifetime),
+            jwt = tokens.encode(list_claims(uri, self._issuer, lst, iat, self._ttl, self._lifetime),
                                 key, kid, typ=TYP)
-            self._cached = _Published(jwt, iat, now, state)
+            self._cached[boundary] = _Published(jwt, iat, now, state)
             self.builds += 1
             return jwt
 

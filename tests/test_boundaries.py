@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import json
 import time
+import urllib.request
+import zlib
 from pathlib import Path
 from typing import Iterator
 
@@ -13,12 +15,13 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from nacl.signing import SigningKey
-from processes import Daemon
+from processes import Daemon, wait_for
 
-from agentauthz import tokens
-from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from
+from agentauthz import errors, statuslist, tokens
+from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from, verify_offline
 from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import PolicyError
+from agentauthz.keys import _read_private
 from agentauthz.policy import DEV_POLICY, Policy
 
 AGENT = "spiffe://dev.local/agent/alpha"
@@ -190,3 +193,44 @@ def test_a_delegated_child_needs_a_certificate_where_the_boundary_requires_bindi
     assert check_as(two, child, "data", principal="spiffe://dev.local/agent/beta") == (True, "allow")
     assert check_as(two, child, "data", principal=AGENT) == (False, "token_sender_mismatch")
     assert two.check(child) == (False, "token_boundary_mismatch")  # and it stays in its boundary
+
+
+def test_each_boundary_publishes_its_status_list_signed_by_its_own_key(two: Boundaries) -> None:
+    """A data token names /status-list/data, signed by a data key; a leaked tools key forges none."""
+    http = f"http://127.0.0.1:{two.daemon.http_port}"
+    jwks = two.client.jwks()
+    minted = two.client.mint("b-8", GRANT, audience="data")
+    uri = claims_of(minted.token)["status"]["status_list"]["uri"]
+    assert uri == f"{http}/status-list/data"
+    with urllib.request.urlopen(uri, timeout=5) as r:
+        listing = r.read().decode()
+    assert json.loads(base64.urlsafe_b64decode(listing.split(".")[0] + "=="))["kid"] \
+        in kids_by_boundary(two.client)["data"]
+    assert verify_offline(minted.token, jwks, listing)["jti"] == minted.token_id
+    with pytest.raises(errors.StatusListError):  # the default list: another key, another URI
+        verify_offline(minted.token, jwks, urllib.request.urlopen(f"{http}/status-list", timeout=5).read())
+
+    # Every bit unset, for the data list's URI: signed with the data key it verifies (the forgery is
+    # well-formed); signed with a tools key, the key of another boundary, it is refused.
+    clean = tokens.b64url(zlib.compress(bytes(1 << 16)))
+    forged = statuslist.list_claims(uri, claims_of(minted.token)["iss"], clean, int(time.time()))
+    for boundary, keys in (("data", "keys-data"), ("tools", "keys")):
+        ring = json.loads((two.daemon.state_dir / keys / "keyring.json").read_text())["keys"]
+        kid = next(k["kid"] for k in ring if k["state"] == "current")
+        signed = tokens.encode(forged, _read_private(two.daemon.state_dir / keys / f"{kid}.pem", kid), kid,
+                               typ=statuslist.TYP)
+        if boundary == "data":
+            assert verify_offline(minted.token, jwks, signed)["jti"] == minted.token_id
+        else:
+            with pytest.raises(errors.StatusListInvalid, match="key not in the JWKS"):
+                verify_offline(minted.token, jwks, signed)
+
+    two.client.revoke(token_id=minted.token_id)
+
+    def revoked() -> bool:
+        try:
+            verify_offline(minted.token, jwks, urllib.request.urlopen(uri, timeout=5).read())
+        except errors.TokenRevoked:
+            return True
+        return False
+    wait_for(revoked, 10, "the data list shows the revocation")

@@ -95,7 +95,8 @@ def make_publisher(tmp_path: Path, capacity: int, block: int, hot: HotPath | Non
     ring = Keyring.open(tmp_path / "keys", rotation_interval=3600, max_token_lifetime=100, leeway=0,
                         clock=clock)
     publisher = statuslist.StatusListPublisher(buffer, capacity=capacity, store=store, index=index,
-                                               keyring=ring, uri="u", issuer="i", leeway=0, clock=clock)
+                                               lists={"tools": (ring, "u")}, issuer="i", leeway=0,
+                                               clock=clock)
     return clock, store, ring, publisher
 
 
