@@ -24,8 +24,10 @@ from typing import Any, Callable
 from nacl.signing import VerifyKey
 
 from agentauthz import _accel
+from agentauthz.policy import Policy
 
 from .bench_hotpath import KEY, NOW, token, verifier
+from .bench_policy import DOMAIN, policy_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -84,7 +86,19 @@ def cases() -> dict[str, tuple[str, Callable[[], Any], Callable[[], Any], int]]:
         # partial, not a lambda: no Python frame of ours around the call being measured
         return functools.partial(v.decide, tok, "demo", "reports", "read", "public", NOW)
 
+    def permits(n: int, cache_size: int | None) -> Callable[[], Any]:
+        text = policy_text(n)
+        kwargs = {} if cache_size is None else {"cache_size": cache_size}
+        policy = Policy.from_text(text, f"bench-{n}", **kwargs)
+        agent = f"{DOMAIN}/agent/a{(n // 2) // 3 * 3}"  # an exact rule on tool "demo"
+        assert policy.permits(agent, "demo", "repo/x", "read", 1) is None
+        return functools.partial(policy.permits, agent, "demo", "repo/x", "read", 1)
+
     return {
+        "policy_warm_100k_over_10": ("policy lookup (warm cache), 100,000 / 10 rules",
+                                     permits(100_000, None), permits(10, None), 20000),
+        "policy_cold_100k_over_10": ("policy lookup (cold: no per-agent cache), 100,000 / 10 rules",
+                                     permits(100_000, 0), permits(10, 0), 2000),
         "cold_verify_native_over_pynacl": ("cold verify, native / bare PyNaCl VerifyKey.verify",
                                            cold(native), bare, 200),
         "cold_verify_pure_over_pynacl": ("cold verify, pure / bare PyNaCl VerifyKey.verify",

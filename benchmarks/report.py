@@ -36,6 +36,10 @@ PAIRED_RATIOS = [
     ("cold_verify_pure_over_pynacl", "cold verify: pure / bare PyNaCl verify, paired", "(info)", None),
     ("decide_10m_revoked_over_0", "native decide: 10,000,000 revoked / 0 revoked, paired", "≤ 1.2",
      lambda r: r <= 1.2),
+    ("policy_warm_100k_over_10", "policy lookup (warm): 100,000 / 10 rules, paired", "≤ 1.2",
+     lambda r: r <= 1.2),
+    ("policy_cold_100k_over_10", "policy lookup (cold cache): 100,000 / 10 rules, paired", "≤ 1.2",
+     lambda r: r <= 1.2),
 ]
 MICRO_RATIOS = [
     # key, title, numerator, denominator, target text, predicate on the ratio
@@ -48,10 +52,10 @@ MICRO_RATIOS = [
     ("micro_decide_10m_revoked_over_0", "native decide: 10,000,000 revoked / 0 revoked (sequential medians)",
      "test_warm_decide_with_revocations[native-10000000]", "test_warm_decide_with_revocations[native-0]",
      "(info)", None),
-    ("micro_policy_warm_100k_over_10", "policy lookup (warm): 100,000 / 10 rules",
-     "test_permits_warm[100000]", "test_permits_warm[10]", "≤ 1.2", lambda r: r <= 1.2),
-    ("micro_policy_cold_100k_over_10", "policy lookup (cold cache): 100,000 / 10 rules",
-     "test_permits_cold[100000]", "test_permits_cold[10]", "≤ 1.2", lambda r: r <= 1.2),
+    ("micro_policy_warm_100k_over_10", "policy lookup (warm): 100,000 / 10 rules (sequential medians)",
+     "test_permits_warm[100000]", "test_permits_warm[10]", "(info)", None),
+    ("micro_policy_cold_100k_over_10", "policy lookup (cold cache): 100,000 / 10 rules (sequential medians)",
+     "test_permits_cold[100000]", "test_permits_cold[10]", "(info)", None),
 ]
 
 
@@ -151,6 +155,9 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             rps(table, "warm/parse"), "(info)", None, source=table)
         add(f"warm_over_record_{table}", f"warm Check throughput / its bound, parse + audit write ({gen})",
             rps(table, "warm/record"), "(info)", None, source=table)
+    add("record_over_floor_direct_python", "floor + parse + one chained audit write / floor "
+        "(Python client): an audited allow's bound", rps("direct_python", "record/floor"), "(bound)", None,
+        source="direct_python")
     add("cold_over_floor", "cold Check throughput / floor (Python client)",
         rps("direct_python", "cold/floor"), "≥ 0.60", lambda r: r >= 0.60,
         source="direct_python")
@@ -165,6 +172,9 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             rps(table, "warm/naive"), "≥ 2", lambda r: r >= 2, source=table)
     add("cold_over_naive", "agentauthz cold / naive PyJWT peer (Python client)",
         rps("direct_python", "cold/naive"), "≥ 2", lambda r: r >= 2,
+        source="direct_python")
+    add("verify_over_naive", "floor + parse + audit write + bare PyNaCl verify / naive PyJWT peer "
+        "(Python client): a cold allow's bound", rps("direct_python", "verify/naive"), "(bound)", None,
         source="direct_python")
     def cpu_added(a: dict[str, Any], b: dict[str, Any]) -> float:
         return float(a["cpu_us_per_request"]["server"] - b["cpu_us_per_request"]["server"])
@@ -191,6 +201,9 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             add("envoy_hop_added_p50_ms", "Envoy ext_authz → constant-OK floor server: added latency "
                 "(the gRPC hop alone)", _paired(load, "envoy_1", "ext_authz_floor", "floor", p50_added),
                 "(bound)", None, unit="ms", source="envoy_1")
+        add("envoy_record_added_p50_ms", "Envoy ext_authz → parse + audit write server: added latency "
+            "(an audited allow's bound)", _paired(load, "envoy_1", "ext_authz_record", "floor", p50_added),
+            "(bound)", None, unit="ms", source="envoy_1")
     add("envoy_ext_over_jwt_rps", "through Envoy, N connections: ext_authz / jwt_authn throughput",
         rps("envoy_n", "ext_authz/jwt_authn"), "(report honestly)", None,
         source="envoy_n")

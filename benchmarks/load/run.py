@@ -359,6 +359,9 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         targets.insert(3, Target(
             "verify", "audit write + bare PyNaCl verify per Check (the least a cold allow does)",
             bench.python_check(verify_addr, cold_body, True), {"server": verify.pid}))
+        targets.insert(1, Target(
+            "record", "parse + one chained audit write (the least an audited allow does)",
+            bench.python_check(record_addr, body, True), {"server": record.pid}))
         bench.table("direct_python", "Check direct over gRPC (Python grpc.aio client)", "python-grpc.aio",
                     targets, pinned=True, settings={"in_flight": s.py_concurrency, "channels": 1},
                     note="Our asyncio client, because h2load sends one body and the cold case needs "
@@ -367,7 +370,6 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         cold.stop()
         naive.stop()
         verify.stop()
-        record.stop()
 
         # -- transport: TCP loopback vs Unix domain socket ------------------------------------
         uds = bench.start_daemon(stack, "agentauthz-uds", check_listen=f"unix:{work / 'check.sock'}")
@@ -400,7 +402,7 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         scaling_result = worker_scaling(bench, stack, warm)
 
         # -- through Envoy ---------------------------------------------------------------------
-        configs = through_envoy(bench, stack, warm, floor_addr, jwks)
+        configs = through_envoy(bench, stack, warm, floor_addr, record_addr, jwks)
 
     return {"settings": asdict(s), "started": started, "elapsed_s": time.time() - started,
             "tables": bench.tables, "processes": bench.processes, "envoy_configs": configs,
@@ -434,8 +436,9 @@ def worker_scaling(bench: Bench, stack: contextlib.ExitStack, one: Daemon) -> di
 
 
 def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor_addr: str,
-                  jwks: dict[str, Any]) -> dict[str, str]:
-    """Three front Envoys (and ext_authz -> the floor server) before one direct_response upstream."""
+                  record_addr: str, jwks: dict[str, Any]) -> dict[str, str]:
+    """Three front Envoys (and ext_authz -> the floor and the record bound servers) before one
+    direct_response upstream."""
     token = warm.mint()
     upstream = envoy.start("envoy-upstream", envoy.upstream_config, bench.work)
     stack.callback(upstream.stop)
@@ -443,19 +446,21 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor
     modes = {"floor": ("Envoy, no authorization", None),
              "jwt_authn": ("Envoy jwt_authn (EdDSA, local JWKS)", None),
              "ext_authz": ("Envoy ext_authz -> agentauthz", warm.check_address),
-             "ext_authz_floor": ("Envoy ext_authz -> floor server (constant OK)", floor_addr)}
+             "ext_authz_floor": ("Envoy ext_authz -> floor server (constant OK)", floor_addr),
+             "ext_authz_record": ("Envoy ext_authz -> parse + one chained audit write server", record_addr)}
     fronts = {}
     for mode, (_, check) in modes.items():
         fronts[mode] = envoy.start(f"envoy-{mode}", lambda listen, admin, m=mode, c=check: envoy.front_config(
-            m.replace("_floor", ""), listen, admin, upstream.listen_port, check_address=c, jwks=jwks),
-            bench.work)
+            "ext_authz" if m.startswith("ext_authz") else m, listen, admin, upstream.listen_port,
+            check_address=c, jwks=jwks), bench.work)
         stack.callback(fronts[mode].stop)
         check_envoy_allows(fronts[mode].url, token, f"Envoy {mode}")
         bench.processes[f"envoy-{mode}"] = fronts[mode].argv
 
-    def targets(clients: int) -> list[Target]:
+    def targets(clients: int, modes_here: tuple[str, ...] = tuple(modes)) -> list[Target]:
         out = []
-        for mode, front in fronts.items():
+        for mode in modes_here:
+            front = fronts[mode]
             cpu = {"envoy": front.pid, "upstream": upstream.pid}
             if mode == "ext_authz":
                 cpu["daemon"] = warm.pid
@@ -466,9 +471,11 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor
     bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", targets(1),
                 pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
                 note="Added latency = p50 here minus the floor's p50. ext_authz -> floor server shows what "
-                     "the gRPC hop costs with no decision at all.")
+                     "the gRPC hop costs with no decision at all; ext_authz -> the parse + audit write "
+                     "server, what it costs with the least an audited allow does.")
     bench.table("envoy_n", f"Through Envoy, {bench.s.envoy_clients} connections (h2load --h1)", "h2load",
-                targets(bench.s.envoy_clients), pinned=False,
+                targets(bench.s.envoy_clients, ("floor", "jwt_authn", "ext_authz", "ext_authz_floor")),
+                pinned=False,
                 settings={"clients": bench.s.envoy_clients, "protocol": "http/1.1"})
     return {m: f.config_path.read_text() for m, f in fronts.items()}
 
