@@ -315,7 +315,8 @@ class CheckService:
             reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
             if entry is not None:
                 binding = policy.boundary(boundary)
-                if principal or certificate or binding.require_certificate_binding or "cnf" in entry.claims:
+                # With no peer reported and no binding required, every token passes _peer_reason.
+                if principal or certificate or binding.require_certificate_binding:
                     peer = self._peer_reason(entry, principal, certificate, binding)
                     if peer is not reasons.ALLOW:
                         reason, entry = peer, None
