@@ -194,6 +194,7 @@ class StatusListPublisher:
         self._ttl, self._lifetime, self._min_interval = ttl, lifetime, min_interval
         self._lock = threading.Lock()
         self._cached: dict[str, _Published] = {}  # boundary -> its list as last built
+        self._lst: tuple[tuple[int, int], str] | None = None  # (bit, overlay revisions) -> compressed
         # The all-ones prefix below the window only grows: compress it once, incrementally, and
         # start each build from a copy of that compressor.
         self._prefix = zlib.compressobj(9)
@@ -239,7 +240,10 @@ class StatusListPublisher:
                     cached.state == state or now - cached.built < self._min_interval):
                 return cached.jwt
             iat = int(now)
-            lst = tokens.b64url(self._compressed())
+            moved = state[:2]
+            if self._lst is None or self._lst[0] != moved:  # the boundaries' lists share their bits
+                self._lst = moved, tokens.b64url(self._compressed())
+            lst = self._lst[1]
             jwt = tokens.encode(list_claims(uri, self._issuer, lst, iat, self._ttl, self._lifetime),
                                 key, kid, typ=TYP)
             self._cached[boundary] = _Published(jwt, iat, now, state)
