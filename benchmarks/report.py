@@ -176,6 +176,19 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
     add("verify_over_naive", "floor + parse + audit write + bare PyNaCl verify / naive PyJWT peer "
         "(Python client): a cold allow's bound", rps("direct_python", "verify/naive"), "(bound)", None,
         source="direct_python")
+    def per_cpu(a: dict[str, Any], b: dict[str, Any]) -> float | None:
+        return _ratio(b["cpu_us_per_request"]["server"], a["cpu_us_per_request"]["server"])
+
+    # A pinned server is busy for all of its core's time the host leaves it, so its requests/s are
+    # that time over its CPU per request. The CPU a request costs is not charged for steal: its
+    # ratio is the throughput ratio the two would have on an equally undisturbed core.
+    for table, gen, rows in (("direct_h2load_pinned", "h2load, 1 core", ("warm", "record")),
+                             ("direct_python", "Python client", ("warm", "record", "cold", "verify"))):
+        for row in rows:
+            add(f"{row}_over_floor_by_cpu_{table}", f"{row} / floor by server CPU per request "
+                f"({gen}): the throughput ratio without steal", _paired(load, table, row, "floor", per_cpu),
+                "(info)", None, source=table)
+
     def cpu_added(a: dict[str, Any], b: dict[str, Any]) -> float:
         return float(a["cpu_us_per_request"]["server"] - b["cpu_us_per_request"]["server"])
 
@@ -268,13 +281,14 @@ def load_table(table: dict[str, Any]) -> list[str]:
                    key=lambda r: ("server", "daemon", "envoy", "upstream").index(r)
                    if r in ("server", "daemon", "envoy", "upstream") else 9)
     head = ["target", "req/s (median)", "min–max", "p50 ms", "p90 ms", "p99 ms",
-            *[f"CPU µs/req ({r})" for r in roles], "valid rounds"]
+            *[f"CPU µs/req ({r})" for r in roles], "steal", "valid rounds"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in table["rows"].values():
         s = row["summary"]
         cells = [row["label"], _f(s["rps"], 0), f"{_f(s['rps_min'], 0)}–{_f(s['rps_max'], 0)}",
                  _f(s["p50"], 3), _f(s["p90"], 3), _f(s["p99"], 3),
                  *[_f(s["cpu_us_per_request"].get(r), 0) for r in roles],
+                 "n/a" if math.isnan(s.get("steal", math.nan)) else f"{100 * s['steal']:.0f}%",
                  f"{s['valid_rounds']}/{s['rounds']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -307,6 +321,12 @@ def profile_section(prof: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _steal_text(load: dict[str, Any]) -> str:
+    steals = [r["steal"] for t in load.get("tables", {}).values() for row in t["rows"].values()
+              for r in row["rounds"] if "steal" in r]
+    return f"{100 * statistics.median(steals):.0f}% (max {100 * max(steals):.0f}%)" if steals else "n/a"
+
+
 def render(results: dict[str, Any]) -> str:
     load, micro, m, v = results["load"], results["micro"], results["machine"], results.get("versions", {})
     out = ["# agentauthz benchmark report", "",
@@ -314,7 +334,10 @@ def render(results: dict[str, Any]) -> str:
            "", "Every ratio below compares figures measured in this same run. Load runs are interleaved "
            "(A B C D, then D C B A, …); each table figure is the median over rounds, and each ratio (or "
            "added latency) the median of per-round ratios, each from two runs seconds apart. The machine "
-           "is shared and noisy: read ratios and CPU per request rather than absolute requests/s.", "",
+           "is shared and noisy: read ratios and CPU per request rather than absolute requests/s. "
+           "*Steal* is the share of the CPUs' time (the server's CPU in pinned tables) the hypervisor "
+           "gave other guests during a run: where it is high, requests/s say more about the host than "
+           "about the code, and the ratios by server CPU per request are the steadier figure.", "",
            "## Targets and ratios", "", *ratio_table(results["ratios"]), ""]
     out += ["## Machine and versions", "", "| | |", "|---|---|"]
     facts = [("nproc", m["nproc"]), ("CPU", m["cpu_model"]),
@@ -325,7 +348,8 @@ def render(results: dict[str, Any]) -> str:
         out += ["", f"Load settings: {s.get('rounds')} rounds × {s.get('duration')} s per target, "
                 f"{s.get('warmup')} s warm-up per target per table; pinned tables put servers on CPU "
                 f"{cpus.get('server')} and load generators on CPU {cpus.get('client')}. "
-                f"Load phase took {load.get('elapsed_s', 0):.0f} s."]
+                f"Load phase took {load.get('elapsed_s', 0):.0f} s. Median steal over its runs: "
+                f"{_steal_text(load)}."]
     for table in load.get("tables", {}).values():
         out += ["", f"## {table['title']}", "",
                 f"Generator: **{table['generator']}**{' · pinned' if table['pinned'] else ''} · "

@@ -49,3 +49,26 @@ def test_added_latency_through_envoy_is_paired_per_round_too() -> None:
     assert added["value"] == pytest.approx(0.9) and added["met"] is True
     assert figure(load, "envoy_hop_added_p50_ms")["value"] == pytest.approx(0.8)
     assert figure(load, "envoy_added_over_jwt")["value"] == pytest.approx(9.0)
+
+
+def test_ratio_by_cpu_per_request_ignores_the_time_the_host_took() -> None:
+    # Round 2: the host stole half of agentauthz's run, so its requests/s halved while a request
+    # cost it the same CPU. By CPU per request warm/floor is 0.8 in every round.
+    def run(rps: float, cpu_us: float) -> dict[str, Any]:
+        return {"rps": rps, "p50": 1.0, "cpu_us_per_request": {"server": cpu_us}, "valid": True}
+    rounds = {"floor": [run(100, 100), run(100, 100), run(100, 100)],
+              "warm": [run(80, 125), run(40, 125), run(80, 125)]}
+    load = {"tables": {"direct_h2load_pinned": {"rows": {
+        name: {"rounds": runs, "summary": {"rps": 0.0, "p50": 0.0}} for name, runs in rounds.items()}}}}
+    assert figure(load, "warm_over_floor_by_cpu_direct_h2load_pinned")["value"] == pytest.approx(0.8)
+    assert figure(load, "warm_over_floor_direct_h2load_pinned")["value"] == pytest.approx(0.8)  # median
+    rounds["warm"][0] = run(40, 125)  # two of three rounds robbed: requests/s can no longer tell
+    assert figure(load, "warm_over_floor_direct_h2load_pinned")["value"] == pytest.approx(0.4)
+    assert figure(load, "warm_over_floor_by_cpu_direct_h2load_pinned")["value"] == pytest.approx(0.8)
+
+
+def test_steal_is_read_per_cpu_from_proc_stat() -> None:
+    from benchmarks.load.procs import steal_seconds
+    every, first = steal_seconds(None), steal_seconds({0})
+    assert 0 <= first <= every  # one CPU's share of the total, never more
+    assert steal_seconds(set()) == 0

@@ -3,6 +3,11 @@
 Server CPU per request is read from ``/proc/<pid>/stat`` (utime + stime of the
 whole process, every thread included) before and after each run, because that
 is what a user pays for a decision regardless of which thread did the work.
+
+On a virtual machine the host may run other guests on our CPUs: the kernel
+counts that time as *steal* (``/proc/stat``), and charges it to no process. A
+run with much steal had less CPU than its neighbour in the round, so its
+requests/s fall while its CPU per request does not.
 """
 
 from __future__ import annotations
@@ -53,6 +58,17 @@ def cpu_seconds(pid: int) -> float:
     stat = Path(f"/proc/{pid}/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()  # the command name may contain spaces
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # fields 14 and 15 of proc(5)
+
+
+def steal_seconds(cpus: set[int] | None) -> float:
+    """CPU seconds the hypervisor took from ``cpus`` (all CPUs if None) since boot: proc(5) ``steal``."""
+    total = 0
+    for line in Path("/proc/stat").read_text().splitlines():
+        name, _, values = line.partition(" ")
+        if name.startswith("cpu") and name != "cpu" and (cpus is None or int(name[3:]) in cpus):
+            fields = values.split()
+            total += int(fields[7]) if len(fields) > 7 else 0
+    return total / CLOCK_TICKS
 
 
 def process_tree(pid: int) -> list[int]:

@@ -38,7 +38,7 @@ import grpc
 
 from . import envoy, loadgen, profile, scaling
 from .daemon import Daemon
-from .procs import Process, free_port, pin, rss_bytes, tree_cpu_seconds, wait_for
+from .procs import Process, free_port, pin, rss_bytes, steal_seconds, tree_cpu_seconds, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,11 +106,12 @@ class Bench:
         runs: dict[str, list[dict[str, Any]]] = {t.name: [] for t in targets}
         for r in range(self.s.rounds):
             for t in (targets if r % 2 == 0 else targets[::-1]):  # no row always runs first or last
-                run = self._measure(t)
+                run = self._measure(t, pinned)
                 runs[t.name].append(run)
                 flag = "" if run["valid"] else "  INVALID: " + "; ".join(run["problems"])
                 print(f"  round {r + 1} {t.name:<15} {run['rps']:9.0f} req/s  p50 {run['p50']:7.3f} ms  "
-                      f"p99 {run['p99']:7.3f} ms  cpu/req {self._cpu_text(run)}{flag}", flush=True)
+                      f"p99 {run['p99']:7.3f} ms  cpu/req {self._cpu_text(run)}  "
+                      f"steal {100 * run['steal']:.0f}%{flag}", flush=True)
         for t in targets:
             for pid in t.cpu.values():
                 pin(pid, None)
@@ -123,10 +124,15 @@ class Bench:
     def _cpu_text(run: dict[str, Any]) -> str:
         return " ".join(f"{k} {v:.0f}µs" for k, v in run["cpu_us_per_request"].items())
 
-    def _measure(self, t: Target) -> dict[str, Any]:
+    def _measure(self, t: Target, pinned: bool) -> dict[str, Any]:
+        steal_cpus = self.server_cpus if pinned else None
         before = {role: tree_cpu_seconds(pid) for role, pid in t.cpu.items()}
         decisions_before = t.daemon.decisions() if t.daemon else {}
+        steal_before, started = steal_seconds(steal_cpus), time.monotonic()
         run = t.drive(self.s.duration)
+        # Share of the server CPUs' time (every CPU if not pinned) the hypervisor gave other guests.
+        run["steal"] = (steal_seconds(steal_cpus) - steal_before) / (
+            (time.monotonic() - started) * (len(steal_cpus) if steal_cpus else os.cpu_count() or 1))
         after = {role: tree_cpu_seconds(pid) for role, pid in t.cpu.items()}
         n = max(run["requests"], 1)
         run["cpu_s"] = {role: after[role] - before[role] for role in t.cpu}
@@ -159,6 +165,7 @@ class Bench:
         out["rps_max"] = max(r["rps"] for r in valid)
         out["cpu_us_per_request"] = {role: _median([r["cpu_us_per_request"][role] for r in valid])
                                      for role in valid[0]["cpu_us_per_request"]}
+        out["steal"] = _median([r.get("steal", float("nan")) for r in valid])
         out["client_cpu_s_per_s"] = _median([r.get("client_cpu_s", float("nan")) / r["elapsed_s"]
                                              for r in valid])
         out["valid_rounds"] = sum(r["valid"] for r in runs)
