@@ -10,11 +10,7 @@ suite runs against each and asserts they agree.
 
 from __future__ import annotations
 
-import base64
 import itertools
-import json
-import math
-import re
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Protocol
 
@@ -23,6 +19,7 @@ from nacl.exceptions import BadSignatureError
 
 from . import errors, reasons
 from ._bitset_py import Bitset
+from ._strict_py import b64url_decode, json_object
 from .constraints import Extras, compile_extras
 from .identity import IdentityError, parse_spiffe_id
 from .tokens import (
@@ -30,12 +27,10 @@ from .tokens import (
     MAX_DELEGATION_DEPTH,
     MAX_GRANTS,
     MAX_INTENT_CHARS,
-    MAX_JSON_DEPTH,
     SENSITIVITY_RANK,
     task_key,
 )
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _HEADER_KEY_MATERIAL = frozenset({"jwk", "jku", "x5u", "x5c"})
 _HEADER_ALLOWED = frozenset({"alg", "typ", "kid"})
 _TIME_MAX = 1 << 40  # far beyond any real NumericDate; keeps arithmetic exact
@@ -47,18 +42,6 @@ class PolicyView(Protocol):
 
     def permits(self, agent: str, tool: str, target: str, operation: str, level: int) -> str | None:
         """None when allowed, otherwise a reason constant."""
-
-
-def b64url_decode(segment: str) -> bytes:
-    """Strict base64url (RFC 7515 §2): unpadded, URL alphabet only, canonical trailing bits."""
-    if not _SEGMENT.fullmatch(segment) or len(segment) % 4 == 1:
-        raise errors.TokenMalformed("segment is not unpadded base64url")
-    raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
-    # Unused low bits of the last character must be zero, or two strings
-    # would decode to one token (a free mutation of every token).
-    if base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") != segment:
-        raise errors.TokenMalformed("segment has non-canonical base64url padding bits")
-    return raw
 
 
 def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -96,67 +79,6 @@ def is_agent(value: Any) -> bool:
         _AGENTS.clear()
     _AGENTS[value] = True
     return True
-
-
-def _pairs_no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in obj:
-            raise errors.TokenMalformed(f"duplicate JSON key {key!r}")
-        obj[key] = value
-    return obj
-
-
-def _reject_constant(name: str) -> Any:
-    raise errors.TokenMalformed(f"non-finite number {name} in JSON")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise errors.TokenMalformed("non-finite number in JSON")
-    return value
-
-
-def _nesting_exceeds(raw: bytes, limit: int) -> bool:
-    """Whether more than ``limit`` arrays and objects are open at once; brackets in strings do not count."""
-    if raw.count(b"[") + raw.count(b"{") <= limit:  # every real token: no scan
-        return False
-    depth, in_string, escaped = 0, False, False
-    for c in raw:
-        if in_string:
-            if escaped:
-                escaped = False
-            elif c == 0x5C:  # backslash: the next byte cannot end the string
-                escaped = True
-            elif c == 0x22:
-                in_string = False
-        elif c == 0x22:
-            in_string = True
-        elif c == 0x5B or c == 0x7B:
-            depth += 1
-            if depth > limit:
-                return True
-        elif c == 0x5D or c == 0x7D:
-            depth -= 1
-    return False
-
-
-def json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, at most MAX_JSON_DEPTH deep."""
-    try:
-        text = raw.decode("utf-8")
-        if _nesting_exceeds(raw, MAX_JSON_DEPTH):
-            raise errors.TokenMalformed(f"{what} is nested too deeply")
-        obj = json.loads(text, object_pairs_hook=_pairs_no_duplicates,
-                         parse_constant=_reject_constant, parse_float=_finite_float)
-    except errors.TokenMalformed:
-        raise
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise errors.TokenMalformed(f"{what} is not valid JSON") from exc
-    if not isinstance(obj, dict):
-        raise errors.TokenMalformed(f"{what} is not a JSON object")
-    return obj
 
 
 class Grant:

@@ -21,7 +21,7 @@ import re
 from typing import Any
 
 from . import errors, reasons
-from ._verify_py import json_object
+from ._strict_py import json_object
 from .constraints import INT_LIMIT
 
 EXTENSION = "mcp"  # context_extensions key marking an MCP route ("true")

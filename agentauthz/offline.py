@@ -17,7 +17,8 @@ from nacl.exceptions import BadSignatureError
 
 from . import errors
 from ._bitset_py import Bitset
-from ._verify_py import RevocationIndex, Verifier, _time, b64url_decode, json_object, valid_public_key
+from ._strict_py import b64url_decode, json_object
+from ._verify_py import RevocationIndex, Verifier, _time, valid_public_key
 from .statuslist import TYP
 from .tokens import ALGORITHM, TOKEN_TYPE
 

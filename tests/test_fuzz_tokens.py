@@ -493,8 +493,8 @@ def test_fuzz_nesting_verdict_does_not_depend_on_the_recursion_limit(depth: int)
 
 
 def test_fuzz_nesting_counts_brackets_in_strings_never() -> None:
-    from agentauthz import _verify_c, _verify_py  # type: ignore[attr-defined]
+    from agentauthz import _strict_c, _strict_py  # type: ignore[attr-defined]
     quoted = '"' + "[{" * 100 + '\\"' + "[" * 100 + '"'
     raw = f'{{"a":{quoted}}}'.encode()
-    for module in (_verify_c, _verify_py):
+    for module in (_strict_c, _strict_py):
         assert module.json_object(raw, "claims") == {"a": json.loads(quoted)}
