@@ -212,6 +212,19 @@ def test_strict_json_fast_path_cases(twins: Twins) -> None:
         assert json_outcome(_strict_c.json_object, raw) == json_outcome(_strict_py.json_object, raw), raw
 
 
+def test_strict_json_where_orjson_and_json_read_numbers_differently(twins: Twins) -> None:
+    """The native twin parses with orjson first, which reads an integer beyond 64 bits as a float and
+    refuses a lone surrogate that json keeps: those texts must come out as the pure twin reads them."""
+    from agentauthz import _strict_c  # type: ignore[attr-defined]
+    cases = [b'{"exp":18446744073709551616}', b'{"exp":-9223372036854775809}', b'{"a":[1,2e0]}',
+             b'{"iat":1.0}', b'{"a":"\\ud800"}', b'{"a":0.1,"a":0.1}', b'{"a":1E400}', b'{"n":-0.0}']
+    for raw in cases:
+        native, pure = json_outcome(_strict_c.json_object, raw), json_outcome(_strict_py.json_object, raw)
+        assert native == pure, raw  # compared by repr: 2**64 stays an int, 1.0 a float, -0.0 negative
+    big = _strict_c.json_object(b'{"exp":18446744073709551616}', "claims")["exp"]
+    assert type(big) is int and big == 1 << 64
+
+
 @settings(max_examples=200, deadline=None)
 @given(_json_texts())
 def test_signed_random_payloads_agree(twins: Twins, text: str) -> None:
