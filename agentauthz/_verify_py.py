@@ -153,7 +153,7 @@ class VerifiedToken:
     """A token whose signature and claims have been checked once; cached by its exact text."""
 
     __slots__ = ("claims", "kid", "jti", "sub", "task", "task_key", "iat", "nbf", "exp", "grants",
-                 "slots", "subjects", "rev_state", "memo_state", "allowed", "attachment", "constrained")
+                 "slots", "subjects", "rev_state", "memo_state", "attachment", "constrained")
 
     def __init__(self, claims: dict[str, Any], kid: str, grants: tuple[Grant, ...],
                  slots: tuple[int, ...], subjects: tuple[str, ...]) -> None:
@@ -173,7 +173,6 @@ class VerifiedToken:
         # can never pair a generation with another generation's answer.
         self.rev_state: tuple[int, str | None] = (-1, None)  # (revocation generation, reason)
         self.memo_state: tuple[int, dict[tuple[Any, ...], str]] = (-1, {})  # (policy generation, memo)
-        self.allowed = (reasons.ALLOW, self)
         self.attachment: Any = None  # free for the transport, e.g. a pre-built response
         # Whether Check must look past the hot path's allow (argument constraints, budgets).
         self.constrained = any(g.extras is not None for g in grants)
@@ -439,7 +438,7 @@ class Verifier:
                 return reasons.DELEGATION_REVOKED, None
         # Computed afresh, not from rev_state: this path is rare and must never lag a revocation.
         reason = self.revocations.reason_for(entry)
-        return entry.allowed if reason is None else (reason, None)
+        return (reasons.ALLOW, entry) if reason is None else (reason, None)
 
     # -- the decision --------------------------------------------------------
 
@@ -497,7 +496,7 @@ class Verifier:
                 memo.clear()
             memo[key] = reason
         if reason == reasons.ALLOW:
-            return entry.allowed
+            return (reasons.ALLOW, entry)
         return reason, None
 
     def _match(self, entry: VerifiedToken, tool: str, target: str, operation: str,

@@ -39,7 +39,6 @@ cdef class VerifiedToken:
     cdef readonly tuple grants
     cdef readonly tuple slots  # own status slot first, then each delegating ancestor's
     cdef readonly tuple subjects  # sub, then each actor up the delegation chain
-    cdef readonly tuple allowed  # (reasons.ALLOW, self), returned as is by every allowed decide
     cdef public object attachment  # free for the transport, e.g. a pre-built response
     cdef readonly bint constrained  # Check must look past the decision's allow (arguments, budgets)
 

@@ -297,7 +297,6 @@ cdef class VerifiedToken:
         self.pol_gen = -1
         self.rev_gen = -1
         self.rev_reason = None
-        self.allowed = (ALLOW, self)
         self.attachment = None
         self.constrained = False
         for grant in grants:
@@ -623,7 +622,7 @@ cdef class Verifier:
                 return DENY_DELEGATION_REVOKED
         # Computed afresh, not from rev_reason: this path is rare and must never lag a revocation.
         reason = self._revocations._reason_for(entry)
-        return entry.allowed if reason is None else (reason, None)
+        return (ALLOW, entry) if reason is None else (reason, None)
 
     # -- the decision --------------------------------------------------------
 
@@ -682,7 +681,7 @@ cdef class Verifier:
               and <str>operation == entry.last_operation and <str>sensitivity == entry.last_sensitivity):
             reason = entry.last_reason
             if reason is ALLOW:
-                return entry.allowed
+                return (ALLOW, entry)
             return reason, None
         memo = entry.memo
         key = (tool, target, operation, sensitivity)
@@ -706,7 +705,7 @@ cdef class Verifier:
             entry.last_operation, entry.last_sensitivity = operation, sensitivity
             entry.last_reason = reason
         if reason is ALLOW:
-            return entry.allowed
+            return (ALLOW, entry)
         return reason, None
 
     cdef object _match(self, VerifiedToken entry, object tool, object target, object operation,

@@ -17,7 +17,7 @@ ROOT = Path(agentauthz.__file__).resolve().parent.parent
 SHARED_NAMES = ("Verifier", "VerifiedToken", "RevocationIndex", "Grant", "compile_grant", "b64url_decode",
                 "Bitset")
 TOKEN_ATTRIBUTES = ("claims", "kid", "jti", "sub", "task", "iat", "nbf", "exp", "grants", "slots", "subjects",
-                    "allowed", "attachment")
+                    "attachment")
 
 
 @pytest.mark.skipif(_accel.extensions_disabled(), reason="AGENTAUTHZ_NO_EXTENSIONS asks for the pure twin")

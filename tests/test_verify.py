@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from typing import Any, Callable
 
@@ -109,7 +110,6 @@ def test_valid_token_verifies(verifier: Any, forge: Forge) -> None:
     assert entry.subjects == (AGENT, "spiffe://dev.local/agent/a0", "spiffe://dev.local/agent/a1")
     assert [(g.tool, g.target, sorted(g.ops), g.level) for g in entry.grants] == [
         ("demo", "*", ["read", "write"], tokens.SENSITIVITY_RANK["internal"])]
-    assert entry.allowed == (reasons.ALLOW, entry) and entry.allowed[1] is entry
     assert entry.attachment is None
     entry.attachment = b"pre-built response"
     assert verifier.verify(token, forge.now).attachment == b"pre-built response"
@@ -119,8 +119,9 @@ def test_valid_token_allows(verifier: Any, forge: Forge) -> None:
     token = forge.token()
     result = verifier.decide(token, *REQUEST, forge.now)
     assert result[0] == reasons.ALLOW
-    assert result is result[1].allowed  # the pre-built tuple, not a new one
-    assert verifier.decide(token, *REQUEST, forge.now) is result
+    assert result[1] is verifier.verify(token, forge.now)  # the cached entry itself
+    again = verifier.decide(token, *REQUEST, forge.now)
+    assert again == result and again[1] is result[1]
 
 
 def test_token_as_ascii_bytes_is_accepted(verifier: Any, forge: Forge) -> None:
@@ -480,6 +481,26 @@ def test_cache_is_bounded_first_in_first_out(hot: HotPath, forge: Forge) -> None
     assert verifier.verify(minted[2], forge.now) is not entries[2]
 
 
+def test_an_evicted_token_is_freed_at_once_not_by_the_cycle_collector(hot: HotPath, forge: Forge) -> None:
+    """Under distinct tokens every Check evicts one: an entry that referred to itself would live on as
+    cyclic garbage until a full collection walked it (gc CPU and memory on the cold path)."""
+    verifier = make_verifier(hot, forge, cache_size=4)
+    minted = [forge.token() for _ in range(60)]
+
+    def live_entries() -> int:
+        return sum(type(o) is hot.VerifiedToken for o in gc.get_objects())
+    gc.collect()
+    before = live_entries()
+    gc.disable()
+    try:
+        for token in minted:
+            assert decide(verifier, token, forge.now) == reasons.ALLOW
+        verifier.forget(minted[-1])
+        assert live_entries() - before <= 3  # only what the cache still holds
+    finally:
+        gc.enable()
+
+
 def test_cache_checks_time_on_every_hit(verifier: Any, forge: Forge) -> None:
     token = forge.token()
     verifier.verify(token, forge.now)
@@ -749,7 +770,7 @@ def test_verify_live_is_decide_without_grants_or_policy(verifier: Any, forge: Fo
     verifier.set_policy(None)
     result = verifier.verify_live(token, forge.now)
     entry = verifier.verify(token, forge.now)
-    assert result == (reasons.ALLOW, entry) and result is entry.allowed
+    assert result == (reasons.ALLOW, entry) and result[1] is entry
     assert verifier.verify_live(token, forge.now + 300 + LEEWAY) == (reasons.TOKEN_EXPIRED, None)
     assert verifier.verify_live(token, forge.now - LEEWAY - 1) == (reasons.TOKEN_NOT_YET_VALID, None)
     verifier.revocations.revoke_slot(51)  # the innermost (root) actor's token
