@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import os
 import subprocess
 import threading
@@ -111,14 +110,6 @@ def fill(path: Path) -> None:
                 f.write(b"\0" * 512)
         except OSError as exc:
             assert exc.errno == errno.ENOSPC, exc
-
-
-def audit_records(directory: Path) -> list[dict[str, Any]]:
-    """Every record of the audit log in ``directory``, in file order."""
-    out = []
-    for path in sorted(directory.glob("audit-*.jsonl")):
-        out += [json.loads(line) for line in path.read_bytes().splitlines()]
-    return out
 
 
 def grpc_health(address: str, service: str = "") -> int:

@@ -74,6 +74,9 @@ class Daemon:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
+    def audit_records(self) -> list[dict[str, Any]]:
+        return audit_records(self.state_dir / "audit")
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20.0) -> int:
         assert self.proc is not None
         if self.proc.poll() is None:
@@ -88,6 +91,19 @@ class Daemon:
     def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "agentauthz", *args], capture_output=True,
                               text=True, cwd=ROOT, timeout=60, check=check)
+
+
+def audit_records(directory: Path) -> list[dict[str, Any]]:
+    """Every whole record of the audit log in ``directory``, in file order, read while it may be written.
+
+    A reader can catch a batch half appended: a file's last line without its newline is still being
+    written, so it is left for the next read rather than parsed torn.
+    """
+    records = []
+    for path in sorted(directory.glob("audit-*.jsonl")):
+        data = path.read_bytes()
+        records += [json.loads(line) for line in data[:data.rfind(b"\n") + 1].splitlines() if line.strip()]
+    return records
 
 
 @contextmanager

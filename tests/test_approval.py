@@ -65,11 +65,6 @@ def claims_of(token: str) -> dict[str, Any]:
     return json.loads(base64.urlsafe_b64decode(token.split(".")[1] + "=="))
 
 
-def audit(d: Daemon) -> list[dict[str, Any]]:
-    lines = b"".join(p.read_bytes() for p in (d.state_dir / "audit").glob("audit-*.jsonl")).splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
-
-
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     d = Daemon(tmp_path_factory.mktemp("approval") / "state").start()
@@ -109,10 +104,10 @@ def test_pending_then_approved_then_the_token_carries_the_approver(daemon: Daemo
     assert a.check(minted.token, "demo", "payroll", "delete").reason == "scope_denied"  # not approved
 
     def recorded() -> bool:
-        kinds = {(r["kind"], r.get("approval_id")) for r in audit(daemon)}
+        kinds = {(r["kind"], r.get("approval_id")) for r in daemon.audit_records()}
         return {(kind, pending.id) for kind in ("approval_request", "approval_decide", "mint")} <= kinds
     wait_for(recorded, 10, "request, decision and use in the audit log")
-    decision = next(r for r in audit(daemon) if r["kind"] == "approval_decide" and r["decision"])
+    decision = next(r for r in daemon.audit_records() if r["kind"] == "approval_decide" and r["decision"])
     assert decision["approver_subject"] == "alice" and decision["approver_issuer"] == DEV_ISSUER
 
 
@@ -239,7 +234,7 @@ def test_no_agent_credential_and_no_forged_token_reaches_the_approvals_service(d
                                                                                timeout=5))
         assert code == grpc.StatusCode.UNAVAILABLE
     assert a.get_approval(pending.id).state == "pending"
-    wait_for(lambda: sum(r["kind"] == "approver_authn" for r in audit(daemon)) >= len(bearers), 10,
+    wait_for(lambda: sum(r["kind"] == "approver_authn" for r in daemon.audit_records()) >= len(bearers), 10,
              "refused approvers in the audit log")
 
 

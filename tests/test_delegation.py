@@ -208,11 +208,6 @@ def test_revocation_reaches_the_grandchild_at_the_next_check(
     assert details.startswith(expected[1]), details
 
 
-def audit_records(daemon: Daemon) -> list[dict[str, Any]]:
-    files = sorted((daemon.state_dir / "audit").glob("audit-*.jsonl"))
-    return [json.loads(line) for f in files for line in f.read_text().splitlines()]
-
-
 def test_audit_records_the_chain(daemon: Daemon, agents: dict[str, Client]) -> None:
     root = agents[ALPHA].mint("audited", ["demo:*:read"])
     child = agents[ALPHA].delegate(root.token, BETA, ["demo:*:read"], intent="help with the report")
@@ -221,7 +216,7 @@ def test_audit_records_the_chain(daemon: Daemon, agents: dict[str, Client]) -> N
     assert agents[CAROL].check(grandchild.token, "demo", "reports/a", "read").allowed
 
     def records() -> list[dict[str, Any]]:
-        return [r for r in audit_records(daemon) if grandchild.token_id in (r.get("token_id"),
+        return [r for r in daemon.audit_records() if grandchild.token_id in (r.get("token_id"),
                                                                             r.get("parent_token_id"))]
     wait_for(lambda: len(records()) >= 3, 10, "audit flush")
     delegated, refusal, check = (next(r for r in records() if r["kind"] == kind and r["decision"] is d)
@@ -231,9 +226,9 @@ def test_audit_records_the_chain(daemon: Daemon, agents: dict[str, Client]) -> N
     assert (delegated["parent_token_id"], delegated["task"]) == (child.token_id, "audited")
     assert check["chain"] == [BETA, ALPHA] and check["agent"] == CAROL
     assert (refusal["agent"], refusal["reason"]) == (MALLORY, "delegation_not_holder")
-    first = next(r for r in audit_records(daemon) if r.get("token_id") == child.token_id)
+    first = next(r for r in daemon.audit_records() if r.get("token_id") == child.token_id)
     assert (first["chain"], first["intent"]) == ([ALPHA], "help with the report")
-    assert not any(grandchild.token in json.dumps(r) for r in audit_records(daemon))  # ids, never tokens
+    assert not any(grandchild.token in json.dumps(r) for r in daemon.audit_records())  # ids, never tokens
 
 
 def test_cli_delegate(daemon: Daemon, agents: dict[str, Client], ids: dict[str, Path]) -> None:

@@ -21,14 +21,13 @@ from faults_support import (
     NOT_SERVING,
     SERVING,
     Load,
-    audit_records,
     failing_fsync_disk,
     fill,
     grpc_health,
     healthz,
     tmpfs,
 )
-from processes import Daemon, wait_for
+from processes import Daemon, audit_records, wait_for
 
 from agentauthz.audit import WITHDRAWN, AuditLog
 from agentauthz.audit_records import prepare

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from faults_support import AGENT, audit_records
+from faults_support import AGENT
+from processes import audit_records
 
 from agentauthz.authority import Authority
 from agentauthz.client import check_request, decision_from

@@ -79,14 +79,8 @@ def runtime(pki: DevPki, tmp_path_factory: pytest.TempPathFactory) -> Identity:
     return Identity.from_dir(out)
 
 
-def records(d: Daemon) -> list[dict[str, Any]]:
-    """Every audit record so far, in order (the writer thread flushes every few milliseconds)."""
-    lines = b"".join(p.read_bytes() for p in sorted((d.state_dir / "audit").glob("audit-*.jsonl")))
-    return [json.loads(line) for line in lines.splitlines() if line.strip()]
-
-
 def authn(d: Daemon, decision: bool | None = None) -> list[dict[str, Any]]:
-    return [r for r in records(d)
+    return [r for r in d.audit_records()
             if r.get("kind") == "authn" and (decision is None or r["decision"] is decision)]
 
 
@@ -242,7 +236,7 @@ def test_a_genuine_svid_is_the_control(daemon: Daemon, pki: DevPki) -> None:
     minted = mint(daemon, credentials(pki, make_leaf(pki.ca, [AGENT])))
     assert minted.agent == AGENT and minted.token
     wait_for(lambda: any(r["kind"] == "mint" and r.get("token_id") == minted.token_id
-                         for r in records(daemon)), 10, "the mint record")
+                         for r in daemon.audit_records()), 10, "the mint record")
 
 
 def test_no_client_certificate_is_unauthenticated_and_audited(daemon: Daemon, pki: DevPki) -> None:

@@ -70,11 +70,6 @@ def mint(d: Daemon, pki: DevPki, leaf: CertAndKey, task: str = "front") -> pb.Mi
         return pb_grpc.AgentAuthzStub(ch).Mint(pb.MintRequest(task=task, grants=[READ]), timeout=10)
 
 
-def audit(d: Daemon) -> list[dict[str, Any]]:
-    lines = b"".join(p.read_bytes() for p in sorted((d.state_dir / "audit").glob("audit-*.jsonl")))
-    return [json.loads(line) for line in lines.splitlines() if line.strip()]
-
-
 def handshakes(d: Daemon) -> dict[str, float]:
     """agentauthz_api_tls_handshakes by outcome, from /metrics."""
     status, body = http_get(f"http://127.0.0.1:{d.http_port}/metrics")[:2]
@@ -100,14 +95,16 @@ def test_a_valid_svid_mints_a_token_bound_to_its_certificate(daemon: Daemon, pki
 
 
 def test_the_loopback_grpc_port_refuses_whoever_did_not_come_through_the_front(daemon: Daemon) -> None:
-    before = len([r for r in audit(daemon) if r["kind"] == "authn"])
+    def authn() -> list[dict[str, Any]]:
+        return [r for r in daemon.audit_records() if r["kind"] == "authn"]
+    before = len(authn())
     with grpc.insecure_channel(f"127.0.0.1:{backend_port(daemon)}") as ch:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.AgentAuthzStub(ch).Mint(pb.MintRequest(task="direct", grants=[READ]), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert err.value.details() == "identity_invalid: the connection did not come through the TLS front"
-    wait_for(lambda: len([r for r in audit(daemon) if r["kind"] == "authn"]) > before, 10, "authn record")
-    new = [r for r in audit(daemon) if r["kind"] == "authn"][before:]
+    wait_for(lambda: len(authn()) > before, 10, "authn record")
+    new = authn()[before:]
     assert [(r["decision"], r["detail"]) for r in new] == [
         (False, "the connection did not come through the TLS front")]
 
