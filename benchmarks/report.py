@@ -176,6 +176,7 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
     add("verify_over_naive", "floor + parse + audit write + bare PyNaCl verify / naive PyJWT peer "
         "(Python client): a cold allow's bound", rps("direct_python", "verify/naive"), "(bound)", None,
         source="direct_python")
+
     def per_cpu(a: dict[str, Any], b: dict[str, Any]) -> float | None:
         return _ratio(b["cpu_us_per_request"]["server"], a["cpu_us_per_request"]["server"])
 
