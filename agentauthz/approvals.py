@@ -160,7 +160,8 @@ class ApprovalStore:
                     return a, False
             if sum(a.state_at(now) == PENDING for a in live) >= MAX_OPEN_PER_AGENT:
                 raise LimitReached(f"{agent} already has {MAX_OPEN_PER_AGENT} requests awaiting a human")
-            approval = Approval(secrets.token_urlsafe(18), agent, task, intent, [dict(g) for g in grants],
+            # Hex: an id that began with "-" would read as an option to `agentauthz approve ID`.
+            approval = Approval(secrets.token_hex(16), agent, task, intent, [dict(g) for g in grants],
                                 PENDING, now, now + ttl)
             self._apply([approval], [], commit)
             return approval, True

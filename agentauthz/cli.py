@@ -324,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identity", required=True)
     which = p.add_mutually_exclusive_group(required=True)
     for flag in ("--token-id", "--task", "--agent", "--key-id"):
-        which.add_argument(flag)
+        # A key id is a JWK thumbprint (base64url), which may begin with "-": argparse then needs "=".
+        which.add_argument(flag, help=f"write {flag}=VALUE if the value begins with -")
 
     p = command("check", cmd_check, "ask for a decision as Envoy would; exit 0 allow, 1 deny")
     p.add_argument("--server", default="127.0.0.1:9191")

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -246,6 +247,8 @@ def test_the_cli_dev_human_approvals_approve_reject(daemon: Daemon, tmp_path: Pa
     asked = daemon.cli(*mint)
     assert asked.returncode == 1 and "approval_required" in asked.stderr
     request_id = json.loads(asked.stdout)["pending"]["id"]
+    # Never read as an option by `approve ID` (base64url ids began with "-" one time in 64).
+    assert re.fullmatch("[0-9a-f]{32}", request_id), request_id
 
     credential = tmp_path / "alice.jwt"
     made = daemon.cli("dev-human", "alice", "--state-dir", str(daemon.state_dir), "--out", str(credential),
