@@ -113,6 +113,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.keyring = self.keyrings[config.audiences[0]]  # the default boundary's
         # An anonymous shared mapping: worker processes forked later see every bit as it is set.
         bits_buffer = mmap.mmap(-1, _accel.bitset_buffer_size(config.revocation_capacity))
+        self.revocation_bits_bytes = len(bits_buffer)  # for /metrics: the memory the bits take
         self.index = _accel.RevocationIndex(_accel.Bitset(config.revocation_capacity, bits_buffer))
         self.revocations = RevocationStore.open(state / "revocations", self.index,
                                                 max_lifetime=config.max_token_lifetime,

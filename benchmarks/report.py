@@ -237,6 +237,16 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
         add("revocation_stale_allows", "Checks allowed after a Revoke was acknowledged",
             sum(p["stale_allows"] for p in prop), "0", lambda v: v == 0, unit="", source="workers")
 
+    memory = load.get("revocation_memory")
+    if memory:
+        # The bits' memory over the window's slots, times the slots a minted token took: bits per
+        # token, the constant header spread over the window. A header up to 64 bytes counts as constant.
+        window, header = memory["window_slots"], memory["bits_bytes"] - memory["window_slots"] / 8
+        add("revocation_bits_per_token", f"revocation bitset: bits per token in the live window "
+            f"({header:.0f} bytes of it constant)", 8 * memory["bits_bytes"] / window
+            * memory["slots"] / memory["tokens"], "≤ 1 bit + constant", lambda v: v <= 1 + 8 * 64 / window,
+            unit="bits", source=f"/metrics of the cold daemon around minting {memory['tokens']} tokens")
+
     def median_ns(name: str) -> float | None:
         b = micro.get(name)
         return b["median_ns"] if b else None

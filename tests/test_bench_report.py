@@ -72,3 +72,16 @@ def test_steal_is_read_per_cpu_from_proc_stat() -> None:
     every, first = steal_seconds(None), steal_seconds({0})
     assert 0 <= first <= every  # one CPU's share of the total, never more
     assert steal_seconds(set()) == 0
+
+
+def test_revocation_bits_per_token_counts_the_slots_each_token_took() -> None:
+    window = 1 << 24
+    one = {"revocation_memory": {"tokens": 2000, "slots": 2000, "window_slots": window,
+                                 "bits_bytes": window // 8 + 16}}
+    r = figure(one, "revocation_bits_per_token")
+    assert r["value"] == pytest.approx(1 + 128 / window) and r["met"] is True
+    assert "16 bytes" in r["title"]
+    two = {"revocation_memory": {**one["revocation_memory"], "slots": 4000}}  # two slots a token
+    assert figure(two, "revocation_bits_per_token")["met"] is False
+    fat = {"revocation_memory": {**one["revocation_memory"], "bits_bytes": window // 4}}  # 2 bits a slot
+    assert figure(fat, "revocation_bits_per_token")["met"] is False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from processes import Daemon, http_get, wait_for
 
+from agentauthz._bitset_py import HEADER_BYTES
 from agentauthz.audit_verify import verify_dir
 from agentauthz.client import AsyncClient, Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
@@ -48,6 +50,20 @@ def test_http_endpoints(daemon: Daemon, tmp_path: Path) -> None:
     assert status == 200
     assert 'agentauthz_check_decisions_total{reason="token_missing"}' in body.decode()
     assert http_get(base + "/nope")[0] == 404
+
+
+def test_metrics_show_the_revocation_window_at_one_bit_a_token(daemon: Daemon, tmp_path: Path) -> None:
+    def gauge(name: str) -> float:
+        body = http_get(f"http://127.0.0.1:{daemon.http_port}/metrics")[1].decode()
+        return float(re.search(rf"^{name} (\S+)$", body, re.M).group(1))  # type: ignore[union-attr]
+    client = Client(daemon.api_address, identity_for(daemon, tmp_path))
+    window, in_use = gauge("agentauthz_revocation_window_slots"), gauge("agentauthz_revocation_slots_in_use")
+    for n in range(5):
+        client.mint(f"slots-{n}", ["demo:*:read"], ttl=60)
+    assert gauge("agentauthz_revocation_slots_in_use") == in_use + 5  # one slot per token
+    assert window == 1 << 24  # the default revocation_capacity
+    # One bit a slot, plus a constant header (the window's base).
+    assert gauge("agentauthz_revocation_bits_bytes") == window / 8 + HEADER_BYTES
 
 
 def test_grpc_health_is_serving_on_the_check_listener(daemon: Daemon) -> None:

@@ -97,16 +97,24 @@ class Daemon:
             raise RuntimeError(f"{self.name}: JWKS answered {status}")
         return dict(json.loads(body))
 
+    def _metrics(self) -> str:
+        status, body = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
+        return body.decode() if status == 200 else ""
+
     def decisions(self) -> dict[str, float]:
         """Check decisions by reason, from /metrics: proof that a loaded run was allowed throughout."""
-        status, body = http_get(f"http://127.0.0.1:{self.http_port}/metrics")
-        if status != 200:
-            return {}
         out = {}
         for m in re.finditer(r'^agentauthz_check_decisions_total\{reason="([^"]+)"\} ([\d.e+]+)$',
-                             body.decode(), re.M):
+                             self._metrics(), re.M):
             out[m.group(1)] = float(m.group(2))
         return out
+
+    def gauge(self, name: str) -> float:
+        """One unlabelled gauge from /metrics."""
+        m = re.search(rf"^{name} ([\d.e+]+)$", self._metrics(), re.M)
+        if m is None:
+            raise RuntimeError(f"{self.name}: /metrics has no {name}")
+        return float(m.group(1))
 
     def stop(self) -> None:
         self.process.stop(30)

@@ -349,8 +349,14 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
 
         body = bench.bodies("warm-python", [warm.mint()])
         t0 = time.monotonic()
+        slots_before = cold.gauge("agentauthz_revocation_slots_in_use")
         cold_tokens = cold.mint_many(s.cold_tokens)
         mint_setup = {"tokens": len(cold_tokens), "seconds": time.monotonic() - t0}
+        revocation_memory = {  # what the cold tokens took of the revocation window, read from /metrics
+            "tokens": len(cold_tokens),
+            "slots": cold.gauge("agentauthz_revocation_slots_in_use") - slots_before,
+            "window_slots": cold.gauge("agentauthz_revocation_window_slots"),
+            "bits_bytes": cold.gauge("agentauthz_revocation_bits_bytes")}
         cold_body = bench.bodies("cold", cold_tokens)
         check_allowed(cold.check_address, cold_body, "agentauthz (cold)")
         targets = direct_targets(lambda a: bench.python_check(a, body, True), body)
@@ -414,6 +420,7 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
     return {"settings": asdict(s), "started": started, "elapsed_s": time.time() - started,
             "tables": bench.tables, "processes": bench.processes, "envoy_configs": configs,
             "profile": prof, "workers": scaling_result, "versions": versions(),
+            "revocation_memory": revocation_memory,
             "cpus": {"server": sorted(bench.server_cpus or []), "client": sorted(bench.client_cpus or [])}}
 
 
