@@ -100,7 +100,8 @@ class RevocationStore:
         self._fd = self._lock_fd = -1
         self._size = self._live_size = 0
         self._broken = False
-        # Bumped on every bit set: the published status list is rebuilt only when it moved.
+        # Bumped whenever a bit is set or the window slides: the published status list is rebuilt
+        # only when it moved.
         self.revision = 0
 
     @classmethod
@@ -257,6 +258,7 @@ class RevocationStore:
         if base > self._base:
             self._bits.advance(base)
             self._base = base
+            self.revision += 1  # the published list changes with the window, not only with a bit
             self._tokens = {s: t for s, t in self._tokens.items() if s >= base}
         # A token issued at or before such a cutoff has expired (exp <= iat + max_lifetime);
         # a key is kept as long, so every token it signed before its revocation is dead.

@@ -121,6 +121,23 @@ def test_published_list_is_prefix_window_and_overlay(hot: HotPath, tmp_path: Pat
     store.close()
 
 
+def test_a_window_that_slid_with_nothing_revoked_is_published(tmp_path: Path) -> None:
+    capacity = 256
+    clock, store, ring, publisher = make_publisher(tmp_path, capacity, 64)
+    for _ in range(64):
+        store.allocate_slot(int(clock.now) + 10)
+    store.allocate_slot(int(clock.now) + 90)
+    assert len(published(publisher, ring, clock)) * 8 == capacity
+    clock.now += statuslist.TTL  # every short-lived token has expired, and the last list is stale
+    store.slide()
+    base = store.stats()["window_base"]
+    assert base == 64
+    raw = published(publisher, ring, clock)
+    assert len(raw) * 8 >= base + capacity  # a token minted in the new window finds its bit
+    assert {i for i in range(len(raw) * 8) if status_at(raw, 1, i)} == set(range(base))
+    store.close()
+
+
 def test_rebuilt_only_when_something_moved(tmp_path: Path) -> None:
     clock, store, ring, publisher = make_publisher(tmp_path, 1 << 12, 64)
     slot = store.allocate_slot(int(clock.now) + 50)
