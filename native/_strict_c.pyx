@@ -130,17 +130,15 @@ def _finite_float(text):
 
 # The pure twin calls json.loads with these hooks, which builds a decoder per
 # call and makes every object a Python call. Here a token's claims take
-# orjson (RFC 8259 strict, ~3x faster than json's scanner on them), and what
-# it cannot vouch for takes json's plain C scanner (no hooks), each followed
+# orjson (RFC 8259 strict, ~3x faster than json's scanner on them), followed
 # by a C check that the hooks would have had nothing to refuse. Anything else
-# goes through the hooked scanner, which is json.loads's own, so every
-# refusal and message is the pure twin's.
+# goes through the hooked scanner, built once, which is json.loads's own, so
+# every refusal and message is the pure twin's.
 cdef object _orjson_loads = orjson.loads
 cdef object _OrjsonError = orjson.JSONDecodeError
 cdef object _strict_scan_once = json.JSONDecoder(
     object_pairs_hook=_pairs_no_duplicates, parse_constant=_reject_constant,
     parse_float=_finite_float).scan_once
-cdef object _plain_scan_once = json.JSONDecoder().scan_once
 _JSONDecodeError = json.JSONDecodeError
 
 
@@ -186,9 +184,8 @@ cdef Py_ssize_t _json_members(const unsigned char *p, Py_ssize_t n, Py_ssize_t m
     return members
 
 
-cdef Py_ssize_t _distinct_members(object node, bint floats) except -2:
-    """Members of every object in a parsed value, or -1 if it holds a non-finite float (any float if
-    not ``floats``).
+cdef Py_ssize_t _distinct_members(object node) except -2:
+    """Members of every object in a parsed value, or -1 if it holds a float.
 
     A dict holds one entry per distinct key, so fewer entries than members
     in the text means a duplicate key. Depth is bounded: _json_object refuses
@@ -198,17 +195,17 @@ cdef Py_ssize_t _distinct_members(object node, bint floats) except -2:
     if type(node) is dict:
         total = len(<dict>node)
         for value in (<dict>node).values():
-            inner = _distinct_members(value, floats)
+            inner = _distinct_members(value)
             if inner < 0:
                 return -1
             total += inner
     elif type(node) is list:
         for value in <list>node:
-            inner = _distinct_members(value, floats)
+            inner = _distinct_members(value)
             if inner < 0:
                 return -1
             total += inner
-    elif type(node) is float and not (floats and isfinite(<double>node)):
+    elif type(node) is float:
         return -1
     return total
 
@@ -216,30 +213,15 @@ cdef Py_ssize_t _distinct_members(object node, bint floats) except -2:
 cdef object _fast_json(bytes raw, Py_ssize_t members):
     """orjson's value of ``raw`` when it holds no float and no duplicate key, else None.
 
-    orjson reads an integer beyond 64 bits as a float where json reads an int: a value with any
-    float is left to json's scanner, whose numbers are the pure twin's. Token claims hold none."""
+    orjson reads an integer beyond 64 bits as a float where json reads an int, and its floats need
+    the twin's finiteness check: a value with any float is left to the hooked scanner, whose numbers
+    are the pure twin's. Token claims hold none. ``members``: what _json_members counted in ``raw``."""
     try:
         value = _orjson_loads(raw)
     except _OrjsonError:
         return None
-    if _distinct_members(value, False) != members:
+    if _distinct_members(value) != members:
         return None
-    return value
-
-
-cdef object _plain_json(str text, Py_ssize_t members):
-    """The value of ``text`` when the strict hooks would accept it unchanged, else None.
-
-    ``members``: what _json_members counted in its bytes."""
-    cdef Py_ssize_t end
-    try:
-        value, end = _plain_scan_once(text, _skip_json_space(text, 0))
-    except (StopIteration, ValueError, RecursionError):
-        return None
-    if _skip_json_space(text, end) != len(text):
-        return None
-    if _distinct_members(value, True) != members:
-        return None  # a duplicate key or a NaN/Infinity: let the strict scanner name it
     return value
 
 
@@ -263,11 +245,8 @@ cdef dict _json_object(bytes raw, str what):
         members = _json_members(<const unsigned char *>PyBytes_AS_STRING(raw), len(raw), _MAX_JSON_DEPTH)
         if members < 0:
             raise TokenMalformed(f"{what} is nested too deeply")
-        # None is never a valid result here: a JSON null is not an object either.
         obj = _fast_json(raw, members)
-        if obj is None:
-            obj = _plain_json(text, members)
-        if obj is None:
+        if obj is None:  # never a valid result: a JSON null is not an object either
             obj = _strict_json(text)
     except TokenMalformed:
         raise
