@@ -109,12 +109,15 @@ class Daemon:
             out[m.group(1)] = float(m.group(2))
         return out
 
-    def gauge(self, name: str) -> float:
-        """One unlabelled gauge from /metrics."""
-        m = re.search(rf"^{name} ([\d.e+]+)$", self._metrics(), re.M)
-        if m is None:
-            raise RuntimeError(f"{self.name}: /metrics has no {name}")
-        return float(m.group(1))
+    def gauges(self, *names: str) -> dict[str, float]:
+        """Unlabelled gauges from one read of /metrics."""
+        text, out = self._metrics(), {}
+        for name in names:
+            m = re.search(rf"^{name} ([\d.e+]+)$", text, re.M)
+            if m is None:
+                raise RuntimeError(f"{self.name}: /metrics has no {name}")
+            out[name] = float(m.group(1))
+        return out
 
     def stop(self) -> None:
         self.process.stop(30)

@@ -349,14 +349,15 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
 
         body = bench.bodies("warm-python", [warm.mint()])
         t0 = time.monotonic()
-        slots_before = cold.gauge("agentauthz_revocation_slots_in_use")
+        window = ("agentauthz_revocation_slots_in_use", "agentauthz_revocation_window_slots",
+                  "agentauthz_revocation_bits_bytes")
+        before = cold.gauges(*window)
         cold_tokens = cold.mint_many(s.cold_tokens)
         mint_setup = {"tokens": len(cold_tokens), "seconds": time.monotonic() - t0}
+        after = cold.gauges(*window)
         revocation_memory = {  # what the cold tokens took of the revocation window, read from /metrics
-            "tokens": len(cold_tokens),
-            "slots": cold.gauge("agentauthz_revocation_slots_in_use") - slots_before,
-            "window_slots": cold.gauge("agentauthz_revocation_window_slots"),
-            "bits_bytes": cold.gauge("agentauthz_revocation_bits_bytes")}
+            "tokens": len(cold_tokens), "slots": after[window[0]] - before[window[0]],
+            "window_slots": after[window[1]], "bits_bytes": after[window[2]]}
         cold_body = bench.bodies("cold", cold_tokens)
         check_allowed(cold.check_address, cold_body, "agentauthz (cold)")
         targets = direct_targets(lambda a: bench.python_check(a, body, True), body)
