@@ -48,6 +48,23 @@ class Daemon:
         return f"localhost:{self.approval_port}"
 
     def start(self, timeout: float = 30.0, *extra: str) -> Daemon:
+        first = self.proc is None
+        for attempt in range(3):
+            try:
+                return self._start(timeout, *extra)
+            except RuntimeError as exc:
+                # free_port() cannot hold a port until the daemon binds it: someone else may take it
+                # meanwhile. On a first start, nobody knows the ports yet, so new ones can be drawn.
+                taken = any(m in str(exc).lower() for m in ("address already in use", "failed to bind"))
+                if not (first and attempt < 2 and taken):
+                    raise
+                self.api_port, self.http_port, self.approval_port = free_port(), free_port(), free_port()
+                if self.check_address == f"127.0.0.1:{self.check_port}":
+                    self.check_port = free_port()
+                    self.check_address = f"127.0.0.1:{self.check_port}"
+        raise AssertionError("unreachable")
+
+    def _start(self, timeout: float, *extra: str) -> Daemon:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agentauthz", "serve", "--config", str(self.config_path),
