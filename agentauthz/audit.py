@@ -23,13 +23,12 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from . import durable
-from .audit_records import _b64, _canon, _dumps, _json_str, _redacted, _redacted_fields, thumbprint
+from . import _accel, durable
+from .audit_records import _b64, _canon, _dumps, _redacted_fields, thumbprint
 from .errors import AuditUnavailable, StateError
 
 log = logging.getLogger(__name__)
 
-GENESIS = "0" * 64
 CHECKPOINTS, KEY_FILE, PUB_FILE = "checkpoints.jsonl", "audit-key.pem", "audit-key.pub.pem"
 _NAME = re.compile(r"audit-(\d{10,})\.jsonl")
 _BACKOFF_MAX = 1.0
@@ -168,7 +167,8 @@ class AuditLog:
         self._thread: threading.Thread | None = None
         self._closed = self._stopping = False
         self._ok, self._fd, self._fd_name = True, -1, ""
-        self._seq, self._prev, self._batches, self._since_cp = 0, GENESIS, 0, 0
+        self._chain = _accel.ACTIVE.Chain()  # seq and prev: only with _mutex held, or before start
+        self._batches = self._since_cp = 0
         # The batch in flight: kept until durable and retried byte for byte, so the chain never forks.
         self._out: bytes | None = None
         self._out_n, self._out_cp = 0, b""
@@ -205,7 +205,7 @@ class AuditLog:
             if end != path.stat().st_size:
                 raise StateError(f"{path}: torn line inside the log; run `agentauthz audit verify`")
         if line is not None:
-            self._seq, self._prev = json.loads(line)["seq"], hashlib.sha256(line).hexdigest()
+            self._chain.seq, self._chain.prev = json.loads(line)["seq"], hashlib.sha256(line).hexdigest()
         return [cut]
 
     def start(self) -> None:
@@ -253,34 +253,32 @@ class AuditLog:
         failing disk, no file open yet or this one full): the caller then takes ``record_check_durable``.
         A write that fails is withdrawn and raises ``AuditUnavailable``.
         """
-        # Inline but for the record's text: this runs for every allow, and under load each Python
-        # call here cost several times its isolated price (thread CPU per call, under h2load).
+        # Inline but for the record, which is one native call (_chain_c): this runs for every allow,
+        # and under load each Python step here cost several times its isolated price.
         if not self._ok or self._closed or self._q or self._out is not None or self._out_cp \
                 or not self._mutex.acquire(blocking=False):
             return False
         try:
             if self._out is not None or self._out_cp or self._fd < 0 or self._fd_name != self._file:
                 return False  # the writer took a batch meanwhile, or a file is still to be opened
-            line = self._check_record(self._clock(), decision_id, request_id, prepared)
-            if self._offset + len(line) >= self._max_bytes:
-                return False  # the writer starts the next file
-            self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
-            self._batches += 1
-            self._since_cp += 1
-            line += b"\n"
             try:
-                written = os.write(self._fd, line)
-                if written != len(line):  # a short write is how a full disk first shows: finish it
-                    _append(self._fd, self._offset + written, line[written:], retry=False, sync=False)
-            except OSError as exc:  # undone; the line stays held, byte for byte, for the writer to retry
+                written = self._chain.append_check(self._fd, self._max_bytes - self._offset, self._clock(),
+                                                   decision_id, request_id, prepared)
+            except OSError as exc:  # linked, then undone: held, byte for byte, for the writer to retry
+                self._batches += 1
+                self._since_cp += 1
                 try:
                     os.ftruncate(self._fd, self._offset)
                 except OSError:
                     pass  # the writer's retry truncates first
-                self._out, self._out_n = line, 1
+                self._out, self._out_n = self._chain.last, 1
                 self._fail(exc, decision_id)
                 raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
-            self._offset += len(line)
+            if written is None:
+                return False  # the writer starts the next file
+            self._batches += 1
+            self._since_cp += 1
+            self._offset += written
             return True
         finally:
             self._mutex.release()
@@ -423,19 +421,8 @@ class AuditLog:
             raise
 
     def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
-        head = {"seq": self._seq + 1, "prev": self._prev, "ts": ts, "kind": kind}
-        return self._chain(_dumps({**head, **fields}))
-
-    def _check_record(self, ts: float, decision_id: str, request_id: str, prepared: str) -> bytes:
-        """The next check record, not yet chained (no newline): one f-string, no dict to encode."""
-        # request_id is Envoy's x-request-id, which a client may set: escaped and redacted like any field.
-        rid = _json_str(_redacted(request_id)) if request_id else "null"
-        return (f'{{"seq":{self._seq + 1},"prev":"{self._prev}","ts":{ts!r},"kind":"check",'
-                f'"decision_id":{_json_str(decision_id)},"request_id":{rid},{prepared}}}').encode()
-
-    def _chain(self, line: bytes) -> bytes:
-        self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
-        return line + b"\n"
+        head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": ts, "kind": kind}
+        return self._chain.link(_dumps({**head, **fields}))
 
     def _take(self, checkpoint: bool = True) -> bool:
         """Chain up to a batch of queued records (+ a checkpoint) into self._out; True if there is work.
@@ -450,7 +437,7 @@ class AuditLog:
                 self._out_waiters.append(item)
                 continue
             if item[0] is _CHECK:
-                lines.append(self._chain(self._check_record(item[1], item[2], item[3], item[4])))
+                lines.append(self._chain.link(self._chain.check_record(item[1], item[2], item[3], item[4])))
                 if item[5] is not None:
                     self._out_durable.append((item[5], item[2]))
                 continue
@@ -470,7 +457,8 @@ class AuditLog:
         if checkpoint and (final or (self._batches >= self._cp_every and not eager)):
             self._cp_at = time.monotonic()
             now = self._clock()
-            cp = {"seq": self._seq, "hash": self._prev, "file": self._file, "ts": now, "kid": self._kid}
+            cp = {"seq": self._chain.seq, "hash": self._chain.prev, "file": self._file, "ts": now,
+                  "kid": self._kid}
             sig = _b64(self._key.sign(_canon(cp)))
             lines.append(self._line(now, "checkpoint", {"checkpoint": cp, "sig": sig}))
             self._out_cp = _dumps({**cp, "sig": sig}) + b"\n"
@@ -482,7 +470,7 @@ class AuditLog:
     def _file_for(self, size: int, records: int = 1) -> None:
         """Start a new file (named for its first record) when ``size`` more bytes would overfill this one."""
         if not self._file or (self._offset and self._offset + size > self._max_bytes):
-            self._file, self._offset = f"audit-{self._seq - records + 1:010d}.jsonl", 0
+            self._file, self._offset = f"audit-{self._chain.seq - records + 1:010d}.jsonl", 0
 
     def _write_out(self, sync: bool = True) -> None:
         if self._out is not None:

@@ -12,7 +12,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from .audit import CHECKPOINTS, GENESIS, PUB_FILE, _log_files, _parse
+from ._chain_py import GENESIS
+from .audit import CHECKPOINTS, PUB_FILE, _log_files, _parse
 from .audit_records import _canon, thumbprint
 
 

@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 from support import Forge
 
 from agentauthz import audit, audit_records, audit_verify
-from agentauthz.audit import GENESIS, AuditLog
+from agentauthz._chain_py import GENESIS
+from agentauthz.audit import AuditLog
 from agentauthz.audit_verify import main_verify, verify_dir
 from agentauthz.errors import StateError
 

@@ -1,0 +1,263 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The audit log's hash chain: the native twin of ``agentauthz/_chain_py.py``.
+
+An allow's record is formatted, hashed and written in one call with no
+intermediate Python objects. Under load each Python-level step of the old
+record (an f-string, ``float.__repr__``, ``hashlib``, ``hexdigest``,
+``os.write``) cost several microseconds of cold caches; here the record is
+a few ``memcpy`` into one buffer. The text is byte for byte the pure twin's
+(``tests/test_chain.py``), so ``audit_verify`` reads either.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
+from cpython.mem cimport PyMem_Free
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport uintptr_t
+from libc.stdlib cimport free, realloc
+from libc.string cimport memcpy
+from posix.unistd cimport write
+
+import nacl.bindings  # importing it runs sodium_init(), required before any libsodium call
+from nacl._sodium import ffi as _ffi, lib as _sodium
+
+from agentauthz.audit_records import _json_str, _redacted
+
+cdef extern from "Python.h":
+    char *PyOS_double_to_string(double val, char format_code, int precision, int flags,
+                                int *ptype) except NULL
+    int Py_DTSF_ADD_DOT_0
+    const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
+
+GENESIS = "0" * 64
+
+cdef enum:
+    HASH_HEX = 64
+cdef long long SEQ_MAX = 9223372036854775806  # seq + 1 must fit a long long
+
+# libsodium's SHA-256, taken from PyNaCl like crypto_sign_open in _verify_c: no link-time
+# dependency, and its compact C code stays cheap when the request path runs on cold caches.
+ctypedef int (*sha256_fn)(unsigned char *out, const unsigned char *data,
+                          unsigned long long length) noexcept nogil
+_SODIUM_LIB = _sodium
+_sha256_address = int(_ffi.cast("uintptr_t", _ffi.addressof(_sodium, "crypto_hash_sha256")))
+if not _sha256_address:
+    raise ImportError("libsodium's crypto_hash_sha256 is not available through PyNaCl")
+cdef sha256_fn _sha256 = <sha256_fn><uintptr_t>_sha256_address
+
+cdef const char *_HEX = b"0123456789abcdef"
+# The fixed text of a check record, around its seq, prev, ts, decision id, request id and members.
+cdef bytes _HEAD = b'{"seq":'
+cdef bytes _PREV = b',"prev":"'
+cdef bytes _TS = b'","ts":'
+cdef bytes _KIND = b',"kind":"check","decision_id":'
+cdef bytes _RID = b',"request_id":'
+cdef Py_ssize_t _FIXED = len(_HEAD) + len(_PREV) + HASH_HEX + len(_TS) + len(_KIND) + len(_RID) + 3  # , } \n
+
+
+cdef bint _plain(const char *text, Py_ssize_t size) noexcept:
+    """Whether JSON (ensure_ascii) writes ``text`` as is between quotes: printable ASCII, no quote
+    or backslash. Anything else goes through json's own encoder, so the bytes stay the pure twin's."""
+    cdef Py_ssize_t i
+    cdef unsigned char c
+    for i in range(size):
+        c = <unsigned char>text[i]
+        if c < 0x20 or c > 0x7e or c == 0x22 or c == 0x5c:
+            return False
+    return True
+
+
+cdef class Chain:
+    """The last record's ``seq`` and ``prev`` hash, and the next records linked to them.
+
+    Not thread-safe (``AuditLog`` holds its ``_mutex``); the GIL is kept through the write, so
+    nothing else can touch the buffer meanwhile.
+    """
+
+    cdef long long _seq
+    cdef char _prev[HASH_HEX]
+    cdef char *_line  # append_check's last line, newline included
+    cdef Py_ssize_t _line_size, _line_cap
+    cdef char *_next  # where the next record is formatted before it is committed
+    cdef Py_ssize_t _next_cap
+
+    def __init__(self, seq=0, prev=GENESIS):
+        self.seq = seq
+        self.prev = prev
+
+    def __dealloc__(self):
+        free(self._line)
+        free(self._next)
+
+    @property
+    def seq(self):
+        return self._seq
+
+    @seq.setter
+    def seq(self, value):
+        if not 0 <= value <= SEQ_MAX:
+            raise ValueError(f"seq out of range: {value!r}")
+        self._seq = value
+
+    @property
+    def prev(self):
+        return PyBytes_FromStringAndSize(self._prev, HASH_HEX).decode("ascii")
+
+    @prev.setter
+    def prev(self, value):
+        _check_hash(value)
+        memcpy(self._prev, PyBytes_AS_STRING(value.encode("ascii")), HASH_HEX)
+
+    @property
+    def last(self):
+        return PyBytes_FromStringAndSize(self._line, self._line_size)
+
+    cdef void _advance(self, const char *line, Py_ssize_t size) noexcept:
+        cdef unsigned char digest[32]
+        cdef int i
+        _sha256(digest, <const unsigned char *>line, <unsigned long long>size)
+        for i in range(32):
+            self._prev[2 * i] = _HEX[digest[i] >> 4]
+            self._prev[2 * i + 1] = _HEX[digest[i] & 15]
+        self._seq += 1
+
+    def link(self, bytes line not None):
+        """Make ``line`` (one encoded record, no newline) the last record; the bytes to write."""
+        if self._seq >= SEQ_MAX:
+            raise OverflowError("audit seq exhausted")
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(line)
+        out = PyBytes_FromStringAndSize(NULL, size + 1)
+        cdef char *text = PyBytes_AS_STRING(out)
+        memcpy(text, PyBytes_AS_STRING(line), size)
+        text[size] = 10  # newline
+        self._advance(text, size)
+        return out
+
+    cdef Py_ssize_t _format(self, double ts, str decision_id, str request_id, str prepared) except -1:
+        """The next check record, newline included, into ``_next``; its size."""
+        cdef Py_ssize_t did_size, rid_size, prepared_size, size, at = 0
+        cdef const char *did
+        cdef const char *rid
+        cdef const char *members = PyUnicode_AsUTF8AndSize(prepared, &prepared_size)
+        cdef char seq_text[24]
+        cdef int seq_size = 0
+        cdef long long seq = self._seq + 1
+        cdef bint did_plain, rid_plain = False
+        cdef object did_json = None, rid_json = None
+        cdef char *ts_text
+        cdef Py_ssize_t ts_size = 0
+        cdef char *grown
+        cdef char *out
+        if self._seq >= SEQ_MAX:
+            raise OverflowError("audit seq exhausted")
+        # Only ASCII text can be plain, and only its UTF-8 is the str's own buffer (no copy, no error).
+        did_plain = decision_id.isascii()
+        if did_plain:
+            did = PyUnicode_AsUTF8AndSize(decision_id, &did_size)
+            did_plain = _plain(did, did_size)
+        if not did_plain:
+            did_json = _json_str(decision_id).encode()
+            did, did_size = PyBytes_AS_STRING(did_json), PyBytes_GET_SIZE(did_json)
+        if request_id:
+            rid_plain = request_id.isascii() and "eyJ" not in request_id  # else it may hold a token: redact
+            if rid_plain:
+                rid = PyUnicode_AsUTF8AndSize(request_id, &rid_size)
+                rid_plain = _plain(rid, rid_size)
+            if not rid_plain:
+                rid_json = _json_str(_redacted(request_id)).encode()
+                rid, rid_size = PyBytes_AS_STRING(rid_json), PyBytes_GET_SIZE(rid_json)
+        else:
+            rid, rid_size = b"null", 4
+        while True:
+            seq_text[sizeof(seq_text) - 1 - seq_size] = <char>(48 + seq % 10)
+            seq_size += 1
+            seq //= 10
+            if seq == 0:
+                break
+        ts_text = PyOS_double_to_string(ts, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)  # repr(ts)
+        while ts_text[ts_size]:
+            ts_size += 1
+        size = _FIXED + seq_size + ts_size + did_size + 2 * did_plain + rid_size + 2 * rid_plain + prepared_size
+        if size > self._next_cap:
+            grown = <char *>realloc(self._next, size)
+            if grown == NULL:
+                PyMem_Free(ts_text)
+                raise MemoryError()
+            self._next, self._next_cap = grown, size
+        out = self._next
+        at = _put(out, at, _HEAD)
+        memcpy(out + at, seq_text + sizeof(seq_text) - seq_size, seq_size)
+        at = _put(out, at + seq_size, _PREV)
+        memcpy(out + at, self._prev, HASH_HEX)
+        at = _put(out, at + HASH_HEX, _TS)
+        memcpy(out + at, ts_text, ts_size)
+        PyMem_Free(ts_text)
+        at = _put(out, at + ts_size, _KIND)
+        at = _quoted(out, at, did, did_size, did_plain)
+        at = _put(out, at, _RID)
+        at = _quoted(out, at, rid, rid_size, rid_plain)
+        out[at] = 44  # ,
+        memcpy(out + at + 1, members, prepared_size)
+        at += 1 + prepared_size
+        out[at] = 125  # }
+        out[at + 1] = 10  # newline
+        return at + 2
+
+    def check_record(self, double ts, str decision_id not None, str request_id not None,
+                     str prepared not None):
+        """The next check record, not linked yet (no newline)."""
+        cdef Py_ssize_t size = self._format(ts, decision_id, request_id, prepared)
+        return PyBytes_FromStringAndSize(self._next, size - 1)
+
+    def append_check(self, int fd, Py_ssize_t room, double ts, str decision_id not None,
+                     str request_id not None, str prepared not None):
+        """Link the next check record and write it to ``fd``; the bytes written (all of ``last``).
+
+        None, with nothing changed, when the record (without its newline) needs ``room`` bytes or
+        more. An ``OSError`` from the write is raised after the record was linked: part of ``last``
+        may be in the file, and ``last`` must still be written for the chain to hold.
+        """
+        cdef Py_ssize_t size = self._format(ts, decision_id, request_id, prepared)
+        cdef Py_ssize_t done = 0, written
+        cdef char *swap
+        if size - 1 >= room:
+            return None
+        self._advance(self._next, size - 1)
+        swap, self._line = self._line, self._next
+        self._next = swap
+        self._line_cap, self._next_cap = self._next_cap, self._line_cap
+        self._line_size = size
+        while done < size:  # a short write is how a full disk first shows; the next write raises
+            written = write(fd, self._line + done, size - done)
+            if written < 0:
+                if errno == EINTR:
+                    PyErr_CheckSignals()  # raises what a signal handler raised, like os.write
+                    continue
+                PyErr_SetFromErrno(OSError)  # raises
+            done += written
+        return size
+
+
+cdef inline Py_ssize_t _put(char *out, Py_ssize_t at, bytes text) noexcept:
+    cdef Py_ssize_t size = PyBytes_GET_SIZE(text)
+    memcpy(out + at, PyBytes_AS_STRING(text), size)
+    return at + size
+
+
+cdef inline Py_ssize_t _quoted(char *out, Py_ssize_t at, const char *text, Py_ssize_t size,
+                               bint quote) noexcept:
+    if quote:
+        out[at] = 34  # "
+        at += 1
+    memcpy(out + at, text, size)
+    at += size
+    if quote:
+        out[at] = 34
+        at += 1
+    return at
+
+
+def _check_hash(value):
+    if not (isinstance(value, str) and len(value) == HASH_HEX
+            and all(c in "0123456789abcdef" for c in value)):
+        raise ValueError(f"prev must be {HASH_HEX} lowercase hex digits: {value!r}")
