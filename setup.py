@@ -10,7 +10,7 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-NATIVE_MODULES = ["_bitset_c", "_strict_c", "_request_c", "_verify_c", "_chain_c"]
+NATIVE_MODULES = ["_bitset_c", "_strict_c", "_request_c", "_verify_c", "_chain_c", "_check_c"]
 _TRUE = {"1", "true", "yes", "on"}
 
 

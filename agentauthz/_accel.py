@@ -39,21 +39,25 @@ class HotPath(NamedTuple):
     bitset_module: ModuleType
     scan_check_request: Callable[[bytes], Any]
     Chain: type
+    DecisionIds: type
+    WarmAllow: type
 
 
 def pure() -> HotPath:
-    from . import _bitset_py, _chain_py, _request_py, _verify_py
+    from . import _bitset_py, _chain_py, _check_py, _request_py, _verify_py
     return HotPath("pure", _verify_py.Verifier, _verify_py.VerifiedToken, _verify_py.RevocationIndex,
                    _verify_py.Grant, _verify_py.compile_grant, _verify_py.b64url_decode,
-                   _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain)
+                   _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain,
+                   _check_py.DecisionIds, _check_py.WarmAllow)
 
 
 def native() -> HotPath:
     """The Cython twins; raises ImportError when they were not built."""
-    from . import _bitset_c, _chain_c, _request_c, _verify_c  # type: ignore[attr-defined]
+    from . import _bitset_c, _chain_c, _check_c, _request_c, _verify_c  # type: ignore[attr-defined]
     return HotPath("native", _verify_c.Verifier, _verify_c.VerifiedToken, _verify_c.RevocationIndex,
                    _verify_c.Grant, _verify_c.compile_grant, _verify_c.b64url_decode,
-                   _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain)
+                   _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain,
+                   _check_c.DecisionIds, _check_c.WarmAllow)
 
 
 def _select() -> tuple[HotPath, str | None]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import collections
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from . import _accel, _request_py, reasons
+from ._check_py import DECISION_ID_CHARS
 from ._request_py import Fields
 from .audit_records import prepare
 from .budgets import retry_after
@@ -41,7 +41,6 @@ SERVICE = "envoy.service.auth.v3.Authorization"
 HEADER_AGENT = "x-agentauthz-agent"
 HEADER_TASK = "x-agentauthz-task"
 HEADER_TOKEN_ID = "x-agentauthz-token-id"
-_DECISION_ID_CHARS = 16
 PREPARED_MAX = 4096
 
 def http_status_for(reason: str) -> int:
@@ -117,24 +116,14 @@ def allowed_response(agent: str, task: str, token_id: str) -> bytes:
     return response.SerializeToString()
 
 
-class DecisionIds:
-    """Fixed-width, unique-per-process decision ids, spliced into pre-built metadata bytes."""
-
-    def __init__(self) -> None:
-        self._prefix = os.urandom(3).hex()  # tells worker processes apart
-        self._counter = itertools.count(1)
-        placeholder = "#" * _DECISION_ID_CHARS
-        field = ext_authz.CheckResponse(dynamic_metadata=struct_pb2.Struct(
-            fields={"decision_id": struct_pb2.Value(string_value=placeholder)})).SerializeToString()
-        at = field.index(placeholder.encode())
-        self._head, self._tail = field[:at], field[at + _DECISION_ID_CHARS:]
-
-    def next(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFF:010x}"
-
-    def metadata(self, decision_id: str) -> bytes:
-        """``dynamic_metadata`` as a serialized CheckResponse field; protobuf merges concatenations."""
-        return self._head + decision_id.encode("ascii") + self._tail
+def decision_ids(hot: _accel.HotPath) -> Any:
+    """A new process's decision ids (``hot.DecisionIds``), echoed to Envoy as ``dynamic_metadata``."""
+    placeholder = "#" * DECISION_ID_CHARS
+    field = ext_authz.CheckResponse(dynamic_metadata=struct_pb2.Struct(
+        fields={"decision_id": struct_pb2.Value(string_value=placeholder)})).SerializeToString()
+    at = field.index(placeholder.encode())
+    # The random prefix tells worker processes apart.
+    return hot.DecisionIds(os.urandom(3).hex(), field[:at], field[at + DECISION_ID_CHARS:])
 
 
 def bearer_token(value: str | None) -> str | None:
@@ -188,23 +177,35 @@ class CheckService:
 
     ``verifiers`` maps each trust boundary (token audience) to its own verifier,
     the default boundary first; a route names its boundary in the ``boundary``
-    context extension.
+    context extension. The common allow is answered by ``hot.WarmAllow`` in one
+    call; ``check`` takes every other request, and that one's decision.
     """
 
     def __init__(self, verifiers: Mapping[str, Any], audit: Any, policy: Callable[[], Policy],
-                 clock: Callable[[], float] = time.time, budgets: Any = None) -> None:
+                 clock: Callable[[], float] = time.time, budgets: Any = None,
+                 hot: _accel.HotPath = _accel.ACTIVE) -> None:
         self._verifiers = dict(verifiers)
         self._default = next(iter(self._verifiers.items()))
         self._policy = policy
         self._thumbprints: dict[str, str] = {}  # forwarded certificate -> x5t#S256
         self._audit = audit
         self._clock = clock
-        self._ids = DecisionIds()
+        self._ids = decision_ids(hot)
         self._prepared: dict[tuple[Any, ...], str] = {}  # see _prepare
         self._denied: dict[str, bytes] = {}  # reason -> bytes, filled as reasons first occur
         self._budgets = budgets  # budgets.BudgetTable shared by every worker; None: budgeted grants deny
         self._retry_denied: dict[int, bytes] = {}  # Retry-After seconds -> rate_limited response
-        self.decisions: collections.Counter[str] = collections.Counter()  # reason -> count, for /metrics
+        # reason -> count, for /metrics (decision_counts): all but the allows _warm answers itself
+        self.decisions: collections.Counter[str] = collections.Counter()
+        self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
+                                   self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions)
+
+    def decision_counts(self) -> collections.Counter[str]:
+        """Check decisions by reason, for /metrics."""
+        counts = self.decisions.copy()
+        if self._warm.allowed:
+            counts[reasons.ALLOW] += self._warm.allowed
+        return counts
 
     def _deny_later(self, reason: str, seconds: float) -> bytes:
         """A denial with Retry-After (rate limits); one pre-built response per whole second."""
@@ -284,9 +285,12 @@ class CheckService:
         return reasons.ALLOW if thumbprint == bound else reasons.TOKEN_BINDING
 
     async def check(self, fields: Fields | None, context: Any) -> bytes:
-        decision_id = self._ids.next()
         if fields is None:  # not a CheckRequest (see parse_check_request): nothing to decide on
-            return self._undecodable(decision_id)
+            return self._undecodable(self._ids.next())
+        decided = self._warm(fields)  # the common allow, answered; else its decision, if it made one
+        if decided.__class__ is bytes:
+            return decided  # type: ignore[no-any-return]
+        decision_id = self._ids.next()
         authorization, request_id, method, path, extensions, principal, certificate, message = fields
         token = bearer_token(authorization)
         policy = self._policy()
@@ -312,7 +316,8 @@ class CheckService:
         elif verifier is None:
             reason, entry = reasons.BOUNDARY_UNKNOWN, None
         else:
-            reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
+            reason, entry = decided or verifier.decide(token, tool, target, operation, sensitivity,
+                                                       self._clock())
             if entry is not None:
                 binding = policy.boundary(boundary)
                 # With no peer reported and no binding required, every token passes _peer_reason.

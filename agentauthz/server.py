@@ -90,7 +90,7 @@ class Metrics:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
         decisions = CounterMetricFamily("agentauthz_check_decisions", "Check decisions by reason",
                                         labels=["reason"])
-        for reason, count in sorted(self._check.decisions.items()):
+        for reason, count in sorted(self._check.decision_counts().items()):
             decisions.add_metric([reason], count)
         yield decisions
         if self._front is not None:

@@ -1,0 +1,107 @@
+"""The common Check in one call: the pure-Python twin of ``native/_check_c.pyx``.
+
+``WarmAllow`` answers the request most Checks are: a bearer token, a route
+naming tool, target, operation and sensitivity, no peer to match, no MCP body,
+an unconstrained token whose allow this service has recorded before. It
+decides, writes the allow's audit record and returns the response bytes.
+Anything else it hands to ``CheckService``'s full path, with the decision if it
+made one, so no request is decided twice. It must never answer what the full
+path would answer differently (``tests/test_warm_allow.py`` holds both to that).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from . import reasons
+from .errors import AuditUnavailable
+from .mcp import EXTENSION
+
+DECISION_ID_CHARS = 16  # a 6-hex-digit process prefix and a 10-hex-digit counter
+
+
+class DecisionIds:
+    """Fixed-width, unique-per-process decision ids, spliced into pre-built metadata bytes.
+
+    ``head`` and ``tail`` are a serialized CheckResponse ``dynamic_metadata`` field around the id
+    (``extauthz.DecisionIds``); protobuf merges concatenated fields into one message.
+    """
+
+    def __init__(self, prefix: str, head: bytes, tail: bytes) -> None:
+        if len(prefix) != 6 or not prefix.isascii() or not all(c in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"a decision id prefix is 6 lowercase hex digits: {prefix!r}")
+        self._prefix, self._head, self._tail = prefix, head, tail
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFF:010x}"
+
+    def metadata(self, decision_id: str) -> bytes:
+        """``dynamic_metadata`` naming ``decision_id``, as serialized CheckResponse bytes."""
+        return self._head + decision_id.encode("ascii") + self._tail
+
+
+class WarmAllow:
+    """See the module docstring. ``__call__`` returns the response bytes, or ``(reason, entry)``
+    when it decided but the full path must answer, or None when it did not decide."""
+
+    def __init__(self, verifiers: Mapping[str, Any], policy: Callable[[], Any], audit: Any,
+                 ids: DecisionIds, prepared: Mapping[tuple[Any, ...], str], clock: Callable[[], float],
+                 unrecorded: bytes, decisions: Any) -> None:
+        self._verifiers = dict(verifiers)
+        self._default, self._default_verifier = next(iter(self._verifiers.items()))
+        self._policy = policy
+        self._policy_seen: Any = None
+        self._binding: frozenset[str] = frozenset()  # boundaries of _policy_seen that require binding
+        self._audit, self._ids, self._prepared, self._clock = audit, ids, prepared, clock
+        self._unrecorded = unrecorded  # the audit_unavailable denial, without its decision id
+        self._decisions = decisions  # reason -> count (a Counter), for the rare outcomes
+        self.allowed = 0  # the allows answered here; the full path counts its own
+
+    def __call__(self, fields: tuple[Any, ...]) -> bytes | tuple[str, Any] | None:
+        authorization, request_id, _, _, extensions, principal, certificate, _ = fields
+        # A peer to match against the token, or an MCP body to read: only the full path does that.
+        if principal or certificate or EXTENSION in extensions:
+            return None
+        if authorization is None or authorization[:7] not in ("Bearer ", "bearer "):
+            return None
+        token = authorization[7:]
+        if not token or " " in token:
+            return None
+        tool = extensions.get("tool")
+        target = extensions.get("target")
+        operation = extensions.get("operation")
+        sensitivity = extensions.get("sensitivity")
+        if tool is None or target is None or not operation or not sensitivity:
+            return None  # the policy's request defaults fill in the rest: the full path
+        boundary = extensions.get("boundary")
+        if boundary:
+            verifier = self._verifiers.get(boundary)
+            if verifier is None:
+                return None
+        else:
+            boundary, verifier = self._default, self._default_verifier
+        policy = self._policy()
+        if policy is not self._policy_seen:
+            self._binding = frozenset(name for name, b in policy.boundaries.items()
+                                      if b.require_certificate_binding)
+            self._policy_seen = policy
+        if boundary in self._binding:
+            return None  # a token bound to no certificate needs a peer here: the full path says so
+        reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
+        if entry is None or entry.constrained or entry.attachment is None or not self._audit.healthy:
+            return reason, entry
+        prepared = self._prepared.get((reason, entry.jti, tool, target, operation, sensitivity))
+        if prepared is None:
+            return reason, entry
+        decision_id = self._ids.next()
+        try:
+            if not self._audit.write_allow(decision_id, request_id, prepared):
+                return reason, entry  # the full path waits for the writer (record_check_durable)
+        except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
+            self._decisions[reasons.AUDIT_UNAVAILABLE] += 1
+            return self._unrecorded + self._ids.metadata(decision_id)
+        self.allowed += 1
+        return entry.attachment + self._ids.metadata(decision_id)  # type: ignore[no-any-return]

@@ -1,0 +1,166 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""The common Check in one call: the native twin of ``agentauthz/_check_py.py``.
+
+Under load each Python step of a Check ran on cold caches and cost several
+times its isolated price; the glue around the decision and the record (the
+bearer, the route's fields, the decision id, the prepared record, the
+response) was a third of the Check. Here it is C, around two calls: the
+verifier's decision and the audit log's ``write_allow``.
+"""
+
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from cpython.unicode cimport PyUnicode_GET_LENGTH
+
+cdef extern from "Python.h":
+    const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
+from libc.string cimport memcpy
+
+from agentauthz._verify_c cimport VerifiedToken
+
+from agentauthz import reasons
+from agentauthz.errors import AuditUnavailable
+from agentauthz.mcp import EXTENSION
+
+cdef enum:
+    ID_CHARS = 16  # a 6-hex-digit process prefix and a 10-hex-digit counter
+DECISION_ID_CHARS = ID_CHARS
+
+cdef const char *_HEX = b"0123456789abcdef"
+cdef str _AUDIT_UNAVAILABLE = reasons.AUDIT_UNAVAILABLE
+cdef str _EXTENSION = EXTENSION
+
+
+cdef class DecisionIds:
+    """Fixed-width, unique-per-process decision ids, spliced into pre-built metadata bytes.
+
+    ``head`` and ``tail`` are a serialized CheckResponse ``dynamic_metadata`` field around the id
+    (``extauthz.DecisionIds``); protobuf merges concatenated fields into one message.
+    """
+
+    cdef char _text[ID_CHARS]  # the prefix, then the counter's hex digits
+    cdef bytes _head, _tail
+    cdef unsigned long long _counter
+
+    def __init__(self, str prefix not None, bytes head not None, bytes tail not None):
+        if len(prefix) != 6 or not prefix.isascii() or not all(c in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"a decision id prefix is 6 lowercase hex digits: {prefix!r}")
+        memcpy(self._text, PyBytes_AS_STRING(prefix.encode("ascii")), 6)
+        self._head, self._tail = head, tail
+        self._counter = 0
+
+    cdef void _advance(self) noexcept:
+        cdef unsigned long long n
+        cdef int i
+        self._counter += 1
+        n = self._counter & 0xFFFFFFFFFF
+        for i in range(ID_CHARS - 1, 5, -1):
+            self._text[i] = _HEX[n & 15]
+            n >>= 4
+
+    def next(self):
+        self._advance()
+        return self._text[:ID_CHARS].decode("ascii")
+
+    def metadata(self, str decision_id not None):
+        """``dynamic_metadata`` naming ``decision_id``, as serialized CheckResponse bytes."""
+        return self._head + decision_id.encode("ascii") + self._tail
+
+    cdef bytes _response(self, bytes body, str decision_id):
+        """``body`` and the metadata naming ``decision_id`` (one of ours), in one allocation."""
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(body), id_size
+        cdef const char *id_text = PyUnicode_AsUTF8AndSize(decision_id, &id_size)
+        if id_size != ID_CHARS:
+            raise ValueError(f"not a decision id: {decision_id!r}")
+        cdef Py_ssize_t head = PyBytes_GET_SIZE(self._head), tail = PyBytes_GET_SIZE(self._tail)
+        out = PyBytes_FromStringAndSize(NULL, size + head + ID_CHARS + tail)
+        cdef char *at = PyBytes_AS_STRING(out)
+        memcpy(at, PyBytes_AS_STRING(body), size)
+        at += size
+        memcpy(at, PyBytes_AS_STRING(self._head), head)
+        at += head
+        memcpy(at, id_text, ID_CHARS)
+        memcpy(at + ID_CHARS, PyBytes_AS_STRING(self._tail), tail)
+        return out
+
+
+cdef class WarmAllow:
+    """See the module docstring. ``__call__`` returns the response bytes, or ``(reason, entry)``
+    when it decided but the full path must answer, or None when it did not decide."""
+
+    cdef dict _verifiers
+    cdef str _default
+    cdef object _default_verifier
+    cdef object _policy, _policy_seen
+    cdef frozenset _binding  # boundaries of _policy_seen that require binding
+    cdef object _audit, _write_allow, _clock
+    cdef DecisionIds _ids
+    cdef dict _prepared
+    cdef bytes _unrecorded  # the audit_unavailable denial, without its decision id
+    cdef object _decisions  # reason -> count (a Counter), for the rare outcomes
+    cdef readonly unsigned long long allowed  # the allows answered here; the full path counts its own
+
+    def __init__(self, verifiers, policy, audit, DecisionIds ids not None, dict prepared not None,
+                 clock, bytes unrecorded not None, decisions):
+        self._verifiers = dict(verifiers)
+        self._default, self._default_verifier = next(iter(self._verifiers.items()))
+        self._policy = policy
+        self._policy_seen = None
+        self._binding = frozenset()
+        self._audit, self._write_allow, self._clock = audit, audit.write_allow, clock
+        self._ids, self._prepared = ids, prepared
+        self._unrecorded, self._decisions = unrecorded, decisions
+        self.allowed = 0
+
+    def __call__(self, tuple fields not None):
+        cdef str authorization = fields[0]
+        cdef dict extensions = fields[4]
+        cdef str token, boundary
+        cdef VerifiedToken entry
+        if fields[5] or fields[6] or _EXTENSION in extensions:
+            return None  # a peer to match, or an MCP body to read: only the full path does that
+        if authorization is None or PyUnicode_GET_LENGTH(authorization) < 8 or not (
+                authorization.startswith("Bearer ") or authorization.startswith("bearer ")):
+            return None
+        token = authorization[7:]
+        if " " in token:
+            return None
+        tool = extensions.get("tool")
+        target = extensions.get("target")
+        operation = extensions.get("operation")
+        sensitivity = extensions.get("sensitivity")
+        if tool is None or target is None or not operation or not sensitivity:
+            return None  # the policy's request defaults fill in the rest: the full path
+        boundary = extensions.get("boundary")
+        if boundary:
+            verifier = self._verifiers.get(boundary)
+            if verifier is None:
+                return None
+        else:
+            boundary, verifier = self._default, self._default_verifier
+        policy = self._policy()
+        if policy is not self._policy_seen:
+            self._binding = frozenset([name for name, b in policy.boundaries.items()
+                                       if b.require_certificate_binding])
+            self._policy_seen = policy
+        if boundary in self._binding:
+            return None  # a token bound to no certificate needs a peer here: the full path says so
+        decided = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
+        found = (<tuple?>decided)[1]
+        if found is None or type(found) is not VerifiedToken:  # a denial, or the pure twin's token
+            return decided
+        entry = <VerifiedToken>found
+        if entry.constrained or entry.attachment is None or not self._audit.healthy:
+            return decided
+        prepared = self._prepared.get(((<tuple>decided)[0], entry.jti, tool, target, operation, sensitivity))
+        if prepared is None:
+            return decided
+        self._ids._advance()
+        decision_id = self._ids._text[:ID_CHARS].decode("ascii")
+        try:
+            if not self._write_allow(decision_id, fields[1], prepared):
+                return decided  # the full path waits for the writer (record_check_durable)
+        except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
+            self._decisions[_AUDIT_UNAVAILABLE] += 1
+            return self._ids._response(self._unrecorded, decision_id)
+        self.allowed += 1
+        return self._ids._response(<bytes?>entry.attachment, decision_id)

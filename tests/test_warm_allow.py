@@ -1,0 +1,253 @@
+"""The warm allow (``_check_c`` / ``_check_py``) answers only what the full Check path would, alike.
+
+A service with the warm path and one without it (``_warm`` declining everything) get the same
+requests on one real Authority: every answer, and the audit record of every decision, must be the
+same but for the decision id. The warm path must decide each request at most once, and must
+answer the plain warm allow itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import re
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+from google.protobuf import json_format
+from processes import audit_records
+from support import Forge, make_verifier, native_or_fail
+
+from agentauthz import _accel, extauthz, reasons, tokens
+from agentauthz.audit import AuditLog
+from agentauthz.authority import Authority
+from agentauthz.config import Config
+from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.policy import DEV_POLICY, Policy
+
+ALPHA = "spiffe://dev.local/agent/alpha"
+POLICY = """
+  - id: warm-read-file
+    agents: ["spiffe://dev.local/agent/*"]
+    tool: read_file
+    targets: [files]
+    operations: [call]
+    arguments:
+      - {name: path, prefix: /srv, required: true}
+  - id: warm-metered
+    agents: ["spiffe://dev.local/agent/*"]
+    tool: metered
+    targets: ["*"]
+    operations: [read]
+    budget: {max_calls: 1000}
+boundaries:
+  data: {require_certificate_binding: true}
+"""
+
+
+class CountingVerifier:
+    """A real verifier that counts its decisions."""
+
+    def __init__(self, verifier: Any) -> None:
+        self.verifier, self.decided = verifier, 0
+
+    def decide(self, *args: Any) -> Any:
+        self.decided += 1
+        return self.verifier.decide(*args)
+
+    def verify(self, *args: Any) -> Any:
+        return self.verifier.verify(*args)
+
+
+class Declines:
+    """A warm path that takes nothing."""
+
+    allowed = 0
+
+    def __call__(self, fields: Any) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Authority, dict[str, str], str]]:
+    work = tmp_path_factory.mktemp("warm")
+    policy = work / "policy.yaml"
+    policy.write_text(DEV_POLICY.read_text() + POLICY)
+    a = Authority(Config(state_dir=work / "state", policy_file=policy, audiences=("tools", "data"),
+                         revocation_capacity=1 << 12, budget_capacity=1 << 8))
+    a.start()
+    grant = tokens.grant
+    minted = {
+        "plain": a.mint(ALPHA, "t1", [grant("demo", "*", ["read"], "internal")]).token,
+        "constrained": a.mint(ALPHA, "t2", [grant("read_file", "files", ["call"])]).token,
+        "metered": a.mint(ALPHA, "t5", [grant("metered", "*", ["read"])]).token,
+        "data": a.mint(ALPHA, "t3", [grant("demo", "*", ["read"], "internal")], audience="data").token,
+    }
+    revoked = a.mint(ALPHA, "t4", [grant("demo", "*", ["read"])])
+    a.revoke_token(ALPHA, revoked.token_id)
+    minted["revoked"] = revoked.token
+    pki = ensure_dev_pki(work / "state")
+    certificate = urllib.parse.quote((issue_svid(pki, ALPHA, work / "alpha") / "svid.pem").read_text())
+    try:
+        yield a, minted, certificate
+    finally:
+        a.stop()
+
+
+def request(authorization: str | None, extensions: dict[str, str] | None = None, *, method: str = "GET",
+            path: str = "/demo/reports", principal: str = "", certificate: str = "", body: str = "",
+            request_id: str = "req-1") -> bytes:
+    headers = {"authorization": authorization} if authorization is not None else {}
+    if body:
+        headers["content-type"] = "application/json"
+    if extensions is None:
+        extensions = {"tool": "demo", "target": "reports", "operation": "read", "sensitivity": "internal"}
+    return ext_authz.CheckRequest(attributes=attrs.AttributeContext(
+        source=attrs.AttributeContext.Peer(principal=principal, certificate=certificate),
+        request=attrs.AttributeContext.Request(http=attrs.AttributeContext.HttpRequest(
+            id=request_id, method=method, path=path, headers=headers, body=body)),
+        context_extensions=extensions)).SerializeToString()
+
+
+def route(tool: str = "demo", target: str = "r", operation: str = "read", sensitivity: str = "internal",
+          **more: str) -> dict[str, str]:
+    return {"tool": tool, "target": target, "operation": operation, "sensitivity": sensitivity, **more}
+
+
+def cases(minted: dict[str, str], certificate: str) -> dict[str, bytes]:
+    plain, data, constrained = (f"Bearer {minted[name]}" for name in ("plain", "data", "constrained"))
+    mcp = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                      "params": {"name": "read_file", "arguments": {"path": "/srv/a"}}})
+    return {
+        "warm allow": request(plain),
+        "lowercase scheme": request(f"bearer {minted['plain']}"),
+        "uppercase scheme": request(f"BEARER {minted['plain']}"),
+        "scope denied": request(plain, route(operation="write")),
+        "too sensitive": request(plain, route(sensitivity="confidential")),
+        "revoked": request(f"Bearer {minted['revoked']}"),
+        "malformed": request("Bearer abc.def.ghi"),
+        "two tokens": request(f"{plain} {minted['plain']}"),
+        "no token": request(None),
+        "other scheme": request(f"Basic {minted['plain']}"),
+        "route defaults": request(plain, {}),
+        "empty operation": request(plain, route(operation="")),
+        "unknown boundary": request(plain, route(boundary="nowhere")),
+        "other boundary's token": request(data),
+        "binding boundary": request(data, route(boundary="data")),
+        "binding boundary, peer": request(data, route(boundary="data"), principal=ALPHA,
+                                          certificate=certificate),
+        "peer is the subject": request(plain, principal=ALPHA),
+        "peer is another": request(plain, principal="spiffe://dev.local/agent/mallory"),
+        "constrained": request(constrained, route("read_file", "files", "call", "public")),
+        "metered": request(f"Bearer {minted['metered']}", route("metered", "m", "read", "public")),
+        "mcp route": request(constrained, {"target": "files", "mcp": "true"},
+                             method="POST", path="/mcp", body=mcp),
+        "request id with a token": request(plain, request_id=f"id-{minted['plain']}"),
+    }
+
+
+def answer(raw: bytes) -> tuple[dict[str, Any], str]:
+    """The CheckResponse as a dict without its decision id, and the decision id."""
+    response = json_format.MessageToDict(ext_authz.CheckResponse.FromString(raw))
+    decision_id = response.pop("dynamicMetadata")["decision_id"]
+    assert re.fullmatch(r"[0-9a-f]{16}", decision_id)
+    return response, decision_id
+
+
+def record(records: dict[str, dict[str, Any]], decision_id: str) -> dict[str, Any]:
+    found = dict(records[decision_id])
+    for key in ("seq", "prev", "ts", "decision_id"):
+        del found[key]
+    return found
+
+
+@pytest.mark.parametrize("twin", ["native", "pure"])
+def test_the_warm_path_answers_and_records_what_the_full_path_would(
+        authority: tuple[Authority, dict[str, str], str], twin: str) -> None:
+    a, minted, certificate = authority
+    if twin == "native" and not _accel.NATIVE:
+        pytest.skip("the daemon runs the pure twin (AGENTAUTHZ_NO_EXTENSIONS): its tokens are pure")
+    hot = native_or_fail() if twin == "native" else _accel.pure()
+    counting = {name: CountingVerifier(v) for name, v in a.verifiers.items()}
+    warm = extauthz.CheckService(counting, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
+    full = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
+    full._warm = Declines()  # the full path alone
+    loop = asyncio.new_event_loop()
+    seen: dict[str, tuple[str, str]] = {}
+    try:
+        for _ in range(3):  # the first allow of a token builds what the next ones reuse
+            for name, raw in cases(minted, certificate).items():
+                fields = extauthz.parse_check_request(raw)
+                before = sum(v.decided for v in counting.values())
+                got, got_id = answer(loop.run_until_complete(warm.check(fields, None)))
+                assert sum(v.decided for v in counting.values()) - before <= 1, f"{name}: decided twice"
+                want, want_id = answer(loop.run_until_complete(full.check(fields, None)))
+                assert got == want, name
+                seen[name] = (got_id, want_id)
+    finally:
+        loop.close()
+    # A token with a budget or argument constraints is charged and checked by the full path only,
+    # even for a request already allowed (the warm path would find its record prepared).
+    metered = extauthz.parse_check_request(cases(minted, certificate)["metered"])
+    assert warm._warm(metered)[0] == reasons.ALLOW and warm._warm(metered).__class__ is tuple
+    assert a.audit.flush()
+    records = {r["decision_id"]: r for r in audit_records(a.config.state_dir / "audit")
+               if r["kind"] == "check"}
+    for name, (got_id, want_id) in seen.items():
+        assert record(records, got_id) == record(records, want_id), name
+    assert records[seen["warm allow"][0]]["reason"] == reasons.ALLOW
+    assert "eyJ" not in str(records[seen["request id with a token"][0]])
+    # The plain allows (three cases, three rounds) were answered by the warm path itself but the
+    # very first, which built the response and record they reuse; they are counted with the rest.
+    assert warm._warm.allowed == 3 * 3 - 1
+    counts = warm.decision_counts()
+    assert counts[reasons.ALLOW] == full.decision_counts()[reasons.ALLOW]
+    assert counts[reasons.SCOPE_DENIED] == 3 and warm.decisions[reasons.ALLOW] < counts[reasons.ALLOW]
+
+
+@pytest.mark.parametrize("twin", ["native", "pure"])
+def test_decision_ids_are_unique_and_echoed_in_the_metadata(twin: str) -> None:
+    hot = native_or_fail() if twin == "native" else _accel.pure()
+    ids = extauthz.decision_ids(hot)
+    made = [ids.next() for _ in range(1000)]
+    assert len(set(made)) == 1000 and len({d[:6] for d in made}) == 1
+    assert all(re.fullmatch(r"[0-9a-f]{16}", d) for d in made)
+    assert int(made[-1][6:], 16) == int(made[0][6:], 16) + 999
+    response = ext_authz.CheckResponse.FromString(ids.metadata(made[7]))
+    assert response.dynamic_metadata.fields["decision_id"].string_value == made[7]
+    for bad in ("", "abc", "ABCDEF", "abcdeg", "abcdef0"):
+        with pytest.raises(ValueError):
+            hot.DecisionIds(bad, b"", b"")
+
+
+def test_twins_tell_processes_apart_and_count_alike() -> None:
+    native, pure = native_or_fail(), _accel.pure()
+    a, b = (hot.DecisionIds("0a1b2c", b"<", b">") for hot in (native, pure))
+    assert [a.next() for _ in range(3)] == [b.next() for _ in range(3)] == [
+        "0a1b2c0000000001", "0a1b2c0000000002", "0a1b2c0000000003"]
+    assert a.metadata("0a1b2c0000000003") == b.metadata("0a1b2c0000000003") == b"<0a1b2c0000000003>"
+
+
+def test_the_native_warm_path_leaves_a_pure_twins_token_to_the_full_path(tmp_path: Path) -> None:
+    """Mixed twins never meet in the daemon; if they did, the native path must decline, not crash."""
+    forge = Forge()
+    pure_verifier = make_verifier(_accel.pure(), forge)
+    audit = AuditLog.open(tmp_path / "audit")
+    audit.start()
+    try:
+        native = native_or_fail()
+        policy = Policy.load(DEV_POLICY)
+        ids = extauthz.decision_ids(native)
+        warm = native.WarmAllow({"tools": pure_verifier}, lambda: policy, audit, ids, {}, time.time, b"",
+                                collections.Counter())
+        fields = extauthz.parse_check_request(request(f"Bearer {forge.token()}", route(sensitivity="public")))
+        decided = warm(fields)
+        assert decided.__class__ is tuple and decided[0] == reasons.ALLOW and warm.allowed == 0
+    finally:
+        audit.stop()
