@@ -91,7 +91,8 @@ class WarmAllow:
         if boundary in self._binding:
             return None  # a token bound to no certificate needs a peer here: the full path says so
         reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
-        if entry is None or entry.constrained or entry.attachment is None or not self._audit.healthy:
+        body = entry.attachment if entry is not None else None  # built by the full path the first time
+        if body.__class__ is not bytes or entry.constrained or not self._audit.healthy:
             return reason, entry
         prepared = self._prepared.get((reason, entry.jti, tool, target, operation, sensitivity))
         if prepared is None:
@@ -104,4 +105,4 @@ class WarmAllow:
             self._decisions[reasons.AUDIT_UNAVAILABLE] += 1
             return self._unrecorded + self._ids.metadata(decision_id)
         self.allowed += 1
-        return entry.attachment + self._ids.metadata(decision_id)  # type: ignore[no-any-return]
+        return body + self._ids.metadata(decision_id)  # type: ignore[no-any-return]

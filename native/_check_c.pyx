@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False
+# cython: language_level=3
 """The common Check in one call: the native twin of ``agentauthz/_check_py.py``.
 
 Under load each Python step of a Check ran on cold caches and cost several
@@ -112,10 +112,13 @@ cdef class WarmAllow:
         self.allowed = 0
 
     def __call__(self, tuple fields not None):
-        cdef str authorization = fields[0]
-        cdef dict extensions = fields[4]
+        cdef str authorization
+        cdef dict extensions
         cdef str token, boundary
         cdef VerifiedToken entry
+        if len(fields) != 8:
+            raise ValueError(f"not a CheckRequest's fields: {len(fields)} items")
+        authorization, extensions = fields[0], fields[4]
         if fields[5] or fields[6] or _EXTENSION in extensions:
             return None  # a peer to match, or an MCP body to read: only the full path does that
         if authorization is None or PyUnicode_GET_LENGTH(authorization) < 8 or not (
@@ -149,7 +152,8 @@ cdef class WarmAllow:
         if found is None or type(found) is not VerifiedToken:  # a denial, or the pure twin's token
             return decided
         entry = <VerifiedToken>found
-        if entry.constrained or entry.attachment is None or not self._audit.healthy:
+        body = entry.attachment  # the allow's response, built by the full path the first time
+        if entry.constrained or type(body) is not bytes or not self._audit.healthy:
             return decided
         prepared = self._prepared.get(((<tuple>decided)[0], entry.jti, tool, target, operation, sensitivity))
         if prepared is None:
@@ -163,4 +167,4 @@ cdef class WarmAllow:
             self._decisions[_AUDIT_UNAVAILABLE] += 1
             return self._ids._response(self._unrecorded, decision_id)
         self.allowed += 1
-        return self._ids._response(<bytes?>entry.attachment, decision_id)
+        return self._ids._response(<bytes>body, decision_id)
