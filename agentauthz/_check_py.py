@@ -55,7 +55,7 @@ class WarmAllow:
         self._policy = policy
         self._policy_seen: Any = None
         self._binding: frozenset[str] = frozenset()  # boundaries of _policy_seen that require binding
-        self._audit, self._ids, self._prepared, self._clock = audit, ids, prepared, clock
+        self._write_allow, self._ids, self._prepared, self._clock = audit.write_allow, ids, prepared, clock
         self._unrecorded = unrecorded  # the audit_unavailable denial, without its decision id
         self._decisions = decisions  # reason -> count (a Counter), for the rare outcomes
         self.allowed = 0  # the allows answered here; the full path counts its own
@@ -90,16 +90,18 @@ class WarmAllow:
             self._policy_seen = policy
         if boundary in self._binding:
             return None  # a token bound to no certificate needs a peer here: the full path says so
-        reason, entry = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
+        now = self._clock()
+        reason, entry = verifier.decide(token, tool, target, operation, sensitivity, now)
         body = entry.attachment if entry is not None else None  # built by the full path the first time
-        if body.__class__ is not bytes or entry.constrained or not self._audit.healthy:
+        if body.__class__ is not bytes or entry.constrained:
             return reason, entry
         prepared = self._prepared.get((reason, entry.jti, tool, target, operation, sensitivity))
         if prepared is None:
             return reason, entry
         decision_id = self._ids.next()
         try:
-            if not self._audit.write_allow(decision_id, request_id, prepared):
+            # Declined when the log is not healthy too: the full path then answers audit_unavailable.
+            if not self._write_allow(decision_id, request_id, prepared, now):
                 return reason, entry  # the full path waits for the writer (record_check_durable)
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[reasons.AUDIT_UNAVAILABLE] += 1

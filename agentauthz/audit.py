@@ -243,26 +243,29 @@ class AuditLog:
         """``record("check", ...)`` for members made by ``prepare``, plus the two per-call ids."""
         return self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, None))
 
-    def write_allow(self, decision_id: str, request_id: str, prepared: str) -> bool:
-        """Write an allow's record to the log file now, on the caller's thread; True once written.
+    def write_allow(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
+        """Write an allow's record (at ``ts``, else now) to the log file now, on the caller's thread;
+        True once written.
 
         The fast path of an allow: no queue, no thread hand-off, no future (each cost more than the
         Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
         next batch, within a flush interval, fsyncs it and signs a checkpoint. False, with nothing
         recorded, when it cannot be done at once (records queued ahead of it, a batch in flight, a
-        failing disk, no file open yet or this one full): the caller then takes ``record_check_durable``.
+        failing disk, no writer running, no file open yet or this one full): the caller then takes
+        ``record_check_durable``, or answers audit_unavailable when the log is not ``healthy``.
         A write that fails is withdrawn and raises ``AuditUnavailable``.
         """
         # Inline but for the record, which is one native call (_chain_c): this runs for every allow,
         # and under load each Python step here cost several times its isolated price.
-        if not self._ok or self._closed or self._q or self._out is not None or self._out_cp \
-                or not self._mutex.acquire(blocking=False):
+        if not self._ok or self._closed or self._thread is None or self._q or self._out is not None \
+                or self._out_cp or not self._mutex.acquire(blocking=False):
             return False
         try:
             if self._out is not None or self._out_cp or self._fd < 0 or self._fd_name != self._file:
                 return False  # the writer took a batch meanwhile, or a file is still to be opened
             try:
-                written = self._chain.append_check(self._fd, self._max_bytes - self._offset, self._clock(),
+                written = self._chain.append_check(self._fd, self._max_bytes - self._offset,
+                                                   self._clock() if ts is None else ts,
                                                    decision_id, request_id, prepared)
             except OSError as exc:  # linked, then undone: held, byte for byte, for the writer to retry
                 self._batches += 1

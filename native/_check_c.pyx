@@ -92,7 +92,7 @@ cdef class WarmAllow:
     cdef object _default_verifier
     cdef object _policy, _policy_seen
     cdef frozenset _binding  # boundaries of _policy_seen that require binding
-    cdef object _audit, _write_allow, _clock
+    cdef object _write_allow, _clock
     cdef DecisionIds _ids
     cdef dict _prepared
     cdef bytes _unrecorded  # the audit_unavailable denial, without its decision id
@@ -106,7 +106,7 @@ cdef class WarmAllow:
         self._policy = policy
         self._policy_seen = None
         self._binding = frozenset()
-        self._audit, self._write_allow, self._clock = audit, audit.write_allow, clock
+        self._write_allow, self._clock = audit.write_allow, clock
         self._ids, self._prepared = ids, prepared
         self._unrecorded, self._decisions = unrecorded, decisions
         self.allowed = 0
@@ -147,13 +147,14 @@ cdef class WarmAllow:
             self._policy_seen = policy
         if boundary in self._binding:
             return None  # a token bound to no certificate needs a peer here: the full path says so
-        decided = verifier.decide(token, tool, target, operation, sensitivity, self._clock())
+        now = self._clock()
+        decided = verifier.decide(token, tool, target, operation, sensitivity, now)
         found = (<tuple?>decided)[1]
         if found is None or type(found) is not VerifiedToken:  # a denial, or the pure twin's token
             return decided
         entry = <VerifiedToken>found
         body = entry.attachment  # the allow's response, built by the full path the first time
-        if entry.constrained or type(body) is not bytes or not self._audit.healthy:
+        if entry.constrained or type(body) is not bytes:
             return decided
         prepared = self._prepared.get(((<tuple>decided)[0], entry.jti, tool, target, operation, sensitivity))
         if prepared is None:
@@ -161,7 +162,8 @@ cdef class WarmAllow:
         self._ids._advance()
         decision_id = self._ids._text[:ID_CHARS].decode("ascii")
         try:
-            if not self._write_allow(decision_id, fields[1], prepared):
+            # Declined when the log is not healthy too: the full path then answers audit_unavailable.
+            if not self._write_allow(decision_id, fields[1], prepared, now):
                 return decided  # the full path waits for the writer (record_check_durable)
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[_AUDIT_UNAVAILABLE] += 1

@@ -251,3 +251,28 @@ def test_the_native_warm_path_leaves_a_pure_twins_token_to_the_full_path(tmp_pat
         assert decided.__class__ is tuple and decided[0] == reasons.ALLOW and warm.allowed == 0
     finally:
         audit.stop()
+
+
+@pytest.mark.parametrize("twin", ["native", "pure"])
+def test_an_allow_is_not_answered_warm_once_the_audit_log_cannot_take_it(
+        authority: tuple[Authority, dict[str, str], str], twin: str, tmp_path: Path) -> None:
+    a, minted, _ = authority
+    if twin == "native" and not _accel.NATIVE:
+        pytest.skip("the daemon runs the pure twin (AGENTAUTHZ_NO_EXTENSIONS): its tokens are pure")
+    hot = native_or_fail() if twin == "native" else _accel.pure()
+    log = AuditLog.open(tmp_path / "audit", flush_interval=0.01)
+    log.start()
+    service = extauthz.CheckService(a.verifiers, log, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
+    fields = extauthz.parse_check_request(request(f"Bearer {minted['plain']}"))
+    loop = asyncio.new_event_loop()
+    try:
+        assert log.flush()  # the writer has a file open: allows can be written at once
+        for _ in range(3):
+            assert "okResponse" in answer(loop.run_until_complete(service.check(fields, None)))[0]
+        assert service._warm.allowed == 2
+        log.stop()
+        refused, _ = answer(loop.run_until_complete(service.check(fields, None)))
+    finally:
+        loop.close()
+    assert refused["deniedResponse"]["status"]["code"] == "ServiceUnavailable"
+    assert refused["status"]["message"] == reasons.AUDIT_UNAVAILABLE and service._warm.allowed == 2
