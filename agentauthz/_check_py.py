@@ -49,7 +49,7 @@ class WarmAllow:
 
     def __init__(self, verifiers: Mapping[str, Any], policy: Callable[[], Any], audit: Any,
                  ids: DecisionIds, prepared: Mapping[tuple[Any, ...], str], clock: Callable[[], float],
-                 unrecorded: bytes, decisions: Any) -> None:
+                 unrecorded: bytes, decisions: Any, first_allow: Callable[..., str]) -> None:
         self._verifiers = dict(verifiers)
         self._default, self._default_verifier = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -59,6 +59,9 @@ class WarmAllow:
         self._unrecorded = unrecorded  # the audit_unavailable denial, without its decision id
         self._decisions = decisions  # reason -> count (a Counter), for the rare outcomes
         self.allowed = 0  # the allows answered here; the full path counts its own
+        # (entry, tool, target, operation, sensitivity) -> the record's shared members, after building
+        # them and entry.attachment, the response: the first allow of a token for a request
+        self._first_allow = first_allow
 
     def __call__(self, fields: tuple[Any, ...]) -> bytes | tuple[str, Any] | None:
         authorization, request_id, _, _, extensions, principal, certificate, _ = fields
@@ -92,11 +95,14 @@ class WarmAllow:
             return None  # a token bound to no certificate needs a peer here: the full path says so
         now = self._clock()
         reason, entry = verifier.decide(token, tool, target, operation, sensitivity, now)
-        body = entry.attachment if entry is not None else None  # built by the full path the first time
-        if body.__class__ is not bytes or entry.constrained:
+        if entry is None or entry.constrained:
             return reason, entry
         prepared = self._prepared.get((reason, entry.jti, tool, target, operation, sensitivity))
-        if prepared is None:
+        body = entry.attachment
+        if prepared is None or body is None:
+            prepared = self._first_allow(entry, tool, target, operation, sensitivity)
+            body = entry.attachment
+        if body.__class__ is not bytes:
             return reason, entry
         decision_id = self._ids.next()
         try:

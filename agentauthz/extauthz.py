@@ -198,7 +198,7 @@ class CheckService:
         # reason -> count, for /metrics (decision_counts): all but the allows _warm answers itself
         self.decisions: collections.Counter[str] = collections.Counter()
         self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
-                                   self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions)
+                                   self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow)
 
     def decision_counts(self) -> collections.Counter[str]:
         """Check decisions by reason, for /metrics."""
@@ -247,6 +247,14 @@ class CheckService:
             self._prepared.clear()  # bounded: request fields are the caller's to vary
         self._prepared[key] = prepared
         return prepared
+
+    def _first_allow(self, entry: Any, tool: str, target: str, operation: str, sensitivity: str) -> str:
+        """What every allow of this token for this request shares, built by the first: the record's
+        members (returned, see ``_prepare``) and the response (``entry.attachment``)."""
+        if entry.attachment is None:
+            entry.attachment = allowed_response(entry.sub, entry.task, entry.jti)
+        key = (reasons.ALLOW, entry.jti, tool, target, operation, sensitivity)
+        return self._prepared.get(key) or self._prepare(key, entry)
 
     def _other_boundary(self, token: str, boundary: str) -> bool:
         """Whether ``token`` verifies in another boundary: only to name the denial precisely."""
@@ -335,16 +343,15 @@ class CheckService:
                 reason = reasons.TOKEN_BOUNDARY
         if not self._audit.healthy:  # before the record is made, so that it says what was answered
             reason, entry = reasons.AUDIT_UNAVAILABLE, None
-        key = (reason, entry.jti if entry else None, tool, target, operation, sensitivity)
-        prepared = self._prepared.get(key)
-        if prepared is None:
-            prepared = self._prepare(key, entry)
         if entry is None:
+            key = (reason, None, tool, target, operation, sensitivity)
+            prepared = self._prepared.get(key) or self._prepare(key, None)
             if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
             # An allow we cannot record is not an allow (DESIGN §5): it is answered once its record
             # is in the log file, so a crashed daemon loses no allow a caller saw (audit.py).
+            prepared = self._first_allow(entry, tool, target, operation, sensitivity)
             try:
                 if not self._audit.write_allow(decision_id, request_id, prepared):
                     durable = self._audit.record_check_durable(decision_id, request_id, prepared)
@@ -358,10 +365,7 @@ class CheckService:
             if reason == reasons.RATE_LIMITED:  # only enforce() says so, and it sets ``wait``
                 return self._deny_later(reason, wait) + self._ids.metadata(decision_id)
             return self._deny(reason) + self._ids.metadata(decision_id)
-        body = entry.attachment
-        if body is None:
-            body = entry.attachment = allowed_response(entry.sub, entry.task, entry.jti)
-        return body + self._ids.metadata(decision_id)
+        return entry.attachment + self._ids.metadata(decision_id)  # type: ignore[no-any-return]
 
 
 def parse_check_request(raw: bytes) -> Fields | None:

@@ -97,10 +97,13 @@ cdef class WarmAllow:
     cdef dict _prepared
     cdef bytes _unrecorded  # the audit_unavailable denial, without its decision id
     cdef object _decisions  # reason -> count (a Counter), for the rare outcomes
+    # (entry, tool, target, operation, sensitivity) -> the record's shared members, after building
+    # them and entry.attachment, the response: the first allow of a token for a request
+    cdef object _first_allow
     cdef readonly unsigned long long allowed  # the allows answered here; the full path counts its own
 
     def __init__(self, verifiers, policy, audit, DecisionIds ids not None, dict prepared not None,
-                 clock, bytes unrecorded not None, decisions):
+                 clock, bytes unrecorded not None, decisions, first_allow):
         self._verifiers = dict(verifiers)
         self._default, self._default_verifier = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -108,7 +111,7 @@ cdef class WarmAllow:
         self._binding = frozenset()
         self._write_allow, self._clock = audit.write_allow, clock
         self._ids, self._prepared = ids, prepared
-        self._unrecorded, self._decisions = unrecorded, decisions
+        self._unrecorded, self._decisions, self._first_allow = unrecorded, decisions, first_allow
         self.allowed = 0
 
     def __call__(self, tuple fields not None):
@@ -153,11 +156,14 @@ cdef class WarmAllow:
         if found is None or type(found) is not VerifiedToken:  # a denial, or the pure twin's token
             return decided
         entry = <VerifiedToken>found
-        body = entry.attachment  # the allow's response, built by the full path the first time
-        if entry.constrained or type(body) is not bytes:
+        if entry.constrained:
             return decided
         prepared = self._prepared.get(((<tuple>decided)[0], entry.jti, tool, target, operation, sensitivity))
-        if prepared is None:
+        body = entry.attachment
+        if prepared is None or body is None:
+            prepared = self._first_allow(entry, tool, target, operation, sensitivity)
+            body = entry.attachment
+        if type(body) is not bytes:
             return decided
         self._ids._advance()
         decision_id = self._ids._text[:ID_CHARS].decode("ascii")
