@@ -179,7 +179,7 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
     full = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
     full._warm = Declines()  # the full path alone
     loop = asyncio.new_event_loop()
-    seen: dict[str, tuple[str, str]] = {}
+    seen: list[tuple[str, str, str]] = []  # (case, warm decision id, full decision id), every round
     try:
         for _ in range(3):  # the first allow of a token builds what the next ones reuse
             for name, raw in cases(minted, certificate).items():
@@ -190,7 +190,7 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
                 assert sum(v.decided for v in counting.values()) - before <= 1, f"{name}: decided twice"
                 want, want_id = answer(loop.run_until_complete(full.check(fields, None)))
                 assert got == want, name
-                seen[name] = (got_id, want_id)
+                seen.append((name, got_id, want_id))
     finally:
         loop.close()
     # A token with a budget or argument constraints is charged and checked by the full path only,
@@ -200,10 +200,11 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
     assert a.audit.flush()
     records = {r["decision_id"]: r for r in audit_records(a.config.state_dir / "audit")
                if r["kind"] == "check"}
-    for name, (got_id, want_id) in seen.items():
+    for name, got_id, want_id in seen:
         assert record(records, got_id) == record(records, want_id), name
-    assert records[seen["warm allow"][0]]["reason"] == reasons.ALLOW
-    assert "eyJ" not in str(records[seen["request id with a token"][0]])
+    warm_ids = {name: got_id for name, got_id, _ in seen}
+    assert records[warm_ids["warm allow"]]["reason"] == reasons.ALLOW
+    assert "eyJ" not in str(records[warm_ids["request id with a token"]])
     # The plain allows (three cases, three rounds) were all answered by the warm path itself, the
     # first too, which built the response and record the others reuse; counted with the rest.
     assert warm._warm.allowed == 3 * 3
