@@ -122,7 +122,8 @@ def _paired(load: dict[str, Any], table: str, a: str, b: str,
 
 
 def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
-           paired: dict[str, dict[str, float]] | None = None) -> list[dict[str, Any]]:
+           paired: dict[str, dict[str, float]] | None = None,
+           handlers: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every ratio with its target and verdict (``met`` is None where there is no target)."""
     out: list[dict[str, Any]] = []
 
@@ -247,6 +248,17 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             * memory["slots"] / memory["tokens"], "≤ 1 bit + constant", lambda v: v <= 1 + 8 * 64 / window,
             unit="bits", source=f"/metrics of the cold daemon around minting {memory['tokens']} tokens")
 
+    rounds = (handlers or {}).get("rounds", [])
+    for name, label in (("check", "warm Check"), ("bound", "the bound's parse + audit write")):
+        per_call = [r[name] for r in rounds]
+        add(f"handler_{name}_us", f"{label}: handler thread CPU per call, all handlers under one shared "
+            "load", statistics.median(per_call) if per_call else None, "(info)", None, unit="µs",
+            source="benchmarks/load/handlers.py")
+    per_round = [r["check"] / r["bound"] for r in rounds if r.get("bound")]
+    add("handler_check_over_bound", "warm Check handler / the bound's handler, thread CPU per call under "
+        "one shared load (median of per-round ratios)", statistics.median(per_round) if per_round else None,
+        "(info)", None, source="benchmarks/load/handlers.py")
+
     def median_ns(name: str) -> float | None:
         b = micro.get(name)
         return b["median_ns"] if b else None
@@ -303,6 +315,27 @@ def load_table(table: dict[str, Any]) -> list[str]:
                  f"{s['valid_rounds']}/{s['rounds']}"]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
+
+
+def handlers_section(results: dict[str, Any]) -> list[str]:
+    handlers = results.get("handlers") or {}
+    if not handlers.get("rounds"):
+        return ["_Not measured: run `python -m benchmarks.load.handlers --out "
+                "benchmarks/results/handlers.json`._"]
+    names = list(handlers["median_us"])
+    out = ["One process serves the real Check (on a real Authority) and the comparison handlers on one gRPC "
+           "server configured like the daemon's; one h2load run spreads its calls over all of them round "
+           "robin, so each runs under the same load at the same moments. Thread CPU per call, summed "
+           "around each handler's body (parsing and the framework are outside it); a Check that waited "
+           "for the audit writer is counted apart. Steadier than requests/s between separate servers.", "",
+           "| handler | µs per call (median) | per round |", "|---|---:|---|"]
+    out += [f"| {n} | {_f(handlers['median_us'][n], 1)} | "
+            f"{', '.join(_f(r[n], 1) for r in handlers['rounds'])} |" for n in names]
+    waited = handlers.get("check_waited", [])
+    if waited:
+        out += ["", "Check calls that waited for the audit writer (not timed), per round: "
+                + ", ".join(f"{w:.1%}" for w in waited)]
+    return out
 
 
 def profile_section(prof: dict[str, Any]) -> list[str]:
@@ -390,6 +423,7 @@ def render(results: dict[str, Any]) -> str:
                 for p in workers.get("propagation", [])]
         out += ["", "The 'every worker denying' time is bounded below by the probe sweep itself "
                 "(sequential Checks over 16 connections); the first sweep after the ack already denies."]
+    out += ["", "## Each handler's own CPU, under one shared load", "", *handlers_section(results)]
     out += ["", "## Where the time goes (py-spy)", "", *profile_section(load.get("profile", {}))]
     out += ["", "## Micro benchmarks (pytest-benchmark, medians)", ""]
     if micro:
@@ -499,16 +533,20 @@ def main(argv: list[str] | None = None) -> int:
     micro = micro_medians(micro_raw)
     paired_path = out_dir / "paired.json"
     paired = json.loads(paired_path.read_text()) if paired_path.exists() else {}
+    handlers_path = out_dir / "handlers.json"
+    handlers = json.loads(handlers_path.read_text()) if handlers_path.exists() else {}
     commands = ["make bench",
                 "pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/micro.json",
                 "python -m benchmarks.paired --out benchmarks/results/paired.json",
-                "python -m benchmarks.load --out benchmarks/results/load.json", "python benchmarks/report.py"]
+                "python -m benchmarks.load --out benchmarks/results/load.json",
+                "python -m benchmarks.load.handlers --out benchmarks/results/handlers.json",
+                "python benchmarks/report.py"]
     for table in load.get("tables", {}).values():
         for row in table["rows"].values():
             if row["rounds"]:
                 commands.append(row["rounds"][0]["command"])
     results = {"machine": machine(), "versions": load.get("versions", {}),
-               "ratios": ratios(load, micro, paired), "paired": paired,
+               "ratios": ratios(load, micro, paired, handlers), "paired": paired, "handlers": handlers,
                "micro": micro, "load": load, "commands": commands,
                "micro_machine_info": micro_raw.get("machine_info", {})}
     results["charts"] = charts(load, out_dir)

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.report import ratios
+from benchmarks.report import handlers_section, ratios
 
 
 def table(**rows: list[Any]) -> dict[str, Any]:
@@ -85,3 +85,19 @@ def test_revocation_bits_per_token_counts_the_slots_each_token_took() -> None:
     assert figure(two, "revocation_bits_per_token")["met"] is False
     fat = {"revocation_memory": {**one["revocation_memory"], "bits_bytes": window // 4}}  # 2 bits a slot
     assert figure(fat, "revocation_bits_per_token")["met"] is False
+
+
+def test_the_check_handler_over_the_bound_is_the_median_of_per_round_ratios() -> None:
+    handlers = {"rounds": [{"check": 30.0, "bound": 25.0}, {"check": 60.0, "bound": 30.0},
+                           {"check": 28.0, "bound": 28.0}]}
+    by_key = {r["key"]: r for r in ratios({}, {}, None, handlers)}
+    assert by_key["handler_check_over_bound"]["value"] == pytest.approx(1.2)  # not 118/83 = 1.42
+    assert by_key["handler_check_us"]["value"] == 30.0 and by_key["handler_bound_us"]["value"] == 28.0
+    assert all(r["value"] is None for r in ratios({}, {}) if r["key"].startswith("handler_"))
+
+
+def test_the_report_says_when_the_handlers_were_not_measured() -> None:
+    assert "Not measured" in handlers_section({"handlers": {}})[0]
+    lines = handlers_section({"handlers": {"median_us": {"check": 28.7}, "rounds": [{"check": 28.7}],
+                                           "check_waited": [0.011]}})
+    assert any("| check | 28.7 | 28.7 |" in line for line in lines) and "1.1%" in lines[-1]

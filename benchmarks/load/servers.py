@@ -77,15 +77,22 @@ async def _serve(listen: str, check: Any, parse: bool) -> None:
 
 async def serve_bound(listen: str, jwks_path: str | None) -> None:
     """``record`` (no ``jwks_path``) or ``verify``: the unavoidable work of an audited allow."""
-    import hashlib
-    import os
-    import tempfile
-
     from nacl.signing import VerifyKey
     keys = {}
     if jwks_path:
         with open(jwks_path) as f:
             keys = {k["kid"]: VerifyKey(_b64url(k["x"])) for k in json.load(f)["keys"]}
+    await _serve(listen, bound_handler(keys), True)
+
+
+def bound_handler(keys: dict[str, Any]) -> Any:
+    """The bound's Check handler over parsed fields: one hash-chained record appended to a file of its
+    own with write(2), after one bare PyNaCl verify of the token's signature when ``keys`` (kid ->
+    VerifyKey) are given."""
+    import hashlib
+    import os
+    import tempfile
+
     fd = os.open(os.path.join(tempfile.mkdtemp(prefix="bound-"), "log.jsonl"),
                  os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     chain = {"seq": 0, "prev": "0" * 64}
@@ -106,7 +113,7 @@ async def serve_bound(listen: str, jwks_path: str | None) -> None:
         os.write(fd, line + b"\n")
         return OK_RESPONSE
 
-    await _serve(listen, check, True)
+    return check
 
 
 def _b64url(text: str) -> bytes:
