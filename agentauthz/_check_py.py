@@ -2,8 +2,9 @@
 
 ``WarmAllow`` answers the request most Checks are: a bearer token, a route
 naming tool, target, operation and sensitivity, no peer to match, no MCP body,
-an unconstrained token whose allow this service has recorded before. It
-decides, writes the allow's audit record and returns the response bytes.
+an unconstrained token. It decides, writes the allow's audit record and returns
+the response bytes; the first allow of a token for a request also builds what
+the next ones reuse (``CheckService._first_allow``).
 Anything else it hands to ``CheckService``'s full path, with the decision if it
 made one, so no request is decided twice. It must never answer what the full
 path would answer differently (``tests/test_warm_allow.py`` holds both to that).
