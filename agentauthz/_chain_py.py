@@ -37,7 +37,7 @@ class Chain:
 
     @seq.setter
     def seq(self, value: int) -> None:
-        if not 0 <= value <= SEQ_MAX:
+        if value.__class__ is not int or not 0 <= value <= SEQ_MAX:
             raise ValueError(f"seq out of range: {value!r}")
         self._seq = value
 

@@ -95,7 +95,7 @@ cdef class Chain:
 
     @seq.setter
     def seq(self, value):
-        if not 0 <= value <= SEQ_MAX:
+        if type(value) is not int or not 0 <= value <= SEQ_MAX:
             raise ValueError(f"seq out of range: {value!r}")
         self._seq = value
 

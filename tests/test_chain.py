@@ -120,7 +120,7 @@ def test_seq_and_prev_are_validated(hot: _accel.HotPath) -> None:
     for bad in ("0" * 63, "G" * 64, "A" * 64, 7):
         with pytest.raises(ValueError):
             chain.prev = bad
-    for bad_seq in (-1, SEQ_MAX + 1):
+    for bad_seq in (-1, SEQ_MAX + 1, 1.0, True, "1"):
         with pytest.raises(ValueError):
             chain.seq = bad_seq
     chain.seq = SEQ_MAX
