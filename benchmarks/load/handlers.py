@@ -65,7 +65,7 @@ async def serve(state: Path, port: int, frame: Path) -> None:
                 request_deserializer=None if name == "floor" else extauthz.parse_check_request)}),))
 
     async def take(request: Any, context: Any) -> bytes:
-        figures = json.dumps(dict(spent)).encode()
+        figures = json.dumps({**spent, "decisions": service.decision_counts()}).encode()
         spent.clear()
         return figures
 
@@ -118,7 +118,7 @@ async def _finish(call: Any, waits_on: Any) -> Any:
 def measure(rounds: int, duration: float) -> dict[str, Any]:
     import grpc
 
-    from .loadgen import h2load_version
+    from .loadgen import h2load_version, parse_h2load
     from .procs import Process, free_port, wait_for
 
     work = Path(tempfile.mkdtemp(prefix="agentauthz-handlers-"))
@@ -141,8 +141,12 @@ def measure(rounds: int, duration: float) -> dict[str, Any]:
                     "-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers", *urls]
             if server_cpus:
                 argv = ["taskset", "-c", str(cpus[0]), *argv]
-            subprocess.run(argv, capture_output=True, check=True, timeout=duration + 60)
+            run = parse_h2load(subprocess.run(argv, capture_output=True, text=True, check=True,
+                                              timeout=duration + 60).stdout)
             spent = json.loads(take(b"", timeout=10))
+            # Every call answered, and the Check's answers all allows: else this measured something else.
+            if run["failed"] or set(spent["decisions"]) - {"allow"}:
+                raise RuntimeError(f"not a clean round: h2load {run}, Check decisions {spent['decisions']}")
             per_round.append({n: spent.get(n, 0) / max(spent.get(n + "_n", 0), 1) / 1000 for n in HANDLERS})
             waited.append(spent.get("check_waited", 0) / max(spent.get("check_n", 0), 1))
         channel.close()
