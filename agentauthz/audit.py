@@ -331,7 +331,10 @@ class AuditLog:
         next batch, within a flush interval, fsyncs it and signs a checkpoint; after a failure the
         writer retries with backoff.
         """
-        if not self._take(checkpoint=False):
+        took = self._take(checkpoint=False)
+        if self._q:
+            self._wake.set()  # a flush() waiter or a full batch is left for the writer: wake it now
+        if not took:
             return
         try:
             self._write_out(sync=False)
@@ -430,11 +433,15 @@ class AuditLog:
     def _take(self, checkpoint: bool = True) -> bool:
         """Chain up to a batch of queued records (+ a checkpoint) into self._out; True if there is work.
 
-        Only with ``_mutex`` held and no batch in flight (``_out`` None, no ``_out_cp``).
+        Only with ``_mutex`` held and no batch in flight (``_out`` None, no ``_out_cp``). Without
+        ``checkpoint`` (the loop's unsynced batch, ``_write_queued``) it stops at a flush() waiter:
+        flush() promises an fsync, so the waiter and what follows it are the writer thread's.
         """
         lines: list[bytes] = []
         q = self._q
         while q and len(lines) < self._batch:
+            if not checkpoint and isinstance(q[0], threading.Event):
+                break
             item = q.popleft()
             if isinstance(item, threading.Event):
                 self._out_waiters.append(item)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import json
@@ -581,3 +582,42 @@ def test_prepare_writes_what_the_json_encoder_writes(fields: dict[str, Any]) -> 
     expected = audit_records._dumps(audit_records._redacted_fields(fields)).decode()[1:-1]
     assert audit_records.prepare(**fields) == expected
     assert json.loads("{" + audit_records.prepare(**fields) + "}") == json.loads("{" + expected + "}")
+
+
+def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_batch(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """flush() (Mint, Revoke and approvals wait on it) promises fsync. The loop thread also writes
+    batches, unsynced, for allows waiting on the writer (record_check_durable): a flush queued ahead of
+    such an allow must still be answered only after the writer's fsync, never by the loop's write."""
+    synced: list[bool] = []  # per append of the log: fsynced or not
+    real_append = audit._append
+
+    def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
+        synced.append(sync)
+        return real_append(fd, offset, data, retry, sync)
+
+    monkeypatch.setattr(audit, "_append", watching_append)
+    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+    log = AuditLog.open(tmp_path, flush_interval=30)  # the writer sleeps until woken
+    log.start()
+    try:
+        log.record("start")
+        assert log.flush()
+        flushed = threading.Event()
+        log._q.append(flushed)  # what flush() queues, caught before the writer has woken to take it
+
+        async def allow_behind_the_flush() -> bool:
+            durable = log.record_check_durable("d-1", "", prepared)
+            assert durable is not None
+            await asyncio.sleep(0)  # the loop's _kick runs now
+            answered_unsynced = flushed.is_set() and True not in synced[before:]
+            await asyncio.wait_for(durable, 10)
+            return answered_unsynced
+
+        before = len(synced)
+        assert not asyncio.run(allow_behind_the_flush()), "a flush answered by an unsynced write"
+        assert flushed.wait(10) and True in synced[before:]
+    finally:
+        log.stop()
+    assert [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"] == ["d-1"]
+    assert verify_dir(tmp_path).ok
