@@ -22,7 +22,6 @@ import collections
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ async def serve(state: Path, port: int, frame: Path) -> None:
     service = extauthz.CheckService(authority.verifiers, authority.audit, lambda: authority.policy,
                                     authority.clock, budgets=authority.budgets)
     spent: collections.Counter[str] = collections.Counter()  # handler -> ns; handler + "_n" -> calls
+    entered = [0]  # calls that entered any handler, so far
 
     async def floor(request: Any, context: Any) -> bytes:
         return OK_RESPONSE
@@ -61,7 +61,7 @@ async def serve(state: Path, port: int, frame: Path) -> None:
     for name in HANDLERS:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"bench.{name}", {
             "Check": grpc.unary_unary_rpc_method_handler(
-                _timed(name, bodies[name], spent), response_serializer=None,
+                _timed(name, bodies[name], spent, entered), response_serializer=None,
                 request_deserializer=None if name == "floor" else extauthz.parse_check_request)}),))
 
     async def take(request: Any, context: Any) -> bytes:
@@ -81,44 +81,32 @@ async def serve(state: Path, port: int, frame: Path) -> None:
     await server.wait_for_termination()
 
 
-def _timed(name: str, body: Callable[..., Any], spent: collections.Counter[str]) -> Callable[..., Any]:
-    """``body`` with its thread CPU summed per call; a call that suspends (an allow waiting for the
-    audit writer, while the loop runs other calls) is counted apart, not timed."""
+def _timed(name: str, body: Callable[..., Any], spent: collections.Counter[str],
+           entered: list[int]) -> Callable[..., Any]:
+    """``body`` with its thread CPU summed per call. A call during which another handler started
+    (an allow that waited for the audit writer while the loop ran other calls) is counted apart,
+    not timed: its thread CPU would hold theirs. ``entered`` counts entries into every handler."""
     clock = time.thread_time_ns
 
     async def handler(request: Any, context: Any) -> Any:
+        entered[0] += 1
+        mine = entered[0]
         began = clock()
-        call = body(request, context)
-        try:
-            waits_on = call.send(None)
-        except StopIteration as done:
+        out = await body(request, context)
+        if entered[0] == mine:
             spent[name] += clock() - began
             spent[name + "_n"] += 1
-            return done.value
-        spent[name + "_waited"] += 1
-        return await _finish(call, waits_on)
+        else:
+            spent[name + "_waited"] += 1
+        return out
 
     return handler
-
-
-async def _finish(call: Any, waits_on: Any) -> Any:
-    """Run a suspended coroutine to its end as its task would: resume it each time what it awaits is
-    done (it reads the outcome, or the error, from that future itself)."""
-    while True:
-        try:
-            await waits_on
-        except BaseException:  # noqa: S110 - re-raised inside ``call`` when it resumes
-            pass
-        try:
-            waits_on = call.send(None)
-        except StopIteration as done:
-            return done.value
 
 
 def measure(rounds: int, duration: float) -> dict[str, Any]:
     import grpc
 
-    from .loadgen import h2load_version, parse_h2load
+    from .loadgen import h2load, h2load_version
     from .procs import Process, free_port, wait_for
 
     work = Path(tempfile.mkdtemp(prefix="agentauthz-handlers-"))
@@ -136,17 +124,20 @@ def measure(rounds: int, duration: float) -> dict[str, Any]:
         take = channel.unary_unary(STATS)
         take(b"", timeout=10)
         urls = [f"http://127.0.0.1:{port}/bench.{name}/Check" for name in HANDLERS]
+        previous = 0
         for _ in range(rounds):
-            argv = ["h2load", "-D", f"{round(duration * 1000)}ms", "-c", "4", "-m", "16", "-t", "1",
-                    "-d", str(frame), "-H", "content-type: application/grpc", "-H", "te: trailers", *urls]
-            if server_cpus:
-                argv = ["taskset", "-c", str(cpus[0]), *argv]
-            run = parse_h2load(subprocess.run(argv, capture_output=True, text=True, check=True,
-                                              timeout=duration + 60).stdout)
+            run = h2load(urls, duration=duration, clients=4, streams=16, log_file=work / "h2load.log",
+                         body=frame, headers=("content-type: application/grpc", "te: trailers"),
+                         cpus={cpus[0]} if server_cpus else None)
             spent = json.loads(take(b"", timeout=10))
-            # Every call answered, and the Check's answers all allows: else this measured something else.
-            if run["failed"] or set(spent["decisions"]) - {"allow"}:
-                raise RuntimeError(f"not a clean round: h2load {run}, Check decisions {spent['decisions']}")
+            # Every call answered, every Check an allow (h2load cannot see a gRPC error: the Check's
+            # own count of allows must match its calls): else this measured something else.
+            allowed = spent["decisions"].get("allow", 0)  # since the start: decisions are never reset
+            checks = spent.get("check_n", 0) + spent.get("check_waited", 0)
+            if run["failed"] or set(spent["decisions"]) - {"allow"} or allowed - previous != checks:
+                raise RuntimeError(f"not a clean round: h2load {run}, Check calls {checks}, "
+                                   f"decisions {spent['decisions']}")
+            previous = allowed
             per_round.append({n: spent.get(n, 0) / max(spent.get(n + "_n", 0), 1) / 1000 for n in HANDLERS})
             waited.append(spent.get("check_waited", 0) / max(spent.get("check_n", 0), 1))
         channel.close()

@@ -84,10 +84,13 @@ def h2load_version() -> str:
     return out.strip()
 
 
-def h2load(url: str, *, duration: float, clients: int, streams: int, log_file: Path,
+def h2load(url: str | Sequence[str], *, duration: float, clients: int, streams: int, log_file: Path,
            body: Path | None = None, headers: Sequence[str] = (), h1: bool = False,
            cpus: set[int] | None = None) -> dict[str, Any]:
-    """One timed h2load run; requests/s from h2load, percentiles from its per-request log."""
+    """One timed h2load run; requests/s from h2load, percentiles from its per-request log.
+
+    Several URLs (one authority) are requested round robin.
+    """
     argv = ["h2load", "-D", f"{round(duration * 1000)}ms", "-c", str(clients), "-m", str(streams), "-t", "1",
             "--log-file", str(log_file)]
     if body is not None:
@@ -96,7 +99,7 @@ def h2load(url: str, *, duration: float, clients: int, streams: int, log_file: P
         argv += ["-H", h]
     if h1:
         argv.append("--h1")
-    argv.append(url)
+    argv += [url] if isinstance(url, str) else list(url)
     stdout, client_cpu = run_bounded(argv, timeout=duration + 60, cpus=cpus)
     result = parse_h2load(stdout)
     latencies_us = []
