@@ -33,8 +33,8 @@ class HotPath(NamedTuple):
     VerifiedToken: type
     RevocationIndex: type
     Grant: type
-    compile_grant: object
-    b64url_decode: object
+    compile_grant: Callable[..., Any]
+    b64url_decode: Callable[[str], bytes]
     Bitset: type
     bitset_module: ModuleType
     scan_check_request: Callable[[bytes], Any]

@@ -137,7 +137,8 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
         """``row``'s throughput over ``table``'s rounds, or the paired ratio when a denominator row
         is named as ``row/denominator``: see ``_paired``."""
         if "/" in row:
-            return _paired(load, table, *row.split("/"), lambda a, b: _ratio(a["rps"], b["rps"]))
+            over, _, under = row.partition("/")
+            return _paired(load, table, over, under, lambda a, b: _ratio(a["rps"], b["rps"]))
         s = _row(load, table, row)
         return s["rps"] if s else None
 
@@ -216,6 +217,10 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             add("envoy_hop_added_p50_ms", "Envoy ext_authz → constant-OK floor server: added latency "
                 "(the gRPC hop alone)", _paired(load, "envoy_1", "ext_authz_floor", "floor", p50_added),
                 "(bound)", None, unit="ms", source="envoy_1")
+        add("envoy_answer_added_p50_ms", "Envoy ext_authz → floor server answering agentauthz's allow: "
+            "added latency (the hop with the answer the design asks for)",
+            _paired(load, "envoy_1", "ext_authz_answer", "floor", p50_added), "(bound)", None, unit="ms",
+            source="envoy_1")
         add("envoy_record_added_p50_ms", "Envoy ext_authz → parse + audit write server: added latency "
             "(an audited allow's bound)", _paired(load, "envoy_1", "ext_authz_record", "floor", p50_added),
             "(bound)", None, unit="ms", source="envoy_1")
@@ -249,11 +254,21 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             unit="bits", source=f"/metrics of the cold daemon around minting {memory['tokens']} tokens")
 
     rounds = (handlers or {}).get("rounds", [])
-    for name, label in (("check", "warm Check"), ("bound", "the bound's parse + audit write")):
+    for name, label in (("check", "warm Check"), ("bound", "the bound's parse + audit write"),
+                        ("parse", "parsing the CheckRequest"),
+                        ("record", "an allow's record as the audit log writes it (native chain)"),
+                        ("decide", "reading the bearer and deciding on the cached token")):
+        if rounds and name not in rounds[0]:
+            continue  # a handlers.json from before this step was measured
         per_call = [r[name] for r in rounds]
         add(f"handler_{name}_us", f"{label}: handler thread CPU per call, all handlers under one shared "
             "load", statistics.median(per_call) if per_call else None, "(info)", None, unit="µs",
             source="benchmarks/load/handlers.py")
+    beyond = [r["check"] - r["record"] for r in rounds if "record" in r]
+    add("handler_check_beyond_record_us", "warm Check handler minus its record's (native chain): what "
+        "deciding and answering add, thread CPU per call under one shared load (median of per-round "
+        "differences)", statistics.median(beyond) if beyond else None, "(info)", None, unit="µs",
+        source="benchmarks/load/handlers.py")
     per_round = [r["check"] / r["bound"] for r in rounds if r.get("bound")]
     add("handler_check_over_bound", "warm Check handler / the bound's handler, thread CPU per call under "
         "one shared load (median of per-round ratios)", statistics.median(per_round) if per_round else None,
@@ -317,19 +332,30 @@ def load_table(table: dict[str, Any]) -> list[str]:
     return lines
 
 
+HANDLER_LABELS = {
+    "parse": "parse_check_request, the deserializer of every handler but the floor",
+    "floor": "the constant OK",
+    "bound": "the bound's handler: read the bearer, one chained record in Python (hashlib, write(2))",
+    "record": "read the bearer, one chained record as the audit log writes an allow's (native)",
+    "decide": "read the bearer, decide on the cached token (native)",
+    "check": "the whole warm Check",
+}
+
+
 def handlers_section(results: dict[str, Any]) -> list[str]:
     handlers = results.get("handlers") or {}
     if not handlers.get("rounds"):
         return ["_Not measured: run `python -m benchmarks.load.handlers --out "
                 "benchmarks/results/handlers.json`._"]
     names = list(handlers["median_us"])
-    out = ["One process serves the real Check (on a real Authority) and the comparison handlers on one gRPC "
-           "server configured like the daemon's; one h2load run spreads its calls over all of them round "
-           "robin, so each runs under the same load at the same moments. Thread CPU per call, summed "
-           "around each handler's body (parsing and the framework are outside it); a Check that waited "
-           "for the audit writer is counted apart. Steadier than requests/s between separate servers.", "",
-           "| handler | µs per call (median) | per round |", "|---|---:|---|"]
-    out += [f"| {n} | {_f(handlers['median_us'][n], 1)} | "
+    out = ["One process serves the real Check (on a real Authority), the comparison handlers and the "
+           "Check's own steps on one gRPC server configured like the daemon's; one h2load run spreads its "
+           "calls over all of them round robin, so each runs under the same load at the same moments. "
+           "Thread CPU per call, summed around each handler's body (the framework is outside it); a Check "
+           "that waited for the audit writer is counted apart. Steadier than requests/s between separate "
+           "servers.", "",
+           "| handler | what it does | µs per call (median) | per round |", "|---|---|---:|---|"]
+    out += [f"| {n} | {HANDLER_LABELS.get(n, '')} | {_f(handlers['median_us'][n], 1)} | "
             f"{', '.join(_f(r[n], 1) for r in handlers['rounds'])} |" for n in names]
     waited = handlers.get("check_waited", [])
     if waited:

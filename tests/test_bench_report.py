@@ -48,6 +48,7 @@ def test_added_latency_through_envoy_is_paired_per_round_too() -> None:
     added = figure(load, "envoy_added_p50_ms")
     assert added["value"] == pytest.approx(0.9) and added["met"] is True
     assert figure(load, "envoy_hop_added_p50_ms")["value"] == pytest.approx(0.8)
+    assert figure(load, "envoy_answer_added_p50_ms")["value"] is None  # not in this table
     assert figure(load, "envoy_added_over_jwt")["value"] == pytest.approx(9.0)
 
 
@@ -96,8 +97,36 @@ def test_the_check_handler_over_the_bound_is_the_median_of_per_round_ratios() ->
     assert all(r["value"] is None for r in ratios({}, {}) if r["key"].startswith("handler_"))
 
 
+def test_the_check_beyond_its_record_is_the_median_of_per_round_differences() -> None:
+    handlers = {"rounds": [{"check": 30.0, "record": 20.0, "decide": 6.0, "parse": 4.0, "bound": 28.0},
+                           {"check": 40.0, "record": 22.0, "decide": 7.0, "parse": 5.0, "bound": 30.0},
+                           {"check": 24.0, "record": 20.0, "decide": 5.0, "parse": 4.5, "bound": 26.0}]}
+    by_key = {r["key"]: r for r in ratios({}, {}, None, handlers)}
+    assert by_key["handler_check_beyond_record_us"]["value"] == 10.0  # 10, 18, 4: not 94 - 62 over 3
+    assert by_key["handler_record_us"]["value"] == 20.0 and by_key["handler_decide_us"]["value"] == 6.0
+    assert by_key["handler_parse_us"]["value"] == 4.5
+    older = {"rounds": [{"check": 30.0, "bound": 25.0}]}  # a handlers.json without the steps
+    keys = {r["key"] for r in ratios({}, {}, None, older)}
+    assert "handler_record_us" not in keys and "handler_check_us" in keys
+
+
 def test_the_report_says_when_the_handlers_were_not_measured() -> None:
     assert "Not measured" in handlers_section({"handlers": {}})[0]
     lines = handlers_section({"handlers": {"median_us": {"check": 28.7}, "rounds": [{"check": 28.7}],
                                            "check_waited": [0.011]}})
-    assert any("| check | 28.7 | 28.7 |" in line for line in lines) and "1.1%" in lines[-1]
+    assert any("| check | the whole warm Check | 28.7 | 28.7 |" in line for line in lines)
+    assert "1.1%" in lines[-1]
+
+
+def test_the_answer_server_answers_what_agentauthz_allows_with() -> None:
+    # Through Envoy the hop's bound is only honest if Envoy has the same answer to act on.
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    from agentauthz.extauthz import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID
+    from benchmarks.load.servers import allow_answer
+    answer = external_auth_pb2.CheckResponse.FromString(allow_answer())
+    assert answer.status.code == 0
+    assert [h.header.key for h in answer.ok_response.headers] == [HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID]
+    assert all(h.header.value for h in answer.ok_response.headers)
+    assert list(answer.ok_response.headers_to_remove) == ["authorization"]
+    assert len(answer.dynamic_metadata.fields["decision_id"].string_value) == 16

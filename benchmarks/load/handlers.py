@@ -5,14 +5,22 @@
 Requests/s ratios between separate servers move by 0.1-0.2 from round to round
 on a shared 2-core VM, too much to see a 10 µs change. Here one process serves,
 on one gRPC server configured like the daemon's Check listener, the real Check
-(on a real Authority) next to the comparison handlers: the floor, parse only,
-and the bound's parse + one chained record (``servers.bound_handler``). One
-h2load run spreads its calls over all of them round robin, so every handler
-runs under the same load at the same moments, and each handler's thread CPU
-per call is summed around its body. Parsing (the deserializer) and the gRPC
-framework are outside the figure, and the same for every handler but the floor.
-Under load a step costs several times its isolated price (cold caches between
-requests), which is why this is measured under load at all.
+(on a real Authority) next to the comparison handlers and the Check's own steps:
+
+* ``floor``  the constant OK;
+* ``bound``  the bound's parse + one chained record (``servers.bound_handler``);
+* ``record`` that record written the way the audit log writes an allow's (the
+  native chain: format, SHA-256, ``write(2)``), alone;
+* ``decide`` reading the bearer and deciding on the cached token, alone;
+* ``check``  the whole warm Check.
+
+One h2load run spreads its calls over all of them round robin, so every
+handler runs under the same load at the same moments, and each handler's
+thread CPU per call is summed around its body. ``parse`` is the deserializer's
+(parse_check_request), summed the same way over every call but the floor's; the
+gRPC framework is outside every figure. Under load a step costs several times
+its isolated price (cold caches between requests), which is why this is
+measured under load at all.
 """
 
 from __future__ import annotations
@@ -29,20 +37,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[2]
-HANDLERS = ("floor", "parse", "bound", "check")
+HANDLERS = ("floor", "bound", "record", "decide", "check")
+FIGURES = ("parse", *HANDLERS)
 STATS = "/bench.Handlers/Stats"
 
 
 async def serve(state: Path, port: int, frame: Path) -> None:
     import grpc
 
-    from agentauthz import extauthz
+    from agentauthz import _accel, extauthz
     from agentauthz.authority import Authority
     from agentauthz.client import check_request
     from agentauthz.config import Config
 
     from .loadgen import write_frames
-    from .servers import OK_RESPONSE, bound_handler
+    from .servers import ALLOW_MEMBERS, OK_RESPONSE, bound_handler
 
     config = Config(state_dir=state)
     authority = Authority(config)
@@ -55,14 +64,30 @@ async def serve(state: Path, port: int, frame: Path) -> None:
     async def floor(request: Any, context: Any) -> bytes:
         return OK_RESPONSE
 
-    bodies: dict[str, Callable[..., Any]] = {"floor": floor, "parse": floor, "bound": bound_handler({}),
-                                             "check": service.check}
+    chain, log = _accel.ACTIVE.Chain(), os.open(state / "record.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    decision_ids = extauthz.decision_ids(_accel.ACTIVE)
+
+    async def record(request: Any, context: Any) -> bytes:
+        extauthz.bearer_token(request[0])
+        chain.append_check(log, 1 << 40, time.time(), decision_ids.next(), request[1], ALLOW_MEMBERS)
+        return OK_RESPONSE
+
+    verifier = authority.verifiers[config.audiences[0]]
+
+    async def decide(request: Any, context: Any) -> bytes:
+        verifier.decide(extauthz.bearer_token(request[0]), "demo", "reports", "read", "internal",
+                        authority.clock())
+        return OK_RESPONSE
+
+    bodies: dict[str, Callable[..., Any]] = {"floor": floor, "bound": bound_handler({}), "record": record,
+                                             "decide": decide, "check": service.check}
     server = grpc.aio.server(maximum_concurrent_rpcs=config.check_max_concurrent_rpcs)
+    parse = _timed_parse(extauthz.parse_check_request, spent)
     for name in HANDLERS:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(f"bench.{name}", {
             "Check": grpc.unary_unary_rpc_method_handler(
                 _timed(name, bodies[name], spent, entered), response_serializer=None,
-                request_deserializer=None if name == "floor" else extauthz.parse_check_request)}),))
+                request_deserializer=None if name == "floor" else parse)}),))
 
     async def take(request: Any, context: Any) -> bytes:
         figures = json.dumps({**spent, "decisions": service.decision_counts()}).encode()
@@ -79,6 +104,19 @@ async def serve(state: Path, port: int, frame: Path) -> None:
         check_request(minted.token, "demo", "reports", "read", "internal")])
     os.replace(staged, frame)  # the driver starts once the file exists: never half written
     await server.wait_for_termination()
+
+
+def _timed_parse(parse: Callable[[bytes], Any], spent: collections.Counter[str]) -> Callable[[bytes], Any]:
+    clock = time.thread_time_ns
+
+    def timed(raw: bytes) -> Any:
+        began = clock()
+        fields = parse(raw)
+        spent["parse"] += clock() - began
+        spent["parse_n"] += 1
+        return fields
+
+    return timed
 
 
 def _timed(name: str, body: Callable[..., Any], spent: collections.Counter[str],
@@ -138,12 +176,12 @@ def measure(rounds: int, duration: float) -> dict[str, Any]:
                 raise RuntimeError(f"not a clean round: h2load {run}, Check calls {checks}, "
                                    f"decisions {spent['decisions']}")
             previous = allowed
-            per_round.append({n: spent.get(n, 0) / max(spent.get(n + "_n", 0), 1) / 1000 for n in HANDLERS})
+            per_round.append({n: spent.get(n, 0) / max(spent.get(n + "_n", 0), 1) / 1000 for n in FIGURES})
             waited.append(spent.get("check_waited", 0) / max(spent.get("check_n", 0), 1))
         channel.close()
     finally:
         server.stop()
-    medians = {n: statistics.median(r[n] for r in per_round) for n in HANDLERS}
+    medians = {n: statistics.median(r[n] for r in per_round) for n in FIGURES}
     return {"rounds": per_round, "median_us": medians, "check_waited": waited, "h2load": h2load_version(),
             "settings": {"rounds": rounds, "duration": duration, "server_cpus": sorted(server_cpus or [])}}
 

@@ -416,7 +416,8 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         scaling_result = worker_scaling(bench, stack, warm)
 
         # -- through Envoy ---------------------------------------------------------------------
-        configs = through_envoy(bench, stack, warm, floor_addr, record_addr, jwks)
+        _, answer_addr = bench.start_server(stack, "answer")
+        configs = through_envoy(bench, stack, warm, floor_addr, answer_addr, record_addr, jwks)
 
     return {"settings": asdict(s), "started": started, "elapsed_s": time.time() - started,
             "tables": bench.tables, "processes": bench.processes, "envoy_configs": configs,
@@ -451,8 +452,8 @@ def worker_scaling(bench: Bench, stack: contextlib.ExitStack, one: Daemon) -> di
 
 
 def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor_addr: str,
-                  record_addr: str, jwks: dict[str, Any]) -> dict[str, str]:
-    """Three front Envoys (and ext_authz -> the floor and the record bound servers) before one
+                  answer_addr: str, record_addr: str, jwks: dict[str, Any]) -> dict[str, str]:
+    """Three front Envoys (and ext_authz -> the floor, answer and record bound servers) before one
     direct_response upstream."""
     token = warm.mint()
     upstream = envoy.start("envoy-upstream", envoy.upstream_config, bench.work)
@@ -462,6 +463,8 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor
              "jwt_authn": ("Envoy jwt_authn (EdDSA, local JWKS)", None),
              "ext_authz": ("Envoy ext_authz -> agentauthz", warm.check_address),
              "ext_authz_floor": ("Envoy ext_authz -> floor server (constant OK)", floor_addr),
+             "ext_authz_answer": ("Envoy ext_authz -> floor server answering agentauthz's allow "
+                                  "(headers, dynamic metadata)", answer_addr),
              "ext_authz_record": ("Envoy ext_authz -> parse + one chained audit write server", record_addr)}
     fronts = {}
     for mode, (_, check) in modes.items():
@@ -486,8 +489,10 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: Daemon, floor
     bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", targets(1),
                 pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
                 note="Added latency = p50 here minus the floor's p50. ext_authz -> floor server shows what "
-                     "the gRPC hop costs with no decision at all; ext_authz -> the parse + audit write "
-                     "server, what it costs with the least an audited allow does.")
+                     "the gRPC hop costs with no decision at all; ext_authz -> the floor server answering "
+                     "agentauthz's allow, what Envoy adds for acting on that answer (setting three headers, "
+                     "removing the bearer, keeping the decision id); ext_authz -> the parse + audit write "
+                     "server, what the hop costs with the least an audited allow does.")
     bench.table("envoy_n", f"Through Envoy, {bench.s.envoy_clients} connections (h2load --h1)", "h2load",
                 targets(bench.s.envoy_clients, ("floor", "jwt_authn", "ext_authz", "ext_authz_floor")),
                 pinned=False,

@@ -2,21 +2,27 @@
 
     python -m benchmarks.load.servers floor --listen 127.0.0.1:PORT
     python -m benchmarks.load.servers parse --listen 127.0.0.1:PORT
+    python -m benchmarks.load.servers answer --listen 127.0.0.1:PORT
     python -m benchmarks.load.servers record --listen 127.0.0.1:PORT
     python -m benchmarks.load.servers verify --listen 127.0.0.1:PORT --jwks FILE
     python -m benchmarks.load.servers naive --listen 127.0.0.1:PORT --jwks FILE
 
-Both run on grpc.aio + uvloop, exactly like the daemon, so a difference in the
+All run on grpc.aio + uvloop, exactly like the daemon, so a difference in the
 tables is the decision, not the framework:
 
 * ``floor`` answers every Check with one constant, pre-serialized OK without
   deserializing the request: the most a Python gRPC server can do on this
   machine; nothing authorizing can be faster.
+* ``answer`` is the floor answering, instead of a bare OK, the bytes agentauthz
+  allows with: three headers for the tool, the bearer removed, a decision id in
+  Envoy's dynamic metadata (README "Check"; DESIGN §5). Envoy spends time on
+  each, so through Envoy this is the hop's cost with the answer the design asks for.
 * ``parse`` is the floor plus parsing the CheckRequest and reading its
   bearer header: what any authorizer pays before it decides anything.
 * ``record`` is ``parse`` plus what an allow that is audited before it is
   answered cannot skip: one hash-chained record of ~400 bytes appended to a
-  file with write(2) per Check. The bound on warm Check, measured.
+  file with write(2) per Check, answered with agentauthz's allow (``answer``'s
+  bytes). The bound on warm Check, measured.
 * ``verify`` is ``record`` plus one bare PyNaCl Ed25519 verify of the token's
   signature: the bound on a Check whose token is not cached (cold).
 * ``naive`` is the ext_authz servicer a Python developer would write: the
@@ -47,7 +53,17 @@ OK_RESPONSE = ext_authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)
                                       ok_response=ext_authz.OkHttpResponse()).SerializeToString()
 
 
-async def serve_floor(listen: str, parse: bool = False) -> None:
+def allow_answer() -> bytes:
+    """agentauthz's allow for one token and one decision id, as the daemon serializes it."""
+    from agentauthz import _accel, extauthz
+    from agentauthz.tokens import new_token_id
+
+    from .daemon import AGENT
+    ids = extauthz.decision_ids(_accel.ACTIVE)
+    return extauthz.allowed_response(AGENT, "bench-warm", new_token_id()) + ids.metadata(ids.next())
+
+
+async def serve_floor(listen: str, parse: bool = False, answer: bytes = OK_RESPONSE) -> None:
     """Generic handler, no (de)serializers: the request bytes are never parsed.
 
     ``parse``: the request is parsed and its bearer header read, the least any authorizer must do
@@ -55,7 +71,7 @@ async def serve_floor(listen: str, parse: bool = False) -> None:
     project has; the bound on what a real decision can reach, measured.
     """
     async def check(request: bytes, context: Any) -> bytes:
-        return OK_RESPONSE
+        return answer
 
     async def check_parsed(request: Any, context: Any) -> bytes:
         bearer_token(request[0])  # request: extauthz.parse_check_request's fields
@@ -82,23 +98,27 @@ async def serve_bound(listen: str, jwks_path: str | None) -> None:
     if jwks_path:
         with open(jwks_path) as f:
             keys = {k["kid"]: VerifyKey(_b64url(k["x"])) for k in json.load(f)["keys"]}
-    await _serve(listen, bound_handler(keys), True)
+    await _serve(listen, bound_handler(keys, allow_answer()), True)
 
 
-def bound_handler(keys: dict[str, Any]) -> Any:
+# An allow record's members after its ids: what the daemon's audit_records.prepare makes for a token.
+ALLOW_MEMBERS = ('"decision":true,"reason":"allow","tool":"demo","target":"reports","operation":"read",'
+                 '"sensitivity":"internal","agent":"spiffe://dev.local/agent/bench","task":"bench",'
+                 '"token_id":"0123456789abcdef0123456789abcdef"')
+
+
+def bound_handler(keys: dict[str, Any], answer: bytes = OK_RESPONSE) -> Any:
     """The bound's Check handler over parsed fields: one hash-chained record appended to a file of its
     own with write(2), after one bare PyNaCl verify of the token's signature when ``keys`` (kid ->
-    VerifyKey) are given."""
+    VerifyKey) are given; then ``answer``."""
     import hashlib
     import os
     import tempfile
 
     fd = os.open(os.path.join(tempfile.mkdtemp(prefix="bound-"), "log.jsonl"),
                  os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    chain = {"seq": 0, "prev": "0" * 64}
-    members = '"kind":"check","decision":true,"reason":"allow","tool":"demo","target":"reports",' \
-             '"operation":"read","sensitivity":"internal","agent":"spiffe://dev.local/agent/bench",' \
-             '"task":"bench","token_id":"0123456789abcdef0123456789abcdef"'
+    chain: dict[str, Any] = {"seq": 0, "prev": "0" * 64}
+    members = f'"kind":"check",{ALLOW_MEMBERS}'
 
     async def check(request: Any, context: Any) -> bytes:
         token = bearer_token(request[0]) or ""
@@ -111,7 +131,7 @@ def bound_handler(keys: dict[str, Any]) -> Any:
         line = f'{{"seq":{seq},"prev":"{chain["prev"]}","ts":{time.time()!r},{members}}}'.encode()
         chain["seq"], chain["prev"] = seq, hashlib.sha256(line).hexdigest()
         os.write(fd, line + b"\n")
-        return OK_RESPONSE
+        return answer
 
     return check
 
@@ -191,7 +211,7 @@ async def serve_naive(listen: str, jwks_path: str, issuer: str, audience: str) -
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["floor", "parse", "record", "verify", "naive"])
+    parser.add_argument("kind", choices=["floor", "answer", "parse", "record", "verify", "naive"])
     parser.add_argument("--listen", required=True)
     parser.add_argument("--jwks", help="naive, verify: the daemon's JWKS as a file")
     parser.add_argument("--issuer", default="https://agentauthz.dev.local")
@@ -202,6 +222,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.kind} needs --jwks")
     if args.kind in ("floor", "parse"):
         uvloop.run(serve_floor(args.listen, parse=args.kind == "parse"))
+    elif args.kind == "answer":
+        uvloop.run(serve_floor(args.listen, answer=allow_answer()))
     elif args.kind in ("record", "verify"):
         uvloop.run(serve_bound(args.listen, args.jwks if args.kind == "verify" else None))
     else:
