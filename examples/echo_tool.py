@@ -16,8 +16,11 @@ class EchoHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("content-length") or 0)
         if length:
             self.rfile.read(length)
-        body = json.dumps({"method": self.command, "path": self.path,
-                           "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+        headers: dict[str, str] = {}
+        for k, v in self.headers.items():  # a repeated header shows all its values, as one field would
+            k = k.lower()
+            headers[k] = f"{headers[k]}, {v}" if k in headers else v
+        body = json.dumps({"method": self.command, "path": self.path, "headers": headers}).encode()
         self.send_response(200)
         self.send_header("content-type", "application/json")
         self.send_header("content-length", str(len(body)))

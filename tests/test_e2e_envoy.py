@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -79,6 +81,37 @@ def test_granted_call_reaches_tool_with_identity_headers_and_without_token(stack
     assert "authorization" not in seen  # the tool never sees the credential
     status, body, _ = stack.call(minted.token, "POST")
     assert status == 200 and body["method"] == "POST"
+
+
+def test_a_caller_cannot_forge_the_identity_headers_the_tool_trusts(stack: Stack) -> None:
+    # The tool believes x-agentauthz-*: a caller's own copies must be replaced, never sent alongside.
+    minted = stack.mint("forge-1")
+    forged = {"x-agentauthz-agent": "spiffe://dev.local/agent/root", "x-agentauthz-task": "someone-elses",
+              "x-agentauthz-token-id": "forged"}
+    status, body, _ = request(stack.port, "/demo/reports", "GET", minted.token, headers=forged)
+    assert status == 200, body
+    seen = body["headers"]
+    assert (seen["x-agentauthz-agent"], seen["x-agentauthz-task"], seen["x-agentauthz-token-id"]) == \
+        (AGENT, "forge-1", minted.token_id)
+    # Sent twice, each: still only agentauthz's value reaches the tool.
+    conn = http.client.HTTPConnection("127.0.0.1", stack.port, timeout=5)
+    try:
+        conn.putrequest("GET", "/demo/reports")
+        conn.putheader("authorization", f"Bearer {minted.token}")
+        for name, value in forged.items():
+            conn.putheader(name, value)
+            conn.putheader(name, value + "-again")
+        conn.endheaders()
+        response = conn.getresponse()
+        assert response.status == 200
+        seen = json.loads(response.read())["headers"]
+    finally:
+        conn.close()
+    assert (seen["x-agentauthz-agent"], seen["x-agentauthz-task"], seen["x-agentauthz-token-id"]) == \
+        (AGENT, "forge-1", minted.token_id)
+    # Without a credential the forged headers reach nothing.
+    status, body, _ = request(stack.port, "/demo/reports", "GET", None, headers=forged)
+    assert (status, body) == (401, {"error": "token_missing"})
 
 
 def test_other_operation_and_other_tool_are_403(stack: Stack) -> None:
