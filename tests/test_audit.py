@@ -621,3 +621,42 @@ def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_b
         log.stop()
     assert [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"] == ["d-1"]
     assert verify_dir(tmp_path).ok
+
+
+def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_path: Path,
+                                                                          monkeypatch: Any) -> None:
+    """An allow that finds the writer busy is answered once the writer has written it, as an inline
+    allow is: an fsync per such batch kept the writer in fsync, holding the log, and sent more allows
+    its way. The next checkpoint or flush() fsyncs them."""
+    synced: list[bool] = []
+    real_append = audit._append
+
+    def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
+        synced.append(sync)
+        return real_append(fd, offset, data, retry, sync)
+
+    monkeypatch.setattr(audit, "_append", watching_append)
+    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+    log = AuditLog.open(tmp_path, flush_interval=5)  # a checkpoint was just written: none due for 5 s
+    log.start()
+    try:
+        log.record("start")
+        assert log.flush()
+
+        async def allows_while_the_writer_holds_the_log() -> None:
+            with log._mutex:  # the writer mid-batch: the loop's _kick cannot write these
+                waiting = [log.record_check_durable(f"d-{i}", "", prepared) for i in range(5)]
+                await asyncio.sleep(0)
+            await asyncio.wait_for(asyncio.gather(*waiting), 10)  # type: ignore[arg-type]
+
+        before = len(synced)
+        asyncio.run(allows_while_the_writer_holds_the_log())
+        assert synced[before:] == [False], "the writer's batch of waiting allows was fsynced"
+        on_disk = b"".join(p.read_bytes() for p in tmp_path.glob("audit-*.jsonl"))
+        assert all(f'"decision_id":"d-{i}"'.encode() in on_disk for i in range(5))
+        assert log.flush() and synced[-1] is True  # flush() still promises an fsync
+    finally:
+        log.stop()
+    checks = [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"]
+    assert checks == [f"d-{i}" for i in range(5)]
+    assert verify_dir(tmp_path).ok

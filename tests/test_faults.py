@@ -185,7 +185,7 @@ def test_kill_9_while_batch_writes_fail_and_a_torn_tail_is_cut(tmp_path: Path) -
 
 
 def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: Path) -> None:
-    """The group commit under Check, in-process: a durable record is on disk when its future is done
+    """The group commit under Check, in-process: a record is in the log file when its future is done
     (even with a flush interval of a minute); a failing disk fails the waiting future instead, and
     the log says so once it can."""
     prepared = prepare(decision=True, reason="allow", agent=AGENT)
@@ -226,7 +226,7 @@ def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: P
 
 
 def test_group_commit_does_not_storm_checkpoints(tmp_path: Path) -> None:
-    """Allows one after another each get their own fsync; checkpoints (a signature and a second fsync
+    """Allows one after another each get their own write; checkpoints (a signature and a second fsync
     each) still come at most about once a flush interval."""
     log = AuditLog.open(tmp_path, flush_interval=0.2)
     log.start()
