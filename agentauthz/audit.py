@@ -489,6 +489,10 @@ class AuditLog:
             self._file, self._offset = f"audit-{self._chain.seq - records + 1:010d}.jsonl", 0
 
     def _write_out(self, sync: bool = True) -> None:
+        if sync and self._out is None and self._out_waiters and self._since_cp and self._fd >= 0:
+            # flush() with nothing new to write, but records written unsynced since the last
+            # checkpoint (inline allows, or batches with checkpoint_every > 1): it promises an fsync.
+            os.fsync(self._fd)
         if self._out is not None:
             if self._fd_name != self._file:
                 if self._fd >= 0:

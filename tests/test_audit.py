@@ -6,6 +6,7 @@ import asyncio
 import base64
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import threading
@@ -659,4 +660,32 @@ def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_pa
         log.stop()
     checks = [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"]
     assert checks == [f"d-{i}" for i in range(5)]
+    assert verify_dir(tmp_path).ok
+
+
+def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_path: Path,
+                                                                             monkeypatch: Any) -> None:
+    """Between checkpoints (here every 5 batches) allows are written unsynced; a flush() that finds
+    nothing new to write must still fsync them before it answers."""
+    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+    log = AuditLog.open(tmp_path, flush_interval=30, checkpoint_every=5)
+    log.start()
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    try:
+        log.record("start")
+        assert log.flush()
+
+        async def one_waiting_allow() -> None:
+            with log._mutex:
+                waiting = log.record_check_durable("d-1", "", prepared)
+                await asyncio.sleep(0)
+            await asyncio.wait_for(waiting, 10)  # type: ignore[arg-type]
+
+        asyncio.run(one_waiting_allow())
+        monkeypatch.setattr(audit.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+        assert log.flush()
+        assert log._fd in fsynced, "flush() answered with the allow's record unsynced"
+    finally:
+        log.stop()
     assert verify_dir(tmp_path).ok
