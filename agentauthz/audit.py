@@ -496,6 +496,7 @@ class AuditLog:
         if self._out is not None:
             if self._fd_name != self._file:
                 if self._fd >= 0:
+                    os.fsync(self._fd)  # allows written inline or unsynced since the last checkpoint
                     os.close(self._fd)
                 self._fd = os.open(self._dir / self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                 durable.fsync_dir(self._dir)  # the new name must survive a crash as much as its content

@@ -689,3 +689,32 @@ def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_
     finally:
         log.stop()
     assert verify_dir(tmp_path).ok
+
+
+def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypatch: Any) -> None:
+    """Allows written inline (unsynced) fill a file; when the writer moves to the next file it must
+    fsync the full one first: no later fsync ever reaches a closed file."""
+    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+    log = AuditLog.open(tmp_path, flush_interval=30, max_file_bytes=4096)
+    log.start()
+    calls: list[tuple[str, int]] = []
+    real_fsync, real_close = os.fsync, os.close
+    try:
+        log.record("start")
+        assert log.flush()
+        full, full_name = log._fd, log._fd_name
+        written = 0
+        while log.write_allow(f"d-{written}", "", prepared):  # inline, as the Check's fast path writes
+            written += 1
+        assert written > 2 and log._fd_name == full_name  # the next does not fit: the writer moves on
+        monkeypatch.setattr(audit.os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
+        monkeypatch.setattr(audit.os, "close", lambda fd: (calls.append(("close", fd)), real_close(fd))[1])
+        log.record("next")
+        assert log.flush()
+        assert log._fd_name != full_name
+        mine = [c for c, fd in calls if fd == full]  # the new file may reuse the number, after these
+        assert mine[:2] == ["fsync", "close"], f"the full file was closed unsynced: {mine}"
+    finally:
+        log.stop()
+    assert len([r for r in records(tmp_path) if r["kind"] == "check"]) == written
+    assert verify_dir(tmp_path).ok
