@@ -43,7 +43,7 @@ test-pure: $(STAMP)
 	AGENTAUTHZ_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider tests/test_accel.py tests/test_build.py
 
 # Micro benchmarks, then the load comparisons (h2load, Envoy, py-spy), then the report in
-# benchmarks/results/ (results.json, report.md, PNG charts). About 14 minutes on 2 cores.
+# benchmarks/results/ (results.json, report.md, PNG charts). 12-14 minutes on 2 cores.
 # BENCH_LOAD_ARGS passes options to the load driver, e.g. "--duration 2 --rounds 3".
 BENCH_RESULTS ?= benchmarks/results
 BENCH_LOAD_ARGS ?=
