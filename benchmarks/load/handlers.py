@@ -64,7 +64,8 @@ async def serve(state: Path, port: int, frame: Path) -> None:
     async def floor(request: Any, context: Any) -> bytes:
         return OK_RESPONSE
 
-    chain, log = _accel.ACTIVE.Chain(), os.open(state / "record.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    chain = _accel.ACTIVE.Chain()
+    log = os.open(state / "record.log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     decision_ids = extauthz.decision_ids(_accel.ACTIVE)
 
     async def record(request: Any, context: Any) -> bytes:
