@@ -12,125 +12,24 @@ import hashlib
 import json
 import logging
 import os
-import re
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import _accel, durable
+from .audit_files import CHECKPOINTS, append, cut_tail, last_line, load_key, log_files
 from .audit_records import _b64, _canon, _dumps, _redacted_fields, thumbprint
 from .errors import AuditUnavailable, StateError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS, KEY_FILE, PUB_FILE = "checkpoints.jsonl", "audit-key.pem", "audit-key.pub.pem"
-_NAME = re.compile(r"audit-(\d{10,})\.jsonl")
 _BACKOFF_MAX = 1.0
 _CHECK = object()  # marks record_check()'s queue items
 WITHDRAWN = "checks_withdrawn"  # allows answered audit_unavailable because their record could not be written
-
-
-def _append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
-    """Write ``data`` at ``offset`` and (``sync``) fsync; return the new end.
-
-    A write that fails is undone before the error is raised: the whole lines a short write left
-    would otherwise survive a crash as allows whose callers were told ``audit_unavailable``.
-    """
-    if retry:  # the undo of an earlier failed try may itself have failed
-        os.ftruncate(fd, offset)
-    view = memoryview(data)
-    try:
-        while view:  # a short write is how a full disk first shows; the next write raises
-            view = view[os.write(fd, view):]
-        if sync:
-            os.fsync(fd)
-    except OSError:
-        try:
-            os.ftruncate(fd, offset)
-        except OSError:
-            pass  # ``retry`` truncates again before the next try
-        raise
-    return offset + len(data)
-
-
-def _load_key(directory: Path) -> Ed25519PrivateKey:
-    path, pub_path = directory / KEY_FILE, directory / PUB_FILE
-    if not path.exists():
-        key = Ed25519PrivateKey.generate()
-        durable.replace(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()), 0o600)
-    elif path.stat().st_mode & 0o077:
-        raise StateError(f"{path}: audit key must be owner-only (0600)")
-    else:
-        try:
-            loaded = serialization.load_pem_private_key(path.read_bytes(), None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: an encrypted key
-            raise StateError(f"{path}: unreadable audit key: {exc}") from exc
-        if not isinstance(loaded, Ed25519PrivateKey):
-            raise StateError(f"{path}: audit key is not Ed25519")
-        key = loaded
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
-    if not pub_path.exists():
-        durable.replace(pub_path, pub, 0o644)
-    elif pub_path.read_bytes() != pub:
-        raise StateError(f"{pub_path} does not match {path}")
-    return key
-
-
-def _log_files(directory: Path) -> list[tuple[int, Path]]:
-    found = ((_NAME.fullmatch(p.name), p) for p in directory.glob("audit-*.jsonl"))
-    return sorted((int(m.group(1)), p) for m, p in found if m)
-
-
-def _parse(line: bytes, chained: bool = True) -> dict[str, Any] | None:
-    try:
-        obj = json.loads(line)
-    except ValueError:
-        return None
-    ok = isinstance(obj, dict) and type(obj.get("seq")) is int
-    return obj if ok and (not chained or isinstance(obj.get("prev"), str)) else None
-
-
-def _last_line(path: Path, chained: bool = True) -> tuple[int, bytes | None]:
-    """(end offset of the last complete, parsable line; that line): everything after it is torn."""
-    with open(path, "rb") as f:
-        size, span = f.seek(0, os.SEEK_END), 1 << 16
-        while True:  # read backwards in a growing window: startup cost does not grow with the file
-            start = max(0, size - span)
-            f.seek(start)
-            buf = f.read(size - start)
-            end = buf.rfind(b"\n")
-            while end >= 0:
-                begin = buf.rfind(b"\n", 0, end) + 1
-                if begin == 0 and start > 0:
-                    break  # the line may begin before the window
-                if _parse(buf[begin:end], chained) is not None:
-                    return start + end + 1, buf[begin:end]
-                end = begin - 1
-            if start == 0:
-                return 0, None
-            span *= 4
-
-
-def _cut(path: Path, keep: int) -> dict[str, Any] | None:
-    """Truncate a torn tail after ``keep`` bytes; describe the cut by size and hash, never content."""
-    size = path.stat().st_size
-    if size <= keep:
-        return None
-    with open(path, "r+b") as f:
-        f.seek(keep)
-        digest = hashlib.sha256(f.read()).hexdigest()
-        f.truncate(keep)
-        os.fsync(f.fileno())
-    log.warning("audit: cut %d torn bytes from %s", size - keep, path)
-    return {"file": path.name, "offset": keep, "bytes_cut": size - keep, "cut_sha256": digest}
 
 
 class AuditLog:
@@ -149,7 +48,7 @@ class AuditLog:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StateError(f"{directory}: audit log is open in another process") from None
-            return cls(directory, lock, _load_key(directory), flush_interval, batch_size, queue_max,
+            return cls(directory, lock, load_key(directory), flush_interval, batch_size, queue_max,
                        checkpoint_every, max_file_bytes, clock)
         except BaseException:
             os.close(lock)
@@ -183,25 +82,25 @@ class AuditLog:
         cuts = self._resume()
         cp_path = directory / CHECKPOINTS
         cp_path.touch(mode=0o600)
-        cuts.append(_cut(cp_path, _last_line(cp_path, chained=False)[0]))
+        cuts.append(cut_tail(cp_path, last_line(cp_path, chained=False)[0]))
         self._cp_fd = os.open(cp_path, os.O_WRONLY | os.O_APPEND)
         self._cp_offset = cp_path.stat().st_size
         # A cut is itself audited, first thing after it, so the gap is explained in the chain.
         self._q.extend(("audit_truncated", clock(), cut) for cut in cuts if cut)
 
     def _resume(self) -> list[dict[str, Any] | None]:
-        files = _log_files(self._dir)
+        files = log_files(self._dir)
         self._file, self._offset = "", 0
         if not files:
             return []
         # Only the file being appended to at a crash can be torn; a torn earlier file is damage.
-        end, line = _last_line(files[-1][1])
-        cut = _cut(files[-1][1], end)
+        end, line = last_line(files[-1][1])
+        cut = cut_tail(files[-1][1], end)
         self._file, self._offset = files[-1][1].name, end
         for _, path in reversed(files[:-1]):
             if line is not None:
                 break
-            end, line = _last_line(path)
+            end, line = last_line(path)
             if end != path.stat().st_size:
                 raise StateError(f"{path}: torn line inside the log; run `agentauthz audit verify`")
         if line is not None:
@@ -502,13 +401,13 @@ class AuditLog:
                 durable.fsync_dir(self._dir)  # the new name must survive a crash as much as its content
                 self._fd_name = self._file
             # After a failure (not _ok) the file may hold a torn try.
-            self._offset = _append(self._fd, self._offset, self._out, retry=not self._ok, sync=sync)
+            self._offset = append(self._fd, self._offset, self._out, retry=not self._ok, sync=sync)
             self._out, self._out_n = None, 0
             if self._out_durable:  # written (and fsynced if sync): what an inline allow gets
                 _resolve(self._out_durable, None)
                 self._out_durable = []
         if self._out_cp:  # only after the log fsync: a checkpoint never names a record that is not durable
-            self._cp_offset = _append(self._cp_fd, self._cp_offset, self._out_cp, retry=not self._ok)
+            self._cp_offset = append(self._cp_fd, self._cp_offset, self._out_cp, retry=not self._ok)
             self._out_cp = b""
         for done in self._out_waiters:
             done.set()

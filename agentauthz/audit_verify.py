@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ._chain_py import GENESIS
-from .audit import CHECKPOINTS, PUB_FILE, _log_files, _parse
+from .audit_files import CHECKPOINTS, PUB_FILE, log_files, parse_line
 from .audit_records import _canon, thumbprint
 
 
@@ -63,16 +63,16 @@ def verify_dir(directory: Path, public_key: bytes | None = None,
     def bad(line_no: int, why: str) -> VerifyReport:
         return VerifyReport(False, records, 0, f"{where}:{line_no}: {why}")
 
-    entries = [(n, _parse(raw, chained=False), raw) for n, raw in enumerate(anchors.splitlines(True), 1)]
+    entries = [(n, parse_line(raw, chained=False), raw) for n, raw in enumerate(anchors.splitlines(True), 1)]
     for n, cp, raw in entries:
         if cp is None or not raw.endswith(b"\n"):
             return bad(n, "not a checkpoint")
     wanted: dict[int, tuple[str, str] | None] = {cp["seq"]: None for _, cp, _ in entries if cp}
-    for first, path in _log_files(directory):
+    for first, path in log_files(directory):
         where = path.name
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
-                line, rec = raw[:-1], _parse(raw)
+                line, rec = raw[:-1], parse_line(raw)
                 if not raw.endswith(b"\n"):
                     return bad(n, "torn line (no newline)")
                 if rec is None:

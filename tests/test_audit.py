@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faults_support import fill, tmpfs
 from hypothesis import given
 from hypothesis import strategies as st
 from support import Forge
 
-from agentauthz import audit, audit_records, audit_verify
+from agentauthz import audit, audit_files, audit_records, audit_verify
 from agentauthz._chain_py import GENESIS
 from agentauthz.audit import AuditLog
 from agentauthz.audit_verify import main_verify, verify_dir
@@ -32,7 +33,7 @@ LOG1 = "audit-0000000001.jsonl"
 
 def lines(directory: Path) -> list[bytes]:
     out: list[bytes] = []
-    for _, path in audit._log_files(directory):
+    for _, path in audit_files.log_files(directory):
         out += path.read_bytes().splitlines(keepends=True)
     return out
 
@@ -76,7 +77,7 @@ def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) ->
     log = AuditLog.open(tmp_path, batch_size=100, flush_interval=0.02)
     for i in range(50):
         assert check(log, i)
-    assert not audit._log_files(tmp_path), "record() must not touch the disk"
+    assert not audit_files.log_files(tmp_path), "record() must not touch the disk"
     log.start()
     for i in range(50, 1000):
         assert check(log, i)
@@ -119,8 +120,8 @@ def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) 
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
     allows = [r["decision_id"] for r in recs if r["kind"] == "check"]
     assert allows == [f"allow-{i}" for i in range(200)]
-    assert len(audit._log_files(tmp_path)) > 1, "the files rotated"
-    assert all(p.stat().st_size <= 4096 + 1024 for _, p in audit._log_files(tmp_path))
+    assert len(audit_files.log_files(tmp_path)) > 1, "the files rotated"
+    assert all(p.stat().st_size <= 4096 + 1024 for _, p in audit_files.log_files(tmp_path))
     assert verify_dir(tmp_path).ok
 
 
@@ -155,7 +156,7 @@ def test_audit_key_files(tmp_path: Path) -> None:
         AuditLog.open(tmp_path)
     key.chmod(0o600)
     (tmp_path / "audit-key.pub.pem").write_bytes(audit_verify._public_key(tmp_path, RFC8037_X).public_bytes(
-        audit.serialization.Encoding.PEM, audit.serialization.PublicFormat.SubjectPublicKeyInfo))
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     with pytest.raises(StateError, match="does not match"):
         AuditLog.open(tmp_path)
 
@@ -180,7 +181,7 @@ def test_second_writer_refused(tmp_path: Path) -> None:
 def test_seq_continues_across_restart_and_files(tmp_path: Path) -> None:
     build(tmp_path, groups=3, max_file_bytes=1500)
     build(tmp_path, groups=3, max_file_bytes=1500)
-    files = audit._log_files(tmp_path)
+    files = audit_files.log_files(tmp_path)
     assert len(files) > 2
     for first, path in files:
         assert path.name == f"audit-{first:010d}.jsonl"
@@ -362,7 +363,7 @@ def test_pinned_public_key(tmp_path: Path) -> None:
     pinned = (tmp_path / "audit-key.pub.pem").read_bytes()
     assert verify_dir(tmp_path, public_key=pinned).ok
     other = Ed25519PrivateKey.generate().public_key()
-    raw = other.public_bytes(audit.serialization.Encoding.Raw, audit.serialization.PublicFormat.Raw)
+    raw = other.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert verify_dir(tmp_path, public_key=raw).first_bad.endswith(  # type: ignore[union-attr]
         f"checkpoint signed by unknown key {json.loads(lines(tmp_path)[-1])['checkpoint']['kid']!r}")
 
@@ -466,13 +467,13 @@ def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatc
 
 def _disk_full_holds_records_then_writes_them_all(fs: Path, monkeypatch: Any) -> None:
     attempts = []
-    real_append = audit._append
+    real_append = audit.append
 
     def counting_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
         attempts.append(time.monotonic())
         return real_append(fd, offset, data, retry, sync)
 
-    monkeypatch.setattr(audit, "_append", counting_append)
+    monkeypatch.setattr(audit, "append", counting_append)
     log = None
     try:
         d = fs / "audit"
@@ -591,13 +592,13 @@ def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_b
     batches, unsynced, for allows waiting on the writer (record_check_durable): a flush queued ahead of
     such an allow must still be answered only after the writer's fsync, never by the loop's write."""
     synced: list[bool] = []  # per append of the log: fsynced or not
-    real_append = audit._append
+    real_append = audit.append
 
     def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
         synced.append(sync)
         return real_append(fd, offset, data, retry, sync)
 
-    monkeypatch.setattr(audit, "_append", watching_append)
+    monkeypatch.setattr(audit, "append", watching_append)
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
     log = AuditLog.open(tmp_path, flush_interval=30)  # the writer sleeps until woken
     log.start()
@@ -630,13 +631,13 @@ def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_pa
     allow is: an fsync per such batch kept the writer in fsync, holding the log, and sent more allows
     its way. The next checkpoint or flush() fsyncs them."""
     synced: list[bool] = []
-    real_append = audit._append
+    real_append = audit.append
 
     def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
         synced.append(sync)
         return real_append(fd, offset, data, retry, sync)
 
-    monkeypatch.setattr(audit, "_append", watching_append)
+    monkeypatch.setattr(audit, "append", watching_append)
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
     log = AuditLog.open(tmp_path, flush_interval=5)  # a checkpoint was just written: none due for 5 s
     log.start()
