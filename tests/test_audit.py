@@ -586,12 +586,9 @@ def test_prepare_writes_what_the_json_encoder_writes(fields: dict[str, Any]) -> 
     assert json.loads("{" + audit_records.prepare(**fields) + "}") == json.loads("{" + expected + "}")
 
 
-def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_batch(
-        tmp_path: Path, monkeypatch: Any) -> None:
-    """flush() (Mint, Revoke and approvals wait on it) promises fsync. The loop thread also writes
-    batches, unsynced, for allows waiting on the writer (record_check_durable): a flush queued ahead of
-    such an allow must still be answered only after the writer's fsync, never by the loop's write."""
-    synced: list[bool] = []  # per append of the log: fsynced or not
+def watch_appends(monkeypatch: Any) -> list[bool]:
+    """Per append of the audit log from now on: fsynced or not."""
+    synced: list[bool] = []
     real_append = audit.append
 
     def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
@@ -599,6 +596,15 @@ def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_b
         return real_append(fd, offset, data, retry, sync)
 
     monkeypatch.setattr(audit, "append", watching_append)
+    return synced
+
+
+def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_batch(
+        tmp_path: Path, monkeypatch: Any) -> None:
+    """flush() (Mint, Revoke and approvals wait on it) promises fsync. The loop thread also writes
+    batches, unsynced, for allows waiting on the writer (record_check_durable): a flush queued ahead of
+    such an allow must still be answered only after the writer's fsync, never by the loop's write."""
+    synced = watch_appends(monkeypatch)
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
     log = AuditLog.open(tmp_path, flush_interval=30)  # the writer sleeps until woken
     log.start()
@@ -630,14 +636,7 @@ def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_pa
     """An allow that finds the writer busy is answered once the writer has written it, as an inline
     allow is: an fsync per such batch kept the writer in fsync, holding the log, and sent more allows
     its way. The next checkpoint or flush() fsyncs them."""
-    synced: list[bool] = []
-    real_append = audit.append
-
-    def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
-        synced.append(sync)
-        return real_append(fd, offset, data, retry, sync)
-
-    monkeypatch.setattr(audit, "append", watching_append)
+    synced = watch_appends(monkeypatch)
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
     log = AuditLog.open(tmp_path, flush_interval=5)  # a checkpoint was just written: none due for 5 s
     log.start()
