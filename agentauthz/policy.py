@@ -10,51 +10,44 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 
 from . import reasons
-from .constraints import canonical_arguments, canonical_budget, tighten
+from .constraints import tighten
 from .errors import PolicyError
-from .identity import IdentityError, parse_spiffe_id
+from .policy_file import (
+    DEFAULT_KEYS,
+    GRANT_KEYS,
+    MAX_TTL_LIMIT,
+    OPEN_BOUNDARY,
+    TOP_KEYS,
+    Boundary,
+    RequestDefaults,
+    Rule,
+    StrictLoader,
+    check_keys,
+    choice,
+    compile_rule,
+    grant_extras,
+    integer,
+    name_problem,
+    read_boundaries,
+    request_defaults,
+    spiffe_problem,
+    target_problem,
+)
+from .policy_file import DEFAULT_REQUESTS as DEFAULT_REQUESTS  # callers read the defaults here
 from .tokens import DEFAULT_SENSITIVITY, MAX_DELEGATION_DEPTH, SENSITIVITY_LEVELS, SENSITIVITY_RANK, grant
 
 DEV_POLICY = Path(__file__).with_name("policies") / "dev.yaml"
 VERSION = 1
 CACHE_SIZE = 10_000
-MAX_TTL_LIMIT = 86_400  # task tokens are short-lived; a day is already far too long
-
-_TOP_KEYS = frozenset({"version", "defaults", "requests", "boundaries", "rules"})
-_BOUNDARY_KEYS = frozenset({"max_ttl", "require_certificate_binding"})
-_REQUEST_KEYS = frozenset({"operations", "tool_from_path", "sensitivity"})
-_DEFAULT_KEYS = frozenset({"max_ttl", "max_delegation_depth", "max_sensitivity"})
-_REQUIRED = ("id", "agents", "tool", "targets", "operations")
-_ALLOW_ONLY = frozenset({"max_sensitivity", "max_ttl", "approval", "arguments", "budget"})
-_RULE_KEYS = frozenset(_REQUIRED) | _ALLOW_ONLY | {"effect", "description"}
-_GRANT_KEYS = frozenset({"tool", "target", "ops", "sensitivity", "arguments", "budget"})
-_NAME = re.compile(r"[A-Za-z0-9_.:/-]+")  # rule ids, tools, operations: no '*', no spaces
 _SCHEME = "spiffe://"
-
-
-def spiffe_problem(text: Any, pattern: bool = False) -> str | None:
-    """Why ``text`` is not an agent's SPIFFE ID (or, with ``pattern``, an agent pattern); None if it is."""
-    if not isinstance(text, str):
-        return "must be a string"
-    base = text[:-2] if pattern and text.endswith("/*") else text
-    if "*" in base:
-        return "'*' is allowed only as the whole last path segment" if pattern else "may not contain '*'"
-    try:
-        spiffe_id = parse_spiffe_id(base)
-    except IdentityError as exc:
-        return str(exc)
-    if not spiffe_id.path and base == text:
-        return "must have a path after the trust domain"
-    return None
 
 
 def _prefixes(agent: str) -> list[str]:
@@ -65,205 +58,6 @@ def _prefixes(agent: str) -> list[str]:
         keys.append(agent[:start + 1])
         start = agent.find("/", start + 1)
     return keys
-
-
-def _target_problem(target: Any) -> str | None:
-    if not isinstance(target, str) or not target:
-        return "must be a non-empty string"
-    return "may have '*' only at the end ('exact', 'prefix*' or '*')" if "*" in target[:-1] else None
-
-
-def _name_problem(name: Any) -> str | None:
-    ok = isinstance(name, str) and _NAME.fullmatch(name)
-    return None if ok else "must be a name of A-Z a-z 0-9 _ . : / -"
-
-
-class _Rule:
-    """One compiled rule; target matching mirrors ``Grant.covers`` in the hot path."""
-
-    __slots__ = ("id", "index", "deny", "tool", "targets", "exact", "prefixes", "ops", "level",
-                 "ttl", "approval", "extras")
-
-    def __init__(self, rule_id: str, index: int, deny: bool, tool: str, targets: tuple[str, ...],
-                 ops: frozenset[str] | None, level: int, ttl: int, approval: bool) -> None:
-        self.id, self.index, self.deny, self.tool, self.targets = rule_id, index, deny, tool, targets
-        self.exact = frozenset(t for t in targets if not t.endswith("*"))
-        self.prefixes = tuple(t[:-1] for t in targets if t.endswith("*"))
-        self.ops = ops  # None: every operation
-        self.level, self.ttl, self.approval = level, ttl, approval
-        self.extras: dict[str, Any] = {}  # canonical "arguments"/"budget" copied into what it grants
-
-    def has_op(self, op: str) -> bool:
-        return self.ops is None or op in self.ops
-
-    def covers_pattern(self, pattern: str) -> bool:
-        """Whether one of the rule's targets matches everything ``pattern`` matches."""
-        return pattern in self.exact or pattern.startswith(self.prefixes)
-
-
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """The safe loader, refusing duplicate mapping keys (YAML would keep the last one silently)."""
-
-
-def _mapping_no_duplicates(loader: Any, node: yaml.MappingNode) -> dict[Any, Any]:
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if key_node.tag == "tag:yaml.org,2002:merge":
-            continue
-        key = loader.construct_object(key_node, deep=True)
-        if isinstance(key, (str, int, float)):  # other keys are refused later as unknown
-            if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}",
-                                                        key_node.start_mark)
-            seen.add(key)
-    return loader.construct_mapping(node, deep=True)
-
-
-_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_no_duplicates)
-
-
-def _int(value: Any, what: str, low: int, high: int) -> int:
-    if type(value) is not int or not low <= value <= high:  # bool is an int: refuse it
-        raise ValueError(f"{what} must be an integer from {low} to {high}, not {value!r}")
-    return value
-
-
-def _choice(value: Any, options: Sequence[str], what: str) -> str:
-    if not isinstance(value, str) or value not in options:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, options))}, not {value!r}")
-    return value
-
-
-def _keys(obj: Any, allowed: frozenset[str], what: str) -> None:
-    if not isinstance(obj, dict):
-        raise ValueError(f"{what} must be a mapping, not {type(obj).__name__}")
-    unknown = ", ".join(sorted(map(str, obj.keys() - allowed)))
-    if unknown:
-        raise ValueError(f"unknown key(s) in {what}: {unknown} (allowed: {', '.join(sorted(allowed))})")
-
-
-def _name(value: Any, what: str) -> str:
-    if _name_problem(value):
-        raise ValueError(f"{what} {_name_problem(value)}, not {value!r}")
-    return value
-
-
-def _strings(value: Any, what: str, problem: Callable[[Any], str | None]) -> list[str]:
-    """A non-empty list of distinct strings, each passing ``problem``."""
-    if not isinstance(value, list) or not value:
-        raise ValueError(f"{what} must be a non-empty list")
-    seen: set[str] = set()
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise ValueError(f"{what}[{i}] must be a string, not {item!r}")
-        if item in seen:
-            raise ValueError(f"{what}[{i}] {item!r} is listed twice")
-        seen.add(item)
-        if problem(item):
-            raise ValueError(f"{what}[{i}] {item!r} {problem(item)}")
-    return value
-
-
-def _compile_rule(raw: Any, index: int, defaults: dict[str, Any]) -> tuple[_Rule, list[str]]:
-    """Validate one rule; returns it with its agent patterns. Raises ValueError."""
-    _keys(raw, _RULE_KEYS, "rule")
-    missing = [k for k in _REQUIRED if k not in raw]
-    if missing:
-        raise ValueError(f"missing required key(s): {', '.join(missing)}")
-    rule_id = _name(raw["id"], "id")
-    deny = _choice(raw.get("effect", "allow"), ("allow", "deny"), "effect") == "deny"
-    if deny and raw.keys() & _ALLOW_ONLY:
-        raise ValueError(f"{', '.join(sorted(raw.keys() & _ALLOW_ONLY))}: only meaningful on allow rules")
-    if not isinstance(raw.get("description", ""), str):
-        raise ValueError("description must be a string")
-    agents = _strings(raw["agents"], "agents", lambda a: spiffe_problem(a, pattern=True))
-    tool = _name(raw["tool"], "tool")
-    targets = _strings(raw["targets"], "targets", _target_problem)
-    ops = _strings(raw["operations"], "operations", lambda op: None if op == "*" else _name_problem(op))
-    if "*" in ops and len(ops) > 1:
-        raise ValueError("operations: '*' (every operation) must stand alone")
-    approval = _choice(raw.get("approval", "none"), ("required", "none"), "approval") == "required"
-    level = _choice(raw.get("max_sensitivity", defaults["max_sensitivity"]), SENSITIVITY_LEVELS,
-                    "max_sensitivity")
-    ttl = _int(raw.get("max_ttl", defaults["max_ttl"]), "max_ttl", 1, MAX_TTL_LIMIT)
-    rule = _Rule(rule_id, index, deny, tool, tuple(targets), None if ops == ["*"] else frozenset(ops),
-                 SENSITIVITY_RANK[level], ttl, approval)
-    rule.extras = _extras(raw)
-    return rule, agents
-
-
-def _extras(raw: Mapping[str, Any]) -> dict[str, Any]:
-    """A rule's or a requested grant's constraints in canonical form (constraints.py); raises ValueError."""
-    out: dict[str, Any] = {}
-    if "arguments" in raw:
-        out["arguments"] = canonical_arguments(raw["arguments"])
-    if "budget" in raw:
-        out["budget"] = canonical_budget(raw["budget"])
-    return out
-
-
-@dataclass(frozen=True)
-class RequestDefaults:
-    """How Check reads a request whose Envoy route sets no ``context_extensions``."""
-
-    operations: Mapping[str, str]  # HTTP method -> operation
-    tool_from_path: bool  # "/<tool>/<target...>"
-    sensitivity: str
-
-
-DEFAULT_REQUESTS = RequestDefaults(
-    operations={"GET": "read", "HEAD": "read", "POST": "write", "PUT": "write", "PATCH": "write",
-                "DELETE": "delete"},
-    tool_from_path=True, sensitivity=DEFAULT_SENSITIVITY)
-
-
-def _request_defaults(raw: Any) -> RequestDefaults:
-    if raw is None:
-        return DEFAULT_REQUESTS
-    _keys(raw, _REQUEST_KEYS, "requests")
-    operations = raw.get("operations", DEFAULT_REQUESTS.operations)
-    if not isinstance(operations, dict) or not all(
-            isinstance(m, str) and m.isupper() and _name_problem(op) is None for m, op in operations.items()):
-        raise ValueError("requests.operations must map upper-case HTTP methods to operation names")
-    tool_from_path = raw.get("tool_from_path", True)
-    if not isinstance(tool_from_path, bool):
-        raise ValueError("requests.tool_from_path must be true or false")
-    sensitivity = _choice(raw.get("sensitivity", DEFAULT_SENSITIVITY), SENSITIVITY_LEVELS,
-                          "requests.sensitivity")
-    return RequestDefaults(dict(operations), tool_from_path, sensitivity)
-
-
-@dataclass(frozen=True)
-class Boundary:
-    """Per trust boundary (a token audience; an Envoy route's ``boundary``) limits."""
-
-    max_ttl: int = MAX_TTL_LIMIT
-    # A token minted over mTLS names its certificate (cnf); at Check, Envoy forwards the peer
-    # certificate only on mTLS listeners. True: a bound token without a certificate is refused.
-    require_certificate_binding: bool = False
-
-
-OPEN_BOUNDARY = Boundary()
-
-
-def _boundaries(raw: Any) -> dict[str, Boundary]:
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise ValueError("boundaries must map boundary names to their settings")
-    out = {}
-    for name, settings in raw.items():
-        problem = _name_problem(name) if isinstance(name, str) else "must be a string"
-        if problem:
-            raise ValueError(f"boundary name {name!r} {problem}")
-        settings = {} if settings is None else settings
-        _keys(settings, _BOUNDARY_KEYS, f"boundaries.{name}")
-        binding = settings.get("require_certificate_binding", False)
-        if not isinstance(binding, bool):
-            raise ValueError(f"boundaries.{name}.require_certificate_binding must be true or false")
-        out[name] = Boundary(_int(settings.get("max_ttl", MAX_TTL_LIMIT), f"boundaries.{name}.max_ttl", 1,
-                                  MAX_TTL_LIMIT), binding)
-    return out
 
 
 @dataclass(frozen=True)
@@ -287,9 +81,9 @@ class Policy:
     max_delegation_depth: int
     requests: RequestDefaults
     boundaries: dict[str, Boundary]  # unnamed boundaries get OPEN_BOUNDARY
-    _exact: dict[str, dict[str, list[_Rule]]]  # agent ID -> tool -> rules
-    _patterns: dict[str, dict[str, list[_Rule]]]  # "spiffe://td/p/" (from ".../p/*") -> tool -> rules
-    _views: dict[str, dict[str, tuple[tuple[_Rule, ...], tuple[_Rule, ...]]]]
+    _exact: dict[str, dict[str, list[Rule]]]  # agent ID -> tool -> rules
+    _patterns: dict[str, dict[str, list[Rule]]]  # "spiffe://td/p/" (from ".../p/*") -> tool -> rules
+    _views: dict[str, dict[str, tuple[tuple[Rule, ...], tuple[Rule, ...]]]]
     _cache_size: int
     _lock: threading.Lock
 
@@ -298,32 +92,32 @@ class Policy:
             return PolicyError(message, file=source, rule=rule)
 
         try:
-            _keys(data, _TOP_KEYS, "the top level")
+            check_keys(data, TOP_KEYS, "the top level")
             if data.get("version") != VERSION or type(data.get("version")) is not int:
                 raise ValueError(f"version must be {VERSION}, not {data.get('version')!r}")
             raw_defaults = data.get("defaults", {})
-            _keys(raw_defaults, _DEFAULT_KEYS, "defaults")
+            check_keys(raw_defaults, DEFAULT_KEYS, "defaults")
             defaults = {
-                "max_ttl": _int(raw_defaults.get("max_ttl", 300), "defaults.max_ttl", 1, MAX_TTL_LIMIT),
-                "max_sensitivity": _choice(raw_defaults.get("max_sensitivity", DEFAULT_SENSITIVITY),
+                "max_ttl": integer(raw_defaults.get("max_ttl", 300), "defaults.max_ttl", 1, MAX_TTL_LIMIT),
+                "max_sensitivity": choice(raw_defaults.get("max_sensitivity", DEFAULT_SENSITIVITY),
                                            SENSITIVITY_LEVELS, "defaults.max_sensitivity"),
-                "max_delegation_depth": _int(raw_defaults.get("max_delegation_depth", 0),
+                "max_delegation_depth": integer(raw_defaults.get("max_delegation_depth", 0),
                                              "defaults.max_delegation_depth", 0, MAX_DELEGATION_DEPTH),
             }
-            requests = _request_defaults(data.get("requests"))
-            boundaries = _boundaries(data.get("boundaries"))
+            requests = request_defaults(data.get("requests"))
+            boundaries = read_boundaries(data.get("boundaries"))
             if not isinstance(data.get("rules"), list):
                 raise ValueError("rules must be a list (it may be empty: then nothing is allowed)")
         except ValueError as exc:
             raise fail(str(exc)) from None
-        exact: dict[str, dict[str, list[_Rule]]] = {}
-        patterns: dict[str, dict[str, list[_Rule]]] = {}
+        exact: dict[str, dict[str, list[Rule]]] = {}
+        patterns: dict[str, dict[str, list[Rule]]] = {}
         seen: dict[str, int] = {}
         for index, raw in enumerate(data["rules"]):
             rid = raw.get("id") if isinstance(raw, dict) else None
             where = rid if isinstance(rid, str) and rid else f"#{index + 1}"
             try:
-                rule, agents = _compile_rule(raw, index, defaults)
+                rule, agents = compile_rule(raw, index, defaults)
             except ValueError as exc:
                 raise fail(str(exc), where) from None
             if rule.id in seen:
@@ -369,7 +163,7 @@ class Policy:
         except UnicodeEncodeError:
             raise PolicyError("policy text is not valid Unicode (a lone surrogate)", file=source) from None
         try:
-            data = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+            data = yaml.load(text, Loader=StrictLoader)  # noqa: S506 - a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -390,12 +184,12 @@ class Policy:
 
     # -- lookups ---------------------------------------------------------------
 
-    def _view(self, agent: str) -> dict[str, tuple[tuple[_Rule, ...], tuple[_Rule, ...]]]:
+    def _view(self, agent: str) -> dict[str, tuple[tuple[Rule, ...], tuple[Rule, ...]]]:
         """Tool -> (deny rules, allow rules) for ``agent``, from the cache or the index."""
         view = self._views.get(agent)
         if view is not None:
             return view
-        merged: dict[str, dict[int, _Rule]] = {}  # by rule index: a rule may sit in several buckets
+        merged: dict[str, dict[int, Rule]] = {}  # by rule index: a rule may sit in several buckets
         if isinstance(agent, str) and spiffe_problem(agent) is None:
             buckets = [self._exact.get(agent)] + [self._patterns.get(p) for p in _prefixes(agent)]
             for bucket in buckets:
@@ -472,17 +266,17 @@ class Policy:
 
 def _requested(raw: Any) -> tuple[str, str, list[str], int, dict[str, Any]] | None:
     """A requested grant as (tool, target, ops, level, constraints), or None when malformed (denied whole)."""
-    if not isinstance(raw, Mapping) or raw.keys() - _GRANT_KEYS:
+    if not isinstance(raw, Mapping) or raw.keys() - GRANT_KEYS:
         return None
     tool, target, ops = raw.get("tool"), raw.get("target"), raw.get("ops")
     sensitivity = raw.get("sensitivity", DEFAULT_SENSITIVITY)
-    if (not isinstance(tool, str) or not tool or not isinstance(target, str) or _target_problem(target)
+    if (not isinstance(tool, str) or not tool or not isinstance(target, str) or target_problem(target)
             or not isinstance(ops, (list, tuple, set, frozenset)) or not ops
-            or any(_name_problem(op) for op in ops)
+            or any(name_problem(op) for op in ops)
             or not isinstance(sensitivity, str) or sensitivity not in SENSITIVITY_RANK):
         return None
     try:
-        asked = _extras(raw)  # a request may add constraints; they only tighten (constraints.tighten)
+        asked = grant_extras(raw)  # a request may add constraints; they only tighten (constraints.tighten)
     except ValueError:
         return None
     return tool, target, sorted(set(ops)), SENSITIVITY_RANK[sensitivity], asked
@@ -498,7 +292,7 @@ def _grant_shaped(raw: Any) -> dict[str, Any]:
             "ops": [str(op) for op in ops], "sensitivity": str(raw.get("sensitivity", DEFAULT_SENSITIVITY))}
 
 
-def _best(allows: Sequence[_Rule], op: str, target: str, level: int,
+def _best(allows: Sequence[Rule], op: str, target: str, level: int,
           approval: bool) -> tuple[int, int, dict[str, Any]] | None:
     """(level, ttl, constraints) of the allow rule granting ``op`` on all of ``target`` at the highest
     level, then longest TTL, then without constraints (any allow rule would do: the least constrained
