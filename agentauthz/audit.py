@@ -226,8 +226,8 @@ class AuditLog:
         """Chain what is queued and write it on the loop's thread (_kick); if that fails, every allow
         waiting on it is withdrawn. ``_mutex`` held, no batch in flight.
 
-        Written, not yet fsynced: a killed process loses none of it (the kernel has it). The writer's
-        next batch, within a flush interval, fsyncs it and signs a checkpoint; after a failure the
+        Written, fsynced only as ``_write_out`` rules: a killed process loses none of it (the kernel
+        has it). The writer's next checkpoint, within a flush interval, fsyncs it; after a failure the
         writer retries with backoff.
         """
         took = self._take(checkpoint=False)
@@ -236,7 +236,7 @@ class AuditLog:
         if not took:
             return
         try:
-            self._write_out(sync=False)
+            self._write_out()
         except OSError as exc:
             self._fail(exc)
 
@@ -305,13 +305,7 @@ class AuditLog:
                         continue
                 try:
                     with self._mutex:
-                        # fsync what must be durable now: a checkpoint (it names only durable
-                        # records), flush() waiters, a retry after a failure. Allows waiting here need
-                        # what an inline allow gets, written; an fsync for each such batch kept the
-                        # writer in fsync, holding the log, ~135 times a second under load, which
-                        # sent yet more allows here. The next checkpoint, within a flush interval,
-                        # fsyncs them.
-                        self._write_out(sync=bool(self._out_cp or self._out_waiters) or not self._ok)
+                        self._write_out()
                 except OSError as exc:  # ENOSPC, EIO...: keep the batch, report unhealthy, retry
                     if self._ok:
                         log.error("audit: write failed, holding %d records: %s", self.pending, exc)
@@ -387,8 +381,16 @@ class AuditLog:
         if not self._file or (self._offset and self._offset + size > self._max_bytes):
             self._file, self._offset = f"audit-{self._chain.seq - records + 1:010d}.jsonl", 0
 
-    def _write_out(self, sync: bool = True) -> None:
-        if sync and self._out is None and self._out_waiters and self._since_cp and self._fd >= 0:
+    def _write_out(self) -> None:
+        """Write the batch in flight and its checkpoint; ``_mutex`` held, by either thread.
+
+        It fsyncs only what must be durable now: a checkpoint (it names only durable records),
+        flush() waiters, a retry after a failure. Allows need only be written, as an inline allow is;
+        the next checkpoint, within a flush interval, fsyncs them. An fsync for every batch of
+        waiting allows kept the writer in fsync, holding the log, ~135 times a second under load.
+        """
+        sync = bool(self._out_cp or self._out_waiters) or not self._ok
+        if self._out is None and self._out_waiters and self._since_cp and self._fd >= 0:
             # flush() with nothing new to write, but records written unsynced since the last
             # checkpoint (inline allows, or batches with checkpoint_every > 1): it promises an fsync.
             os.fsync(self._fd)
