@@ -146,6 +146,17 @@ def test_twins_write_the_same_bytes(ts: float, decision_id: str, request_id: str
     assert (native.seq, native.prev) == (pure.seq, pure.prev) == (seq + 1, hashlib.sha256(line).hexdigest())
 
 
+@pytest.mark.parametrize("size", [0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 420, 4096, 100_003])
+def test_the_link_hash_is_sha256_across_block_and_padding_boundaries(size: int) -> None:
+    """The native twin hashes through OpenSSL's block code: every size where SHA-256 padding or a
+    block boundary changes, and lines longer than any record, must give hashlib's digest."""
+    line = bytes((i * 7 + size) % 251 for i in range(size))
+    for twin in _twins():
+        chain = twin()
+        assert chain.link(line) == line + b"\n"
+        assert chain.prev == hashlib.sha256(line).hexdigest()
+
+
 def test_twins_write_the_same_log(tmp_path: Path) -> None:
     logs = []
     for n, twin in enumerate(_twins()):

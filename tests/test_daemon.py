@@ -74,6 +74,26 @@ def test_grpc_health_is_serving_on_the_check_listener(daemon: Daemon) -> None:
             assert answer.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_watch_and_reflection_are_served_on_the_check_listener(daemon: Daemon) -> None:
+    """Both are served by generic handlers only (server.py ``_add_health_and_reflection``): the
+    streaming Watch and reflection must work all the same."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+    with grpc.insecure_channel(daemon.check_address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service="envoy.service.auth.v3.Authorization"), timeout=5)
+        assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()
+        answers = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services=""),
+                  reflection_pb2.ServerReflectionRequest(
+                      file_containing_symbol="envoy.service.auth.v3.Authorization")]), timeout=5)
+        listed, described = list(answers)
+    assert {s.name for s in listed.list_services_response.service} == {
+        "envoy.service.auth.v3.Authorization", "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection"}
+    assert described.file_descriptor_response.file_descriptor_proto  # the Check service's own proto
+
+
 def test_task_context_manager_ends_the_task_even_on_error_and_renews(daemon: Daemon,
                                                                      tmp_path: Path) -> None:
     client = Client(daemon.api_address, identity_for(daemon, tmp_path), check_server=daemon.check_address)
