@@ -123,7 +123,8 @@ def _paired(load: dict[str, Any], table: str, a: str, b: str,
 
 def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
            paired: dict[str, dict[str, float]] | None = None,
-           handlers: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+           handlers: dict[str, Any] | None = None,
+           instructions: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every ratio with its target and verdict (``met`` is None where there is no target)."""
     out: list[dict[str, Any]] = []
 
@@ -274,6 +275,19 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
         "one shared load (median of per-round ratios)", statistics.median(per_round) if per_round else None,
         "(info)", None, source="benchmarks/load/handlers.py")
 
+    counts = (instructions or {}).get("instructions_per_check", {})
+    if counts.get("floor"):
+        for name, label, target in (("agentauthz", "warm Check", "(info)"),
+                                    ("record", "parse + one chained audit write: an audited allow's bound",
+                                     "(bound)")):
+            add(f"instructions_floor_over_{name}", f"floor / {label}, by instructions per Check (callgrind: "
+                "user-space work, no noise, no kernel time)",
+                counts["floor"] / counts[name] if counts.get(name) else None, target, None,
+                source="benchmarks/load/instructions.py")
+        add("instructions_check_beyond_record", "instructions a warm Check adds to its bound's (callgrind)",
+            counts["agentauthz"] - counts["record"] if counts.get("agentauthz") and counts.get("record")
+            else None, "(info)", None, unit="instructions", source="benchmarks/load/instructions.py")
+
     def median_ns(name: str) -> float | None:
         b = micro.get(name)
         return b["median_ns"] if b else None
@@ -364,6 +378,21 @@ def handlers_section(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def instructions_section(results: dict[str, Any]) -> list[str]:
+    counts = (results.get("instructions") or {}).get("instructions_per_check", {})
+    if not counts:
+        return ["_Not measured: run `python -m benchmarks.load.instructions --out "
+                "benchmarks/results/instructions.json` (valgrind)._"]
+    i = results["instructions"]
+    out = [f"Each server under `valgrind --tool=callgrind` ({i['valgrind']}), {i['requests']:,} warm Checks "
+           "from h2load (4 connections x 16 streams) after a warm-up; user-space instructions of every "
+           "thread, per Check. Work, not time: the kernel's share and cache misses are not in it, and "
+           "it does not drift with the machine.", "",
+           "| server | instructions per Check | floor / server |", "|---|---:|---:|"]
+    out += [f"| {name} | {count:,.0f} | {_f(counts['floor'] / count)} |" for name, count in counts.items()]
+    return out
+
+
 def profile_section(prof: dict[str, Any]) -> list[str]:
     if not prof or "skipped" in prof:
         return [f"_Skipped: {prof.get('skipped', 'no profile') if prof else 'no profile'}._"]
@@ -450,6 +479,7 @@ def render(results: dict[str, Any]) -> str:
         out += ["", "The 'every worker denying' time is bounded below by the probe sweep itself "
                 "(sequential Checks over 16 connections); the first sweep after the ack already denies."]
     out += ["", "## Each handler's own CPU, under one shared load", "", *handlers_section(results)]
+    out += ["", "## Instructions per Check (callgrind)", "", *instructions_section(results)]
     out += ["", "## Where the time goes (py-spy)", "", *profile_section(load.get("profile", {}))]
     out += ["", "## Micro benchmarks (pytest-benchmark, medians)", ""]
     if micro:
@@ -561,18 +591,22 @@ def main(argv: list[str] | None = None) -> int:
     paired = json.loads(paired_path.read_text()) if paired_path.exists() else {}
     handlers_path = out_dir / "handlers.json"
     handlers = json.loads(handlers_path.read_text()) if handlers_path.exists() else {}
+    instructions_path = out_dir / "instructions.json"
+    instructions = json.loads(instructions_path.read_text()) if instructions_path.exists() else {}
     commands = ["make bench",
                 "pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/micro.json",
                 "python -m benchmarks.paired --out benchmarks/results/paired.json",
                 "python -m benchmarks.load --out benchmarks/results/load.json",
                 "python -m benchmarks.load.handlers --out benchmarks/results/handlers.json",
+                "python -m benchmarks.load.instructions --out benchmarks/results/instructions.json",
                 "python benchmarks/report.py"]
     for table in load.get("tables", {}).values():
         for row in table["rows"].values():
             if row["rounds"]:
                 commands.append(row["rounds"][0]["command"])
     results = {"machine": machine(), "versions": load.get("versions", {}),
-               "ratios": ratios(load, micro, paired, handlers), "paired": paired, "handlers": handlers,
+               "ratios": ratios(load, micro, paired, handlers, instructions), "paired": paired,
+               "handlers": handlers, "instructions": instructions,
                "micro": micro, "load": load, "commands": commands,
                "micro_machine_info": micro_raw.get("machine_info", {})}
     results["charts"] = charts(load, out_dir)

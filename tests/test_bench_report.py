@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from benchmarks.report import handlers_section, ratios
+from benchmarks.report import handlers_section, instructions_section, ratios
 
 
 def table(**rows: list[Any]) -> dict[str, Any]:
@@ -116,6 +116,19 @@ def test_the_report_says_when_the_handlers_were_not_measured() -> None:
                                            "check_waited": [0.011]}})
     assert any("| check | the whole warm Check | 28.7 | 28.7 |" in line for line in lines)
     assert "1.1%" in lines[-1]
+
+
+def test_instruction_ratios_are_floor_over_each_server_and_the_checks_excess_over_its_bound() -> None:
+    counts = {"floor": 300_000.0, "record": 340_000.0, "agentauthz": 360_000.0}
+    instructions = {"instructions_per_check": counts, "requests": 1000, "valgrind": "valgrind-3.19.0"}
+    by_key = {r["key"]: r for r in ratios({}, {}, None, None, instructions)}
+    assert by_key["instructions_floor_over_agentauthz"]["value"] == pytest.approx(300 / 360)
+    assert by_key["instructions_floor_over_record"]["value"] == pytest.approx(300 / 340)
+    assert by_key["instructions_check_beyond_record"]["value"] == 20_000.0
+    assert not any(key.startswith("instructions") for key in {r["key"] for r in ratios({}, {})})
+    lines = instructions_section({"instructions": instructions})
+    assert "| agentauthz | 360,000 | 0.83 |" in lines
+    assert "Not measured" in instructions_section({})[0]
 
 
 def test_the_answer_server_answers_what_agentauthz_allows_with() -> None:
