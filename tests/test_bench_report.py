@@ -118,16 +118,20 @@ def test_the_report_says_when_the_handlers_were_not_measured() -> None:
     assert "1.1%" in lines[-1]
 
 
-def test_instruction_ratios_are_floor_over_each_server_and_the_checks_excess_over_its_bound() -> None:
-    counts = {"floor": 300_000.0, "record": 340_000.0, "agentauthz": 360_000.0}
+def test_instruction_ratios_are_floor_over_each_server_and_each_checks_excess_over_its_bound() -> None:
+    counts = {"floor": 300_000.0, "record": 340_000.0, "warm": 360_000.0, "verify": 500_000.0,
+              "cold": 600_000.0, "naive": 1_200_000.0}
     instructions = {"instructions_per_check": counts, "requests": 1000, "valgrind": "valgrind-3.19.0"}
     by_key = {r["key"]: r for r in ratios({}, {}, None, None, instructions)}
-    assert by_key["instructions_floor_over_agentauthz"]["value"] == pytest.approx(300 / 360)
+    assert by_key["instructions_floor_over_warm"]["value"] == pytest.approx(300 / 360)
     assert by_key["instructions_floor_over_record"]["value"] == pytest.approx(300 / 340)
-    assert by_key["instructions_check_beyond_record"]["value"] == 20_000.0
+    assert by_key["instructions_floor_over_cold"]["value"] == pytest.approx(0.5)
+    assert by_key["instructions_warm_beyond_record"]["value"] == 20_000.0
+    assert by_key["instructions_cold_beyond_verify"]["value"] == 100_000.0
+    assert by_key["instructions_naive_over_cold"]["value"] == 2.0
     assert not any(key.startswith("instructions") for key in {r["key"] for r in ratios({}, {})})
     lines = instructions_section({"instructions": instructions})
-    assert "| agentauthz | 360,000 | 0.83 |" in lines
+    assert "| warm | 360,000 | 0.83 |" in lines and "| cold | 600,000 | 0.50 |" in lines
     assert "Not measured" in instructions_section({})[0]
 
 

@@ -4,16 +4,23 @@
 
 Requests/s and CPU per request drift 2x within a minute on a shared VM; an
 instruction count does not (two runs of the floor agreed to 0.06%). Each server
-runs under ``valgrind --tool=callgrind``: h2load sends a warm-up, callgrind's
-counters are zeroed, h2load sends ``--requests`` Checks at the load tables'
-concurrency (4 connections x 16 streams, the same warm request bytes for all),
-and the counters are dumped. The figure is the user-space instructions of every
-thread of the process, per Check:
+runs under ``valgrind --tool=callgrind``; our Python client (the load tables'
+``loadgen.check_load``, 64 calls in flight on one channel) sends a warm-up,
+callgrind's counters are zeroed, the client sends ``--requests`` Checks, and the
+counters are dumped. The client counts the allows: every Check must be one.
+The figure is the user-space instructions of every thread of the server, per Check:
 
 * ``floor``  the constant OK (``servers.py floor``);
 * ``record`` the bound on a warm Check: parse + one chained audit write,
   answered with agentauthz's allow (``servers.py record``);
-* ``agentauthz`` the daemon, as ``make run`` starts it, with a warm token.
+* ``warm``   agentauthz, as ``make run`` starts it, one token;
+* ``queued`` the same with ``audit_allows: queued`` (DESIGN §5's request path:
+  the allow's record queued for the writer thread, not written before the answer);
+* ``verify`` the bound on a cold Check: ``record`` + one bare PyNaCl verify;
+* ``cold``   agentauthz, 2,000 tokens cycled through a verified-token cache of
+  1,000: every Check verifies a signature;
+* ``naive``  the PyJWT peer (``servers.py naive``), on the cold tokens (it decodes
+  every token anyway).
 
 Instructions are work, not time: the kernel's share (sendmsg, recv, epoll, the
 audit write(2)) is not counted, nor are cache misses. The ratios say how much
@@ -27,17 +34,22 @@ are natively.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVERS = ("floor", "record", "agentauthz")
+SERVERS = ("floor", "record", "warm", "queued", "verify", "cold", "naive")
 SLOWDOWN = 50  # valgrind's, roughly: the daemon's flush interval is scaled by it
+COLD_TOKENS, COLD_CACHE = 2000, 1000  # as the load tables' cold row (run.py Settings)
+CONCURRENCY = 64
 
 
 def _ready(address: str) -> bool:
@@ -50,38 +62,31 @@ def _ready(address: str) -> bool:
     return True
 
 
-def _load(address: str, body: Path, requests: int) -> int:
-    """h2load sends ``requests`` Checks; the number that succeeded."""
-    argv = ["h2load", "-n", str(requests), "-c", "4", "-m", "16", "-t", "1", "-d", str(body),
-            "-H", "content-type: application/grpc", "-H", "te: trailers",
-            f"http://{address}/envoy.service.auth.v3.Authorization/Check"]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=1800, check=True).stdout
-    found = re.search(r"(\d+) succeeded", out)
-    return int(found.group(1)) if found else 0
+def _allows(address: str, bodies: list[bytes], requests: int) -> int:
+    """Send ``requests`` Checks cycling through ``bodies``; how many were allowed."""
+    from .loadgen import check_load
+    result = asyncio.run(check_load(address, bodies, CONCURRENCY, duration=3600, max_requests=requests,
+                                    timeout=600))
+    return int(result["outcomes"].get("allow", 0))
 
 
-def _count(name: str, argv: list[str], address: str, body: Path, requests: int, work: Path,
-           allowed: Callable[[], float] | None = None) -> float:
-    """Instructions per Check of the server ``argv`` starts, answering on ``address``; ``allowed``
-    reads how many Checks the server has allowed so far, where it can tell."""
+def _count(name: str, argv: list[str], address: str, bodies: list[bytes], requests: int, work: Path) -> float:
+    """Instructions per Check of the server ``argv`` starts, answering on ``address``."""
     from .procs import Process, wait_for
     out = work / f"callgrind.{name}"
     server = Process(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv], work,
                      cwd=ROOT)
     try:
         wait_for(lambda: server.alive() and _ready(address), 600, f"{name} under valgrind")
-        _load(address, body, max(requests // 4, 100))  # warm-up: caches, imports, the token's first allow
+        warm_up = max(requests // 2, 100)  # caches, imports; a warm token's first allow
+        allowed = _allows(address, bodies, warm_up)
         subprocess.run(["callgrind_control", "-z", str(server.pid)], capture_output=True, check=True)
-        answered = _load(address, body, requests)
+        allowed += _allows(address, bodies[warm_up % len(bodies):] + bodies[:warm_up % len(bodies)], requests)
         subprocess.run(["callgrind_control", "-d", str(server.pid)], capture_output=True, check=True)
-        # h2load cannot see a gRPC status: the daemon's own count says every Check was an allow.
-        allows = allowed() if allowed else None
     finally:
         server.stop()
-    warm_up = max(requests // 4, 100)
-    if answered != requests or allows not in (None, warm_up + requests):
-        raise RuntimeError(f"{name}: {answered} of {requests} Checks answered, {allows} allowed of "
-                           f"{warm_up + requests} under valgrind")
+    if allowed != warm_up + requests:
+        raise RuntimeError(f"{name}: {allowed} of {warm_up + requests} Checks allowed under valgrind")
     dump = out.with_name(out.name + ".1")  # the dump since the zeroing; the final file has the rest
     total = re.search(r"^totals:\s+(\d+)", dump.read_text(), re.M)
     if total is None:
@@ -92,33 +97,42 @@ def _count(name: str, argv: list[str], address: str, body: Path, requests: int, 
 def measure(requests: int) -> dict[str, Any]:
     from agentauthz.client import check_request
 
-    from . import loadgen
     from .daemon import Daemon
     from .procs import free_port
 
     work = Path(tempfile.mkdtemp(prefix="agentauthz-instructions-"))
-    # The token is minted by the daemon running natively; its state (keys, policy) is reused under valgrind.
-    daemon = Daemon("agentauthz", work, ROOT, config={"audit_flush_interval": 0.05 * SLOWDOWN})
+    # Tokens are minted by the daemon running natively; its state (keys, policy) is reused under valgrind.
+    daemon = Daemon("agentauthz", work, ROOT, config={"audit_flush_interval": 0.05 * SLOWDOWN,
+                                                      "verified_cache_size": COLD_CACHE})
     try:
-        token = daemon.mint()
+        warm = [check_request(daemon.mint(), "demo", "reports", "read")]
+        cold = [check_request(t, "demo", "reports", "read") for t in daemon.mint_many(COLD_TOKENS)]
+        jwks = work / "jwks.json"
+        jwks.write_text(json.dumps(daemon.jwks()))
     finally:
         daemon.process.stop()
-    body = loadgen.write_frames(work / "warm.bin", [check_request(token, "demo", "reports", "read")])
+    config = yaml.safe_load(Path(daemon.argv[daemon.argv.index("--config") + 1]).read_text())
+    queued_config = work / "queued-config.yaml"
+    queued_config.write_text(yaml.safe_dump({**config, "audit_allows": "queued"}))
     per_check: dict[str, float] = {}
-    argvs: dict[str, list[str]] = {}
+    commands: dict[str, list[str]] = {}
     for name in SERVERS:
         address = f"127.0.0.1:{free_port()}"
-        if name == "agentauthz":
+        if name in ("warm", "queued", "cold"):
             argv = list(daemon.argv)
             argv[argv.index("--check-listen") + 1] = address
+            if name == "queued":
+                argv[argv.index("--config") + 1] = str(queued_config)
         else:
-            argv = [sys.executable, "-m", "benchmarks.load.servers", name, "--listen", address]
-        argvs[name] = argv
-        allowed = (lambda: daemon.decisions().get("allow", 0)) if name == "agentauthz" else None
-        per_check[name] = _count(name, argv, address, body, requests, work, allowed)
+            extra = ["--jwks", str(jwks)] if name in ("verify", "naive") else []
+            argv = [sys.executable, "-m", "benchmarks.load.servers", name, "--listen", address, *extra]
+        commands[name] = argv
+        per_check[name] = _count(name, argv, address, cold if name in ("verify", "cold", "naive") else warm,
+                                 requests, work)
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True).stdout.strip()
     return {"instructions_per_check": per_check, "requests": requests, "valgrind": version,
-            "commands": argvs, "settings": {"connections": 4, "streams": 16, "slowdown": SLOWDOWN}}
+            "commands": commands, "settings": {"concurrency": CONCURRENCY, "slowdown": SLOWDOWN,
+                                               "cold_tokens": COLD_TOKENS, "cold_cache": COLD_CACHE}}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,12 +142,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     result = measure(args.requests)
-    text = json.dumps(result, indent=1)
     if args.out:
-        args.out.write_text(text + "\n")
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
     counts = result["instructions_per_check"]
     for name, count in counts.items():
-        print(f"{name:12} {count:12,.0f} instructions/Check   floor/{name} {counts['floor'] / count:.3f}")
+        print(f"{name:8} {count:12,.0f} instructions/Check   floor/{name} {counts['floor'] / count:.3f}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,17 @@ def pin(pid: int, cpus: set[int] | None) -> None:
                 pass  # a thread that just exited
 
 
+def pinned(argv: Sequence[str], cpus: set[int] | None) -> list[str]:
+    """``argv`` started on ``cpus`` only (None: as is), by taskset, which execs it under the same pid.
+
+    Not a ``preexec_fn``: that forks the whole orchestrator, and gRPC's fork handlers then abort the
+    child when the parent holds a channel (seen: h2load "exited with -6", epoll_wait EBADF).
+    """
+    if not cpus:
+        return list(argv)
+    return ["taskset", "-c", ",".join(str(c) for c in sorted(cpus)), *argv]
+
+
 class Process:
     """A child process we started, with its log file, CPU counter and a polite stop."""
 
@@ -127,8 +138,7 @@ class Process:
         self.log_path = log_dir / f"{name}.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env,
-                preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+                pinned(self.argv, cpus), stdout=log, stderr=subprocess.STDOUT, cwd=cwd, env=env)
 
     @property
     def pid(self) -> int:
@@ -160,8 +170,7 @@ def run_bounded(argv: Sequence[str], timeout: float, cpus: set[int] | None = Non
                 cwd: Path | None = None) -> tuple[str, float]:
     """Run a load generator to completion (killed if it overruns); (stdout, its CPU seconds)."""
     before = os.times()
-    proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
+    proc = subprocess.run(pinned(argv, cpus), capture_output=True, text=True, timeout=timeout, cwd=cwd)
     after = os.times()
     if proc.returncode != 0:
         raise RuntimeError(f"{argv[0]} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
