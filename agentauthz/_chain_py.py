@@ -4,7 +4,7 @@ Every record names its sequence number and the SHA-256 of the record before
 it (``prev``), so an edited, inserted, deleted or reordered record breaks the
 chain (``audit_verify``). ``append_check`` is an allow's record in one call:
 formatted, linked and written, because the allow is answered only once its
-record is in the log file (``AuditLog.record_allow``).
+record is in the log file (``AuditLog.write_allow``).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class WarmAllow:
         self._policy = policy
         self._policy_seen: Any = None
         self._binding: frozenset[str] = frozenset()  # boundaries of _policy_seen that require binding
-        self._record_allow, self._ids, self._prepared, self._clock = audit.record_allow, ids, prepared, clock
+        self._write_allow, self._ids, self._prepared, self._clock = audit.write_allow, ids, prepared, clock
         self._unrecorded = unrecorded  # the audit_unavailable denial, without its decision id
         self._decisions = decisions  # reason -> count (a Counter), for the rare outcomes
         self.allowed = 0  # the allows answered here; the full path counts its own
@@ -108,7 +108,7 @@ class WarmAllow:
         decision_id = self._ids.next()
         try:
             # Declined when the log is not healthy too: the full path then answers audit_unavailable.
-            if not self._record_allow(decision_id, request_id, prepared, now):
+            if not self._write_allow(decision_id, request_id, prepared, now):
                 return reason, entry  # the full path waits for the writer (record_check_durable)
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[reasons.AUDIT_UNAVAILABLE] += 1

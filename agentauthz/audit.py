@@ -38,12 +38,8 @@ class AuditLog:
     @classmethod
     def open(cls, directory: Path, *, flush_interval: float = 0.05, batch_size: int = 512,
              queue_max: int = 65536, checkpoint_every: int = 1, max_file_bytes: int = 64 << 20,
-             clock: Callable[[], float] = time.time, queue_allows: bool = False) -> AuditLog:
-        """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started.
-
-        ``queue_allows``: ``record_allow`` queues an allow's record for the writer's next batch
-        instead of writing it before the answer (see there).
-        """
+             clock: Callable[[], float] = time.time) -> AuditLog:
+        """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started."""
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = os.open(directory / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -53,17 +49,16 @@ class AuditLog:
             except BlockingIOError:
                 raise StateError(f"{directory}: audit log is open in another process") from None
             return cls(directory, lock, load_key(directory), flush_interval, batch_size, queue_max,
-                       checkpoint_every, max_file_bytes, clock, queue_allows)
+                       checkpoint_every, max_file_bytes, clock)
         except BaseException:
             os.close(lock)
             raise
 
     def __init__(self, directory: Path, lock: int, key: Ed25519PrivateKey, flush_interval: float,
                  batch_size: int, queue_max: int, checkpoint_every: int, max_file_bytes: int,
-                 clock: Callable[[], float], queue_allows: bool = False) -> None:
+                 clock: Callable[[], float]) -> None:
         self._dir, self._lock, self._key, self._kid = directory, lock, key, thumbprint(key.public_key())
         self._interval, self._batch, self._max = flush_interval, batch_size, queue_max
-        self._queue_allows = queue_allows  # see open()
         self._cp_every, self._max_bytes, self._clock = checkpoint_every, max_file_bytes, clock
         # deque.append/popleft are atomic under the GIL: the request path takes no lock.
         self._q: collections.deque[Any] = collections.deque()
@@ -147,12 +142,9 @@ class AuditLog:
         """``record("check", ...)`` for members made by ``prepare``, plus the two per-call ids."""
         return self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, None))
 
-    def record_allow(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
+    def write_allow(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
         """Write an allow's record (at ``ts``, else now) to the log file now, on the caller's thread;
-        True once written. With ``queue_allows`` (``audit_allows: queued``), queue it instead, as
-        DESIGN §5's request path does: True once queued, and the writer's next batch, within a flush
-        interval, writes, fsyncs and checkpoints it; a process killed meanwhile loses it. False when
-        the queue is full or the log not ``healthy``: the caller answers audit_unavailable.
+        True once written.
 
         The fast path of an allow: no queue, no thread hand-off, no future (each cost more than the
         Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
@@ -162,11 +154,6 @@ class AuditLog:
         ``record_check_durable``, or answers audit_unavailable when the log is not ``healthy``.
         A write that fails is withdrawn and raises ``AuditUnavailable``.
         """
-        if self._queue_allows:
-            if not self._ok or self._closed or self._thread is None:
-                return False
-            return self._enqueue((_CHECK, self._clock() if ts is None else ts, decision_id, request_id,
-                                  prepared, None))
         # Inline but for the record, which is one native call (_chain_c): this runs for every allow,
         # and under load each Python step here cost several times its isolated price.
         if not self._ok or self._closed or self._thread is None or self._q or self._out is not None \
@@ -205,7 +192,7 @@ class AuditLog:
         None means the record was not taken. The future fails with ``AuditUnavailable`` if the disk
         fails first; the record is then still written once it can be, followed by a ``checks_withdrawn``
         record naming the decision. A process killed at any moment has therefore written every allow
-        it answered. The slow path of ``record_allow``: committed once per event-loop iteration, after
+        it answered. The slow path of ``write_allow``: committed once per event-loop iteration, after
         every Check that iteration handles has enqueued (``_kick``), or by the writer thread.
         """
         loop = asyncio.get_running_loop()

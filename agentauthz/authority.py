@@ -83,8 +83,7 @@ class TokenIds:
 def open_audit(config: Config, directory: Path, clock: Callable[[], float] = time.time) -> AuditLog:
     """An audit log as configured (the daemon's, or a worker process's own)."""
     return AuditLog.open(directory, flush_interval=config.audit_flush_interval,
-                         batch_size=config.audit_batch_size, queue_max=config.audit_queue_max, clock=clock,
-                         queue_allows=config.audit_allows == "queued")
+                         batch_size=config.audit_batch_size, queue_max=config.audit_queue_max, clock=clock)
 
 
 def keys_dir(state: Path, config: Config, audience: str) -> Path:

@@ -45,11 +45,6 @@ class Config:
     audit_flush_interval: float = 0.05
     audit_batch_size: int = 512
     audit_queue_max: int = 65536
-    # "written": each allow's record is in the log file (the kernel has it) before the allow is
-    # answered, so a killed daemon loses no allow it answered. "queued": DESIGN §5's request path,
-    # which only queues it for the writer's next batch (within audit_flush_interval); a killed daemon
-    # loses up to that interval of allow records, and a Check costs less (README "Performance").
-    audit_allows: str = "written"
 
     check_listen: str = "127.0.0.1:9191"  # HOST:PORT, or unix:PATH (Envoy's `pipe` address)
     # Plaintext suits loopback and Unix sockets; across hosts require Envoy's client certificate
@@ -154,8 +149,6 @@ def _problems(c: Config) -> list[str]:
             out.append(f"{name} must be an integer in [{low}, {high}], got {value!r}")
     if type(c.revocation_capacity) is int and c.revocation_capacity % 64:
         out.append("revocation_capacity must be a multiple of 64")
-    if c.audit_allows not in ("written", "queued"):
-        out.append(f"audit_allows must be written or queued, got {c.audit_allows!r}")
     for name in ("rotation_interval", "audit_flush_interval"):
         value = getattr(c, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:

@@ -353,7 +353,7 @@ class CheckService:
             # is in the log file, so a crashed daemon loses no allow a caller saw (audit.py).
             prepared = self._first_allow(entry, tool, target, operation, sensitivity)
             try:
-                if not self._audit.record_allow(decision_id, request_id, prepared):
+                if not self._audit.write_allow(decision_id, request_id, prepared):
                     durable = self._audit.record_check_durable(decision_id, request_id, prepared)
                     if durable is None:
                         raise AuditUnavailable("audit queue full")

@@ -149,9 +149,6 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
         add(f"warm_over_floor_{table}", f"warm Check throughput / floor ({gen})",
             rps(table, "warm/floor"), "≥ 0.90", lambda r: r >= 0.90, source=table)
     for table, gen in direct[:2]:
-        add(f"queued_over_floor_{table}", f"warm Check throughput / floor ({gen}), audit_allows: queued "
-            "(DESIGN §5's request path: the allow's record queued, written within the flush interval)",
-            rps(table, "queued/floor"), "≥ 0.90", lambda r: r >= 0.90, source=table)
         add(f"parse_over_floor_{table}", f"floor + request parse / floor ({gen}): any authorizer's bound",
             rps(table, "parse/floor"), "(bound)", None, source=table)
         add(f"record_over_floor_{table}", f"floor + parse + one chained audit write / floor ({gen}): "
@@ -282,7 +279,6 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
     if counts.get("floor"):
         for name, label, target in (
                 ("warm", "warm Check", "(info)"),
-                ("queued", "warm Check, audit_allows: queued", "(info)"),
                 ("record", "parse + one chained audit write: a warm allow's bound", "(bound)"),
                 ("cold", "cold Check", "(info)"),
                 ("verify", "parse + audit write + bare PyNaCl verify: a cold allow's bound", "(bound)")):

@@ -5,7 +5,7 @@ Under load each Python step of a Check ran on cold caches and cost several
 times its isolated price; the glue around the decision and the record (the
 bearer, the route's fields, the decision id, the prepared record, the
 response) was a third of the Check. Here it is C, around the calls it cannot
-do without: the verifier's decision, the audit log's ``record_allow``, and for a
+do without: the verifier's decision, the audit log's ``write_allow``, and for a
 token's first allow of a request, ``CheckService._first_allow``.
 """
 
@@ -93,7 +93,7 @@ cdef class WarmAllow:
     cdef object _default_verifier
     cdef object _policy, _policy_seen
     cdef frozenset _binding  # boundaries of _policy_seen that require binding
-    cdef object _record_allow, _clock
+    cdef object _write_allow, _clock
     cdef DecisionIds _ids
     cdef dict _prepared
     cdef bytes _unrecorded  # the audit_unavailable denial, without its decision id
@@ -110,7 +110,7 @@ cdef class WarmAllow:
         self._policy = policy
         self._policy_seen = None
         self._binding = frozenset()
-        self._record_allow, self._clock = audit.record_allow, clock
+        self._write_allow, self._clock = audit.write_allow, clock
         self._ids, self._prepared = ids, prepared
         self._unrecorded, self._decisions, self._first_allow = unrecorded, decisions, first_allow
         self.allowed = 0
@@ -170,7 +170,7 @@ cdef class WarmAllow:
         decision_id = self._ids._text[:ID_CHARS].decode("ascii")
         try:
             # Declined when the log is not healthy too: the full path then answers audit_unavailable.
-            if not self._record_allow(decision_id, fields[1], prepared, now):
+            if not self._write_allow(decision_id, fields[1], prepared, now):
                 return decided  # the full path waits for the writer (record_check_durable)
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[_AUDIT_UNAVAILABLE] += 1

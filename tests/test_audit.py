@@ -96,19 +96,19 @@ def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) ->
 
 
 def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) -> None:
-    """record_allow: declined (False, nothing recorded) until the writer has a file open, then written
+    """write_allow: declined (False, nothing recorded) until the writer has a file open, then written
     at once, in chain order with the queued records, and rotated into the next file by the writer."""
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
     log = AuditLog.open(tmp_path, flush_interval=0.02, max_file_bytes=4096)
     log.start()
     try:
-        assert not log.record_allow("first", "", prepared)  # a fresh log: no file open yet
+        assert not log.write_allow("first", "", prepared)  # a fresh log: no file open yet
         assert log.healthy and log.pending == 0
         log.record("start")
         assert log.flush()
         written = 0
         for i in range(200):  # as the Check does: declined means queued for the writer instead
-            if log.record_allow(f"allow-{i}", f"req-{i}", prepared):
+            if log.write_allow(f"allow-{i}", f"req-{i}", prepared):
                 written += 1
             else:
                 assert log.record_check(f"allow-{i}", f"req-{i}", prepared)
@@ -123,55 +123,6 @@ def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) 
     assert len(audit_files.log_files(tmp_path)) > 1, "the files rotated"
     assert all(p.stat().st_size <= 4096 + 1024 for _, p in audit_files.log_files(tmp_path))
     assert verify_dir(tmp_path).ok
-
-
-def test_a_queued_allow_is_answered_before_it_is_written_and_the_next_batch_writes_it(tmp_path: Path) -> None:
-    """audit_allows: queued (DESIGN §5's request path): record_allow only queues the record, and the
-    writer's next batch writes, fsyncs and checkpoints it. Nothing running, a full queue or a closed
-    log refuse it (False): the Check then answers audit_unavailable."""
-    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, flush_interval=60, queue_max=5, queue_allows=True)
-    assert not log.record_allow("early", "", prepared)  # no writer yet
-    log.start()
-    try:
-        log.record("start")
-        assert log.flush()
-        written = sum(p.stat().st_size for _, p in audit_files.log_files(tmp_path))
-        for i in range(5):
-            assert log.record_allow(f"allow-{i}", f"req-{i}", prepared)
-        assert not log.record_allow("overflow", "", prepared)  # the queue is full
-        assert sum(p.stat().st_size for _, p in audit_files.log_files(tmp_path)) == written, "queued only"
-        assert log.pending == 5 and log.healthy
-        assert log.flush()
-        assert log.pending == 0
-    finally:
-        log.stop()
-    assert not log.record_allow("late", "", prepared)
-    recs = records(tmp_path)
-    assert [r["decision_id"] for r in recs if r["kind"] == "check"] == [f"allow-{i}" for i in range(5)]
-    assert recs[-1]["kind"] == "checkpoint" and verify_dir(tmp_path).ok
-
-
-def test_the_daemons_log_queues_allows_only_when_configured_so(tmp_path: Path) -> None:
-    from agentauthz.authority import open_audit
-    from agentauthz.config import Config
-    from agentauthz.errors import ConfigError
-    with pytest.raises(ConfigError, match="audit_allows must be written or queued"):
-        Config.from_mapping({"audit_allows": "sometimes"})
-    prepared = audit_records.prepare(decision=True, reason="allow")
-    for mode, grows in (("written", True), ("queued", False)):
-        log = open_audit(Config.from_mapping({"state_dir": str(tmp_path), "audit_allows": mode}),
-                         tmp_path / mode)
-        log.start()
-        try:
-            log.record("start")
-            assert log.flush()
-            before = sum(p.stat().st_size for _, p in audit_files.log_files(tmp_path / mode))
-            assert log.record_allow("d", "", prepared)
-            after = sum(p.stat().st_size for _, p in audit_files.log_files(tmp_path / mode))
-            assert (after > before) is grows, mode
-        finally:
-            log.stop()
 
 
 def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
@@ -753,7 +704,7 @@ def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypa
         assert log.flush()
         full, full_name = log._fd, log._fd_name
         written = 0
-        while log.record_allow(f"d-{written}", "", prepared):  # inline, as the Check's fast path writes
+        while log.write_allow(f"d-{written}", "", prepared):  # inline, as the Check's fast path writes
             written += 1
         assert written > 2 and log._fd_name == full_name  # the next does not fit: the writer moves on
         monkeypatch.setattr(audit.os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])

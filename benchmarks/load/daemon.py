@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,13 +30,9 @@ class Daemon:
 
     def __init__(self, name: str, work: Path, root: Path, *, check_listen: str | None = None,
                  config: dict[str, Any] | None = None, cpus: set[int] | None = None,
-                 workers: int = 0, keys_of: Daemon | None = None) -> None:
+                 workers: int = 0) -> None:
         self.name = name
         self.state_dir = work / f"{name}-state"
-        if keys_of is not None:  # its signing keys and token-id key: one token verifies at both
-            self.state_dir.mkdir(mode=0o700)
-            shutil.copytree(keys_of.state_dir / "keys", self.state_dir / "keys")
-            shutil.copy2(keys_of.state_dir / "token-id.key", self.state_dir / "token-id.key")
         self.check_port, self.api_port, self.http_port = free_port(), free_port(), free_port()
         self.check_address = check_listen or f"127.0.0.1:{self.check_port}"
         argv = [sys.executable, "-m", "agentauthz", "serve", "--state-dir", str(self.state_dir),

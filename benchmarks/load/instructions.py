@@ -14,8 +14,6 @@ The figure is the user-space instructions of every thread of the server, per Che
 * ``record`` the bound on a warm Check: parse + one chained audit write,
   answered with agentauthz's allow (``servers.py record``);
 * ``warm``   agentauthz, as ``make run`` starts it, one token;
-* ``queued`` the same with ``audit_allows: queued`` (DESIGN §5's request path:
-  the allow's record queued for the writer thread, not written before the answer);
 * ``verify`` the bound on a cold Check: ``record`` + one bare PyNaCl verify;
 * ``cold``   agentauthz, 2,000 tokens cycled through a verified-token cache of
   1,000: every Check verifies a signature;
@@ -43,10 +41,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 ROOT = Path(__file__).resolve().parents[2]
-SERVERS = ("floor", "record", "warm", "queued", "verify", "cold", "naive")
+SERVERS = ("floor", "record", "warm", "verify", "cold", "naive")
 SLOWDOWN = 50  # valgrind's, roughly: the daemon's flush interval is scaled by it
 COLD_TOKENS, COLD_CACHE = 2000, 1000  # as the load tables' cold row (run.py Settings)
 CONCURRENCY = 64
@@ -111,18 +107,13 @@ def measure(requests: int) -> dict[str, Any]:
         jwks.write_text(json.dumps(daemon.jwks()))
     finally:
         daemon.process.stop()
-    config = yaml.safe_load(Path(daemon.argv[daemon.argv.index("--config") + 1]).read_text())
-    queued_config = work / "queued-config.yaml"
-    queued_config.write_text(yaml.safe_dump({**config, "audit_allows": "queued"}))
     per_check: dict[str, float] = {}
     commands: dict[str, list[str]] = {}
     for name in SERVERS:
         address = f"127.0.0.1:{free_port()}"
-        if name in ("warm", "queued", "cold"):
+        if name in ("warm", "cold"):
             argv = list(daemon.argv)
             argv[argv.index("--check-listen") + 1] = address
-            if name == "queued":
-                argv[argv.index("--config") + 1] = str(queued_config)
         else:
             extra = ["--jwks", str(jwks)] if name in ("verify", "naive") else []
             argv = [sys.executable, "-m", "benchmarks.load.servers", name, "--listen", address, *extra]

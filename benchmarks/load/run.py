@@ -304,9 +304,6 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
     with contextlib.ExitStack() as stack:
         # -- the four Check servers ------------------------------------------------------------
         warm = bench.start_daemon(stack, "agentauthz-warm")
-        # DESIGN §5's request path: an allow's record only queued for the writer (README "Audit log").
-        queued = bench.start_daemon(stack, "agentauthz-queued", config={"audit_allows": "queued"},
-                                    keys_of=warm)
         cold = bench.start_daemon(stack, "agentauthz-cold", config={"verified_cache_size": s.cold_cache})
         jwks = warm.jwks()
         jwks_path = work / "jwks.json"
@@ -324,10 +321,7 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
             parse_row = [Target("parse", "floor + parse the CheckRequest (the least any authorizer does)",
                                 drive(parse_addr), {"server": parse.pid}),
                          Target("record", "parse + one chained audit write (the least an audited allow does)",
-                                drive(record_addr), {"server": record.pid}),
-                         Target("queued", "agentauthz, one token (warm), audit_allows: queued",
-                                drive(queued.check_address), {"server": queued.pid}, queued)
-                         ] if with_parse else []
+                                drive(record_addr), {"server": record.pid})] if with_parse else []
             return [Target("floor", "floor: grpc.aio constant OK", drive(floor_addr), {"server": floor.pid}),
                     *parse_row,
                     Target("warm", "agentauthz, one token (warm)", drive(warm.check_address),
@@ -340,7 +334,6 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
                 ("direct_h2load", "Check direct over gRPC (h2load)", False),
                 ("direct_h2load_pinned", "Check direct over gRPC (h2load), server on one core", True)):
             body = bench.bodies(f"warm-{key}", [warm.mint()])
-            check_allowed(queued.check_address, body, "agentauthz (audit_allows: queued)")
 
             def h2(address: str, b: Path = body, p: bool = pinned) -> Callable[[float], dict[str, Any]]:
                 return bench.h2load_grpc(address, b, s.h2_clients, s.h2_streams, p)
