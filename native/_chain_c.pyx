@@ -20,6 +20,9 @@ from posix.unistd cimport write
 
 import ctypes
 
+import nacl.bindings  # importing it runs sodium_init(), required before any libsodium call
+from nacl._sodium import ffi as _ffi, lib as _sodium
+
 from agentauthz.audit_records import _json_str, _redacted
 
 cdef extern from "Python.h":
@@ -37,32 +40,48 @@ cdef long long SEQ_MAX = 9223372036854775806  # seq + 1 must fit a long long
 # SHA-256 from the libcrypto Python's own hashlib loaded (no link-time dependency): OpenSSL's
 # SHA-NI/AVX2 block code hashed a ~420-byte record in 0.47 µs where libsodium's portable C took 1.65 µs
 # (and ~24,000 instructions under callgrind). The low-level calls, not the one-shot SHA256(), which
-# in OpenSSL 3 fetches the algorithm anew on every call.
+# in OpenSSL 3 fetches the algorithm anew on every call. libsodium's (PyNaCl, always there) where
+# hashlib has no OpenSSL behind it or that OpenSSL lacks them.
 ctypedef int (*sha256_init_fn)(void *ctx) noexcept nogil
 ctypedef int (*sha256_update_fn)(void *ctx, const void *data, size_t length) noexcept nogil
 ctypedef int (*sha256_final_fn)(unsigned char *out, void *ctx) noexcept nogil
+ctypedef int (*sodium_sha256_fn)(unsigned char *out, const unsigned char *data,
+                                 unsigned long long length) noexcept nogil
 cdef enum:
     SHA256_CTX_WORDS = 32  # room for OpenSSL's SHA256_CTX (112 bytes), 8-byte aligned
 
 
 def _openssl_sha256():
-    import _hashlib  # no OpenSSL behind hashlib: ImportError, and the pure twin serves (_accel)
-    lib = ctypes.CDLL(_hashlib.__file__)  # dlsym searches the libcrypto it links, too
+    """The addresses of SHA256_Init, _Update and _Final in hashlib's libcrypto, or None."""
     try:
-        return tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
-                     for name in ("SHA256_Init", "SHA256_Update", "SHA256_Final"))
-    except AttributeError:
-        raise ImportError("OpenSSL's SHA256_Init/Update/Final are not available through hashlib") from None
+        import _hashlib
+        lib = ctypes.CDLL(_hashlib.__file__)  # dlsym searches the libcrypto it links, too
+        found = tuple(ctypes.cast(getattr(lib, name), ctypes.c_void_p).value
+                      for name in ("SHA256_Init", "SHA256_Update", "SHA256_Final"))
+    except (ImportError, OSError, AttributeError):  # no _hashlib, a static one, no such symbol
+        return None
+    return found if all(found) else None
 
 
-_sha256_addresses = _openssl_sha256()
-cdef sha256_init_fn _sha256_init = <sha256_init_fn><uintptr_t>_sha256_addresses[0]
-cdef sha256_update_fn _sha256_update = <sha256_update_fn><uintptr_t>_sha256_addresses[1]
-cdef sha256_final_fn _sha256_final = <sha256_final_fn><uintptr_t>_sha256_addresses[2]
+_SODIUM_LIB = _sodium
+cdef sodium_sha256_fn _sodium_sha256 = <sodium_sha256_fn><uintptr_t>int(
+    _ffi.cast("uintptr_t", _ffi.addressof(_sodium, "crypto_hash_sha256")))
+_openssl = _openssl_sha256()
+SHA256_FROM = "openssl" if _openssl is not None else "libsodium"
+cdef sha256_init_fn _sha256_init = NULL
+cdef sha256_update_fn _sha256_update = NULL
+cdef sha256_final_fn _sha256_final = NULL
+if _openssl is not None:
+    _sha256_init = <sha256_init_fn><uintptr_t>_openssl[0]
+    _sha256_update = <sha256_update_fn><uintptr_t>_openssl[1]
+    _sha256_final = <sha256_final_fn><uintptr_t>_openssl[2]
 
 
 cdef inline void _sha256(const char *data, Py_ssize_t size, unsigned char *digest) noexcept nogil:
     cdef unsigned long long ctx[SHA256_CTX_WORDS]
+    if _sha256_init == NULL:
+        _sodium_sha256(digest, <const unsigned char *>data, <unsigned long long>size)
+        return
     _sha256_init(ctx)
     _sha256_update(ctx, data, <size_t>size)
     _sha256_final(digest, ctx)

@@ -11,6 +11,8 @@ import fcntl
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,10 +153,25 @@ def test_the_link_hash_is_sha256_across_block_and_padding_boundaries(size: int) 
     """The native twin hashes through OpenSSL's block code: every size where SHA-256 padding or a
     block boundary changes, and lines longer than any record, must give hashlib's digest."""
     line = bytes((i * 7 + size) % 251 for i in range(size))
+    if hashlib.sha256.__module__ == "_hashlib":  # an OpenSSL behind hashlib: the native twin uses it
+        native_or_fail()
+        from agentauthz import _chain_c  # type: ignore[attr-defined]
+        assert _chain_c.SHA256_FROM == "openssl"
     for twin in _twins():
         chain = twin()
         assert chain.link(line) == line + b"\n"
         assert chain.prev == hashlib.sha256(line).hexdigest()
+
+
+def test_without_openssl_behind_hashlib_the_native_twin_hashes_with_libsodium() -> None:
+    """The fallback is chosen at import: a fresh interpreter that cannot import _hashlib."""
+    native_or_fail()
+    code = ("import sys; sys.modules['_hashlib'] = None\n"
+            "from agentauthz import _chain_c\n"
+            "c = _chain_c.Chain(); c.link(b'x' * 420)\n"
+            "print(_chain_c.SHA256_FROM, c.prev)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.split() == ["libsodium", hashlib.sha256(b"x" * 420).hexdigest()]
 
 
 def test_twins_write_the_same_log(tmp_path: Path) -> None:
