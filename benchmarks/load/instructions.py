@@ -48,16 +48,6 @@ COLD_TOKENS, COLD_CACHE = 2000, 1000  # as the load tables' cold row (run.py Set
 CONCURRENCY = 64
 
 
-def _ready(address: str) -> bool:
-    import grpc
-    with grpc.insecure_channel(address) as channel:
-        try:
-            grpc.channel_ready_future(channel).result(timeout=2)
-        except grpc.FutureTimeoutError:
-            return False
-    return True
-
-
 def _allows(address: str, bodies: list[bytes], requests: int) -> int:
     """Send ``requests`` Checks cycling through ``bodies``; how many were allowed."""
     from .loadgen import check_load
@@ -68,12 +58,12 @@ def _allows(address: str, bodies: list[bytes], requests: int) -> int:
 
 def _count(name: str, argv: list[str], address: str, bodies: list[bytes], requests: int, work: Path) -> float:
     """Instructions per Check of the server ``argv`` starts, answering on ``address``."""
-    from .procs import Process, wait_for
+    from .procs import Process, grpc_answers, wait_for
     out = work / f"callgrind.{name}"
     server = Process(name, ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv], work,
                      cwd=ROOT)
     try:
-        wait_for(lambda: server.alive() and _ready(address), 600, f"{name} under valgrind")
+        wait_for(lambda: server.alive() and grpc_answers(address), 600, f"{name} under valgrind")
         warm_up = max(requests // 2, 100)  # caches, imports; a warm token's first allow
         allowed = _allows(address, bodies, warm_up)
         subprocess.run(["callgrind_control", "-z", str(server.pid)], capture_output=True, check=True)

@@ -38,7 +38,7 @@ import grpc
 
 from . import envoy, loadgen, profile, scaling
 from .daemon import Daemon
-from .procs import Process, free_port, pin, rss_bytes, steal_seconds, tree_cpu_seconds, wait_for
+from .procs import Process, free_port, grpc_answers, pin, rss_bytes, steal_seconds, tree_cpu_seconds, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -202,7 +202,7 @@ class Bench:
         proc = Process(kind, argv, self.work, cwd=ROOT)
         stack.callback(proc.stop)
         self.processes[kind] = argv
-        wait_for(lambda: proc.alive() and _answers(address), 30, f"{kind} server")
+        wait_for(lambda: proc.alive() and grpc_answers(address), 30, f"{kind} server")
         return proc, address
 
     def start_daemon(self, stack: contextlib.ExitStack, name: str, **kwargs: Any) -> Daemon:
@@ -215,13 +215,6 @@ class Bench:
         from agentauthz.client import check_request
         return loadgen.write_frames(self.work / f"{name}.bin",
                                     [check_request(t, "demo", "reports", "read") for t in tokens])
-
-
-def _answers(address: str) -> bool:
-    """The server accepts a Check (any response will do: this is readiness, not correctness)."""
-    with grpc.insecure_channel(address) as channel:
-        grpc.channel_ready_future(channel).result(timeout=2)
-    return True
 
 
 def check_allowed(address: str, frames: Path, what: str) -> None:
