@@ -16,11 +16,37 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+from google.rpc import code_pb2, status_pb2
+
 from . import reasons
 from .errors import AuditUnavailable
 from .mcp import EXTENSION
 
 DECISION_ID_CHARS = 16  # a 6-hex-digit process prefix and a 10-hex-digit counter
+HEADER_AGENT = "x-agentauthz-agent"
+HEADER_TASK = "x-agentauthz-task"
+HEADER_TOKEN_ID = "x-agentauthz-token-id"
+
+
+def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=key, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
+
+
+def allow_response(agent: str, task: str, token_id: str) -> bytes:
+    """The serialized CheckResponse allowing a token's request: its agent, task and id in headers for
+    the tool, and the bearer stripped, since the tool never sees the credential (DESIGN §3). Built
+    once per token (``CheckService._first_allow``); the native twin writes these bytes by hand."""
+    return ext_authz.CheckResponse(
+        status=status_pb2.Status(code=code_pb2.OK),
+        ok_response=ext_authz.OkHttpResponse(
+            headers=[header_option(HEADER_AGENT, agent), header_option(HEADER_TASK, task),
+                     header_option(HEADER_TOKEN_ID, token_id)],
+            headers_to_remove=["authorization"]),
+    ).SerializeToString()
 
 
 class DecisionIds:

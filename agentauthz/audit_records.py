@@ -9,10 +9,12 @@ import base64
 import hashlib
 import json
 import re
-from typing import Any
+from typing import Any, Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .reasons import ALLOW
 
 REDACTED = "[redacted: token]"
 # A compact JWS anywhere in a value (also "Bearer eyJ...", "report-eyJ...", "x_eyJ..."): three base64url
@@ -100,3 +102,38 @@ def prepare(**fields: Any) -> str:
 
 _json_str = json.encoder.encode_basestring_ascii  # type: ignore[attr-defined]
 _JSON_CONSTANTS = {None: "null", True: "true", False: "false"}
+_NO_TOKEN = '"agent":null,"task":null,"token_id":null,"chain":null,"intent":null'
+
+
+def check_members(reason: str, tool: str, target: str, operation: str, sensitivity: str,
+                  token: tuple[str, str, str, Sequence[str] | None, str | None] | None = None) -> str:
+    """``prepare`` of a Check's fields, byte for byte, with ``token`` the (agent, task, token_id,
+    chain, intent) of the token decided on, if any: one format instead of a loop over keyword
+    arguments, a fifth of the cost, paid by every new token's first Check. Text that needs redacting,
+    or is not text, takes ``prepare`` itself."""
+    agent, task, token_id, chain, intent = token or (None, None, None, None, None)
+    texts: tuple[str | None, ...] = (reason, tool, target, operation, sensitivity)
+    if token is not None:
+        texts += (agent, task, token_id, intent or "", *(chain or ()))
+    if not _plain(texts):
+        return prepare(decision=reason == ALLOW, reason=reason, tool=tool, target=target, operation=operation,
+                       sensitivity=sensitivity, agent=agent, task=task, token_id=token_id,
+                       chain=None if chain is None else list(chain), intent=intent)
+    members = (f'"decision":{"true" if reason == ALLOW else "false"},"reason":{_json_str(reason)},'
+               f'"tool":{_json_str(tool)},"target":{_json_str(target)},"operation":{_json_str(operation)},'
+               f'"sensitivity":{_json_str(sensitivity)}')
+    if token is None:
+        return f"{members},{_NO_TOKEN}"
+    assert agent is not None and task is not None and token_id is not None  # _plain: all are text
+    return (f'{members},"agent":{_json_str(agent)},"task":{_json_str(task)},"token_id":{_json_str(token_id)},'
+            f'"chain":{"null" if chain is None else "[" + ",".join(map(_json_str, chain)) + "]"},'
+            f'"intent":{"null" if intent is None else _json_str(intent)}')
+
+
+def _plain(texts: tuple[Any, ...]) -> bool:
+    """Whether every one of ``texts`` is text with nothing token-shaped in it (``"eyJ"`` split across
+    two of them counts too: prepare then redacts what it finds, which may be nothing)."""
+    try:
+        return "eyJ" not in "".join(texts)
+    except TypeError:
+        return False

@@ -19,16 +19,15 @@ import urllib.parse
 from typing import Any, Callable, Mapping
 
 import grpc
-from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from . import _accel, _request_py, reasons
-from ._check_py import DECISION_ID_CHARS
+from ._check_py import DECISION_ID_CHARS, header_option
 from ._request_py import Fields
-from .audit_records import prepare
+from .audit_records import check_members
 from .budgets import retry_after
 from .constraints import enforce
 from .errors import AuditUnavailable, TokenError
@@ -38,9 +37,6 @@ from .policy import Boundary, Policy, RequestDefaults
 _scan = _accel.ACTIVE.scan_check_request
 
 SERVICE = "envoy.service.auth.v3.Authorization"
-HEADER_AGENT = "x-agentauthz-agent"
-HEADER_TASK = "x-agentauthz-task"
-HEADER_TOKEN_ID = "x-agentauthz-token-id"
 PREPARED_MAX = 4096
 
 def http_status_for(reason: str) -> int:
@@ -71,21 +67,15 @@ def _www_authenticate(reason: str) -> str:
     return f'Bearer realm="agentauthz", error="insufficient_scope", error_description="{reason}"'
 
 
-def _header(key: str, value: str) -> base_pb2.HeaderValueOption:
-    return base_pb2.HeaderValueOption(
-        header=base_pb2.HeaderValue(key=key, value=value),
-        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)
-
-
 def denied_response(reason: str, retry_after: int = 0) -> bytes:
     """The serialized CheckResponse denying with ``reason`` (and ``Retry-After`` seconds, if any)."""
     status = http_status_for(reason)
     grpc_code = code_pb2.UNAUTHENTICATED if status == 401 else code_pb2.PERMISSION_DENIED
-    headers = [_header("content-type", "application/json")]
+    headers = [header_option("content-type", "application/json")]
     if status in (401, 403):
-        headers.append(_header("www-authenticate", _www_authenticate(reason)))
+        headers.append(header_option("www-authenticate", _www_authenticate(reason)))
     if retry_after:
-        headers.append(_header("retry-after", str(retry_after)))
+        headers.append(header_option("retry-after", str(retry_after)))
     return ext_authz.CheckResponse(
         status=status_pb2.Status(code=grpc_code, message=reason),
         denied_response=ext_authz.DeniedHttpResponse(
@@ -93,27 +83,6 @@ def denied_response(reason: str, retry_after: int = 0) -> bytes:
             headers=headers,
             body=json.dumps({"error": reason}) + "\n"),
     ).SerializeToString()
-
-
-def _allowed_template() -> ext_authz.CheckResponse:
-    # The tool never sees the credential (DESIGN §3): the bearer is stripped.
-    return ext_authz.CheckResponse(
-        status=status_pb2.Status(code=code_pb2.OK),
-        ok_response=ext_authz.OkHttpResponse(
-            headers=[_header(HEADER_AGENT, ""), _header(HEADER_TASK, ""), _header(HEADER_TOKEN_ID, "")],
-            headers_to_remove=["authorization"]))
-
-
-_ALLOWED = _allowed_template()
-
-
-def allowed_response(agent: str, task: str, token_id: str) -> bytes:
-    """The serialized CheckResponse allowing a token's request, built once per token."""
-    response = ext_authz.CheckResponse()
-    response.CopyFrom(_ALLOWED)  # a third of the cost of building the nested messages anew
-    headers = response.ok_response.headers
-    headers[0].header.value, headers[1].header.value, headers[2].header.value = agent, task, token_id
-    return response.SerializeToString()
 
 
 def decision_ids(hot: _accel.HotPath) -> Any:
@@ -191,6 +160,7 @@ class CheckService:
         self._audit = audit
         self._clock = clock
         self._ids = decision_ids(hot)
+        self._allow_response = hot.allow_response
         self._prepared: dict[tuple[Any, ...], str] = {}  # see _prepare
         self._denied: dict[str, bytes] = {}  # reason -> bytes, filled as reasons first occur
         self._budgets = budgets  # budgets.BudgetTable shared by every worker; None: budgeted grants deny
@@ -236,13 +206,11 @@ class CheckService:
     def _prepare(self, key: tuple[Any, ...], entry: Any) -> str:
         """The audit members a Check shares with every other Check of this token, request and outcome."""
         reason, _, tool, target, operation, sensitivity = key
-        prepared = prepare(
-            decision=reason == reasons.ALLOW, reason=reason,
-            tool=tool, target=target, operation=operation, sensitivity=sensitivity,
-            agent=entry.sub if entry else None, task=entry.task if entry else None,
-            token_id=entry.jti if entry else None,
-            chain=list(entry.subjects[1:]) if entry else None,
-            intent=entry.claims.get("intent") if entry else None)
+        if entry is None:
+            prepared = check_members(reason, tool, target, operation, sensitivity)
+        else:
+            prepared = check_members(reason, tool, target, operation, sensitivity, (
+                entry.sub, entry.task, entry.jti, entry.subjects[1:], entry.claims.get("intent")))
         if len(self._prepared) >= PREPARED_MAX:
             self._prepared.clear()  # bounded: request fields are the caller's to vary
         self._prepared[key] = prepared
@@ -252,7 +220,7 @@ class CheckService:
         """What every allow of this token for this request shares, built by the first: the record's
         members (returned, see ``_prepare``) and the response (``entry.attachment``)."""
         if entry.attachment is None:
-            entry.attachment = allowed_response(entry.sub, entry.task, entry.jti)
+            entry.attachment = self._allow_response(entry.sub, entry.task, entry.jti)
         key = (reasons.ALLOW, entry.jti, tool, target, operation, sensitivity)
         return self._prepared.get(key) or self._prepare(key, entry)
 

@@ -586,6 +586,32 @@ def test_prepare_writes_what_the_json_encoder_writes(fields: dict[str, Any]) -> 
     assert json.loads("{" + audit_records.prepare(**fields) + "}") == json.loads("{" + expected + "}")
 
 
+CHECK_TEXTS = st.one_of(TEXTS, st.sampled_from(["allow", "scope_denied", "e", "yJ", "read"]))
+
+
+TOKEN_FIELDS = st.tuples(CHECK_TEXTS, CHECK_TEXTS, CHECK_TEXTS, st.lists(CHECK_TEXTS, max_size=3),
+                         st.one_of(st.none(), CHECK_TEXTS))
+
+
+@given(CHECK_TEXTS, st.tuples(CHECK_TEXTS, CHECK_TEXTS, CHECK_TEXTS, CHECK_TEXTS),
+       st.one_of(st.none(), TOKEN_FIELDS))
+def test_check_members_are_what_prepare_writes(reason: str, request: tuple[str, ...],
+                                               token: tuple[Any, ...] | None) -> None:
+    """A Check's record members, formatted in one go, are prepare's byte for byte, with every
+    token-shaped value redacted alike (also one split across two values, which takes prepare)."""
+    tool, target, operation, sensitivity = request
+    fields = dict(decision=reason == "allow", reason=reason, tool=tool, target=target, operation=operation,
+                  sensitivity=sensitivity, agent=None, task=None, token_id=None, chain=None, intent=None)
+    if token is None:
+        members = audit_records.check_members(reason, *request)
+    else:
+        agent, task, token_id, chain, intent = token
+        fields.update(agent=agent, task=task, token_id=token_id, chain=chain, intent=intent)
+        members = audit_records.check_members(reason, *request, (agent, task, token_id, tuple(chain), intent))
+    assert members == audit_records.prepare(**fields)
+    assert "eyJhbGciOiJFZERTQSJ9." not in members  # the token among TEXTS never reaches the log
+
+
 def watch_appends(monkeypatch: Any) -> list[bool]:
     """Per append of the audit log from now on: fsynced or not."""
     synced: list[bool] = []

@@ -40,7 +40,7 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 from support import damaged
 
-from agentauthz import extauthz, reasons, tokens
+from agentauthz import _check_py, extauthz, reasons, tokens
 from agentauthz.authority import Authority
 from agentauthz.config import Config
 from agentauthz.devca import ensure_dev_pki, issue_svid
@@ -234,8 +234,8 @@ def answer_is_sound(world: World, request: Any, raw: bytes) -> str:
     claims = b64url_json(token.split(".")[1])
     ok = response.ok_response
     headers = {h.header.key: h.header.value for h in ok.headers}
-    assert headers == {extauthz.HEADER_AGENT: claims["sub"], extauthz.HEADER_TASK: claims["task"],
-                       extauthz.HEADER_TOKEN_ID: claims["jti"]}
+    assert headers == {_check_py.HEADER_AGENT: claims["sub"], _check_py.HEADER_TASK: claims["task"],
+                       _check_py.HEADER_TOKEN_ID: claims["jti"]}
     assert "authorization" in ok.headers_to_remove  # the tool never sees the credential
     boundary = attributes.context_extensions.get("boundary") or "tools"
     assert claims["aud"] == boundary, "a token allowed at another boundary"

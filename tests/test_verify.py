@@ -330,6 +330,47 @@ def test_refusal_messages(hot: HotPath, forge: Forge) -> None:
         assert str(caught.value) == message
 
 
+def test_a_token_is_split_into_exactly_three_segments_at_its_dots(hot: HotPath, forge: Forge) -> None:
+    """Every dot counts, wherever it sits: the native twin finds them with memchr, not str.split."""
+    verifier = make_verifier(hot, forge)
+    token = forge.token()
+    header, payload, signature = token.split(".")
+    three = "token must have exactly three segments"
+    refusals = {
+        "": three, ".": three, "..": "segment is not unpadded base64url", "...": three,
+        header: three, f"{header}.{payload}": three, f".{token}": three, f"{token}.": three,
+        f"{token}.{signature}": three, f"{header}..{payload}.{signature}": three,
+        f"{header}.{payload}{signature}": three,
+        f"é.{payload}.{signature}": "segment is not unpadded base64url",  # a wider str kind
+        f"{header}.{payload}.{signature}\u2024": "segment is not unpadded base64url",  # a dot leader
+        f"{header}.{payload}.\U0001f600.": three,
+    }
+    for text, message in refusals.items():
+        with pytest.raises(errors.TokenMalformed) as caught:
+            verifier.verify(text, forge.now)
+        assert str(caught.value) == message, text
+    assert verifier.verify(token, forge.now).sub == AGENT
+
+
+def test_task_and_jti_take_visible_characters_only(hot: HotPath, forge: Forge) -> None:
+    """Header-bound claims (they reach the tool as header values): every ASCII character from "!" to
+    "~", and printable text beyond ASCII; never a control character, a space or a separator."""
+    verifier = make_verifier(hot, forge)
+    for code in range(0x80):
+        for name in ("task", "jti"):
+            token = forge.token(**{name: f"t{chr(code)}t"})
+            if 0x21 <= code <= 0x7E:
+                assert getattr(verifier.verify(token, forge.now), name) == f"t{chr(code)}t"
+            else:
+                with pytest.raises(errors.TokenClaimsInvalid, match=f"{name} must be a non-empty string"):
+                    verifier.verify(token, forge.now)
+    wide_task = "tâche-задача-\U0001f600"
+    assert verifier.verify(forge.token(task=wide_task), forge.now).task == wide_task
+    for wide in ("t\u00a0t", "t\u2028t", "t\u200bt", "t\u3000t", "é\x7f"):
+        with pytest.raises(errors.TokenClaimsInvalid, match="task must be a non-empty string"):
+            verifier.verify(forge.token(task=wide), forge.now)
+
+
 @pytest.mark.parametrize("bad", [None, 7, 1.5, ["a.b"], {"t": 1}, bytearray(b"a.b.c"), memoryview(b"a.b.c")])
 def test_non_text_tokens_are_malformed_never_a_crash(verifier: Any, forge: Forge, bad: Any) -> None:
     with pytest.raises(errors.TokenMalformed):

@@ -236,6 +236,28 @@ def test_twins_tell_processes_apart_and_count_alike() -> None:
     assert a.metadata("0a1b2c0000000003") == b.metadata("0a1b2c0000000003") == b"<0a1b2c0000000003>"
 
 
+@pytest.mark.parametrize("agent, task, token_id", [
+    (ALPHA, "task-1", "0123456789abcdef0123456789abcdef"),
+    ("", "", ""),  # proto3 leaves empty strings out
+    ("a" * 127, "b" * 128, "c" * 16383),  # every one- to two-byte length boundary of a varint ...
+    ("d" * 16384, "e" * 70000, "f"),  # ... and three bytes, and lengths that carry into the next level
+    ("spiffe://dev.local/agent/é", "задача", "\U0001f600\u2028"),  # UTF-8 is what is counted
+])
+def test_the_twins_write_the_same_allow_response_as_protobuf(agent: str, task: str, token_id: str) -> None:
+    """The native twin writes the allow response's bytes by hand; protobuf (the pure twin) is the
+    reference, byte for byte, and the bytes say what the tool must see."""
+    native, pure = native_or_fail(), _accel.pure()
+    written = native.allow_response(agent, task, token_id)
+    assert written == pure.allow_response(agent, task, token_id)
+    response = ext_authz.CheckResponse.FromString(written)
+    assert response.status.code == 0 and response.WhichOneof("http_response") == "ok_response"
+    overwrite = 2  # HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+    assert [(h.header.key, h.header.value, h.append_action) for h in response.ok_response.headers] == [
+        ("x-agentauthz-agent", agent, overwrite), ("x-agentauthz-task", task, overwrite),
+        ("x-agentauthz-token-id", token_id, overwrite)]
+    assert list(response.ok_response.headers_to_remove) == ["authorization"]
+
+
 def test_the_native_warm_path_leaves_a_pure_twins_token_to_the_full_path(tmp_path: Path) -> None:
     """Mixed twins never meet in the daemon; if they did, the native path must decline, not crash."""
     forge = Forge()

@@ -60,7 +60,7 @@ def allow_answer() -> bytes:
 
     from .daemon import AGENT
     ids = extauthz.decision_ids(_accel.ACTIVE)
-    return extauthz.allowed_response(AGENT, "bench-warm", new_token_id()) + ids.metadata(ids.next())
+    return _accel.ACTIVE.allow_response(AGENT, "bench-warm", new_token_id()) + ids.metadata(ids.next())
 
 
 async def serve_floor(listen: str, parse: bool = False, answer: bytes = OK_RESPONSE) -> None:
