@@ -238,16 +238,16 @@ cdef object _strict_json(str text):
 
 
 cdef dict _json_object(bytes raw, str what):
-    cdef str text
     cdef Py_ssize_t members
     try:
-        text = PyUnicode_DecodeUTF8(raw, len(raw), NULL)
         members = _json_members(<const unsigned char *>PyBytes_AS_STRING(raw), len(raw), _MAX_JSON_DEPTH)
         if members < 0:
             raise TokenMalformed(f"{what} is nested too deeply")
+        # orjson refuses what is not UTF-8 as strictly as the decoder below (surrogates too), so
+        # only the hooked scanner needs the text decoded.
         obj = _fast_json(raw, members)
         if obj is None:  # never a valid result: a JSON null is not an object either
-            obj = _strict_json(text)
+            obj = _strict_json(PyUnicode_DecodeUTF8(raw, len(raw), NULL))
     except TokenMalformed:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
