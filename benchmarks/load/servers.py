@@ -101,7 +101,7 @@ async def serve_bound(listen: str, jwks_path: str | None) -> None:
     await _serve(listen, bound_handler(keys, allow_answer()), True)
 
 
-# An allow record's members after its ids: what the daemon's audit_records.prepare makes for a token.
+# An allow record's members after its ids: what the daemon's audit_records.check_members makes for a token.
 ALLOW_MEMBERS = ('"decision":true,"reason":"allow","tool":"demo","target":"reports","operation":"read",'
                  '"sensitivity":"internal","agent":"spiffe://dev.local/agent/bench","task":"bench",'
                  '"token_id":"0123456789abcdef0123456789abcdef"')
