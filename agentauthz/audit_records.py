@@ -114,7 +114,7 @@ def check_members(reason: str, tool: str, target: str, operation: str, sensitivi
     agent, task, token_id, chain, intent = token or (None, None, None, None, None)
     texts: tuple[str | None, ...] = (reason, tool, target, operation, sensitivity)
     if token is not None:
-        texts += (agent, task, token_id, intent or "", *(chain or ()))
+        texts += (agent, task, token_id, "" if intent is None else intent, *(() if chain is None else chain))
     if not _plain(texts):
         return prepare(decision=reason == ALLOW, reason=reason, tool=tool, target=target, operation=operation,
                        sensitivity=sensitivity, agent=agent, task=task, token_id=token_id,

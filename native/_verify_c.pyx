@@ -511,7 +511,7 @@ cdef class Verifier:
             raise TokenMalformed("token must be text")
         if len(token) > self.max_token_bytes:
             raise TokenTooLarge("token exceeds the size limit")
-        # Two memchr scans: str.split walks a 700-character token one character at a time.
+        # memchr finds the dots; str.split walks a 700-character token one character at a time.
         n = len(token)
         first = PyUnicode_FindChar(token, 46, 0, n, 1)  # "."
         second = PyUnicode_FindChar(token, 46, first + 1, n, 1) if first >= 0 else -1
