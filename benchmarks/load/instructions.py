@@ -14,7 +14,8 @@ The figure is the user-space instructions of every thread of the server, per Che
 * ``record`` the bound on a warm Check: parse + one chained audit write,
   answered with agentauthz's allow (``servers.py record``);
 * ``warm``   agentauthz, as ``make run`` starts it, one token;
-* ``verify`` the bound on a cold Check: ``record`` + one bare PyNaCl verify;
+* ``verify`` the bound on a cold Check: ``record`` + one bare PyNaCl verify and a
+  ``json.loads`` of the claims;
 * ``cold``   agentauthz, 2,000 tokens cycled through a verified-token cache of
   1,000: every Check verifies a signature;
 * ``naive``  the PyJWT peer (``servers.py naive``), on the cold tokens (it decodes

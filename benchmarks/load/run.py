@@ -364,7 +364,8 @@ def run_all(s: Settings, work: Path, out_dir: Path) -> dict[str, Any]:
         verify, verify_addr = bench.start_server(stack, "verify", "--jwks", str(cold_jwks))
         check_allowed(verify_addr, cold_body, "verify bound")
         targets.insert(3, Target(
-            "verify", "audit write + bare PyNaCl verify per Check (the least a cold allow does)",
+            "verify", "audit write + bare PyNaCl verify + claims json.loads per Check "
+                      "(the least a cold allow does)",
             bench.python_check(verify_addr, cold_body, True), {"server": verify.pid}))
         targets.insert(1, Target(
             "record", "parse + one chained audit write (the least an audited allow does)",

@@ -109,8 +109,9 @@ ALLOW_MEMBERS = ('"decision":true,"reason":"allow","tool":"demo","target":"repor
 
 def bound_handler(keys: dict[str, Any], answer: bytes = OK_RESPONSE) -> Any:
     """The bound's Check handler over parsed fields: one hash-chained record appended to a file of its
-    own with write(2), after one bare PyNaCl verify of the token's signature when ``keys`` (kid ->
-    VerifyKey) are given; then ``answer``."""
+    own with write(2), after, when ``keys`` (kid -> VerifyKey) are given, one bare PyNaCl verify of the
+    token's signature and a plain ``json.loads`` of its claims (an allow must read its grants); then
+    ``answer``."""
     import hashlib
     import os
     import tempfile
@@ -127,6 +128,7 @@ def bound_handler(keys: dict[str, Any], answer: bytes = OK_RESPONSE) -> Any:
             payload, _, sig = rest.partition(".")
             kid = json.loads(_b64url(head))["kid"]
             keys[kid].verify(f"{head}.{payload}".encode(), _b64url(sig))
+            json.loads(_b64url(payload))
         seq = chain["seq"] + 1
         line = f'{{"seq":{seq},"prev":"{chain["prev"]}","ts":{time.time()!r},{members}}}'.encode()
         chain["seq"], chain["prev"] = seq, hashlib.sha256(line).hexdigest()
