@@ -59,8 +59,8 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.load.handlers --out $(BENCH_RESULTS)/handlers.json
 	$(PY) benchmarks/report.py --results $(BENCH_RESULTS)
 
-# Instructions per Check under callgrind (floor, the bound, agentauthz): the figure the machine's noise
-# cannot move; ~2 minutes. The next `make bench` (or benchmarks/report.py) puts it in the report.
+# Instructions per Check under callgrind (floor, the bounds, agentauthz, the naive peer): the figure the
+# machine's noise cannot move; ~4 minutes. The next `make bench` (or benchmarks/report.py) puts it in the report.
 bench-instructions: $(STAMP)
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	command -v valgrind >/dev/null || (apt-get update && apt-get install -y valgrind)

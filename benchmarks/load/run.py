@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 class Settings:
     """Every knob of a run; recorded in the results so a figure can be reproduced."""
 
-    duration: float = 2.0        # seconds per measured run: short, so that a round's runs are close in time
+    duration: float = 1.5        # seconds per measured run: short, so that a round's runs are close in time
     warmup: float = 1.0          # seconds of unmeasured load per target before each table
     rounds: int = 7
     pin: bool = True             # pinned tables: servers on the last CPU, load generators on CPU 0
