@@ -19,6 +19,7 @@ from libc.string cimport memcpy
 from agentauthz._verify_c cimport VerifiedToken
 
 from agentauthz import reasons
+from agentauthz._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID
 from agentauthz.errors import AuditUnavailable
 from agentauthz.mcp import EXTENSION
 
@@ -42,9 +43,9 @@ cdef enum:
     OVERWRITE_IF_EXISTS_OR_ADD = 2
 cdef bytes _STATUS_OK = b"\x0a\x00"  # CheckResponse.status (1), an empty Status
 cdef bytes _STRIP_BEARER = b"\x2a\x0dauthorization"  # OkHttpResponse.headers_to_remove (5)
-cdef bytes _KEY_AGENT = b"x-agentauthz-agent"
-cdef bytes _KEY_TASK = b"x-agentauthz-task"
-cdef bytes _KEY_TOKEN_ID = b"x-agentauthz-token-id"
+cdef bytes _KEY_AGENT = HEADER_AGENT.encode("ascii")
+cdef bytes _KEY_TASK = HEADER_TASK.encode("ascii")
+cdef bytes _KEY_TOKEN_ID = HEADER_TOKEN_ID.encode("ascii")
 
 
 cdef inline Py_ssize_t _varint_size(Py_ssize_t n):

@@ -42,10 +42,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .run import Settings
+
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("floor", "record", "warm", "verify", "cold", "naive")
 SLOWDOWN = 50  # valgrind's, roughly: the daemon's flush interval is scaled by it
-COLD_TOKENS, COLD_CACHE = 2000, 1000  # as the load tables' cold row (run.py Settings)
+COLD_TOKENS, COLD_CACHE = Settings.cold_tokens, Settings.cold_cache  # as the load tables' cold row
 CONCURRENCY = 64
 
 
