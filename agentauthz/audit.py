@@ -21,7 +21,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from . import _accel, durable
-from .audit_files import CHECKPOINTS, append, cut_tail, last_line, load_key, log_files
+from .audit_files import CHECKPOINTS, append, cut_tail, last_line, log_files
 from .audit_records import _b64, _canon, _dumps, _redacted_fields, thumbprint
 from .errors import AuditUnavailable, StateError
 
@@ -36,10 +36,13 @@ class AuditLog:
     """Bounded in-memory queue in front of one writer thread that owns every byte on disk."""
 
     @classmethod
-    def open(cls, directory: Path, *, flush_interval: float = 0.05, batch_size: int = 512,
-             queue_max: int = 65536, checkpoint_every: int = 1, max_file_bytes: int = 64 << 20,
-             clock: Callable[[], float] = time.time) -> AuditLog:
-        """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started."""
+    def open(cls, directory: Path, *, key: Ed25519PrivateKey, flush_interval: float = 0.05,
+             batch_size: int = 512, queue_max: int = 65536, checkpoint_every: int = 1,
+             max_file_bytes: int = 64 << 20, clock: Callable[[], float] = time.time) -> AuditLog:
+        """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started.
+
+        ``key`` signs the checkpoints; it is kept outside ``directory`` (``audit_files.open_key``).
+        """
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = os.open(directory / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
@@ -48,7 +51,7 @@ class AuditLog:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise StateError(f"{directory}: audit log is open in another process") from None
-            return cls(directory, lock, load_key(directory), flush_interval, batch_size, queue_max,
+            return cls(directory, lock, key, flush_interval, batch_size, queue_max,
                        checkpoint_every, max_file_bytes, clock)
         except BaseException:
             os.close(lock)

@@ -1,4 +1,4 @@
-"""The audit log's files: appending with an undo, the signing key, and finding (and cutting) a torn tail.
+"""The audit log's files: appending with an undo, the signing key kept outside the log, a torn tail.
 
 ``audit.AuditLog`` writes through these; ``audit_verify`` reads the same files.
 """
@@ -15,14 +15,18 @@ from typing import Any
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from . import durable
 from .errors import StateError
 
 log = logging.getLogger("agentauthz.audit")  # audit.py's logger: operators follow one name
 
-CHECKPOINTS, KEY_FILE, PUB_FILE = "checkpoints.jsonl", "audit-key.pem", "audit-key.pub.pem"
+CHECKPOINTS = "checkpoints.jsonl"
+# Where the checkpoint key was kept before it moved out of the audit directory: migrated, never trusted.
+KEY_FILE, PUB_FILE = "audit-key.pem", "audit-key.pub.pem"
+# <state>/audit-key/: the signing key (owner-only) and the operator's pinned copy of its public key.
+KEY_DIR, PRIVATE_FILE, PINNED_FILE = "audit-key", "audit-key.pem", "public.pem"
 LOG_NAME = re.compile(r"audit-(\d{10,})\.jsonl")
 
 
@@ -49,29 +53,69 @@ def append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) ->
     return offset + len(data)
 
 
-def load_key(directory: Path) -> Ed25519PrivateKey:
-    path, pub_path = directory / KEY_FILE, directory / PUB_FILE
-    if not path.exists():
-        key = Ed25519PrivateKey.generate()
-        durable.replace(path, key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.NoEncryption()), 0o600)
-    elif path.stat().st_mode & 0o077:
+def _read_private(path: Path) -> Ed25519PrivateKey:
+    if path.stat().st_mode & 0o077:
         raise StateError(f"{path}: audit key must be owner-only (0600)")
-    else:
-        try:
-            loaded = serialization.load_pem_private_key(path.read_bytes(), None)
-        except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: an encrypted key
-            raise StateError(f"{path}: unreadable audit key: {exc}") from exc
-        if not isinstance(loaded, Ed25519PrivateKey):
-            raise StateError(f"{path}: audit key is not Ed25519")
-        key = loaded
-    pub = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                        serialization.PublicFormat.SubjectPublicKeyInfo)
-    if not pub_path.exists():
-        durable.replace(pub_path, pub, 0o644)
-    elif pub_path.read_bytes() != pub:
-        raise StateError(f"{pub_path} does not match {path}")
-    return key
+    try:
+        loaded = serialization.load_pem_private_key(path.read_bytes(), None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:  # TypeError: an encrypted key
+        raise StateError(f"{path}: unreadable audit key: {exc}") from exc
+    if not isinstance(loaded, Ed25519PrivateKey):
+        raise StateError(f"{path}: audit key is not Ed25519")
+    return loaded
+
+
+def _pem_private(key: Ed25519PrivateKey) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def public_pem(public: Ed25519PublicKey) -> bytes:
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def open_key(key_dir: Path, audit_dir: Path) -> tuple[Ed25519PrivateKey, bool]:
+    """The checkpoint signing key, kept in ``key_dir`` outside the audit log: (key, created now).
+
+    Whoever can write the log must not be able to re-sign it, so neither the key nor the public key
+    verify trusts lives beside the log. A key kept in the audit directory (as before) is moved here
+    first, so the checkpoints it signed still verify under the pinned key.
+    """
+    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(key_dir, 0o700)
+    path, pin = key_dir / PRIVATE_FILE, key_dir / PINNED_FILE
+    legacy, legacy_pub = audit_dir / KEY_FILE, audit_dir / PUB_FILE
+    created = False
+    if not path.exists():
+        if legacy.exists():
+            durable.replace(path, _pem_private(_read_private(legacy)), 0o600)
+            log.warning("audit: moved the checkpoint signing key out of the audit directory to %s", path)
+        else:
+            durable.replace(path, _pem_private(Ed25519PrivateKey.generate()), 0o600)
+            created = True
+    key = _read_private(path)
+    pub = public_pem(key.public_key())
+    if not pin.exists():
+        durable.replace(pin, pub, 0o644)
+    elif pin.read_bytes() != pub:
+        raise StateError(f"{pin} (the pinned audit public key) does not match {path}")
+    if legacy.exists():
+        _drop_moved(legacy, legacy_pub, key, path)
+    return key, created
+
+
+def _drop_moved(legacy: Path, legacy_pub: Path, key: Ed25519PrivateKey, path: Path) -> None:
+    """Remove the moved key from the audit directory: left there, it would only invite trusting it."""
+    try:
+        moved = _pem_private(_read_private(legacy)) == _pem_private(key)
+    except StateError:
+        moved = False
+    if not moved:  # not ours to delete: someone put it there; it signs nothing
+        log.warning("audit: ignoring %s: checkpoints are signed by %s only", legacy, path)
+        return
+    legacy.unlink()
+    legacy_pub.unlink(missing_ok=True)
+    durable.fsync_dir(legacy.parent)
 
 
 def log_files(directory: Path) -> list[tuple[int, Path]]:

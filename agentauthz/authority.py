@@ -20,10 +20,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from . import _accel, durable, reasons, statuslist, tokens
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from . import _accel, audit_files, durable, reasons, statuslist, tokens
 from .approval_flow import ApprovalFlow
 from .approvals import ApprovalStore
 from .audit import AuditLog
+from .audit_records import thumbprint
 from .budgets import BudgetTable
 from .clock import SteadyClock
 from .config import Config
@@ -38,6 +42,7 @@ from .tokens import task_key
 log = logging.getLogger(__name__)
 
 STATUS_PATH = "/status-list"
+AUDIT_KEY_PATH = "/.well-known/agentauthz-audit-key"
 
 
 class TokenIds:
@@ -80,9 +85,10 @@ class TokenIds:
         return hmac.compare_digest(mac, self._mac(slot, exp, agent))
 
 
-def open_audit(config: Config, directory: Path, clock: Callable[[], float] = time.time) -> AuditLog:
-    """An audit log as configured (the daemon's, or a worker process's own)."""
-    return AuditLog.open(directory, flush_interval=config.audit_flush_interval,
+def open_audit(config: Config, directory: Path, key: Ed25519PrivateKey,
+               clock: Callable[[], float] = time.time) -> AuditLog:
+    """An audit log as configured (the daemon's, or a worker's own); ``key`` signs its checkpoints."""
+    return AuditLog.open(directory, key=key, flush_interval=config.audit_flush_interval,
                          batch_size=config.audit_batch_size, queue_max=config.audit_queue_max, clock=clock)
 
 
@@ -130,7 +136,10 @@ class Authority(DelegationFlow, ApprovalFlow):
         for aud, verifier in self.verifiers.items():
             verifier.set_policy(self.policy)
             self.keyrings[aud].subscribe(verifier.set_keys)
-        self.audit = open_audit(config, state / "audit", clock)
+        # Outside the audit directory: whoever can write the log must not be able to re-sign it.
+        self.audit_key, created = audit_files.open_key(state / audit_files.KEY_DIR, state / "audit")
+        self._announce_audit_key(state / audit_files.KEY_DIR / audit_files.PINNED_FILE, created)
+        self.audit = open_audit(config, state / "audit", self.audit_key, clock)
         self.approvals = ApprovalStore.open(state / "approvals.json", clock)
         # A crash between ending a task (or revoking an agent) and dropping its approvals leaves them
         # on disk; the durable revocations say which ones are dead.
@@ -180,6 +189,22 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.policy = policy
         for verifier in self.verifiers.values():
             verifier.set_policy(policy)
+
+    def audit_key_document(self) -> dict[str, Any]:
+        """The checkpoint key as a public JWK (RFC 8037) for operators to pin; served at AUDIT_KEY_PATH."""
+        raw = self.audit_key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        return {"kty": "OKP", "crv": "Ed25519", "x": tokens.b64url(raw), "alg": "EdDSA", "use": "sig",
+                "kid": thumbprint(self.audit_key.public_key()), "agentauthz_use": "audit-checkpoints"}
+
+    def _announce_audit_key(self, pinned: Path, created: bool) -> None:
+        doc = self.audit_key_document()
+        if created:  # the one moment the operator should copy it somewhere the log's writers cannot reach
+            log.warning("audit: new checkpoint signing key %s; pin its public key %s (kept in %s, served "
+                        "at http://%s%s); verify with `agentauthz audit verify DIR --key %s`", doc["kid"],
+                        doc["x"], pinned, self.config.http_listen, AUDIT_KEY_PATH, doc["x"])
+        else:
+            log.info("audit: checkpoints signed by %s (public key %s, pinned copy %s)", doc["kid"], doc["x"],
+                     pinned)
 
     def verification_keys(self) -> dict[str, bytes]:
         """Every boundary's published keys, kid -> raw Ed25519 public key (kids are thumbprints)."""

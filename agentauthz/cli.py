@@ -52,9 +52,9 @@ def cmd_policy_check(args: argparse.Namespace) -> None:
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     from .audit_verify import main_verify
     code, result = main_verify(Path(args.dir), Path(args.checkpoints) if args.checkpoints else None,
-                               Path(args.key) if args.key else None)
+                               args.key, Path(args.state_dir) if args.state_dir else None)
     if code:
-        raise Refusal(f"audit log is not intact: {result['first_bad']}", result)
+        raise Refusal(f"audit log is not intact: {result['message'].removeprefix('FAIL: ')}", result)
     _emit(args, result, f"{args.dir}: {result['message']}")
 
 
@@ -342,10 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     command("check", cmd_policy_check, "validate a policy file", policy).add_argument("file")
 
     audit = sub.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
-    p = command("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints", audit)
+    p = command("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints of the log in "
+                "DIR and of every worker's log under it", audit)
     p.add_argument("dir")
     p.add_argument("--checkpoints", help="an exported checkpoints.jsonl to verify against")
-    p.add_argument("--key", help="the audit public key (PEM) to pin, instead of the one in DIR")
+    p.add_argument("--key", help="the audit public key the operator pinned: a file (PEM, JWK) or its base64; "
+                   "default: STATE_DIR/audit-key/public.pem, never a key inside DIR")
+    p.add_argument("--state-dir", help="where the pinned key is (default: DIR's parent)")
 
     keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
     p = command("list", cmd_keys_list, "list the keyring in a state directory", keys)

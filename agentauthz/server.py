@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from . import approval_api, extauthz, statuslist, workers
 from .api import ApiService
-from .authority import STATUS_PATH, Authority, open_audit
+from .authority import AUDIT_KEY_PATH, STATUS_PATH, Authority, open_audit
 from .config import Config
 from .errors import ConfigError
 from .identity import load_bundle
@@ -153,6 +153,8 @@ def _http_handler(authority: Authority, serving: threading.Event,
                 self._send(200 if ok else 503, b"ok\n" if ok else b"not serving\n", "text/plain")
             elif path == "/.well-known/jwks.json":
                 self._send(200, json.dumps(authority.jwks()).encode(), "application/json")
+            elif path == AUDIT_KEY_PATH:
+                self._send(200, json.dumps(authority.audit_key_document()).encode(), "application/json")
             elif path == STATUS_PATH:
                 self._status_list(None)
             elif path.startswith(STATUS_PATH + "/") and path[len(STATUS_PATH) + 1:] in authority.keyrings:
@@ -357,7 +359,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary reloads, then tells us
-        audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}")
+        audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}", a.audit_key)
         audit.start()
         service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock, budgets=a.budgets)
         server = self._check_server(service)

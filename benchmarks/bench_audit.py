@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from agentauthz.audit import AuditLog
 
@@ -23,7 +24,7 @@ CALLS = 20_000  # fixed: the writer drains while we enqueue, and stop() then wri
 
 @pytest.fixture
 def running(tmp_path: Path) -> Iterator[AuditLog]:
-    log = AuditLog.open(tmp_path, queue_max=1 << 20)
+    log = AuditLog.open(tmp_path, key=Ed25519PrivateKey.generate(), queue_max=1 << 20)
     log.start()
     yield log
     assert log.flush(60) and log.healthy

@@ -29,6 +29,10 @@ from agentauthz.audit_verify import main_verify, verify_dir
 from agentauthz.errors import StateError
 
 LOG1 = "audit-0000000001.jsonl"
+# The checkpoint key lives outside the audit directory (audit_files.open_key); verify is given its public key.
+KEY = Ed25519PrivateKey.generate()
+PUB = KEY.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+PUB_B64 = base64.urlsafe_b64encode(PUB).decode().rstrip("=")
 
 
 def lines(directory: Path) -> list[bytes]:
@@ -64,7 +68,7 @@ def check(log: AuditLog, i: int, **extra: Any) -> bool:
 
 def build(directory: Path, groups: int = 4, per: int = 5, **kwargs: Any) -> None:
     """A deterministic log: ``groups`` batches of ``per`` records, each followed by its checkpoint."""
-    log = AuditLog.open(directory, flush_interval=60, **kwargs)
+    log = AuditLog.open(directory, key=KEY, flush_interval=60, **kwargs)
     log.start()
     for g in range(groups):
         for i in range(per):
@@ -74,7 +78,7 @@ def build(directory: Path, groups: int = 4, per: int = 5, **kwargs: Any) -> None
 
 
 def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path, batch_size=100, flush_interval=0.02)
+    log = AuditLog.open(tmp_path, key=KEY, batch_size=100, flush_interval=0.02)
     for i in range(50):
         assert check(log, i)
     assert not audit_files.log_files(tmp_path), "record() must not touch the disk"
@@ -91,7 +95,7 @@ def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) ->
     cps = [r for r in recs if r["kind"] == "checkpoint"]
     assert [r["target"] for r in checks] == [f"t{i}" for i in range(1000)]
     assert 10 <= len(cps) < 200, "one checkpoint per batch: records must have been grouped"
-    report = verify_dir(tmp_path)
+    report = verify_dir(tmp_path, PUB)
     assert report.ok and report.records == len(recs) and report.checkpoints == len(cps)
 
 
@@ -99,7 +103,7 @@ def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) 
     """write_allow: declined (False, nothing recorded) until the writer has a file open, then written
     at once, in chain order with the queued records, and rotated into the next file by the writer."""
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, flush_interval=0.02, max_file_bytes=4096)
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=0.02, max_file_bytes=4096)
     log.start()
     try:
         assert not log.write_allow("first", "", prepared)  # a fresh log: no file open yet
@@ -122,11 +126,11 @@ def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) 
     assert allows == [f"allow-{i}" for i in range(200)]
     assert len(audit_files.log_files(tmp_path)) > 1, "the files rotated"
     assert all(p.stat().st_size <= 4096 + 1024 for _, p in audit_files.log_files(tmp_path))
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path, clock=lambda: 1700000000.5)
+    log = AuditLog.open(tmp_path, key=KEY, clock=lambda: 1700000000.5)
     log.start()
     assert log.record("mint", agent="a", task="t", token_id="tok-1", grants=[{"tool": "demo"}])
     log.stop()
@@ -137,28 +141,43 @@ def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
                      "token_id": "tok-1", "grants": [{"tool": "demo"}]}
     assert cp["kind"] == "checkpoint" and cp["prev"] == sha(raw[0])
     assert cp["checkpoint"] == {"seq": 1, "hash": sha(raw[0]), "file": LOG1, "ts": 1700000000.5,
-                                "kid": audit.thumbprint(audit_verify._public_key(tmp_path, None))}
+                                "kid": audit.thumbprint(KEY.public_key())}
     exported = json.loads((tmp_path / "checkpoints.jsonl").read_bytes())
     assert exported == {**cp["checkpoint"], "sig": cp["sig"]}
 
 
 def test_audit_key_files(tmp_path: Path) -> None:
-    build(tmp_path, groups=1)
-    key = tmp_path / "audit-key.pem"
-    assert key.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
-    assert key.stat().st_mode & 0o777 == 0o600
-    kid = audit.thumbprint(audit_verify._public_key(tmp_path, None))
-    assert {r["checkpoint"]["kid"] for r in records(tmp_path) if r["kind"] == "checkpoint"} == {kid}
-    build(tmp_path, groups=1)  # reopened: same key, same kid
-    assert audit.thumbprint(audit_verify._public_key(tmp_path, None)) == kid and verify_dir(tmp_path).ok
-    key.chmod(0o644)
+    audit_dir, key_dir = tmp_path / "audit", tmp_path / "audit-key"
+    key, created = audit_files.open_key(key_dir, audit_dir)
+    assert created and not audit_dir.exists()  # nothing of the key beside the log
+    private, pinned = key_dir / "audit-key.pem", key_dir / "public.pem"
+    assert private.read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert private.stat().st_mode & 0o777 == 0o600 and key_dir.stat().st_mode & 0o777 == 0o700
+    assert audit_verify._public_key(pinned.read_bytes()) == key.public_key()
+    again, created = audit_files.open_key(key_dir, audit_dir)  # reopened: same key, same kid
+    assert not created and audit.thumbprint(again.public_key()) == audit.thumbprint(key.public_key())
+    private.chmod(0o644)
     with pytest.raises(StateError, match="owner-only"):
-        AuditLog.open(tmp_path)
-    key.chmod(0o600)
-    (tmp_path / "audit-key.pub.pem").write_bytes(audit_verify._public_key(tmp_path, RFC8037_X).public_bytes(
+        audit_files.open_key(key_dir, audit_dir)
+    private.chmod(0o600)
+    pinned.write_bytes(audit_verify._public_key(RFC8037_X).public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     with pytest.raises(StateError, match="does not match"):
-        AuditLog.open(tmp_path)
+        audit_files.open_key(key_dir, audit_dir)
+
+
+def test_a_key_kept_in_the_audit_directory_moves_out_and_its_checkpoints_still_verify(tmp_path: Path) -> None:
+    audit_dir, key_dir = tmp_path / "audit", tmp_path / "audit-key"
+    build(audit_dir, groups=2)  # as signed before: KEY sat in the audit directory
+    (audit_dir / "audit-key.pem").write_bytes(KEY.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    (audit_dir / "audit-key.pem").chmod(0o600)
+    (audit_dir / "audit-key.pub.pem").write_bytes(audit_files.public_pem(KEY.public_key()))
+    key, created = audit_files.open_key(key_dir, audit_dir)
+    assert not created and audit.thumbprint(key.public_key()) == audit.thumbprint(KEY.public_key())
+    assert not (audit_dir / "audit-key.pem").exists() and not (audit_dir / "audit-key.pub.pem").exists()
+    code, result = main_verify(audit_dir)  # the shipped default: the pinned copy in <state>/audit-key/
+    assert code == 0 and result["key"] == str(key_dir / "public.pem"), result
 
 
 # RFC 8037 appendix A.2/A.3: the Ed25519 public key and its RFC 7638 thumbprint.
@@ -166,16 +185,16 @@ RFC8037_X = base64.urlsafe_b64decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHUR
 
 
 def test_thumbprint_rfc8037_vector(tmp_path: Path) -> None:
-    pub = audit_verify._public_key(tmp_path, RFC8037_X)
+    pub = audit_verify._public_key(RFC8037_X)
     assert audit.thumbprint(pub) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
 
 def test_second_writer_refused(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path)
+    log = AuditLog.open(tmp_path, key=KEY)
     with pytest.raises(StateError, match="another process"):
-        AuditLog.open(tmp_path)
+        AuditLog.open(tmp_path, key=KEY)
     log.stop()
-    AuditLog.open(tmp_path).stop()
+    AuditLog.open(tmp_path, key=KEY).stop()
 
 
 def test_seq_continues_across_restart_and_files(tmp_path: Path) -> None:
@@ -189,7 +208,7 @@ def test_seq_continues_across_restart_and_files(tmp_path: Path) -> None:
     recs = records(tmp_path)
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
     assert sum(r["kind"] == "check" for r in recs) == 30
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def _rewrite(directory: Path, raw: list[bytes]) -> None:
@@ -290,8 +309,7 @@ def t_edit_rechained_checkpoints_dropped(d: Path, raw: list[bytes]) -> None:
 def t_checkpoints_from_another_log(d: Path, raw: list[bytes]) -> None:
     other = d.parent / "other"
     other.mkdir()
-    shutil.copy(d / "audit-key.pem", other)
-    log = AuditLog.open(other, flush_interval=60)
+    log = AuditLog.open(other, key=KEY, flush_interval=60)
     log.start()
     for i in range(5):
         log.record("revoke", token_id=f"other-{i}")
@@ -323,20 +341,22 @@ def test_tampering_is_detected(tmp_path: Path, tamper: Any) -> None:
     d = tmp_path / "audit"
     build(d)
     raw = lines(d)
-    assert len(raw) == 24 and verify_dir(d).ok
+    assert len(raw) == 24 and verify_dir(d, PUB).ok
     tamper(d, raw)
-    report = verify_dir(d)
+    report = verify_dir(d, PUB)
     assert not report.ok
     assert report.first_bad == TAMPER[tamper]
-    code, result = main_verify(d)
+    code, result = main_verify(d, key=PUB_B64)
     assert code == 1 and result["first_bad"] == TAMPER[tamper] and result["message"].startswith("FAIL")
 
 
 def test_main_verify_ok(tmp_path: Path) -> None:
     build(tmp_path)
-    code, result = main_verify(tmp_path)
+    code, result = main_verify(tmp_path, key=PUB_B64)
     assert code == 0 and result["ok"] and result["records"] == 24 and result["checkpoints"] == 4
-    assert result["message"] == "OK: 24 records, 4 checkpoints verified"
+    kid = audit.thumbprint(KEY.public_key())
+    assert result["message"] == (
+        f"OK: 24 records, 4 checkpoints verified (audit key {kid} from --key (inline))")
     json.dumps(result)
 
 
@@ -346,26 +366,28 @@ def test_exported_checkpoints_catch_truncation_the_local_copy_cannot(tmp_path: P
     exported = tmp_path / "offhost.jsonl"
     shutil.copy(d / "checkpoints.jsonl", exported)
     build(d, groups=2)
-    assert verify_dir(d, checkpoints=exported) == audit_verify.VerifyReport(True, 24, 2, None)
+    assert verify_dir(d, PUB, checkpoints=exported) == audit_verify.VerifyReport(True, 24, 2, None)
     # An intruder cuts the log back and trims the local checkpoints to match: locally consistent.
     _rewrite(d, lines(d)[:6])
     cps = (d / "checkpoints.jsonl").read_bytes().splitlines(keepends=True)
     (d / "checkpoints.jsonl").write_bytes(cps[0])
-    assert verify_dir(d).ok
-    report = verify_dir(d, checkpoints=exported)
+    assert verify_dir(d, PUB).ok
+    report = verify_dir(d, PUB, checkpoints=exported)
     assert report.first_bad == "offhost.jsonl:2: log ends at record 6, before checkpoint 11 (truncated)"
-    assert main_verify(d, checkpoints=exported)[0] == 1
-    assert not verify_dir(d, checkpoints=tmp_path / "missing.jsonl").ok
+    assert main_verify(d, checkpoints=exported, key=PUB_B64)[0] == 1
+    assert not verify_dir(d, PUB, checkpoints=tmp_path / "missing.jsonl").ok
 
 
 def test_pinned_public_key(tmp_path: Path) -> None:
     build(tmp_path, groups=1)
-    pinned = (tmp_path / "audit-key.pub.pem").read_bytes()
-    assert verify_dir(tmp_path, public_key=pinned).ok
+    for form in (PUB, audit_files.public_pem(KEY.public_key()), PUB_B64.encode(), json.dumps(
+            {"kty": "OKP", "crv": "Ed25519", "x": PUB_B64}).encode()):
+        assert verify_dir(tmp_path, form).ok
     other = Ed25519PrivateKey.generate().public_key()
     raw = other.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    assert verify_dir(tmp_path, public_key=raw).first_bad.endswith(  # type: ignore[union-attr]
-        f"checkpoint signed by unknown key {json.loads(lines(tmp_path)[-1])['checkpoint']['kid']!r}")
+    assert verify_dir(tmp_path, raw).first_bad == (
+        f"{tmp_path.name}: no checkpoint signed by the pinned key {audit.thumbprint(other)} "
+        "(rewritten, or signed by another key)")
 
 
 @pytest.mark.parametrize("tail", [b'{"seq":25,"prev":"ab', b"garbage\n", b'{"seq":25}\n{"se'])
@@ -373,7 +395,7 @@ def test_torn_tail_is_cut_and_recorded(tmp_path: Path, tail: bytes) -> None:
     build(tmp_path)
     good = (tmp_path / LOG1).read_bytes()
     (tmp_path / LOG1).write_bytes(good + tail)
-    log = AuditLog.open(tmp_path)
+    log = AuditLog.open(tmp_path, key=KEY)
     assert (tmp_path / LOG1).read_bytes() == good
     log.start()
     assert log.record("mint", token_id="tok-after")
@@ -385,22 +407,22 @@ def test_torn_tail_is_cut_and_recorded(tmp_path: Path, tail: bytes) -> None:
     assert cut["bytes_cut"] == len(tail) and cut["offset"] == len(good) and cut["file"] == LOG1
     assert cut["cut_sha256"] == hashlib.sha256(tail).hexdigest()
     assert recs[25]["kind"] == "mint"
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_torn_checkpoints_file_is_cut(tmp_path: Path) -> None:
     build(tmp_path, groups=2)
     with open(tmp_path / "checkpoints.jsonl", "ab") as f:
         f.write(b'{"seq":99,"ha')
-    AuditLog.open(tmp_path).stop()
+    AuditLog.open(tmp_path, key=KEY).stop()
     cut = [r for r in records(tmp_path) if r["kind"] == "audit_truncated"]
     assert [(c["file"], c["bytes_cut"]) for c in cut] == [("checkpoints.jsonl", 13)]
-    assert verify_dir(tmp_path) == audit_verify.VerifyReport(True, 14, 3, None)
+    assert verify_dir(tmp_path, PUB) == audit_verify.VerifyReport(True, 14, 3, None)
 
 
 def test_jws_looking_values_are_redacted_by_the_writer(tmp_path: Path) -> None:
     token = Forge().token()
-    log = AuditLog.open(tmp_path)
+    log = AuditLog.open(tmp_path, key=KEY)
     for bad in ({"token": token}, {"chain": ["a", token]}, {"intent": f"Bearer {token}"},
                 {"meta": {"header": f"authorization: Bearer {token}"}}):
         assert log.record("check", **bad)  # never refused: a request path could carry one
@@ -420,7 +442,7 @@ def test_jws_looking_values_are_redacted_by_the_writer(tmp_path: Path) -> None:
 def test_prepared_check_records_chain_escape_and_redact(tmp_path: Path) -> None:
     """record_check writes the same JSON a dict would, inside the chain, with hostile ids tamed."""
     token = Forge().token()
-    log = AuditLog.open(tmp_path)
+    log = AuditLog.open(tmp_path, key=KEY)
     prepared = audit_records.prepare(decision=True, reason="allow", target='quote" and \\ and \n', chain=[],
                              intent=f"Bearer {token}")
     assert log.record("check", token_id="first")
@@ -437,11 +459,11 @@ def test_prepared_check_records_chain_escape_and_redact(tmp_path: Path) -> None:
     assert checks[2]["request_id"] is None
     assert all(r["target"] == 'quote" and \\ and \n' and r["intent"] == f"Bearer {audit_records.REDACTED}"
                and r["decision"] is True for r in checks)
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_record_check_refuses_when_full_or_closed(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path, queue_max=2)
+    log = AuditLog.open(tmp_path, key=KEY, queue_max=2)
     prepared = audit_records.prepare(reason="allow")
     assert log.record_check("a", "", prepared) and log.record_check("b", "", prepared)
     assert not log.record_check("c", "", prepared)
@@ -451,13 +473,13 @@ def test_record_check_refuses_when_full_or_closed(tmp_path: Path) -> None:
 
 
 def test_queue_full_refuses_without_blocking(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path, queue_max=3)
+    log = AuditLog.open(tmp_path, key=KEY, queue_max=3)
     assert [check(log, i) for i in range(5)] == [True, True, True, False, False]
     assert log.pending == 3 and not log.healthy and not log.flush(0.1)
     log.stop()  # drains what was taken: nothing that returned True is lost
     assert not check(log, 9), "a stopped log takes nothing"
     assert [r["target"] for r in records(tmp_path) if r["kind"] == "check"] == ["t0", "t1", "t2"]
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatch: Any) -> None:
@@ -477,7 +499,7 @@ def _disk_full_holds_records_then_writes_them_all(fs: Path, monkeypatch: Any) ->
     log = None
     try:
         d = fs / "audit"
-        log = AuditLog.open(d, flush_interval=0.01, batch_size=8, queue_max=40)
+        log = AuditLog.open(d, key=KEY, flush_interval=0.01, batch_size=8, queue_max=40)
         log.start()
         taken = [i for i in range(5) if check(log, i)]
         assert log.flush() and log.healthy
@@ -501,7 +523,7 @@ def _disk_full_holds_records_then_writes_them_all(fs: Path, monkeypatch: Any) ->
         log.stop()
         recs = records(d)
         assert [r["target"] for r in recs if r["kind"] == "check"] == [f"t{i}" for i in taken]
-        assert verify_dir(d).ok
+        assert verify_dir(d, PUB).ok
     finally:
         if log is not None:
             log.stop(timeout=1)
@@ -513,7 +535,7 @@ def test_checkpoint_every_n_batches_and_final(tmp_path: Path) -> None:
     kinds = [r["kind"] for r in records(tmp_path)]
     # Batches 2 and 4 are checkpointed; the 5th batch gets the final checkpoint from stop().
     assert [i + 1 for i, k in enumerate(kinds) if k == "checkpoint"] == [5, 10, 13]
-    assert verify_dir(tmp_path) == audit_verify.VerifyReport(True, 13, 3, None)
+    assert verify_dir(tmp_path, PUB) == audit_verify.VerifyReport(True, 13, 3, None)
 
 
 def test_torn_line_alone_in_a_new_file(tmp_path: Path) -> None:
@@ -521,19 +543,19 @@ def test_torn_line_alone_in_a_new_file(tmp_path: Path) -> None:
     last_seq = records(tmp_path)[-1]["seq"]
     fresh = tmp_path / f"audit-{last_seq + 1:010d}.jsonl"
     fresh.write_bytes(b'{"seq":%d,"pr' % (last_seq + 1))  # crashed mid-way through its first line
-    log = AuditLog.open(tmp_path)
+    log = AuditLog.open(tmp_path, key=KEY)
     log.start()
     log.record("revoke", token_id="tok-9")
     log.stop()
     recs = json.loads(fresh.read_bytes().splitlines()[0])
     assert recs["seq"] == last_seq + 1 and recs["kind"] == "audit_truncated" and recs["offset"] == 0
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_unencodable_fields_do_not_kill_the_writer(tmp_path: Path) -> None:
     loop: dict[str, Any] = {}
     loop["self"] = loop
-    log = AuditLog.open(tmp_path)
+    log = AuditLog.open(tmp_path, key=KEY)
     log.start()
     assert log.record("check", meta=loop)  # written with the loop cut, not a dead writer
     assert log.record("check", meta={("tuple", "key"): 1}, when=object())
@@ -543,11 +565,11 @@ def test_unencodable_fields_do_not_kill_the_writer(tmp_path: Path) -> None:
     recs = records(tmp_path)
     assert "[nested too deep]" in json.dumps(recs[0]["meta"])
     assert recs[1]["unencodable"] == ["meta", "when"] and recs[2]["token_id"] == "tok-2"
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_record_racing_stop_is_never_lost(tmp_path: Path) -> None:
-    log = AuditLog.open(tmp_path, flush_interval=0.001, batch_size=64, queue_max=2000)
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=0.001, batch_size=64, queue_max=2000)
     log.start()
     taken: list[list[str]] = [[] for _ in range(4)]
 
@@ -567,7 +589,7 @@ def test_record_racing_stop_is_never_lost(tmp_path: Path) -> None:
         t.join()
     written = [r["token_id"] for r in records(tmp_path) if r["kind"] == "check"]
     assert sorted(written) == sorted(sum(taken, [])) and written
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 TEXTS = st.one_of(st.text(), st.sampled_from(["eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJhZ2VudCIsImV4cCI6MX0.c2ln" * 2,
@@ -632,7 +654,7 @@ def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_b
     such an allow must still be answered only after the writer's fsync, never by the loop's write."""
     synced = watch_appends(monkeypatch)
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, flush_interval=30)  # the writer sleeps until woken
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30)  # the writer sleeps until woken
     log.start()
     try:
         log.record("start")
@@ -654,7 +676,7 @@ def test_a_flush_is_answered_only_after_an_fsync_even_when_the_loop_writes_the_b
     finally:
         log.stop()
     assert [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"] == ["d-1"]
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_path: Path,
@@ -664,7 +686,7 @@ def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_pa
     its way. The next checkpoint or flush() fsyncs them."""
     synced = watch_appends(monkeypatch)
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, flush_interval=5)  # a checkpoint was just written: none due for 5 s
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=5)  # a checkpoint just written: none due for 5 s
     log.start()
     try:
         log.record("start")
@@ -686,7 +708,7 @@ def test_allows_the_writer_commits_are_written_not_fsynced_batch_by_batch(tmp_pa
         log.stop()
     checks = [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"]
     assert checks == [f"d-{i}" for i in range(5)]
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_path: Path,
@@ -694,7 +716,7 @@ def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_
     """Between checkpoints (here every 5 batches) allows are written unsynced; a flush() that finds
     nothing new to write must still fsync them before it answers."""
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, flush_interval=30, checkpoint_every=5)
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30, checkpoint_every=5)
     log.start()
     fsynced: list[int] = []
     real_fsync = os.fsync
@@ -714,14 +736,14 @@ def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_
         assert log._fd in fsynced, "flush() answered with the allow's record unsynced"
     finally:
         log.stop()
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok
 
 
 def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypatch: Any) -> None:
     """Allows written inline (unsynced) fill a file; when the writer moves to the next file it must
     fsync the full one first: no later fsync ever reaches a closed file."""
     prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, flush_interval=30, max_file_bytes=4096)
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30, max_file_bytes=4096)
     log.start()
     calls: list[tuple[str, int]] = []
     real_fsync, real_close = os.fsync, os.close
@@ -743,4 +765,4 @@ def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypa
     finally:
         log.stop()
     assert len([r for r in records(tmp_path) if r["kind"] == "check"]) == written
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, PUB).ok

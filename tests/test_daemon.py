@@ -180,7 +180,8 @@ def test_sigterm_under_load_drains_flushes_audit_and_exits_zero(tmp_path: Path) 
         t.join(10)
     # Calls after shutdown began may be refused by the transport, but never answered wrongly.
     assert set(errors) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
-    report = verify_dir(tmp_path / "state" / "audit")
+    state = tmp_path / "state"
+    report = verify_dir(state / "audit", (state / "audit-key" / "public.pem").read_bytes())
     assert report.ok, report.first_bad
     audited_allows = 0
     for file in sorted((tmp_path / "state" / "audit").glob("audit-*.jsonl")):

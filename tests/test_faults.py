@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from faults_support import (
     AGENT,
     AUTHZ,
@@ -30,6 +31,7 @@ from faults_support import (
 from processes import Daemon, audit_records, wait_for
 
 from agentauthz.audit import WITHDRAWN, AuditLog
+from agentauthz.audit_files import public_pem
 from agentauthz.audit_records import prepare
 from agentauthz.audit_verify import verify_dir
 from agentauthz.client import Client, Decision, Identity
@@ -37,6 +39,7 @@ from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import AuditUnavailable
 
 FAST_AUDIT = {"audit_flush_interval": 0.01}
+AUDIT_KEY = Ed25519PrivateKey.generate()  # the checkpoint key, kept outside the audit directory
 
 
 def agent_client(daemon: Daemon, work: Path, agent: str = AGENT) -> Client:
@@ -209,7 +212,7 @@ def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: P
         assert await asyncio.to_thread(log.flush) and log.healthy
 
     with tmpfs(tmp_path / "fs", "256k") as fs:
-        log = AuditLog.open(fs / "audit", flush_interval=60)
+        log = AuditLog.open(fs / "audit", key=AUDIT_KEY, flush_interval=60)
         log.start()
         try:
             asyncio.run(scenario(log, fs / "audit"))
@@ -222,13 +225,13 @@ def test_an_allow_waits_for_its_fsync_and_a_failed_disk_withdraws_it(tmp_path: P
         assert len(withdrawn) == 1 and withdrawn[0] > doomed[0]
         assert records[withdrawn[0]]["decision_ids"] == ["doomed"]
         assert records[withdrawn[0]]["reason"] == "audit_unavailable"
-        assert verify_dir(fs / "audit").ok
+        assert verify_dir(fs / "audit", public_pem(AUDIT_KEY.public_key())).ok
 
 
 def test_group_commit_does_not_storm_checkpoints(tmp_path: Path) -> None:
     """Allows one after another each get their own write; checkpoints (a signature and a second fsync
     each) still come at most about once a flush interval."""
-    log = AuditLog.open(tmp_path, flush_interval=0.2)
+    log = AuditLog.open(tmp_path, key=AUDIT_KEY, flush_interval=0.2)
     log.start()
     prepared = prepare(decision=True, reason="allow")
 
@@ -246,7 +249,7 @@ def test_group_commit_does_not_storm_checkpoints(tmp_path: Path) -> None:
     checkpoints = sum(r["kind"] == "checkpoint" for r in records)
     assert sum(r["kind"] == "check" for r in records) == 300
     assert checkpoints <= elapsed / 0.2 + 3, f"{checkpoints} checkpoints in {elapsed:.2f}s"
-    assert verify_dir(tmp_path).ok
+    assert verify_dir(tmp_path, public_pem(AUDIT_KEY.public_key())).ok
 
 
 ADMIN = "spiffe://dev.local/admin/ops"

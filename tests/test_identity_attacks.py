@@ -410,4 +410,5 @@ def test_the_daemon_survives_every_attack_and_its_audit_log_verifies(daemon: Dae
                 assert part.encode() not in audit and part not in log, part[:40]
     refusals = authn(daemon, False)
     assert len(refusals) >= len(SVIDS) + len(BEARERS) + len(HANDSHAKE) + 1  # + no certificate at all
-    wait_for(lambda: verify_dir(daemon.state_dir / "audit").ok, 10, "a verifiable audit log")
+    pinned = (daemon.state_dir / "audit-key" / "public.pem").read_bytes()
+    wait_for(lambda: verify_dir(daemon.state_dir / "audit", pinned).ok, 10, "a verifiable audit log")

@@ -304,7 +304,8 @@ def test_no_secret_appears_anywhere(session: Session) -> None:
 
 def test_the_session_left_a_verifiable_audit_log(session: Session) -> None:
     from agentauthz.audit_verify import verify_dir
-    report = verify_dir(session.daemon.state_dir / "audit")
+    state = session.daemon.state_dir
+    report = verify_dir(state / "audit", (state / "audit-key" / "public.pem").read_bytes())
     assert report.ok and report.records > 40, report
     audit = b"".join(p.read_bytes() for p in (session.daemon.state_dir / "audit").glob("audit-*.jsonl"))
     assert b"[redacted: token]" in audit  # the tokens in paths and intents were there, and redacted

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from google.protobuf import json_format
@@ -262,7 +263,7 @@ def test_the_native_warm_path_leaves_a_pure_twins_token_to_the_full_path(tmp_pat
     """Mixed twins never meet in the daemon; if they did, the native path must decline, not crash."""
     forge = Forge()
     pure_verifier = make_verifier(_accel.pure(), forge)
-    audit = AuditLog.open(tmp_path / "audit")
+    audit = AuditLog.open(tmp_path / "audit", key=Ed25519PrivateKey.generate())
     audit.start()
     try:
         native = native_or_fail()
@@ -284,7 +285,7 @@ def test_an_allow_is_not_answered_warm_once_the_audit_log_cannot_take_it(
     if twin == "native" and not _accel.NATIVE:
         pytest.skip("the daemon runs the pure twin (AGENTAUTHZ_NO_EXTENSIONS): its tokens are pure")
     hot = native_or_fail() if twin == "native" else _accel.pure()
-    log = AuditLog.open(tmp_path / "audit", flush_interval=0.01)
+    log = AuditLog.open(tmp_path / "audit", key=Ed25519PrivateKey.generate(), flush_interval=0.01)
     log.start()
     service = extauthz.CheckService(a.verifiers, log, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
     fields = extauthz.parse_check_request(request(f"Bearer {minted['plain']}"))
