@@ -130,6 +130,34 @@ def check_members(reason: str, tool: str, target: str, operation: str, sensitivi
             f'"intent":{"null" if intent is None else _json_str(intent)}')
 
 
+REDACTED_CREDENTIAL = "[redacted: credential]"
+ARGUMENT_TEXT_MAX = 200
+# What a secret looks like in an argument value besides a JWS: a PEM block, an HTTP credential scheme,
+# a well-known API key prefix, or a long unbroken run of base64/hex (a key, a password hash, a
+# session id). Conservative: a value that merely looks like one is withheld too.
+_CREDENTIAL = re.compile(
+    r"-----BEGIN|\b(?:bearer|basic|token|apikey|api-key)\b\s*[:=]?\s*\S{8,}|\b(?:sk|pk|rk|ghp|gho|ghs|ghu|glpat"
+    r"|xox[abpsr]|AKIA|ASIA|AIza)[-_]?[A-Za-z0-9_-]{8,}|[A-Za-z0-9+/_=-]{32,}", re.IGNORECASE)
+
+
+def argument_value(value: Any) -> Any:
+    """A refused argument's value as its denial records it: numbers, booleans and null as they are,
+    short text with nothing credential-shaped in it as it is, anything else withheld or only named."""
+    if value is None or value.__class__ in (bool, int, float):
+        return value
+    if value.__class__ is not str:
+        return f"[{'object' if isinstance(value, dict) else 'array' if isinstance(value, list) else 'value'}]"
+    text = redact_tokens(value)
+    if _CREDENTIAL.search(text):
+        return REDACTED_CREDENTIAL
+    return text if len(text) <= ARGUMENT_TEXT_MAX else text[:ARGUMENT_TEXT_MAX] + "[truncated]"
+
+
+def argument_member(name: str | None, value: Any) -> str:
+    """The ``"argument":{name, value}`` member a Check record adds for a refused argument."""
+    return prepare(argument={"name": name, "value": argument_value(value)})
+
+
 def _plain(texts: tuple[Any, ...]) -> bool:
     """Whether every one of ``texts`` is text with nothing token-shaped in it (``"eyJ"`` split across
     two of them counts too: prepare then redacts what it finds, which may be nothing)."""

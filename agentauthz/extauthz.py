@@ -11,6 +11,7 @@ import base64
 import collections
 import hashlib
 import json
+import logging
 import os
 import re
 import ssl
@@ -27,14 +28,17 @@ from google.rpc import code_pb2, status_pb2
 from . import _accel, _request_py, reasons
 from ._check_py import DECISION_ID_CHARS, header_option
 from ._request_py import Fields
-from .audit_records import check_members
+from .audit_records import argument_member, check_members
 from .budgets import retry_after
 from .constraints import enforce
 from .errors import AuditUnavailable, TokenError
 from .mcp import EXTENSION, Call, read_call
 from .policy import Boundary, Policy, RequestDefaults
+from .tokens import SENSITIVITY_RANK
 
 _scan = _accel.ACTIVE.scan_check_request
+
+log = logging.getLogger(__name__)
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 PREPARED_MAX = 4096
@@ -47,7 +51,7 @@ def http_status_for(reason: str) -> int:
         return 403
     if reason == reasons.REQUEST_INVALID:
         return 400
-    if reason == reasons.AUDIT_UNAVAILABLE:
+    if reason in (reasons.AUDIT_UNAVAILABLE, reasons.INTERNAL_ERROR):
         return 503
     # MCP bodies, argument constraints, budgets (mcp.py, constraints.py, budgets.py).
     if reason in reasons.MCP_REFUSED:
@@ -131,6 +135,39 @@ def request_fields(method: str, path: str, extensions: dict[str, str],
     return tool, target, operation, extensions.get("sensitivity") or defaults.sensitivity
 
 
+class _FaultLog:
+    """Logs a fault's traceback at most once per ``interval`` seconds, with how many it left out:
+    a fault every request meets must not flood the log."""
+
+    def __init__(self, interval: float = 10.0) -> None:
+        self._interval, self._next, self._skipped = interval, 0.0, 0
+
+    def log(self, what: str) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            self._skipped += 1
+            return
+        self._next, skipped, self._skipped = now + self._interval, self._skipped, 0
+        log.exception("%s (%d more since the last one logged)", what, skipped)
+
+
+_FAULTS = _FaultLog()
+UNPARSED = object()  # parse_check_request's answer when the parser raised
+
+
+def refused_argument(entry: Any, reason: str, tool: str, target: str, operation: str, sensitivity: str,
+                     arguments: Mapping[str, Any] | None) -> str:
+    """The ``argument`` member of an argument denial's record: the first constraint of a grant
+    covering the request that fails for ``reason``, and the value it refused (redacted)."""
+    level = SENSITIVITY_RANK.get(sensitivity, 0)
+    for grant in entry.grants if arguments is not None else ():
+        if grant.extras is not None and grant.covers(tool, target, operation, level):
+            for constraint in grant.extras.arguments:
+                if constraint.problem(arguments) == reason:
+                    return argument_member(constraint.name, arguments.get(constraint.name))
+    return argument_member(None, None)
+
+
 def certificate_thumbprint(pem: str) -> str:
     """RFC 8705 ``x5t#S256`` of the URL-encoded PEM Envoy forwards as ``source.certificate``; "" if
     it is no certificate (which then matches no binding)."""
@@ -165,6 +202,9 @@ class CheckService:
         self._denied: dict[str, bytes] = {}  # reason -> bytes, filled as reasons first occur
         self._budgets = budgets  # budgets.BudgetTable shared by every worker; None: budgeted grants deny
         self._retry_denied: dict[int, bytes] = {}  # Retry-After seconds -> rate_limited response
+        # Built now, so that answering a fault needs nothing that could fail with it (_failed).
+        self._failed_members = check_members(reasons.INTERNAL_ERROR, "", "", "", "")
+        self._internal = {r: denied_response(r) for r in (reasons.INTERNAL_ERROR, reasons.AUDIT_UNAVAILABLE)}
         # reason -> count, for /metrics (decision_counts): all but the allows _warm answers itself
         self.decisions: collections.Counter[str] = collections.Counter()
         self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
@@ -261,12 +301,53 @@ class CheckService:
         return reasons.ALLOW if thumbprint == bound else reasons.TOKEN_BINDING
 
     async def check(self, fields: Fields | None, context: Any) -> bytes:
-        if fields is None:  # not a CheckRequest (see parse_check_request): nothing to decide on
-            return self._undecodable(self._ids.next())
-        decided = self._warm(fields)  # the common allow, answered; else its decision, if it made one
-        if decided.__class__ is bytes:
-            return decided  # type: ignore[no-any-return]
-        decision_id = self._ids.next()
+        # Any exception is a recorded internal_error denial: one gRPC let escape would answer UNKNOWN,
+        # which Envoy with failure_mode_allow turns into an allow. The try costs nothing until it raises.
+        decision_id = None
+        try:
+            if fields.__class__ is not tuple:  # not a CheckRequest, or the parser failed (UNPARSED)
+                if fields is None:
+                    return self._undecodable(self._ids.next())
+                raise RuntimeError("the CheckRequest parser failed")
+            decided = self._warm(fields)  # the common allow, answered; else its decision, if it made one
+            if decided.__class__ is bytes:
+                return decided  # type: ignore[no-any-return]
+            decision_id = self._ids.next()
+            return await self._full(fields, decided, decision_id)
+        except Exception:
+            return self._failed(fields, decision_id)
+
+    def _failed(self, fields: Any, decision_id: str | None) -> bytes:
+        """The internal_error denial, recorded (audit_unavailable if it cannot be), the fault logged."""
+        _FAULTS.log("a Check failed; denied internal_error")
+        reason = reasons.INTERNAL_ERROR
+        try:
+            decision_id = decision_id or self._ids.next()
+            request_id = fields[1] if fields.__class__ is tuple and fields[1].__class__ is str else ""
+            if not (self._audit.record_check(decision_id, request_id, self._failed_members)
+                    and self._audit.healthy):
+                reason = reasons.AUDIT_UNAVAILABLE
+        except Exception:  # not even recorded: still a denial, never an escape
+            _FAULTS.log("recording an internal_error failed; denied audit_unavailable")
+            reason = reasons.AUDIT_UNAVAILABLE
+        self.decisions[reason] += 1
+        try:
+            return self._internal[reason] + self._ids.metadata(decision_id)  # type: ignore[arg-type]
+        except Exception:
+            return self._internal[reason]
+
+    def _who(self, verifier: Any, token: str, reason: str) -> Any:
+        """The verified token behind a denial for ``reason``, or None when it did not verify: so that
+        the denial's record names whose token was refused. The rare path: the verifier's cache has it."""
+        if reason in reasons.UNVERIFIED:
+            return None
+        try:
+            return verifier.verify(token, self._clock())
+        except TokenError:
+            return None
+
+    async def _full(self, fields: Fields, decided: Any, decision_id: str) -> bytes:
+        """Every Check the warm path did not answer, with its decision if it made one."""
         authorization, request_id, method, path, extensions, principal, certificate, message = fields
         token = bearer_token(authorization)
         policy = self._policy()
@@ -285,6 +366,7 @@ class CheckService:
             verifier = self._verifiers.get(boundary)
         else:
             boundary, verifier = self._default
+        who = None  # the verified token, kept when the decision denies: its record names it
         if token is None:
             reason, entry = reasons.TOKEN_MISSING, None
         elif refused:
@@ -294,6 +376,7 @@ class CheckService:
         else:
             reason, entry = decided or verifier.decide(token, tool, target, operation, sensitivity,
                                                        self._clock())
+            who = entry if entry is not None else self._who(verifier, token, reason)
             if entry is not None:
                 binding = policy.boundary(boundary)
                 # With no peer reported and no binding required, every token passes _peer_reason.
@@ -312,8 +395,11 @@ class CheckService:
         if not self._audit.healthy:  # before the record is made, so that it says what was answered
             reason, entry = reasons.AUDIT_UNAVAILABLE, None
         if entry is None:
-            key = (reason, None, tool, target, operation, sensitivity)
-            prepared = self._prepared.get(key) or self._prepare(key, None)
+            key = (reason, None if who is None else who.jti, tool, target, operation, sensitivity)
+            prepared = self._prepared.get(key) or self._prepare(key, who)
+            if reason in reasons.ARGUMENT_REFUSED and who is not None:
+                prepared += "," + refused_argument(who, reason, tool, target, operation, sensitivity,
+                                                   call.arguments if call else None)
             if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
@@ -341,11 +427,16 @@ def parse_check_request(raw: bytes) -> Fields | None:
     header value that is not UTF-8, say): the native scan, else the protobuf runtime.
 
     A deserializer that raises makes gRPC answer UNKNOWN and log a traceback: one per call, from
-    any client of this unauthenticated listener. None is answered as a recorded request_invalid.
+    any client of this unauthenticated listener. None is answered as a recorded request_invalid,
+    UNPARSED (the parser itself failed) as a recorded internal_error: this never raises.
     """
-    fields = _scan(raw)
-    if fields is None and _scan is not _request_py.scan:  # the native scan deferred
-        fields = _request_py.scan(raw)
+    try:
+        fields = _scan(raw)
+        if fields is None and _scan is not _request_py.scan:  # the native scan deferred
+            fields = _request_py.scan(raw)
+    except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
+        _FAULTS.log("the CheckRequest parser failed")
+        return UNPARSED  # type: ignore[return-value]
     return fields
 
 

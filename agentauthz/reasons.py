@@ -60,6 +60,10 @@ DELEGATION_POLICY_DENIED = "delegation_policy_denied"    # policy would not give
 
 # 503: the decision could be made but not recorded, so it is not made (fail closed).
 AUDIT_UNAVAILABLE = "audit_unavailable"
+# 503: a fault inside the daemon (an exception on the Check path): denied, recorded, logged server-side.
+INTERNAL_ERROR = "internal_error"
+# Check over mTLS from a client certificate that is not one of ``check_clients``: answered, never decided.
+CHECK_CLIENT_REFUSED = "check_client_refused"
 
 UNAUTHENTICATED = frozenset({
     TOKEN_MISSING, TOKEN_MALFORMED, TOKEN_TOO_LARGE, TOKEN_ALGORITHM, TOKEN_HEADER,
@@ -69,6 +73,13 @@ UNAUTHENTICATED = frozenset({
     TOKEN_BOUNDARY, TOKEN_SENDER, TOKEN_BINDING, TOKEN_CERTIFICATE_REQUIRED,
 })
 FORBIDDEN = frozenset({SCOPE_DENIED, SENSITIVITY_EXCEEDED, POLICY_DENIED, BOUNDARY_UNKNOWN})
+# The token itself did not verify (or was never looked at): a denial for any other reason knows
+# whose token it was, and its audit record says so.
+UNVERIFIED = frozenset({
+    TOKEN_MISSING, TOKEN_MALFORMED, TOKEN_TOO_LARGE, TOKEN_ALGORITHM, TOKEN_HEADER, TOKEN_TYPE,
+    TOKEN_KEY_UNKNOWN, TOKEN_SIGNATURE, TOKEN_CLAIMS, TOKEN_ISSUER, TOKEN_AUDIENCE, TOKEN_EXPIRED,
+    TOKEN_NOT_YET_VALID, TOKEN_LIFETIME, TOKEN_BOUNDARY, BOUNDARY_UNKNOWN,
+})
 
 # Offline verification (agentauthz.offline): the Token Status List itself was refused, so no
 # token's status can be known from it.
@@ -101,4 +112,9 @@ BUDGET_UNAVAILABLE = "budget_unavailable"  # 503: this process has no budget tab
 CONSTRAINT_DENIED = frozenset({
     ARGUMENTS_UNAVAILABLE, ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX,
     ARGUMENT_NOT_ALLOWED, ARGUMENT_ABOVE_MAX, BUDGET_EXHAUSTED,
+})
+# Denials that name one argument: its record says which, and its value redacted (audit_records).
+ARGUMENT_REFUSED = frozenset({
+    ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX, ARGUMENT_NOT_ALLOWED,
+    ARGUMENT_ABOVE_MAX,
 })
