@@ -295,7 +295,7 @@ class Verifier:
 
     def purge_expired(self, now: float) -> int:
         """Drop cached tokens past their expiry; returns how many."""
-        dead = [t for t, v in list(self._cache.items()) if now >= v.exp + self.leeway]
+        dead = [t for t, v in list(self._cache.items()) if now >= v.exp]
         for t in dead:
             self._cache.pop(t, None)
         return len(dead)
@@ -323,7 +323,10 @@ class Verifier:
         return entry
 
     def _check_time(self, entry: VerifiedToken, now: float) -> None:
-        if now >= entry.exp + self.leeway:
+        # exp has no leeway: the daemon that wrote it checks it on the same clock, and a token must
+        # not outlive its approval or its parent by the leeway. nbf and iat keep it for clock skew:
+        # there a skew only lets a token start a little early, never last longer.
+        if now >= entry.exp:
             raise errors.TokenExpired("token has expired")
         if now < entry.nbf - self.leeway:
             raise errors.TokenNotYetValid("token is not valid yet")
@@ -454,7 +457,7 @@ class Verifier:
             except errors.TokenError as exc:
                 return exc.reason, None
         else:
-            if now >= entry.exp + self.leeway:
+            if now >= entry.exp:  # no leeway: see _check_time
                 return reasons.TOKEN_EXPIRED, None
             if now < entry.nbf - self.leeway:
                 return reasons.TOKEN_NOT_YET_VALID, None

@@ -35,7 +35,7 @@ from .delegation import DelegationFlow
 from .errors import AuditUnavailable, PolicyError, StateError
 from .keys import Keyring
 from .outcomes import NEEDS_APPROVAL, NOT_PERMITTED, NOTHING_GRANTED, UNKNOWN_TOKEN_ID, Minted, Refused
-from .policy import DEV_POLICY, Policy
+from .policy import DEV_POLICY, Policy, read_text
 from .revocation import RevocationStore
 from .tokens import task_key
 
@@ -108,7 +108,9 @@ class Authority(DelegationFlow, ApprovalFlow):
         state = config.state_dir
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.policy_path = Path(config.policy_file) if config.policy_file else DEV_POLICY
-        self.policy = Policy.load(self.policy_path)
+        # The text too: workers are sent exactly what was validated here, never the file (workers.py).
+        self.policy_text = read_text(self.policy_path)
+        self.policy = Policy.from_text(self.policy_text, str(self.policy_path))
         # One keyring per trust boundary (audience): a key that leaks from one boundary cannot mint
         # for another, because each boundary's verifier knows only its own keys.
         self.keyrings = {aud: Keyring.open(keys_dir(state, config, aud),
@@ -172,11 +174,13 @@ class Authority(DelegationFlow, ApprovalFlow):
         """Load the policy file again; a bad file keeps the old policy and says why."""
         with self._policy_lock:
             try:
-                policy = Policy.load(self.policy_path)
+                text = read_text(self.policy_path)
+                policy = Policy.from_text(text, str(self.policy_path))
             except PolicyError as exc:
                 log.error("policy reload refused, keeping %s: %s", self.policy.digest[:12], exc)
                 self.audit.record("policy_reload", decision=False, reason=str(exc))
                 return False
+            self.policy_text = text
             self.adopt_policy(policy)
             for listener in self._policy_listeners:
                 listener()
@@ -217,13 +221,15 @@ class Authority(DelegationFlow, ApprovalFlow):
             keys += [{**jwk, "agentauthz_boundary": aud} for jwk in ring.jwks()["keys"]]
         return {"keys": keys}
 
-    def replicate_to(self, workers: list[Any]) -> None:
-        """Keep forked Check workers in step: revocations, keys and policy reach them before any ack."""
-        from .workers import ReplicatedIndex, broadcast
-        self.revocations.replicate(ReplicatedIndex(self.index, workers))
+    def replicate_to(self, fleet: Any) -> None:
+        """Keep forked Check workers (a ``workers.Fleet``) in step: revocations, keys and the validated
+        policy text reach them before any ack, and a restarted worker starts from the latest of each."""
+        from .workers import ReplicatedIndex
+        self.revocations.replicate(ReplicatedIndex(self.index, fleet))
         for aud, ring in self.keyrings.items():
-            ring.subscribe(functools.partial(lambda a, keys: broadcast(workers, ("keys", a, keys)), aud))
-        self._policy_listeners.append(lambda: broadcast(workers, ("policy",)))
+            ring.subscribe(functools.partial(fleet.set_keys, aud))
+        fleet.set_policy(self.policy_text, self.policy.digest)
+        self._policy_listeners.append(lambda: fleet.set_policy(self.policy_text, self.policy.digest))
 
     def _audit(self, kind: str, **fields: Any) -> None:
         if not self.audit.record(kind, **fields):

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import ssl
 import time
 import urllib.parse
@@ -26,7 +25,7 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from . import _accel, _request_py, reasons
-from ._check_py import DECISION_ID_CHARS, header_option
+from ._check_py import ABNORMAL_PATH, DECISION_ID_CHARS, header_option
 from ._request_py import Fields
 from .audit_records import argument_member, check_members
 from .budgets import retry_after
@@ -95,8 +94,9 @@ def decision_ids(hot: _accel.HotPath) -> Any:
     field = ext_authz.CheckResponse(dynamic_metadata=struct_pb2.Struct(
         fields={"decision_id": struct_pb2.Value(string_value=placeholder)})).SerializeToString()
     at = field.index(placeholder.encode())
-    # The random prefix tells worker processes apart.
-    return hot.DecisionIds(os.urandom(3).hex(), field[:at], field[at + DECISION_ID_CHARS:])
+    # 64 random bits per process start tell workers, restarts and replicas apart (the audit log joins
+    # on decision ids); the counter, each of one process's decisions.
+    return hot.DecisionIds(os.urandom(8).hex(), field[:at], field[at + DECISION_ID_CHARS:])
 
 
 def bearer_token(value: str | None) -> str | None:
@@ -110,26 +110,24 @@ def bearer_token(value: str | None) -> str | None:
     return token
 
 
-# A path the upstream could resolve to another tool or target than the one it names: dot segments,
-# empty segments, percent-encoding, backslashes, path parameters, fragments (CVE-2019-9901:
-# Envoy forwards the path as sent unless normalize_path is on).
-_ABNORMAL_PATH = re.compile(r"[%\\;#]|//|/\.\.?(?:/|$)")
-
-
 def request_fields(method: str, path: str, extensions: dict[str, str],
                    defaults: RequestDefaults) -> tuple[str, str, str, str]:
     """(tool, target, operation, sensitivity) from the route's context_extensions, else the policy's
-    ``requests`` defaults: operation from the method, tool and target from ``/<tool>/<target...>``."""
+    ``requests`` defaults: operation from the method, tool and target from ``/<tool>/<target...>``.
+
+    A path not in its one normal form (``_check_py.ABNORMAL_PATH``) names nothing on any route, even
+    one naming its tool and target, since the upstream may resolve it elsewhere: no tool and no
+    sensitivity, so the decision is request_invalid (400), whatever an MCP body names as the tool.
+    """
+    operation = extensions.get("operation") or defaults.operations.get(method, "")
+    if ABNORMAL_PATH.match(path):
+        return "", "", operation, ""
     tool = extensions.get("tool")
     target = extensions.get("target")
-    operation = extensions.get("operation") or defaults.operations.get(method, "")
     if tool is None or target is None:
         path_tool = path_target = ""
         if defaults.tool_from_path:
-            path = path.partition("?")[0]
-            if _ABNORMAL_PATH.search(path):  # names nothing: no tool, so request_invalid (400)
-                return "", "", operation, extensions.get("sensitivity") or defaults.sensitivity
-            path_tool, _, path_target = path.lstrip("/").partition("/")
+            path_tool, _, path_target = path.partition("?")[0].lstrip("/").partition("/")
         tool = tool if tool is not None else path_tool
         target = target if target is not None else path_target
     return tool, target, operation, extensions.get("sensitivity") or defaults.sensitivity

@@ -145,15 +145,7 @@ class Policy:
     @classmethod
     def load(cls, path: str | Path, *, cache_size: int = CACHE_SIZE) -> Policy:
         """Read and compile a policy file; raises PolicyError naming the file, rule and problem."""
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise PolicyError(f"cannot read policy file: {exc.strerror or exc}", file=str(path)) from None
-        try:
-            text = raw.decode("utf-8")  # strict: re-encoding gives back exactly ``raw`` for the digest
-        except UnicodeDecodeError:
-            raise PolicyError("policy file is not UTF-8", file=str(path)) from None
-        return cls.from_text(text, str(path), cache_size=cache_size)
+        return cls.from_text(read_text(path), str(path), cache_size=cache_size)
 
     @classmethod
     def from_text(cls, text: str, source: str = "<string>", *, cache_size: int = CACHE_SIZE) -> Policy:
@@ -262,6 +254,18 @@ class Policy:
                 denied.append(grant(tool, target, lost, SENSITIVITY_LEVELS[level]))
         caps = granted_ttls or gated_ttls
         return Narrowed(granted, gated, denied, min([ttl, *caps]) if caps else 0)
+
+
+def read_text(path: str | Path) -> str:
+    """A policy file's text, read once: the daemon compiles it and sends the same text to its workers."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise PolicyError(f"cannot read policy file: {exc.strerror or exc}", file=str(path)) from None
+    try:
+        return raw.decode("utf-8")  # strict: re-encoding gives back exactly ``raw`` for the digest
+    except UnicodeDecodeError:
+        raise PolicyError("policy file is not UTF-8", file=str(path)) from None
 
 
 def _requested(raw: Any) -> tuple[str, str, list[str], int, dict[str, Any]] | None:

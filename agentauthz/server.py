@@ -94,10 +94,11 @@ class Metrics:
     """Prometheus collector reading counters the daemon keeps anyway: nothing on the request path."""
 
     def __init__(self, authority: Authority, check: extauthz.CheckService,
-                 front: TlsFront | None = None) -> None:
+                 front: TlsFront | None = None, fleet: workers.Fleet | None = None) -> None:
         self._authority = authority
         self._check = check
         self._front = front
+        self._fleet = fleet
 
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -114,6 +115,13 @@ class Metrics:
             for outcome, count in sorted(self._front.counts.items()):
                 handshakes.add_metric([outcome], count)
             yield handshakes
+        if self._fleet is not None:
+            restarts = CounterMetricFamily(
+                "agentauthz_worker_restarts", "Check workers restarted, by cause (died, unresponsive)",
+                labels=["cause"])
+            for cause, count in sorted(self._fleet.restarts.items()):
+                restarts.add_metric([cause], count)
+            yield restarts
         a = self._authority
         stats = a.revocations.stats()
         for name, value, helptext in (
@@ -209,14 +217,20 @@ class Daemon:
         self.approval_server: Any = None
         self.http: ThreadingHTTPServer | None = None
         self._threads: list[Any] = []
-        self.workers: list[workers.Worker] = []
+        self.fleet: workers.Fleet | None = None
         self._audit_health: asyncio.Task[None] | None = None
 
     def fork_workers(self) -> None:
         """With ``workers > 1``, fork the extra Check workers; before any gRPC object exists."""
         if self.config.workers > 1:
-            self.workers = workers.spawn(self.config.workers - 1, self.serve_worker)
-            self.authority.replicate_to(self.workers)
+            self.fleet = workers.Fleet(self.config.workers - 1, self.serve_worker, self.authority.index,
+                                       self._worker_restarted)
+            self.authority.replicate_to(self.fleet)
+            self.fleet.start()
+
+    def _worker_restarted(self, **fields: Any) -> None:
+        """Audit a worker's restart: which one, why, and whether its replacement took the state."""
+        self.authority.audit.record("worker_restart", decision=fields["started"], **fields)
 
     def _credentials(self) -> grpc.ServerCredentials:
         return grpc.ssl_server_credentials([(self.tls_key, self.tls_cert)],
@@ -308,7 +322,7 @@ class Daemon:
         host, _, port = self.config.http_listen.rpartition(":")
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
-        registry.register(Metrics(a, check_service, self.api_front))
+        registry.register(Metrics(a, check_service, self.api_front, self.fleet))
         self.http = ThreadingHTTPServer((host, int(port)), _http_handler(a, self.serving, registry))
         threading.Thread(target=self.http.serve_forever, name="agentauthz-http", daemon=True).start()
 
@@ -341,7 +355,8 @@ class Daemon:
         if self.http is not None:
             self.http.shutdown()
             self.http.server_close()
-        await asyncio.to_thread(workers.stop_all, self.workers)
+        if self.fleet is not None:
+            await asyncio.to_thread(self.fleet.stop)
         for t in self._threads:
             t.stop()
         self.authority.stop()
@@ -349,6 +364,8 @@ class Daemon:
     def serve_worker(self, number: int, conn: Any) -> int:
         """A forked Check worker: its own gRPC server and audit log; state changes come from the primary."""
         stopping = threading.Event()
+        if not workers.adopt_state(conn, self.authority):  # the primary's current state before serving
+            return 1
         workers.listen_for_changes(conn, self.authority, stopping.set)
         asyncio.run(self._worker(number, stopping))
         return 0

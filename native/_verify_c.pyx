@@ -467,7 +467,7 @@ cdef class Verifier:
         cdef VerifiedToken entry
         cdef Py_ssize_t dead = 0
         for token, entry in list(self._cache.items()):
-            if now >= <double>entry.exp + <double>self.leeway:
+            if now >= <double>entry.exp:
                 self._cache.pop(token, None)
                 dead += 1
         return dead
@@ -496,8 +496,9 @@ cdef class Verifier:
         return entry
 
     cdef int _check_time(self, VerifiedToken entry, double now) except -1:
-        # In doubles, like the pure twin's float ``now``: exact for any real NumericDate.
-        if now >= <double>entry.exp + <double>self.leeway:
+        # In doubles, like the pure twin's float ``now``: exact for any real NumericDate. No leeway
+        # for exp, the pure twin's _check_time says why.
+        if now >= <double>entry.exp:
             raise TokenExpired("token has expired")
         if now < <double>entry.nbf - <double>self.leeway:
             raise TokenNotYetValid("token is not valid yet")
@@ -671,7 +672,7 @@ cdef class Verifier:
                 return exc.reason, None
         else:
             entry = <VerifiedToken>found
-            if now >= <double>entry.exp + <double>self.leeway:
+            if now >= <double>entry.exp:  # no leeway: see _check_time
                 return DENY_EXPIRED
             if now < <double>entry.nbf - <double>self.leeway:
                 return DENY_NOT_YET_VALID

@@ -22,12 +22,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from google.protobuf import json_format
-from processes import audit_records
+from processes import Daemon, audit_records
 from support import Forge, make_verifier, native_or_fail
 
 from agentauthz import _accel, extauthz, reasons, tokens
 from agentauthz.audit import AuditLog
 from agentauthz.authority import Authority
+from agentauthz.client import Client, Identity
 from agentauthz.config import Config
 from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.policy import DEV_POLICY, Policy
@@ -157,7 +158,7 @@ def answer(raw: bytes) -> tuple[dict[str, Any], str]:
     """The CheckResponse as a dict without its decision id, and the decision id."""
     response = json_format.MessageToDict(ext_authz.CheckResponse.FromString(raw))
     decision_id = response.pop("dynamicMetadata")["decision_id"]
-    assert re.fullmatch(r"[0-9a-f]{16}", decision_id)
+    assert re.fullmatch(r"[0-9a-f]{32}", decision_id)
     return response, decision_id
 
 
@@ -219,22 +220,44 @@ def test_decision_ids_are_unique_and_echoed_in_the_metadata(twin: str) -> None:
     hot = native_or_fail() if twin == "native" else _accel.pure()
     ids = extauthz.decision_ids(hot)
     made = [ids.next() for _ in range(1000)]
-    assert len(set(made)) == 1000 and len({d[:6] for d in made}) == 1
-    assert all(re.fullmatch(r"[0-9a-f]{16}", d) for d in made)
-    assert int(made[-1][6:], 16) == int(made[0][6:], 16) + 999
+    assert len(set(made)) == 1000 and len({d[:16] for d in made}) == 1
+    assert all(re.fullmatch(r"[0-9a-f]{32}", d) for d in made)
+    assert int(made[-1][16:], 16) == int(made[0][16:], 16) + 999
     response = ext_authz.CheckResponse.FromString(ids.metadata(made[7]))
     assert response.dynamic_metadata.fields["decision_id"].string_value == made[7]
-    for bad in ("", "abc", "ABCDEF", "abcdeg", "abcdef0"):
+    for bad in ("", "abc", "ABCDEF0123456789", "abcdeg0123456789", "abcdef", "0123456789abcdef0", "é" * 16):
         with pytest.raises(ValueError):
             hot.DecisionIds(bad, b"", b"")
 
 
 def test_twins_tell_processes_apart_and_count_alike() -> None:
     native, pure = native_or_fail(), _accel.pure()
-    a, b = (hot.DecisionIds("0a1b2c", b"<", b">") for hot in (native, pure))
+    prefix = "0a1b2c3d4e5f6a7b"
+    a, b = (hot.DecisionIds(prefix, b"<", b">") for hot in (native, pure))
     assert [a.next() for _ in range(3)] == [b.next() for _ in range(3)] == [
-        "0a1b2c0000000001", "0a1b2c0000000002", "0a1b2c0000000003"]
-    assert a.metadata("0a1b2c0000000003") == b.metadata("0a1b2c0000000003") == b"<0a1b2c0000000003>"
+        f"{prefix}{n:016x}" for n in (1, 2, 3)]
+    third = f"{prefix}{3:016x}"
+    assert a.metadata(third) == b.metadata(third) == f"<{third}>".encode()
+
+
+def test_decision_ids_of_two_processes_never_collide(
+        authority: tuple[Authority, dict[str, str], str]) -> None:
+    """Issue 16: each process start (a worker, a restart, a replica) draws a 64-bit prefix; the old
+    24-bit one repeated. Two services of each twin, many ids each, the warm path's ids included."""
+    a, minted, _ = authority
+    twins = [_accel.pure()] + ([native_or_fail()] if _accel.NATIVE else [])
+    services = [extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, hot=hot)
+                for hot in twins for _ in range(2)]
+    made = [service._ids.next() for service in services for _ in range(20_000)]
+    assert len(set(made)) == len(made)
+    assert len({d[:16] for d in made}) == len(services)  # one prefix per process start
+    loop = asyncio.new_event_loop()
+    try:
+        fields = extauthz.parse_check_request(request(f"Bearer {minted['plain']}"))
+        warm = [answer(loop.run_until_complete(s.check(fields, None)))[1] for s in services for _ in range(3)]
+    finally:
+        loop.close()
+    assert len(set(warm) | set(made)) == len(warm) + len(made)
 
 
 @pytest.mark.parametrize("agent, task, token_id", [
@@ -302,3 +325,25 @@ def test_an_allow_is_not_answered_warm_once_the_audit_log_cannot_take_it(
         loop.close()
     assert refused["deniedResponse"]["status"]["code"] == "ServiceUnavailable"
     assert refused["status"]["message"] == reasons.AUDIT_UNAVAILABLE and service._warm.allowed == 3
+
+
+def test_decision_ids_differ_across_daemon_starts(tmp_path: Path) -> None:
+    """The audit log joins on decision ids: a restarted daemon must not reuse its last run's."""
+    daemon = Daemon(tmp_path / "state")
+    issue_svid(ensure_dev_pki(daemon.state_dir), ALPHA, tmp_path / "alpha")
+    seen: list[str] = []
+    for _ in range(2):
+        daemon.start()
+        try:
+            client = Client(daemon.api_address, Identity.from_dir(tmp_path / "alpha"),
+                            check_server=daemon.check_address)
+            token = client.mint("ids", ["demo:*:read"]).token
+            seen += [client.check(token, "demo", "r", "read").decision_id for _ in range(3)]
+            seen.append(client.check(None, "demo", "r", "read").decision_id)
+        finally:
+            daemon.stop()
+    assert all(re.fullmatch(r"[0-9a-f]{32}", d) for d in seen)
+    assert len(set(seen)) == len(seen) and seen[0][:16] != seen[-1][:16]
+    assert {d[:16] for d in seen[:4]} != {d[:16] for d in seen[4:]}
+    logged = {r["decision_id"] for r in daemon.audit_records() if r["kind"] == "check"}
+    assert set(seen) <= logged
