@@ -1,8 +1,8 @@
 """The common Check in one call: the pure-Python twin of ``native/_check_c.pyx``.
 
 ``WarmAllow`` answers the request most Checks are: a bearer token, a route
-naming tool, target, operation and sensitivity, no peer to match, no MCP body,
-an unconstrained token. It decides, writes the allow's audit record and returns
+naming tool, target, operation and sensitivity, a path in normal form, no peer
+to match, no MCP body, an unconstrained token. It decides, writes the allow's audit record and returns
 the response bytes; the first allow of a token for a request also builds what
 the next ones reuse (``CheckService._first_allow``).
 Anything else it hands to ``CheckService``'s full path, with the decision if it
@@ -13,6 +13,7 @@ path would answer differently (``tests/test_warm_allow.py`` holds both to that).
 from __future__ import annotations
 
 import itertools
+import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,10 +25,19 @@ from . import reasons
 from .errors import AuditUnavailable
 from .mcp import EXTENSION
 
-DECISION_ID_CHARS = 16  # a 6-hex-digit process prefix and a 10-hex-digit counter
+# A process's random 64-bit prefix and a 64-bit counter, 16 hex digits each: a decision id is unique
+# across workers, restarts and replicas (the audit log joins on it), and fixed in width (spliced).
+PREFIX_CHARS = 16
+DECISION_ID_CHARS = 2 * PREFIX_CHARS
 HEADER_AGENT = "x-agentauthz-agent"
 HEADER_TASK = "x-agentauthz-task"
 HEADER_TOKEN_ID = "x-agentauthz-token-id"
+
+# A path (before its query) the upstream could resolve to another tool or target than the route
+# names: dot segments, empty segments, percent-encoding, backslashes, path parameters, fragments
+# (CVE-2019-9901: Envoy forwards the path as sent unless normalize_path is on). Refused on every
+# route; ``.match`` from the start, one scan that stops at the query.
+ABNORMAL_PATH = re.compile(r"[^?]*?(?:[%\\;#]|//|/\.\.?(?:[/?]|\Z))")
 
 
 def header_option(key: str, value: str) -> base_pb2.HeaderValueOption:
@@ -50,20 +60,20 @@ def allow_response(agent: str, task: str, token_id: str) -> bytes:
 
 
 class DecisionIds:
-    """Fixed-width, unique-per-process decision ids, spliced into pre-built metadata bytes.
+    """Fixed-width decision ids, unique per ``prefix``, spliced into pre-built metadata bytes.
 
     ``head`` and ``tail`` are a serialized CheckResponse ``dynamic_metadata`` field around the id
     (``extauthz.DecisionIds``); protobuf merges concatenated fields into one message.
     """
 
     def __init__(self, prefix: str, head: bytes, tail: bytes) -> None:
-        if len(prefix) != 6 or not prefix.isascii() or not all(c in "0123456789abcdef" for c in prefix):
-            raise ValueError(f"a decision id prefix is 6 lowercase hex digits: {prefix!r}")
+        if len(prefix) != PREFIX_CHARS or not all(c in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"a decision id prefix is {PREFIX_CHARS} lowercase hex digits: {prefix!r}")
         self._prefix, self._head, self._tail = prefix, head, tail
         self._counter = itertools.count(1)
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFF:010x}"
+        return f"{self._prefix}{next(self._counter) & 0xFFFFFFFFFFFFFFFF:016x}"
 
     def metadata(self, decision_id: str) -> bytes:
         """``dynamic_metadata`` naming ``decision_id``, as serialized CheckResponse bytes."""
@@ -91,10 +101,12 @@ class WarmAllow:
         self._first_allow = first_allow
 
     def __call__(self, fields: tuple[Any, ...]) -> bytes | tuple[str, Any] | None:
-        authorization, request_id, _, _, extensions, principal, certificate, _ = fields
+        authorization, request_id, _, path, extensions, principal, certificate, _ = fields
         # A peer to match against the token, or an MCP body to read: only the full path does that.
         if principal or certificate or EXTENSION in extensions:
             return None
+        if ABNORMAL_PATH.match(path):
+            return None  # the full path refuses it (extauthz.request_fields)
         if authorization is None or authorization[:7] not in ("Bearer ", "bearer "):
             return None
         token = authorization[7:]
@@ -122,7 +134,8 @@ class WarmAllow:
             return None  # a token bound to no certificate needs a peer here: the full path says so
         now = self._clock()
         reason, entry = verifier.decide(token, tool, target, operation, sensitivity, now)
-        if entry is None or entry.constrained:
+        # Constraints (the token's, or the policy's: then the decision is not ALLOW) are the full path's.
+        if entry is None or entry.constrained or reason is not reasons.ALLOW:
             return reason, entry
         prepared = self._prepared.get((reason, entry.jti, tool, target, operation, sensitivity))
         body = entry.attachment

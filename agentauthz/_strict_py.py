@@ -1,7 +1,7 @@
 """Strict token text: the reference twin of ``native/_strict_c.pyx``, same refusals, same messages.
 
 Strict base64url (RFC 7515 §2) and strict JSON (RFC 8259: UTF-8, no duplicate
-keys, no NaN or Infinity, nesting bounded), which every new token's three
+keys, no NaN or Infinity, nesting bounded; RFC 7493 I-JSON: no lone surrogate), which every new token's three
 segments go through before anything is believed. Also what MCP bodies and
 offline verification parse with.
 """
@@ -76,8 +76,30 @@ def _nesting_exceeds(raw: bytes, limit: int) -> bool:
     return False
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def holds_surrogate(value: Any) -> bool:
+    """Whether a parsed JSON value has a surrogate code point in any string, key or member."""
+    if value.__class__ is str:
+        return _SURROGATE.search(value) is not None
+    if value.__class__ is dict:
+        return any(holds_surrogate(k) or holds_surrogate(v) for k, v in value.items())
+    if value.__class__ is list:
+        return any(holds_surrogate(v) for v in value)
+    return False
+
+
+def lone_surrogate(raw: bytes, value: Any) -> bool:
+    """Whether ``value``, parsed from ``raw``, holds an escaped lone surrogate (``"\\ud800"``), which
+    RFC 7493 §2.1 (I-JSON) forbids: UTF-8 cannot carry one, and parsers disagree on what it reads as.
+    json joins an escaped pair into its one character, so any surrogate left was alone."""
+    return b"\\u" in raw and holds_surrogate(value)  # only an escape spells one in valid UTF-8
+
+
 def json_object(raw: bytes, what: str) -> dict[str, Any]:
-    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, at most MAX_JSON_DEPTH deep."""
+    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, no lone surrogate, at
+    most MAX_JSON_DEPTH deep."""
     try:
         text = raw.decode("utf-8")
         if _nesting_exceeds(raw, MAX_JSON_DEPTH):
@@ -88,6 +110,8 @@ def json_object(raw: bytes, what: str) -> dict[str, Any]:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise errors.TokenMalformed(f"{what} is not valid JSON") from exc
+    if lone_surrogate(raw, obj):
+        raise errors.TokenMalformed(f"{what} holds a lone surrogate escape (RFC 7493)")
     if not isinstance(obj, dict):
         raise errors.TokenMalformed(f"{what} is not a JSON object")
     return obj

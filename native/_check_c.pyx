@@ -19,17 +19,51 @@ from libc.string cimport memcpy
 from agentauthz._verify_c cimport VerifiedToken
 
 from agentauthz import reasons
-from agentauthz._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID
+from agentauthz._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID, PREFIX_CHARS
 from agentauthz.errors import AuditUnavailable
 from agentauthz.mcp import EXTENSION
 
 cdef enum:
-    ID_CHARS = 16  # a 6-hex-digit process prefix and a 10-hex-digit counter
+    PREFIX = 16  # a random 64-bit process prefix, then a 64-bit counter (_check_py says why)
+    ID_CHARS = 2 * PREFIX
 DECISION_ID_CHARS = ID_CHARS
+if PREFIX_CHARS != PREFIX:
+    raise ImportError(f"_check_c's decision id prefix is {PREFIX} hex digits, _check_py's {PREFIX_CHARS}")
 
 cdef const char *_HEX = b"0123456789abcdef"
 cdef str _AUDIT_UNAVAILABLE = reasons.AUDIT_UNAVAILABLE
+cdef object _ALLOW = reasons.ALLOW  # the object decide answers an allow with
 cdef str _EXTENSION = EXTENSION
+
+
+cdef bint _abnormal_path(str path):
+    """``_check_py.ABNORMAL_PATH.match(path)`` in one pass: before the query, a "%", backslash, ";"
+    or "#", an empty segment, or a "." or ".." segment."""
+    cdef Py_ssize_t i, n = PyUnicode_GET_LENGTH(path)
+    cdef Py_UCS4 c, previous = 0
+    cdef int dots = -1  # dots since the last "/", or -1 once the segment holds anything else
+    for i in range(n):
+        c = path[i]
+        if c == u'?':
+            break
+        if c == u'%' or c == u'\\' or c == u';' or c == u'#':
+            return True
+        if c == u'/':
+            if previous == u'/' or dots == 1 or dots == 2:
+                return True
+            dots = 0
+        elif c == u'.':
+            if dots >= 0:
+                dots += 1
+        else:
+            dots = -1
+        previous = c
+    return dots == 1 or dots == 2
+
+
+def abnormal_path(str path not None):
+    """The warm path's scan, for the tests that hold it to ``_check_py.ABNORMAL_PATH``."""
+    return _abnormal_path(path)
 
 
 # -- the allow response, by hand ----------------------------------------------------------
@@ -127,7 +161,7 @@ def allow_response(str agent not None, str task not None, str token_id not None)
 
 
 cdef class DecisionIds:
-    """Fixed-width, unique-per-process decision ids, spliced into pre-built metadata bytes.
+    """Fixed-width decision ids, unique per ``prefix``, spliced into pre-built metadata bytes.
 
     ``head`` and ``tail`` are a serialized CheckResponse ``dynamic_metadata`` field around the id
     (``extauthz.DecisionIds``); protobuf merges concatenated fields into one message.
@@ -138,9 +172,9 @@ cdef class DecisionIds:
     cdef unsigned long long _counter
 
     def __init__(self, str prefix not None, bytes head not None, bytes tail not None):
-        if len(prefix) != 6 or not prefix.isascii() or not all(c in "0123456789abcdef" for c in prefix):
-            raise ValueError(f"a decision id prefix is 6 lowercase hex digits: {prefix!r}")
-        memcpy(self._text, PyBytes_AS_STRING(prefix.encode("ascii")), 6)
+        if len(prefix) != PREFIX or not all(c in "0123456789abcdef" for c in prefix):
+            raise ValueError(f"a decision id prefix is {PREFIX} lowercase hex digits: {prefix!r}")
+        memcpy(self._text, PyBytes_AS_STRING(prefix.encode("ascii")), PREFIX)
         self._head, self._tail = head, tail
         self._counter = 0
 
@@ -148,8 +182,8 @@ cdef class DecisionIds:
         cdef unsigned long long n
         cdef int i
         self._counter += 1
-        n = self._counter & 0xFFFFFFFFFF
-        for i in range(ID_CHARS - 1, 5, -1):
+        n = self._counter
+        for i in range(ID_CHARS - 1, PREFIX - 1, -1):
             self._text[i] = _HEX[n & 15]
             n >>= 4
 
@@ -220,6 +254,8 @@ cdef class WarmAllow:
         authorization, extensions = fields[0], fields[4]
         if fields[5] or fields[6] or _EXTENSION in extensions:
             return None  # a peer to match, or an MCP body to read: only the full path does that
+        if _abnormal_path(<str?>fields[3]):
+            return None  # the full path refuses it (extauthz.request_fields)
         if authorization is None or PyUnicode_GET_LENGTH(authorization) < 8 or not (
                 authorization.startswith("Bearer ") or authorization.startswith("bearer ")):
             return None
@@ -252,7 +288,8 @@ cdef class WarmAllow:
         if found is None or type(found) is not VerifiedToken:  # a denial, or the pure twin's token
             return decided
         entry = <VerifiedToken>found
-        if entry.constrained:
+        # Constraints (the token's, or the policy's: then the decision is not ALLOW) are the full path's.
+        if entry.constrained or (<tuple>decided)[0] is not _ALLOW:
             return decided
         prepared = self._prepared.get(((<tuple>decided)[0], entry.jti, tool, target, operation, sensitivity))
         body = entry.attachment

@@ -2,7 +2,7 @@
 """Strict token text, natively: the twin of ``agentauthz/_strict_py.py``, same refusals, same messages.
 
 Strict base64url (RFC 7515 §2) and strict JSON (RFC 8259: UTF-8, no duplicate
-keys, no NaN or Infinity, nesting bounded), which every new token's three
+keys, no NaN or Infinity, nesting bounded; RFC 7493 I-JSON: no lone surrogate), which every new token's three
 segments go through before anything is believed. ``_verify_c`` cimports the
 cdef functions; the def ones are what the pure twin, the tests and the fuzzers
 call.
@@ -12,6 +12,7 @@ import json
 
 import orjson
 
+from agentauthz._strict_py import lone_surrogate
 from agentauthz.errors import TokenMalformed
 from agentauthz.tokens import MAX_JSON_DEPTH
 
@@ -248,6 +249,9 @@ cdef dict _json_object(bytes raw, str what):
         obj = _fast_json(raw, members)
         if obj is None:  # never a valid result: a JSON null is not an object either
             obj = _strict_json(PyUnicode_DecodeUTF8(raw, len(raw), NULL))
+            # orjson refuses a lone surrogate escape (RFC 7493 §2.1); json reads it: refused here.
+            if lone_surrogate(raw, obj):
+                raise TokenMalformed(f"{what} holds a lone surrogate escape (RFC 7493)")
     except TokenMalformed:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -258,5 +262,6 @@ cdef dict _json_object(bytes raw, str what):
 
 
 def json_object(raw, what):
-    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, at most MAX_JSON_DEPTH deep."""
+    """Strict JSON: UTF-8 only, an object, no duplicate keys, no NaN/Infinity, no lone surrogate, at
+    most MAX_JSON_DEPTH deep."""
     return _json_object(bytes(raw), what)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import strategies as st
@@ -62,6 +64,22 @@ def make_verifier(hot: HotPath, forge: Forge, capacity: int = 1 << 16, **kwargs:
     verifier.set_keys({forge.kid: forge.public})
     verifier.set_policy(AllowAll())
     return verifier
+
+
+@contextlib.contextmanager
+def daemon_twin(twin: str) -> Iterator[None]:
+    """While inside, a daemon started (it inherits the environment) runs ``twin``'s hot path."""
+    if twin == "native":
+        native_or_fail()
+    before = os.environ.get("AGENTAUTHZ_NO_EXTENSIONS")
+    os.environ["AGENTAUTHZ_NO_EXTENSIONS"] = "1" if twin == "pure" else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["AGENTAUTHZ_NO_EXTENSIONS"]
+        else:
+            os.environ["AGENTAUTHZ_NO_EXTENSIONS"] = before
 
 
 def native_or_fail() -> HotPath:

@@ -221,7 +221,7 @@ def test_requests_are_validated_before_anything_is_issued(authority: Authority) 
     assert authority.verifier.verify(child.token, time.time()).claims["intent"] == "tidy the archive"
 
 
-def test_a_parent_inside_its_leeway_has_nothing_left_to_delegate(tmp_path: Path) -> None:
+def test_a_parent_at_its_exp_has_nothing_left_to_delegate(tmp_path: Path) -> None:
     now = [float(int(time.time()))]
     path = tmp_path / "policy.yaml"
     path.write_text(yaml.safe_dump(POLICY))
@@ -233,8 +233,9 @@ def test_a_parent_inside_its_leeway_has_nothing_left_to_delegate(tmp_path: Path)
         now[0] += 9
         last = a.delegate(ALPHA, root.token, BETA, [grant("demo", "*", ["read"])], ttl=300)
         assert last.expires_at == root.expires_at and last.expires_at - int(now[0]) == 1
-        now[0] += 1  # expired, though the verifier's leeway still accepts it
-        assert a.verifier.verify_live(root.token, now[0])[0] == reasons.ALLOW
+        now[0] += 1  # at exp: expired, with no leeway, parent and child alike (issue 16)
+        assert a.verifier.verify_live(root.token, now[0])[0] == reasons.TOKEN_EXPIRED
+        assert a.verifier.verify_live(last.token, now[0])[0] == reasons.TOKEN_EXPIRED
         assert refusal(a.delegate, ALPHA, root.token, BETA, [grant("demo", "*", ["read"])]) \
             == reasons.TOKEN_EXPIRED
     finally:

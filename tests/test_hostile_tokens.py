@@ -32,7 +32,7 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from nacl.signing import SigningKey
 from processes import Daemon, wait_for
-from support import Forge, make_verifier, native_or_fail
+from support import Forge, daemon_twin, make_verifier, native_or_fail
 
 from agentauthz import _accel, errors, reasons, tokens
 from agentauthz._accel import HotPath
@@ -460,7 +460,6 @@ SUBJECTS = {
     "scheme-only": "spiffe://",
     "crlf-header-injection": "spiffe://dev.local/agent/a\r\nx-agentauthz-agent: spiffe://dev.local/admin",
     "nul": "spiffe://dev.local/agent/alpha\x00",
-    "lone-surrogate": "spiffe://dev.local/agent/\ud800",
     "homoglyph-path": "spiffe://dev.local/agent/\u0430lpha",
     "homoglyph-trust-domain": "spiffe://d\u0435v.local/agent/alpha",
     "fullwidth": "spiffe://dev.local/agent/\uff41lpha",
@@ -527,6 +526,9 @@ cases(EXPIRED, {
     "rfc7519-4.1.4:expired": lambda s: claimed(s, iat=s.now - 900, nbf=s.now - 900, exp=s.now - 600),
     "rfc7519-4.1.4:expired-by-the-leeway": lambda s: claimed(
         s, iat=s.now - 900, nbf=s.now - 900, exp=s.now - 30),
+    # The daemon wrote exp on the clock it checks it by: no leeway past it (issue 16).
+    "rfc7519-4.1.4:expired-at-exp-with-no-leeway": lambda s: claimed(
+        s, iat=s.now - 900, nbf=s.now - 900, exp=s.now),
 })
 
 # RFC 8259, RFC 7519 §4 and RFC 8725 §3.7 (UTF-8 JSON, unique claim names): a second parser must
@@ -555,6 +557,25 @@ cases(MALFORMED, {
     "cve-2020-10735:huge-integer-in-the-unsigned-header": lambda s: raw_header(s, b'"x":' + b"7" * 5000),
     "rfc8259-6:NaN-in-the-unsigned-header": lambda s: raw_header(s, b'"x":NaN'),
 })
+# RFC 7493 §2.1 (I-JSON): no escaped lone surrogate. UTF-8 cannot carry one, and parsers read it
+# differently (json keeps it, orjson and serde refuse it, others put U+FFFD in): a parser differential.
+LONE_SURROGATES: dict[str, Make] = {
+    "rfc7493-2.1:lone-high-surrogate-in-claims": lambda s: raw_claims(s, b'"x":"\\ud800"'),
+    "rfc7493-2.1:lone-low-surrogate-in-claims": lambda s: raw_claims(s, b'"x":"a\\uDFFFb"'),
+    "rfc7493-2.1:reversed-pair-in-claims": lambda s: raw_claims(s, b'"x":"\\udc00\\ud800"'),
+    "rfc7493-2.1:high-surrogate-then-a-letter": lambda s: raw_claims(s, b'"x":"\\ud83d\\u0041"'),
+    "rfc7493-2.1:lone-surrogate-as-a-key": lambda s: raw_claims(s, b'"\\uD800":1'),
+    "rfc7493-2.1:lone-surrogate-deep-in-a-list": lambda s: raw_claims(s, b'"x":[{"y":["ok","\\ud800"]}]'),
+    "rfc7493-2.1:lone-surrogate-in-intent": lambda s: sign(
+        s, header(s), text(claims(s, intent=DROP))[:-1] + b',"intent":"\\ud83d"}'),
+    # A sub json.dumps writes with its lone surrogate escaped: refused before the SPIFFE ID is read.
+    "rfc7493-2.1:sub-lone-surrogate": lambda s: claimed(s, sub="spiffe://dev.local/agent/\ud800"),
+    "rfc7493-2.1:act-sub-lone-surrogate": lambda s: claimed(
+        s, act={"sub": "spiffe://dev.local/agent/\ud800", "idx": 4000}),
+    "rfc7493-2.1:lone-surrogate-in-the-header": lambda s: sign(
+        s, text(header(s, kid=DROP))[:-1] + b',"kid":"' + s.kid.encode() + b'\\ud800"}', claims(s)),
+}
+cases(MALFORMED, LONE_SURROGATES)
 cases(TOO_LARGE, {
     "rfc8725-2.9:just-over-the-size-cap": lambda s: claimed(s, pad="x" * 8192),
     "rfc8725-2.9:one-megabyte": lambda s: "A" * (1 << 20),
@@ -595,6 +616,7 @@ ACCEPTED: dict[str, Make] = {
         s, b'{"\\u0061lg":"\\u0045dDSA","typ":"agentauthz+jwt","kid":' + json.dumps(s.kid).encode() + b"}",
         claims(s)),
     "rfc7519-4:unknown-claims-are-ignored": lambda s: claimed(s, admin=True, roles=["root"]),
+    "rfc7493-2.1:escaped-surrogate-pair-is-one-character": lambda s: raw_claims(s, b'"x":"\\ud83d\\ude00"'),
     "rfc7519-4:member-order-is-free": lambda s: sign(s, dict(reversed(header(s).items())),
                                                        dict(reversed(claims(s).items()))),
     "rfc7515-7.1:bytes-token": lambda s: claimed(s),  # decide() takes text; verify() also takes ASCII bytes
@@ -798,6 +820,27 @@ def test_valid_tokens_of_the_daemon_key_are_allowed(client: Client, signer: Daem
     for name, make in ACCEPTED.items():
         decision = client.check(make(signer), *REQUEST)
         assert decision.allowed, (name, decision)
+
+
+@pytest.mark.parametrize("twin", ["native", "pure"])
+def test_lone_surrogates_are_refused_by_a_daemon_on_either_twin(tmp_path: Path, twin: str) -> None:
+    """RFC 7493 §2.1 through a daemon running each twin, the tokens signed with its own key; an
+    escaped pair (one character) and the expiry at exp alike (issue 16)."""
+    with daemon_twin(twin):
+        d = Daemon(tmp_path / "state").start()
+    try:
+        issue_svid(ensure_dev_pki(d.state_dir), AGENT, tmp_path / "id")
+        client = Client(d.api_address, Identity.from_dir(tmp_path / "id"), check_server=d.check_address)
+        s = DaemonSigner(d.state_dir, client.mint("surrogates", ["demo:*:read"]).token)
+        for make in LONE_SURROGATES.values():
+            assert_denied(check_headers(client, {"authorization": f"Bearer {make(s)}"}), 401, MALFORMED)
+        pair = ACCEPTED["rfc7493-2.1:escaped-surrogate-pair-is-one-character"](s)
+        assert client.check(pair, *REQUEST).allowed
+        at_exp = CASES["rfc7519-4.1.4:expired-at-exp-with-no-leeway"][0](s)
+        assert_denied(check_headers(client, {"authorization": f"Bearer {at_exp}"}), 401, EXPIRED)
+        assert "Traceback" not in d.log()
+    finally:
+        d.stop()
 
 
 AUTHORIZATION = {  # RFC 6750 §2.1: exactly "Bearer" SP token; anything else is no credential at all

@@ -246,8 +246,8 @@ REFUSALS: dict[str, tuple[Case, type[errors.TokenError]]] = {
     "issued in the future": (lambda f: f.token(iat=f.now + LEEWAY + 1, nbf=f.now + LEEWAY + 1,
                                                exp=f.now + LEEWAY + 100), errors.TokenNotYetValid),
     "expired": (lambda f: f.token(iat=f.now - 400, nbf=f.now - 400, exp=f.now - 100), errors.TokenExpired),
-    "expired at the leeway boundary": (
-        lambda f: f.token(iat=f.now - 400, nbf=f.now - 400, exp=f.now - LEEWAY), errors.TokenExpired),
+    "expired at exp, the leeway notwithstanding": (
+        lambda f: f.token(iat=f.now - 400, nbf=f.now - 400, exp=f.now), errors.TokenExpired),
     "not yet valid": (lambda f: f.token(nbf=f.now + LEEWAY + 1), errors.TokenNotYetValid),
     "sub not spiffe": (lambda f: f.token(sub="alice@example.com"), CLAIMS),
     "sub not a string": (lambda f: f.token(sub=["spiffe://x"]), CLAIMS),
@@ -399,13 +399,15 @@ def test_delegation_depth_limit_is_inclusive(verifier: Any, forge: Forge) -> Non
 
 def test_time_boundaries(verifier: Any, forge: Forge) -> None:
     now = forge.now
-    # Still valid one second before expiry plus leeway; refused at it (RFC 7519 §4.1.4).
-    token = forge.token(iat=now - 300, nbf=now - 300, exp=now - LEEWAY + 1)
-    assert verifier.verify(token, now).exp == now - LEEWAY + 1
+    # Valid until exp, refused at it (RFC 7519 §4.1.4): the daemon's own exp gets no leeway (issue 16),
+    # whether the token is cached or new.
+    token = forge.token(iat=now - 300, nbf=now - 300, exp=now + 1)
+    assert verifier.verify(token, now).exp == now + 1
     with pytest.raises(errors.TokenExpired):
         verifier.verify(token, now + 1)
     assert decide(verifier, token, now + 1) == reasons.TOKEN_EXPIRED
     assert decide(verifier, token, now + 0.999) == reasons.ALLOW
+    assert decide(verifier, forge.token(iat=now - 300, nbf=now - 300, exp=now), now) == reasons.TOKEN_EXPIRED
     # nbf minus leeway is the first valid instant.
     early = forge.token(nbf=now + LEEWAY)
     assert verifier.verify(early, now).nbf == now + LEEWAY
@@ -557,8 +559,8 @@ def test_forget_and_purge_expired(verifier: Any, forge: Forge) -> None:
     long = forge.token(exp=forge.now + 300)
     verifier.verify(short, forge.now)
     verifier.verify(long, forge.now)
-    assert verifier.purge_expired(forge.now) == 0
-    assert verifier.purge_expired(forge.now + 10 + LEEWAY) == 1
+    assert verifier.purge_expired(forge.now + 9.5) == 0
+    assert verifier.purge_expired(forge.now + 10) == 1  # at exp: no leeway, as the decision
     assert verifier.cache_len() == 1
     verifier.forget(long)
     verifier.forget(long)  # forgetting twice is harmless
