@@ -20,7 +20,7 @@ from nacl.exceptions import BadSignatureError
 from . import errors, reasons
 from ._bitset_py import Bitset
 from ._strict_py import b64url_decode, json_object
-from .constraints import Extras, compile_extras
+from .constraints import Constrained, Extras, compile_extras
 from .identity import IdentityError, parse_spiffe_id
 from .tokens import (
     ALGORITHM,
@@ -40,8 +40,10 @@ MEMO_MAX = 64  # distinct requests remembered per token before the memo is reset
 class PolicyView(Protocol):
     """What the decision asks of the policy at the moment of action."""
 
-    def permits(self, agent: str, tool: str, target: str, operation: str, level: int) -> str | None:
-        """None when allowed, otherwise a reason constant."""
+    def permits(self, agent: str, tool: str, target: str, operation: str, level: int) -> str | Any:
+        """None when allowed, a ``Constrained`` when allowed only under its constraints, otherwise a
+        reason constant. Asked again with ``approved=True`` when it answers APPROVAL_REQUIRED for a
+        token that carries an approval."""
 
 
 def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
@@ -500,6 +502,8 @@ class Verifier:
             memo[key] = reason
         if reason == reasons.ALLOW:
             return (reasons.ALLOW, entry)
+        if reason.__class__ is Constrained:  # allowed once Check has enforced the policy's constraints
+            return reason, entry
         return reason, None
 
     def _match(self, entry: VerifiedToken, tool: str, target: str, operation: str,
@@ -519,5 +523,10 @@ class Verifier:
             return reasons.SENSITIVITY_EXCEEDED if scoped else reasons.SCOPE_DENIED
         if policy is None:
             return reasons.POLICY_DENIED
-        return policy.permits(entry.sub, tool, target, operation, level) or reasons.ALLOW
+        answer = policy.permits(entry.sub, tool, target, operation, level)
+        # A token minted under a human's approval carries it (authority.py); asked only then, so a
+        # policy view that gates nothing need not know the keyword.
+        if answer == reasons.APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
+            answer = policy.permits(entry.sub, tool, target, operation, level, approved=True)
+        return answer or reasons.ALLOW
 

@@ -61,8 +61,8 @@ def _constraints_to_dict(g: pb.Grant) -> dict[str, Any]:
                              **({"max": c.max} if c.HasField("max") else {}),
                              **({"required": True} if c.required else {})} for c in g.arguments]
     b = g.budget
-    budget = {k: v for k, v in (("max_calls", b.max_calls), ("rate_per_second", b.rate_per_second),
-                                ("burst", b.burst)) if v}
+    budget = {k: v for k, v in (("max_calls", b.max_calls), ("window", b.window),
+                                ("rate_per_second", b.rate_per_second), ("burst", b.burst)) if v}
     if budget:
         out["budget"] = budget
     return out

@@ -1,15 +1,17 @@
-"""Task budgets: per (task, tool) call counters shared by every Check worker, exact under concurrency.
+"""Budgets: per (agent, tool, window) call counters shared by every Check worker, exact under concurrency.
 
 The table is a file under the state directory mapped shared (``MAP_SHARED``) before the workers
 fork, so every worker reads and writes the same pages, and a restart of the daemon keeps the counts
 (a budget cannot be reset by crashing the daemon). Each charge holds a POSIX record lock on the file
 (``lockf``: per process, dropped by the kernel if a worker dies holding it) plus a thread lock; only
-budgeted requests take them.
+budgeted requests take them. One call may count under several keys (a delegated token's call counts
+for every agent on its chain): all of them, or none.
 
 Layout: a 64-byte header, then ``capacity`` entries of (key digest, keep-until, calls, tat), open
-addressing with linear probing over at most ``PROBE`` slots. Entries are never deleted, only
-reused once past their keep-until, so a probe may stop at the first never-used slot. The rate is
-a GCRA (a token bucket kept as one "theoretical arrival time", ``tat``).
+addressing with linear probing over at most ``PROBE`` slots. Keep-until is the end of the counter's
+window, which starts with its first counted call; past it the count starts again. Entries are never
+deleted, only reused once past their window and rate state, so a probe may stop at the first
+never-used slot. The rate is a GCRA (a token bucket kept as one "theoretical arrival time", ``tat``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import struct
 import threading
 from pathlib import Path
+from typing import Sequence
 
 from . import reasons
 from .constraints import Budget
@@ -91,50 +94,72 @@ class BudgetTable:
             os.close(self._fd)
             self._fd = -1
 
-    def charge(self, key: str, budget: Budget, now: float, keep_until: int) -> tuple[str, float]:
-        """(ALLOW, 0) having counted one call under ``key``, or (reason, seconds to wait) counting none."""
-        digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-        if digest == EMPTY:  # 2^-128; the empty marker must stay unambiguous
-            digest = b"\x01" + digest[1:]
-        home = int.from_bytes(digest[:8], "little") % self.capacity
+    def charge(self, charges: Sequence[tuple[str, Budget]], now: float) -> tuple[str, float]:
+        """(ALLOW, 0) having counted one call under every key of ``charges``, each against its budget,
+        or (reason, seconds to wait) counting none."""
+        digests = []
+        for key, budget in charges:
+            digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if digest == EMPTY:  # 2^-128; the empty marker must stay unambiguous
+                digest = b"\x01" + digest[1:]
+            digests.append((digest, budget))
         with self._thread_lock:
             fcntl.lockf(self._fd, fcntl.LOCK_EX)
             try:
-                return self._charge(digest, home, budget, now, keep_until)
+                return self._charge(digests, now)
             finally:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
-    def _charge(self, digest: bytes, home: int, budget: Budget, now: float,
-                keep_until: int) -> tuple[str, float]:
-        buf, free = self._buf, None
-        calls, tat, kept, at = 0, 0.0, 0, -1
+    def _charge(self, charges: list[tuple[bytes, Budget]], now: float) -> tuple[str, float]:
+        writes = []
+        taken: set[int] = set()  # slots claimed by earlier keys of this call
+        exhausted, wait = False, 0.0
+        for digest, budget in charges:
+            at = self._find(digest, now, taken)
+            if at < 0:
+                return reasons.BUDGET_TABLE_FULL, 0.0
+            taken.add(at)
+            slot_key, kept, calls, tat = ENTRY.unpack_from(self._buf, at)
+            if slot_key != digest:
+                kept, calls, tat = 0, 0, 0.0
+            elif kept < now:  # the window is over: the count starts again, the rate state carries on
+                kept, calls = 0, 0
+            if not kept:
+                kept = int(math.ceil(now)) + budget.window
+            if budget.max_calls and calls >= budget.max_calls:
+                exhausted = True
+            if budget.rate:
+                interval = 1.0 / budget.rate
+                tat = max(tat, now)
+                late = tat - now - (budget.burst - 1) * interval
+                if late > _SLACK:
+                    wait = max(wait, late)
+                tat += interval
+            writes.append((at, digest, kept, calls + 1, tat))
+        if exhausted:
+            return reasons.BUDGET_EXHAUSTED, 0.0
+        if wait:
+            return reasons.RATE_LIMITED, wait
+        for at, digest, kept, calls, tat in writes:
+            ENTRY.pack_into(self._buf, at, digest, kept, calls, tat)
+        return reasons.ALLOW, 0.0
+
+    def _find(self, digest: bytes, now: float, taken: set[int]) -> int:
+        """The offset of ``digest``'s entry, else of a slot it may take, else -1 (full for this key)."""
+        home = int.from_bytes(digest[:8], "little") % self.capacity
+        free = -1
         for i in range(min(PROBE, self.capacity)):
             offset = HEADER_BYTES + ((home + i) % self.capacity) * ENTRY.size
-            slot_key, slot_kept, slot_calls, slot_tat = ENTRY.unpack_from(buf, offset)
+            slot_key, slot_kept, _, slot_tat = ENTRY.unpack_from(self._buf, offset)
             if slot_key == digest:
-                at = offset
-                if slot_kept >= now:  # past keep-until the task is long over: a fresh count
-                    calls, tat, kept = slot_calls, slot_tat, slot_kept
-                break
-            if free is None and (slot_key == EMPTY or slot_kept < now):
+                return offset
+            # A slot past its window may be reused, unless its rate state still holds a wait.
+            reusable = slot_key == EMPTY or (slot_kept < now and slot_tat <= now)
+            if free < 0 and reusable and offset not in taken:
                 free = offset
             if slot_key == EMPTY:
                 break  # never used: the key was never placed beyond it
-        if at < 0:
-            if free is None:
-                return reasons.BUDGET_TABLE_FULL, 0.0
-            at = free
-        if budget.max_calls and calls >= budget.max_calls:
-            return reasons.BUDGET_EXHAUSTED, 0.0
-        if budget.rate:
-            interval = 1.0 / budget.rate
-            tat = max(tat, now)
-            wait = tat - now - (budget.burst - 1) * interval
-            if wait > _SLACK:
-                return reasons.RATE_LIMITED, wait
-            tat += interval
-        ENTRY.pack_into(buf, at, digest, max(kept, keep_until), calls + 1, tat)
-        return reasons.ALLOW, 0.0
+        return free
 
 
 def retry_after(seconds: float) -> int:

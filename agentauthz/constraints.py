@@ -4,10 +4,11 @@ One canonical JSON shape, used in policy rules, Mint requests and the token's ``
 
     "arguments": [{"name": "path", "prefix": "/srv/reports"}, {"name": "mode", "one_of": ["r"]},
                   {"name": "limit", "max": 100}, {"name": "query", "required": true}],
-    "budget": {"max_calls": 100, "rate_per_second": 2.0, "burst": 5}
+    "budget": {"max_calls": 100, "window": 86400, "rate_per_second": 2.0, "burst": 5}
 
 A grant's constraints must all hold; a request is allowed when some grant covering it has all
-of its constraints hold (``enforce``). Both verifier twins compile these with ``compile_extras``:
+of its constraints hold, and, when the current policy allows it only under constraints, some
+matching rule's hold too (``enforce``). Both verifier twins compile these with ``compile_extras``:
 this is not hot code (once per token), so one implementation keeps the twins identical.
 """
 
@@ -26,9 +27,11 @@ MAX_ONE_OF = 64
 MAX_TEXT = 1024
 MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
+DEFAULT_WINDOW = 86_400  # budget.window when a budget names none: max_calls per agent and tool per day
+MAX_WINDOW = 366 * 86_400
 INT_LIMIT = 1 << 53  # I-JSON (RFC 7493 §2.2): integers beyond this are not exact in every parser
 _ARGUMENT_KEYS = frozenset({"name", "prefix", "one_of", "max", "required"})
-_BUDGET_KEYS = frozenset({"max_calls", "rate_per_second", "burst"})
+_BUDGET_KEYS = frozenset({"max_calls", "window", "rate_per_second", "burst"})
 
 
 def _number(value: Any) -> bool:
@@ -92,15 +95,24 @@ class Argument:
 
 
 class Budget:
-    """A task's call budget under one grant: total calls, and a rate with a burst (GCRA)."""
+    """A call budget: total calls per window (seconds), and a rate with a burst (GCRA)."""
 
-    __slots__ = ("max_calls", "rate", "burst")
+    __slots__ = ("max_calls", "rate", "burst", "window")
 
-    def __init__(self, max_calls: int, rate: float, burst: int) -> None:
+    def __init__(self, max_calls: int, rate: float, burst: int, window: int = DEFAULT_WINDOW) -> None:
         self.max_calls, self.rate, self.burst = max_calls, rate, burst  # 0: no total / no rate limit
+        self.window = window
+
+    def tighter(self, other: Budget) -> Budget:
+        """Both budgets at once, for one counter (same window): each limit the lower of the two."""
+        calls = min(filter(None, (self.max_calls, other.max_calls)), default=0)
+        rated = [b for b in (self, other) if b.rate]
+        return Budget(calls, min((b.rate for b in rated), default=0.0),
+                      min((b.burst for b in rated), default=1), max(self.window, other.window))
 
     def __repr__(self) -> str:
-        return f"Budget(max_calls={self.max_calls}, rate={self.rate}, burst={self.burst})"
+        return (f"Budget(max_calls={self.max_calls}, rate={self.rate}, burst={self.burst}, "
+                f"window={self.window})")
 
 
 class Extras:
@@ -177,6 +189,11 @@ def canonical_budget(raw: Any) -> dict[str, Any]:
         if type(calls) is not int or not 1 <= calls <= INT_LIMIT:
             raise ValueError("budget.max_calls must be an integer from 1 to 2^53")
         out["max_calls"] = calls
+    if "window" in raw:
+        window = raw["window"]
+        if type(window) is not int or not 1 <= window <= MAX_WINDOW:
+            raise ValueError(f"budget.window must be an integer number of seconds from 1 to {MAX_WINDOW}")
+        out["window"] = window
     if "rate_per_second" in raw:
         rate = raw["rate_per_second"]
         if not _number(rate) or not 0 < rate <= MAX_RATE:
@@ -187,7 +204,7 @@ def canonical_budget(raw: Any) -> dict[str, Any]:
         if "rate_per_second" not in out or type(burst) is not int or not 1 <= burst <= MAX_BURST:
             raise ValueError(f"budget.burst must be an integer from 1 to {MAX_BURST}, with rate_per_second")
         out["burst"] = burst
-    if not out:
+    if not out.keys() - {"window"}:
         raise ValueError("budget limits nothing: give max_calls or rate_per_second")
     return out
 
@@ -199,7 +216,7 @@ def compile_arguments(canonical: Sequence[Mapping[str, Any]]) -> tuple[Argument,
 
 def compile_budget(canonical: Mapping[str, Any]) -> Budget:
     return Budget(canonical.get("max_calls", 0), float(canonical.get("rate_per_second", 0.0)),
-                  canonical.get("burst", 1))
+                  canonical.get("burst", 1), canonical.get("window", DEFAULT_WINDOW))
 
 
 def compile_extras(raw: Mapping[str, Any]) -> Extras | None:
@@ -218,7 +235,7 @@ def tighten(granted: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, 
     """``granted`` (a policy-narrowed grant) with a request's own constraints added: they only tighten.
 
     Argument constraints all must hold, so adding the request's can only refuse more. Budgets
-    combine limit by limit, the lower one winning; a limit only one side sets is kept.
+    combine limit by limit (``tighter_budget``).
     """
     out = copy.deepcopy(dict(granted))  # a token's grant never aliases a policy rule's lists
     arguments = out.get("arguments", [])
@@ -226,10 +243,39 @@ def tighten(granted: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, 
     if arguments:
         out["arguments"] = arguments
     if "budget" in requested:
-        budget = out.setdefault("budget", {})
-        for key, value in requested["budget"].items():
-            budget[key] = min(budget[key], value) if key in budget else value
+        out["budget"] = tighter_budget(out.get("budget"), requested["budget"])
     return out
+
+
+def tighter_budget(one: Mapping[str, Any] | None, other: Mapping[str, Any]) -> dict[str, Any]:
+    """Two canonical budgets as one no looser than either: the lower max_calls, rate and burst (a limit
+    only one side sets is kept; a rate without a burst has burst 1), the longer window (the same calls
+    over a longer time are fewer)."""
+    sides = [b for b in (one, other) if b is not None]
+    out: dict[str, Any] = {}
+    for key in ("max_calls", "rate_per_second"):
+        values = [b[key] for b in sides if key in b]
+        if values:
+            out[key] = min(values)
+    rated = [b for b in sides if "rate_per_second" in b]
+    if any("burst" in b for b in rated):
+        out["burst"] = min(b.get("burst", 1) for b in rated)
+    if any("window" in b for b in sides):
+        out["window"] = max(b.get("window", DEFAULT_WINDOW) for b in sides)
+    return out
+
+
+class Constrained:
+    """Policy's answer "allowed only under these constraints" (``Policy.permits``): the request is
+    allowed when the constraints of one of ``alternatives`` (one per matching allow rule) hold."""
+
+    __slots__ = ("alternatives",)
+
+    def __init__(self, alternatives: tuple[Extras, ...]) -> None:
+        self.alternatives = alternatives
+
+    def __repr__(self) -> str:
+        return f"Constrained({self.alternatives!r})"
 
 
 # -- the decision, after the hot path allowed ------------------------------------------------
@@ -238,33 +284,70 @@ def tighten(granted: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, 
 class Charger(Protocol):
     """What ``enforce`` asks of the budget table (``budgets.BudgetTable``)."""
 
-    def charge(self, key: str, budget: Budget, now: float, keep_until: int) -> tuple[str, float]:
-        """(ALLOW, 0) having counted the call, or (reason, seconds until a retry may succeed)."""
+    def charge(self, charges: Sequence[tuple[str, Budget]], now: float) -> tuple[str, float]:
+        """(ALLOW, 0) having counted the call under every key, or (reason, seconds until a retry may
+        succeed) having counted it under none."""
 
 
-def budget_key(task_key: str, tool: str) -> str:
-    """Budgets count per task and tool: every token of the task (renewals, delegated children) and
-    every budgeted grant for that tool draw on one counter, so narrowing a grant or delegating it
-    never opens a fresh budget."""
-    return f"{task_key}\x00{tool}"
+def budget_key(agent: str, tool: str, window: int) -> str:
+    """Budgets count per agent, tool and window length: every token of the agent (any task name,
+    renewals) and every budgeted grant for that tool draw on one counter, so neither a fresh task
+    name nor narrowing a grant opens a fresh budget."""
+    return f"{agent}\x00{tool}\x00{window}"
 
 
 def enforce(entry: Any, tool: str, target: str, operation: str, sensitivity: str,
-            arguments: Mapping[str, Any] | None, budgets: Charger | None, now: float) -> tuple[str, float]:
-    """(ALLOW, 0) or (reason, retry_after) for a token with constrained grants the hot path allowed.
+            arguments: Mapping[str, Any] | None, budgets: Charger | None, now: float,
+            policy: Constrained | None = None) -> tuple[str, float]:
+    """(ALLOW, 0) or (reason, retry_after) for a request the hot path allowed, when the token's grants
+    or the current policy (``policy``, its ``Constrained`` answer) constrain it.
 
-    ``arguments`` is None when the request carries none (not an MCP ``tools/call``): a grant that
-    constrains arguments cannot be checked then, so it does not cover the request.
+    ``arguments`` is None when the request carries none (not an MCP ``tools/call``): a grant or rule
+    that constrains arguments cannot be checked then, so it does not cover the request. A call is
+    counted under every agent of the token's delegation chain (``budget_key``), all or nothing:
+    delegating never opens a fresh budget, and a child's budget binds the child agent.
     """
     level = SENSITIVITY_RANK[sensitivity]
+    held = _terms([g.extras for g in entry.grants if g.covers(tool, target, operation, level)],
+                  arguments, reasons.SCOPE_DENIED) if entry.constrained else None
+    if held.__class__ is str:
+        return held, 0.0  # type: ignore[return-value]
+    ruled = _terms(policy.alternatives, arguments, reasons.POLICY_DENIED) if policy is not None else None
+    if ruled.__class__ is str:
+        return ruled, 0.0  # type: ignore[return-value]
+    if held is None and ruled is None:
+        return reasons.ALLOW, 0.0
+    if budgets is None:
+        return reasons.BUDGET_UNAVAILABLE, 0.0
+    agents = tuple(dict.fromkeys(entry.subjects))  # an agent twice on a chain counts the call once
+    denial = (reasons.BUDGET_EXHAUSTED, 0.0)
+    for mine in held or (None,):  # any grant with room allows, under any rule with room
+        for theirs in ruled or (None,):
+            by_window: dict[int, Budget] = {}
+            for budget in (mine, theirs):
+                if budget is not None:
+                    same = by_window.get(budget.window)
+                    by_window[budget.window] = budget if same is None else same.tighter(budget)
+            reason, retry = budgets.charge([(budget_key(agent, tool, window), budget)
+                                            for window, budget in by_window.items() for agent in agents], now)
+            if reason == reasons.ALLOW:
+                return reason, 0.0
+            # A wait that may succeed says more than "never again"; the shortest wait most of all.
+            if reason != reasons.BUDGET_EXHAUSTED and (denial[0] == reasons.BUDGET_EXHAUSTED
+                                                       or retry < denial[1]):
+                denial = (reason, retry)
+    return denial
+
+
+def _terms(alternatives: Sequence[Extras | None], arguments: Mapping[str, Any] | None,
+           nothing: str) -> str | list[Budget] | None:
+    """What one side (a token's covering grants, or the policy's matching rules) asks of a request:
+    None (nothing more), the budgets of which one must have room, or the reason none holds."""
     problem = None
     budgeted = []
-    for grant in entry.grants:
-        if not grant.covers(tool, target, operation, level):
-            continue
-        extras = grant.extras
+    for extras in alternatives:
         if extras is None:
-            return reasons.ALLOW, 0.0
+            return None
         if extras.arguments:
             found = reasons.ARGUMENTS_UNAVAILABLE if arguments is None else next(
                 filter(None, (c.problem(arguments) for c in extras.arguments)), None)
@@ -272,22 +355,6 @@ def enforce(entry: Any, tool: str, target: str, operation: str, sensitivity: str
                 problem = problem or found
                 continue
         if extras.budget is None:
-            return reasons.ALLOW, 0.0
+            return None
         budgeted.append(extras.budget)
-    if not budgeted:
-        return problem or reasons.SCOPE_DENIED, 0.0
-    if budgets is None:
-        return reasons.BUDGET_UNAVAILABLE, 0.0
-    key = budget_key(entry.task_key, tool)
-    # Kept a day past the token's expiry: a renewal of the task within that time finds its count.
-    keep_until = int(entry.exp) + 86_400
-    denial = (reasons.BUDGET_EXHAUSTED, 0.0)
-    for budget in budgeted:  # any grant with room allows; a refused charge counts nothing
-        reason, retry = budgets.charge(key, budget, now, keep_until)
-        if reason == reasons.ALLOW:
-            return reason, 0.0
-        # A wait that may succeed says more than "never again"; the shortest wait most of all.
-        if reason != reasons.BUDGET_EXHAUSTED and (denial[0] == reasons.BUDGET_EXHAUSTED
-                                                   or retry < denial[1]):
-            denial = (reason, retry)
-    return denial
+    return budgeted or problem or nothing

@@ -2,10 +2,13 @@
 
 A child grant fits a parent grant when it names the same tool, a target pattern
 the parent's matches entirely ("*" ⊇ "p*" ⊇ "pq*" ⊇ "pq"), a subset of its
-operations and at most its sensitivity. The covering parent grant's
-``arguments`` and ``budget`` travel to the child unchanged, so a child is never
-less constrained than its parent. Then the policy must give the child agent
-every grant on its own: each agent boundary is a separate trust decision.
+operations and at most its sensitivity. Then the policy must give the child agent
+every grant on its own: each agent boundary is a separate trust decision. The
+child's grant is the intersection of both: the covering parent grant's
+``arguments`` and ``budget`` combined with those of the rule that gives the child
+agent the grant (``constraints.tighten``: every argument constraint of both, the
+tighter of each budget limit), so a child is never less constrained than its
+parent nor than its own agent.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from . import approvals, reasons, tokens
 from .approvals import Approval, ApprovalStore
 from .config import Config
+from .constraints import tighten
 from .outcomes import NEEDS_APPROVAL, Minted, Refused
 from .policy import Policy, spiffe_problem
 from .tokens import DEFAULT_SENSITIVITY, SENSITIVITY_RANK, grant
 
-CARRIED = ("arguments", "budget")  # constraints a child inherits verbatim from its parent grant
+CARRIED = ("arguments", "budget")  # constraints a child inherits from its parent grant (and may add to)
 BASE = ("tool", "target", "ops", "sensitivity")
 _KEYS = frozenset(BASE + CARRIED)
 
@@ -82,6 +86,7 @@ def within_parent(requested: Iterable[Any], parent_grants: Sequence[Mapping[str,
 class ChildPolicy:
     """What the policy says about giving a child agent its delegated grants."""
 
+    granted: list[dict[str, Any]]  # the child's grants: the parent's ∩ the child agent's, constraints too
     denied: list[dict[str, Any]]  # not given to the child at all (or only less sensitive)
     needs_approval: list[dict[str, Any]]  # given only under a human approval
     ttl: int  # the child's lifetime cap from the rules that give it the grants
@@ -91,8 +96,13 @@ def _ops_at(granted: Iterable[Mapping[str, Any]], level: int) -> set[str]:
     return {op for g in granted if SENSITIVITY_RANK[g["sensitivity"]] >= level for op in g["ops"]}
 
 
+def _carried(parent: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: parent[k] for k in CARRIED if k in parent}
+
+
 def for_child(policy: Policy, agent: str, grants: Sequence[Mapping[str, Any]], ttl: int) -> ChildPolicy:
     """Ask ``policy`` for each grant as if ``agent`` minted it; nothing may be narrowed away silently."""
+    granted: list[dict[str, Any]] = []
     denied: list[dict[str, Any]] = []
     gated: list[dict[str, Any]] = []
     caps = [ttl]
@@ -112,7 +122,15 @@ def for_child(policy: Policy, agent: str, grants: Sequence[Mapping[str, Any]], t
             caps.append(policy.narrow(agent, gated[-1:], ttl).ttl or ttl)
         if narrowed.ttl:
             caps.append(narrowed.ttl)
-    return ChildPolicy(denied, gated, min(caps))
+        # narrow() groups the ops by the rule that gives them, each group with that rule's constraints:
+        # the child gets each group at the asked sensitivity, with the parent grant's constraints added.
+        for given, ops in ((narrowed.granted, free), (narrowed.needs_approval, set(waiting))):
+            for part in given:
+                mine = [op for op in part["ops"] if op in ops]
+                if mine and SENSITIVITY_RANK[part["sensitivity"]] >= level:
+                    granted.append(tighten({**part, "ops": mine, "sensitivity": g["sensitivity"]},
+                                           _carried(g)))
+    return ChildPolicy(granted, denied, gated, min(caps))
 
 
 def describe(grants: Iterable[Any]) -> str:
@@ -138,6 +156,8 @@ class DelegationFlow:
     if TYPE_CHECKING:
         def _audit(self, kind: str, **fields: Any) -> None: ...
 
+        def _refuse_banned(self, kind: str, *agents: str, **fields: Any) -> None: ...
+
         def _issue(self, agent: str, task: str, audience: str, grants: list[dict[str, Any]], *, now: int,
                    ttl: int, intent: str, owner: str, cnf: Mapping[str, Any] | None = None,
                    act: Mapping[str, Any] | None = None,
@@ -154,6 +174,8 @@ class DelegationFlow:
         """
         now = self.clock()
         requested = list(grants)
+        # A banned agent delegates nothing, and nothing is delegated to one (the parent's chain too: _issue).
+        self._refuse_banned("delegate", caller, to, agent=caller, to=to, requested=requested)
         reason, parent = self._live_token(parent_token, now)
         if parent is None:
             raise self._refuse_delegation(reason, f"the parent token is not usable: {reason}", caller, to,
@@ -179,6 +201,7 @@ class DelegationFlow:
             raise refuse(reasons.DELEGATION_EXCEEDS_PARENT,
                          f"not inside the parent token's grants: {describe(outside)}")
         verdict = for_child(self.policy, to, children, ttl or self.config.max_token_lifetime)
+        children = verdict.granted
         if verdict.denied:
             raise refuse(reasons.DELEGATION_POLICY_DENIED,
                          f"policy does not give {to}: {describe(verdict.denied)}")
@@ -187,6 +210,9 @@ class DelegationFlow:
         if verdict.needs_approval and approval is None:
             raise refuse(NEEDS_APPROVAL, f"policy gives {to} only under a human approval of this task "
                          f"covering {describe(verdict.needs_approval)}; the parent carries none")
+        if len(children) > tokens.MAX_GRANTS:  # the rules split the grants: the verifier would refuse it
+            raise refuse(reasons.REQUEST_INVALID, f"the child would carry {len(children)} grants, more than "
+                         f"{tokens.MAX_GRANTS}: name fewer")
         audience = parent.claims["aud"]
         issued = int(now)
         ttl = min(verdict.ttl, self.config.max_token_lifetime, self.policy.boundary(audience).max_ttl,

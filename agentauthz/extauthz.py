@@ -382,9 +382,12 @@ class CheckService:
                     peer = self._peer_reason(entry, principal, certificate, binding)
                     if peer is not reasons.ALLOW:
                         reason, entry = peer, None
-                if entry is not None and entry.constrained:  # argument constraints, budgets
+                # Argument constraints and budgets: the token's grants', and the current policy's when
+                # it allows this only under constraints (decide then answers its Constrained, not ALLOW).
+                if entry is not None and (entry.constrained or reason is not reasons.ALLOW):
                     reason, wait = enforce(entry, tool, target, operation, sensitivity,
-                                           call.arguments if call else None, self._budgets, self._clock())
+                                           call.arguments if call else None, self._budgets, self._clock(),
+                                           None if reason is reasons.ALLOW else reason)
                     if reason != reasons.ALLOW:
                         entry = None
             elif reason == reasons.TOKEN_KEY_UNKNOWN and len(self._verifiers) > 1 \

@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from . import reasons
-from .constraints import tighten
+from .constraints import Constrained, tighten
 from .errors import PolicyError
 from .policy_file import (
     DEFAULT_KEYS,
@@ -198,8 +198,12 @@ class Policy:
                 self._views[agent] = view
         return view
 
-    def permits(self, agent: str, tool: str, target: str, operation: str, level: int) -> str | None:
-        """None when policy allows this now, else ``POLICY_DENIED``; denies override allows."""
+    def permits(self, agent: str, tool: str, target: str, operation: str, level: int,
+                approved: bool = False) -> str | Constrained | None:
+        """Policy at the moment of action: None when it allows this, a ``Constrained`` when it allows it
+        only under argument constraints or budgets, else ``POLICY_DENIED``, or ``APPROVAL_REQUIRED``
+        when only approval-gated rules allow it and the token carries no approval (``approved``).
+        Denies override allows; an unconstrained allow rule needs nothing more."""
         view = self._views.get(agent)  # the hit path inlined: a method call costs ~10% here
         entry = (self._view(agent) if view is None else view).get(tool)
         if entry is None:
@@ -208,11 +212,20 @@ class Policy:
         for r in denies:
             if (r.ops is None or operation in r.ops) and (target in r.exact or target.startswith(r.prefixes)):
                 return reasons.POLICY_DENIED
+        constrained = []
+        gated = False
         for r in allows:
             if (level <= r.level and (r.ops is None or operation in r.ops)
                     and (target in r.exact or target.startswith(r.prefixes))):
-                return None  # approval-required rules count: approval is checked at mint
-        return reasons.POLICY_DENIED
+                if r.approval and not approved:
+                    gated = True
+                elif r.constraints is None:
+                    return None
+                else:
+                    constrained.append(r.constraints)
+        if constrained:
+            return Constrained(tuple(constrained))
+        return reasons.APPROVAL_REQUIRED if gated else reasons.POLICY_DENIED
 
     def narrow(self, agent: str, requested: Sequence[Mapping], ttl: int) -> Narrowed:
         """Requested grants ∩ what policy allows ``agent``; approval-gated ops split out."""

@@ -11,7 +11,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import yaml
 
-from .constraints import canonical_arguments, canonical_budget
+from .constraints import Extras, canonical_arguments, canonical_budget, compile_arguments, compile_budget
 from .identity import IdentityError, parse_spiffe_id
 from .tokens import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS, SENSITIVITY_RANK
 
@@ -59,7 +59,7 @@ class Rule:
     """One compiled rule; target matching mirrors ``Grant.covers`` in the hot path."""
 
     __slots__ = ("id", "index", "deny", "tool", "targets", "exact", "prefixes", "ops", "level",
-                 "ttl", "approval", "extras")
+                 "ttl", "approval", "extras", "constraints")
 
     def __init__(self, rule_id: str, index: int, deny: bool, tool: str, targets: tuple[str, ...],
                  ops: frozenset[str] | None, level: int, ttl: int, approval: bool) -> None:
@@ -69,6 +69,7 @@ class Rule:
         self.ops = ops  # None: every operation
         self.level, self.ttl, self.approval = level, ttl, approval
         self.extras: dict[str, Any] = {}  # canonical "arguments"/"budget" copied into what it grants
+        self.constraints: Extras | None = None  # ``extras`` compiled, for Check (``Policy.permits``)
 
     def has_op(self, op: str) -> bool:
         return self.ops is None or op in self.ops
@@ -165,7 +166,10 @@ def compile_rule(raw: Any, index: int, defaults: dict[str, Any]) -> tuple[Rule, 
     ttl = integer(raw.get("max_ttl", defaults["max_ttl"]), "max_ttl", 1, MAX_TTL_LIMIT)
     rule = Rule(rule_id, index, deny, tool, tuple(targets), None if ops == ["*"] else frozenset(ops),
                  SENSITIVITY_RANK[level], ttl, approval)
-    rule.extras = grant_extras(raw)
+    rule.extras = extras = grant_extras(raw)
+    if extras:
+        rule.constraints = Extras(compile_arguments(extras.get("arguments", ())),
+                                  compile_budget(extras["budget"]) if "budget" in extras else None)
     return rule, agents
 
 

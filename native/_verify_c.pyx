@@ -16,7 +16,7 @@ import nacl.bindings  # importing it runs sodium_init(), required before any lib
 from nacl._sodium import ffi as _ffi, lib as _sodium
 
 from agentauthz import errors, reasons
-from agentauthz.constraints import compile_extras
+from agentauthz.constraints import Constrained, compile_extras
 from agentauthz.identity import IdentityError, parse_spiffe_id
 from agentauthz.tokens import (
     ALGORITHM, MAX_DELEGATION_DEPTH, MAX_GRANTS, MAX_INTENT_CHARS, SENSITIVITY_RANK, task_key,
@@ -64,6 +64,8 @@ cdef object REQUEST_INVALID = reasons.REQUEST_INVALID
 cdef object SCOPE_DENIED = reasons.SCOPE_DENIED
 cdef object SENSITIVITY_EXCEEDED = reasons.SENSITIVITY_EXCEEDED
 cdef object POLICY_DENIED = reasons.POLICY_DENIED
+cdef object APPROVAL_REQUIRED = reasons.APPROVAL_REQUIRED
+cdef object CONSTRAINED = Constrained
 cdef object KEY_REVOKED = reasons.KEY_REVOKED
 cdef object TASK_ENDED = reasons.TASK_ENDED
 cdef object AGENT_REVOKED = reasons.AGENT_REVOKED
@@ -708,6 +710,8 @@ cdef class Verifier:
             reason = entry.last_reason
             if reason is ALLOW:
                 return (ALLOW, entry)
+            if type(reason) is CONSTRAINED:  # allowed once Check has enforced the policy's constraints
+                return reason, entry
             return reason, None
         memo = entry.memo
         key = (tool, target, operation, sensitivity)
@@ -732,6 +736,8 @@ cdef class Verifier:
             entry.last_reason = reason
         if reason is ALLOW:
             return (ALLOW, entry)
+        if type(reason) is CONSTRAINED:
+            return reason, entry
         return reason, None
 
     cdef object _match(self, VerifiedToken entry, object tool, object target, object operation,
@@ -756,4 +762,9 @@ cdef class Verifier:
             return SCOPE_DENIED
         if policy is None:
             return POLICY_DENIED
-        return policy.permits(entry.sub, tool, target, operation, rank) or ALLOW
+        answer = policy.permits(entry.sub, tool, target, operation, rank)
+        # A token minted under a human's approval carries it (authority.py); asked only then, so a
+        # policy view that gates nothing need not know the keyword.
+        if answer == APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
+            answer = policy.permits(entry.sub, tool, target, operation, rank, approved=True)
+        return answer or ALLOW

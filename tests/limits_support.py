@@ -74,10 +74,11 @@ def start(work: Path, config: dict[str, Any] | None = None) -> Daemon:
     return Daemon(work / "state", {"policy_file": str(policy), "leeway": 0, **(config or {})}).start()
 
 
-def agent(daemon: Daemon, work: Path) -> Client:
-    out = work / "alpha"
+def agent(daemon: Daemon, work: Path, spiffe_id: str = AGENT) -> Client:
+    """A client holding an X.509-SVID for ``spiffe_id`` (issued once per work directory)."""
+    out = work / spiffe_id.rsplit("/", 1)[1]
     if not (out / "svid.pem").exists():
-        issue_svid(ensure_dev_pki(daemon.state_dir), AGENT, out)
+        issue_svid(ensure_dev_pki(daemon.state_dir), spiffe_id, out)
     return Client(daemon.api_address, Identity.from_dir(out), check_server=daemon.check_address)
 
 

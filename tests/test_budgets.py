@@ -16,11 +16,10 @@ from support import Forge, make_verifier
 
 from agentauthz import _accel, reasons, tokens
 from agentauthz.budgets import BudgetTable, retry_after
-from agentauthz.constraints import Budget, budget_key, enforce
+from agentauthz.constraints import DEFAULT_WINDOW, Budget, budget_key, enforce
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 ALLOW = reasons.ALLOW
-KEEP = 2_000_000_000  # keep-until far ahead (unix seconds)
 
 
 @pytest.fixture
@@ -35,46 +34,46 @@ def table(tmp_path: Path) -> Iterator[BudgetTable]:
 
 def test_total_calls_stop_exactly_at_the_limit_per_key(table: BudgetTable) -> None:
     three = Budget(3, 0.0, 1)
-    assert [table.charge("a", three, 100.0, KEEP)[0] for _ in range(5)] == [ALLOW] * 3 + \
+    assert [table.charge([("a", three)], 100.0)[0] for _ in range(5)] == [ALLOW] * 3 + \
         [reasons.BUDGET_EXHAUSTED] * 2
-    assert table.charge("b", three, 100.0, KEEP)[0] == ALLOW  # another key counts apart
+    assert table.charge([("b", three)], 100.0)[0] == ALLOW  # another key counts apart
     # A bigger budget on the same key sees the calls already made.
-    assert table.charge("a", Budget(4, 0.0, 1), 100.0, KEEP)[0] == ALLOW
-    assert table.charge("a", Budget(4, 0.0, 1), 100.0, KEEP)[0] == reasons.BUDGET_EXHAUSTED
+    assert table.charge([("a", Budget(4, 0.0, 1))], 100.0)[0] == ALLOW
+    assert table.charge([("a", Budget(4, 0.0, 1))], 100.0)[0] == reasons.BUDGET_EXHAUSTED
 
 
 def test_rate_allows_the_burst_then_one_call_per_interval(table: BudgetTable) -> None:
     rate = Budget(0, 2.0, 3)  # one call per 0.5 s, three at once
     now = 1000.0
-    assert [table.charge("r", rate, now, KEEP)[0] for _ in range(3)] == [ALLOW] * 3
-    reason, wait = table.charge("r", rate, now, KEEP)
+    assert [table.charge([("r", rate)], now)[0] for _ in range(3)] == [ALLOW] * 3
+    reason, wait = table.charge([("r", rate)], now)
     assert reason == reasons.RATE_LIMITED and wait == pytest.approx(0.5)
-    assert table.charge("r", rate, now + 0.49, KEEP)[0] == reasons.RATE_LIMITED
-    assert table.charge("r", rate, now + 0.5, KEEP)[0] == ALLOW
-    assert table.charge("r", rate, now + 0.5, KEEP)[0] == reasons.RATE_LIMITED
+    assert table.charge([("r", rate)], now + 0.49)[0] == reasons.RATE_LIMITED
+    assert table.charge([("r", rate)], now + 0.5)[0] == ALLOW
+    assert table.charge([("r", rate)], now + 0.5)[0] == reasons.RATE_LIMITED
     # Idle for a long time: the burst is back, never more.
-    assert [table.charge("r", rate, now + 100, KEEP)[0] for _ in range(4)] == [ALLOW] * 3 + \
+    assert [table.charge([("r", rate)], now + 100)[0] for _ in range(4)] == [ALLOW] * 3 + \
         [reasons.RATE_LIMITED]
     assert (retry_after(0.01), retry_after(1.0), retry_after(1.2)) == (1, 1, 2)
 
 
 def test_a_refused_call_counts_nothing(table: BudgetTable) -> None:
     both = Budget(2, 1.0, 1)
-    assert table.charge("k", both, 0.0, KEEP)[0] == ALLOW
-    assert table.charge("k", both, 0.0, KEEP)[0] == reasons.RATE_LIMITED  # not counted toward the 2
-    assert table.charge("k", both, 1.0, KEEP)[0] == ALLOW
-    assert table.charge("k", both, 5.0, KEEP)[0] == reasons.BUDGET_EXHAUSTED
+    assert table.charge([("k", both)], 0.0)[0] == ALLOW
+    assert table.charge([("k", both)], 0.0)[0] == reasons.RATE_LIMITED  # not counted toward the 2
+    assert table.charge([("k", both)], 1.0)[0] == ALLOW
+    assert table.charge([("k", both)], 5.0)[0] == reasons.BUDGET_EXHAUSTED
 
 
 def test_a_full_table_fails_closed_until_entries_expire(tmp_path: Path) -> None:
     t = BudgetTable.open(tmp_path / "small", 2)
-    one = Budget(10, 0.0, 1)
-    assert t.charge("a", one, 10.0, 100)[0] == ALLOW
-    assert t.charge("b", one, 10.0, 100)[0] == ALLOW
-    assert t.charge("c", one, 10.0, 100) == (reasons.BUDGET_TABLE_FULL, 0.0)
-    assert t.charge("a", one, 10.0, 100)[0] == ALLOW  # known keys still count
-    assert t.charge("c", one, 101.0, 200)[0] == ALLOW  # a and b are past keep-until: reused
-    assert t.charge("a", one, 101.0, 200)[0] == ALLOW  # and a starts afresh: its task is long over
+    one = Budget(10, 0.0, 1, window=90)  # counted from now=10: its window ends at 100
+    assert t.charge([("a", one)], 10.0)[0] == ALLOW
+    assert t.charge([("b", one)], 10.0)[0] == ALLOW
+    assert t.charge([("c", one)], 10.0) == (reasons.BUDGET_TABLE_FULL, 0.0)
+    assert t.charge([("a", one)], 10.0)[0] == ALLOW  # known keys still count
+    assert t.charge([("c", one)], 101.0)[0] == ALLOW  # a and b are past their windows: reused
+    assert t.charge([("a", one)], 101.0)[0] == ALLOW  # and a starts afresh: its window is over
     t.close()
 
 
@@ -82,14 +81,14 @@ def test_counts_survive_reopening_and_another_layout_starts_afresh(tmp_path: Pat
     path = tmp_path / "budgets"
     two = Budget(2, 0.0, 1)
     t = BudgetTable.open(path, 8)
-    assert [t.charge("k", two, 1.0, KEEP)[0] for _ in range(2)] == [ALLOW, ALLOW]
+    assert [t.charge([("k", two)], 1.0)[0] for _ in range(2)] == [ALLOW, ALLOW]
     t.close()
     t = BudgetTable.open(path, 8)
-    assert t.charge("k", two, 1.0, KEEP)[0] == reasons.BUDGET_EXHAUSTED
+    assert t.charge([("k", two)], 1.0)[0] == reasons.BUDGET_EXHAUSTED
     t.close()
     assert oct(path.stat().st_mode & 0o777) == "0o600"
     t = BudgetTable.open(path, 16)  # capacity changed: the layout cannot be trusted
-    assert t.charge("k", two, 1.0, KEEP)[0] == ALLOW
+    assert t.charge([("k", two)], 1.0)[0] == ALLOW
     t.close()
 
 
@@ -102,7 +101,7 @@ def test_exact_under_concurrent_threads_and_forked_processes(table: BudgetTable)
         pid = os.fork()
         if pid == 0:
             os.close(r)
-            allowed = sum(table.charge("shared", limit, 1.0, KEEP)[0] == ALLOW for _ in range(200))
+            allowed = sum(table.charge([("shared", limit)], 1.0)[0] == ALLOW for _ in range(200))
             os.write(w, str(allowed).encode())
             os._exit(0)
         os.close(w)
@@ -111,7 +110,7 @@ def test_exact_under_concurrent_threads_and_forked_processes(table: BudgetTable)
     counts: list[int] = []
 
     def here() -> None:
-        counts.append(sum(table.charge("shared", limit, 1.0, KEEP)[0] == ALLOW for _ in range(100)))
+        counts.append(sum(table.charge([("shared", limit)], 1.0)[0] == ALLOW for _ in range(100)))
     threads = [threading.Thread(target=here) for _ in range(3)]
     for t in threads:
         t.start()
@@ -122,7 +121,7 @@ def test_exact_under_concurrent_threads_and_forked_processes(table: BudgetTable)
         os.close(r)
         assert os.waitpid(pid, 0)[1] == 0
     assert sum(counts) == 300  # of 900 attempts, exactly the budget
-    assert table.charge("shared", limit, 1.0, KEEP)[0] == reasons.BUDGET_EXHAUSTED
+    assert table.charge([("shared", limit)], 1.0)[0] == reasons.BUDGET_EXHAUSTED
 
 
 # -- which grant pays ----------------------------------------------------------------------------------
@@ -134,9 +133,9 @@ def test_an_unbudgeted_grant_covering_the_call_is_never_charged(tmp_path: Path) 
     budgeted = tokens.grant("demo", "*", ["read"], budget={"max_calls": 1})
     free = tokens.grant("demo", "public*", ["read"])
     for n, hot in enumerate((_accel.pure(), _accel.ACTIVE)):
-        entry = make_verifier(hot, forge).verify(forge.token(grants=[budgeted, free], task=f"t{n}"),
-                                                 forge.now)
-        key = budget_key(entry.task_key, "demo")
+        sub = f"spiffe://dev.local/agent/twin-{n}"  # budgets count per agent: one each
+        entry = make_verifier(hot, forge).verify(forge.token(grants=[budgeted, free], sub=sub), forge.now)
+        key = budget_key(sub, "demo", DEFAULT_WINDOW)
         for _ in range(3):
             assert enforce(entry, "demo", "public-x", "read", "public", None, t, 0.0)[0] == ALLOW
         assert enforce(entry, "demo", "secret", "read", "public", None, t, 0.0)[0] == ALLOW
@@ -144,8 +143,8 @@ def test_an_unbudgeted_grant_covering_the_call_is_never_charged(tmp_path: Path) 
         assert enforce(entry, "demo", "secret", "read", "public", None, None, 0.0)[0] == \
             reasons.BUDGET_UNAVAILABLE
         # Exactly one call was counted: a budget of two has room for one more.
-        assert t.charge(key, Budget(2, 0.0, 1), 0.0, KEEP)[0] == ALLOW
-        assert t.charge(key, Budget(2, 0.0, 1), 0.0, KEEP)[0] == reasons.BUDGET_EXHAUSTED
+        assert t.charge([(key, Budget(2, 0.0, 1))], 0.0)[0] == ALLOW
+        assert t.charge([(key, Budget(2, 0.0, 1))], 0.0)[0] == reasons.BUDGET_EXHAUSTED
     t.close()
 
 
@@ -192,8 +191,9 @@ def test_concurrent_calls_stop_exactly_at_the_budget(daemon: Any) -> None:
     assert 'error="insufficient_scope"' in refused[0].headers["www-authenticate"]
 
 
-def test_a_budget_survives_renewal_and_is_shared_with_delegated_children(daemon: Any) -> None:
-    client = agent(daemon, daemon.work)
+def test_a_budget_survives_renewal_and_fresh_task_names_and_binds_delegated_children(daemon: Any) -> None:
+    # Budgets count per agent and tool (issue 16): once per task name, a fresh name restarted them.
+    client = agent(daemon, daemon.work, "spiffe://dev.local/agent/renewer")
     check = Checker(daemon.check_address)
     first = client.mint("renewed", [counted(3)])  # the request tightens the policy's 40 to 3
     assert [check(plain(first.token, "counted")).allowed for _ in range(2)] == [True, True]
@@ -202,12 +202,13 @@ def test_a_budget_survives_renewal_and_is_shared_with_delegated_children(daemon:
     assert check(plain(second.token, "counted")).allowed
     assert check(plain(second.token, "counted")).reason == reasons.BUDGET_EXHAUSTED
     assert check(plain(first.token, "counted")).reason == reasons.BUDGET_EXHAUSTED
-    # Another task of the same agent has a budget of its own.
+    # Another task name of the same agent opens no fresh budget.
     other = client.mint("another", [counted(3)]).token
-    assert check(plain(other, "counted")).allowed
-    # A child the parent delegates to draws on the same task budget.
-    parent = client.mint("delegating", [counted(3)]).token
-    child = client.delegate(parent, "spiffe://dev.local/agent/beta", [counted()]).token
+    assert check(plain(other, "counted")).reason == reasons.BUDGET_EXHAUSTED
+    # A child the parent delegates to counts on the delegator's counter too.
+    delegator = agent(daemon, daemon.work, "spiffe://dev.local/agent/delegator")
+    parent = delegator.mint("delegating", [counted(3)]).token
+    child = delegator.delegate(parent, "spiffe://dev.local/agent/delegate", [counted()]).token
     assert [check(plain(t, "counted")).allowed for t in (parent, child, child)] == [True, True, True]
     assert check(plain(parent, "counted")).reason == reasons.BUDGET_EXHAUSTED
     assert check(plain(child, "counted")).reason == reasons.BUDGET_EXHAUSTED
@@ -248,9 +249,9 @@ def test_two_workers_share_one_exact_count(tmp_path: Path) -> None:
 def test_a_full_table_is_503_and_counts_outlive_a_restart(tmp_path: Path) -> None:
     d = start(tmp_path, {"budget_capacity": 1})
     try:
-        client = agent(d, tmp_path)
-        first = client.mint("first", [counted(2)]).token
-        second = client.mint("second", [counted(2)]).token
+        # One counter per agent and tool: a second agent needs a second entry, and there is none.
+        first = agent(d, tmp_path).mint("first", [counted(2)]).token
+        second = agent(d, tmp_path, "spiffe://dev.local/agent/second").mint("second", [counted(2)]).token
         check = Checker(d.check_address)
         assert check(plain(first, "counted")).allowed
         full = check(plain(second, "counted"))

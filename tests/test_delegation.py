@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 import grpc
 import pytest
 import yaml
+from limits_support import Checker, check_request, tool_call
 from processes import Daemon, wait_for
 
 from agentauthz.client import AsyncClient, Client, Identity
@@ -36,6 +37,14 @@ POLICY = {
          "targets": ["secrets/*"], "operations": ["*"]},
         {"id": "helper-reads-briefly", "agents": [HELPER], "tool": "demo", "targets": ["*"],
          "operations": ["read"], "max_sensitivity": "public", "max_ttl": 20},
+        # The receiving agent's own constraints (issue 16 item 1): alpha holds these unconstrained.
+        {"id": "alpha-ledger", "agents": [ALPHA], "tool": "ledger", "targets": ["*"], "operations": ["read"]},
+        {"id": "dave-ledger-twice", "agents": [DAVE], "tool": "ledger", "targets": ["*"],
+         "operations": ["read"], "budget": {"max_calls": 2}},
+        {"id": "alpha-files-mcp", "agents": [ALPHA], "tool": "read_file", "targets": ["files"],
+         "operations": ["call"]},
+        {"id": "dave-files-mcp", "agents": [DAVE], "tool": "read_file", "targets": ["files"],
+         "operations": ["call"], "arguments": [{"name": "path", "prefix": "/srv/dave"}]},
     ],
 }
 
@@ -157,6 +166,34 @@ def test_policy_must_give_the_child_agent_each_grant(agents: dict[str, Client]) 
     child = a.delegate(parent.token, BETA, ["demo:*:read"])
     assert reason(agents[BETA], child.token, target="secrets/key") == "policy_denied"
     assert reason(agents[BETA], child.token, target="notes") == "allow"
+
+
+def test_a_child_keeps_its_own_agents_budget(agents: dict[str, Client]) -> None:
+    # Before issue 16 the child inherited only alpha's (absent) budget and was allowed 5 of 5.
+    parent = agents[ALPHA].mint("ledger-parent", ["ledger:*:read"])
+    child = agents[ALPHA].delegate(parent.token, DAVE, ["ledger:*:read"])
+    assert [g.budget.max_calls for g in child.grants] == [2]  # the child's grant is the intersection
+    decisions = [agents[DAVE].check(child.token, "ledger", "a", "read") for _ in range(5)]
+    assert [d.reason for d in decisions] == ["allow"] * 2 + ["budget_exhausted"] * 3
+    # Dave's own token draws on the same count: delegation opened no second budget for dave.
+    own = agents[DAVE].mint("ledger-own", ["ledger:*:read"])
+    assert agents[DAVE].check(own.token, "ledger", "a", "read").reason == "budget_exhausted"
+
+
+def test_a_child_keeps_its_own_agents_argument_constraints(daemon: Daemon, agents: dict[str, Client]) -> None:
+    parent = agents[ALPHA].mint("files-parent", ["read_file:files:call"])
+    child = agents[ALPHA].delegate(parent.token, DAVE, ["read_file:files:call"])
+    assert [(c.name, c.prefix) for c in child.grants[0].arguments] == [("path", "/srv/dave")]
+    check = Checker(daemon.check_address)
+    try:
+        def call(path: str) -> str:
+            return check(check_request(child.token, tool_call("read_file", {"path": path}),
+                                       {"mcp": "true", "target": "files"})).reason
+        assert call("/srv/dave/notes.txt") == "allow"
+        assert call("/etc/passwd") == "argument_outside_prefix"  # allowed before issue 16
+        assert call("/srv/dave/../../etc/passwd") == "argument_path_unsafe"
+    finally:
+        check.close()
 
 
 def test_depth_is_capped_by_policy(agents: dict[str, Client]) -> None:

@@ -59,7 +59,8 @@ def dev() -> Policy:
 @pytest.mark.parametrize("agent, tool, target, op, level, expected", [
     (ALPHA, "demo", "anything", "read", "internal", None),
     (ALPHA, "demo", "a/b/c", "write", "public", None),
-    (ALPHA, "demo", "x", "delete", "internal", None),  # approval is checked at mint, not here
+    # An approval-gated rule allows at Check only a token that carries an approval (test_tightening.py).
+    (ALPHA, "demo", "x", "delete", "internal", reasons.APPROVAL_REQUIRED),
     (ALPHA, "demo", "x", "read", "confidential", DENIED),
     (ALPHA, "demo", "x", "admin", "public", DENIED),
     (ALPHA, "other", "x", "read", "public", DENIED),
@@ -207,7 +208,10 @@ def test_narrow_approval_split(tmp_path: Path) -> None:
     # Without approval the agent holds internal; with it, restricted as well.
     assert out == Narrowed([g("x", ("read",), "internal")], [g("x", ("read",), "restricted")], [], 600)
     assert p.narrow(ALPHA, [g("x", ("read",), "internal")], 3600).needs_approval == []
-    assert p.permits(ALPHA, "demo", "x", "read", RANK["restricted"]) is None
+    # At Check, the gated rule allows only a token that carries the approval.
+    assert p.permits(ALPHA, "demo", "x", "read", RANK["restricted"]) == reasons.APPROVAL_REQUIRED
+    assert p.permits(ALPHA, "demo", "x", "read", RANK["restricted"], approved=True) is None
+    assert p.permits(ALPHA, "demo", "x", "read", RANK["internal"]) is None
 
 
 @pytest.mark.parametrize("bad", [
@@ -482,8 +486,10 @@ def build(raw_rules: list[dict[str, Any]]) -> dict[str, Any]:
     return {"version": 1, "defaults": {"max_sensitivity": "internal"}, "rules": rules}
 
 
-def brute(data: dict[str, Any], agent: str, tool: str, target: str, op: str, level: int) -> bool:
-    """Scan every rule, matching with plain string comparisons; True when allowed."""
+def brute(data: dict[str, Any], agent: str, tool: str, target: str, op: str, level: int,
+          approved: bool = True) -> bool:
+    """Scan every rule, matching with plain string comparisons; True when allowed (``approved``: under
+    a human's approval, which approval-gated rules need)."""
     def agent_ok(pattern: str) -> bool:
         if pattern.endswith("/*"):
             return agent.startswith(pattern[:-1]) and len(agent) > len(pattern) - 1
@@ -501,7 +507,7 @@ def brute(data: dict[str, Any], agent: str, tool: str, target: str, op: str, lev
         return False
     default = data["defaults"]["max_sensitivity"]
     return any(r["effect"] == "allow" and hits(r) and level <= RANK[r.get("max_sensitivity", default)]
-               for r in rules)
+               and (approved or r.get("approval") != "required") for r in rules)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -512,8 +518,10 @@ def test_permits_agrees_with_brute_force(raw_rules: list[dict[str, Any]], asks: 
     data = build(raw_rules)
     p = Policy.from_text(yaml.safe_dump(data))
     for agent, tool, target, op, level in asks:
-        allowed = p.permits(agent, tool, target, op, level) is None
-        assert allowed == brute(data, agent, tool, target, op, level), (agent, tool, target, op, level)
+        for approved in (False, True):
+            allowed = p.permits(agent, tool, target, op, level, approved=approved) is None
+            assert allowed == brute(data, agent, tool, target, op, level, approved), \
+                (agent, tool, target, op, level, approved)
 
 
 @settings(max_examples=200, deadline=None)
@@ -533,14 +541,15 @@ def test_narrow_agrees_with_permits(raw_rules: list[dict[str, Any]], agent: str,
         full = any(RANK[x["sensitivity"]] == RANK[level] for x in held)
         assert full == brute(data, agent, tool, target, op, RANK[level])
         for x in held:
-            assert p.permits(agent, tool, target, op, RANK[x["sensitivity"]]) is None
+            assert p.permits(agent, tool, target, op, RANK[x["sensitivity"]], approved=True) is None
     else:
         # A pattern grant: every concrete target under it passes at check time, unless a
         # deny rule overlaps part of it (which narrow() deliberately leaves to permits()).
         for x in held:
             for concrete in ASKED_TARGETS:
                 if concrete.startswith(target[:-1]):
-                    allowed = p.permits(agent, tool, concrete, op, RANK[x["sensitivity"]]) is None
+                    level_ = RANK[x["sensitivity"]]
+                    allowed = p.permits(agent, tool, concrete, op, level_, approved=True) is None
                     assert allowed or _denied_by_rule(data, agent, tool, concrete, op)
     assert out.ttl == (300 if held else 0)
 

@@ -30,6 +30,7 @@ from agentauthz.audit import AuditLog
 from agentauthz.authority import Authority
 from agentauthz.client import Client, Identity
 from agentauthz.config import Config
+from agentauthz.constraints import Constrained
 from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.policy import DEV_POLICY, Policy
 
@@ -198,7 +199,9 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
     # A token with a budget or argument constraints is charged and checked by the full path only,
     # even for a request already allowed (the warm path would find its record prepared).
     metered = extauthz.parse_check_request(cases(minted, certificate)["metered"])
-    assert warm._warm(metered)[0] == reasons.ALLOW and warm._warm(metered).__class__ is tuple
+    # The policy budgets it too: decide answers the policy's constraints, with the token, for enforce.
+    decided = warm._warm(metered)
+    assert decided.__class__ is tuple and decided[0].__class__ is Constrained and decided[1] is not None
     assert a.audit.flush()
     records = {r["decision_id"]: r for r in audit_records(a.config.state_dir / "audit")
                if r["kind"] == "check"}

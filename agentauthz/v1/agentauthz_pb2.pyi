@@ -37,14 +37,16 @@ class ArgumentConstraint(_message.Message):
     def __init__(self, name: _Optional[str] = ..., prefix: _Optional[str] = ..., one_of: _Optional[_Iterable[str]] = ..., max: _Optional[float] = ..., required: _Optional[bool] = ...) -> None: ...
 
 class Budget(_message.Message):
-    __slots__ = ("max_calls", "rate_per_second", "burst")
+    __slots__ = ("max_calls", "rate_per_second", "burst", "window")
     MAX_CALLS_FIELD_NUMBER: _ClassVar[int]
     RATE_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     BURST_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
     max_calls: int
     rate_per_second: float
     burst: int
-    def __init__(self, max_calls: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., burst: _Optional[int] = ...) -> None: ...
+    window: int
+    def __init__(self, max_calls: _Optional[int] = ..., rate_per_second: _Optional[float] = ..., burst: _Optional[int] = ..., window: _Optional[int] = ...) -> None: ...
 
 class ApprovalRequest(_message.Message):
     __slots__ = ("id", "agent", "task", "intent", "grants", "expires_at", "state", "approver", "decided_at", "comment")
