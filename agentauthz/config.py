@@ -39,7 +39,7 @@ class Config:
     rotation_interval: float = 24 * 3600.0
     # 2^24 bits = 2 MiB: sixteen million tokens live at once.
     revocation_capacity: int = 1 << 24
-    # Task budgets: (task, tool) counters shared by the workers; a full table denies budgeted calls.
+    # Budgets: (agent, tool, window) counters shared by the workers; a full table denies budgeted calls.
     budget_capacity: int = 1 << 16
 
     audit_flush_interval: float = 0.05
