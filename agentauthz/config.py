@@ -12,10 +12,12 @@ import yaml
 
 from .approvers import approver_problems, approvers_from
 from .errors import ConfigError
+from .identity import IdentityError, parse_spiffe_id
 from .jwtsvid import JwtIssuer, issuers_from, load_keys
 from .tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
 
 DEV_TRUST_DOMAIN = "dev.local"
+DEV_CHECK_CLIENT = "spiffe://dev.local/envoy"  # Envoy's identity on a development Check listener with mTLS
 _PATHS = ("state_dir", "policy_file", "tls_cert", "tls_key", "trust_bundle")
 
 
@@ -50,6 +52,9 @@ class Config:
     # Plaintext suits loopback and Unix sockets; across hosts require Envoy's client certificate
     # (chained to trust_bundle) on the Check listener too.
     check_mtls: bool = False
+    # With check_mtls, the SPIFFE IDs whose client certificates Check answers (Envoy's); any other
+    # workload of trust_bundle (an agent) is refused check_client_refused. Development: DEV_CHECK_CLIENT.
+    check_clients: tuple[str, ...] = ()
     # Checks in progress at once per worker (an allow waits for its audit fsync); past it a Check is
     # refused at once (RESOURCE_EXHAUSTED, which Envoy turns into a denial) instead of queuing without
     # bound: load is shed fast and memory stays bounded.
@@ -82,6 +87,11 @@ class Config:
     def development(self) -> bool:
         return self.trust_domain == DEV_TRUST_DOMAIN
 
+    @property
+    def check_client_ids(self) -> frozenset[str]:
+        """Who may call Check over mTLS: ``check_clients``, else (development only) DEV_CHECK_CLIENT."""
+        return frozenset(self.check_clients or ((DEV_CHECK_CLIENT,) if self.development else ()))
+
     def replace(self, **changes: Any) -> Config:
         """A copy with ``changes`` applied and validated again."""
         return dataclasses.replace(self, **changes)
@@ -99,7 +109,7 @@ class Config:
         for key, value in data.items():
             if key in _PATHS and value is not None:
                 value = Path(value)
-            elif key in ("audiences", "admins"):
+            elif key in ("audiences", "admins", "check_clients"):
                 if isinstance(value, str) or not isinstance(value, list):
                     raise ConfigError(f"{source}: {key} must be a list")
                 value = tuple(value)
@@ -122,6 +132,25 @@ class Config:
         except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
             raise ConfigError(f"{path}: cannot read configuration: {exc}") from None
         return cls.from_mapping(data, str(path))
+
+
+def _check_client_problems(c: Config) -> list[str]:
+    """check_clients: SPIFFE IDs, only with check_mtls, and required with it outside development."""
+    if not isinstance(c.check_clients, tuple):
+        return ["check_clients must be a list of SPIFFE IDs"]
+    out = []
+    for client in c.check_clients:
+        try:
+            if not parse_spiffe_id(client).path:
+                out.append(f"check_clients: {client!r} names no workload (a SPIFFE ID with a path)")
+        except IdentityError as exc:
+            out.append(f"check_clients: {exc}")
+    if c.check_clients and c.check_mtls is not True:
+        out.append("check_clients needs check_mtls: true (without it no client certificate is checked)")
+    if c.check_mtls is True and not c.check_clients and c.trust_domain != DEV_TRUST_DOMAIN:
+        out.append("check_mtls needs check_clients, the SPIFFE IDs of the Envoys that may call Check "
+                   "(any other workload of trust_bundle could otherwise act as Envoy)")
+    return out
 
 
 # Each audience is a trust boundary with a key directory of its own: a name, never a path.
@@ -170,6 +199,7 @@ def _problems(c: Config) -> list[str]:
         out.append("several workers need a TCP check_listen (SO_REUSEPORT does not share Unix sockets)")
     if not isinstance(c.check_mtls, bool):
         out.append("check_mtls must be true or false")
+    out += _check_client_problems(c)
     tls = (c.tls_cert, c.tls_key, c.trust_bundle)
     if any(tls) and not all(tls):
         out.append("tls_cert, tls_key and trust_bundle go together")

@@ -16,7 +16,7 @@ import os
 import ssl
 import time
 import urllib.parse
-from typing import Any, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping
 
 import grpc
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
@@ -140,16 +140,18 @@ class _FaultLog:
     def __init__(self, interval: float = 10.0) -> None:
         self._interval, self._next, self._skipped = interval, 0.0, 0
 
-    def log(self, what: str) -> None:
+    def log(self, what: str, traceback: bool = True) -> None:
         now = time.monotonic()
         if now < self._next:
             self._skipped += 1
             return
         self._next, skipped, self._skipped = now + self._interval, self._skipped, 0
-        log.exception("%s (%d more since the last one logged)", what, skipped)
+        log.log(logging.ERROR if traceback else logging.WARNING, "%s (%d more since the last one logged)",
+                what, skipped, exc_info=traceback)
 
 
 _FAULTS = _FaultLog()
+_REFUSED_CLIENTS = _FaultLog()
 UNPARSED = object()  # parse_check_request's answer when the parser raised
 
 
@@ -205,6 +207,7 @@ class CheckService:
         self._internal = {r: denied_response(r) for r in (reasons.INTERNAL_ERROR, reasons.AUDIT_UNAVAILABLE)}
         # reason -> count, for /metrics (decision_counts): all but the allows _warm answers itself
         self.decisions: collections.Counter[str] = collections.Counter()
+        self.refused_clients = 0  # mTLS callers that are not check_clients (admitting): never decided
         self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
                                    self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow)
 
@@ -314,6 +317,27 @@ class CheckService:
             return await self._full(fields, decided, decision_id)
         except Exception:
             return self._failed(fields, decision_id)
+
+    def admitting(self, clients: frozenset[str]) -> Callable[[Fields | None, Any], Awaitable[bytes]]:
+        """``check`` for a listener with mTLS: decided only for a client certificate whose one SPIFFE ID
+        is in ``clients`` (Envoy's). Any other caller the trust bundle admits (an agent) could name any
+        principal or forward another's certificate: it is answered check_client_refused, unrecorded,
+        as a denial rather than a gRPC error, which Envoy's failure_mode_allow would let through."""
+        allowed = frozenset(c.encode() for c in clients)
+        refused = denied_response(reasons.CHECK_CLIENT_REFUSED)
+        check = self.check
+
+        async def admitted_check(fields: Fields | None, context: Any) -> bytes:
+            # The SAN list holds DNS names too; a SPIFFE ID is the one URI (X509-SVID §2).
+            names = context.peer_identities() or ()
+            if context.peer_identity_key() == "x509_subject_alternative_name":
+                ids = [i for i in names if i.startswith(b"spiffe://")]
+                if len(ids) == 1 and ids[0] in allowed:
+                    return await check(fields, context)
+            self.refused_clients += 1
+            _REFUSED_CLIENTS.log(f"Check refused a client not in check_clients: {names!r}", traceback=False)
+            return refused
+        return admitted_check
 
     def _failed(self, fields: Any, decision_id: str | None) -> bytes:
         """The internal_error denial, recorded (audit_unavailable if it cannot be), the fault logged."""
@@ -441,9 +465,10 @@ def parse_check_request(raw: bytes) -> Fields | None:
     return fields
 
 
-def add_to_server(server: Any, service: CheckService) -> None:
-    """Register Check with raw-bytes responses (no re-serialization per call)."""
+def add_to_server(server: Any, service: CheckService, clients: frozenset[str] | None = None) -> None:
+    """Register Check with raw-bytes responses (no re-serialization per call); with ``clients`` (an
+    mTLS listener), answered for those client identities only (``CheckService.admitting``)."""
     handler = grpc.unary_unary_rpc_method_handler(
-        service.check, request_deserializer=parse_check_request,
-        response_serializer=None)
+        service.check if clients is None else service.admitting(clients),
+        request_deserializer=parse_check_request, response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))

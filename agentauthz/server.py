@@ -107,6 +107,9 @@ class Metrics:
         for reason, count in sorted(self._check.decision_counts().items()):
             decisions.add_metric([reason], count)
         yield decisions
+        yield CounterMetricFamily("agentauthz_check_clients_refused",
+                                  "Checks over mTLS from a client not in check_clients, answered undecided",
+                                  value=self._check.refused_clients)
         if self._front is not None:
             handshakes = CounterMetricFamily(
                 "agentauthz_api_tls_handshakes",
@@ -253,7 +256,9 @@ class Daemon:
 
     def _check_server(self, service: extauthz.CheckService) -> Any:
         server = grpc.aio.server(maximum_concurrent_rpcs=self.config.check_max_concurrent_rpcs)
-        extauthz.add_to_server(server, service)
+        # With mTLS the trust bundle admits every workload's certificate: only check_clients are answered.
+        mtls = self.config.check_mtls
+        extauthz.add_to_server(server, service, self.config.check_client_ids if mtls else None)
         self._add_health_and_reflection(server, extauthz.SERVICE)
         # gRPC sets SO_REUSEPORT on Linux, so every worker can bind the same address.
         if self.config.check_mtls:

@@ -10,23 +10,28 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
+import grpc
 import pytest
 import yaml
 from processes import ROOT, Daemon, echo_upstream, envoy, free_port
 
-from agentauthz.client import Client, Identity
+from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from
 from agentauthz.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"
 GAMMA = "spiffe://dev.local/agent/gamma"
+ENVOY = "spiffe://dev.local/envoy"
 MTLS_EXAMPLE = ROOT / "examples" / "envoy-mtls.yaml"
 
 
 def mtls_example_config(state_dir: Path, check_port: int, upstream_port: int, listen_port: int,
                         admin_port: int) -> str:
-    """examples/envoy-mtls.yaml as the README runs it, on the test's ports and dev PKI."""
+    """examples/envoy-mtls.yaml as the README runs it, on the test's ports, dev PKI and Envoy identity
+    (the development check_clients default, for a daemon with check_mtls)."""
+    envoy_id = issue_svid(ensure_dev_pki(state_dir), ENVOY, state_dir.parent / "envoy-id")
     text = MTLS_EXAMPLE.read_text().replace("filename: .agentauthz/pki/", f"filename: {state_dir}/pki/")
+    text = text.replace("filename: id/envoy/", f"filename: {envoy_id}/")
     ports = {9191: check_port, 8080: upstream_port, 10443: listen_port, 9902: admin_port}
     return re.sub(r"port_value: (\d+)", lambda m: f"port_value: {ports[int(m.group(1))]}", text)
 
@@ -66,7 +71,7 @@ class Stack:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     work = tmp_path_factory.mktemp("binding")
-    daemon = Daemon(work / "state", {"leeway": 0}).start()
+    daemon = Daemon(work / "state", {"leeway": 0, "check_mtls": True}).start()
     proxy_port, admin_port = free_port(), free_port()
     try:
         with echo_upstream() as upstream_port:
@@ -100,12 +105,15 @@ def test_token_presented_by_another_agent_fails(stack: Stack) -> None:
 
 
 def test_unbound_direct_check_follows_policy(stack: Stack) -> None:
-    """Without a forwarded certificate the dev policy lets a bound token through (no mTLS to check)."""
+    """Without a forwarded certificate the dev policy lets a bound token through (no mTLS to check);
+    the Check listener answers Envoy's identity alone (check_mtls)."""
     alpha = stack.identity(ALPHA, "alpha-4")
-    client = Client(stack.daemon.api_address, Identity.from_dir(alpha),
-                    check_server=stack.daemon.check_address)
-    token = client.mint("bind-4", ["demo:*:read:internal"]).token
-    assert client.check(token, "demo", "reports", "read", "internal").allowed
+    token = stack.client(alpha).mint("bind-4", ["demo:*:read:internal"]).token
+    envoy_id = Identity.from_dir(stack.daemon.state_dir.parent / "envoy-id")
+    with grpc.secure_channel(f"localhost:{stack.daemon.check_port}", envoy_id.credentials()) as channel:
+        raw = channel.unary_unary(CHECK_METHOD)(
+            check_request(token, "demo", "reports", "read", "internal"), timeout=5)
+    assert decision_from(raw).allowed
 
 
 def test_delegated_child_works_only_for_the_child_agent_within_its_narrowed_grants(stack: Stack) -> None:

@@ -214,7 +214,8 @@ def test_check_over_a_unix_socket_and_with_mtls(tmp_path: Path) -> None:
         assert daemon.stop() == 0
     daemon = Daemon(tmp_path / "state2", {"check_mtls": True}).start()
     try:
-        ident = identity_for(daemon, tmp_path / "id2", "spiffe://dev.local/envoy/edge")
+        # Envoy's development identity: check_clients' default (tests/test_check_mtls.py refuses others).
+        ident = identity_for(daemon, tmp_path / "id2", "spiffe://dev.local/envoy")
         with grpc.insecure_channel(daemon.check_address) as plain:
             with pytest.raises(grpc.RpcError) as err:
                 plain.unary_unary("/envoy.service.auth.v3.Authorization/Check")(b"", timeout=5)
