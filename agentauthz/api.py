@@ -31,6 +31,8 @@ _STATUS_BY_REASON = {
     reasons.APPROVAL_UNKNOWN: grpc.StatusCode.NOT_FOUND,
     reasons.APPROVAL_PENDING: grpc.StatusCode.FAILED_PRECONDITION,  # ask again once a human has decided
     reasons.APPROVAL_LIMIT: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    reasons.AGENT_BANNED: grpc.StatusCode.PERMISSION_DENIED,
+    reasons.AGENT_NOT_BANNED: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -191,6 +193,11 @@ class ApiService(pb_grpc.AgentAuthzServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_invalid: name what to revoke")
         return pb.RevokeResponse(revoked_at=await self._run(context, actions[which]))
 
+    async def Unban(self, request: pb.UnbanRequest, context: Any) -> pb.UnbanResponse:
+        caller = await self._caller(context)
+        at = await self._run(context, lambda: self._authority.unban_agent(caller, request.agent))
+        return pb.UnbanResponse(unbanned_at=at)
+
     async def EndTask(self, request: pb.EndTaskRequest, context: Any) -> pb.RevokeResponse:
         caller = await self._caller(context)
         cutoff = await self._run(context, lambda: self._authority.end_task(caller, request.task))
@@ -198,7 +205,9 @@ class ApiService(pb_grpc.AgentAuthzServicer):
 
     async def GetKeys(self, request: pb.GetKeysRequest, context: Any) -> pb.GetKeysResponse:
         await self._caller(context)
-        return pb.GetKeysResponse(jwks_json=json.dumps(self._authority.jwks(), sort_keys=True))
+        a = self._authority
+        return pb.GetKeysResponse(jwks_json=json.dumps(a.jwks(), sort_keys=True),
+                                  audit_key_jwk=json.dumps(a.audit_key_document(), sort_keys=True))
 
     async def RotateKeys(self, request: pb.RotateKeysRequest, context: Any) -> pb.RotateKeysResponse:
         caller = await self._caller(context)

@@ -246,6 +246,11 @@ class Authority(DelegationFlow, ApprovalFlow):
         ``owner`` is the agent whose id MAC the token id carries: the one that may revoke it by id.
         """
         exp = now + ttl
+        # Checked again here, after ``now``: a ban that lands before this cannot be raced by a mint or
+        # delegation in flight, and one that lands after has a cutoff at or past ``now``.
+        banned = self.revocations.banned(statuslist.chain(agent, act))
+        if banned:
+            raise Refused(reasons.AGENT_BANNED, f"{banned} is banned until an admin lifts the ban")
         slot = self.revocations.allocate_slot(exp)
         token_id = self.token_ids.make(slot, exp, owner)
         keyring = self.keyrings[audience]
@@ -267,6 +272,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         pending request instead. With ``approval_id`` (approved, same agent and task, the gated
         grants inside the approved ones) they are granted, and the token expires with the approval.
         """
+        self._refuse_banned("mint", agent, agent=agent, task=task, intent=intent, requested=list(grants))
         # The task reaches the upstream as x-agentauthz-task: no control or format characters either.
         if not task or len(task) > 256 or any(c.isspace() for c in task) or not task.isprintable():
             raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 printable characters without spaces")
@@ -351,14 +357,37 @@ class Authority(DelegationFlow, ApprovalFlow):
         return cutoff
 
     def revoke_agent(self, caller: str, agent: str) -> int:
+        """Ban ``agent``: every token it holds or delegated dies, and it mints, delegates and is
+        delegated nothing until an admin lifts the ban (``unban_agent``). Durable, in every worker."""
         if agent != caller and not self.is_admin(caller):
-            self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, target_agent=agent)
+            self._audit("ban", decision=False, reason=NOT_PERMITTED, agent=caller, target_agent=agent)
             raise Refused(NOT_PERMITTED, "an agent may revoke only itself unless it is an admin")
-        cutoff = self.revocations.revoke_agent(agent)
+        cutoff = self.revocations.ban_agent(agent)
         self.status_list.agent_revoked(agent)
-        self._audit("revoke", decision=True, scope="agent", agent=caller, target_agent=agent)
+        self._audit("ban", decision=True, reason=reasons.AGENT_BANNED, agent=caller, target_agent=agent,
+                    banned_at=cutoff)
         self._drop_approvals(agent, None)
         return cutoff
+
+    def unban_agent(self, caller: str, agent: str) -> int:
+        """Lift ``agent``'s ban (an admin only): it may mint again; tokens from before stay dead."""
+        if not self.is_admin(caller):
+            self._audit("unban", decision=False, reason=NOT_PERMITTED, agent=caller, target_agent=agent)
+            raise Refused(NOT_PERMITTED, "only an admin may lift an agent's ban")
+        if not agent:
+            raise Refused(reasons.REQUEST_INVALID, "name the agent to unban")
+        at = self.revocations.unban_agent(agent)
+        if at is None:
+            raise Refused(reasons.AGENT_NOT_BANNED, f"{agent} is not banned")
+        self._audit("unban", decision=True, agent=caller, target_agent=agent, unbanned_at=at)
+        return at
+
+    def _refuse_banned(self, kind: str, *agents: str, **fields: Any) -> None:
+        """Refuse (and audit) ``kind`` when any of ``agents`` is banned."""
+        banned = self.revocations.banned(agents)
+        if banned:
+            self._audit(kind, decision=False, reason=reasons.AGENT_BANNED, banned_agent=banned, **fields)
+            raise Refused(reasons.AGENT_BANNED, f"{banned} is banned until an admin lifts the ban")
 
     def revoke_key(self, caller: str, kid: str) -> int:
         if not self.is_admin(caller):

@@ -229,6 +229,11 @@ def cmd_revoke(args: argparse.Namespace) -> None:
     _emit(args, {"revoked_at": at}, f"revoked at {at}")
 
 
+def cmd_unban(args: argparse.Namespace) -> None:
+    at = _rpc(lambda: _client(args).unban(args.agent))
+    _emit(args, {"unbanned_at": at}, f"unbanned at {at}")
+
+
 def cmd_check(args: argparse.Namespace) -> None:
     d = _rpc(lambda: _client(args).check(args.token, args.tool, args.target, args.operation,
                                          args.sensitivity, boundary=args.boundary or ""))
@@ -319,13 +324,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=int)
     p.add_argument("--intent")
 
-    p = command("revoke", cmd_revoke, "revoke a token, task, agent or signing key")
+    p = command("revoke", cmd_revoke, "revoke a token, task or signing key, or ban an agent (until unban)")
     p.add_argument("--server", default="127.0.0.1:9190")
     p.add_argument("--identity", required=True)
     which = p.add_mutually_exclusive_group(required=True)
     for flag in ("--token-id", "--task", "--agent", "--key-id"):
         # A key id is a JWK thumbprint (base64url), which may begin with "-": argparse then needs "=".
         which.add_argument(flag, help=f"write {flag}=VALUE if the value begins with -")
+
+    p = command("unban", cmd_unban, "lift the ban revoking an agent put on it (admin identity)")
+    p.add_argument("--server", default="127.0.0.1:9190")
+    p.add_argument("--identity", required=True)
+    p.add_argument("--agent", required=True, help="the banned agent's SPIFFE ID")
 
     p = command("check", cmd_check, "ask for a decision as Envoy would; exit 0 allow, 1 deny")
     p.add_argument("--server", default="127.0.0.1:9191")

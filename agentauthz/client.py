@@ -155,8 +155,16 @@ class Client:
     def end_task(self, task: str) -> int:
         return self._stub().EndTask(pb.EndTaskRequest(task=task), timeout=self._timeout).revoked_at
 
+    def unban(self, agent: str) -> int:
+        """Lift the ban ``revoke(agent=...)`` put on ``agent`` (an admin identity)."""
+        return self._stub().Unban(pb.UnbanRequest(agent=agent), timeout=self._timeout).unbanned_at
+
     def jwks(self) -> dict[str, Any]:
         return json.loads(self._stub().GetKeys(pb.GetKeysRequest(), timeout=self._timeout).jwks_json)
+
+    def audit_key(self) -> dict[str, Any]:
+        """The audit checkpoint key as a public JWK, over the authenticated API: the one to pin."""
+        return json.loads(self._stub().GetKeys(pb.GetKeysRequest(), timeout=self._timeout).audit_key_jwk)
 
     def check(self, token: str | None, tool: str, target: str, operation: str,
               sensitivity: str = DEFAULT_SENSITIVITY, boundary: str = "") -> Decision:
@@ -232,6 +240,9 @@ class AsyncClient:
     async def jwks(self) -> dict[str, Any]:
         response = await self._stub().GetKeys(pb.GetKeysRequest(), timeout=self._timeout)
         return json.loads(response.jwks_json)
+
+    async def unban(self, agent: str) -> int:
+        return (await self._stub().Unban(pb.UnbanRequest(agent=agent), timeout=self._timeout)).unbanned_at
 
     async def check(self, token: str | None, tool: str, target: str, operation: str,
                     sensitivity: str = DEFAULT_SENSITIVITY, boundary: str = "") -> Decision:

@@ -57,6 +57,10 @@ DELEGATION_NOT_HOLDER = "delegation_not_holder"          # the caller is not the
 DELEGATION_EXCEEDS_PARENT = "delegation_exceeds_parent"  # a child grant fits inside no parent grant
 DELEGATION_DEPTH = "delegation_depth_exceeded"           # the chain would be longer than policy allows
 DELEGATION_POLICY_DENIED = "delegation_policy_denied"    # policy would not give the child agent a grant
+# An agent revoked by an admin (or by itself) is banned: it mints nothing, delegates nothing and is
+# delegated nothing until an admin lifts the ban (``agentauthz unban``).
+AGENT_BANNED = "agent_banned"
+AGENT_NOT_BANNED = "agent_not_banned"  # unban of an agent that is not banned
 
 # 503: the decision could be made but not recorded, so it is not made (fail closed).
 AUDIT_UNAVAILABLE = "audit_unavailable"

@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 JOURNAL = "journal.jsonl"
 COMPACT_BYTES = 1 << 20
 NAMED = ("task", "agent", "key")  # revoked by name; "at" is the cutoff (task, agent) or the revocation time
+BANS = ("ban", "unban")  # an agent banned at "at" until an unban at "at": never compacted away while in force
+# The index cutoff of a banned agent: every token naming it is dead, whenever it was issued.
+BANNED = (1 << 63) - 1
 
 # Every record the journal may hold: op -> field -> type. Anything else refuses the start.
 _FIELDS: dict[str, dict[str, type]] = {
@@ -27,7 +30,7 @@ _FIELDS: dict[str, dict[str, type]] = {
     "seal": {"from": int, "upto": int, "exp": int},  # and every token given one has exp <= exp
     "base": {"base": int},  # every slot below base is dead (written by compaction)
     "token": {"jti": str, "slot": int, "exp": int},
-    **{op: {"name": str, "at": int} for op in NAMED},
+    **{op: {"name": str, "at": int} for op in NAMED + BANS},
 }
 
 
@@ -53,6 +56,24 @@ def _parse(line: bytes, where: str) -> dict[str, Any]:
     if "upto" in record and record["from"] >= record["upto"]:
         raise errors.StateError(f"{where}: empty slot block")
     return record
+
+
+def lift_ban(index: Any, agent: str, cutoff: int) -> None:
+    """Lower ``agent``'s cutoff in ``index`` from BANNED to ``cutoff`` in one step.
+
+    The twins' ``revoke_agent`` only ever raises a cutoff, and ``forget`` then ``revoke_agent`` would
+    leave a moment with no cutoff at all, in which a token issued before the ban would pass.
+    """
+    index.agents[agent] = cutoff  # one dict store: a Check sees the old cutoff or the new one
+    index.generation += 1  # cached verdicts are recomputed; every writer holds the store's lock
+
+
+def index_call(index: Any, name: str, args: Any) -> None:
+    """Apply one replicated index change (workers.py): a method of the twins', or ``lift_ban``."""
+    if name == "lift_ban":
+        lift_ban(index, *args)
+    else:
+        getattr(index, name)(*args)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -97,6 +118,7 @@ class RevocationStore:
         self._base = self._next = self._reserved = 0
         self._tokens: dict[int, tuple[str, int]] = {}  # slot -> (jti, exp), inside the window only
         self._named: dict[str, dict[str, int]] = {op: {} for op in NAMED}  # op -> name -> at
+        self._banned: dict[str, int] = {}  # agent -> when it was banned; kept until unbanned
         self._fd = self._lock_fd = -1
         self._size = self._live_size = 0
         self._broken = False
@@ -185,6 +207,48 @@ class RevocationStore:
         """Every token signed by ``kid`` dies."""
         self._revoke_named("key", kid)
 
+    def ban_agent(self, agent: str) -> int:
+        """Every token held or delegated by ``agent`` dies, and every later one too, until ``unban_agent``."""
+        if not isinstance(agent, str) or not agent:
+            raise ValueError("agent must be a non-empty string")
+        with self._lock:
+            at = int(self._clock())
+            self._append([{"op": "ban", "name": agent, "at": at}])
+            self._apply_ban(agent, at)
+            return at
+
+    def unban_agent(self, agent: str) -> int | None:
+        """Lift ``agent``'s ban: its tokens issued before the unban stay dead. None if it was not banned."""
+        with self._lock:
+            if agent not in self._banned:
+                return None
+            at = int(self._clock())
+            self._append([{"op": "unban", "name": agent, "at": at}])
+            self._apply_unban(agent, at)
+            return at
+
+    def banned(self, agents: Any) -> str | None:
+        """The first of ``agents`` that is banned, if any."""
+        banned = self._banned  # read without the lock: a dict lookup is atomic
+        return next((a for a in agents if a in banned), None)
+
+    def _apply_ban(self, agent: str, at: int) -> None:
+        self._banned[agent] = max(at, self._banned.get(agent, at))
+        self._index.revoke_agent(agent, BANNED)
+
+    def _apply_unban(self, agent: str, at: int) -> None:
+        banned_at = self._banned.pop(agent, at)
+        # Minting was refused from the ban on, so nothing issued since is legitimate: a token a mint
+        # racing the ban signed (iat at most a second past the ban) stays dead; the unban's own second
+        # is left to the new tokens.
+        mirror = self._named["agent"]
+        cutoff = mirror[agent] = max(banned_at, at - 1, mirror.get(agent, 0))
+        lift = getattr(self._index, "lift_ban", None)
+        if lift is not None:
+            lift(agent, cutoff)
+        else:
+            lift_ban(self._index, agent, cutoff)
+
     def _revoke_named(self, op: str, name: str) -> int:
         if not isinstance(name, str) or not name:
             raise ValueError(f"{op} must be a non-empty string")
@@ -234,6 +298,7 @@ class RevocationStore:
         with self._lock:
             return {"revoked_tokens": self._bits.count(), "tasks": len(self._named["task"]),
                     "agents": len(self._named["agent"]), "keys": len(self._named["key"]),
+                    "banned_agents": len(self._banned),
                     "journal_bytes": self._size, "window_base": self._base, "next_slot": self._next,
                     "reserved": self._reserved, "capacity": self._capacity}
 
@@ -267,6 +332,8 @@ class RevocationStore:
         for op, names in stale.items():
             for name in names:
                 del self._named[op][name]
+        # A ban outlives every cutoff: its index entry stays until the unban replaces it.
+        stale["agent"] = [a for a in stale["agent"] if a not in self._banned]
         if stale["task"] or stale["agent"]:
             self._index.forget(stale["task"], stale["agent"])
 
@@ -277,6 +344,7 @@ class RevocationStore:
                     for slot, (jti, exp) in self._tokens.items() if exp + self._leeway >= now]
         records += [{"op": op, "name": name, "at": at}
                     for op, names in self._named.items() for name, at in names.items()]
+        records += [{"op": "ban", "name": agent, "at": at} for agent, at in self._banned.items()]
         data = b"".join(_encode(r) for r in records)
         tmp = self.path.with_name(JOURNAL + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -351,6 +419,10 @@ class RevocationStore:
                 base = max(base, r["base"])
             elif r["op"] == "token":
                 tokens[r["slot"]] = (r["jti"], r["exp"])
+            elif r["op"] == "ban":
+                self._apply_ban(r["name"], r["at"])
+            elif r["op"] == "unban":
+                self._apply_unban(r["name"], r["at"])
             else:
                 self._apply_named(r["op"], r["name"], r["at"])
         now = self._clock()

@@ -93,7 +93,8 @@ class ReplicatedIndex:
         self.bits = index.bits  # shared memory: no replication needed
 
     def _everywhere(self, name: str, *args: Any) -> None:
-        getattr(self._index, name)(*args)
+        from .revocation import index_call
+        index_call(self._index, name, args)
         self._fleet.broadcast(("index", name, args))
 
     def revoke_task(self, task: str, cutoff: int) -> None:
@@ -107,6 +108,9 @@ class ReplicatedIndex:
 
     def forget(self, tasks: list[str], agents: list[str]) -> None:
         self._everywhere("forget", list(tasks), list(agents))
+
+    def lift_ban(self, agent: str, cutoff: int) -> None:
+        self._everywhere("lift_ban", agent, cutoff)
 
 
 def index_state(index: Any) -> dict[str, Any]:
@@ -418,7 +422,8 @@ def _apply(conn: Connection, authority: Any, message: tuple[Any, ...]) -> bool:
     try:
         kind = message[0]
         if kind == "index":
-            getattr(authority.index, message[1])(*message[2])
+            from .revocation import index_call
+            index_call(authority.index, message[1], message[2])
         elif kind == "keys":
             authority.verifiers[message[1]].set_keys(message[2])
         elif kind == "policy":

@@ -240,9 +240,9 @@ def test_revocation_reaches_the_grandchild_at_the_next_check(
      # The delegator owns its child's token id, so it can revoke that one token.
      "middle token": lambda: a.revoke(token_id=child.token_id)}[revoke]()
     assert tuple(reason(a, t) for t in tokens) == expected
-    # A dead parent delegates nothing.
+    # A dead parent delegates nothing; a revoked agent is banned: it delegates nothing at all.
     _, details = refused(lambda: agents[middle].delegate(child.token, DAVE, ["demo:*:read"]))
-    assert details.startswith(expected[1]), details
+    assert details.startswith("agent_banned" if revoke == "middle agent" else expected[1]), details
 
 
 def test_audit_records_the_chain(daemon: Daemon, agents: dict[str, Client]) -> None:

@@ -174,6 +174,18 @@ class RevokeResponse(_message.Message):
     revoked_at: int
     def __init__(self, revoked_at: _Optional[int] = ...) -> None: ...
 
+class UnbanRequest(_message.Message):
+    __slots__ = ("agent",)
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    def __init__(self, agent: _Optional[str] = ...) -> None: ...
+
+class UnbanResponse(_message.Message):
+    __slots__ = ("unbanned_at",)
+    UNBANNED_AT_FIELD_NUMBER: _ClassVar[int]
+    unbanned_at: int
+    def __init__(self, unbanned_at: _Optional[int] = ...) -> None: ...
+
 class EndTaskRequest(_message.Message):
     __slots__ = ("task",)
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -185,10 +197,12 @@ class GetKeysRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetKeysResponse(_message.Message):
-    __slots__ = ("jwks_json",)
+    __slots__ = ("jwks_json", "audit_key_jwk")
     JWKS_JSON_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_KEY_JWK_FIELD_NUMBER: _ClassVar[int]
     jwks_json: str
-    def __init__(self, jwks_json: _Optional[str] = ...) -> None: ...
+    audit_key_jwk: str
+    def __init__(self, jwks_json: _Optional[str] = ..., audit_key_jwk: _Optional[str] = ...) -> None: ...
 
 class RotateKeysRequest(_message.Message):
     __slots__ = ()

@@ -69,6 +69,11 @@ class AgentAuthzStub:
                 request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.GetApprovalRequest.SerializeToString,
                 response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
                 _registered_method=True)
+        self.Unban = channel.unary_unary(
+                '/agentauthz.v1.AgentAuthz/Unban',
+                request_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.UnbanRequest.SerializeToString,
+                response_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.UnbanResponse.FromString,
+                _registered_method=True)
 
 
 class AgentAuthzServicer:
@@ -118,6 +123,13 @@ class AgentAuthzServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Unban(self, request, context):
+        """Lift an agent's ban (Revoke by agent bans it); admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentAuthzServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +167,11 @@ def add_AgentAuthzServicer_to_server(servicer, server):
                     servicer.GetApproval,
                     request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.GetApprovalRequest.FromString,
                     response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.SerializeToString,
+            ),
+            'Unban': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unban,
+                    request_deserializer=agentauthz_dot_v1_dot_agentauthz__pb2.UnbanRequest.FromString,
+                    response_serializer=agentauthz_dot_v1_dot_agentauthz__pb2.UnbanResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +363,33 @@ class AgentAuthz:
             '/agentauthz.v1.AgentAuthz/GetApproval',
             agentauthz_dot_v1_dot_agentauthz__pb2.GetApprovalRequest.SerializeToString,
             agentauthz_dot_v1_dot_agentauthz__pb2.ApprovalRequest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unban(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentauthz.v1.AgentAuthz/Unban',
+            agentauthz_dot_v1_dot_agentauthz__pb2.UnbanRequest.SerializeToString,
+            agentauthz_dot_v1_dot_agentauthz__pb2.UnbanResponse.FromString,
             options,
             channel_credentials,
             insecure,
