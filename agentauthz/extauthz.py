@@ -156,15 +156,22 @@ UNPARSED = object()  # parse_check_request's answer when the parser raised
 
 
 def refused_argument(entry: Any, reason: str, tool: str, target: str, operation: str, sensitivity: str,
-                     arguments: Mapping[str, Any] | None) -> str:
-    """The ``argument`` member of an argument denial's record: the first constraint of a grant
-    covering the request that fails for ``reason``, and the value it refused (redacted)."""
+                     arguments: Mapping[str, Any] | None, policy: Policy) -> str:
+    """The ``argument`` member of an argument denial's record: the first constraint failing for
+    ``reason`` of a grant covering the request, else of a policy rule constraining it (asked as
+    ``_verify_py.Verifier._match`` asks), and the value it refused (redacted)."""
+    if arguments is None:
+        return argument_member(None, None)
     level = SENSITIVITY_RANK.get(sensitivity, 0)
-    for grant in entry.grants if arguments is not None else ():
-        if grant.extras is not None and grant.covers(tool, target, operation, level):
-            for constraint in grant.extras.arguments:
-                if constraint.problem(arguments) == reason:
-                    return argument_member(constraint.name, arguments.get(constraint.name))
+    covering = (g.extras for g in entry.grants if g.covers(tool, target, operation, level))
+    extras = [e for e in covering if e is not None]
+    answer = policy.permits(entry.sub, tool, target, operation, level)
+    if answer == reasons.APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
+        answer = policy.permits(entry.sub, tool, target, operation, level, approved=True)
+    extras += getattr(answer, "alternatives", ())
+    for constraint in (c for e in extras for c in e.arguments):
+        if constraint.problem(arguments) == reason:
+            return argument_member(constraint.name, arguments.get(constraint.name))
     return argument_member(None, None)
 
 
@@ -424,7 +431,7 @@ class CheckService:
             prepared = self._prepared.get(key) or self._prepare(key, who)
             if reason in reasons.ARGUMENT_REFUSED and who is not None:
                 prepared += "," + refused_argument(who, reason, tool, target, operation, sensitivity,
-                                                   call.arguments if call else None)
+                                                   call.arguments if call else None, policy)
             if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
         else:

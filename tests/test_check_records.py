@@ -3,6 +3,7 @@ and for an argument denial the argument and its value, redacted (a real daemon, 
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -25,15 +26,19 @@ class Stack:
         self.checker = Checker(daemon.check_address)
 
     def record(self, decision: Decision) -> dict[str, Any]:
-        """The audit record of ``decision``, once the writer has it on disk."""
-        found: dict[str, Any] = {}
+        return record_of(self.daemon, decision)
 
-        def written() -> bool:
-            found.update(next((r for r in self.daemon.audit_records()
-                               if r.get("decision_id") == decision.decision_id), {}))
-            return bool(found)
-        wait_for(written, 10, f"the record of {decision.decision_id}")
-        return found
+
+def record_of(daemon: Daemon, decision: Decision) -> dict[str, Any]:
+    """The audit record of ``decision``, once the writer has it on disk."""
+    found: dict[str, Any] = {}
+
+    def written() -> bool:
+        mine = (r for r in daemon.audit_records() if r.get("decision_id") == decision.decision_id)
+        found.update(next(mine, {}))
+        return bool(found)
+    wait_for(written, 10, f"the record of {decision.decision_id}")
+    return found
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +143,29 @@ def test_a_revoked_token_is_named_and_a_forged_one_is_not(stack: Stack) -> None:
     assert decision.reason == reasons.TOKEN_SIGNATURE
     record = stack.record(decision)
     assert (record["agent"], record["task"], record["token_id"]) == (None, None, None)
+
+
+def test_an_argument_denial_under_a_tightened_policy_names_the_policys_argument(tmp_path: Path) -> None:
+    """A live token minted before its rule gained argument constraints: the reloaded policy refuses the
+    call (issue 16 item 3), and the record names the rule's argument though the token carries none."""
+    daemon = start(tmp_path)
+    try:
+        alpha = agent(daemon, tmp_path)
+        minted = alpha.mint("rec-tightened", [grant("echo")])
+        checker = Checker(daemon.check_address)
+        body = tool_call("echo", {"text": "hello", "mode": "loud"})
+        assert checker(check_request(minted.token, body)).allowed
+        policy = tmp_path / "policy.yaml"
+        rule = "    tool: echo\n    targets: [files]\n    operations: [call]\n"
+        assert policy.read_text().count(rule) == 1
+        policy.write_text(policy.read_text().replace(
+            rule, rule + "    arguments:\n      - {name: mode, one_of: [quiet]}\n"))
+        daemon.proc.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        refused = reasons.ARGUMENT_NOT_ALLOWED
+        wait_for(lambda: checker(check_request(minted.token, body)).reason == refused, 10, "the reload")
+        record = record_of(daemon, checker(check_request(minted.token, body)))
+        names_the_token(record, minted)
+        assert record["argument"] == {"name": "mode", "value": "loud"}
+        checker.close()
+    finally:
+        daemon.stop()
