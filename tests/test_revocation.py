@@ -438,3 +438,34 @@ def test_acknowledged_revocation_survives_kill_9(hot: HotPath, tmp_path: Path) -
         assert store.stats()["window_base"] > slot
     finally:
         store.close()
+
+
+def test_a_ban_outlives_the_horizon_compaction_and_restarts_until_unbanned(world: World) -> None:
+    before, _ = world.mint(sub=OTHER_AGENT)
+    banned_at = world.store.ban_agent(OTHER_AGENT)
+    world.advance(1)
+    after, _ = world.mint(sub=OTHER_AGENT)  # signed anyway (a mint racing the ban): dead all the same
+    assert world.decide(before) == world.decide(after) == reasons.AGENT_REVOKED
+    # Long past every cutoff's horizon, compacted, reopened: a cutoff would be forgotten, a ban is not.
+    world.advance(MAX_LIFETIME + LEEWAY + 1)
+    world.store.slide()
+    world.store.compact()
+    assert [r for r in world.records() if r["op"] in ("ban", "unban", "agent")] == [
+        {"op": "ban", "name": OTHER_AGENT, "at": banned_at}]
+    world.restart()
+    assert world.store.banned(["someone", OTHER_AGENT]) == OTHER_AGENT
+    assert world.store.stats()["banned_agents"] == 1
+    late, _ = world.mint(sub=OTHER_AGENT)
+    assert world.decide(late) == reasons.AGENT_REVOKED
+    world.advance(1)
+    assert world.store.unban_agent(OTHER_AGENT) == int(world.clock.now)
+    assert world.store.unban_agent(OTHER_AGENT) is None  # not banned any more
+    assert world.decide(late) == reasons.AGENT_REVOKED  # issued while banned: stays dead
+    # The unban's own second belongs to new tokens: while banned nothing could be minted in it.
+    new, _ = world.mint(sub=OTHER_AGENT)
+    assert world.decide(new) == reasons.ALLOW and world.store.banned([OTHER_AGENT]) is None
+    world.restart()  # the unban is journaled too
+    assert (world.decide(late), world.decide(new)) == (reasons.AGENT_REVOKED, reasons.ALLOW)
+    world.store.compact()
+    world.restart()
+    assert (world.decide(late), world.decide(new)) == (reasons.AGENT_REVOKED, reasons.ALLOW)
