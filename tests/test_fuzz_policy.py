@@ -24,6 +24,7 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from agentauthz import tokens
+from agentauthz.constraints import Constrained
 from agentauthz.errors import PolicyError
 from agentauthz.policy import Policy, spiffe_problem
 
@@ -85,12 +86,14 @@ def _ttl(data: dict[str, Any], rule: dict[str, Any]) -> int:
     return int(rule.get("max_ttl", (data.get("defaults") or {}).get("max_ttl", 300)))
 
 
-def brute_permits(data: dict[str, Any], agent: str, tool: str, target: str, op: str, level: int) -> bool:
+def brute_permits(data: dict[str, Any], agent: str, tool: str, target: str, op: str, level: int,
+                  approved: bool = True) -> bool:
+    """Allowed (perhaps only under the rule's constraints); ``approved``: the token carries an approval."""
     if any(_has_op(r, op) and any(_target_matches(t, target) for t in r["targets"])
            for r in _rules(data, "deny", agent, tool)):
         return False
     allows = _rules(data, "allow", agent, tool)
-    return any(_has_op(r, op) and level <= _level(data, r)
+    return any(_has_op(r, op) and level <= _level(data, r) and (approved or r.get("approval") != "required")
                and any(_target_matches(t, target) for t in r["targets"]) for r in allows)
 
 
@@ -116,11 +119,14 @@ def assert_never_wider(policy: Policy, data: dict[str, Any], rng: random.Random)
     for agent, tool, target, op, level in probes(data, rng):
         if "*" not in target[:-1]:
             concrete = target.rstrip("*") if target.endswith("*") else target
-            allowed = policy.permits(agent, tool, concrete, op, level) is None
-            if allowed:
-                assert spiffe_problem(agent) is None, agent
-            expected = spiffe_problem(agent) is None and brute_permits(data, agent, tool, concrete, op, level)
-            assert allowed == expected, (agent, tool, concrete, op, level)
+            for approved in (True, False):
+                answer = policy.permits(agent, tool, concrete, op, level, approved=approved)
+                allowed = answer is None or answer.__class__ is Constrained  # Constrained: under its rules'
+                if allowed:
+                    assert spiffe_problem(agent) is None, agent
+                expected = spiffe_problem(agent) is None and brute_permits(
+                    data, agent, tool, concrete, op, level, approved)
+                assert allowed == expected, (agent, tool, concrete, op, level, approved)
         asked = tokens.grant(tool, target or "x", [op], LEVELS[level])
         narrowed = policy.narrow(agent, [asked], 300)
         assert narrowed.ttl <= 300
