@@ -63,6 +63,10 @@ class Config:
     workers: int = 1
     api_listen: str = "127.0.0.1:9190"
     http_listen: str = "127.0.0.1:9192"
+    # The HTTP listener closes a connection that has not sent a whole request, or taken its answer,
+    # within http_timeout seconds; past http_max_connections open, a new one closes the longest idle.
+    http_timeout: float = 10.0
+    http_max_connections: int = 256
     admins: tuple[str, ...] = field(default_factory=tuple)
     # The API's mTLS material; in development these default to the dev PKI under state_dir/pki.
     tls_cert: Path | None = None
@@ -170,6 +174,7 @@ def _problems(c: Config) -> list[str]:
         "audit_queue_max": (c.audit_queue_max, 1, 1 << 24),
         "check_max_concurrent_rpcs": (c.check_max_concurrent_rpcs, 1, 1 << 20),
         "workers": (c.workers, 1, 64),
+        "http_max_connections": (c.http_max_connections, 1, 65536),
         "approval_request_ttl": (c.approval_request_ttl, 1, 7 * 24 * 3600),
         "approval_ttl": (c.approval_ttl, 1, 24 * 3600),
     }
@@ -178,7 +183,7 @@ def _problems(c: Config) -> list[str]:
             out.append(f"{name} must be an integer in [{low}, {high}], got {value!r}")
     if type(c.revocation_capacity) is int and c.revocation_capacity % 64:
         out.append("revocation_capacity must be a multiple of 64")
-    for name in ("rotation_interval", "audit_flush_interval"):
+    for name in ("rotation_interval", "audit_flush_interval", "http_timeout"):
         value = getattr(c, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
             out.append(f"{name} must be a positive number of seconds")

@@ -4,23 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import signal
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable, Iterator
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import approval_api, extauthz, statuslist, workers
+from . import approval_api, extauthz, workers
 from .api import ApiService
-from .authority import AUDIT_KEY_PATH, STATUS_PATH, Authority, open_audit
+from .authority import Authority, open_audit
 from .config import Config
 from .errors import ConfigError
+from .http_listener import HttpListener, Routes
 from .identity import load_bundle
 from .keys import RotationThread
 from .tls_front import BACKEND_HOST, Peers, TlsFront
@@ -144,53 +143,6 @@ class Metrics:
             yield GaugeMetricFamily(name, helptext, value=value)
 
 
-def _http_handler(authority: Authority, serving: threading.Event,
-                  registry: Any) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "agentauthz"
-
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("content-type", content_type)
-            self.send_header("content-length", str(len(body)))
-            self.send_header("cache-control", "no-store")
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            path = self.path.partition("?")[0]
-            if path == "/healthz":
-                ok = serving.is_set() and authority.audit.healthy
-                self._send(200 if ok else 503, b"ok\n" if ok else b"not serving\n", "text/plain")
-            elif path == "/.well-known/jwks.json":
-                self._send(200, json.dumps(authority.jwks()).encode(), "application/json")
-            elif path == AUDIT_KEY_PATH:
-                self._send(200, json.dumps(authority.audit_key_document()).encode(), "application/json")
-            elif path == STATUS_PATH:
-                self._status_list(None)
-            elif path.startswith(STATUS_PATH + "/") and path[len(STATUS_PATH) + 1:] in authority.keyrings:
-                self._status_list(path[len(STATUS_PATH) + 1:])
-            elif path == "/metrics":
-                from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-                self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            else:
-                self._send(404, b'{"error":"not_found"}\n', "application/json")
-
-        def _status_list(self, boundary: str | None) -> None:
-            try:
-                body = authority.status_list.token(boundary).encode("ascii")
-            except Exception:  # answer, and say why in the log; never a list we could not build whole
-                log.exception("cannot build the status list")
-                self._send(503, b'{"error":"status_list_unavailable"}\n', "application/json")
-                return
-            self._send(200, body, statuslist.CONTENT_TYPE)
-
-        def log_message(self, format: str, *args: Any) -> None:
-            log.debug("http: " + format, *args)
-
-    return Handler
-
-
 def api_tls(config: Config) -> tuple[bytes, bytes, bytes]:
     """(server key, server certificate, trust bundle) PEMs: configured, or the dev PKI."""
     if config.tls_cert and config.tls_key and config.trust_bundle:
@@ -218,7 +170,7 @@ class Daemon:
         self.api_server: Any = None
         self.api_front: TlsFront | None = None
         self.approval_server: Any = None
-        self.http: ThreadingHTTPServer | None = None
+        self.http: HttpListener | None = None
         self._threads: list[Any] = []
         self.fleet: workers.Fleet | None = None
         self._audit_health: asyncio.Task[None] | None = None
@@ -324,12 +276,13 @@ class Daemon:
         await self.api_front.start()
         await approvals.start()
 
-        host, _, port = self.config.http_listen.rpartition(":")
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
         registry.register(Metrics(a, check_service, self.api_front, self.fleet))
-        self.http = ThreadingHTTPServer((host, int(port)), _http_handler(a, self.serving, registry))
-        threading.Thread(target=self.http.serve_forever, name="agentauthz-http", daemon=True).start()
+        self.http = HttpListener(self.config.http_listen, Routes(a, self.serving, registry),
+                                 timeout=self.config.http_timeout,
+                                 max_connections=self.config.http_max_connections)
+        await self.http.start()
 
         # Keys, revocations and policy loaded, listeners up: now we serve.
         freeze_startup_objects()
@@ -358,8 +311,7 @@ class Daemon:
         if self.api_front is not None:
             await self.api_front.abort()
         if self.http is not None:
-            self.http.shutdown()
-            self.http.server_close()
+            await self.http.stop()
         if self.fleet is not None:
             await asyncio.to_thread(self.fleet.stop)
         for t in self._threads:

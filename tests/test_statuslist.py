@@ -256,9 +256,11 @@ def test_ending_a_task_and_revoking_an_agent_are_published(daemon: Daemon, clien
     # Online the reason stays specific: the overlay is published only, never a journaled bit.
     assert client.check(first.token, "demo", "a", "read").reason == "task_ended"
 
-    beta = Client(daemon.api_address, identity_for(daemon, tmp_path / "beta", BETA))
+    # An agent may revoke itself: a ban, so an agent of its own (later tests still delegate to beta).
+    quitter = "spiffe://dev.local/agent/quitter"
+    beta = Client(daemon.api_address, identity_for(daemon, tmp_path / "quitter", quitter))
     held = beta.mint("sl-agent", ["demo:*:read"])
-    beta.revoke(agent=BETA)  # an agent may revoke itself
+    beta.revoke(agent=quitter)
     wait_for(lambda: bit(daemon, payload(held.token)["status"]["status_list"]["idx"]) == 1, 10,
              "published agent revocation")
     with pytest.raises(errors.TokenRevoked):
