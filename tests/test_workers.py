@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from processes import Daemon, wait_for
@@ -77,3 +79,42 @@ def test_a_dead_primary_stops_its_workers(tmp_path: Path) -> None:
             raise AssertionError("a worker still answers without its primary")
         except grpc.FutureTimeoutError:
             pass
+
+
+def test_a_worker_adopts_only_the_policy_text_it_is_sent_and_refuses_a_wrong_digest(tmp_path: Path) -> None:
+    from multiprocessing.connection import Pipe
+
+    from agentauthz.authority import Authority
+    from agentauthz.config import Config
+    from agentauthz.policy import DEV_POLICY
+    from agentauthz.workers import _apply
+
+    path = tmp_path / "policy.yaml"
+    path.write_text(DEV_POLICY.read_text())
+    a = Authority(Config(state_dir=tmp_path / "state", policy_file=path, revocation_capacity=1 << 16))
+    path.unlink()  # a worker that read the file would fail now
+    primary, worker = Pipe()
+    text = DEV_POLICY.read_text() + "# validated by the primary\n"
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    assert not _apply(worker, a, ("policy", text, "0" * 64))
+    assert primary.recv()[0] == "error" and a.policy.digest != digest
+    assert _apply(worker, a, ("policy", text, digest))
+    assert primary.recv() == "ack" and a.policy.digest == digest and a.policy_text == text
+
+
+def test_a_new_workers_index_is_exactly_the_primarys(hot: Any) -> None:
+    from agentauthz.workers import index_state, restore_index
+
+    def index() -> Any:
+        return hot.RevocationIndex(hot.Bitset(64))
+    primary, stale = index(), index()
+    primary.revoke_task("t1", 5)
+    primary.revoke_agent("spiffe://dev.local/agent/a", 7)
+    primary.revoke_key("k1")
+    # The copy a worker is forked from is stale: cutoffs the primary has since forgotten or lowered
+    # (a lifted ban) must not survive into the new worker.
+    stale.revoke_task("t1", 9)
+    stale.revoke_task("gone", 3)
+    stale.revoke_agent("spiffe://dev.local/agent/unbanned", 2**63 - 1)
+    restore_index(stale, index_state(primary))
+    assert index_state(stale) == index_state(primary)
