@@ -68,7 +68,7 @@ def check(log: AuditLog, i: int, **extra: Any) -> bool:
 
 def build(directory: Path, groups: int = 4, per: int = 5, **kwargs: Any) -> None:
     """A deterministic log: ``groups`` batches of ``per`` records, each followed by its checkpoint."""
-    log = AuditLog.open(directory, key=KEY, flush_interval=60, **kwargs)
+    log = AuditLog.open(directory, **{"key": KEY, "flush_interval": 60, **kwargs})
     log.start()
     for g in range(groups):
         for i in range(per):
@@ -388,6 +388,35 @@ def test_pinned_public_key(tmp_path: Path) -> None:
     assert verify_dir(tmp_path, raw).first_bad == (
         f"{tmp_path.name}: no checkpoint signed by the pinned key {audit.thumbprint(other)} "
         "(rewritten, or signed by another key)")
+
+
+def test_checkpoints_under_an_earlier_key_count_only_before_the_first_under_the_pinned_one(
+        tmp_path: Path) -> None:
+    """A log begun when each worker signed with a key of its own (kept in its directory) still verifies:
+    the first checkpoint under the pinned key covers what came before it through the chain."""
+    earlier = Ed25519PrivateKey.generate()
+    build(tmp_path, groups=2, key=earlier)
+    build(tmp_path, groups=1)  # the pinned KEY from here on
+    assert verify_dir(tmp_path, PUB) == audit_verify.VerifyReport(True, 18, 3, None)
+    # A checkpoint under another key after one under the pinned key is a forgery.
+    log = AuditLog.open(tmp_path, key=earlier)
+    log.start()
+    check(log, 99)
+    log.stop()
+    assert verify_dir(tmp_path, PUB).first_bad == (
+        f"{LOG1}:20: checkpoint signed by unknown key {audit.thumbprint(earlier.public_key())!r}")
+
+
+def test_records_after_the_last_checkpoint_are_reported_not_yet_signed(tmp_path: Path) -> None:
+    build(tmp_path, groups=1)
+    last = lines(tmp_path)[-1]
+    record = {"seq": json.loads(last)["seq"] + 1, "prev": sha(last[:-1]), "ts": 1.0, "kind": "check"}
+    with open(tmp_path / LOG1, "ab") as f:
+        f.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+    assert verify_dir(tmp_path, PUB) == audit_verify.VerifyReport(True, 7, 1, None, unsigned_tail=1)
+    code, result = main_verify(tmp_path, key=PUB_B64)
+    assert code == 0
+    assert result["message"].endswith("; 1 records after the last checkpoint are not yet signed")
 
 
 @pytest.mark.parametrize("tail", [b'{"seq":25,"prev":"ab', b"garbage\n", b'{"seq":25}\n{"se'])

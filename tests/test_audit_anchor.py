@@ -39,7 +39,9 @@ def stopped(tmp_path_factory: pytest.TempPathFactory) -> tuple[Daemon, dict[str,
         assert status == 200
         doc = json.loads(body)
         issue_svid(ensure_dev_pki(daemon.state_dir), AGENT, work / "id")
-        token = Client(daemon.api_address, Identity.from_dir(work / "id")).mint("t", ["demo:*:read"]).token
+        client = Client(daemon.api_address, Identity.from_dir(work / "id"))
+        assert client.audit_key() == doc  # the same key over the authenticated API
+        token = client.mint("t", ["demo:*:read"]).token
         worker_log = daemon.state_dir / "audit" / "worker-1"
         wait_for(lambda: fresh_check(daemon, token) == "allow" and any(
             b'"kind":"check"' in f.read_bytes() for f in worker_log.glob("audit-*.jsonl")), 30,
@@ -144,3 +146,23 @@ def test_an_attacker_who_rewrites_and_resigns_with_a_key_of_their_own_is_caught(
     # A key file inside the audit directory is never trusted, not even when named.
     done = daemon.cli("audit", "verify", str(audit), "--key", str(attacker_pub))
     assert done.returncode == 1 and "inside the audit directory" in done.stderr, done.stderr
+
+
+def test_a_key_an_earlier_version_kept_in_the_audit_directory_moves_out_at_start(
+        stopped: tuple[Daemon, dict[str, Any], Path], tmp_path: Path) -> None:
+    _, doc, state = stopped
+    copy = tmp_path / "state"
+    shutil.copytree(state, copy)
+    # The earlier layout: the key and its public half beside the log, nothing in audit-key/.
+    shutil.move(copy / "audit-key" / "audit-key.pem", copy / "audit" / "audit-key.pem")
+    shutil.move(copy / "audit-key" / "public.pem", copy / "audit" / "audit-key.pub.pem")
+    (copy / "audit-key").rmdir()
+    daemon = Daemon(copy).start(30.0)
+    assert daemon.stop() == 0
+    assert "moved the checkpoint signing key out of the audit directory" in daemon.log()
+    assert not [p for p in (copy / "audit").rglob("*") if "key" in p.name]
+    done = daemon.cli("audit", "verify", str(copy / "audit"), "--key", doc["x"], "--json")
+    assert done.returncode == 0, done.stderr  # the old checkpoints and the new, under the one key
+    assert json.loads(done.stdout)["key_id"] == doc["kid"]
+    pinned = (copy / "audit-key" / "public.pem", state / "audit-key" / "public.pem")
+    assert pinned[0].read_bytes() == pinned[1].read_bytes()
