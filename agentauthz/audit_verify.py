@@ -65,7 +65,9 @@ def _public_key(data: bytes) -> Ed25519PublicKey:
 
 
 def _inside(path: Path, directory: Path) -> bool:
-    return path.resolve().is_relative_to(directory.resolve())
+    """Whether ``path``, as named or as resolved (a symlink either way), lies in ``directory``."""
+    return any(p.is_relative_to(d) for p in (path.absolute(), path.resolve())
+               for d in (directory.absolute(), directory.resolve()))
 
 
 def pinned_key(directory: Path, key: str | None, state_dir: Path | None = None) -> tuple[bytes, str]:

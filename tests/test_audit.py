@@ -795,3 +795,25 @@ def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypa
         log.stop()
     assert len([r for r in records(tmp_path) if r["kind"] == "check"]) == written
     assert verify_dir(tmp_path, PUB).ok
+
+
+def test_a_key_inside_the_audit_directory_is_never_trusted(tmp_path: Path) -> None:
+    audit_dir = tmp_path / "audit"
+    build(audit_dir, groups=1)
+    build(audit_dir / "worker-1", groups=1)
+    planted = audit_dir / "planted.pem"
+    planted.write_bytes(audit_files.public_pem(KEY.public_key()))  # even the right key: it proves nothing
+    outside_link = tmp_path / "link.pem"
+    outside_link.symlink_to(planted)
+    inside_link = audit_dir / "link.pem"
+    outside = tmp_path / "pinned.pem"
+    outside.write_bytes(planted.read_bytes())
+    inside_link.symlink_to(outside)
+    for named in (planted, outside_link, inside_link):
+        code, result = main_verify(audit_dir, key=str(named))
+        assert code == 1 and "inside the audit directory" in result["first_bad"], result
+    # A worker's log verified on its own: its parent is an audit directory, not the state directory.
+    code, result = main_verify(audit_dir / "worker-1")
+    assert code == 1 and "is an audit directory, not the state directory" in result["first_bad"]
+    code, result = main_verify(audit_dir, key=str(outside))
+    assert code == 0 and [log["log"] for log in result["logs"]] == [".", "worker-1"], result
