@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import grpc
 import pytest
-from processes import Daemon
+from processes import Daemon, audit_records
 
 from agentauthz import reasons, tokens
 from agentauthz.authority import Authority
@@ -99,6 +99,10 @@ def test_a_revoked_agent_is_banned_until_an_admin_unbans_it(tmp_path: Path) -> N
     assert {("mint", ALPHA), ("delegate", ALPHA), ("delegate", BETA)} <= refusals
     assert {(r["kind"], r["agent"]) for r in records if r["kind"] == "unban" and r["decision"] is False} == {
         ("unban", ALPHA), ("unban", BETA)}
+    # The worker decided some of those Checks: the ban and the unban reached it.
+    worker = [r for r in audit_records(daemon.state_dir / "audit" / "worker-1") if r["kind"] == "check"]
+    assert any(r["reason"] == "agent_revoked" and r["token_id"] == before.token_id for r in worker)
+    assert any(r["reason"] == "allow" and r["token_id"] == after.token_id for r in worker)
 
 
 def test_a_token_issued_after_the_ban_is_denied_too(tmp_path: Path) -> None:
