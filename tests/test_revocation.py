@@ -325,8 +325,8 @@ def test_cutoffs_older_than_the_horizon_are_dropped(world: World) -> None:
     world.store.revoke_task(tokens.task_key(support.AGENT, "t-new"))
     world.advance(LEEWAY - 1)
     world.store.slide()
-    assert world.store.stats()["tasks"] == 2  # not yet: a token of t-old is still within leeway
-    assert world.decide(old) == reasons.TASK_ENDED
+    assert world.store.stats()["tasks"] == 2  # not yet: kept a leeway past the last token's exp
+    assert world.decide(old) == reasons.TOKEN_EXPIRED  # the daemon's own exp gets no leeway (item 4)
     world.advance(2)
     world.store.slide()
     stats = world.store.stats()
