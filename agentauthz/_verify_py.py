@@ -40,7 +40,8 @@ MEMO_MAX = 64  # distinct requests remembered per token before the memo is reset
 class PolicyView(Protocol):
     """What the decision asks of the policy at the moment of action."""
 
-    def permits(self, agent: str, tool: str, target: str, operation: str, level: int) -> str | Any:
+    def permits(self, agent: str, tool: str, target: str, operation: str, level: int,
+                approved: bool = False) -> str | Any:
         """None when allowed, a ``Constrained`` when allowed only under its constraints, otherwise a
         reason constant. Asked again with ``approved=True`` when it answers APPROVAL_REQUIRED for a
         token that carries an approval."""

@@ -310,11 +310,11 @@ def enforce(entry: Any, tool: str, target: str, operation: str, sensitivity: str
     level = SENSITIVITY_RANK[sensitivity]
     held = _terms([g.extras for g in entry.grants if g.covers(tool, target, operation, level)],
                   arguments, reasons.SCOPE_DENIED) if entry.constrained else None
-    if held.__class__ is str:
-        return held, 0.0  # type: ignore[return-value]
+    if isinstance(held, str):
+        return held, 0.0
     ruled = _terms(policy.alternatives, arguments, reasons.POLICY_DENIED) if policy is not None else None
-    if ruled.__class__ is str:
-        return ruled, 0.0  # type: ignore[return-value]
+    if isinstance(ruled, str):
+        return ruled, 0.0
     if held is None and ruled is None:
         return reasons.ALLOW, 0.0
     if budgets is None:

@@ -418,7 +418,7 @@ class CheckService:
                 if entry is not None and (entry.constrained or reason is not reasons.ALLOW):
                     reason, wait = enforce(entry, tool, target, operation, sensitivity,
                                            call.arguments if call else None, self._budgets, self._clock(),
-                                           None if reason is reasons.ALLOW else reason)
+                                           None if reason is reasons.ALLOW else reason)  # type: ignore[arg-type]
                     if reason != reasons.ALLOW:
                         entry = None
             elif reason == reasons.TOKEN_KEY_UNKNOWN and len(self._verifiers) > 1 \

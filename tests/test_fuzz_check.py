@@ -43,7 +43,9 @@ from support import damaged
 from agentauthz import _check_py, extauthz, reasons, tokens
 from agentauthz.authority import Authority
 from agentauthz.config import Config
+from agentauthz.constraints import Constrained
 from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.mcp import Call, read_call
 from agentauthz.policy import DEV_POLICY
 
 ALPHA, BETA = "spiffe://dev.local/agent/alpha", "spiffe://dev.local/agent/beta"
@@ -252,8 +254,21 @@ def answer_is_sound(world: World, request: Any, raw: bytes) -> str:
     tool, target, operation, sensitivity = expected_fields(request)
     assert covered(claims, tool, target, operation, sensitivity), "an allow no grant covers"
     level = tokens.SENSITIVITY_RANK[sensitivity]
-    assert world.authority.policy.permits(claims["sub"], tool, target, operation, level) is None
+    answer = world.authority.policy.permits(claims["sub"], tool, target, operation, level)
+    assert answer is None or rule_holds(answer, request), f"an allow the current policy refuses: {answer!r}"
     return reasons.ALLOW
+
+
+def rule_holds(answer: Any, request: Any) -> bool:
+    """Whether the policy's constraints (a ``Constrained`` answer) hold for the request's MCP call: some
+    matching rule's argument constraints all hold (budgets are counted, not judged, here)."""
+    if not isinstance(answer, Constrained):
+        return False
+    call = read_call(request.attributes.request.http)
+    arguments = call.arguments if isinstance(call, Call) else None
+    return any(not extras.arguments or (arguments is not None
+                                        and not any(c.problem(arguments) for c in extras.arguments))
+               for extras in answer.alternatives)
 
 
 # -- strategies -------------------------------------------------------------------------------------

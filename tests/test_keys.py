@@ -156,7 +156,7 @@ def test_previous_key_dropped_after_its_tokens_expire(keydir: Path, clock: Clock
     token = ring.sign(claims(clock.now))  # signed as late as possible by the old key
     clock.now = START + INTERVAL
     assert ring.maintain()
-    v.verify(token, clock.now)
+    v.verify(token, clock.now - 1)  # still verifies under the old key (its exp is now: no leeway on exp)
 
     clock.now = START + INTERVAL + LIFETIME + LEEWAY - 1
     assert ring.maintain() is False
