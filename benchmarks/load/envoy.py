@@ -62,7 +62,8 @@ def _bootstrap(listen_port: int, admin_port: int, routes: list[dict[str, Any]],
                     "HttpConnectionManager",
            "stat_prefix": "bench",
            "route_config": {"virtual_hosts": [{"name": "bench", "domains": ["*"], "routes": routes}]},
-           "http_filters": [*http_filters, router]}
+           "http_filters": [*http_filters, router],
+           **_path_settings()}  # every mode pays for the shipped path normalization alike
     return {"admin": {"address": _address(f"127.0.0.1:{admin_port}")},
             "static_resources": {
                 "listeners": [{"name": "bench", "address": _address(f"127.0.0.1:{listen_port}"),
@@ -78,13 +79,24 @@ def upstream_config(listen_port: int, admin_port: int) -> dict[str, Any]:
     return _bootstrap(listen_port, admin_port, [route], [], [])
 
 
+def _example_hcm() -> dict[str, Any]:
+    config = yaml.safe_load(EXAMPLE.read_text())
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _path_settings() -> dict[str, Any]:
+    """The example's path normalization (normalize_path, merge_slashes, escaped slashes)."""
+    hcm = _example_hcm()
+    return {k: hcm[k] for k in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action")}
+
+
 def _example() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(ext_authz filter, the GET /demo/reports route, the agentauthz cluster) from examples/envoy.yaml."""
     config = yaml.safe_load(EXAMPLE.read_text())
-    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = _example_hcm()
     ext_filter = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
     route = next(r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
-                 if r["match"].get("prefix") == ROUTE_PATH
+                 if r["match"].get("path_separated_prefix") == ROUTE_PATH
                  and r["match"]["headers"][0]["string_match"]["exact"] == "GET")
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "agentauthz")
     return copy.deepcopy(ext_filter), copy.deepcopy(route), copy.deepcopy(cluster)
