@@ -23,6 +23,8 @@ cdef enum:  # wire types
     LEN = 2
     I32 = 5
 
+# Every Span local starts as Span(NULL, 0): _field fills it only for LEN fields, and gcc cannot see that
+# callers read it only then (-Wmaybe-uninitialized); the build stays warning-free.
 cdef struct Span:
     const unsigned char *p
     Py_ssize_t n
@@ -109,7 +111,7 @@ cdef int _strings(Span m, int first, int last, int varints) except -1:
     set), none extracted: only well-formed, valid UTF-8. False defers."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0:
@@ -129,7 +131,7 @@ cdef int _map(Span m, dict into, bint keep) except -1:
     """One map<string, string> entry; stored in ``into`` when ``keep`` (a later key wins)."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     cdef object key = "", value = ""
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
@@ -155,10 +157,9 @@ cdef int _header(Span m, _Out out) except -1:
     """One entry of HttpRequest.headers: only ``authorization`` is kept."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     cdef bint authorization = False
-    cdef Span value
-    value.n = 0
+    cdef Span value = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0 or wire != LEN or number > 2 or not _utf8(s):
@@ -177,7 +178,7 @@ cdef int _http(Span m, _Out out) except -1:
     fragment 5-8 and protocol 10 (strings), size 9; body 11, raw_body 12, header_map 13 defer."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0:
@@ -211,7 +212,7 @@ cdef int _request(Span m, _Out out) except -1:
     """AttributeContext.Request: time 1 (a Timestamp), http 2."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0 or wire != LEN:
@@ -231,7 +232,7 @@ cdef int _address(Span m) except -1:
     """config.core.v3.Address: socket_address 1 or pipe 2; other kinds defer."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0 or wire != LEN:
@@ -250,7 +251,7 @@ cdef int _address(Span m) except -1:
 cdef int _socket_address(Span m) except -1:
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0:
@@ -271,7 +272,7 @@ cdef int _peer(Span m, _Out out, bint source) except -1:
     source's principal and certificate are kept."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0 or wire != LEN or number > 5:
@@ -300,7 +301,7 @@ cdef int _attributes(Span m, _Out out) except -1:
     (sni); metadata_context 11 and route_metadata_context 13 only when empty."""
     cdef Py_ssize_t i = 0
     cdef int number, wire
-    cdef Span s
+    cdef Span s = Span(NULL, 0)
     while i < m.n:
         i = _field(m.p, i, m.n, &number, &wire, &s)
         if i < 0 or wire != LEN:
@@ -327,7 +328,8 @@ cdef int _attributes(Span m, _Out out) except -1:
 def scan(raw):
     """(authorization or None, request id, method, path, context_extensions, source principal,
     source certificate, None) from a serialized CheckRequest; None to leave it to the pure twin."""
-    cdef Span whole, s
+    cdef Span whole
+    cdef Span s = Span(NULL, 0)
     cdef Py_ssize_t i = 0
     cdef int number, wire
     cdef bint seen = False
