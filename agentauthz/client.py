@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
-from envoy.service.auth.v3 import attribute_context_pb2 as attrs
-from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 
+from .check_wire import decode_check_response, encode_check_request
 from .offline import verify_offline  # noqa: F401 (re-exported: verification without the daemon)
 from .tokens import DEFAULT_SENSITIVITY
 from .v1 import agentauthz_pb2 as pb
@@ -80,22 +79,12 @@ def check_request(token: str | None, tool: str, target: str, operation: str,
     extensions = {"tool": tool, "target": target, "operation": operation, "sensitivity": sensitivity}
     if boundary:
         extensions["boundary"] = boundary
-    return ext_authz.CheckRequest(attributes=attrs.AttributeContext(
-        request=attrs.AttributeContext.Request(http=attrs.AttributeContext.HttpRequest(
-            method=method, path=path, headers=headers)),
-        context_extensions=extensions)).SerializeToString()
+    return encode_check_request(method, path, headers, extensions)
 
 
 def decision_from(raw: bytes) -> Decision:
-    response = ext_authz.CheckResponse.FromString(raw)
-    decision_id = response.dynamic_metadata.fields["decision_id"].string_value
-    if response.HasField("ok_response") or (response.status.code == 0 and response.HasField("status")):
-        headers = {h.header.key: h.header.value for h in response.ok_response.headers}
-        return Decision(True, 200, "allow", headers, decision_id)
-    denied = response.denied_response
-    headers = {h.header.key: h.header.value for h in denied.headers}
-    reason = json.loads(denied.body)["error"] if denied.body else response.status.message
-    return Decision(False, int(denied.status.code), reason, headers, decision_id)
+    """The Decision in a serialized CheckResponse; check_wire.CheckResponseMalformed if it is not one."""
+    return Decision(*decode_check_response(raw))
 
 
 class TaskToken:
