@@ -42,6 +42,7 @@ class HotPath(NamedTuple):
     DecisionIds: type
     WarmAllow: type
     allow_response: Callable[[str, str, str], bytes]
+    Latency: type
 
 
 def pure() -> HotPath:
@@ -49,7 +50,8 @@ def pure() -> HotPath:
     return HotPath("pure", _verify_py.Verifier, _verify_py.VerifiedToken, _verify_py.RevocationIndex,
                    _verify_py.Grant, _verify_py.compile_grant, _verify_py.b64url_decode,
                    _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain,
-                   _check_py.DecisionIds, _check_py.WarmAllow, _check_py.allow_response)
+                   _check_py.DecisionIds, _check_py.WarmAllow, _check_py.allow_response,
+                   _check_py.Latency)
 
 
 def native() -> HotPath:
@@ -58,7 +60,8 @@ def native() -> HotPath:
     return HotPath("native", _verify_c.Verifier, _verify_c.VerifiedToken, _verify_c.RevocationIndex,
                    _verify_c.Grant, _verify_c.compile_grant, _verify_c.b64url_decode,
                    _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain,
-                   _check_c.DecisionIds, _check_c.WarmAllow, _check_c.allow_response)
+                   _check_c.DecisionIds, _check_c.WarmAllow, _check_c.allow_response,
+                   _check_c.Latency)
 
 
 def _select() -> tuple[HotPath, str | None]:

@@ -12,8 +12,10 @@ path would answer differently (``tests/test_warm_allow.py`` holds both to that).
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import re
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -86,7 +88,8 @@ class WarmAllow:
 
     def __init__(self, verifiers: Mapping[str, Any], policy: Callable[[], Any], audit: Any,
                  ids: DecisionIds, prepared: Mapping[tuple[Any, ...], str], clock: Callable[[], float],
-                 unrecorded: bytes, decisions: Any, first_allow: Callable[..., str]) -> None:
+                 unrecorded: bytes, decisions: Any, first_allow: Callable[..., str],
+                 allowed: memoryview | None = None) -> None:
         self._verifiers = dict(verifiers)
         self._default, self._default_verifier = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -95,7 +98,9 @@ class WarmAllow:
         self._write_allow, self._ids, self._prepared, self._clock = audit.write_allow, ids, prepared, clock
         self._unrecorded = unrecorded  # the audit_unavailable denial, without its decision id
         self._decisions = decisions  # reason -> count (a Counter), for the rare outcomes
-        self.allowed = 0  # the allows answered here; the full path counts its own
+        # The allows answered here, in one unsigned 64-bit counter (a row of metrics.MeterTable: shared
+        # with the primary, which reads it for /metrics); the full path counts its own.
+        self._allowed = allowed if allowed is not None else memoryview(bytearray(8)).cast("Q")
         # (entry, tool, target, operation, sensitivity) -> the record's shared members, after building
         # them and entry.attachment, the response: the first allow of a token for a request
         self._first_allow = first_allow
@@ -152,5 +157,26 @@ class WarmAllow:
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[reasons.AUDIT_UNAVAILABLE] += 1
             return self._unrecorded + self._ids.metadata(decision_id)
-        self.allowed += 1
+        self._allowed[0] += 1
         return body + self._ids.metadata(decision_id)  # type: ignore[no-any-return]
+
+    @property
+    def allowed(self) -> int:
+        return self._allowed[0]  # type: ignore[no-any-return]
+
+
+class Latency:
+    """A Check latency histogram counted into ``counts`` (unsigned 64-bit: one counter per bucket of
+    ``bounds_ns``, then +Inf, then the sum in ns), with one clock read at each end of a Check."""
+
+    def __init__(self, counts: memoryview, bounds_ns: tuple[int, ...]) -> None:
+        if len(counts) != len(bounds_ns) + 2 or list(bounds_ns) != sorted(bounds_ns):
+            raise ValueError("Latency takes ascending bounds and a counter per bucket, +Inf and the sum")
+        self._counts, self._bounds, self._sum = counts, bounds_ns, len(bounds_ns) + 1
+        self.now = time.perf_counter  # the start of a Check, for observe
+
+    def observe(self, started: float) -> None:
+        """Count one Check that started at ``now()``: in the first bucket whose bound it is within."""
+        elapsed = max(0, int((time.perf_counter() - started) * 1e9))
+        self._counts[bisect.bisect_left(self._bounds, elapsed)] += 1
+        self._counts[self._sum] += elapsed

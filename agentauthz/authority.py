@@ -34,6 +34,7 @@ from .config import Config
 from .delegation import DelegationFlow
 from .errors import AuditUnavailable, PolicyError, StateError
 from .keys import Keyring
+from .metrics import Operations
 from .outcomes import NEEDS_APPROVAL, NOT_PERMITTED, NOTHING_GRANTED, UNKNOWN_TOKEN_ID, Minted, Refused
 from .policy import DEV_POLICY, Policy, read_text
 from .revocation import RevocationStore
@@ -105,6 +106,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         # Everything below reads this one clock, which never runs backwards (clock.py): a wall clock
         # stepped back must not revive an expired token nor refuse a live one.
         self.clock = clock = SteadyClock(clock)
+        self.operations = Operations()  # what _audit recorded, for /metrics
         state = config.state_dir
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.policy_path = Path(config.policy_file) if config.policy_file else DEV_POLICY
@@ -234,6 +236,7 @@ class Authority(DelegationFlow, ApprovalFlow):
     def _audit(self, kind: str, **fields: Any) -> None:
         if not self.audit.record(kind, **fields):
             raise AuditUnavailable("the audit log cannot record this operation")
+        self.operations.count(kind, fields)
 
     # -- mint ----------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from . import _accel, _request_py, reasons
+from . import _accel, _request_py, metrics, reasons
 from ._check_py import ABNORMAL_PATH, DECISION_ID_CHARS, header_option
 from ._request_py import Fields
 from .audit_records import argument_member, check_members
@@ -196,7 +196,7 @@ class CheckService:
 
     def __init__(self, verifiers: Mapping[str, Any], audit: Any, policy: Callable[[], Policy],
                  clock: Callable[[], float] = time.time, budgets: Any = None,
-                 hot: _accel.HotPath = _accel.ACTIVE) -> None:
+                 hot: _accel.HotPath = _accel.ACTIVE, meters: memoryview | None = None) -> None:
         self._verifiers = dict(verifiers)
         self._default = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -212,18 +212,25 @@ class CheckService:
         # Built now, so that answering a fault needs nothing that could fail with it (_failed).
         self._failed_members = check_members(reasons.INTERNAL_ERROR, "", "", "", "")
         self._internal = {r: denied_response(r) for r in (reasons.INTERNAL_ERROR, reasons.AUDIT_UNAVAILABLE)}
-        # reason -> count, for /metrics (decision_counts): all but the allows _warm answers itself
-        self.decisions: collections.Counter[str] = collections.Counter()
-        self.refused_clients = 0  # mTLS callers that are not check_clients (admitting): never decided
+        # This process's counters for /metrics (a metrics.MeterTable row, shared with the primary):
+        # decisions by reason (all but the allows _warm answers and counts itself), refused clients,
+        # the latency of every Check.
+        self._meters = meters if meters is not None else metrics.MeterTable(1).row(0)
+        self.decisions = metrics.Decisions(self._meters)
         self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
-                                   self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow)
+                                   self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow,
+                                   self._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1])
+        latency = hot.Latency(self._meters[metrics.LATENCY], metrics.LATENCY_BOUNDS_NS)
+        self._now, self._observe = latency.now, latency.observe
+
+    @property
+    def refused_clients(self) -> int:
+        """mTLS callers that are not check_clients (``admitting``): answered, never decided."""
+        return self._meters[metrics.REFUSED]  # type: ignore[no-any-return]
 
     def decision_counts(self) -> collections.Counter[str]:
         """Check decisions by reason, for /metrics."""
-        counts = self.decisions.copy()
-        if self._warm.allowed:
-            counts[reasons.ALLOW] += self._warm.allowed
-        return counts
+        return metrics.decision_counts(self._meters.tolist())
 
     def _deny_later(self, reason: str, seconds: float) -> bytes:
         """A denial with Retry-After (rate limits); one pre-built response per whole second."""
@@ -311,6 +318,7 @@ class CheckService:
     async def check(self, fields: Fields | None, context: Any) -> bytes:
         # Any exception is a recorded internal_error denial: one gRPC let escape would answer UNKNOWN,
         # which Envoy with failure_mode_allow turns into an allow. The try costs nothing until it raises.
+        started = self._now()
         decision_id = None
         try:
             if fields.__class__ is not tuple:  # not a CheckRequest, or the parser failed (UNPARSED)
@@ -324,6 +332,8 @@ class CheckService:
             return await self._full(fields, decided, decision_id)
         except Exception:
             return self._failed(fields, decision_id)
+        finally:
+            self._observe(started)  # every decided Check, in the latency histogram
 
     def admitting(self, clients: frozenset[str]) -> Callable[[Fields | None, Any], Awaitable[bytes]]:
         """``check`` for a listener with mTLS: decided only for a client certificate whose one SPIFFE ID
@@ -341,7 +351,7 @@ class CheckService:
                 ids = [i for i in names if i.startswith(b"spiffe://")]
                 if len(ids) == 1 and ids[0] in allowed:
                     return await check(fields, context)
-            self.refused_clients += 1
+            self._meters[metrics.REFUSED] += 1
             _REFUSED_CLIENTS.log(f"Check refused a client not in check_clients: {names!r}", traceback=False)
             return refused
         return admitted_check

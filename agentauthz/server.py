@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import approval_api, extauthz, workers
+from . import approval_api, extauthz, metrics, workers
 from .api import ApiService
 from .authority import Authority, open_audit
 from .config import Config
@@ -92,23 +92,43 @@ class Housekeeping(threading.Thread):
 class Metrics:
     """Prometheus collector reading counters the daemon keeps anyway: nothing on the request path."""
 
-    def __init__(self, authority: Authority, check: extauthz.CheckService,
+    def __init__(self, authority: Authority, meters: metrics.MeterTable,
                  front: TlsFront | None = None, fleet: workers.Fleet | None = None) -> None:
         self._authority = authority
-        self._check = check
+        self._meters = meters
         self._front = front
         self._fleet = fleet
 
+    def _processes(self) -> list[tuple[str, int]]:
+        """(name, pid) of the primary (0: this process) and each live worker, for the process metrics."""
+        live = [(f"worker-{w.number}", w.pid) for w in self._fleet.workers if w.pid] if self._fleet else []
+        return [("primary", 0), *live]
+
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-        decisions = CounterMetricFamily("agentauthz_check_decisions", "Check decisions by reason",
-                                        labels=["reason"])
-        for reason, count in sorted(self._check.decision_counts().items()):
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+        # Every Check process's counters (metrics.MeterTable): the primary's, each worker's, and those
+        # of workers since restarted, whose replacements count on from them.
+        sums = self._meters.sums()
+        decisions = CounterMetricFamily("agentauthz_check_decisions",
+                                        "Check decisions by reason, every worker's", labels=["reason"])
+        for reason, count in sorted(metrics.decision_counts(sums).items()):
             decisions.add_metric([reason], count)
         yield decisions
+        buckets, seconds = metrics.latency_buckets(sums)
+        yield HistogramMetricFamily("agentauthz_check_duration_seconds",
+                                    "Time the daemon took to decide and answer a Check, gRPC excluded",
+                                    buckets=buckets, sum_value=seconds)
         yield CounterMetricFamily("agentauthz_check_clients_refused",
                                   "Checks over mTLS from a client not in check_clients, answered undecided",
-                                  value=self._check.refused_clients)
+                                  value=sums[metrics.REFUSED])
+        operations = CounterMetricFamily(
+            "agentauthz_operations", "API operations as audited: mint, delegate, revoke, ban, unban, rotate, "
+            "approval_request, approval_decide; decision and reason as in their audit records",
+            labels=["operation", "decision", "reason"])
+        for labels, count in sorted(self._authority.operations.counts().items()):
+            operations.add_metric(labels, count)
+        yield operations
+        yield from metrics.process_metrics(self._processes)
         if self._front is not None:
             handshakes = CounterMetricFamily(
                 "agentauthz_api_tls_handshakes",
@@ -174,6 +194,8 @@ class Daemon:
         self._threads: list[Any] = []
         self.fleet: workers.Fleet | None = None
         self._audit_health: asyncio.Task[None] | None = None
+        # Every Check process's counters, made before any worker is forked: row 0 is this process's.
+        self.meters = metrics.MeterTable(max(1, config.workers))
 
     def fork_workers(self) -> None:
         """With ``workers > 1``, fork the extra Check workers; before any gRPC object exists."""
@@ -258,7 +280,7 @@ class Daemon:
             t.start()
 
         check_service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock,
-                                               budgets=a.budgets)
+                                               budgets=a.budgets, meters=self.meters.row(0))
         check = self.check_server = self._check_server(check_service)
         # Above gRPC's soft 8 KiB metadata limit, so our own 8 KiB JWT-SVID cap answers, not a random
         # RESOURCE_EXHAUSTED.
@@ -278,7 +300,7 @@ class Daemon:
 
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
-        registry.register(Metrics(a, check_service, self.api_front, self.fleet))
+        registry.register(Metrics(a, self.meters, self.api_front, self.fleet))
         self.http = HttpListener(self.config.http_listen, Routes(a, self.serving, registry),
                                  timeout=self.config.http_timeout,
                                  max_connections=self.config.http_max_connections)
@@ -335,7 +357,8 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary reloads, then tells us
         audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}", a.audit_key)
         audit.start()
-        service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock, budgets=a.budgets)
+        service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock, budgets=a.budgets,
+                                        meters=self.meters.row(number))
         server = self._check_server(service)
         await server.start()
         freeze_startup_objects()

@@ -15,6 +15,7 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
 from libc.string cimport memcpy
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from agentauthz._verify_c cimport VerifiedToken
 
@@ -230,10 +231,13 @@ cdef class WarmAllow:
     # (entry, tool, target, operation, sensitivity) -> the record's shared members, after building
     # them and entry.attachment, the response: the first allow of a token for a request
     cdef object _first_allow
-    cdef readonly unsigned long long allowed  # the allows answered here; the full path counts its own
+    # The allows answered here, in one unsigned 64-bit counter (a row of metrics.MeterTable: shared
+    # with the primary, which reads it for /metrics); the full path counts its own.
+    cdef unsigned long long[::1] _allowed_view
+    cdef unsigned long long *_allowed
 
     def __init__(self, verifiers, policy, audit, DecisionIds ids not None, dict prepared not None,
-                 clock, bytes unrecorded not None, decisions, first_allow):
+                 clock, bytes unrecorded not None, decisions, first_allow, allowed=None):
         self._verifiers = dict(verifiers)
         self._default, self._default_verifier = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -242,7 +246,12 @@ cdef class WarmAllow:
         self._write_allow, self._clock = audit.write_allow, clock
         self._ids, self._prepared = ids, prepared
         self._unrecorded, self._decisions, self._first_allow = unrecorded, decisions, first_allow
-        self.allowed = 0
+        self._allowed_view = allowed if allowed is not None else memoryview(bytearray(8)).cast("Q")
+        self._allowed = &self._allowed_view[0]
+
+    @property
+    def allowed(self):
+        return self._allowed[0]
 
     def __call__(self, tuple fields not None):
         cdef str authorization
@@ -307,5 +316,49 @@ cdef class WarmAllow:
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[_AUDIT_UNAVAILABLE] += 1
             return self._ids._response(self._unrecorded, decision_id)
-        self.allowed += 1
+        self._allowed[0] += 1
         return self._ids._response(<bytes>body, decision_id)
+
+
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cdef enum:
+    MAX_BOUNDS = 32
+
+
+cdef class Latency:
+    """A Check latency histogram counted into ``counts`` (unsigned 64-bit: one counter per bucket of
+    ``bounds_ns``, then +Inf, then the sum in ns), with one clock read at each end of a Check."""
+
+    cdef unsigned long long[::1] _view
+    cdef unsigned long long *_counts
+    cdef unsigned long long _bounds[MAX_BOUNDS]
+    cdef Py_ssize_t _n
+
+    def __init__(self, counts, tuple bounds_ns not None):
+        if (len(bounds_ns) > MAX_BOUNDS or len(counts) != len(bounds_ns) + 2
+                or list(bounds_ns) != sorted(bounds_ns)):
+            raise ValueError("Latency takes ascending bounds and a counter per bucket, +Inf and the sum")
+        self._view = counts
+        self._counts = &self._view[0]
+        self._n = len(bounds_ns)
+        for i in range(self._n):
+            self._bounds[i] = bounds_ns[i]
+
+    def now(self):
+        """The start of a Check, for observe (CLOCK_MONOTONIC, seconds)."""
+        return _monotonic()
+
+    def observe(self, double started):
+        """Count one Check that started at ``now()``: in the first bucket whose bound it is within."""
+        cdef double elapsed = (_monotonic() - started) * 1e9
+        cdef unsigned long long ns = <unsigned long long>elapsed if elapsed > 0 else 0
+        cdef Py_ssize_t i = 0
+        while i < self._n and ns > self._bounds[i]:
+            i += 1
+        self._counts[i] += 1
+        self._counts[self._n + 1] += ns
