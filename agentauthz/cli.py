@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any, Callable
 
 from . import __version__
 from .errors import AgentAuthzError
+
+IDENTITY_FILES = ("svid.pem", "svid.key", "bundle.pem")  # what dev-identity writes
 
 
 class Refusal(Exception):
@@ -102,8 +105,17 @@ def cmd_dev_identity(args: argparse.Namespace) -> None:
     state = config.state_dir
     if state.exists() and any(state.iterdir()) and not is_development(state):
         raise Refusal(f"{state} is not a development state directory")
+    out = Path(args.out)
+    if os.path.lexists(out) and not out.is_dir():
+        raise Refusal(f"--out {out} is not a directory")
+    # An identity's private key may be in use: replacing it takes a deliberate --force.
+    if not args.force and any(os.path.lexists(out / name) for name in IDENTITY_FILES):
+        raise Refusal(f"{out} already holds an identity; --force replaces it")
     pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain)
-    issue_svid(pki, args.spiffe_id, Path(args.out))
+    try:
+        issue_svid(pki, args.spiffe_id, out)
+    except OSError as exc:
+        raise Refusal(f"cannot write the identity to {out}: {exc.strerror or exc}") from None
     _emit(args, {"spiffe_id": args.spiffe_id, "out": args.out},
           f"wrote svid.pem, svid.key, bundle.pem for {args.spiffe_id} to {args.out}")
 
@@ -278,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("dev-identity", cmd_dev_identity, "issue a development X.509-SVID")
     p.add_argument("spiffe_id")
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an identity already in --out")
     p.add_argument("--state-dir")
     p.add_argument("--config")
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import os
+import shlex
+import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Iterator
@@ -33,17 +37,32 @@ AUDIT_HEALTH_INTERVAL = 0.1  # how soon gRPC health reports an audit log that ca
 DEV_HINT = """
 agentauthz is running on development defaults. In another terminal:
 
-  .venv/bin/agentauthz dev-identity spiffe://dev.local/agent/alpha --state-dir {state} --out id/alpha
-  .venv/bin/agentauthz mint --server {api} --identity id/alpha --task demo-1 --grant 'demo:*:read' --json
-  .venv/bin/agentauthz check --server {check} --token TOKEN --tool demo --target reports --operation read
+  {cmd} dev-identity spiffe://dev.local/agent/alpha --state-dir {state} --out demo/alpha
+  {cmd} mint --server {api} --identity demo/alpha --task demo-1 --grant 'demo:*:read' --json
+  {cmd} check --server {check} --token TOKEN --tool demo --target reports --operation read
 
 Grants that need a human (demo delete) wait for one; approve as a development human:
 
-  .venv/bin/agentauthz dev-human alice --state-dir {state} --out alice.jwt
-  .venv/bin/agentauthz approvals --server {approvals} --credential alice.jwt --state-dir {state}
+  {cmd} dev-human alice --state-dir {state} --out demo/alice.jwt
+  {cmd} approvals --server {approvals} --credential demo/alice.jwt --state-dir {state}
 
 README.md walks through calling a tool through Envoy. Ctrl-C drains and stops.
 """
+
+
+def command_in_use() -> str:
+    """The command that started this process, spelled so that it can be typed again from here."""
+    def typed(path: str) -> str:
+        full = os.path.abspath(path)
+        inside = os.path.relpath(full)
+        return shlex.quote(full if inside.startswith("..") else inside)
+    argv0 = sys.argv[0]
+    if os.path.basename(argv0) == "__main__.py":
+        return f"{typed(sys.executable)} -m agentauthz"
+    if not os.path.basename(argv0).startswith("agentauthz"):  # embedded (tests): nothing better to say
+        return "agentauthz"
+    on_path = shutil.which("agentauthz")
+    return "agentauthz" if on_path and os.path.abspath(on_path) == os.path.abspath(argv0) else typed(argv0)
 
 
 def freeze_startup_objects() -> None:
@@ -316,8 +335,9 @@ class Daemon:
                  "(TLS), http %s", self.config.check_listen, self.config.api_listen, BACKEND_HOST,
                  backend_port, self.config.approval_listen, self.config.http_listen)
         if self.config.development:
-            print(DEV_HINT.format(state=self.config.state_dir, api=self.config.api_listen,
-                                  check=self.config.check_listen, approvals=self.config.approval_listen),
+            print(DEV_HINT.format(cmd=command_in_use(), state=self.config.state_dir,
+                                  api=self.config.api_listen, check=self.config.check_listen,
+                                  approvals=self.config.approval_listen),
                   flush=True)
 
     async def stop(self, grace: float = 10.0) -> None:

@@ -31,7 +31,7 @@ def mtls_example_config(state_dir: Path, check_port: int, upstream_port: int, li
     (the development check_clients default, for a daemon with check_mtls)."""
     envoy_id = issue_svid(ensure_dev_pki(state_dir), ENVOY, state_dir.parent / "envoy-id")
     text = MTLS_EXAMPLE.read_text().replace("filename: .agentauthz/pki/", f"filename: {state_dir}/pki/")
-    text = text.replace("filename: id/envoy/", f"filename: {envoy_id}/")
+    text = text.replace("filename: demo/envoy/", f"filename: {envoy_id}/")
     ports = {9191: check_port, 8080: upstream_port, 10443: listen_port, 9902: admin_port}
     return re.sub(r"port_value: (\d+)", lambda m: f"port_value: {ports[int(m.group(1))]}", text)
 

@@ -189,8 +189,8 @@ def test_configured_check_clients_replace_the_development_default(tmp_path: Path
 def mtls_example(state_dir: Path, envoy_identity: Path, ports: dict[int, int]) -> str:
     """examples/envoy-mtls.yaml on the test's ports, dev PKI and Envoy identity."""
     text = MTLS_EXAMPLE.read_text().replace("filename: .agentauthz/pki/", f"filename: {state_dir}/pki/")
-    assert text.count("filename: id/envoy/") == 2
-    text = text.replace("filename: id/envoy/", f"filename: {envoy_identity}/")
+    assert text.count("filename: demo/envoy/") == 2
+    text = text.replace("filename: demo/envoy/", f"filename: {envoy_identity}/")
     return re.sub(r"port_value: (\d+)", lambda m: f"port_value: {ports[int(m.group(1))]}", text)
 
 
