@@ -82,6 +82,23 @@ class DecisionIds:
         return self._head + decision_id.encode("ascii") + self._tail
 
 
+class Latency:
+    """A Check latency histogram counted into ``counts`` (unsigned 64-bit: one counter per bucket of
+    ``bounds_ns``, then +Inf, then the sum in ns), with one clock read at each end of a Check."""
+
+    def __init__(self, counts: memoryview, bounds_ns: tuple[int, ...]) -> None:
+        if len(counts) != len(bounds_ns) + 2 or list(bounds_ns) != sorted(bounds_ns):
+            raise ValueError("Latency takes ascending bounds and a counter per bucket, +Inf and the sum")
+        self._counts, self._bounds, self._sum = counts, bounds_ns, len(bounds_ns) + 1
+        self.now = time.perf_counter  # the start of a Check, for observe
+
+    def observe(self, started: float) -> None:
+        """Count one Check that started at ``now()``: in the first bucket whose bound it is within."""
+        elapsed = max(0, int((time.perf_counter() - started) * 1e9))
+        self._counts[bisect.bisect_left(self._bounds, elapsed)] += 1
+        self._counts[self._sum] += elapsed
+
+
 class WarmAllow:
     """See the module docstring. ``__call__`` returns the response bytes, or ``(reason, entry)``
     when it decided but the full path must answer, or None when it did not decide."""
@@ -89,7 +106,7 @@ class WarmAllow:
     def __init__(self, verifiers: Mapping[str, Any], policy: Callable[[], Any], audit: Any,
                  ids: DecisionIds, prepared: Mapping[tuple[Any, ...], str], clock: Callable[[], float],
                  unrecorded: bytes, decisions: Any, first_allow: Callable[..., str],
-                 allowed: memoryview | None = None) -> None:
+                 allowed: memoryview | None = None, latency: Latency | None = None) -> None:
         self._verifiers = dict(verifiers)
         self._default, self._default_verifier = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -101,11 +118,15 @@ class WarmAllow:
         # The allows answered here, in one unsigned 64-bit counter (a row of metrics.MeterTable: shared
         # with the primary, which reads it for /metrics); the full path counts its own.
         self._allowed = allowed if allowed is not None else memoryview(bytearray(8)).cast("Q")
+        self._latency = latency  # times the Checks answered here; None: untimed
+        # When the last call began (Latency.now's clock): the full path times from there what it answers.
+        self.started = 0.0
         # (entry, tool, target, operation, sensitivity) -> the record's shared members, after building
         # them and entry.attachment, the response: the first allow of a token for a request
         self._first_allow = first_allow
 
     def __call__(self, fields: tuple[Any, ...]) -> bytes | tuple[str, Any] | None:
+        self.started = time.perf_counter()
         authorization, request_id, _, path, extensions, principal, certificate, _ = fields
         # A peer to match against the token, or an MCP body to read: only the full path does that.
         if principal or certificate or EXTENSION in extensions:
@@ -156,27 +177,15 @@ class WarmAllow:
                 return reason, entry  # the full path waits for the writer (record_check_durable)
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[reasons.AUDIT_UNAVAILABLE] += 1
-            return self._unrecorded + self._ids.metadata(decision_id)
-        self._allowed[0] += 1
-        return body + self._ids.metadata(decision_id)  # type: ignore[no-any-return]
+            response = self._unrecorded + self._ids.metadata(decision_id)
+        else:
+            self._allowed[0] += 1
+            response = body + self._ids.metadata(decision_id)
+        if self._latency is not None:
+            self._latency.observe(self.started)
+        return response
 
     @property
     def allowed(self) -> int:
         return self._allowed[0]  # type: ignore[no-any-return]
 
-
-class Latency:
-    """A Check latency histogram counted into ``counts`` (unsigned 64-bit: one counter per bucket of
-    ``bounds_ns``, then +Inf, then the sum in ns), with one clock read at each end of a Check."""
-
-    def __init__(self, counts: memoryview, bounds_ns: tuple[int, ...]) -> None:
-        if len(counts) != len(bounds_ns) + 2 or list(bounds_ns) != sorted(bounds_ns):
-            raise ValueError("Latency takes ascending bounds and a counter per bucket, +Inf and the sum")
-        self._counts, self._bounds, self._sum = counts, bounds_ns, len(bounds_ns) + 1
-        self.now = time.perf_counter  # the start of a Check, for observe
-
-    def observe(self, started: float) -> None:
-        """Count one Check that started at ``now()``: in the first bucket whose bound it is within."""
-        elapsed = max(0, int((time.perf_counter() - started) * 1e9))
-        self._counts[bisect.bisect_left(self._bounds, elapsed)] += 1
-        self._counts[self._sum] += elapsed

@@ -217,10 +217,10 @@ class CheckService:
         # the latency of every Check.
         self._meters = meters if meters is not None else metrics.MeterTable(1).row(0)
         self.decisions = metrics.Decisions(self._meters)
+        latency = hot.Latency(self._meters[metrics.LATENCY], metrics.LATENCY_BOUNDS_NS)
         self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
                                    self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow,
-                                   self._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1])
-        latency = hot.Latency(self._meters[metrics.LATENCY], metrics.LATENCY_BOUNDS_NS)
+                                   self._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1], latency)
         self._now, self._observe = latency.now, latency.observe
 
     @property
@@ -318,22 +318,27 @@ class CheckService:
     async def check(self, fields: Fields | None, context: Any) -> bytes:
         # Any exception is a recorded internal_error denial: one gRPC let escape would answer UNKNOWN,
         # which Envoy with failure_mode_allow turns into an allow. The try costs nothing until it raises.
-        started = self._now()
-        decision_id = None
+        # The warm path times the Checks it answers (no Python call here); the others are timed below.
+        decision_id = started = None
         try:
             if fields.__class__ is not tuple:  # not a CheckRequest, or the parser failed (UNPARSED)
+                started = self._now()
                 if fields is None:
                     return self._undecodable(self._ids.next())
                 raise RuntimeError("the CheckRequest parser failed")
             decided = self._warm(fields)  # the common allow, answered; else its decision, if it made one
             if decided.__class__ is bytes:
                 return decided  # type: ignore[no-any-return]
+            started = self._warm.started  # the Check began when the warm path did
             decision_id = self._ids.next()
             return await self._full(fields, decided, decision_id)
         except Exception:
+            if started is None:  # the warm path raised: the Check began when it did
+                started = getattr(self._warm, "started", None)
             return self._failed(fields, decision_id)
         finally:
-            self._observe(started)  # every decided Check, in the latency histogram
+            if started is not None:  # every Check the warm path did not answer, in the histogram
+                self._observe(started)
 
     def admitting(self, clients: frozenset[str]) -> Callable[[Fields | None, Any], Awaitable[bytes]]:
         """``check`` for a listener with mTLS: decided only for a client certificate whose one SPIFFE ID

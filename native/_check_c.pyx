@@ -214,6 +214,53 @@ cdef class DecisionIds:
         return out
 
 
+cdef inline double _monotonic() noexcept nogil:
+    cdef timespec now
+    clock_gettime(CLOCK_MONOTONIC, &now)
+    return now.tv_sec + now.tv_nsec * 1e-9
+
+
+cdef enum:
+    MAX_BOUNDS = 32
+
+
+cdef class Latency:
+    """A Check latency histogram counted into ``counts`` (unsigned 64-bit: one counter per bucket of
+    ``bounds_ns``, then +Inf, then the sum in ns), with one clock read at each end of a Check."""
+
+    cdef unsigned long long[::1] _view
+    cdef unsigned long long *_counts
+    cdef unsigned long long _bounds[MAX_BOUNDS]
+    cdef Py_ssize_t _n
+
+    def __init__(self, counts, tuple bounds_ns not None):
+        if (len(bounds_ns) > MAX_BOUNDS or len(counts) != len(bounds_ns) + 2
+                or list(bounds_ns) != sorted(bounds_ns)):
+            raise ValueError("Latency takes ascending bounds and a counter per bucket, +Inf and the sum")
+        self._view = counts
+        self._counts = &self._view[0]
+        self._n = len(bounds_ns)
+        for i in range(self._n):
+            self._bounds[i] = bounds_ns[i]
+
+    def now(self):
+        """The start of a Check, for observe (CLOCK_MONOTONIC, seconds)."""
+        return _monotonic()
+
+    def observe(self, double started):
+        """Count one Check that started at ``now()``: in the first bucket whose bound it is within."""
+        self._count(started)
+
+    cdef inline void _count(self, double started) noexcept:
+        cdef double elapsed = (_monotonic() - started) * 1e9
+        cdef unsigned long long ns = <unsigned long long>elapsed if elapsed > 0 else 0
+        cdef Py_ssize_t i = 0
+        while i < self._n and ns > self._bounds[i]:
+            i += 1
+        self._counts[i] += 1
+        self._counts[self._n + 1] += ns
+
+
 cdef class WarmAllow:
     """See the module docstring. ``__call__`` returns the response bytes, or ``(reason, entry)``
     when it decided but the full path must answer, or None when it did not decide."""
@@ -235,9 +282,13 @@ cdef class WarmAllow:
     # with the primary, which reads it for /metrics); the full path counts its own.
     cdef unsigned long long[::1] _allowed_view
     cdef unsigned long long *_allowed
+    cdef Latency _latency  # times the Checks answered here; None: untimed
+    # When the last call began (Latency.now's clock): the full path times from there what it answers.
+    cdef readonly double started
 
     def __init__(self, verifiers, policy, audit, DecisionIds ids not None, dict prepared not None,
-                 clock, bytes unrecorded not None, decisions, first_allow, allowed=None):
+                 clock, bytes unrecorded not None, decisions, first_allow, allowed=None,
+                 Latency latency=None):
         self._verifiers = dict(verifiers)
         self._default, self._default_verifier = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -248,6 +299,7 @@ cdef class WarmAllow:
         self._unrecorded, self._decisions, self._first_allow = unrecorded, decisions, first_allow
         self._allowed_view = allowed if allowed is not None else memoryview(bytearray(8)).cast("Q")
         self._allowed = &self._allowed_view[0]
+        self._latency = latency
 
     @property
     def allowed(self):
@@ -258,6 +310,7 @@ cdef class WarmAllow:
         cdef dict extensions
         cdef str token, boundary
         cdef VerifiedToken entry
+        self.started = _monotonic()
         if len(fields) != 8:
             raise ValueError(f"not a CheckRequest's fields: {len(fields)} items")
         authorization, extensions = fields[0], fields[4]
@@ -315,50 +368,11 @@ cdef class WarmAllow:
                 return decided  # the full path waits for the writer (record_check_durable)
         except AuditUnavailable:  # written nowhere, and withdrawn in the log under this decision id
             self._decisions[_AUDIT_UNAVAILABLE] += 1
-            return self._ids._response(self._unrecorded, decision_id)
-        self._allowed[0] += 1
-        return self._ids._response(<bytes>body, decision_id)
+            response = self._ids._response(self._unrecorded, decision_id)
+        else:
+            self._allowed[0] += 1
+            response = self._ids._response(<bytes>body, decision_id)
+        if self._latency is not None:
+            self._latency._count(self.started)
+        return response
 
-
-cdef inline double _monotonic() noexcept nogil:
-    cdef timespec now
-    clock_gettime(CLOCK_MONOTONIC, &now)
-    return now.tv_sec + now.tv_nsec * 1e-9
-
-
-cdef enum:
-    MAX_BOUNDS = 32
-
-
-cdef class Latency:
-    """A Check latency histogram counted into ``counts`` (unsigned 64-bit: one counter per bucket of
-    ``bounds_ns``, then +Inf, then the sum in ns), with one clock read at each end of a Check."""
-
-    cdef unsigned long long[::1] _view
-    cdef unsigned long long *_counts
-    cdef unsigned long long _bounds[MAX_BOUNDS]
-    cdef Py_ssize_t _n
-
-    def __init__(self, counts, tuple bounds_ns not None):
-        if (len(bounds_ns) > MAX_BOUNDS or len(counts) != len(bounds_ns) + 2
-                or list(bounds_ns) != sorted(bounds_ns)):
-            raise ValueError("Latency takes ascending bounds and a counter per bucket, +Inf and the sum")
-        self._view = counts
-        self._counts = &self._view[0]
-        self._n = len(bounds_ns)
-        for i in range(self._n):
-            self._bounds[i] = bounds_ns[i]
-
-    def now(self):
-        """The start of a Check, for observe (CLOCK_MONOTONIC, seconds)."""
-        return _monotonic()
-
-    def observe(self, double started):
-        """Count one Check that started at ``now()``: in the first bucket whose bound it is within."""
-        cdef double elapsed = (_monotonic() - started) * 1e9
-        cdef unsigned long long ns = <unsigned long long>elapsed if elapsed > 0 else 0
-        cdef Py_ssize_t i = 0
-        while i < self._n and ns > self._bounds[i]:
-            i += 1
-        self._counts[i] += 1
-        self._counts[self._n + 1] += ns

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy.service.auth.v3 import attribute_context_pb2 as attrs
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from processes import Daemon, audit_records, http_get, wait_for
 from prometheus_client.parser import text_string_to_metric_families
+from support import AUDIENCE, Forge, make_verifier
 
-from agentauthz import _accel, metrics
+from agentauthz import _accel, extauthz, metrics, reasons
 from agentauthz.approvers import issue_dev_credential
 from agentauthz.client import ApprovalsClient, Client, Identity
 from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.policy import DEV_POLICY, Policy
 
 ALPHA, BETA = "spiffe://dev.local/agent/alpha", "spiffe://dev.local/agent/beta"
 WORKERS = 3  # the primary and two workers answer Check
@@ -153,3 +158,49 @@ def test_latency_refuses_a_layout_it_cannot_count_into(hot: _accel.HotPath) -> N
         hot.Latency(counts[:-1], metrics.LATENCY_BOUNDS_NS)
     with pytest.raises(ValueError):
         hot.Latency(counts, tuple(reversed(metrics.LATENCY_BOUNDS_NS)))
+
+
+class TakesEveryRecord:
+    """An audit log that takes every record (the histogram, not the log, is under test here)."""
+
+    healthy = True
+
+    def write_allow(self, *args: Any) -> bool:
+        return True
+
+    def record_check(self, *args: Any) -> bool:
+        return True
+
+
+def check_request(authorization: str) -> Any:
+    return extauthz.parse_check_request(ext_authz.CheckRequest(attributes=attrs.AttributeContext(
+        request=attrs.AttributeContext.Request(http=attrs.AttributeContext.HttpRequest(
+            id="req-1", method="GET", path="/demo/reports", headers={"authorization": authorization})),
+        context_extensions={"tool": "demo", "target": "reports", "operation": "read",
+                            "sensitivity": "internal"})).SerializeToString())
+
+
+def test_every_check_is_timed_once_whichever_path_answers_it(hot: _accel.HotPath) -> None:
+    forge, policy, row = Forge(), Policy.from_text(DEV_POLICY.read_text()), metrics.MeterTable(1).row(0)
+    service = extauthz.CheckService({AUDIENCE: make_verifier(hot, forge)}, TakesEveryRecord(), lambda: policy,
+                                    hot=hot, meters=row)
+    token = forge.token()
+    paths = {
+        "warm allow": (check_request(f"Bearer {token}"), reasons.ALLOW),
+        "full path": (check_request("Bearer not-a-token"), reasons.TOKEN_MALFORMED),
+        "not a CheckRequest": (None, reasons.REQUEST_INVALID),
+        "the parser failed": (extauthz.UNPARSED, reasons.INTERNAL_ERROR),
+        "the warm path raised": (("too", "short"), reasons.INTERNAL_ERROR),
+    }
+    loop = asyncio.new_event_loop()
+    try:
+        for name, (fields, reason) in paths.items():
+            before = row.tolist()
+            loop.run_until_complete(service.check(fields, None))
+            after = row.tolist()
+            timed = sum(after[metrics.LATENCY][:-1]) - sum(before[metrics.LATENCY][:-1])
+            assert timed == 1, name
+            assert metrics.decision_counts(after) - metrics.decision_counts(before) == {reason: 1}, name
+    finally:
+        loop.close()
+    assert service.decision_counts()[reasons.ALLOW] == service._warm.allowed == 1

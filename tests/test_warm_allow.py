@@ -72,6 +72,7 @@ class Declines:
     """A warm path that takes nothing."""
 
     allowed = 0
+    started = 0.0  # when a Check began, for the full path's latency: never, here
 
     def __call__(self, fields: Any) -> None:
         return None
