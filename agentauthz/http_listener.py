@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SERVER = "agentauthz"  # the whole Server header: no aiohttp or Python version for a scanner to match
 NOT_FOUND = b'{"error":"not_found"}\n'
+NOT_ACCEPTABLE = b'{"error":"not_acceptable","available":["%s"]}\n' % statuslist.CONTENT_TYPE.encode()
 JSON = "application/json"
 
 
@@ -46,16 +47,20 @@ class Routes:
             "/healthz": self._healthz,
             "/.well-known/jwks.json": lambda: self._json(a.jwks),
             AUDIT_KEY_PATH: lambda: self._json(a.audit_key_document),
-            STATUS_PATH: lambda: self._status_list(None),
             "/metrics": self._metrics,
-            **{f"{STATUS_PATH}/{boundary}": self._boundary_list(boundary) for boundary in a.keyrings},
         }
+        # Path -> trust boundary (None: the default's); negotiated on the request's headers.
+        self._lists: dict[str, str | None] = {
+            STATUS_PATH: None, **{f"{STATUS_PATH}/{boundary}": boundary for boundary in a.keyrings}}
 
     async def answer(self, request: web.BaseRequest) -> web.Response:
-        # The raw path, as before: no percent-decoding, the query ignored.
-        route = self._paths.get(request.raw_path.partition("?")[0])
+        # The raw path, as before: no percent-decoding, the query ignored (but a status list's time).
+        path = request.raw_path.partition("?")[0]
+        route = self._paths.get(path)
         if request.method not in ("GET", "HEAD"):
             return _response(405, b'{"error":"method_not_allowed"}\n', JSON, Allow="GET, HEAD")
+        if path in self._lists:
+            return await self._status_list(request, self._lists[path])
         if route is None:
             return _response(404, NOT_FOUND, JSON)
         return await route()
@@ -72,16 +77,23 @@ class Routes:
         # Off the loop: the loop also answers Check and the API.
         return _response(200, await asyncio.to_thread(generate_latest, self._registry), CONTENT_TYPE_LATEST)
 
-    def _boundary_list(self, boundary: str) -> Callable[[], Awaitable[web.Response]]:
-        return lambda: self._status_list(boundary)
-
-    async def _status_list(self, boundary: str | None) -> web.Response:
+    async def _status_list(self, request: web.BaseRequest, boundary: str | None) -> web.Response:
+        # draft-ietf-oauth-status-list §8: content negotiation per RFC 9110; only the JWT is served
+        # (no CWT), gzip when asked for; no history is kept, so a time query is not implemented.
+        headers = {"Vary": "Accept, Accept-Encoding"}
+        if "time" in request.query:
+            return _response(501, b'{"error":"historical_status_not_supported"}\n', JSON, **headers)
+        if not statuslist.accepts_jwt(request.headers.get("Accept")):
+            return _response(406, NOT_ACCEPTABLE, JSON, **headers)
+        gzipped = statuslist.accepts_gzip(request.headers.get("Accept-Encoding"))
         try:  # signing and compressing the bits: off the loop
-            body = (await asyncio.to_thread(self._authority.status_list.token, boundary)).encode("ascii")
+            body = await asyncio.to_thread(self._authority.status_list.body, boundary, gzipped=gzipped)
         except Exception:  # answer, and say why in the log; never a list we could not build whole
             log.exception("cannot build the status list")
-            return _response(503, b'{"error":"status_list_unavailable"}\n', JSON)
-        return _response(200, body, statuslist.CONTENT_TYPE)
+            return _response(503, b'{"error":"status_list_unavailable"}\n', JSON, **headers)
+        if gzipped:
+            headers["Content-Encoding"] = "gzip"
+        return _response(200, body, statuslist.CONTENT_TYPE, **headers)
 
 
 class _ProtocolLog(logging.LoggerAdapter):  # type: ignore[type-arg]

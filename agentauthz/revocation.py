@@ -293,6 +293,11 @@ class RevocationStore:
             self._advance(now)
             self._compact(now)
 
+    @property
+    def next_slot(self) -> int:
+        """The slot the next token gets: every slot below it may have been handed out."""
+        return self._next  # one int read, without the lock: it only grows
+
     def stats(self) -> dict[str, int]:
         """Sizes of the revocation state, for status and metrics."""
         with self._lock:

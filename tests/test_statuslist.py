@@ -84,7 +84,8 @@ def published(publisher: statuslist.StatusListPublisher, ring: Keyring, clock: C
     return raw
 
 
-def make_publisher(tmp_path: Path, capacity: int, block: int, hot: HotPath | None = None) -> tuple[Any, ...]:
+def make_publisher(tmp_path: Path, capacity: int, block: int, hot: HotPath | None = None,
+                   min_headroom: int = statuslist.MIN_HEADROOM) -> tuple[Any, ...]:
     clock = Clock(1_700_000_000.0)
     buffer = bytearray(buffer_size(capacity))
     # The publisher reads the buffer the Check path's bitset (either twin) writes.
@@ -96,7 +97,7 @@ def make_publisher(tmp_path: Path, capacity: int, block: int, hot: HotPath | Non
                         clock=clock)
     publisher = statuslist.StatusListPublisher(buffer, capacity=capacity, store=store, index=index,
                                                lists={"tools": (ring, "u")}, issuer="i", leeway=0,
-                                               clock=clock)
+                                               clock=clock, min_headroom=min_headroom)
     return clock, store, ring, publisher
 
 
@@ -136,6 +137,76 @@ def test_a_window_that_slid_with_nothing_revoked_is_published(tmp_path: Path) ->
     assert len(raw) * 8 >= base + capacity  # a token minted in the new window finds its bit
     assert {i for i in range(len(raw) * 8) if status_at(raw, 1, i)} == set(range(base))
     store.close()
+
+
+@pytest.mark.parametrize("block", [64, 12])
+def test_published_list_is_the_live_range_and_its_headroom(hot: HotPath, tmp_path: Path, block: int) -> None:
+    capacity, headroom = 1 << 12, 16
+    clock, store, ring, publisher = make_publisher(tmp_path, capacity, block, hot, headroom)
+    slots = [store.allocate_slot(int(clock.now) + 10) for _ in range(3 * block)]
+    slots += [store.allocate_slot(int(clock.now) + 90) for _ in range(block // 2)]
+    store.revoke_token("a", slots[3 * block + 1], int(clock.now) + 90)
+    publisher.remember_minted("alpha t1", ["alpha"], slots[-1], int(clock.now) + 90)
+    publisher.task_ended("alpha t1")
+    clock.now += 20
+    store.slide()
+    base, next_slot = store.stats()["window_base"], store.next_slot
+    assert (base, next_slot) == (3 * block, slots[-1] + 1)
+    raw = published(publisher, ring, clock)
+    # Ones below the window, the live range, then as much again (at least the headroom): not the window.
+    assert len(raw) * 8 == statuslist.list_end(base, next_slot, capacity, headroom) < capacity
+    assert len(raw) * 8 >= next_slot + max(headroom, next_slot - base)
+    assert {i for i in range(len(raw) * 8) if status_at(raw, 1, i)} == set(range(base)) | {
+        slots[3 * block + 1], slots[-1]}
+    store.close()
+
+
+def test_a_full_window_on_an_unaligned_base_publishes_no_bit_past_it(hot: HotPath, tmp_path: Path) -> None:
+    capacity = 256
+    clock, store, ring, publisher = make_publisher(tmp_path, capacity, 12, hot)
+    for _ in range(36):
+        store.allocate_slot(int(clock.now) + 10)
+    clock.now += 20
+    store.slide()
+    assert store.stats()["window_base"] == 36  # slot 36 is bit 4 of its byte
+    for _ in range(capacity):  # every slot of the window handed out: 292 is the next one
+        store.allocate_slot(int(clock.now) + 90)
+    for slot in (36, 291):
+        store.revoke_token("a", slot, int(clock.now) + 90)
+    raw = published(publisher, ring, clock)
+    # Slots 292-295 end the last byte; they share ring bits with 36-39 (36 revoked) but read clear.
+    assert len(raw) * 8 == 296
+    assert {i for i in range(296) if status_at(raw, 1, i)} == set(range(36)) | {36, 291}
+    store.close()
+
+
+def test_a_slot_past_the_published_end_rebuilds_the_list_at_once(tmp_path: Path) -> None:
+    """A consumer refuses a token past its list's end: never serve a list older than the newest slot."""
+    clock, store, ring, publisher = make_publisher(tmp_path, 1 << 12, 64, min_headroom=16)
+    store.allocate_slot(int(clock.now) + 50)
+    assert len(published(publisher, ring, clock)) * 8 == 24  # slot 0, then 16 of headroom, in bytes
+    for _ in range(23):  # slots 1-23: still inside the list, which stands (built under a second ago)
+        store.allocate_slot(int(clock.now) + 50)
+    assert len(published(publisher, ring, clock)) * 8 == 24 and publisher.builds == 1
+    slot = store.allocate_slot(int(clock.now) + 50)  # 24: past the end
+    raw = published(publisher, ring, clock)
+    assert publisher.builds == 2 and status_at(raw, 1, slot) == 0
+    assert len(raw) * 8 == statuslist.list_end(0, 25, 1 << 12, 16) == 56
+    store.close()
+
+
+def test_content_negotiation_headers() -> None:
+    jwt, cwt = statuslist.CONTENT_TYPE, "application/statuslist+cwt"
+    for accept in (None, "", " ", jwt, "*/*", "application/*", f"{cwt}, {jwt};q=0.001", f" {jwt} ; q=1 ",
+                   f"{cwt};q=1, */*;q=0.5", f"text/html,{jwt};charset=x"):
+        assert statuslist.accepts_jwt(accept), accept
+    for accept in (cwt, f"{jwt};q=0", f"{jwt};q=2", f"{jwt};q=-1", f"{jwt};q=nan", f"{jwt};q=", "text/*",
+                   ",", ";;", f"{jwt};q=0, */*", "application/*;q=0.0"):
+        assert not statuslist.accepts_jwt(accept), accept
+    for encoding in ("gzip", "x-gzip", "*", "deflate, gzip;q=0.1", "GZip ; Q=1"):
+        assert statuslist.accepts_gzip(encoding), encoding
+    for encoding in (None, "", "identity", "br", "gzip;q=0", "*;q=0", "gzip;q=0, *", "gzip;q=x", ","):
+        assert not statuslist.accepts_gzip(encoding), encoding
 
 
 def test_rebuilt_only_when_something_moved(tmp_path: Path) -> None:
