@@ -9,6 +9,7 @@ and its replacement counts on in the same row, so the sums never go backwards.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import threading
 from collections import Counter
@@ -109,6 +110,10 @@ class Operations:
             return dict(self._counts)
 
 
+def _proc_name(pid: int) -> int | str:
+    return pid or "self"
+
+
 def process_metrics(processes: Callable[[], list[tuple[str, int]]]) -> Iterator[Any]:
     """prometheus_client's process metrics (CPU, memory, open fds, start time, ...) for each
     ``(name, pid)`` (pid 0: this process), labelled ``process``. A restarted worker's are its new
@@ -117,7 +122,7 @@ def process_metrics(processes: Callable[[], list[tuple[str, int]]]) -> Iterator[
     from prometheus_client.core import Metric
     families: dict[str, Any] = {}
     for name, pid in processes():
-        collector = ProcessCollector(pid=lambda pid=pid: pid or "self", registry=None)
+        collector = ProcessCollector(pid=functools.partial(_proc_name, pid), registry=None)
         for family in collector.collect():
             merged = families.get(family.name)
             if merged is None:
