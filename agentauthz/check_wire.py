@@ -10,7 +10,7 @@ core/v3 (HeaderValueOption), envoy/type/v3 (HttpStatus), google/rpc (Status), go
 from __future__ import annotations
 
 import json
-from typing import Iterator, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 from .errors import AgentAuthzError
 
@@ -106,7 +106,7 @@ class _Message:
     def __init__(self, data: bytes) -> None:
         self.items = list(_fields(data))
 
-    def _values(self, number: int, wire: int) -> list:
+    def _values(self, number: int, wire: int) -> list[Any]:
         return [value for n, w, value in self.items if n == number and w == wire]
 
     def has(self, number: int) -> bool:
@@ -131,13 +131,14 @@ class _Message:
         value = values[-1] & 0xFFFFFFFF if values else 0
         return value - (1 << 32) if value >> 31 else value
 
-    def oneof(self, members: dict[int, int]) -> tuple[int, list]:
+    def oneof(self, members: dict[int, int]) -> tuple[int, list[Any]]:
         """The member of a oneof (number -> wire type) that is set, 0 if none, and its values.
 
         The member written last is set; a message member merges only the occurrences since the oneof
         last switched to it (protobuf clears a oneof when another member arrives).
         """
-        number, values = 0, []
+        number = 0
+        values: list[Any] = []
         for n, w, value in self.items:
             if members.get(n) == w:
                 if n != number:
@@ -186,7 +187,7 @@ def decode_check_response(raw: bytes) -> Answer:
         return Answer(True, 200, "allow", _headers(chosen.messages(2)) if kind == 3 else {}, decision_id)
     denied = chosen if kind == 2 else _Message(b"")  # status 1 (HttpStatus: code 1), headers 2, body 3
     body = denied.string(3)
-    reason = status.string(2)
+    reason: Any = status.string(2)
     if body:
         try:
             reason = json.loads(body)["error"]
