@@ -302,8 +302,13 @@ class Authority(DelegationFlow, ApprovalFlow):
             reason = NEEDS_APPROVAL if narrowed.needs_approval else NOTHING_GRANTED
             self._audit("mint", decision=False, reason=reason, agent=agent, task=task, intent=intent,
                         requested=list(grants))
-            raise Refused(reason, "policy allows none of the requested grants"
-                          + (" without a human approval" if narrowed.needs_approval else ""))
+            if narrowed.needs_approval:
+                raise Refused(reason, "policy allows none of the requested grants without a human approval")
+            # Name what the policy does give this agent for those tools: an unknown operation (a typo)
+            # would otherwise look the same as a forbidden one.
+            tools = [str(g.get("tool")) for g in grants if isinstance(g, dict)]
+            raise Refused(reason, "policy allows none of the requested grants (it gives this agent "
+                          f"{self.policy.offered(agent, tools) or 'nothing'})")
         now = int(self.clock())
         ttl = min(narrowed.ttl, self.config.max_token_lifetime, self.policy.boundary(audience).max_ttl)
         if not_after is not None:

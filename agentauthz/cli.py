@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import __version__
-from .errors import AgentAuthzError
+from .errors import AgentAuthzError, DaemonError
 
 IDENTITY_FILES = ("svid.pem", "svid.key", "bundle.pem")  # what dev-identity writes
 
@@ -54,6 +54,10 @@ def cmd_policy_check(args: argparse.Namespace) -> None:
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
     from .audit_verify import main_verify
+    if not Path(args.dir).is_dir():  # nothing to verify is not a log that fails to verify
+        problem = "is not a directory" if Path(args.dir).exists() else "does not exist"
+        raise Refusal(f"{args.dir} {problem}: name an audit directory (STATE_DIR/audit, by default "
+                      ".agentauthz/audit)")
     code, result = main_verify(Path(args.dir), Path(args.checkpoints) if args.checkpoints else None,
                                args.key, Path(args.state_dir) if args.state_dir else None)
     if code:
@@ -122,17 +126,28 @@ def cmd_dev_identity(args: argparse.Namespace) -> None:
 
 def _client(args: argparse.Namespace) -> Any:
     from .client import Client, Identity
-    identity = Identity.from_dir(args.identity) if getattr(args, "identity", None) else None
+    identity = None
+    if getattr(args, "identity", None):
+        where = Path(args.identity)
+        if not where.is_dir():
+            problem = "is not a directory" if where.exists() else "does not exist"
+            raise Refusal(f"--identity {where} {problem}: name the directory holding "
+                          f"{', '.join(IDENTITY_FILES)} (make one with `agentauthz dev-identity SPIFFE_ID "
+                          f"--out {where}`)")
+        try:
+            identity = Identity.from_dir(where)
+        except OSError as exc:
+            raise Refusal(f"--identity {where}: cannot read {Path(exc.filename or where).name}: "
+                          f"{exc.strerror or exc} (it needs {', '.join(IDENTITY_FILES)})") from None
     return Client(args.server, identity, check_server=args.server)
 
 
 def _rpc(call: Callable[[], Any]) -> Any:
-    """Run a client call; a gRPC refusal becomes a one-line Refusal."""
-    import grpc
+    """Run a client call; the daemon's refusal, or no daemon at all, becomes a one-line Refusal."""
     try:
         return call()
-    except grpc.RpcError as exc:
-        raise Refusal(f"{exc.code().name.lower()}: {exc.details()}") from None
+    except DaemonError as exc:
+        raise Refusal(f"{exc.reason}: {exc}") from None
 
 
 def cmd_mint(args: argparse.Namespace) -> None:
@@ -247,6 +262,9 @@ def cmd_unban(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
+    from .tokens import SENSITIVITY_LEVELS
+    if args.sensitivity not in SENSITIVITY_LEVELS:  # the daemon would only say request_invalid
+        raise Refusal(f"--sensitivity {args.sensitivity!r} is not one of {', '.join(SENSITIVITY_LEVELS)}")
     d = _rpc(lambda: _client(args).check(args.token, args.tool, args.target, args.operation,
                                          args.sensitivity, boundary=args.boundary or ""))
     result = {"allowed": d.allowed, "status": d.status, "reason": d.reason, "headers": d.headers,
@@ -263,125 +281,185 @@ def cmd_keys_rotate(args: argparse.Namespace) -> None:
     _emit(args, {"current_key_id": kid}, kid)
 
 
+DESCRIPTION = """agentauthz: an ext_authz authorization daemon for AI agents, and its client.
+
+Run `agentauthz serve` for the daemon; the other commands talk to it or read its state directory.
+Each prints its result (JSON with --json) and exits 0; a refusal prints one line
+"agentauthz: REASON: what happened" on stderr and exits 1. `agentauthz COMMAND --help` shows a
+command's options."""
+
+GRANT_SYNTAX = """grants: --grant TOOL:TARGET:OPS[:SENSITIVITY], repeated once per grant
+  TOOL         a tool the policy names, e.g. demo
+  TARGET       one target (reports), a prefix ending in * (reports/*), or * for every target
+  OPS          comma-separated operations the policy gives for TOOL, e.g. read,write
+               (the development policy: read and write; delete once a human approves)
+  SENSITIVITY  public, internal, confidential or restricted (default public): the most
+               sensitive data the grant may reach
+example: --grant 'demo:*:read' --grant 'demo:reports/*:read,write:internal'"""
+
+API_SERVER = "the daemon's API address, HOST:PORT (default: %(default)s)"
+IDENTITY = ("directory holding this agent's svid.pem, svid.key and bundle.pem, as dev-identity writes "
+            "them (required)")
+STATE_DIR = "the daemon's state directory (default: the config's state_dir, else .agentauthz)"
+CONFIG = "the daemon's YAML configuration file (default: none, the development defaults)"
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and the grant syntax keep their lines; options wrap as usual."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="agentauthz", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="agentauthz", description=DESCRIPTION, formatter_class=_Help)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, handler: Callable[[argparse.Namespace], None], helptext: str,
-                parent: Any = sub) -> argparse.ArgumentParser:
-        p = parent.add_parser(name, help=helptext)
-        p.add_argument("--json", action="store_true", help="print the result as JSON")
+                parent: Any = sub, epilog: str | None = None) -> argparse.ArgumentParser:
+        p = parent.add_parser(name, help=helptext, description=helptext, epilog=epilog, formatter_class=_Help)
+        p.add_argument("--json", action="store_true", help="print the result as JSON (default: text)")
         p.set_defaults(handler=handler)
         return p
 
     command("version", cmd_version, "show the version and which hot path is active")
 
-    p = command("serve", cmd_serve, "run the daemon (development defaults without --config)")
-    p.add_argument("--config")
-    p.add_argument("--state-dir")
-    p.add_argument("--check-listen", help="HOST:PORT or unix:PATH (default 127.0.0.1:9191)")
-    p.add_argument("--api-listen", help="HOST:PORT (default 127.0.0.1:9190, always mTLS)")
-    p.add_argument("--http-listen", help="HOST:PORT (default 127.0.0.1:9192)")
-    p.add_argument("--workers", type=int, help="Check worker processes sharing the listener (default 1)")
-    p.add_argument("--approval-listen", help="HOST:PORT of the humans' Approvals service (TLS, default "
-                   "127.0.0.1:9193)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p = command("serve", cmd_serve, "run the daemon (development defaults without --config); Ctrl-C or "
+                "SIGTERM drains and stops it, SIGHUP reloads the policy")
+    p.add_argument("--config", help=CONFIG)
+    p.add_argument("--state-dir", help=STATE_DIR)
+    p.add_argument("--check-listen", help="where Envoy asks for decisions: HOST:PORT or unix:PATH "
+                   "(default: the config's check_listen, else 127.0.0.1:9191)")
+    p.add_argument("--api-listen", help="where agents mint, revoke and delegate, always mTLS: HOST:PORT "
+                   "(default: the config's api_listen, else 127.0.0.1:9190)")
+    p.add_argument("--http-listen", help="/healthz, /metrics, JWKS and status lists: HOST:PORT "
+                   "(default: the config's http_listen, else 127.0.0.1:9192)")
+    p.add_argument("--workers", type=int, help="Check worker processes sharing the Check listener "
+                   "(default: the config's workers, else 1)")
+    p.add_argument("--approval-listen", help="the humans' Approvals service, TLS: HOST:PORT "
+                   "(default: the config's approval_listen, else 127.0.0.1:9193)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at debug level (default: info)")
 
-    p = command("dev-identity", cmd_dev_identity, "issue a development X.509-SVID")
-    p.add_argument("spiffe_id")
-    p.add_argument("--out", required=True)
-    p.add_argument("--force", action="store_true", help="replace an identity already in --out")
-    p.add_argument("--state-dir")
-    p.add_argument("--config")
+    p = command("dev-identity", cmd_dev_identity, "issue a development X.509-SVID (the development trust "
+                "domain only)")
+    p.add_argument("spiffe_id", help="the workload's SPIFFE ID, e.g. spiffe://dev.local/agent/alpha")
+    p.add_argument("--out", required=True, help="directory to write svid.pem, svid.key, bundle.pem to "
+                   "(required)")
+    p.add_argument("--force", action="store_true", help="replace an identity already in --out "
+                   "(default: refuse)")
+    p.add_argument("--state-dir", help=STATE_DIR)
+    p.add_argument("--config", help=CONFIG)
 
-    p = command("mint", cmd_mint, "mint a task token")
-    p.add_argument("--server", default="127.0.0.1:9190")
-    p.add_argument("--identity", required=True, help="directory with svid.pem, svid.key, bundle.pem")
-    p.add_argument("--task", required=True)
-    p.add_argument("--grant", action="append", required=True, help="TOOL:TARGET:OPS[:SENSITIVITY]")
-    p.add_argument("--ttl", type=int)
-    p.add_argument("--audience")
-    p.add_argument("--intent")
-    p.add_argument("--approval-id", help="mint under this approved request (same task, approved grants)")
+    p = command("mint", cmd_mint, "mint a task token: prints the token", epilog=GRANT_SYNTAX)
+    p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
+    p.add_argument("--identity", required=True, help=IDENTITY)
+    p.add_argument("--task", required=True, help="the task's name, single-use per agent: once the task "
+                   "ends, mint under a new name (required)")
+    p.add_argument("--grant", action="append", required=True, metavar="GRANT",
+                   help="TOOL:TARGET:OPS[:SENSITIVITY]; repeat --grant for each grant (required: at least "
+                   "one; syntax below)")
+    p.add_argument("--ttl", type=int, help="lifetime in seconds (default: the policy's max_ttl, capped by "
+                   "the daemon's max_token_lifetime)")
+    p.add_argument("--audience", help="the trust boundary the token is for (default: the daemon's first "
+                   "audience)")
+    p.add_argument("--intent", help="why the agent wants it, kept in the token and the audit log "
+                   "(default: none)")
+    p.add_argument("--approval-id", help="mint under this approved request: same task, the approved grants "
+                   "(default: none; a gated grant then opens a request)")
 
     p = command("dev-human", cmd_dev_human, "write a development approver credential (a short-lived JWT)")
     p.add_argument("name", help="the human's name: the credential's subject")
-    p.add_argument("--out", required=True)
-    p.add_argument("--ttl", type=int, default=900, help="seconds (default 900)")
-    p.add_argument("--state-dir")
-    p.add_argument("--config")
+    p.add_argument("--out", required=True, help="file to write the credential to, owner-only (required)")
+    p.add_argument("--ttl", type=int, default=900, help="lifetime in seconds (default: %(default)s)")
+    p.add_argument("--state-dir", help=STATE_DIR)
+    p.add_argument("--config", help=CONFIG)
 
     def approvals_command(name: str, handler: Callable[[argparse.Namespace], None],
                           helptext: str) -> argparse.ArgumentParser:
         p = command(name, handler, helptext)
-        p.add_argument("--server", default="127.0.0.1:9193")
-        p.add_argument("--credential", required=True, help="file with the approver's JWT (see dev-human)")
+        p.add_argument("--server", default="127.0.0.1:9193",
+                       help="the daemon's Approvals address, HOST:PORT (default: %(default)s)")
+        p.add_argument("--credential", required=True, help="file with the approver's JWT, e.g. from "
+                       "dev-human (required)")
         p.add_argument("--ca", help="CA of the daemon's certificate (default: STATE_DIR/pki/ca.pem)")
-        p.add_argument("--state-dir", help="a development state directory (default .agentauthz)")
+        p.add_argument("--state-dir", help="a development state directory, for its CA "
+                       "(default: .agentauthz)")
         return p
 
     p = approvals_command("approvals", cmd_approvals, "list approval requests (a human's credential)")
-    p.add_argument("--state", default="pending", choices=["pending", "approved", "rejected", "expired"])
+    p.add_argument("--state", default="pending", choices=["pending", "approved", "rejected", "expired"],
+                   help="which requests: pending, approved, rejected or expired (default: %(default)s)")
     for name, approve in (("approve", True), ("reject", False)):
         p = approvals_command(name, cmd_decide, f"{name} a pending approval request")
-        p.add_argument("request_id")
-        p.add_argument("--comment")
+        p.add_argument("request_id", help="the request's id, as approvals lists it")
+        p.add_argument("--comment", help="why, kept with the decision and in the audit log "
+                       "(default: none)")
         p.set_defaults(approve=approve)
 
-    p = command("delegate", cmd_delegate, "a child token for another agent, inside your own token")
-    p.add_argument("--server", default="127.0.0.1:9190")
-    p.add_argument("--identity", required=True, help="directory with svid.pem, svid.key, bundle.pem")
-    p.add_argument("--token", required=True, help="your own (parent) token")
-    p.add_argument("--to", required=True, help="the child agent's SPIFFE ID")
-    p.add_argument("--grant", action="append", required=True, help="TOOL:TARGET:OPS[:SENSITIVITY]")
-    p.add_argument("--ttl", type=int)
-    p.add_argument("--intent")
+    p = command("delegate", cmd_delegate, "a child token for another agent, inside your own token: "
+                "prints the token", epilog=GRANT_SYNTAX)
+    p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
+    p.add_argument("--identity", required=True, help=IDENTITY)
+    p.add_argument("--token", required=True, help="your own (parent) token (required)")
+    p.add_argument("--to", required=True, help="the child agent's SPIFFE ID (required)")
+    p.add_argument("--grant", action="append", required=True, metavar="GRANT",
+                   help="TOOL:TARGET:OPS[:SENSITIVITY], inside a grant of the parent; repeat --grant for "
+                   "each grant (required: at least one; syntax below)")
+    p.add_argument("--ttl", type=int, help="lifetime in seconds (default: as long as policy allows, "
+                   "never past the parent's)")
+    p.add_argument("--intent", help="why, kept in the token and the audit log (default: none)")
 
-    p = command("revoke", cmd_revoke, "revoke a token, task or signing key, or ban an agent (until unban)")
-    p.add_argument("--server", default="127.0.0.1:9190")
-    p.add_argument("--identity", required=True)
+    p = command("revoke", cmd_revoke, "revoke a token, end a task, revoke a signing key, or ban an agent "
+                "(until unban); name exactly one")
+    p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
+    p.add_argument("--identity", required=True, help=IDENTITY)
     which = p.add_mutually_exclusive_group(required=True)
-    for flag in ("--token-id", "--task", "--agent", "--key-id"):
+    for flag, what in (("--token-id", "one token, by its token_id"), ("--task", "every token of one of "
+                       "your tasks; the task name cannot be used again"),
+                       ("--agent", "ban an agent: every token naming it (admin identity, or the agent "
+                        "itself)"), ("--key-id", "a signing key and every token it signed (admin identity)")):
         # A key id is a JWK thumbprint (base64url), which may begin with "-": argparse then needs "=".
-        which.add_argument(flag, help=f"write {flag}=VALUE if the value begins with -")
+        which.add_argument(flag, help=f"{what}; write {flag}=VALUE if the value begins with - "
+                           "(no default: name one of the four)")
 
     p = command("unban", cmd_unban, "lift the ban revoking an agent put on it (admin identity)")
-    p.add_argument("--server", default="127.0.0.1:9190")
-    p.add_argument("--identity", required=True)
-    p.add_argument("--agent", required=True, help="the banned agent's SPIFFE ID")
+    p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
+    p.add_argument("--identity", required=True, help=IDENTITY)
+    p.add_argument("--agent", required=True, help="the banned agent's SPIFFE ID (required)")
 
     p = command("check", cmd_check, "ask for a decision as Envoy would; exit 0 allow, 1 deny")
-    p.add_argument("--server", default="127.0.0.1:9191")
-    p.add_argument("--token")
-    p.add_argument("--tool", required=True)
-    p.add_argument("--target", required=True)
-    p.add_argument("--operation", required=True)
-    p.add_argument("--sensitivity", default="public")
-    p.add_argument("--boundary", help="the trust boundary the route names (its `boundary` context "
+    p.add_argument("--server", default="127.0.0.1:9191",
+                   help="the daemon's Check address, HOST:PORT (default: %(default)s)")
+    p.add_argument("--token", help="the bearer token (default: none, which is denied token_missing)")
+    p.add_argument("--tool", required=True, help="the tool called, e.g. demo (required)")
+    p.add_argument("--target", required=True, help="the target called, e.g. reports (required)")
+    p.add_argument("--operation", required=True, help="the operation, e.g. read, write, delete (required)")
+    p.add_argument("--sensitivity", default="public", help="the data's sensitivity: public, internal, "
+                   "confidential or restricted (default: %(default)s)")
+    p.add_argument("--boundary", help="the trust boundary the route names (its boundary context "
                    "extension; default: the daemon's first audience)")
 
-    policy = sub.add_parser("policy", help="policy files").add_subparsers(
-        dest="policy_command", required=True)
-    command("check", cmd_policy_check, "validate a policy file", policy).add_argument("file")
+    policy = sub.add_parser("policy", help="policy files", description="policy files", formatter_class=_Help)
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    command("check", cmd_policy_check, "validate a policy file", policy_commands).add_argument(
+        "file", help="the policy YAML file")
 
-    audit = sub.add_parser("audit", help="audit log").add_subparsers(dest="audit_command", required=True)
+    audit = sub.add_parser("audit", help="audit log", description="audit log", formatter_class=_Help)
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     p = command("verify", cmd_audit_verify, "verify the hash chain and signed checkpoints of the log in "
-                "DIR and of every worker's log under it", audit)
-    p.add_argument("dir")
-    p.add_argument("--checkpoints", help="an exported checkpoints.jsonl to verify against")
-    p.add_argument("--key", help="the audit public key the operator pinned: a file (PEM, JWK) or its base64; "
-                   "default: STATE_DIR/audit-key/public.pem, never a key inside DIR")
+                "DIR and of every worker's log under it", audit_commands)
+    p.add_argument("dir", help="the audit directory, STATE_DIR/audit (e.g. .agentauthz/audit)")
+    p.add_argument("--checkpoints", help="an exported checkpoints.jsonl to verify against (default: none)")
+    p.add_argument("--key", help="the audit public key the operator pinned: a file (PEM, JWK) or its base64 "
+                   "(default: STATE_DIR/audit-key/public.pem, never a key inside DIR)")
     p.add_argument("--state-dir", help="where the pinned key is (default: DIR's parent)")
 
-    keys = sub.add_parser("keys", help="signing keys").add_subparsers(dest="keys_command", required=True)
-    p = command("list", cmd_keys_list, "list the keyring in a state directory", keys)
-    p.add_argument("--config")
-    p.add_argument("--state-dir")
-    p = command("rotate", cmd_keys_rotate, "force a key rotation (admin identity)", keys)
-    p.add_argument("--server", default="127.0.0.1:9190")
-    p.add_argument("--identity", required=True)
+    keys = sub.add_parser("keys", help="signing keys", description="signing keys", formatter_class=_Help)
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    p = command("list", cmd_keys_list, "list the keyring in a state directory", keys_commands)
+    p.add_argument("--config", help=CONFIG)
+    p.add_argument("--state-dir", help=STATE_DIR)
+    p = command("rotate", cmd_keys_rotate, "force a key rotation (admin identity)", keys_commands)
+    p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
+    p.add_argument("--identity", required=True, help=IDENTITY)
     return parser
-
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)

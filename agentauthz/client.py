@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -17,14 +18,80 @@ from typing import Any, AsyncIterator, Iterator, Sequence
 
 import grpc
 
+from . import errors
 from .check_wire import decode_check_response, encode_check_request
 from .offline import verify_offline  # noqa: F401 (re-exported: verification without the daemon)
-from .tokens import DEFAULT_SENSITIVITY
+from .tokens import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc
 
 CHECK_METHOD = "/envoy.service.auth.v3.Authorization/Check"
 RENEW_AT = 0.8  # renew a task's token when 80% of its lifetime has passed
+
+
+# Each gRPC status the client can meet, as the agentauthz.errors class it raises.
+_ERROR_BY_STATUS: dict[grpc.StatusCode, type[errors.DaemonError]] = {
+    grpc.StatusCode.CANCELLED: errors.CallCancelled,
+    grpc.StatusCode.UNKNOWN: errors.DaemonInternalError,
+    grpc.StatusCode.INVALID_ARGUMENT: errors.RequestInvalid,
+    grpc.StatusCode.DEADLINE_EXCEEDED: errors.DaemonTimeout,
+    grpc.StatusCode.NOT_FOUND: errors.NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: errors.AlreadyExists,
+    grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+    grpc.StatusCode.FAILED_PRECONDITION: errors.PreconditionFailed,
+    grpc.StatusCode.ABORTED: errors.PreconditionFailed,
+    grpc.StatusCode.OUT_OF_RANGE: errors.RequestInvalid,
+    grpc.StatusCode.UNIMPLEMENTED: errors.Unimplemented,
+    grpc.StatusCode.INTERNAL: errors.DaemonInternalError,
+    grpc.StatusCode.UNAVAILABLE: errors.DaemonUnavailable,
+    grpc.StatusCode.DATA_LOSS: errors.DaemonInternalError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.IdentityRefused,
+}
+_ERROR_BY_REASON: dict[str, type[errors.DaemonError]] = {"task_ended": errors.TaskEnded}
+_REASON = re.compile(r"[a-z][a-z_]*")
+
+
+def daemon_error(exc: grpc.RpcError, address: str) -> errors.DaemonError:
+    """The agentauthz.errors exception for a failed call to ``address``; the daemon's "reason: message"."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = (exc.details() if callable(getattr(exc, "details", None)) else None) or str(code.name)
+    reason, sep, message = details.partition(": ")
+    if not (sep and _REASON.fullmatch(reason)):  # not the daemon's words: gRPC's own (no connection, limits)
+        reason, message = "", details
+    if code == grpc.StatusCode.UNAVAILABLE and not reason and ("failed to connect" in details.lower()
+                                                               or "connection refused" in details.lower()):
+        return errors.DaemonUnreachable(f"nothing answers at {address}: is the daemon running there? "
+                                        "(start it with `agentauthz serve`)", status=code, details=details)
+    cls = _ERROR_BY_REASON.get(reason) or _ERROR_BY_STATUS.get(code, errors.DaemonError)
+    return cls(message, reason=reason or None, status=code, details=details)
+
+
+class _Calls:
+    """A stub, or one method, whose failed calls raise agentauthz.errors instead of grpc.RpcError."""
+
+    def __init__(self, target: Any, address: str) -> None:
+        self._target, self._address = target, address
+
+    def __getattr__(self, name: str) -> _Calls:
+        return _Calls(getattr(self._target, name), self._address)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return self._target(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise daemon_error(exc, self._address) from exc
+
+
+class _AsyncCalls(_Calls):
+    def __getattr__(self, name: str) -> _AsyncCalls:
+        return _AsyncCalls(getattr(self._target, name), self._address)
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await self._target(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise daemon_error(exc, self._address) from exc
 
 
 @dataclass(frozen=True)
@@ -52,8 +119,14 @@ def parse_grant(text: str) -> pb.Grant:
     if len(parts) not in (3, 4) or not all(parts):
         raise ValueError(f"grant {text!r} is not TOOL:TARGET:OPS[:SENSITIVITY]")
     ops = [op for op in parts[2].split(",") if op]
-    return pb.Grant(tool=parts[0], target=parts[1], operations=ops,
-                    sensitivity=parts[3] if len(parts) == 4 else DEFAULT_SENSITIVITY)
+    sensitivity = parts[3] if len(parts) == 4 else DEFAULT_SENSITIVITY
+    # The daemon would deny an unknown level as "nothing granted": say what it is instead.
+    if sensitivity not in SENSITIVITY_LEVELS:
+        raise ValueError(f"grant {text!r}: sensitivity {sensitivity!r} is not one of "
+                         f"{', '.join(SENSITIVITY_LEVELS)}")
+    if not ops:
+        raise ValueError(f"grant {text!r} names no operation (OPS is comma-separated, e.g. read,write)")
+    return pb.Grant(tool=parts[0], target=parts[1], operations=ops, sensitivity=sensitivity)
 
 
 def _grants(grants: Sequence[str | pb.Grant]) -> list[pb.Grant]:
@@ -108,12 +181,13 @@ class Client:
     def __init__(self, server: str, identity: Identity | None = None, *, check_server: str | None = None,
                  timeout: float = 5.0) -> None:
         self._timeout = timeout
-        self._api = pb_grpc.AgentAuthzStub(grpc.secure_channel(server, identity.credentials())) \
-            if identity else None
-        self._check = grpc.insecure_channel(check_server).unary_unary(CHECK_METHOD) \
-            if check_server else None
+        self._api: Any = _Calls(pb_grpc.AgentAuthzStub(grpc.secure_channel(server, identity.credentials())),
+                                server) if identity else None
+        self._check: Any = _Calls(grpc.insecure_channel(check_server).unary_unary(CHECK_METHOD),
+                                  check_server) if check_server else None
 
-    def _stub(self) -> pb_grpc.AgentAuthzStub:
+    def _stub(self) -> Any:
+        """The API stub; its calls raise agentauthz.errors."""
         if self._api is None:
             raise ValueError("this client has no identity: the API needs an X.509-SVID")
         return self._api
@@ -193,12 +267,12 @@ class AsyncClient:
     def __init__(self, server: str, identity: Identity | None = None, *, check_server: str | None = None,
                  timeout: float = 5.0) -> None:
         self._timeout = timeout
-        self._api = pb_grpc.AgentAuthzStub(grpc.aio.secure_channel(server, identity.credentials())) \
-            if identity else None
-        self._check = grpc.aio.insecure_channel(check_server).unary_unary(CHECK_METHOD) \
-            if check_server else None
+        self._api: Any = _AsyncCalls(pb_grpc.AgentAuthzStub(grpc.aio.secure_channel(
+            server, identity.credentials())), server) if identity else None
+        self._check: Any = _AsyncCalls(grpc.aio.insecure_channel(check_server).unary_unary(CHECK_METHOD),
+                                       check_server) if check_server else None
 
-    def _stub(self) -> pb_grpc.AgentAuthzStub:
+    def _stub(self) -> Any:
         if self._api is None:
             raise ValueError("this client has no identity: the API needs an X.509-SVID")
         return self._api
@@ -272,7 +346,7 @@ class ApprovalsClient:
     def __init__(self, server: str, credential: str, ca: bytes, *, timeout: float = 5.0) -> None:
         credentials = grpc.composite_channel_credentials(grpc.ssl_channel_credentials(root_certificates=ca),
                                                          grpc.access_token_call_credentials(credential))
-        self._stub = pb_grpc.ApprovalsStub(grpc.secure_channel(server, credentials))
+        self._stub: Any = _Calls(pb_grpc.ApprovalsStub(grpc.secure_channel(server, credentials)), server)
         self._timeout = timeout
 
     def list(self, state: str = "pending") -> list[pb.ApprovalRequest]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import grpc
+
 from . import reasons
 
 
@@ -147,3 +149,106 @@ class StatusListTooLarge(StatusListError):
 
 class StatusListTooShort(StatusListError):
     reason = reasons.STATUS_LIST_TOO_SHORT
+
+
+class DaemonError(AgentAuthzError, grpc.RpcError):
+    """A call the daemon refused or could not take: ``reason`` is the daemon's own, ``status`` the gRPC code.
+
+    Also a ``grpc.RpcError`` (``code()``, ``details()``), so code written against the raw stubs keeps working.
+    """
+
+    reason = "daemon_error"
+
+    def __init__(self, message: str, *, reason: str | None = None,
+                 status: grpc.StatusCode = grpc.StatusCode.UNKNOWN, details: str = "") -> None:
+        super().__init__(message)
+        if reason:
+            self.reason = reason
+        self.status = status
+        self._details = details
+
+    def code(self) -> grpc.StatusCode:
+        return self.status
+
+    def details(self) -> str:
+        return self._details
+
+
+class RequestInvalid(DaemonError):
+    """The daemon found the request malformed (INVALID_ARGUMENT, OUT_OF_RANGE)."""
+
+    reason = reasons.REQUEST_INVALID
+
+
+class IdentityRefused(DaemonError):
+    """The caller's workload identity was refused (UNAUTHENTICATED)."""
+
+    reason = reasons.IDENTITY_INVALID
+
+
+class PermissionDenied(DaemonError):
+    """Policy, or the caller's role, does not allow this (PERMISSION_DENIED)."""
+
+    reason = "not_permitted"
+
+
+class NotFound(DaemonError):
+    """No such approval request, or not the caller's (NOT_FOUND)."""
+
+    reason = reasons.APPROVAL_UNKNOWN
+
+
+class AlreadyExists(DaemonError):
+    reason = "already_exists"
+
+
+class PreconditionFailed(DaemonError):
+    """The request cannot be taken in the state things are in (FAILED_PRECONDITION, ABORTED)."""
+
+    reason = "precondition_failed"
+
+
+class TaskEnded(PreconditionFailed):
+    """The task name was used and ended: task names are single-use per agent, start a new one."""
+
+    reason = reasons.TASK_ENDED
+
+
+class ResourceExhausted(DaemonError):
+    """A limit was reached (RESOURCE_EXHAUSTED): too many open approvals, a message too large."""
+
+    reason = "resource_exhausted"
+
+
+class DaemonUnavailable(DaemonError):
+    """The daemon cannot take the call now (UNAVAILABLE): its audit log or capacity, or the connection."""
+
+    reason = "daemon_unavailable"
+
+
+class DaemonUnreachable(DaemonUnavailable):
+    """Nothing answers at the daemon's address: it is not running, or it listens elsewhere."""
+
+    reason = "daemon_unreachable"
+
+
+class DaemonTimeout(DaemonError):
+    """No answer within the client's timeout (DEADLINE_EXCEEDED)."""
+
+    reason = "daemon_timeout"
+
+
+class CallCancelled(DaemonError):
+    reason = "cancelled"
+
+
+class Unimplemented(DaemonError):
+    """The server lacks this method: not an agentauthz daemon, or the wrong listener (UNIMPLEMENTED)."""
+
+    reason = "unimplemented"
+
+
+class DaemonInternalError(DaemonError):
+    """The daemon failed inside (UNKNOWN, INTERNAL, DATA_LOSS); its log says more."""
+
+    reason = reasons.INTERNAL_ERROR

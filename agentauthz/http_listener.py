@@ -19,7 +19,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from . import statuslist
+from . import listeners, statuslist
 from .authority import AUDIT_KEY_PATH, STATUS_PATH, Authority
 
 log = logging.getLogger(__name__)
@@ -216,7 +216,10 @@ class HttpListener:
         self._runner = web.ServerRunner(_Server(self._routes, self._timeout, self._max),
                                         handle_signals=False)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0).start()
+        try:
+            await web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0).start()
+        except OSError as exc:
+            raise listeners.taken("http_listen", f"{self._host}:{self._port}", exc) from None
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -227,6 +227,20 @@ class Policy:
             return Constrained(tuple(constrained))
         return reasons.APPROVAL_REQUIRED if gated else reasons.POLICY_DENIED
 
+    def offered(self, agent: str, tools: Sequence[str]) -> str:
+        """What the allow rules give ``agent`` for each of ``tools``, in one line: a refused mint names it."""
+        view = self._view(agent)
+        parts = []
+        for tool in sorted(set(tools)):
+            allows = view.get(tool, ((), ()))[1]
+            if not allows:
+                parts.append(f"nothing for {tool}")
+                continue
+            ops = sorted({op for r in allows for op in (r.ops if r.ops is not None else ("*",))})
+            parts.append(f"{tool}: operations {', '.join(ops)}, "
+                         f"sensitivity up to {SENSITIVITY_LEVELS[max(r.level for r in allows)]}")
+        return "; ".join(parts)
+
     def narrow(self, agent: str, requested: Sequence[Mapping], ttl: int) -> Narrowed:
         """Requested grants ∩ what policy allows ``agent``; approval-gated ops split out."""
         view = self._view(agent)

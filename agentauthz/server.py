@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from . import approval_api, extauthz, metrics, workers
+from . import approval_api, extauthz, listeners, metrics, workers
 from .api import ApiService
 from .authority import Authority, open_audit
 from .config import Config
@@ -254,20 +254,27 @@ class Daemon:
         extauthz.add_to_server(server, service, self.config.check_client_ids if mtls else None)
         self._add_health_and_reflection(server, extauthz.SERVICE)
         # gRPC sets SO_REUSEPORT on Linux, so every worker can bind the same address.
-        if self.config.check_mtls:
-            server.add_secure_port(self.config.check_listen, self._credentials())
-        else:
-            server.add_insecure_port(self.config.check_listen)
+        try:
+            if self.config.check_mtls:
+                server.add_secure_port(self.config.check_listen, self._credentials())
+            else:
+                server.add_insecure_port(self.config.check_listen)
+        except RuntimeError as exc:  # gRPC's "Failed to bind": say which listener and option
+            raise listeners.taken("check_listen", self.config.check_listen, exc) from None
         return server
 
     def _approval_server(self) -> Any:
         """Humans' own listener: server-authenticated TLS, no client certificate (that is the point:
         grpc cannot make one optional on the agents' listener), an approver bearer on every call."""
-        server = grpc.aio.server(options=[("grpc.max_metadata_size", 32 * 1024)])
+        # No SO_REUSEPORT: one process listens here, and a second daemon must fail to bind, not share it.
+        server = grpc.aio.server(options=[("grpc.max_metadata_size", 32 * 1024), ("grpc.so_reuseport", 0)])
         approval_api.add_to_server(server, approval_api.ApprovalsService(self.authority))
         self._add_health_and_reflection(server, approval_api.SERVICE)
-        server.add_secure_port(self.config.approval_listen, grpc.ssl_server_credentials(
-            [(self.tls_key, self.tls_cert)], require_client_auth=False))
+        try:
+            server.add_secure_port(self.config.approval_listen, grpc.ssl_server_credentials(
+                [(self.tls_key, self.tls_cert)], require_client_auth=False))
+        except RuntimeError as exc:
+            raise listeners.taken("approval_listen", self.config.approval_listen, exc) from None
         return server
 
     async def _set_health(self, status: int, names: tuple[str, ...] = ("", extauthz.SERVICE, API_SERVICE,
@@ -348,8 +355,9 @@ class Daemon:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.api_front is not None:
             self.api_front.close()  # no new agents; open connections drain through the gRPC server's grace
-        await asyncio.gather(self.check_server.stop(grace), self.api_server.stop(grace),
-                             self.approval_server.stop(grace))
+        # A start that failed part way (a listener's address taken) stops only what it had made.
+        await asyncio.gather(*(server.stop(grace) for server in (self.check_server, self.api_server,
+                                                                 self.approval_server) if server is not None))
         if self.api_front is not None:
             await self.api_front.abort()
         if self.http is not None:
@@ -400,7 +408,11 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.run_in_executor(
             None, self.authority.reload_policy))
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            await self.stop(grace=0)  # close what did start, flush the audit log, end the workers
+            raise
         await stop.wait()
         log.info("signal received: draining")
         await self.stop()
@@ -413,6 +425,7 @@ def run(config: Config) -> int:
         uvloop.install()
     except ImportError:  # measured ~2x throughput with uvloop; still correct without it
         log.warning("uvloop not installed; using the default asyncio loop")
+    listeners.refuse_taken(config)  # before the state directory is made or touched
     daemon = Daemon(config)
     daemon.fork_workers()
     started = time.monotonic()

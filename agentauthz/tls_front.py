@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
-from .errors import ConfigError
+from . import listeners
 from .identity import IdentityError, Svid, peer_from_der_chain
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class TlsFront:
                 self._server = await loop.create_server(lambda: _Client(self), host.strip("[]") or None,
                                                         int(port))
         except (OSError, ValueError) as exc:
-            raise ConfigError(f"api_listen {self.listen!r}: cannot listen: {exc}") from None
+            raise listeners.taken("api_listen", self.listen, exc) from None
 
     @property
     def port(self) -> int:
