@@ -214,10 +214,10 @@ class HttpListener:
 
     async def start(self) -> None:
         self._runner = web.ServerRunner(_Server(self._routes, self._timeout, self._max),
-                                        handle_signals=False)
+                                        handle_signals=False, shutdown_timeout=1.0)
         await self._runner.setup()
         try:
-            await web.TCPSite(self._runner, self._host, self._port, shutdown_timeout=1.0).start()
+            await web.TCPSite(self._runner, self._host, self._port).start()
         except OSError as exc:
             raise listeners.taken("http_listen", f"{self._host}:{self._port}", exc) from None
 

@@ -139,9 +139,10 @@ def test_revoking_one_boundarys_key_leaves_the_other_working(two: Boundaries) ->
 
 
 def test_mint_for_a_boundary_not_served_is_refused(two: Boundaries) -> None:
-    with pytest.raises(Exception) as info:
+    with pytest.raises(errors.RequestInvalid) as info:
         two.client.mint("b-5", GRANT, audience="billing")
-    assert "token_audience_mismatch" in str(info.value)
+    assert info.value.reason == "token_audience_mismatch"
+    assert "billing" in str(info.value)
 
 
 @pytest.mark.parametrize("text, problem", [
