@@ -61,10 +61,24 @@ def daemon_error(exc: grpc.RpcError, address: str) -> errors.DaemonError:
         reason, message = "", details
     if code == grpc.StatusCode.UNAVAILABLE and not reason and ("failed to connect" in details.lower()
                                                                or "connection refused" in details.lower()):
-        return errors.DaemonUnreachable(f"nothing answers at {address}: is the daemon running there? "
-                                        "(start it with `agentauthz serve`)", status=code, details=details)
+        return _rpc_error(errors.DaemonUnreachable)(
+            f"nothing answers at {address}: is the daemon running there? (start it with `agentauthz serve`)",
+            status=code, details=details)
     cls = _ERROR_BY_REASON.get(reason) or _ERROR_BY_STATUS.get(code, errors.DaemonError)
-    return cls(message, reason=reason or None, status=code, details=details)
+    return _rpc_error(cls)(message, reason=reason or None, status=code, details=details)
+
+
+_RPC_ERRORS: dict[type[errors.DaemonError], type[errors.DaemonError]] = {}
+
+
+def _rpc_error(cls: type[errors.DaemonError]) -> type[errors.DaemonError]:
+    """``cls`` that is also a ``grpc.RpcError``: ``except errors.TaskEnded`` and ``except grpc.RpcError``
+    both catch what the client raises, while agentauthz.errors itself never imports gRPC."""
+    twin = _RPC_ERRORS.get(cls)
+    if twin is None:
+        twin = _RPC_ERRORS[cls] = type(cls.__name__, (cls, grpc.RpcError),
+                                       {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return twin
 
 
 class _Calls:

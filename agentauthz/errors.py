@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import grpc
+from typing import Any
 
 from . import reasons
 
@@ -151,23 +151,25 @@ class StatusListTooShort(StatusListError):
     reason = reasons.STATUS_LIST_TOO_SHORT
 
 
-class DaemonError(AgentAuthzError, grpc.RpcError):
+class DaemonError(AgentAuthzError):
     """A call the daemon refused or could not take: ``reason`` is the daemon's own, ``status`` the gRPC code.
 
-    Also a ``grpc.RpcError`` (``code()``, ``details()``), so code written against the raw stubs keeps working.
+    The client raises it as a ``grpc.RpcError`` too (``code()``, ``details()``; see ``client.daemon_error``),
+    so code written against the raw stubs keeps working. This module stays free of gRPC: the decision
+    side imports it and never gRPC (DESIGN §1).
     """
 
     reason = "daemon_error"
 
-    def __init__(self, message: str, *, reason: str | None = None,
-                 status: grpc.StatusCode = grpc.StatusCode.UNKNOWN, details: str = "") -> None:
+    def __init__(self, message: str, *, reason: str | None = None, status: Any = None,
+                 details: str = "") -> None:
         super().__init__(message)
         if reason:
             self.reason = reason
-        self.status = status
+        self.status = status  # a grpc.StatusCode, when the client raised it
         self._details = details
 
-    def code(self) -> grpc.StatusCode:
+    def code(self) -> Any:
         return self.status
 
     def details(self) -> str:
