@@ -80,4 +80,4 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy agentauthz
 
 clean:
-	rm -rf build $(VENV) agentauthz/*.so native/*.c
+	rm -rf build $(VENV) agentauthz/*.so agentauthz/*/*.so native/*.c

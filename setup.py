@@ -10,6 +10,8 @@ import sys
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
+# Every native twin builds into the subpackage of its pure twin (the hot path, agentauthz.decision).
+PACKAGE = "agentauthz.decision"
 NATIVE_MODULES = ["_bitset_c", "_strict_c", "_request_c", "_verify_c", "_chain_c", "_check_c"]
 _TRUE = {"1", "true", "yes", "on"}
 
@@ -39,15 +41,18 @@ class OptionalBuildExt(build_ext):
 
 
 def _pxd_include_dir():
-    """Stage native/*.pxd as agentauthz/*.pxd, the only place Cython looks for them.
+    """Stage native/*.pxd as agentauthz/decision/*.pxd, the only place Cython looks for them.
 
-    Cython finds the declarations of a module named agentauthz._x (its own and
-    every cimport of it) at <include dir>/agentauthz/_x.pxd, never beside the
-    .pyx under native/: without this the .pxd files would be silently ignored.
+    Cython finds the declarations of a module named agentauthz.decision._x (its own
+    and every cimport of it) at <include dir>/agentauthz/decision/_x.pxd, never beside
+    the .pyx under native/: without this the .pxd files would be silently ignored.
+    The empty __init__.pxd files make the staged folders packages to Cython.
     """
     stage = os.path.join("build", "cython-include")
-    package = os.path.join(stage, "agentauthz")
+    package = os.path.join(stage, *PACKAGE.split("."))
     os.makedirs(package, exist_ok=True)
+    for folder in (os.path.join(stage, "agentauthz"), package):
+        open(os.path.join(folder, "__init__.pxd"), "a").close()
     for name in NATIVE_MODULES:
         shutil.copy2(os.path.join("native", f"{name}.pxd"), package)
     return stage
@@ -64,7 +69,7 @@ def extensions():
         sys.stderr.write(f"*** agentauthz: Cython unavailable ({exc}); pure Python only\n")
         return []
     exts = [
-        Extension(f"agentauthz.{name}", [f"native/{name}.pyx"], include_dirs=["native"])
+        Extension(f"{PACKAGE}.{name}", [f"native/{name}.pyx"], include_dirs=["native"])
         for name in NATIVE_MODULES
     ]
     return cythonize(exts, compiler_directives={"language_level": "3"},

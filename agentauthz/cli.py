@@ -34,7 +34,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
 def cmd_version(args: argparse.Namespace) -> None:
     import nacl
 
-    from . import _accel
+    from .decision import _accel
     result = {
         "version": __version__,
         "native": _accel.NATIVE,
@@ -47,13 +47,13 @@ def cmd_version(args: argparse.Namespace) -> None:
 
 
 def cmd_policy_check(args: argparse.Namespace) -> None:
-    from .policy import check_file
+    from .decision.policy import check_file
     result = check_file(args.file)
     _emit(args, result, f"{args.file}: ok, {result['rules']} rules, sha256 {result['digest']}")
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> None:
-    from .audit_verify import main_verify
+    from .audit.verify import main_verify
     if not Path(args.dir).is_dir():  # nothing to verify is not a log that fails to verify
         problem = "is not a directory" if Path(args.dir).exists() else "does not exist"
         raise Refusal(f"{args.dir} {problem}: name an audit directory (STATE_DIR/audit, by default "
@@ -67,7 +67,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
     # Read the metadata only: opening a Keyring could tidy files under a running daemon.
-    from .keys import METADATA
+    from .state.keys import METADATA
     state = _config(args).state_dir
     try:
         keys = json.loads((state / "keys" / METADATA).read_text())["keys"]
@@ -90,7 +90,7 @@ def _config(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
-    from .server import run
+    from .serve.server import run
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = _config(args)
@@ -102,7 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_dev_identity(args: argparse.Namespace) -> None:
-    from .devca import ensure_dev_pki, is_development, issue_svid
+    from .identity.devca import ensure_dev_pki, is_development, issue_svid
     config = _config(args)
     if not config.development:
         raise Refusal(f"trust domain {config.trust_domain} is not the development one")
@@ -217,8 +217,8 @@ def cmd_decide(args: argparse.Namespace) -> None:
 
 def cmd_dev_human(args: argparse.Namespace) -> None:
     from . import durable
-    from .approvers import issue_dev_credential
-    from .devca import ensure_dev_pki, is_development
+    from .authority.approvers import issue_dev_credential
+    from .identity.devca import ensure_dev_pki, is_development
     config = _config(args)
     if not config.development or config.approvers:
         raise Refusal("dev-human is for the development approver issuer; this configuration names its own")
@@ -262,7 +262,7 @@ def cmd_unban(args: argparse.Namespace) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> None:
-    from .tokens import SENSITIVITY_LEVELS
+    from .decision.tokens import SENSITIVITY_LEVELS
     if args.sensitivity not in SENSITIVITY_LEVELS:  # the daemon would only say request_invalid
         raise Refusal(f"--sensitivity {args.sensitivity!r} is not one of {', '.join(SENSITIVITY_LEVELS)}")
     d = _rpc(lambda: _client(args).check(args.token, args.tool, args.target, args.operation,

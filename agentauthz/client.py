@@ -20,8 +20,8 @@ import grpc
 
 from . import errors
 from .check_wire import decode_check_response, encode_check_request
+from .decision.tokens import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS
 from .offline import verify_offline  # noqa: F401 (re-exported: verification without the daemon)
-from .tokens import DEFAULT_SENSITIVITY, SENSITIVITY_LEVELS
 from .v1 import agentauthz_pb2 as pb
 from .v1 import agentauthz_pb2_grpc as pb_grpc
 

@@ -10,11 +10,11 @@ from typing import Any, Mapping
 
 import yaml
 
-from .approvers import approver_problems, approvers_from
+from .authority.approvers import approver_problems, approvers_from
+from .decision.tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
 from .errors import ConfigError
-from .identity import IdentityError, parse_spiffe_id
-from .jwtsvid import JwtIssuer, issuers_from, load_keys
-from .tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
+from .identity.jwtsvid import JwtIssuer, issuers_from, load_keys
+from .identity.spiffe import IdentityError, parse_spiffe_id
 
 DEV_TRUST_DOMAIN = "dev.local"
 DEV_CHECK_CLIENT = "spiffe://dev.local/envoy"  # Envoy's identity on a development Check listener with mTLS

@@ -16,11 +16,11 @@ from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 from . import errors
-from ._bitset_py import Bitset
-from ._strict_py import b64url_decode, json_object
-from ._verify_py import RevocationIndex, Verifier, _time, valid_public_key
-from .statuslist import TYP
-from .tokens import ALGORITHM, TOKEN_TYPE
+from .decision._bitset_py import Bitset
+from .decision._strict_py import b64url_decode, json_object
+from .decision._verify_py import RevocationIndex, Verifier, _time, valid_public_key
+from .decision.tokens import ALGORITHM, TOKEN_TYPE
+from .state.statuslist import TYP
 
 MAX_LIST_BYTES = 64 << 20  # 512 Mi statuses; a list that inflates past this is refused, not inflated
 BOUNDARY = "agentauthz_boundary"  # the daemon's JWKS names each key's trust boundary (audience)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agentauthz.audit import AuditLog
+from agentauthz.audit.writer import AuditLog
 
 # What a Check records: the fields §5 of the design lists, with realistic sizes.
 CHECK: dict[str, Any] = {

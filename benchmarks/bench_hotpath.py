@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 from nacl.signing import SigningKey
 
-from agentauthz import _accel, tokens
+from agentauthz.decision import _accel, tokens
 
 ISSUER = "https://agentauthz.bench"
 AUDIENCE = "tools"
@@ -105,7 +105,7 @@ def test_warm_decide(benchmark: Any, hot: Any) -> None:
 @pytest.mark.parametrize("hot", implementations())
 def test_warm_decide_with_revocations(benchmark: Any, hot: Any, revoked: int) -> None:
     """Decide cost must not grow with the number of revoked tokens: one bit test each."""
-    from agentauthz._bitset_py import HEADER_BYTES, buffer_size
+    from agentauthz.decision._bitset_py import HEADER_BYTES, buffer_size
     capacity = 1 << 24
     buffer = bytearray(buffer_size(capacity))
     buffer[HEADER_BYTES:HEADER_BYTES + revoked // 8] = b"\xff" * (revoked // 8)  # slots [0, revoked)

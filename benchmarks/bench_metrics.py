@@ -20,8 +20,10 @@ from bench_hotpath import AUDIENCE, NOW, implementations, token, verifier
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 
-from agentauthz import extauthz, metrics, reasons
-from agentauthz.policy import DEV_POLICY, Policy
+from agentauthz import reasons
+from agentauthz.audit.writer import metrics
+from agentauthz.decision.policy import DEV_POLICY, Policy
+from agentauthz.serve import extauthz
 
 POLICY = Policy.from_text(DEV_POLICY.read_text())
 

@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from agentauthz.policy import Policy
+from agentauthz.decision.policy import Policy
 
 SIZES = [10, 1_000, 100_000]
 DOMAIN = "spiffe://bench.test"

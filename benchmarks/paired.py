@@ -23,8 +23,8 @@ from typing import Any, Callable
 
 from nacl.signing import VerifyKey
 
-from agentauthz import _accel
-from agentauthz.policy import Policy
+from agentauthz.decision import _accel
+from agentauthz.decision.policy import Policy
 
 from .bench_hotpath import KEY, NOW, token, verifier
 from .bench_policy import DOMAIN, policy_text
@@ -76,7 +76,7 @@ def cases() -> dict[str, tuple[str, Callable[[], Any], Callable[[], Any], int]]:
     def warm(hot: Any, slot: int = 1, revoked: int = 0) -> Callable[[], Any]:
         v = verifier(hot)
         if slot > 1:  # the 10M case: a window wide enough for both sides, slots [0, revoked) set
-            from agentauthz._bitset_py import HEADER_BYTES, buffer_size
+            from agentauthz.decision._bitset_py import HEADER_BYTES, buffer_size
             capacity = 1 << 24
             buffer = bytearray(buffer_size(capacity))
             buffer[HEADER_BYTES:HEADER_BYTES + revoked // 8] = b"\xff" * (revoked // 8)

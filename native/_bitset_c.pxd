@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Declarations of the native revocation bitset, the twin of ``agentauthz/_bitset_py.py``.
+"""Declarations of the native revocation bitset, the twin of ``agentauthz/decision/_bitset_py.py``.
 
 The buffer layout is the contract shared with the pure twin and, later, with
 other worker processes through shared memory: ``base`` (uint64 LE) at offset

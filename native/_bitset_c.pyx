@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Native revocation bitset: the twin of ``agentauthz/_bitset_py.py``, same API, same buffer layout.
+"""Native revocation bitset: the twin of ``agentauthz/decision/_bitset_py.py``, same API, same buffer layout.
 
 One bit per token slot over a sliding window ``[base, base + capacity)``,
 stored in a caller-supplied (or private) buffer: a 16-byte header (``base``

@@ -1,2 +1,2 @@
 # cython: language_level=3
-"""Declarations of the audit hash chain, the twin of ``agentauthz/_chain_py.py`` (no cimports yet)."""
+"""Declarations of the audit hash chain, the twin of ``agentauthz/decision/_chain_py.py`` (no cimports yet)."""

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""The audit log's hash chain: the native twin of ``agentauthz/_chain_py.py``.
+"""The audit log's hash chain: the native twin of ``agentauthz/decision/_chain_py.py``.
 
 An allow's record is formatted, hashed and written in one call with no
 intermediate Python objects. Under load each Python-level step of the old
@@ -23,7 +23,7 @@ import ctypes
 import nacl.bindings  # importing it runs sodium_init(), required before any libsodium call
 from nacl._sodium import ffi as _ffi, lib as _sodium
 
-from agentauthz.audit_records import _json_str, _redacted
+from agentauthz.decision.redact import _json_str, _redacted
 
 cdef extern from "Python.h":
     char *PyOS_double_to_string(double val, char format_code, int precision, int flags,

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""The common Check in one call: the native twin of ``agentauthz/_check_py.py``.
+"""The common Check in one call: the native twin of ``agentauthz/decision/_check_py.py``.
 
 Under load each Python step of a Check ran on cold caches and cost several
 times its isolated price; the glue around the decision and the record (the
@@ -17,12 +17,12 @@ cdef extern from "Python.h":
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from agentauthz._verify_c cimport VerifiedToken
+from agentauthz.decision._verify_c cimport VerifiedToken
 
 from agentauthz import reasons
-from agentauthz._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID, PREFIX_CHARS
+from agentauthz.decision._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID, PREFIX_CHARS
 from agentauthz.errors import AuditUnavailable
-from agentauthz.mcp import EXTENSION
+from agentauthz.decision.mcp import EXTENSION
 
 cdef enum:
     PREFIX = 16  # a random 64-bit process prefix, then a 64-bit counter (_check_py says why)

@@ -1,5 +1,5 @@
 # cython: language_level=3, boundscheck=False, wraparound=False
-"""Native twin of ``agentauthz/_request_py.py``: the fields of an ext_authz CheckRequest a decision
+"""Native twin of ``agentauthz/decision/_request_py.py``: the fields of an ext_authz CheckRequest a decision
 reads, scanned straight from the wire bytes.
 
 Building the protobuf message and walking it (each attribute and map access makes a wrapper

@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Strict token text, natively: the twin of ``agentauthz/_strict_py.py``, same refusals, same messages.
+"""Strict token text, natively: the twin of ``agentauthz/decision/_strict_py.py``, same refusals, same messages.
 
 Strict base64url (RFC 7515 §2) and strict JSON (RFC 8259: UTF-8, no duplicate
 keys, no NaN or Infinity, nesting bounded; RFC 7493 I-JSON: no lone surrogate), which every new token's three
@@ -12,9 +12,9 @@ import json
 
 import orjson
 
-from agentauthz._strict_py import lone_surrogate
+from agentauthz.decision._strict_py import lone_surrogate
 from agentauthz.errors import TokenMalformed
-from agentauthz.tokens import MAX_JSON_DEPTH
+from agentauthz.decision.tokens import MAX_JSON_DEPTH
 
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 from cpython.unicode cimport PyUnicode_DATA, PyUnicode_DecodeUTF8, PyUnicode_GET_LENGTH

@@ -1,10 +1,10 @@
 # cython: language_level=3
-"""Declarations of the native hot path, the twin of ``agentauthz/_verify_py.py``."""
+"""Declarations of the native hot path, the twin of ``agentauthz/decision/_verify_py.py``."""
 
 cimport cython
 from libc.stdint cimport uint64_t
 
-from agentauthz._bitset_c cimport Bitset
+from agentauthz.decision._bitset_c cimport Bitset
 
 cdef enum:
     # Status slots one token can carry: its own plus one per delegating

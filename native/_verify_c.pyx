@@ -1,5 +1,5 @@
 # cython: language_level=3
-"""Native hot path: the twin of ``agentauthz/_verify_py.py``, same checks in the same order.
+"""Native hot path: the twin of ``agentauthz/decision/_verify_py.py``, same checks in the same order.
 
 ``Verifier.verify`` turns token text into a ``VerifiedToken`` (strict parse,
 Ed25519 signature, claims) and caches it by the exact token string, so the
@@ -16,9 +16,9 @@ import nacl.bindings  # importing it runs sodium_init(), required before any lib
 from nacl._sodium import ffi as _ffi, lib as _sodium
 
 from agentauthz import errors, reasons
-from agentauthz.constraints import Constrained, compile_extras
-from agentauthz.identity import IdentityError, parse_spiffe_id
-from agentauthz.tokens import (
+from agentauthz.decision.constraints import Constrained, compile_extras
+from agentauthz.identity.spiffe import IdentityError, parse_spiffe_id
+from agentauthz.decision.tokens import (
     ALGORITHM, MAX_DELEGATION_DEPTH, MAX_GRANTS, MAX_INTENT_CHARS, SENSITIVITY_RANK, task_key,
 )
 
@@ -30,10 +30,10 @@ from libc.stdint cimport uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
-from agentauthz._bitset_c cimport Bitset
-from agentauthz._strict_c cimport _decode_segment, _json_object
+from agentauthz.decision._bitset_c cimport Bitset
+from agentauthz.decision._strict_c cimport _decode_segment, _json_object
 
-from agentauthz._strict_c import b64url_decode, json_object  # the twin's names, for HotPath and tests
+from agentauthz.decision._strict_c import b64url_decode, json_object  # the twin's names, for HotPath and tests
 
 cdef extern from "Python.h":
     bint PyUnicode_IS_ASCII(object o)

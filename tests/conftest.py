@@ -6,7 +6,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from support import native_or_fail
 
-from agentauthz import _accel
+from agentauthz.decision import _accel
 
 # Fuzz tests (tests/test_fuzz_*.py) leave max_examples to the profile: "ci", the default, keeps each to
 # a few seconds in `make test`, on the same examples every run (derandomized: CI must not flake on a

@@ -19,13 +19,14 @@ from typing import Any
 import atheris
 
 # Imported first here, so that the pure twin is instrumented wherever it is used later.
-with atheris.instrument_imports(include=["agentauthz._strict_py", "agentauthz._verify_py",
-                                         "agentauthz.constraints"]):
-    from agentauthz import _strict_py, _verify_py  # noqa: F401  (_verify_py: through _accel.pure())
+with atheris.instrument_imports(include=["agentauthz.decision._strict_py", "agentauthz.decision._verify_py",
+                                         "agentauthz.decision.constraints"]):
+    from agentauthz.decision import _strict_py, _verify_py  # noqa: F401  (_verify_py: through _accel.pure())
 
 from nacl.signing import SigningKey
 
-from agentauthz import _accel, errors, tokens
+from agentauthz import errors
+from agentauthz.decision import _accel, tokens
 
 ISSUER, AUDIENCE, KID = "https://agentauthz.test", "tools", "fuzz-key"
 KEY = SigningKey(b"\x01" * 32)  # fixed: a crash file must reproduce
@@ -75,7 +76,7 @@ def one_input(data: bytes) -> None:
         header = json.dumps({"alg": "EdDSA", "typ": tokens.TOKEN_TYPE, "kid": KID}).encode()
         token = sign(header, fdp.ConsumeBytes(fdp.remaining_bytes()))
     else:  # the strict JSON parsers alone
-        from agentauthz import _strict_c  # type: ignore[attr-defined]
+        from agentauthz.decision import _strict_c  # type: ignore[attr-defined]
         raw = fdp.ConsumeBytes(fdp.remaining_bytes())
         native, pure = json_outcome(_strict_c.json_object, raw), json_outcome(_strict_py.json_object, raw)
         if native != pure:

@@ -13,7 +13,7 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from processes import Daemon
 
 from agentauthz.client import CHECK_METHOD, Client, Decision, Identity, decision_from
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 AGENT = "spiffe://dev.local/agent/alpha"

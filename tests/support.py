@@ -11,8 +11,8 @@ import pytest
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from agentauthz import _accel, tokens
-from agentauthz._accel import HotPath
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision._accel import HotPath
 
 ISSUER = "https://agentauthz.test"
 AUDIENCE = "tools"

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 import agentauthz
-from agentauthz import _accel
+from agentauthz.decision import _accel
 
 ROOT = Path(agentauthz.__file__).resolve().parent.parent
 SHARED_NAMES = ("Verifier", "VerifiedToken", "RevocationIndex", "Grant", "compile_grant", "b64url_decode",
@@ -26,9 +26,9 @@ def test_a_normal_build_runs_native() -> None:
     assert _accel.FALLBACK_REASON is None, _accel.FALLBACK_REASON
     assert _accel.NATIVE is True
     assert _accel.ACTIVE.name == "native"
-    assert _accel.Verifier.__module__ == "agentauthz._verify_c"
-    assert _accel.Bitset.__module__ == "agentauthz._bitset_c"
-    assert _accel.ACTIVE.scan_check_request.__module__ == "agentauthz._request_c"  # type: ignore[attr-defined]
+    assert _accel.Verifier.__module__ == "agentauthz.decision._verify_c"
+    assert _accel.Bitset.__module__ == "agentauthz.decision._bitset_c"
+    assert _accel.ACTIVE.scan_check_request.__module__ == "agentauthz.decision._request_c"  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("value", ["1", "true", "TRUE", "yes", "On", " on "])

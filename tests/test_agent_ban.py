@@ -11,12 +11,13 @@ import grpc
 import pytest
 from processes import Daemon, audit_records
 
-from agentauthz import reasons, tokens
-from agentauthz.authority import Authority
+from agentauthz import reasons
+from agentauthz.authority.core import Authority
+from agentauthz.authority.outcomes import Refused
 from agentauthz.client import Client, Identity
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.outcomes import Refused
+from agentauthz.decision import tokens
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"

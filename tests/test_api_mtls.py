@@ -16,7 +16,7 @@ import pytest
 from processes import ROOT, Daemon
 
 from agentauthz.client import Client, Identity
-from agentauthz.devca import CertAndKey, DevPki, ensure_dev_pki, issue_svid, make_ca, make_leaf
+from agentauthz.identity.devca import CertAndKey, DevPki, ensure_dev_pki, issue_svid, make_ca, make_leaf
 from agentauthz.v1 import agentauthz_pb2 as pb
 from agentauthz.v1 import agentauthz_pb2_grpc as pb_grpc
 

@@ -20,12 +20,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from processes import Daemon, wait_for
 
-from agentauthz.approvers import DEV_AUDIENCE, DEV_ISSUER, issue_dev_credential
+from agentauthz.authority.approvers import DEV_AUDIENCE, DEV_ISSUER, issue_dev_credential
 from agentauthz.client import ApprovalsClient, Client, Identity
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import ConfigError
-from agentauthz.jwtsvid import JwtIssuer
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.jwtsvid import JwtIssuer
 from agentauthz.v1 import agentauthz_pb2 as pb
 from agentauthz.v1 import agentauthz_pb2_grpc as pb_grpc
 
@@ -414,7 +414,7 @@ def test_no_human_credential_reaches_a_log(daemon: Daemon) -> None:
 
 
 def test_an_approved_grant_covers_only_what_the_human_saw() -> None:
-    from agentauthz.approvals import Approval
+    from agentauthz.authority.approvals import Approval
     approved = {"tool": "demo", "target": "reports/*", "ops": ["delete", "write"], "sensitivity": "internal",
                 "budget": {"max_calls": 3}}
     a = Approval("id", ALPHA, "t", "", [approved], "approved", 0, 10)
@@ -429,7 +429,7 @@ def test_an_approved_grant_covers_only_what_the_human_saw() -> None:
 
 
 def test_unreadable_approvals_refuse_to_start_rather_than_forget(tmp_path: Path) -> None:
-    from agentauthz.approvals import ApprovalStore
+    from agentauthz.authority.approvals import ApprovalStore
     from agentauthz.errors import StateError
     for text in ("{", '{"version": 2, "approvals": []}',
                  '{"version": 1, "approvals": [{"id": "x", "state": "approved"}]}'):

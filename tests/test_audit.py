@@ -22,10 +22,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import Forge
 
-from agentauthz import audit, audit_files, audit_records, audit_verify
-from agentauthz._chain_py import GENESIS
-from agentauthz.audit import AuditLog
-from agentauthz.audit_verify import main_verify, verify_dir
+from agentauthz.audit.verify import main_verify, verify_dir
+from agentauthz.audit.writer import AuditLog
+from agentauthz.audit.writer import files as audit_files
+from agentauthz.audit.writer import records as audit_records
+from agentauthz.audit.writer import verify as audit_verify
+from agentauthz.audit.writer import writer as audit
+from agentauthz.decision._chain_py import GENESIS
 from agentauthz.errors import StateError
 
 LOG1 = "audit-0000000001.jsonl"

@@ -14,11 +14,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from processes import Daemon, http_get, wait_for
 
-from agentauthz._chain_py import GENESIS
-from agentauthz.audit_records import _b64, _canon, thumbprint
-from agentauthz.audit_verify import verify_dir
+from agentauthz.audit.records import _b64, _canon, thumbprint
+from agentauthz.audit.verify import verify_dir
 from agentauthz.client import Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.decision._chain_py import GENESIS
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENT = "spiffe://dev.local/agent/alpha"
 

@@ -139,7 +139,7 @@ def test_the_answer_server_answers_what_agentauthz_allows_with() -> None:
     # Through Envoy the hop's bound is only honest if Envoy has the same answer to act on.
     from envoy.service.auth.v3 import external_auth_pb2
 
-    from agentauthz._check_py import DECISION_ID_CHARS, HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID
+    from agentauthz.decision._check_py import DECISION_ID_CHARS, HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID
     from benchmarks.load.servers import allow_answer
     answer = external_auth_pb2.CheckResponse.FromString(allow_answer())
     assert answer.status.code == 0

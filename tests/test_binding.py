@@ -16,7 +16,7 @@ import yaml
 from processes import ROOT, Daemon, echo_upstream, envoy, free_port
 
 from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"

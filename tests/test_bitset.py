@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from agentauthz._accel import HotPath
+from agentauthz.decision._accel import HotPath
 
 HEADER = 16  # base uint64 LE, 8 reserved bytes
 
@@ -177,7 +177,7 @@ def test_two_views_of_one_buffer_agree(hot: HotPath) -> None:
 
 
 def test_both_twins_write_the_same_bytes(hot: HotPath) -> None:
-    from agentauthz import _accel
+    from agentauthz.decision import _accel
     pure = _accel.pure()
     buffers = [bytearray(hot.bitset_module.buffer_size(512)) for _ in range(2)]
     twins = [hot.Bitset(512, buffers[0]), pure.Bitset(512, buffers[1])]

@@ -17,12 +17,14 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from nacl.signing import SigningKey
 from processes import Daemon, wait_for
 
-from agentauthz import errors, statuslist, tokens
+from agentauthz import errors
 from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from, verify_offline
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.decision import tokens
+from agentauthz.decision.policy import DEV_POLICY, Policy
 from agentauthz.errors import PolicyError
-from agentauthz.keys import _read_private
-from agentauthz.policy import DEV_POLICY, Policy
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.state import statuslist
+from agentauthz.state.keys import _read_private
 
 AGENT = "spiffe://dev.local/agent/alpha"
 ADMIN = "spiffe://dev.local/agent/admin"

@@ -11,9 +11,10 @@ from limits_support import Checker, agent, grant, plain
 from processes import Daemon
 from support import Forge, make_verifier
 
-from agentauthz import reasons, tokens
-from agentauthz.budgets import BudgetTable
-from agentauthz.constraints import (
+from agentauthz import reasons
+from agentauthz.authority.budgets import BudgetTable
+from agentauthz.decision import tokens
+from agentauthz.decision.constraints import (
     DEFAULT_WINDOW,
     Budget,
     budget_key,
@@ -21,8 +22,8 @@ from agentauthz.constraints import (
     enforce,
     tighter_budget,
 )
+from agentauthz.decision.policy import Policy
 from agentauthz.errors import PolicyError
-from agentauthz.policy import Policy
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 ALLOW = reasons.ALLOW

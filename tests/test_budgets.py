@@ -14,9 +14,10 @@ import pytest
 from limits_support import Checker, agent, grant, plain, start
 from support import Forge, make_verifier
 
-from agentauthz import _accel, reasons, tokens
-from agentauthz.budgets import BudgetTable, retry_after
-from agentauthz.constraints import DEFAULT_WINDOW, Budget, budget_key, enforce
+from agentauthz import reasons
+from agentauthz.authority.budgets import BudgetTable, retry_after
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision.constraints import DEFAULT_WINDOW, Budget, budget_key, enforce
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 ALLOW = reasons.ALLOW

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from agentauthz import _accel
+from agentauthz.decision import _accel
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -40,7 +40,7 @@ PROBE = """
 import sys
 sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f).lower()]
 sys.path.insert(0, ".")
-from agentauthz import _accel
+from agentauthz.decision import _accel
 print(_accel.ACTIVE.name, _accel.__file__)
 """
 

@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import native_or_fail
 
-from agentauthz import _accel
-from agentauthz._chain_py import GENESIS, SEQ_MAX
+from agentauthz.decision import _accel
+from agentauthz.decision._chain_py import GENESIS, SEQ_MAX
 
 PREPARED = '"decision":true,"reason":"allow","tool":"demo","agent":"spiffe://dev.local/agent/a"'
 TOKEN = "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJzcGlmZmU6Ly9kZXYubG9jYWwvYWdlbnQvYSJ9.c2lnbmF0dXJlc2lnbmF0dXJl"
@@ -155,7 +155,7 @@ def test_the_link_hash_is_sha256_across_block_and_padding_boundaries(size: int) 
     line = bytes((i * 7 + size) % 251 for i in range(size))
     if hashlib.sha256.__module__ == "_hashlib":  # an OpenSSL behind hashlib: the native twin uses it
         native_or_fail()
-        from agentauthz import _chain_c  # type: ignore[attr-defined]
+        from agentauthz.decision import _chain_c  # type: ignore[attr-defined]
         assert _chain_c.SHA256_FROM == "openssl"
     for twin in _twins():
         chain = twin()

@@ -19,12 +19,14 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from processes import Daemon, audit_records, echo_upstream, envoy, envoy_config, free_port, request
 
-from agentauthz import _accel, extauthz, reasons, tokens
-from agentauthz.authority import Authority
+from agentauthz import reasons
+from agentauthz.authority.core import Authority
 from agentauthz.client import Client, Identity, decision_from
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import extauthz
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 SECRET = "injected fault: /srv/secret/state"  # internal text that must never reach a caller

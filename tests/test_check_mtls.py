@@ -21,9 +21,9 @@ from processes import ROOT, Daemon, echo_upstream, envoy, free_port, http_get, w
 from agentauthz import reasons
 from agentauthz.client import CHECK_METHOD, Client, Decision, Identity, decision_from
 from agentauthz.config import DEV_CHECK_CLIENT, Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.decision.policy import DEV_POLICY
 from agentauthz.errors import ConfigError
-from agentauthz.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 EDGE = "spiffe://dev.local/edge-proxy"

@@ -12,9 +12,9 @@ from limits_support import AGENT, Checker, agent, check_request, grant, plain, s
 from processes import Daemon, wait_for
 
 from agentauthz import reasons
-from agentauthz.audit_records import REDACTED, REDACTED_CREDENTIAL
+from agentauthz.audit.records import REDACTED, REDACTED_CREDENTIAL
 from agentauthz.client import Decision
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 BETA = "spiffe://dev.local/agent/beta"
 

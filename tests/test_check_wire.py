@@ -22,9 +22,11 @@ from google.rpc import status_pb2
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from agentauthz import _accel, extauthz, reasons
+from agentauthz import reasons
 from agentauthz.check_wire import Answer, CheckResponseMalformed, decode_check_response
 from agentauthz.client import check_request, decision_from
+from agentauthz.decision import _accel
+from agentauthz.serve import extauthz
 
 text = st.text(max_size=40)
 

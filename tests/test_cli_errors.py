@@ -14,12 +14,13 @@ import grpc
 import pytest
 from processes import ROOT, Daemon, free_port
 
-from agentauthz import errors, listeners
+from agentauthz import errors
 from agentauthz.cli import build_parser
 from agentauthz.client import _ERROR_BY_STATUS, AsyncClient, Client, Identity
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.server import Daemon as InProcessDaemon
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import listeners
+from agentauthz.serve.server import Daemon as InProcessDaemon
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 ADMIN = "spiffe://dev.local/admin/ops"

@@ -15,11 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from processes import Daemon, http_get, wait_for
 
-from agentauthz._bitset_py import HEADER_BYTES
-from agentauthz.audit_verify import verify_dir
+from agentauthz.audit.verify import verify_dir
 from agentauthz.client import AsyncClient, Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision._bitset_py import HEADER_BYTES
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENT = "spiffe://dev.local/agent/alpha"
 

@@ -15,7 +15,7 @@ from limits_support import Checker, check_request, tool_call
 from processes import Daemon, wait_for
 
 from agentauthz.client import AsyncClient, Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 AGENT = "spiffe://dev.local/agent/"

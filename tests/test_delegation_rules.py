@@ -10,14 +10,15 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from agentauthz import _accel, reasons
-from agentauthz.approvers import Human
-from agentauthz.authority import Authority
+from agentauthz import reasons
+from agentauthz.authority.approvers import Human
+from agentauthz.authority.core import Authority
+from agentauthz.authority.delegation import fits, for_child, normalize, pattern_within, within_parent
+from agentauthz.authority.outcomes import Refused
 from agentauthz.config import Config
-from agentauthz.delegation import fits, for_child, normalize, pattern_within, within_parent
-from agentauthz.outcomes import Refused
-from agentauthz.policy import Policy
-from agentauthz.tokens import grant
+from agentauthz.decision import _accel
+from agentauthz.decision.policy import Policy
+from agentauthz.decision.tokens import grant
 
 AGENT = "spiffe://dev.local/agent/"
 ALPHA, BETA, CAROL = AGENT + "alpha", AGENT + "beta", AGENT + "carol"

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import AGENT, AllowAll, Forge, make_verifier, native_or_fail
 
-from agentauthz import _accel, _strict_py, errors, reasons, tokens
+from agentauthz import errors, reasons
+from agentauthz.decision import _accel, _strict_py, tokens
 
 B64URL = string.ascii_letters + string.digits + "-_"
 SUBSTITUTES = B64URL + ".=+/ \t\x00é"
@@ -190,7 +191,7 @@ def _json_texts() -> st.SearchStrategy[str]:
 @settings(max_examples=1500, deadline=None)
 @given(SPACE, _json_texts(), SPACE, st.sampled_from([""] * 12 + [",", "}", " x", "\x00"]))
 def test_strict_json_agrees(twins: Twins, before: str, text: str, after: str, junk: str) -> None:
-    from agentauthz import _strict_c  # type: ignore[attr-defined]
+    from agentauthz.decision import _strict_c  # type: ignore[attr-defined]
     raw = (before + text + after + junk).encode("utf-8", "surrogatepass")
     assert json_outcome(_strict_c.json_object, raw) == json_outcome(_strict_py.json_object, raw)
 
@@ -198,13 +199,13 @@ def test_strict_json_agrees(twins: Twins, before: str, text: str, after: str, ju
 @SETTINGS
 @given(st.binary(max_size=64))
 def test_strict_json_agrees_on_bytes(twins: Twins, raw: bytes) -> None:
-    from agentauthz import _strict_c  # type: ignore[attr-defined]
+    from agentauthz.decision import _strict_c  # type: ignore[attr-defined]
     assert json_outcome(_strict_c.json_object, raw) == json_outcome(_strict_py.json_object, raw)
 
 
 def test_strict_json_fast_path_cases(twins: Twins) -> None:
     """Texts where a shortcut could go wrong: duplicates hidden by escapes, colons in strings."""
-    from agentauthz import _strict_c  # type: ignore[attr-defined]
+    from agentauthz.decision import _strict_c  # type: ignore[attr-defined]
     cases = [b'{"a":1,"\\u0061":2}', b'{"a:":1,"b":"x:y"}', b'{"a\\"":1,"a\\"":2}', b'{"a":{"b":1,"b":2}}',
              b'[{"a":NaN}]', b'{"a":[1e999]}', b'{"a":"\\\\","b":":"}', b' {"a" : 1 } ', b'{"a":-Infinity}',
              b'{"":1,"":1}', b'{"a":1}{"b":2}', b'\xef\xbb\xbf{"a":1}', b'{"a":1,}', b'{"a":"\xed\xa0\x80"}']
@@ -215,7 +216,7 @@ def test_strict_json_fast_path_cases(twins: Twins) -> None:
 def test_strict_json_where_orjson_and_json_read_numbers_differently(twins: Twins) -> None:
     """The native twin parses with orjson first, which reads an integer beyond 64 bits as a float and
     refuses a lone surrogate that json keeps: those texts must come out as the pure twin reads them."""
-    from agentauthz import _strict_c  # type: ignore[attr-defined]
+    from agentauthz.decision import _strict_c  # type: ignore[attr-defined]
     cases = [b'{"exp":18446744073709551616}', b'{"exp":-9223372036854775809}', b'{"a":[1,2e0]}',
              b'{"iat":1.0}', b'{"a":"\\ud800"}', b'{"a":0.1,"a":0.1}', b'{"a":1E400}', b'{"n":-0.0}']
     for raw in cases:

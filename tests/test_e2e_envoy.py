@@ -13,8 +13,8 @@ import pytest
 from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, request, wait_for
 
 from agentauthz.client import Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENT = "spiffe://dev.local/agent/alpha"
 OTHER_AGENT = "spiffe://dev.local/agent/beta"

@@ -19,7 +19,7 @@ from processes import Daemon, wait_for
 from agentauthz import reasons
 from agentauthz.client import Client, Identity
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"

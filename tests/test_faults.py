@@ -30,13 +30,13 @@ from faults_support import (
 )
 from processes import Daemon, audit_records, wait_for
 
-from agentauthz.audit import WITHDRAWN, AuditLog
-from agentauthz.audit_files import public_pem
-from agentauthz.audit_records import prepare
-from agentauthz.audit_verify import verify_dir
+from agentauthz.audit.files import public_pem
+from agentauthz.audit.records import prepare
+from agentauthz.audit.verify import verify_dir
+from agentauthz.audit.writer import WITHDRAWN, AuditLog
 from agentauthz.client import Client, Decision, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import AuditUnavailable
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 FAST_AUDIT = {"audit_flush_interval": 0.01}
 AUDIT_KEY = Ed25519PrivateKey.generate()  # the checkpoint key, kept outside the audit directory

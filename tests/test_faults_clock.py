@@ -17,13 +17,13 @@ import pytest
 from faults_support import AGENT
 from processes import audit_records
 
-from agentauthz.authority import Authority
+from agentauthz.authority.core import Authority
 from agentauthz.client import check_request, decision_from
-from agentauthz.clock import SteadyClock
 from agentauthz.config import Config
-from agentauthz.extauthz import CheckService, parse_check_request
-from agentauthz.keys import Keyring, RotationThread
-from agentauthz.tokens import grant
+from agentauthz.decision.tokens import grant
+from agentauthz.serve.extauthz import CheckService, parse_check_request
+from agentauthz.state.clock import SteadyClock
+from agentauthz.state.keys import Keyring, RotationThread
 
 READ = [grant("demo", "*", ["read"])]
 HOUR = 3600.0
@@ -172,7 +172,7 @@ def test_steady_clock_stands_still_for_a_reading_another_thread_overtook(
     assert clock() == start + 0.004  # the reader that stored first read the later time
     wall.now = start + 0.001  # the overtaken reading, or a 3 ms step back: never backwards, no warning
     mono[0] += 0.001
-    with caplog.at_level(logging.WARNING, logger="agentauthz.clock"):
+    with caplog.at_level(logging.WARNING, logger="agentauthz.state.clock"):
         assert clock() == start + 0.004
         wall.now = start + 0.005
         assert clock() == start + 0.005  # and the wall is followed again at once

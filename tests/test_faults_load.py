@@ -33,7 +33,7 @@ from processes import (
 )
 
 from agentauthz.client import CHECK_METHOD, Client, Identity, check_request, decision_from
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 ADMIN = "spiffe://dev.local/admin/ops"

@@ -24,8 +24,8 @@ from faults_support import AGENT
 from processes import ROOT, Daemon
 
 from agentauthz.client import Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 START_TIMEOUT = 20.0  # a daemon still running after this started on damaged state: the test fails
 

@@ -40,13 +40,15 @@ from hypothesis import strategies as st
 from nacl.signing import SigningKey
 from support import damaged
 
-from agentauthz import _check_py, extauthz, reasons, tokens
-from agentauthz.authority import Authority
+from agentauthz import reasons
+from agentauthz.authority.core import Authority
 from agentauthz.config import Config
-from agentauthz.constraints import Constrained
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.mcp import Call, read_call
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision import _check_py, tokens
+from agentauthz.decision.constraints import Constrained
+from agentauthz.decision.mcp import Call, read_call
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import extauthz
 
 ALPHA, BETA = "spiffe://dev.local/agent/alpha", "spiffe://dev.local/agent/beta"
 SEEDS = Path(__file__).resolve().parent / "corpus" / "check_requests"

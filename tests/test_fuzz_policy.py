@@ -23,10 +23,10 @@ import yaml
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
-from agentauthz import tokens
-from agentauthz.constraints import Constrained
+from agentauthz.decision import tokens
+from agentauthz.decision.constraints import Constrained
+from agentauthz.decision.policy import Policy, spiffe_problem
 from agentauthz.errors import PolicyError
-from agentauthz.policy import Policy, spiffe_problem
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "policies"
 GOOD = sorted(CORPUS.glob("ok-*.yaml"))

@@ -28,9 +28,10 @@ from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 from support import AUDIENCE, ISSUER, AllowAll, Forge, native_or_fail
 
-from agentauthz import _accel, errors, reasons, tokens
-from agentauthz._accel import HotPath
-from agentauthz.policy import spiffe_problem
+from agentauthz import errors, reasons
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision._accel import HotPath
+from agentauthz.decision.policy import spiffe_problem
 
 CORPUS = Path(__file__).resolve().parent / "corpus" / "tokens"
 MANIFEST = json.loads((CORPUS / "manifest.json").read_text())
@@ -493,7 +494,7 @@ def test_fuzz_nesting_verdict_does_not_depend_on_the_recursion_limit(depth: int)
 
 
 def test_fuzz_nesting_counts_brackets_in_strings_never() -> None:
-    from agentauthz import _strict_c, _strict_py  # type: ignore[attr-defined]
+    from agentauthz.decision import _strict_c, _strict_py  # type: ignore[attr-defined]
     quoted = '"' + "[{" * 100 + '\\"' + "[" * 100 + '"'
     raw = f'{{"a":{quoted}}}'.encode()
     for module in (_strict_c, _strict_py):

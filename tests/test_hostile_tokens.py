@@ -34,10 +34,11 @@ from nacl.signing import SigningKey
 from processes import Daemon, wait_for
 from support import Forge, daemon_twin, make_verifier, native_or_fail
 
-from agentauthz import _accel, errors, reasons, tokens
-from agentauthz._accel import HotPath
+from agentauthz import errors, reasons
 from agentauthz.client import Client, Identity, decision_from
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision._accel import HotPath
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENT = "spiffe://dev.local/agent/alpha"
 REQUEST = ("demo", "reports", "read", "public")  # what every token case asks for

@@ -14,8 +14,8 @@ import pytest
 from processes import Daemon, wait_for
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from agentauthz import statuslist
 from agentauthz.config import Config
+from agentauthz.state import statuslist
 
 ROUTES = ("/healthz", "/.well-known/jwks.json", "/.well-known/agentauthz-audit-key", "/status-list",
           "/status-list/data", "/metrics", "/nope", "/status-list/nope")

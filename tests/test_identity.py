@@ -21,9 +21,16 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agentauthz import devca, identity
 from agentauthz.errors import AgentAuthzError, StateError
-from agentauthz.identity import IdentityError, SpiffeId, load_bundle, parse_spiffe_id, svid_from_pem
+from agentauthz.identity.spiffe import (
+    IdentityError,
+    SpiffeId,
+    devca,
+    load_bundle,
+    parse_spiffe_id,
+    svid_from_pem,
+)
+from agentauthz.identity.spiffe import spiffe as identity
 
 TD = "dev.local"
 AGENT = "spiffe://dev.local/agent/alpha"

@@ -3,9 +3,9 @@
 Extends tests/test_api_mtls.py (which checks that hostile certificates mint nothing) and
 tests/test_jwtsvid.py (the JWT-SVID refusals and that no bearer reaches a log): here each hostile
 certificate or JWT-SVID must be refused at a known layer, and every refusal the daemon can see
-must leave an ``authn`` record naming why. Certificates are built with agentauthz.devca.
+must leave an ``authn`` record naming why. Certificates are built with agentauthz.identity.devca.
 
-The daemon terminates the API's TLS itself (agentauthz/tls_front.py): the handshake completes
+The daemon terminates the API's TLS itself (agentauthz/serve/tls_front.py): the handshake completes
 whatever certificate is presented, or none, so even a chain no TLS stack would verify (another CA,
 an impostor CA with the CA's name, expiry, name constraints, a server-only EKU, a leaf used as a
 CA, no certificate at all) reaches identity.py, and the caller gets UNAUTHENTICATED naming why,
@@ -31,9 +31,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from processes import Daemon, wait_for
 
-from agentauthz.audit_verify import verify_dir
+from agentauthz.audit.verify import verify_dir
 from agentauthz.client import Identity
-from agentauthz.devca import CertAndKey, DevPki, ensure_dev_pki, issue_svid, make_ca, make_leaf
+from agentauthz.identity.devca import CertAndKey, DevPki, ensure_dev_pki, issue_svid, make_ca, make_leaf
 from agentauthz.v1 import agentauthz_pb2 as pb
 from agentauthz.v1 import agentauthz_pb2_grpc as pb_grpc
 

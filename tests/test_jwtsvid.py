@@ -20,10 +20,10 @@ from processes import Daemon, wait_for
 
 from agentauthz.client import Identity
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
 from agentauthz.errors import ConfigError
-from agentauthz.identity import IdentityError
-from agentauthz.jwtsvid import MAX_JWT_BYTES, JwtIssuer, Verifier, bearer_token, load_keys
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.jwtsvid import MAX_JWT_BYTES, JwtIssuer, Verifier, bearer_token, load_keys
+from agentauthz.identity.spiffe import IdentityError
 from agentauthz.v1 import agentauthz_pb2 as pb
 from agentauthz.v1 import agentauthz_pb2_grpc as pb_grpc
 

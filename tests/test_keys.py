@@ -18,9 +18,11 @@ from cryptography.hazmat.primitives import serialization
 from nacl.signing import SigningKey
 from support import AGENT, AUDIENCE, ISSUER, STATUS_URI, AllowAll
 
-from agentauthz import errors, keys, tokens
-from agentauthz._bitset_py import Bitset
-from agentauthz._verify_py import RevocationIndex, Verifier
+from agentauthz import errors
+from agentauthz.decision import tokens
+from agentauthz.decision._bitset_py import Bitset
+from agentauthz.decision._verify_py import RevocationIndex, Verifier
+from agentauthz.state import keys
 
 START = 1_700_000_000.0
 INTERVAL = 3600.0

@@ -26,11 +26,12 @@ from limits_support import (
 from processes import echo_upstream, envoy, envoy_config, free_port, request
 from support import Forge, make_verifier, native_or_fail
 
-from agentauthz import _accel, errors, mcp, reasons, tokens
-from agentauthz.api import grant_to_dict, grant_to_proto
-from agentauthz.constraints import Argument, compile_arguments, path_unsafe
-from agentauthz.extauthz import http_status_for
-from agentauthz.policy import Policy
+from agentauthz import errors, reasons
+from agentauthz.decision import _accel, mcp, tokens
+from agentauthz.decision.constraints import Argument, compile_arguments, path_unsafe
+from agentauthz.decision.policy import Policy
+from agentauthz.serve.api import grant_to_dict, grant_to_proto
+from agentauthz.serve.extauthz import http_status_for
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 READ_REPORTS = [{"name": "path", "prefix": "/srv/reports", "required": True},

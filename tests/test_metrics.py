@@ -15,11 +15,14 @@ from processes import Daemon, audit_records, http_get, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from support import AUDIENCE, Forge, make_verifier
 
-from agentauthz import _accel, extauthz, metrics, reasons
-from agentauthz.approvers import issue_dev_credential
+from agentauthz import reasons
+from agentauthz.audit.writer import metrics
+from agentauthz.authority.approvers import issue_dev_credential
 from agentauthz.client import ApprovalsClient, Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY, Policy
+from agentauthz.decision import _accel
+from agentauthz.decision.policy import DEV_POLICY, Policy
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import extauthz
 
 ALPHA, BETA = "spiffe://dev.local/agent/alpha", "spiffe://dev.local/agent/beta"
 WORKERS = 3  # the primary and two workers answer Check

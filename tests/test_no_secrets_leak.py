@@ -28,10 +28,10 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from processes import Daemon, http_get, wait_for
 
-from agentauthz.approvers import issue_dev_credential
+from agentauthz.authority.approvers import issue_dev_credential
 from agentauthz.client import CHECK_METHOD, ApprovalsClient, Client, Identity, decision_from
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 ALPHA, BETA, ADMIN = (f"spiffe://dev.local/agent/{n}" for n in ("alpha", "beta", "admin"))
@@ -303,7 +303,7 @@ def test_no_secret_appears_anywhere(session: Session) -> None:
 
 
 def test_the_session_left_a_verifiable_audit_log(session: Session) -> None:
-    from agentauthz.audit_verify import verify_dir
+    from agentauthz.audit.verify import verify_dir
     state = session.daemon.state_dir
     report = verify_dir(state / "audit", (state / "audit-key" / "public.pem").read_bytes())
     assert report.ok and report.records > 40, report

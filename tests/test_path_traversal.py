@@ -23,12 +23,14 @@ from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from processes import Daemon, echo_upstream, envoy, envoy_config, free_port
 from support import daemon_twin, native_or_fail
 
-from agentauthz import _accel, extauthz, reasons, tokens
-from agentauthz._check_py import ABNORMAL_PATH
-from agentauthz.authority import Authority
+from agentauthz import reasons
+from agentauthz.authority.core import Authority
 from agentauthz.client import Client, Identity, decision_from
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision._check_py import ABNORMAL_PATH
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import extauthz
 
 AGENT = "spiffe://dev.local/agent/alpha"
 REPORTS = ["demo:reports:read:internal"]  # what the example's GET /demo/reports route asks for
@@ -229,7 +231,7 @@ def test_the_warm_allow_declines_a_non_normal_path(tmp_path: Path, twin: str) ->
 
 
 def test_the_twins_agree_on_what_is_normal() -> None:
-    from agentauthz._check_c import abnormal_path  # type: ignore[attr-defined]
+    from agentauthz.decision._check_c import abnormal_path  # type: ignore[attr-defined]
     native_or_fail()
     samples = ["", "/", "/a", "/a/", "/a/b?c=/../", "/a/...", "/a/..b", "/a/.b", "/a/..", "/a/.", "/a/./",
                "/a/..?x", "/a//b", "//", "/a%20b", "/a\\b", "/a;b", "/a#b", "/é/..", "/é/ü", "a/../b",

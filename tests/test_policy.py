@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from support import Forge, make_verifier
 
-from agentauthz import _accel, policy, reasons, tokens
+from agentauthz import reasons
+from agentauthz.decision import _accel, policy, tokens
+from agentauthz.decision.policy import DEV_POLICY, Narrowed, Policy, check_file
 from agentauthz.errors import PolicyError
-from agentauthz.policy import DEV_POLICY, Narrowed, Policy, check_file
 
 DENIED = reasons.POLICY_DENIED
 RANK = tokens.SENSITIVITY_RANK
@@ -564,7 +565,7 @@ def _denied_by_rule(data: dict[str, Any], agent: str, tool: str, target: str, op
 
 
 def test_request_defaults_parse_and_refuse_bad_values() -> None:
-    from agentauthz.policy import DEFAULT_REQUESTS
+    from agentauthz.decision.policy import DEFAULT_REQUESTS
     assert Policy.load(DEV_POLICY).requests == DEFAULT_REQUESTS
     custom = Policy.from_text("version: 1\nrules: []\nrequests: {operations: {GET: fetch}, "
                               "tool_from_path: false, sensitivity: internal}\n")

@@ -17,9 +17,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import damaged, native_or_fail
 
-from agentauthz import _request_py, extauthz
 from agentauthz.client import check_request
-from agentauthz.mcp import EXTENSION
+from agentauthz.decision import _request_py
+from agentauthz.decision.mcp import EXTENSION
+from agentauthz.serve import extauthz
 
 ENVOY_REQUEST = Path(__file__).parent / "corpus" / "envoy-check-request.bin"  # captured from Envoy 1.40
 
@@ -27,7 +28,7 @@ ENVOY_REQUEST = Path(__file__).parent / "corpus" / "envoy-check-request.bin"  # 
 @pytest.fixture(scope="module")
 def native() -> Any:
     native_or_fail()
-    from agentauthz import _request_c  # type: ignore[attr-defined]
+    from agentauthz.decision import _request_c  # type: ignore[attr-defined]
     return _request_c.scan
 
 

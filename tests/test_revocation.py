@@ -18,9 +18,10 @@ import pytest
 import support
 
 import agentauthz
-from agentauthz import errors, reasons, tokens
-from agentauthz._accel import HotPath
-from agentauthz.revocation import JOURNAL, RevocationStore
+from agentauthz import errors, reasons
+from agentauthz.decision import tokens
+from agentauthz.decision._accel import HotPath
+from agentauthz.state.revocation import JOURNAL, RevocationStore
 
 MAX_LIFETIME = 600
 LEEWAY = 30
@@ -187,7 +188,7 @@ def test_torn_last_line_is_cut_and_the_rest_replayed(world: World, caplog: pytes
     good = world.journal.read_bytes()
     with open(world.journal, "ab") as f:
         f.write(b'{"op":"task","name":"t2","a')  # the crash hit mid-append
-    with caplog.at_level(logging.WARNING, logger="agentauthz.revocation"):
+    with caplog.at_level(logging.WARNING, logger="agentauthz.state.revocation"):
         world.open()
     assert "torn" in caplog.text
     assert world.journal.read_bytes() == good
@@ -391,8 +392,8 @@ def test_concurrent_revokers_and_readers(world: World) -> None:
 _CHILD = r"""
 import sys, time
 from pathlib import Path
-from agentauthz import _accel
-from agentauthz.revocation import RevocationStore
+from agentauthz.decision import _accel
+from agentauthz.state.revocation import RevocationStore
 hot = _accel.native() if sys.argv[2] == "native" else _accel.pure()
 index = hot.RevocationIndex(hot.Bitset(1024))
 store = RevocationStore.open(Path(sys.argv[1]), index, max_lifetime=600, leeway=30, reserve_block=64)

@@ -14,15 +14,17 @@ import pytest
 from nacl.signing import SigningKey
 from processes import Daemon, http_get, wait_for
 
-from agentauthz import errors, statuslist, tokens
-from agentauthz._accel import HotPath
-from agentauthz._bitset_py import Bitset, buffer_size
-from agentauthz._verify_py import RevocationIndex
+from agentauthz import errors
 from agentauthz.client import Client, Identity, verify_offline
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.keys import Keyring, _read_private
+from agentauthz.decision import tokens
+from agentauthz.decision._accel import HotPath
+from agentauthz.decision._bitset_py import Bitset, buffer_size
+from agentauthz.decision._verify_py import RevocationIndex
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.offline import MAX_LIST_BYTES, _inflate, status_at, verify_status_list
-from agentauthz.revocation import RevocationStore
+from agentauthz.state import statuslist
+from agentauthz.state.keys import Keyring, _read_private
+from agentauthz.state.revocation import RevocationStore
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"

@@ -15,11 +15,13 @@ from typing import Any, Iterator
 import pytest
 from processes import Daemon, wait_for
 
-from agentauthz import errors, statuslist, tokens
+from agentauthz import errors
 from agentauthz.client import Client, Identity, verify_offline
 from agentauthz.config import Config
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.keys import _read_private
+from agentauthz.decision import tokens
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.state import statuslist
+from agentauthz.state.keys import _read_private
 
 AGENT = "spiffe://dev.local/agent/alpha"
 JWT = "application/statuslist+jwt"

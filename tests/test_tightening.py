@@ -17,12 +17,13 @@ from limits_support import tool_call
 from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, request, wait_for
 from support import Forge, make_verifier
 
-from agentauthz import reasons, tokens
-from agentauthz.budgets import BudgetTable
+from agentauthz import reasons
+from agentauthz.authority.budgets import BudgetTable
 from agentauthz.client import Client, Identity
-from agentauthz.constraints import Constrained, enforce
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import Policy
+from agentauthz.decision import tokens
+from agentauthz.decision.constraints import Constrained, enforce
+from agentauthz.decision.policy import Policy
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENTS = "spiffe://dev.local/agent/"
 DEMO = {"id": "demo", "agents": [AGENTS + "*"], "tool": "demo", "targets": ["*"],

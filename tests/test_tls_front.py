@@ -1,4 +1,4 @@
-"""The API listener's TLS front (agentauthz/tls_front.py), against a real daemon and real certificates.
+"""The API listener's TLS front (agentauthz/serve/tls_front.py), against a real daemon and real certificates.
 
 The daemon terminates the agents' TLS itself and pipes the bytes to its gRPC server on a loopback port.
 Here: a genuine SVID still mints a token bound to its certificate; the loopback port refuses anyone who
@@ -28,9 +28,9 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from processes import Daemon, http_get, wait_for
 
-from agentauthz.devca import CertAndKey, DevPki, ensure_dev_pki, make_ca, make_leaf
-from agentauthz.identity import IdentityError
-from agentauthz.tls_front import Peers, TlsFront
+from agentauthz.identity.devca import CertAndKey, DevPki, ensure_dev_pki, make_ca, make_leaf
+from agentauthz.identity.spiffe import IdentityError
+from agentauthz.serve.tls_front import Peers, TlsFront
 from agentauthz.v1 import agentauthz_pb2 as pb
 from agentauthz.v1 import agentauthz_pb2_grpc as pb_grpc
 

@@ -9,8 +9,9 @@ from typing import Any, Callable
 import pytest
 from support import AGENT, AUDIENCE, ISSUER, AllowAll, Forge, make_verifier
 
-from agentauthz import errors, reasons, tokens
-from agentauthz._accel import HotPath
+from agentauthz import errors, reasons
+from agentauthz.decision import tokens
+from agentauthz.decision._accel import HotPath
 
 LEEWAY = 30  # the Verifier default
 OTHER_AGENT = "spiffe://dev.local/agent/beta"

@@ -25,14 +25,16 @@ from google.protobuf import json_format
 from processes import Daemon, audit_records
 from support import Forge, make_verifier, native_or_fail
 
-from agentauthz import _accel, extauthz, reasons, tokens
-from agentauthz.audit import AuditLog
-from agentauthz.authority import Authority
+from agentauthz import reasons
+from agentauthz.audit.writer import AuditLog
+from agentauthz.authority.core import Authority
 from agentauthz.client import Client, Identity
 from agentauthz.config import Config
-from agentauthz.constraints import Constrained
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY, Policy
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision.constraints import Constrained
+from agentauthz.decision.policy import DEV_POLICY, Policy
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import extauthz
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 POLICY = """

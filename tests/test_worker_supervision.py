@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from processes import Daemon, audit_records, http_get, wait_for
 
-from agentauthz.audit_verify import verify_dir
+from agentauthz.audit.verify import verify_dir
 from agentauthz.client import Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
-from agentauthz.policy import DEV_POLICY
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 ALPHA = "spiffe://dev.local/agent/alpha"
 BETA = "spiffe://dev.local/agent/beta"

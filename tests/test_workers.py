@@ -12,9 +12,9 @@ from typing import Any
 import grpc
 from processes import Daemon, wait_for
 
-from agentauthz.audit_verify import verify_dir
+from agentauthz.audit.verify import verify_dir
 from agentauthz.client import Client, Identity
-from agentauthz.devca import ensure_dev_pki, issue_svid
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENT = "spiffe://dev.local/agent/alpha"
 CHECKS = 60  # new connections each, so SO_REUSEPORT spreads them over the workers
@@ -84,10 +84,10 @@ def test_a_dead_primary_stops_its_workers(tmp_path: Path) -> None:
 def test_a_worker_adopts_only_the_policy_text_it_is_sent_and_refuses_a_wrong_digest(tmp_path: Path) -> None:
     from multiprocessing.connection import Pipe
 
-    from agentauthz.authority import Authority
+    from agentauthz.authority.core import Authority
     from agentauthz.config import Config
-    from agentauthz.policy import DEV_POLICY
-    from agentauthz.workers import _apply
+    from agentauthz.decision.policy import DEV_POLICY
+    from agentauthz.serve.workers import _apply
 
     path = tmp_path / "policy.yaml"
     path.write_text(DEV_POLICY.read_text())
@@ -103,7 +103,7 @@ def test_a_worker_adopts_only_the_policy_text_it_is_sent_and_refuses_a_wrong_dig
 
 
 def test_a_new_workers_index_is_exactly_the_primarys(hot: Any) -> None:
-    from agentauthz.workers import index_state, restore_index
+    from agentauthz.serve.workers import index_state, restore_index
 
     def index() -> Any:
         return hot.RevocationIndex(hot.Bitset(64))

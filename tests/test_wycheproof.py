@@ -20,10 +20,11 @@ import pytest
 from nacl.signing import SigningKey
 from support import Forge, make_verifier
 
-from agentauthz import errors, tokens
-from agentauthz._accel import HotPath
-from agentauthz.keys import Keyring
+from agentauthz import errors
+from agentauthz.decision import tokens
+from agentauthz.decision._accel import HotPath
 from agentauthz.offline import verify_offline
+from agentauthz.state.keys import Keyring
 
 VECTORS = Path(__file__).parent / "vectors" / "wycheproof_ed25519_test.json"
 DOC = json.loads(VECTORS.read_text())
@@ -221,7 +222,7 @@ def test_the_keyring_only_holds_keys_derived_from_its_own_seeds(tmp_path: Path) 
                         clock=time.time)
     for _ in range(3):
         ring.rotate()
-    from agentauthz._verify_py import valid_public_key
+    from agentauthz.decision._verify_py import valid_public_key
     published = ring.verification_keys()
     assert len(published) >= 4 and all(valid_public_key(k) for k in published.values())
     reopened = Keyring.open(tmp_path / "keys", rotation_interval=3600, max_token_lifetime=600, leeway=30)

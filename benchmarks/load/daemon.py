@@ -67,7 +67,7 @@ class Daemon:
         return http_get(f"http://127.0.0.1:{self.http_port}/healthz")[0]
 
     def _issue_identity(self) -> None:
-        from agentauthz.devca import ensure_dev_pki, issue_svid
+        from agentauthz.identity.devca import ensure_dev_pki, issue_svid
         issue_svid(ensure_dev_pki(self.state_dir), AGENT, self.identity_dir)
 
     def client(self) -> Any:

@@ -45,10 +45,11 @@ STATS = "/bench.Handlers/Stats"
 async def serve(state: Path, port: int, frame: Path) -> None:
     import grpc
 
-    from agentauthz import _accel, extauthz
-    from agentauthz.authority import Authority
+    from agentauthz.authority.core import Authority
     from agentauthz.client import check_request
     from agentauthz.config import Config
+    from agentauthz.decision import _accel
+    from agentauthz.serve import extauthz
 
     from .loadgen import write_frames
     from .servers import ALLOW_MEMBERS, OK_RESPONSE, bound_handler

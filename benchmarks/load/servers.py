@@ -46,7 +46,7 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc as ext_authz_grpc
 from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
-from agentauthz.extauthz import bearer_token, parse_check_request
+from agentauthz.serve.extauthz import bearer_token, parse_check_request
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 OK_RESPONSE = ext_authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
@@ -55,8 +55,9 @@ OK_RESPONSE = ext_authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK)
 
 def allow_answer() -> bytes:
     """agentauthz's allow for one token and one decision id, as the daemon serializes it."""
-    from agentauthz import _accel, extauthz
-    from agentauthz.tokens import new_token_id
+    from agentauthz.decision import _accel
+    from agentauthz.decision.tokens import new_token_id
+    from agentauthz.serve import extauthz
 
     from .daemon import AGENT
     ids = extauthz.decision_ids(_accel.ACTIVE)

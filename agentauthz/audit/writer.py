@@ -1,0 +1,463 @@
+"""Audit log: O(1) enqueue, batch writer thread, SHA-256 hash chain, Ed25519-signed checkpoints.
+
+The offline verifier is ``audit_verify``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .. import durable
+from ..decision import _accel
+from ..errors import AuditUnavailable, StateError
+from .files import CHECKPOINTS, append, cut_tail, last_line, log_files
+from .records import _b64, _canon, _dumps, _redacted_fields, thumbprint
+
+log = logging.getLogger(__name__)
+
+_BACKOFF_MAX = 1.0
+_CHECK = object()  # marks record_check()'s queue items
+WITHDRAWN = "checks_withdrawn"  # allows answered audit_unavailable because their record could not be written
+
+
+class AuditLog:
+    """Bounded in-memory queue in front of one writer thread that owns every byte on disk."""
+
+    @classmethod
+    def open(cls, directory: Path, *, key: Ed25519PrivateKey, flush_interval: float = 0.05,
+             batch_size: int = 512, queue_max: int = 65536, checkpoint_every: int = 1,
+             max_file_bytes: int = 64 << 20, clock: Callable[[], float] = time.time) -> AuditLog:
+        """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started.
+
+        ``key`` signs the checkpoints; it is kept outside ``directory`` (``audit_files.open_key``).
+        """
+        directory = Path(directory)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = os.open(directory / "audit.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:  # two writers would fork the chain
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise StateError(f"{directory}: audit log is open in another process") from None
+            return cls(directory, lock, key, flush_interval, batch_size, queue_max,
+                       checkpoint_every, max_file_bytes, clock)
+        except BaseException:
+            os.close(lock)
+            raise
+
+    def __init__(self, directory: Path, lock: int, key: Ed25519PrivateKey, flush_interval: float,
+                 batch_size: int, queue_max: int, checkpoint_every: int, max_file_bytes: int,
+                 clock: Callable[[], float]) -> None:
+        self._dir, self._lock, self._key, self._kid = directory, lock, key, thumbprint(key.public_key())
+        self._interval, self._batch, self._max = flush_interval, batch_size, queue_max
+        self._cp_every, self._max_bytes, self._clock = checkpoint_every, max_file_bytes, clock
+        # deque.append/popleft are atomic under the GIL: the request path takes no lock.
+        self._q: collections.deque[Any] = collections.deque()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._closed = self._stopping = False
+        self._ok, self._fd, self._fd_name = True, -1, ""
+        self._chain = _accel.ACTIVE.Chain()  # seq and prev: only with _mutex held, or before start
+        self._batches = self._since_cp = 0
+        # The batch in flight: kept until durable and retried byte for byte, so the chain never forks.
+        self._out: bytes | None = None
+        self._out_n, self._out_cp = 0, b""
+        self._out_waiters: list[threading.Event] = []
+        # Group commit (record_check_durable): (future, decision id) of allows waiting for the batch in
+        # flight, and when the last checkpoint was written (checkpoints are throttled, see _take).
+        self._out_durable: list[tuple[asyncio.Future[None], str]] = []
+        self._kick_pending = False  # a _kick is scheduled on the event loop (record_check_durable)
+        # Taking, chaining and writing a batch: the writer thread, or the event loop's _kick.
+        self._mutex = threading.Lock()
+        self._cp_at = -float("inf")
+        cuts = self._resume()
+        cp_path = directory / CHECKPOINTS
+        cp_path.touch(mode=0o600)
+        cuts.append(cut_tail(cp_path, last_line(cp_path, chained=False)[0]))
+        self._cp_fd = os.open(cp_path, os.O_WRONLY | os.O_APPEND)
+        self._cp_offset = cp_path.stat().st_size
+        # A cut is itself audited, first thing after it, so the gap is explained in the chain.
+        self._q.extend(("audit_truncated", clock(), cut) for cut in cuts if cut)
+
+    def _resume(self) -> list[dict[str, Any] | None]:
+        files = log_files(self._dir)
+        self._file, self._offset = "", 0
+        if not files:
+            return []
+        # Only the file being appended to at a crash can be torn; a torn earlier file is damage.
+        end, line = last_line(files[-1][1])
+        cut = cut_tail(files[-1][1], end)
+        self._file, self._offset = files[-1][1].name, end
+        for _, path in reversed(files[:-1]):
+            if line is not None:
+                break
+            end, line = last_line(path)
+            if end != path.stat().st_size:
+                raise StateError(f"{path}: torn line inside the log; run `agentauthz audit verify`")
+        if line is not None:
+            self._chain.seq, self._chain.prev = json.loads(line)["seq"], hashlib.sha256(line).hexdigest()
+        return [cut]
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+            self._thread.start()
+
+    def record(self, kind: str, **fields: Any) -> bool:
+        """Enqueue one record; False means it was NOT taken (queue full or log closed): fail closed.
+
+        While the disk fails, records are still taken and held (``healthy`` is False) until the queue is full.
+        """
+        if "seq" in fields or "prev" in fields or "ts" in fields or kind == "checkpoint":
+            raise ValueError("seq, prev, ts and checkpoint records belong to the audit log")
+        return self._enqueue((kind, self._clock(), fields))
+
+    def _enqueue(self, item: Any) -> bool:
+        """Take ``item`` unless the queue is full or the log closed (then False: the caller fails closed)."""
+        q = self._q
+        if len(q) >= self._max:
+            return False
+        q.append(item)
+        if self._closed:  # checked after the append, so a racing stop() cannot strand the record
+            try:
+                q.remove(item)
+                return False
+            except ValueError:
+                pass  # the writer already took it: it will be written
+        if len(q) == self._batch:  # '==': a backlog must not cut the writer's backoff short on every call
+            self._wake.set()
+        return True
+
+    def record_check(self, decision_id: str, request_id: str, prepared: str) -> bool:
+        """``record("check", ...)`` for members made by ``prepare``, plus the two per-call ids."""
+        return self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, None))
+
+    def write_allow(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
+        """Write an allow's record (at ``ts``, else now) to the log file now, on the caller's thread;
+        True once written.
+
+        The fast path of an allow: no queue, no thread hand-off, no future (each cost more than the
+        Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
+        next batch, within a flush interval, fsyncs it and signs a checkpoint. False, with nothing
+        recorded, when it cannot be done at once (records queued ahead of it, a batch in flight, a
+        failing disk, no writer running, no file open yet or this one full): the caller then takes
+        ``record_check_durable``, or answers audit_unavailable when the log is not ``healthy``.
+        A write that fails is withdrawn and raises ``AuditUnavailable``.
+        """
+        # Inline but for the record, which is one native call (_chain_c): this runs for every allow,
+        # and under load each Python step here cost several times its isolated price.
+        if not self._ok or self._closed or self._thread is None or self._q or self._out is not None \
+                or self._out_cp or not self._mutex.acquire(blocking=False):
+            return False
+        try:
+            if self._out is not None or self._out_cp or self._fd < 0 or self._fd_name != self._file:
+                return False  # the writer took a batch meanwhile, or a file is still to be opened
+            try:
+                written = self._chain.append_check(self._fd, self._max_bytes - self._offset,
+                                                   self._clock() if ts is None else ts,
+                                                   decision_id, request_id, prepared)
+            except OSError as exc:  # linked, then undone: held, byte for byte, for the writer to retry
+                self._batches += 1
+                self._since_cp += 1
+                try:
+                    os.ftruncate(self._fd, self._offset)
+                except OSError:
+                    pass  # the writer's retry truncates first
+                self._out, self._out_n = self._chain.last, 1
+                self._fail(exc, decision_id)
+                raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
+            if written is None:
+                return False  # the writer starts the next file
+            self._batches += 1
+            self._since_cp += 1
+            self._offset += written
+            return True
+        finally:
+            self._mutex.release()
+
+    def record_check_durable(self, decision_id: str, request_id: str,
+                             prepared: str) -> asyncio.Future[None] | None:
+        """``record_check`` for an allow: a future of the running loop, done once the record is written.
+
+        None means the record was not taken. The future fails with ``AuditUnavailable`` if the disk
+        fails first; the record is then still written once it can be, followed by a ``checks_withdrawn``
+        record naming the decision. A process killed at any moment has therefore written every allow
+        it answered. The slow path of ``write_allow``: committed once per event-loop iteration, after
+        every Check that iteration handles has enqueued (``_kick``), or by the writer thread.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        if not self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, done)):
+            return None
+        if not self._kick_pending:  # only the loop's thread reads or writes it
+            self._kick_pending = True
+            loop.call_soon(self._kick)
+        return done
+
+    def _kick(self) -> None:
+        """Commit the allows this loop iteration enqueued, on the loop's own thread.
+
+        Handing each batch to the writer thread cost more than the Check itself (a wake-up and two
+        GIL hand-offs per batch of one or two); here the loop encodes and writes the batch itself.
+        The writer thread keeps the rest: fsync and checkpoints on its interval, other records,
+        retries after a failure.
+        """
+        self._kick_pending = False
+        if not self._mutex.acquire(blocking=False):
+            self._wake.set()  # the writer is mid-batch: it takes ours next
+            return
+        try:
+            if self._ok and self._out is None and not self._out_cp:
+                self._write_queued()
+        finally:
+            self._mutex.release()
+
+    def _write_queued(self) -> None:
+        """Chain what is queued and write it on the loop's thread (_kick); if that fails, every allow
+        waiting on it is withdrawn. ``_mutex`` held, no batch in flight.
+
+        Written, fsynced only as ``_write_out`` rules: a killed process loses none of it (the kernel
+        has it). The writer's next checkpoint, within a flush interval, fsyncs it; after a failure the
+        writer retries with backoff.
+        """
+        took = self._take(checkpoint=False)
+        if self._q:
+            self._wake.set()  # a flush() waiter or a full batch is left for the writer: wake it now
+        if not took:
+            return
+        try:
+            self._write_out()
+        except OSError as exc:
+            self._fail(exc)
+
+    def _fail(self, exc: OSError, also_withdraw: str = "") -> None:
+        """A write on the loop's thread failed: hold the batch for the writer, withdraw the allows."""
+        log.error("audit: write failed, holding %d records: %s", self.pending, exc)
+        self._ok = False
+        if also_withdraw:
+            self._q.appendleft((WITHDRAWN, self._clock(), {
+                "decision_ids": [also_withdraw], "reason": "audit_unavailable", "error": str(exc)}))
+        self._withdraw(exc)
+        self._wake.set()
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Block until everything enqueued so far is fsynced; False on timeout or a dead writer."""
+        if self._thread is None or not self._thread.is_alive():
+            return False
+        done = threading.Event()
+        self._q.append(done)
+        self._wake.set()
+        return done.wait(timeout)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Refuse new records, drain the queue, write a final checkpoint, join the writer."""
+        self.start()
+        self._closed = self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.error("audit: writer did not drain in %.1fs, %d records pending", timeout, self.pending)
+                return
+        for fd in (self._fd, self._cp_fd, self._lock):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._cp_fd = self._lock = -1
+
+    @property
+    def healthy(self) -> bool:
+        """True while the writer runs and its last write succeeded."""
+        # Read on every Check: plain flags only. The writer clears _ok/sets _closed itself when it
+        # fails or dies (see _run), so Thread.is_alive() (~1 µs, a lock) adds nothing.
+        return self._ok and not self._closed and self._thread is not None
+
+    @property
+    def pending(self) -> int:
+        """Records taken but not yet durable."""
+        return len(self._q) + self._out_n
+
+    def _run(self) -> None:
+        backoff, recovered = 0.0, False
+        try:
+            while True:
+                if not (self._out is not None or self._out_cp or self._out_waiters):
+                    # Just recovered: the backoff's clear() may have swallowed a flush() or a waiting
+                    # allow's wake-up, so take what is queued now rather than a flush interval later.
+                    if len(self._q) < self._batch and not self._stopping and not recovered:
+                        self._wake.wait(self._interval)
+                    recovered = False
+                    self._wake.clear()  # clear before taking: a set() after this is never lost
+                    with self._mutex:  # _kick may have left a batch that failed to write: never replace it
+                        took = self._out is not None or bool(self._out_cp) or self._take()
+                    if not took:
+                        if self._stopping and not self._q:
+                            break
+                        continue
+                try:
+                    with self._mutex:
+                        self._write_out()
+                except OSError as exc:  # ENOSPC, EIO...: keep the batch, report unhealthy, retry
+                    if self._ok:
+                        log.error("audit: write failed, holding %d records: %s", self.pending, exc)
+                    self._ok, backoff = False, min(max(backoff * 2, 0.01), _BACKOFF_MAX)
+                    with self._mutex:
+                        self._withdraw(exc)
+                    self._wake.wait(backoff)  # flush() and stop() cut it short
+                    self._wake.clear()  # else one early set() would turn the backoff into a busy loop
+                    continue
+                if not self._ok:
+                    log.warning("audit: writing again")
+                    recovered = True
+                self._ok, backoff = True, 0.0
+        except BaseException as exc:
+            log.exception("audit: writer died; the log is closed")
+            self._closed, self._ok = True, False
+            self._withdraw(exc)  # nobody will write them: answer the waiting allows now
+            raise
+
+    def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
+        head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": ts, "kind": kind}
+        return self._chain.link(_dumps({**head, **fields}))
+
+    def _take(self, checkpoint: bool = True) -> bool:
+        """Chain up to a batch of queued records (+ a checkpoint) into self._out; True if there is work.
+
+        Only with ``_mutex`` held and no batch in flight (``_out`` None, no ``_out_cp``). Without
+        ``checkpoint`` (the loop's unsynced batch, ``_write_queued``) it stops at a flush() waiter:
+        flush() promises an fsync, so the waiter and what follows it are the writer thread's.
+        """
+        lines: list[bytes] = []
+        q = self._q
+        while q and len(lines) < self._batch:
+            if not checkpoint and isinstance(q[0], threading.Event):
+                break
+            item = q.popleft()
+            if isinstance(item, threading.Event):
+                self._out_waiters.append(item)
+                continue
+            if item[0] is _CHECK:
+                lines.append(self._chain.link(self._chain.check_record(item[1], item[2], item[3], item[4])))
+                if item[5] is not None:
+                    self._out_durable.append((item[5], item[2]))
+                continue
+            kind, ts, fields = item
+            try:
+                lines.append(self._line(ts, kind, _redacted_fields(fields)))
+            except (ValueError, TypeError):  # e.g. a non-str dict key: keep that it happened
+                lines.append(self._line(ts, kind, {"unencodable": sorted(fields)}))
+        final = self._stopping and not q and self._since_cp + len(lines) > 0
+        # Group commit writes as often as allows wait: checkpoint those batches at most once a flush
+        # interval (a signature and a second fsync each), the rest as configured.
+        eager = bool(self._out_durable) and time.monotonic() - self._cp_at < self._interval
+        if lines:
+            self._file_for(sum(map(len, lines)), len(lines))
+        self._batches += 1 if lines else 0
+        self._since_cp += len(lines)
+        if checkpoint and (final or (self._batches >= self._cp_every and not eager)):
+            self._cp_at = time.monotonic()
+            now = self._clock()
+            cp = {"seq": self._chain.seq, "hash": self._chain.prev, "file": self._file, "ts": now,
+                  "kid": self._kid}
+            sig = _b64(self._key.sign(_canon(cp)))
+            lines.append(self._line(now, "checkpoint", {"checkpoint": cp, "sig": sig}))
+            self._out_cp = _dumps({**cp, "sig": sig}) + b"\n"
+            self._batches = self._since_cp = 0
+        if lines:
+            self._out, self._out_n = b"".join(lines), len(lines)
+        return bool(lines or self._out_waiters)
+
+    def _file_for(self, size: int, records: int = 1) -> None:
+        """Start a new file (named for its first record) when ``size`` more bytes would overfill this one."""
+        if not self._file or (self._offset and self._offset + size > self._max_bytes):
+            self._file, self._offset = f"audit-{self._chain.seq - records + 1:010d}.jsonl", 0
+
+    def _write_out(self) -> None:
+        """Write the batch in flight and its checkpoint; ``_mutex`` held, by either thread.
+
+        It fsyncs only what must be durable now: a checkpoint (it names only durable records),
+        flush() waiters, a retry after a failure. Allows need only be written, as an inline allow is;
+        the next checkpoint, within a flush interval, fsyncs them. An fsync for every batch of
+        waiting allows kept the writer in fsync, holding the log, ~135 times a second under load.
+        """
+        sync = bool(self._out_cp or self._out_waiters) or not self._ok
+        if self._out is None and self._out_waiters and self._since_cp and self._fd >= 0:
+            # flush() with nothing new to write, but records written unsynced since the last
+            # checkpoint (inline allows, or batches with checkpoint_every > 1): it promises an fsync.
+            os.fsync(self._fd)
+        if self._out is not None:
+            if self._fd_name != self._file:
+                if self._fd >= 0:
+                    os.fsync(self._fd)  # allows written inline or unsynced since the last checkpoint
+                    os.close(self._fd)
+                self._fd = os.open(self._dir / self._file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                durable.fsync_dir(self._dir)  # the new name must survive a crash as much as its content
+                self._fd_name = self._file
+            # After a failure (not _ok) the file may hold a torn try.
+            self._offset = append(self._fd, self._offset, self._out, retry=not self._ok, sync=sync)
+            self._out, self._out_n = None, 0
+            if self._out_durable:  # written (and fsynced if sync): what an inline allow gets
+                _resolve(self._out_durable, None)
+                self._out_durable = []
+        if self._out_cp:  # only after the log fsync: a checkpoint never names a record that is not durable
+            self._cp_offset = append(self._cp_fd, self._cp_offset, self._out_cp, retry=not self._ok)
+            self._out_cp = b""
+        for done in self._out_waiters:
+            done.set()
+        self._out_waiters = []
+
+    def _withdraw(self, exc: BaseException) -> None:
+        """The disk failed: answer every allow still waiting (in the batch in flight or queued) with
+        AuditUnavailable now, and say so in the log right after the records that name them."""
+        failed = self._out_durable
+        self._out_durable = []
+        for item in list(self._q):  # a snapshot: request threads keep appending
+            if item.__class__ is tuple and item[0] is _CHECK and item[5] is not None and not item[5].done():
+                failed.append((item[5], item[2]))
+        if failed:
+            # appendleft: chained right after the held batch once the disk takes it again.
+            self._q.appendleft((WITHDRAWN, self._clock(), {
+                "decision_ids": [d for _, d in failed], "reason": "audit_unavailable", "error": str(exc)}))
+            _resolve(failed, AuditUnavailable(f"audit log cannot be written: {exc}"))
+
+
+def _resolve(waiting: list[tuple[asyncio.Future[None], str]], error: BaseException | None) -> None:
+    """Complete futures of (usually one) event loop: at once on that loop's thread (_kick), else with
+    one thread-safe wake-up per loop (the writer thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[None]]] = {}
+    for future, _ in waiting:
+        by_loop.setdefault(future.get_loop(), []).append(future)
+    try:
+        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    for loop, futures in by_loop.items():
+        if loop is running:
+            _complete(futures, error)
+            continue
+        try:
+            loop.call_soon_threadsafe(_complete, futures, error)
+        except RuntimeError:  # that loop has closed: nobody waits any more
+            pass
+
+
+def _complete(futures: list[asyncio.Future[None]], error: BaseException | None) -> None:
+    for future in futures:
+        if not future.done():  # a cancelled Check (client gone) cancelled its future
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)

@@ -1,0 +1,89 @@
+"""The audit log's hash chain: the pure-Python twin of ``native/_chain_c.pyx``.
+
+Every record names its sequence number and the SHA-256 of the record before
+it (``prev``), so an edited, inserted, deleted or reordered record breaks the
+chain (``audit_verify``). ``append_check`` is an allow's record in one call:
+formatted, linked and written, because the allow is answered only once its
+record is in the log file (``AuditLog.write_allow``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+from .redact import _json_str, _redacted
+
+GENESIS = "0" * 64
+SEQ_MAX = 2**63 - 2  # the native twin's seq + 1 must fit a C long long
+_HEX = frozenset("0123456789abcdef")
+
+
+class Chain:
+    """The last record's ``seq`` and ``prev`` hash, and the next records linked to them.
+
+    Not thread-safe: ``AuditLog`` calls it with its ``_mutex`` held.
+    """
+
+    __slots__ = ("_seq", "_prev", "last")
+
+    def __init__(self, seq: int = 0, prev: str = GENESIS) -> None:
+        self.seq, self.prev = seq, prev
+        self.last = b""  # append_check's line, newline included: kept to write again after a failure
+
+    @property
+    def seq(self) -> int:
+        return self._seq
+
+    @seq.setter
+    def seq(self, value: int) -> None:
+        if value.__class__ is not int or not 0 <= value <= SEQ_MAX:
+            raise ValueError(f"seq out of range: {value!r}")
+        self._seq = value
+
+    @property
+    def prev(self) -> str:
+        return self._prev
+
+    @prev.setter
+    def prev(self, value: str) -> None:
+        if not (isinstance(value, str) and len(value) == len(GENESIS) and _HEX.issuperset(value)):
+            raise ValueError(f"prev must be {len(GENESIS)} lowercase hex digits: {value!r}")
+        self._prev = value
+
+    def link(self, line: bytes) -> bytes:
+        """Make ``line`` (one encoded record, no newline) the last record; the bytes to write."""
+        if self._seq >= SEQ_MAX:
+            raise OverflowError("audit seq exhausted")
+        self._seq, self._prev = self._seq + 1, hashlib.sha256(line).hexdigest()
+        return line + b"\n"
+
+    def check_record(self, ts: float, decision_id: str, request_id: str, prepared: str) -> bytes:
+        """The next check record, not linked yet (no newline): one f-string, no dict to encode.
+
+        ``prepared`` holds the members every Check of a token, request and outcome shares
+        (``audit_records.prepare``). ``request_id`` is Envoy's x-request-id, which a client may set:
+        it is escaped and redacted like any field.
+        """
+        if self._seq >= SEQ_MAX:
+            raise OverflowError("audit seq exhausted")
+        rid = _json_str(_redacted(request_id)) if request_id else "null"
+        return (f'{{"seq":{self._seq + 1},"prev":"{self._prev}","ts":{ts!r},"kind":"check",'
+                f'"decision_id":{_json_str(decision_id)},"request_id":{rid},{prepared}}}').encode()
+
+    def append_check(self, fd: int, room: int, ts: float, decision_id: str, request_id: str,
+                     prepared: str) -> int | None:
+        """Link the next check record and write it to ``fd``; the bytes written (all of ``last``).
+
+        None, with nothing changed, when the record (without its newline) needs ``room`` bytes or
+        more. An ``OSError`` from the write is raised after the record was linked: part of ``last``
+        may be in the file, and ``last`` must still be written for the chain to hold.
+        """
+        line = self.check_record(ts, decision_id, request_id, prepared)
+        if len(line) >= room:
+            return None
+        self.last = self.link(line)
+        view = memoryview(self.last)
+        while view:  # a short write is how a full disk first shows; the next write raises
+            view = view[os.write(fd, view):]
+        return len(self.last)

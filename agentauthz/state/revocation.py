@@ -1,0 +1,447 @@
+"""Durable revocation state: the fsynced journal behind the RevocationIndex, and the slot allocator."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from .. import durable, errors
+
+log = logging.getLogger(__name__)
+
+JOURNAL = "journal.jsonl"
+COMPACT_BYTES = 1 << 20
+NAMED = ("task", "agent", "key")  # revoked by name; "at" is the cutoff (task, agent) or the revocation time
+BANS = ("ban", "unban")  # an agent banned at "at" until an unban at "at": never compacted away while in force
+# The index cutoff of a banned agent: every token naming it is dead, whenever it was issued.
+BANNED = (1 << 63) - 1
+
+# Every record the journal may hold: op -> field -> type. Anything else refuses the start.
+_FIELDS: dict[str, dict[str, type]] = {
+    "reserve": {"from": int, "upto": int},  # slots [from, upto) may have been handed out
+    "seal": {"from": int, "upto": int, "exp": int},  # and every token given one has exp <= exp
+    "base": {"base": int},  # every slot below base is dead (written by compaction)
+    "token": {"jti": str, "slot": int, "exp": int},
+    **{op: {"name": str, "at": int} for op in NAMED + BANS},
+}
+
+
+def _encode(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode() + b"\n"
+
+
+def _parse(line: bytes, where: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError:  # includes UnicodeDecodeError
+        raise errors.StateError(f"{where}: not a JSON record") from None
+    op = record.get("op") if isinstance(record, dict) else None
+    fields = _FIELDS.get(op) if isinstance(op, str) else None
+    if fields is None or record.keys() != fields.keys() | {"op"}:
+        raise errors.StateError(f"{where}: unknown record")
+    for name, kind in fields.items():
+        value = record[name]
+        in_range = value >= 0 if type(value) is int else bool(value)
+        # type() rather than isinstance(): a bool is not a slot number or a time.
+        if type(value) is not kind or not in_range:
+            raise errors.StateError(f"{where}: field {name!r} is invalid")
+    if "upto" in record and record["from"] >= record["upto"]:
+        raise errors.StateError(f"{where}: empty slot block")
+    return record
+
+
+def lift_ban(index: Any, agent: str, cutoff: int) -> None:
+    """Lower ``agent``'s cutoff in ``index`` from BANNED to ``cutoff`` in one step.
+
+    The twins' ``revoke_agent`` only ever raises a cutoff, and ``forget`` then ``revoke_agent`` would
+    leave a moment with no cutoff at all, in which a token issued before the ban would pass.
+    """
+    index.agents[agent] = cutoff  # one dict store: a Check sees the old cutoff or the new one
+    index.generation += 1  # cached verdicts are recomputed; every writer holds the store's lock
+
+
+def index_call(index: Any, name: str, args: Any) -> None:
+    """Apply one replicated index change (workers.py): a method of the twins', or ``lift_ban``."""
+    if name == "lift_ban":
+        lift_ban(index, *args)
+    else:
+        getattr(index, name)(*args)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+class _Block:
+    """A reserved run of slots and the latest expiry of any token handed one of them."""
+
+    __slots__ = ("start", "end", "exp", "sealed")
+
+    def __init__(self, start: int, end: int, exp: int = 0, sealed: bool = False) -> None:
+        self.start, self.end, self.exp, self.sealed = start, end, exp, sealed
+
+    def record(self) -> dict[str, Any]:
+        if self.sealed:
+            return {"op": "seal", "from": self.start, "upto": self.end, "exp": self.exp}
+        return {"op": "reserve", "from": self.start, "upto": self.end}
+
+
+class RevocationStore:
+    """Journal, slot allocator and window of one daemon; every method is thread-safe."""
+
+    def __init__(self, directory: Path, index: Any, *, max_lifetime: int, leeway: int,
+                 clock: Callable[[], float], reserve_block: int, compact_bytes: int) -> None:
+        if max_lifetime <= 0 or leeway < 0 or reserve_block <= 0 or compact_bytes <= 0:
+            raise ValueError("max_lifetime, reserve_block and compact_bytes must be positive, leeway >= 0")
+        self.path = Path(directory) / JOURNAL
+        self._index = index
+        self._bits = index.bits
+        self._capacity: int = self._bits.capacity
+        if self._bits.base or self._bits.count():
+            raise ValueError("the store replays into a fresh index; this one already holds state")
+        self._max_lifetime, self._leeway, self._clock = max_lifetime, leeway, clock
+        # A crash wastes the rest of the block in progress; a quarter window at most keeps minting going.
+        self._block = max(1, min(reserve_block, self._capacity // 4))
+        self._compact_bytes = compact_bytes
+        self._lock = threading.Lock()
+        self._blocks: deque[_Block] = deque()  # every possibly-live slot, oldest first
+        self._base = self._next = self._reserved = 0
+        self._tokens: dict[int, tuple[str, int]] = {}  # slot -> (jti, exp), inside the window only
+        self._named: dict[str, dict[str, int]] = {op: {} for op in NAMED}  # op -> name -> at
+        self._banned: dict[str, int] = {}  # agent -> when it was banned; kept until unbanned
+        self._fd = self._lock_fd = -1
+        self._size = self._live_size = 0
+        self._broken = False
+        # Bumped whenever a bit is set or the window slides: the published status list is rebuilt
+        # only when it moved.
+        self.revision = 0
+
+    @classmethod
+    def open(cls, directory: Path, index: Any, *, max_lifetime: int, leeway: int,
+             clock: Callable[[], float] = time.time, reserve_block: int = 4096,
+             compact_bytes: int = COMPACT_BYTES) -> RevocationStore:
+        """Open (or create) the journal in ``directory`` and replay it into ``index``."""
+        store = cls(directory, index, max_lifetime=max_lifetime, leeway=leeway, clock=clock,
+                    reserve_block=reserve_block, compact_bytes=compact_bytes)
+        directory = store.path.parent
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        try:
+            # Two writers would interleave appends and hand out the same slots.
+            store._lock_fd = os.open(directory / "journal.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(store._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise errors.StateError(f"{store.path}: in use by another process") from None
+            if not os.path.lexists(store.path):
+                # Born with a first record, atomically: an empty journal is never a state it had, so
+                # one found empty was truncated and is refused (it would forget every revocation).
+                durable.replace(store.path, _encode({"op": "base", "base": 0}))
+            store._fd = os.open(store.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+            os.fchmod(store._fd, 0o600)
+            durable.fsync_dir(directory)
+            store._replay()
+        except BaseException:
+            store._close_fds()
+            raise
+        return store
+
+    def replicate(self, index: Any) -> None:
+        """Write later changes through ``index`` (``cluster.replication.ReplicatedIndex``, same bits)."""
+        with self._lock:
+            if index.bits is not self._bits:
+                raise ValueError("a replica must share this store's bits")
+            self._index = index
+
+    def allocate_slot(self, exp: int) -> int:
+        """The status slot for a new token expiring at ``exp``; never one a live token may hold."""
+        with self._lock:
+            now = self._clock()
+            # The restart bound (now + max_lifetime + leeway) must cover every token handed a slot.
+            if type(exp) is not int or exp > now + self._max_lifetime + self._leeway:
+                raise ValueError("exp must be an integer within max_lifetime of now")
+            if self._next >= self._base + self._capacity:
+                raise errors.CapacityExhausted(f"all {self._capacity} revocation slots hold live tokens")
+            if self._next >= self._reserved:
+                records = []
+                if self._blocks and not self._blocks[-1].sealed:
+                    self._blocks[-1].sealed = True  # full: its expiry is final
+                    records.append(self._blocks[-1].record())
+                block = _Block(self._next, self._next + self._block)
+                self._append(records + [block.record()])  # on disk before any of its slots leaves
+                self._blocks.append(block)
+                self._reserved = block.end
+            slot, self._next = self._next, self._next + 1
+            self._blocks[-1].exp = max(self._blocks[-1].exp, exp)
+            return slot
+
+    def revoke_token(self, jti: str, slot: int, exp: int) -> None:
+        """Revoke one token by its status slot; durable when this returns."""
+        if not isinstance(jti, str) or not jti or type(slot) is not int or type(exp) is not int:
+            raise ValueError("jti must be a non-empty string, slot and exp integers")
+        with self._lock:
+            if not 0 <= slot < self._reserved:
+                raise ValueError(f"slot {slot} was never allocated")
+            self._append([{"op": "token", "jti": jti, "slot": slot, "exp": exp}])
+            self._set_bit(slot, jti, exp)
+
+    def revoke_task(self, task: str) -> int:
+        """Every token of ``task`` issued at or before now dies; returns the cutoff."""
+        return self._revoke_named("task", task)
+
+    def revoke_agent(self, agent: str) -> int:
+        """Every token held or delegated by ``agent`` issued at or before now dies; returns the cutoff."""
+        return self._revoke_named("agent", agent)
+
+    def revoke_key(self, kid: str) -> None:
+        """Every token signed by ``kid`` dies."""
+        self._revoke_named("key", kid)
+
+    def ban_agent(self, agent: str) -> int:
+        """Every token held or delegated by ``agent`` dies, and every later one too, until ``unban_agent``."""
+        if not isinstance(agent, str) or not agent:
+            raise ValueError("agent must be a non-empty string")
+        with self._lock:
+            at = int(self._clock())
+            self._append([{"op": "ban", "name": agent, "at": at}])
+            self._apply_ban(agent, at)
+            return at
+
+    def unban_agent(self, agent: str) -> int | None:
+        """Lift ``agent``'s ban: its tokens issued before the unban stay dead. None if it was not banned."""
+        with self._lock:
+            if agent not in self._banned:
+                return None
+            at = int(self._clock())
+            self._append([{"op": "unban", "name": agent, "at": at}])
+            self._apply_unban(agent, at)
+            return at
+
+    def banned(self, agents: Any) -> str | None:
+        """The first of ``agents`` that is banned, if any."""
+        banned = self._banned  # read without the lock: a dict lookup is atomic
+        return next((a for a in agents if a in banned), None)
+
+    def _apply_ban(self, agent: str, at: int) -> None:
+        self._banned[agent] = max(at, self._banned.get(agent, at))
+        self._index.revoke_agent(agent, BANNED)
+
+    def _apply_unban(self, agent: str, at: int) -> None:
+        banned_at = self._banned.pop(agent, at)
+        # Minting was refused from the ban on, so nothing issued since is legitimate: a token a mint
+        # racing the ban signed (iat at most a second past the ban) stays dead; the unban's own second
+        # is left to the new tokens.
+        mirror = self._named["agent"]
+        cutoff = mirror[agent] = max(banned_at, at - 1, mirror.get(agent, 0))
+        lift = getattr(self._index, "lift_ban", None)
+        if lift is not None:
+            lift(agent, cutoff)
+        else:
+            lift_ban(self._index, agent, cutoff)
+
+    def _revoke_named(self, op: str, name: str) -> int:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{op} must be a non-empty string")
+        with self._lock:
+            at = int(self._clock())
+            self._append([{"op": op, "name": name, "at": at}])
+            self._apply_named(op, name, at)
+            return at
+
+    def _apply_named(self, op: str, name: str, at: int) -> None:
+        mirror = self._named[op]
+        mirror[name] = max(at, mirror.get(name, at))
+        if op == "key":
+            self._index.revoke_key(name)
+        else:
+            getattr(self._index, f"revoke_{op}")(name, at)
+
+    def _set_bit(self, slot: int, jti: str, exp: int) -> None:
+        # A slot outside the window already tests as revoked; only the window has bits.
+        if self._base <= slot < self._base + self._capacity:
+            self._bits.set(slot)
+            self._tokens[slot] = (jti, exp)
+            self.revision += 1
+
+    def slide(self) -> None:
+        """Move the window past dead slots, forget cutoffs no live token can fall under, compact if big."""
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            self._advance(now)
+            if self._size >= max(self._compact_bytes, 2 * self._live_size):
+                try:
+                    self._compact(now)
+                except OSError:
+                    log.exception("%s: compaction failed; the old journal is intact", self.path)
+
+    def compact(self) -> None:
+        """Rewrite the journal with only live state: temp file, fsync, rename, fsync directory."""
+        with self._lock:
+            self._check_open()
+            now = self._clock()
+            self._advance(now)
+            self._compact(now)
+
+    @property
+    def next_slot(self) -> int:
+        """The slot the next token gets: every slot below it may have been handed out."""
+        return self._next  # one int read, without the lock: it only grows
+
+    def stats(self) -> dict[str, int]:
+        """Sizes of the revocation state, for status and metrics."""
+        with self._lock:
+            return {"revoked_tokens": self._bits.count(), "tasks": len(self._named["task"]),
+                    "agents": len(self._named["agent"]), "keys": len(self._named["key"]),
+                    "banned_agents": len(self._banned),
+                    "journal_bytes": self._size, "window_base": self._base, "next_slot": self._next,
+                    "reserved": self._reserved, "capacity": self._capacity}
+
+    def close(self) -> None:
+        """Record the exact expiry of the block in progress, then release the journal."""
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                if self._blocks and not self._blocks[-1].sealed and not self._broken:
+                    self._blocks[-1].sealed = True
+                    self._append([self._blocks[-1].record()])
+            finally:
+                self._close_fds()
+
+    def _advance(self, now: float) -> None:
+        blocks = self._blocks
+        # Only whole blocks, fully handed out, whose every token is past exp + leeway.
+        while blocks and blocks[0].end <= self._next and blocks[0].exp + self._leeway < now:
+            blocks.popleft()
+        base = blocks[0].start if blocks else self._next
+        if base > self._base:
+            self._bits.advance(base)
+            self._base = base
+            self.revision += 1  # the published list changes with the window, not only with a bit
+            self._tokens = {s: t for s, t in self._tokens.items() if s >= base}
+        # A token issued at or before such a cutoff has expired (exp <= iat + max_lifetime);
+        # a key is kept as long, so every token it signed before its revocation is dead.
+        horizon = now - self._max_lifetime - self._leeway
+        stale = {op: [n for n, at in names.items() if at < horizon] for op, names in self._named.items()}
+        for op, names in stale.items():
+            for name in names:
+                del self._named[op][name]
+        # A ban outlives every cutoff: its index entry stays until the unban replaces it.
+        stale["agent"] = [a for a in stale["agent"] if a not in self._banned]
+        if stale["task"] or stale["agent"]:
+            self._index.forget(stale["task"], stale["agent"])
+
+    def _compact(self, now: float) -> None:
+        records: list[dict[str, Any]] = [{"op": "base", "base": self._base}]
+        records += [b.record() for b in self._blocks]
+        records += [{"op": "token", "jti": jti, "slot": slot, "exp": exp}
+                    for slot, (jti, exp) in self._tokens.items() if exp + self._leeway >= now]
+        records += [{"op": op, "name": name, "at": at}
+                    for op, names in self._named.items() for name, at in names.items()]
+        records += [{"op": "ban", "name": agent, "at": at} for agent, at in self._banned.items()]
+        data = b"".join(_encode(r) for r in records)
+        tmp = self.path.with_name(JOURNAL + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.path)
+        durable.fsync_dir(self.path.parent)
+        new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
+        os.close(self._fd)
+        self._fd = new_fd
+        self._size = self._live_size = len(data)
+
+    def _append(self, records: list[dict[str, Any]]) -> None:
+        self._check_open()
+        data = b"".join(_encode(r) for r in records)
+        try:
+            _write_all(self._fd, data)
+            os.fsync(self._fd)
+        except OSError:
+            # Not acknowledged: remove any partial line, or the next append would
+            # bury it mid-file and the journal would refuse to replay.
+            try:
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._broken = True
+            raise
+        self._size += len(data)
+
+    def _check_open(self) -> None:
+        if self._fd < 0:
+            raise errors.StateError(f"{self.path}: revocation store is closed")
+        if self._broken:
+            raise errors.StateError(f"{self.path}: journal has a partial write that could not be removed")
+
+    def _close_fds(self) -> None:
+        for fd in (self._fd, self._lock_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._fd = self._lock_fd = -1
+
+    def _replay(self) -> None:
+        with open(self.path, "rb") as f:
+            data = f.read()
+        end = data.rfind(b"\n") + 1
+        if end == 0:
+            raise errors.StateError(f"{self.path}: no complete record (a journal starts with one): truncated "
+                                    "or damaged; refusing to start without the revocations it held")
+        if end < len(data):
+            # A crash mid-append: that record was never acknowledged, so cutting it loses nothing.
+            log.warning("%s: cutting a torn last line of %d bytes", self.path, len(data) - end)
+            os.ftruncate(self._fd, end)
+            os.fsync(self._fd)
+        self._size = self._live_size = end
+        blocks: dict[int, _Block] = {}
+        tokens: dict[int, tuple[str, int]] = {}
+        base = 0
+        for lineno, line in enumerate(data[:end].split(b"\n")[:-1], 1):
+            r = _parse(line, f"{self.path}:{lineno}")
+            if r["op"] in ("reserve", "seal"):
+                block = blocks.setdefault(r["from"], _Block(r["from"], r["upto"]))
+                if block.end != r["upto"]:
+                    raise errors.StateError(f"{self.path}:{lineno}: slot block overlaps another")
+                if r["op"] == "seal":
+                    block.exp, block.sealed = max(block.exp, r["exp"]), True
+            elif r["op"] == "base":
+                base = max(base, r["base"])
+            elif r["op"] == "token":
+                tokens[r["slot"]] = (r["jti"], r["exp"])
+            elif r["op"] == "ban":
+                self._apply_ban(r["name"], r["at"])
+            elif r["op"] == "unban":
+                self._apply_unban(r["name"], r["at"])
+            else:
+                self._apply_named(r["op"], r["name"], r["at"])
+        now = self._clock()
+        # Blocks in progress at a crash: their tokens' expiries died with the process,
+        # but none outlives now + max_lifetime + leeway (allocate_slot enforces it).
+        unsealed = [b for b in blocks.values() if not b.sealed]
+        for block in unsealed:
+            block.exp, block.sealed = max(block.exp, int(now) + self._max_lifetime + self._leeway), True
+        if unsealed:
+            self._append([b.record() for b in unsealed])
+        self._blocks = deque(sorted((b for b in blocks.values() if b.end > base), key=lambda b: b.start))
+        self._reserved = self._next = max([base] + [b.end for b in blocks.values()])
+        self._base = self._blocks[0].start if self._blocks else self._next
+        self._bits.advance(self._base)
+        for slot, (jti, exp) in tokens.items():
+            self._set_bit(slot, jti, exp)
+        self._advance(now)
