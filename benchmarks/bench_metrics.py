@@ -21,7 +21,7 @@ from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 
 from agentauthz import reasons
-from agentauthz.audit.writer import metrics
+from agentauthz.audit import metrics
 from agentauthz.decision.policy import DEV_POLICY, Policy
 from agentauthz.serve import extauthz
 

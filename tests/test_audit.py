@@ -22,12 +22,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import Forge
 
+from agentauthz.audit import files as audit_files
+from agentauthz.audit import records as audit_records
+from agentauthz.audit import verify as audit_verify
+from agentauthz.audit import writer as audit
 from agentauthz.audit.verify import main_verify, verify_dir
 from agentauthz.audit.writer import AuditLog
-from agentauthz.audit.writer import files as audit_files
-from agentauthz.audit.writer import records as audit_records
-from agentauthz.audit.writer import verify as audit_verify
-from agentauthz.audit.writer import writer as audit
 from agentauthz.decision._chain_py import GENESIS
 from agentauthz.errors import StateError
 

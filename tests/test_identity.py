@@ -22,15 +22,15 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agentauthz.errors import AgentAuthzError, StateError
+from agentauthz.identity import devca
+from agentauthz.identity import spiffe as identity
 from agentauthz.identity.spiffe import (
     IdentityError,
     SpiffeId,
-    devca,
     load_bundle,
     parse_spiffe_id,
     svid_from_pem,
 )
-from agentauthz.identity.spiffe import spiffe as identity
 
 TD = "dev.local"
 AGENT = "spiffe://dev.local/agent/alpha"

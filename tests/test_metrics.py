@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from support import AUDIENCE, Forge, make_verifier
 
 from agentauthz import reasons
-from agentauthz.audit.writer import metrics
+from agentauthz.audit import metrics
 from agentauthz.authority.approvers import issue_dev_credential
 from agentauthz.client import ApprovalsClient, Client, Identity
 from agentauthz.decision import _accel

@@ -44,7 +44,7 @@ from .policy_file import (
 from .policy_file import DEFAULT_REQUESTS as DEFAULT_REQUESTS  # callers read the defaults here
 from .tokens import DEFAULT_SENSITIVITY, MAX_DELEGATION_DEPTH, SENSITIVITY_LEVELS, SENSITIVITY_RANK, grant
 
-DEV_POLICY = Path(__file__).with_name("policies") / "dev.yaml"
+DEV_POLICY = Path(__file__).parent.parent / "policies" / "dev.yaml"  # agentauthz/policies, the packaged data
 VERSION = 1
 CACHE_SIZE = 10_000
 _SCHEME = "spiffe://"

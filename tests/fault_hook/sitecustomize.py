@@ -9,7 +9,7 @@ import errno
 import os
 
 if os.environ.get("AGENTAUTHZ_TEST_FAULT") == "budgets.charge":
-    from agentauthz.authority.core import budgets
+    from agentauthz.authority import budgets
 
     def _charge(self: object, *args: object, **kwargs: object) -> object:
         """What a failing disk under the budget table looks like to Check."""
