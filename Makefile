@@ -78,6 +78,7 @@ check-protos: protos
 lint: $(STAMP)
 	$(VENV)/bin/ruff check agentauthz tests benchmarks
 	$(VENV)/bin/mypy agentauthz
+	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 clean:
 	rm -rf build $(VENV) agentauthz/*.so agentauthz/*/*.so native/*.c

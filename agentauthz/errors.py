@@ -6,6 +6,13 @@ from typing import Any
 
 from . import reasons
 
+# Why the API refuses a mint, a delegation or a revocation (``authority.outcomes.Refused``). Not in
+# reasons.py: every constant there is a Check reason with its own counter in audit/metrics.py.
+NOT_PERMITTED = "not_permitted"
+NOTHING_GRANTED = "nothing_granted"
+NEEDS_APPROVAL = "approval_required"
+UNKNOWN_TOKEN_ID = "unknown_token_id"
+
 
 class AgentAuthzError(Exception):
     """Base class of every error agentauthz raises on purpose."""

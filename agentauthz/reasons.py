@@ -122,8 +122,3 @@ ARGUMENT_REFUSED = frozenset({
     ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX, ARGUMENT_NOT_ALLOWED,
     ARGUMENT_ABOVE_MAX,
 })
-# Why the API refuses a mint, delegation or revocation (authority/outcomes.py's ``Refused``).
-NOT_PERMITTED = "not_permitted"
-NOTHING_GRANTED = "nothing_granted"
-NEEDS_APPROVAL = "approval_required"
-UNKNOWN_TOKEN_ID = "unknown_token_id"

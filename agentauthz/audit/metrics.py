@@ -16,7 +16,7 @@ from collections import Counter
 from typing import Any, Callable, Iterator
 
 # Every decision reason the daemon answers has its own counter; anything else counts as "other".
-from .. import reasons
+from .. import errors, reasons
 
 REASONS = tuple(sorted({value for name, value in vars(reasons).items()
                         if name.isupper() and isinstance(value, str)}))
@@ -99,7 +99,7 @@ class Operations:
     def count(self, kind: str, fields: dict[str, Any]) -> None:
         decision = fields.get("decision")
         reason = fields.get("reason", "")
-        if reason and reason not in _AT and reason != reasons.NOT_PERMITTED:
+        if reason and reason not in _AT and reason != errors.NOT_PERMITTED:
             reason = OTHER  # a label's values stay the vocabulary's, whatever a caller passes
         key = (kind, "" if decision is None else str(bool(decision)).lower(), reason)
         with self._lock:

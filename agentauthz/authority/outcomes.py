@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import AgentAuthzError
-from ..reasons import (  # noqa: F401 (the API's refusal reasons, named here for its callers)
+from ..errors import (  # noqa: F401 (the API's refusal reasons, named here for its callers)
     NEEDS_APPROVAL,
     NOT_PERMITTED,
     NOTHING_GRANTED,
     UNKNOWN_TOKEN_ID,
+    AgentAuthzError,
 )
 from .approvals import Approval
 
