@@ -57,7 +57,8 @@ def _selected(value: str | None) -> subprocess.CompletedProcess[str]:
         env["AGENTAUTHZ_NO_EXTENSIONS"] = value
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     return subprocess.run(
-        [sys.executable, "-c", "from agentauthz import _accel; print(_accel.ACTIVE.name, _accel.NATIVE)"],
+        [sys.executable, "-c",
+         "from agentauthz.decision import _accel; print(_accel.ACTIVE.name, _accel.NATIVE)"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
 
 

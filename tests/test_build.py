@@ -66,7 +66,8 @@ def test_build_without_native_installs_pure_and_says_so(tmp_path: Path, env: dic
                            capture_output=True, text=True, env={**base, **env}, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     assert says in build.stderr
-    assert not list((tmp_path / "agentauthz").glob("*.so"))
+    assert not list((tmp_path / "agentauthz").rglob("*.so"))
     probe = subprocess.run([sys.executable, "-c", PROBE], cwd=tmp_path, capture_output=True, text=True,
                            timeout=60, env=base)
-    assert probe.stdout.split() == ["pure", str(tmp_path / "agentauthz" / "_accel.py")], probe.stderr
+    selector = tmp_path / "agentauthz" / "decision" / "_accel.py"
+    assert probe.stdout.split() == ["pure", str(selector)], probe.stderr

@@ -167,7 +167,7 @@ def test_without_openssl_behind_hashlib_the_native_twin_hashes_with_libsodium() 
     """The fallback is chosen at import: a fresh interpreter that cannot import _hashlib."""
     native_or_fail()
     code = ("import sys; sys.modules['_hashlib'] = None\n"
-            "from agentauthz import _chain_c\n"
+            "from agentauthz.decision import _chain_c\n"
             "c = _chain_c.Chain(); c.link(b'x' * 420)\n"
             "print(_chain_c.SHA256_FROM, c.prev)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
