@@ -85,9 +85,9 @@ def test_a_worker_adopts_only_the_policy_text_it_is_sent_and_refuses_a_wrong_dig
     from multiprocessing.connection import Pipe
 
     from agentauthz.authority.core import Authority
+    from agentauthz.cluster.replication import _apply
     from agentauthz.config import Config
     from agentauthz.decision.policy import DEV_POLICY
-    from agentauthz.serve.workers import _apply
 
     path = tmp_path / "policy.yaml"
     path.write_text(DEV_POLICY.read_text())
@@ -103,7 +103,7 @@ def test_a_worker_adopts_only_the_policy_text_it_is_sent_and_refuses_a_wrong_dig
 
 
 def test_a_new_workers_index_is_exactly_the_primarys(hot: Any) -> None:
-    from agentauthz.serve.workers import index_state, restore_index
+    from agentauthz.cluster.replication import index_state, restore_index
 
     def index() -> Any:
         return hot.RevocationIndex(hot.Bitset(64))

@@ -25,15 +25,16 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "examples")]
 
-from agentauthz.approvers import issue_dev_credential  # noqa: E402
-from agentauthz.devca import ensure_dev_pki, issue_svid  # noqa: E402
-from agentauthz.policy import DEV_POLICY  # noqa: E402
 from cryptography.hazmat.primitives import serialization  # noqa: E402
 from nacl.signing import SigningKey  # noqa: E402
 from processes import Daemon  # noqa: E402
 
-from agentauthz import _accel, errors, tokens  # noqa: E402
+from agentauthz import errors  # noqa: E402
+from agentauthz.authority.approvers import issue_dev_credential  # noqa: E402
 from agentauthz.client import ApprovalsClient, Client, Identity  # noqa: E402
+from agentauthz.decision import _accel, tokens  # noqa: E402
+from agentauthz.decision.policy import DEV_POLICY  # noqa: E402
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid  # noqa: E402
 from agentauthz.v1 import agentauthz_pb2 as pb  # noqa: E402
 
 ISSUER = "https://agentauthz.dev.local"
