@@ -108,7 +108,7 @@ ARGUMENT_PATH_UNSAFE = "argument_path_unsafe"  # '..', NUL, '%', '\\' or lookali
 ARGUMENT_OUTSIDE_PREFIX = "argument_outside_prefix"
 ARGUMENT_NOT_ALLOWED = "argument_not_allowed"
 ARGUMENT_ABOVE_MAX = "argument_above_max"
-# Task budgets (budgets.py).
+# Task budgets (authority/budgets.py).
 BUDGET_EXHAUSTED = "budget_exhausted"  # 403: the task has made all the calls the grant allows
 RATE_LIMITED = "rate_limited"  # 429 with Retry-After
 BUDGET_TABLE_FULL = "budget_table_full"  # 503: no room to count this task's calls, so none is made
@@ -117,7 +117,7 @@ CONSTRAINT_DENIED = frozenset({
     ARGUMENTS_UNAVAILABLE, ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX,
     ARGUMENT_NOT_ALLOWED, ARGUMENT_ABOVE_MAX, BUDGET_EXHAUSTED,
 })
-# Denials that name one argument: its record says which, and its value redacted (audit_records).
+# Denials that name one argument: its record says which, and its value redacted (audit/records.py).
 ARGUMENT_REFUSED = frozenset({
     ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX, ARGUMENT_NOT_ALLOWED,
     ARGUMENT_ABOVE_MAX,

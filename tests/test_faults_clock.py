@@ -172,7 +172,7 @@ def test_steady_clock_stands_still_for_a_reading_another_thread_overtook(
     assert clock() == start + 0.004  # the reader that stored first read the later time
     wall.now = start + 0.001  # the overtaken reading, or a 3 ms step back: never backwards, no warning
     mono[0] += 0.001
-    with caplog.at_level(logging.WARNING, logger="agentauthz.state.clock"):
+    with caplog.at_level(logging.WARNING, logger="agentauthz.clock"):
         assert clock() == start + 0.004
         wall.now = start + 0.005
         assert clock() == start + 0.005  # and the wall is followed again at once

@@ -188,7 +188,7 @@ def test_torn_last_line_is_cut_and_the_rest_replayed(world: World, caplog: pytes
     good = world.journal.read_bytes()
     with open(world.journal, "ab") as f:
         f.write(b'{"op":"task","name":"t2","a')  # the crash hit mid-append
-    with caplog.at_level(logging.WARNING, logger="agentauthz.state.revocation"):
+    with caplog.at_level(logging.WARNING, logger="agentauthz.revocation"):
         world.open()
     assert "torn" in caplog.text
     assert world.journal.read_bytes() == good

@@ -1,6 +1,6 @@
 """The audit log's files: appending with an undo, the signing key kept outside the log, a torn tail.
 
-``audit.AuditLog`` writes through these; ``audit_verify`` reads the same files.
+``writer.AuditLog`` writes through these; ``verify`` reads the same files.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from .. import durable
 from ..errors import StateError
 
-log = logging.getLogger("agentauthz.audit")  # audit.py's logger: operators follow one name
+log = logging.getLogger("agentauthz.audit")  # the writer's logger: operators follow one name
 
 CHECKPOINTS = "checkpoints.jsonl"
 # Where the checkpoint key was kept before it moved out of the audit directory: migrated, never trusted.

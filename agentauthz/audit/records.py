@@ -1,6 +1,6 @@
 """What an audit record holds, as bytes: canonical JSON, token redaction, ``prepare``d Check fields.
 
-Shared by the writer (``audit``) and the offline verifier (``audit_verify``).
+Shared by the writer (``writer``) and the offline verifier (``verify``).
 """
 
 from __future__ import annotations

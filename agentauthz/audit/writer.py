@@ -1,6 +1,6 @@
 """Audit log: O(1) enqueue, batch writer thread, SHA-256 hash chain, Ed25519-signed checkpoints.
 
-The offline verifier is ``audit_verify``.
+The offline verifier is ``audit.verify``.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from ..errors import AuditUnavailable, StateError
 from .files import CHECKPOINTS, append, cut_tail, last_line, log_files
 from .records import _b64, _canon, _dumps, _redacted_fields, thumbprint
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.audit")  # the name operators filter on, kept across the layout
 
 _BACKOFF_MAX = 1.0
 _CHECK = object()  # marks record_check()'s queue items
@@ -42,7 +42,7 @@ class AuditLog:
              max_file_bytes: int = 64 << 20, clock: Callable[[], float] = time.time) -> AuditLog:
         """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started.
 
-        ``key`` signs the checkpoints; it is kept outside ``directory`` (``audit_files.open_key``).
+        ``key`` signs the checkpoints; it is kept outside ``directory`` (``files.open_key``).
         """
         directory = Path(directory)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ from .. import reasons
 from ..decision.constraints import Budget
 from ..errors import StateError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.budgets")  # the name operators filter on, kept across the layout
 
 MAGIC = b"agentauthz-budgets-v1\x00\x00\x00"
 HEADER = struct.Struct("<24sQ")  # magic, capacity

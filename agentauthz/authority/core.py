@@ -43,7 +43,7 @@ from .budgets import BudgetTable
 from .delegation import DelegationFlow
 from .outcomes import NEEDS_APPROVAL, NOT_PERMITTED, NOTHING_GRANTED, UNKNOWN_TOKEN_ID, Minted, Refused
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.authority")  # the name operators filter on, kept across the layout
 
 STATUS_PATH = "/status-list"
 AUDIT_KEY_PATH = "/.well-known/agentauthz-audit-key"
@@ -113,7 +113,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         state = config.state_dir
         state.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.policy_path = Path(config.policy_file) if config.policy_file else DEV_POLICY
-        # The text too: workers are sent exactly what was validated here, never the file (workers.py).
+        # The text too: workers are sent exactly what was validated here, never the file (cluster/).
         self.policy_text = read_text(self.policy_path)
         self.policy = Policy.from_text(self.policy_text, str(self.policy_path))
         # One keyring per trust boundary (audience): a key that leaks from one boundary cannot mint

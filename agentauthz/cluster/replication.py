@@ -13,7 +13,7 @@ import threading
 from multiprocessing.connection import Connection
 from typing import Any, Callable, Protocol
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.workers")  # the name operators filter on, kept across the layout
 
 
 class Fleet(Protocol):

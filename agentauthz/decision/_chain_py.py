@@ -2,7 +2,7 @@
 
 Every record names its sequence number and the SHA-256 of the record before
 it (``prev``), so an edited, inserted, deleted or reordered record breaks the
-chain (``audit_verify``). ``append_check`` is an allow's record in one call:
+chain (``audit.verify``). ``append_check`` is an allow's record in one call:
 formatted, linked and written, because the allow is answered only once its
 record is in the log file (``AuditLog.write_allow``).
 """
@@ -62,7 +62,7 @@ class Chain:
         """The next check record, not linked yet (no newline): one f-string, no dict to encode.
 
         ``prepared`` holds the members every Check of a token, request and outcome shares
-        (``audit_records.prepare``). ``request_id`` is Envoy's x-request-id, which a client may set:
+        (``audit.records.prepare``). ``request_id`` is Envoy's x-request-id, which a client may set:
         it is escaped and redacted like any field.
         """
         if self._seq >= SEQ_MAX:

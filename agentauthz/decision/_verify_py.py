@@ -525,7 +525,7 @@ class Verifier:
         if policy is None:
             return reasons.POLICY_DENIED
         answer = policy.permits(entry.sub, tool, target, operation, level)
-        # A token minted under a human's approval carries it (authority.py); asked only then, so a
+        # A token minted under a human's approval carries it (authority/core.py); asked only then, so a
         # policy view that gates nothing need not know the keyword.
         if answer == reasons.APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
             answer = policy.permits(entry.sub, tool, target, operation, level, approved=True)

@@ -122,7 +122,7 @@ def make_ca(name: str = "agentauthz development CA", trust_domain: str = DEV_TRU
         # Confine the CA to the listed DNS names, so its key on disk cannot vouch for a real host.
         # BoringSSL (in gRPC and Envoy) fails every handshake under a URI or IP constraint
         # ("unsupported name constraint type"; measured with grpcio 1.85), so the trust domain is
-        # not constrained here (X509-SVID §4.2 allows that): identity.py checks it on every SVID.
+        # not constrained here (X509-SVID §4.2 allows that): spiffe.py checks it on every SVID.
         builder = builder.add_extension(x509.NameConstraints([x509.DNSName(h) for h in dns], None),
                                         critical=True)
     return CertAndKey(builder.sign(issuer.key if issuer else key, hashes.SHA256()), key)

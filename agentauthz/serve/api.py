@@ -21,7 +21,7 @@ from ..v1 import agentauthz_pb2 as pb
 from ..v1 import agentauthz_pb2_grpc as pb_grpc
 from .tls_front import Peers
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.api")  # the name operators filter on, kept across the layout
 
 _STATUS_BY_REASON = {
     NOT_PERMITTED: grpc.StatusCode.PERMISSION_DENIED,

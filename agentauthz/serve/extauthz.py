@@ -39,7 +39,7 @@ from ..errors import AuditUnavailable, TokenError
 
 _scan = _accel.ACTIVE.scan_check_request
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.extauthz")  # the name operators filter on, kept across the layout
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 PREPARED_MAX = 4096
@@ -54,7 +54,7 @@ def http_status_for(reason: str) -> int:
         return 400
     if reason in (reasons.AUDIT_UNAVAILABLE, reasons.INTERNAL_ERROR):
         return 503
-    # MCP bodies, argument constraints, budgets (mcp.py, constraints.py, budgets.py).
+    # MCP bodies, argument constraints, budgets (decision/mcp.py and constraints.py, authority/budgets.py).
     if reason in reasons.MCP_REFUSED:
         return 400
     if reason == reasons.RATE_LIMITED:
@@ -453,7 +453,7 @@ class CheckService:
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
             # An allow we cannot record is not an allow (DESIGN §5): it is answered once its record
-            # is in the log file, so a crashed daemon loses no allow a caller saw (audit.py).
+            # is in the log file, so a crashed daemon loses no allow a caller saw (audit/writer.py).
             prepared = self._first_allow(entry, tool, target, operation, sensitivity)
             try:
                 if not self._audit.write_allow(decision_id, request_id, prepared):

@@ -23,7 +23,7 @@ from ..authority.core import AUDIT_KEY_PATH, STATUS_PATH, Authority
 from ..state import statuslist
 from . import listeners
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.http_listener")  # the name operators filter on, kept across the layout
 
 SERVER = "agentauthz"  # the whole Server header: no aiohttp or Python version for a scanner to match
 NOT_FOUND = b'{"error":"not_found"}\n'

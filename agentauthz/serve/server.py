@@ -31,7 +31,7 @@ from .api import ApiService
 from .http_listener import HttpListener, Routes
 from .tls_front import BACKEND_HOST, Peers, TlsFront
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.server")  # the name operators filter on, kept across the layout
 
 API_SERVICE = agentauthz_pb2.DESCRIPTOR.services_by_name["AgentAuthz"].full_name
 HOUSEKEEPING_INTERVAL = 5.0

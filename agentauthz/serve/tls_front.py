@@ -2,7 +2,7 @@
 
 When gRPC's own TLS verifies client certificates, one it cannot verify fails the handshake: the caller
 sees UNAVAILABLE and the daemon never learns of it, so nothing is audited. Here the handshake completes
-for any certificate, or none; identity.py judges the chain; and the bytes go on, in plaintext over
+for any certificate, or none; identity/spiffe.py judges the chain; and the bytes go on, in plaintext over
 loopback, to the API's gRPC server. The verdict (the accepted chain, or the IdentityError saying why
 not) waits in ``Peers`` under the backend connection's address, where api.py looks it up at each call,
 answering UNAUTHENTICATED with the reason and recording it.
@@ -26,7 +26,7 @@ from OpenSSL import SSL, crypto
 from ..identity.spiffe import IdentityError, Svid, peer_from_der_chain
 from . import listeners
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.tls_front")  # the name operators filter on, kept across the layout
 
 HANDSHAKE_TIMEOUT = 10.0  # a client that has not finished its handshake by then is closed
 MAX_PENDING_HANDSHAKES = 256  # beyond this many at once, new connections are closed unanswered
@@ -168,7 +168,7 @@ class TlsFront:
             await self._server.wait_closed()
 
     def judge(self, conn: SSL.Connection, objection: tuple[int, int] | None) -> Verdict:
-        """identity.py's verdict on the chain the client presented (leaf first), OpenSSL's as a second."""
+        """spiffe.py's verdict on the chain the client presented (leaf first), OpenSSL's as a second."""
         leaf = conn.get_peer_certificate(as_cryptography=True)
         if leaf is None:
             return IdentityError("the caller presented no client certificate")

@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 from ..cluster.replication import index_state
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.workers")  # the name operators filter on, kept across the layout
 
 ACK_TIMEOUT = 5.0
 STOP_TIMEOUT = 15.0

@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Callable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.clock")  # the name operators filter on, kept across the layout
 
 # Readers on two threads may each read the wall, then store in the other order: the later store
 # then looks like a step back of however long the first reader was held up (a GIL switch, ~5 ms).

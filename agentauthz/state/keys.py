@@ -25,7 +25,7 @@ from .. import durable
 from ..decision import tokens
 from ..errors import StateError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.keys")  # the name operators filter on, kept across the layout
 
 NEXT, CURRENT, PREVIOUS, RETIRED = "next", "current", "previous", "retired"
 METADATA = "keyring.json"

@@ -15,7 +15,7 @@ from typing import Any
 
 from .. import durable, errors
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("agentauthz.revocation")  # the name operators filter on, kept across the layout
 
 JOURNAL = "journal.jsonl"
 COMPACT_BYTES = 1 << 20
@@ -69,7 +69,7 @@ def lift_ban(index: Any, agent: str, cutoff: int) -> None:
 
 
 def index_call(index: Any, name: str, args: Any) -> None:
-    """Apply one replicated index change (workers.py): a method of the twins', or ``lift_ban``."""
+    """Apply one replicated index change (cluster/replication.py): a method of the twins', or ``lift_ban``."""
     if name == "lift_ban":
         lift_ban(index, *args)
     else:
