@@ -158,19 +158,16 @@ UNPARSED = object()  # parse_check_request's answer when the parser raised
 
 
 def refused_argument(entry: Any, reason: str, tool: str, target: str, operation: str, sensitivity: str,
-                     arguments: Mapping[str, Any] | None, policy: Policy) -> str:
+                     arguments: Mapping[str, Any] | None, ruled: Any) -> str:
     """The ``argument`` member of an argument denial's record: the first constraint failing for
-    ``reason`` of a grant covering the request, else of a policy rule constraining it (asked as
-    ``_verify_py.Verifier._match`` asks), and the value it refused (redacted)."""
+    ``reason`` of a grant covering the request, else of the policy's ``Constrained`` answer the
+    decision enforced (``ruled``), and the value it refused (redacted)."""
     if arguments is None:
         return argument_member(None, None)
     level = SENSITIVITY_RANK.get(sensitivity, 0)
     covering = (g.extras for g in entry.grants if g.covers(tool, target, operation, level))
     extras = [e for e in covering if e is not None]
-    answer = policy.permits(entry.sub, tool, target, operation, level)
-    if answer == reasons.APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
-        answer = policy.permits(entry.sub, tool, target, operation, level, approved=True)
-    extras += getattr(answer, "alternatives", ())
+    extras += getattr(ruled, "alternatives", ())
     for constraint in (c for e in extras for c in e.arguments):
         if constraint.problem(arguments) == reason:
             return argument_member(constraint.name, arguments.get(constraint.name))
@@ -413,6 +410,7 @@ class CheckService:
         else:
             boundary, verifier = self._default
         who = None  # the verified token, kept when the decision denies: its record names it
+        ruled = None  # the policy's Constrained answer, when enforce applied one: an argument denial names it
         if token is None:
             reason, entry = reasons.TOKEN_MISSING, None
         elif refused:
@@ -433,9 +431,10 @@ class CheckService:
                 # Argument constraints and budgets: the token's grants', and the current policy's when
                 # it allows this only under constraints (decide then answers its Constrained, not ALLOW).
                 if entry is not None and (entry.constrained or reason is not reasons.ALLOW):
+                    ruled = None if reason is reasons.ALLOW else reason
                     reason, wait = enforce(entry, tool, target, operation, sensitivity,
                                            call.arguments if call else None, self._budgets, self._clock(),
-                                           None if reason is reasons.ALLOW else reason)  # type: ignore[arg-type]
+                                           ruled)  # type: ignore[arg-type]
                     if reason != reasons.ALLOW:
                         entry = None
             elif reason == reasons.TOKEN_KEY_UNKNOWN and len(self._verifiers) > 1 \
@@ -448,7 +447,7 @@ class CheckService:
             prepared = self._prepared.get(key) or self._prepare(key, who)
             if reason in reasons.ARGUMENT_REFUSED and who is not None:
                 prepared += "," + refused_argument(who, reason, tool, target, operation, sensitivity,
-                                                   call.arguments if call else None, policy)
+                                                   call.arguments if call else None, ruled)
             if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
