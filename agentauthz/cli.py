@@ -84,6 +84,8 @@ def _config(args: argparse.Namespace) -> Any:
                if getattr(args, name, None)}
     if getattr(args, "state_dir", None):
         changes["state_dir"] = Path(args.state_dir)
+    if getattr(args, "pki_dir", None):
+        changes["pki_dir"] = Path(args.pki_dir)
     return config.replace(**changes) if changes else config
 
 
@@ -101,21 +103,31 @@ def cmd_serve(args: argparse.Namespace) -> None:
     raise SystemExit(run(config))
 
 
-def cmd_dev_identity(args: argparse.Namespace) -> None:
-    from .identity.devca import ensure_dev_pki, is_development, issue_svid
-    config = _config(args)
-    if not config.development:
-        raise Refusal(f"trust domain {config.trust_domain} is not the development one")
+def _dev_state(config: Any) -> None:
+    """Refuse a state dir that is not a development one, or whose daemon trusts a CA other than pki_dir."""
+    from .identity.devca import is_development, pki_dir_of
     state = config.state_dir
     if state.exists() and any(state.iterdir()) and not is_development(state):
         raise Refusal(f"{state} is not a development state directory")
+    used = pki_dir_of(state)
+    if config.pki_dir and is_development(state) and used.resolve() != config.dev_pki_dir.resolve():
+        raise Refusal(f"{state} uses the development CA in {used}, not --pki-dir {config.pki_dir}: its "
+                      "daemon would not trust what that one signs (name the same --pki-dir, or none)")
+
+
+def cmd_dev_identity(args: argparse.Namespace) -> None:
+    from .identity.devca import ensure_dev_pki, issue_svid
+    config = _config(args)
+    if not config.development:
+        raise Refusal(f"trust domain {config.trust_domain} is not the development one")
+    _dev_state(config)
     out = Path(args.out)
     if os.path.lexists(out) and not out.is_dir():
         raise Refusal(f"--out {out} is not a directory")
     # An identity's private key may be in use: replacing it takes a deliberate --force.
     if not args.force and any(os.path.lexists(out / name) for name in IDENTITY_FILES):
         raise Refusal(f"{out} already holds an identity; --force replaces it")
-    pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain)
+    pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain, pki_dir=config.pki_dir)
     try:
         issue_svid(pki, args.spiffe_id, out)
     except OSError as exc:
@@ -191,7 +203,9 @@ def _approval_line(a: Any) -> str:
 
 def _approvals_client(args: argparse.Namespace) -> Any:
     from .client import ApprovalsClient
-    ca = Path(args.ca) if args.ca else Path(args.state_dir or ".agentauthz") / "pki" / "ca.pem"
+    from .identity.devca import pki_dir_of
+    pki_dir = Path(args.pki_dir) if args.pki_dir else None
+    ca = Path(args.ca) if args.ca else pki_dir_of(Path(args.state_dir or ".agentauthz"), pki_dir) / "ca.pem"
     try:
         credential = Path(args.credential).read_text(encoding="utf-8").strip()
         ca_pem = ca.read_bytes()
@@ -218,14 +232,13 @@ def cmd_decide(args: argparse.Namespace) -> None:
 def cmd_dev_human(args: argparse.Namespace) -> None:
     from . import durable
     from .authority.approvers import issue_dev_credential
-    from .identity.devca import ensure_dev_pki, is_development
+    from .identity.devca import ensure_dev_pki
     config = _config(args)
     if not config.development or config.approvers:
         raise Refusal("dev-human is for the development approver issuer; this configuration names its own")
     state = config.state_dir
-    if state.exists() and any(state.iterdir()) and not is_development(state):
-        raise Refusal(f"{state} is not a development state directory")
-    ensure_dev_pki(state, trust_domain=config.trust_domain)
+    _dev_state(config)
+    ensure_dev_pki(state, trust_domain=config.trust_domain, pki_dir=config.pki_dir)
     token = issue_dev_credential(state, args.name, args.ttl)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -301,6 +314,8 @@ API_SERVER = "the daemon's API address, HOST:PORT (default: %(default)s)"
 IDENTITY = ("directory holding this agent's svid.pem, svid.key and bundle.pem, as dev-identity writes "
             "them (required)")
 STATE_DIR = "the daemon's state directory (default: the config's state_dir, else .agentauthz)"
+PKI_DIR = ("the development CA's directory, which several development daemons may share (default: the "
+           "config's pki_dir, else the one STATE_DIR already uses, else STATE_DIR/pki)")
 CONFIG = "the daemon's YAML configuration file (default: none, the development defaults)"
 
 
@@ -325,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "SIGTERM drains and stops it, SIGHUP reloads the policy")
     p.add_argument("--config", help=CONFIG)
     p.add_argument("--state-dir", help=STATE_DIR)
+    p.add_argument("--pki-dir", help=PKI_DIR)
     p.add_argument("--check-listen", help="where Envoy asks for decisions: HOST:PORT or unix:PATH "
                    "(default: the config's check_listen, else 127.0.0.1:9191)")
     p.add_argument("--api-listen", help="where agents mint, revoke and delegate, always mTLS: HOST:PORT "
@@ -345,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="replace an identity already in --out "
                    "(default: refuse)")
     p.add_argument("--state-dir", help=STATE_DIR)
+    p.add_argument("--pki-dir", help=PKI_DIR)
     p.add_argument("--config", help=CONFIG)
 
     p = command("mint", cmd_mint, "mint a task token: prints the token", epilog=GRANT_SYNTAX)
@@ -369,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file to write the credential to, owner-only (required)")
     p.add_argument("--ttl", type=int, default=900, help="lifetime in seconds (default: %(default)s)")
     p.add_argument("--state-dir", help=STATE_DIR)
+    p.add_argument("--pki-dir", help=PKI_DIR)
     p.add_argument("--config", help=CONFIG)
 
     def approvals_command(name: str, handler: Callable[[argparse.Namespace], None],
@@ -378,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the daemon's Approvals address, HOST:PORT (default: %(default)s)")
         p.add_argument("--credential", required=True, help="file with the approver's JWT, e.g. from "
                        "dev-human (required)")
-        p.add_argument("--ca", help="CA of the daemon's certificate (default: STATE_DIR/pki/ca.pem)")
+        p.add_argument("--ca", help="CA of the daemon's certificate (default: ca.pem of the development "
+                       "CA, see --pki-dir)")
         p.add_argument("--state-dir", help="a development state directory, for its CA "
                        "(default: .agentauthz)")
+        p.add_argument("--pki-dir", help="the development CA's directory (default: the one STATE_DIR "
+                       "uses, else STATE_DIR/pki)")
         return p
 
     p = approvals_command("approvals", cmd_approvals, "list approval requests (a human's credential)")

@@ -18,7 +18,7 @@ from .identity.spiffe import IdentityError, parse_spiffe_id
 
 DEV_TRUST_DOMAIN = "dev.local"
 DEV_CHECK_CLIENT = "spiffe://dev.local/envoy"  # Envoy's identity on a development Check listener with mTLS
-_PATHS = ("state_dir", "policy_file", "tls_cert", "tls_key", "trust_bundle")
+_PATHS = ("state_dir", "pki_dir", "policy_file", "tls_cert", "tls_key", "trust_bundle")
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,9 @@ class Config:
     """Everything the daemon needs to know; built-in values are the development defaults."""
 
     state_dir: Path = Path(".agentauthz")
+    # The development CA's directory, which several development daemons (each with its own state_dir)
+    # may share; None: the one state_dir already names, else state_dir/pki. See dev_pki_dir.
+    pki_dir: Path | None = None
     trust_domain: str = DEV_TRUST_DOMAIN
     issuer: str = "https://agentauthz.dev.local"
     audiences: tuple[str, ...] = ("tools",)
@@ -92,6 +95,12 @@ class Config:
         return self.trust_domain == DEV_TRUST_DOMAIN
 
     @property
+    def dev_pki_dir(self) -> Path:
+        """Where the development CA lives: pki_dir, else the one state_dir names, else state_dir/pki."""
+        from .identity.devca import pki_dir_of
+        return pki_dir_of(self.state_dir, self.pki_dir)
+
+    @property
     def check_client_ids(self) -> frozenset[str]:
         """Who may call Check over mTLS: ``check_clients``, else (development only) DEV_CHECK_CLIENT."""
         return frozenset(self.check_clients or ((DEV_CHECK_CLIENT,) if self.development else ()))
@@ -112,6 +121,8 @@ class Config:
         values: dict[str, Any] = {}
         for key, value in data.items():
             if key in _PATHS and value is not None:
+                if not isinstance(value, str) or not value:  # Path(5) would raise TypeError
+                    raise ConfigError(f"{source}: {key} must be a path")
                 value = Path(value)
             elif key in ("audiences", "admins", "check_clients"):
                 if isinstance(value, str) or not isinstance(value, list):
@@ -208,6 +219,11 @@ def _problems(c: Config) -> list[str]:
     tls = (c.tls_cert, c.tls_key, c.trust_bundle)
     if any(tls) and not all(tls):
         out.append("tls_cert, tls_key and trust_bundle go together")
+    if c.pki_dir is not None and not isinstance(c.pki_dir, Path):
+        out.append("pki_dir must be a path")
+    elif c.pki_dir is not None and any(tls):
+        out.append("pki_dir is the development CA's directory, unused with tls_cert, tls_key and "
+                   "trust_bundle: name one or the other")
     if not any(tls) and c.trust_domain != DEV_TRUST_DOMAIN:
         out.append(f"trust domain {c.trust_domain!r} needs tls_cert, tls_key and trust_bundle "
                    "(only the development trust domain has a built-in CA)")

@@ -27,6 +27,9 @@ from .spiffe import IdentityError, parse_spiffe_id, validate_trust_domain
 DEV_TRUST_DOMAIN = "dev.local"
 SERVER_PATH = "/agentauthz"
 MARKER = "DEVELOPMENT"
+# In a state dir whose development PKI lives elsewhere (serve --pki-dir, shared by several daemons on
+# one machine): that directory's absolute path, so every command given only the state dir finds it.
+POINTER = "pki-dir"
 CA_TTL = timedelta(days=365)
 SERVER_TTL = timedelta(days=30)
 SVID_TTL = timedelta(hours=24)  # SVIDs are short-lived: a leaked one is useful for a day at most
@@ -58,16 +61,17 @@ class CertAndKey:
 
 @dataclass(frozen=True)
 class DevPki:
-    """The development CA and the daemon's server certificate, as loaded from ``<state>/pki``."""
+    """The development CA and the daemon's server certificate, as loaded from ``<state>/pki`` or --pki-dir."""
 
     state_dir: Path
     trust_domain: str
     ca: CertAndKey
     server: CertAndKey
+    location: Path | None = None  # where they were loaded from, when not <state_dir>/pki
 
     @property
     def pki_dir(self) -> Path:
-        return self.state_dir / "pki"
+        return self.location or self.state_dir / "pki"
 
     @property
     def bundle(self) -> list[x509.Certificate]:
@@ -162,32 +166,69 @@ def make_leaf(ca: CertAndKey, uri_sans: Sequence[str] = (), *, hosts: Sequence[s
     return CertAndKey(builder.sign(ca.key, hashes.SHA256()), key)
 
 
+def pki_dir_of(state_dir: Path, pki_dir: Path | None = None) -> Path:
+    """The development PKI directory: ``pki_dir``, else the one ``state_dir`` names, else its ``pki``."""
+    if pki_dir is not None:
+        return Path(os.path.abspath(pki_dir))  # the lock and the temporary directory go beside it
+    pointer = Path(state_dir) / POINTER
+    try:
+        named = pointer.read_text(encoding="utf-8").strip()
+    except (FileNotFoundError, NotADirectoryError):
+        return Path(state_dir) / "pki"
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StateError(f"{pointer}: cannot read the development PKI's directory: {exc}") from None
+    if not named or "\n" in named or not os.path.isabs(named):
+        raise StateError(f"{pointer}: does not hold the absolute path of a development PKI directory; "
+                         "start the daemon with --pki-dir to write it again")
+    return Path(named)
+
+
 def is_development(state_dir: Path) -> bool:
-    """Whether ``state_dir`` holds a development PKI (made by ``ensure_dev_pki``)."""
-    return (Path(state_dir) / "pki" / MARKER).is_file()
+    """Whether ``state_dir`` holds, or names, a development PKI (made by ``ensure_dev_pki``)."""
+    return (pki_dir_of(state_dir) / MARKER).is_file()
 
 
 def ensure_dev_pki(state_dir: Path, trust_domain: str = DEV_TRUST_DOMAIN,
-                   server_names: Sequence[str] = ("localhost", "127.0.0.1")) -> DevPki:
-    """Create the development CA and server certificate on first use; load (and renew) them later."""
+                   server_names: Sequence[str] = ("localhost", "127.0.0.1"),
+                   pki_dir: Path | None = None) -> DevPki:
+    """Create the development CA and server certificate on first use; load (and renew) them later.
+
+    ``pki_dir`` (default: the one ``state_dir`` names, else ``<state_dir>/pki``) may be shared by the
+    state dirs of several daemons; ``state_dir`` then names it for later commands.
+    """
     state_dir = Path(state_dir)
     validate_trust_domain(trust_domain)
-    pki_dir = state_dir / "pki"
+    explicit, pki_dir = pki_dir is not None, pki_dir_of(state_dir, pki_dir)
+    if not pki_dir.name:
+        raise StateError(f"{pki_dir}: name a directory of its own for the development PKI")
     try:
         state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # Worker processes may start together: one creates, the others wait and then load.
-        with _locked(state_dir / "pki.lock"):
-            if not pki_dir.exists():
-                _create(pki_dir, trust_domain, server_names)
-            pki = _load(state_dir, trust_domain)
+        pki_dir.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # Worker processes, and daemons sharing one pki_dir, may start together: one creates, the
+        # others wait and then load. The lock sits beside pki_dir, so every sharer takes the same one.
+        with _locked(pki_dir.with_name(pki_dir.name + ".lock")):
+            if not pki_dir.exists() or (pki_dir.is_dir() and not any(pki_dir.iterdir())):
+                _create(pki_dir, trust_domain, server_names)  # an empty directory: made for us
+            pki = _load(state_dir, pki_dir, trust_domain)
             if _server_stale(pki, server_names):
                 server = _server_cert(pki.ca, trust_domain, server_names)
                 durable.replace(pki_dir / "server.key", server.key_pem, 0o600)
                 durable.replace(pki_dir / "server.pem", server.cert_pem, 0o644)
-                pki = DevPki(state_dir, trust_domain, pki.ca, server)
+                pki = DevPki(state_dir, trust_domain, pki.ca, server, pki_dir)
+        if explicit:
+            _name_pki_dir(state_dir, pki_dir)
     except OSError as exc:
         raise StateError(f"{pki_dir}: cannot create or renew the development PKI: {exc}") from exc
     return pki
+
+
+def _name_pki_dir(state_dir: Path, pki_dir: Path) -> None:
+    """Record ``pki_dir`` in ``state_dir`` (none when it is the default ``<state_dir>/pki``)."""
+    pointer, where = state_dir / POINTER, pki_dir.resolve()
+    if where == (state_dir / "pki").resolve():
+        pointer.unlink(missing_ok=True)
+    elif not pointer.is_file() or pointer.read_text(encoding="utf-8", errors="replace").strip() != str(where):
+        durable.replace(pointer, f"{where}\n".encode(), 0o644)
 
 
 def _server_cert(ca: CertAndKey, trust_domain: str, server_names: Sequence[str]) -> CertAndKey:
@@ -238,8 +279,7 @@ def _create(pki_dir: Path, trust_domain: str, server_names: Sequence[str]) -> No
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load(state_dir: Path, trust_domain: str) -> DevPki:
-    pki_dir = state_dir / "pki"
+def _load(state_dir: Path, pki_dir: Path, trust_domain: str) -> DevPki:
     try:
         marker = json.loads((pki_dir / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
@@ -249,7 +289,7 @@ def _load(state_dir: Path, trust_domain: str) -> DevPki:
     ca = _load_pair(pki_dir, "ca")
     if _now() > ca.certificate.not_valid_after_utc:
         raise StateError(f"{pki_dir}: the development CA has expired; delete the directory to make a new one")
-    return DevPki(state_dir, trust_domain, ca, _load_pair(pki_dir, "server"))
+    return DevPki(state_dir, trust_domain, ca, _load_pair(pki_dir, "server"), pki_dir)
 
 
 def _load_pair(pki_dir: Path, stem: str) -> CertAndKey:

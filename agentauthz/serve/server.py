@@ -193,7 +193,7 @@ def api_tls(config: Config) -> tuple[bytes, bytes, bytes]:
         except OSError as exc:
             raise ConfigError(f"cannot read TLS material: {exc}") from None
     from ..identity.devca import ensure_dev_pki
-    pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain)
+    pki = ensure_dev_pki(config.state_dir, trust_domain=config.trust_domain, pki_dir=config.pki_dir)
     return pki.server_key_pem, pki.server_cert_pem, pki.ca_cert_pem
 
 
