@@ -86,7 +86,25 @@ def _config(args: argparse.Namespace) -> Any:
         changes["state_dir"] = Path(args.state_dir)
     if getattr(args, "pki_dir", None):
         changes["pki_dir"] = Path(args.pki_dir)
+    if getattr(args, "cluster", None) or getattr(args, "node_id", None):
+        changes["cluster"] = _cluster_settings(config, args)
     return config.replace(**changes) if changes else config
+
+
+def _cluster_settings(config: Any, args: argparse.Namespace) -> Any:
+    """``--cluster URL --node-id NAME`` over the config file's ``cluster:`` section."""
+    import dataclasses
+
+    from .cluster.settings import ClusterSettings
+    current = config.cluster
+    redis_url = getattr(args, "cluster", None) or (current.redis if current else None)
+    node_id = getattr(args, "node_id", None) or (current.node_id if current else None)
+    if not redis_url or not node_id:
+        raise Refusal("cluster mode needs both --cluster redis://HOST:PORT/DB and --node-id NAME "
+                      "(or a cluster: section in the config file)")
+    if current is None:
+        return ClusterSettings(redis=redis_url, node_id=node_id)
+    return dataclasses.replace(current, redis=redis_url, node_id=node_id)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -351,6 +369,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the config's workers, else 1)")
     p.add_argument("--approval-listen", help="the humans' Approvals service, TLS: HOST:PORT "
                    "(default: the config's approval_listen, else 127.0.0.1:9193)")
+    p.add_argument("--cluster", metavar="URL", help="join a cluster sharing state through Redis: "
+                   "redis://HOST:PORT/DB (default: the config's cluster.redis, else one daemon on its own)")
+    p.add_argument("--node-id", help="this daemon's name in the cluster, unique (default: the config's "
+                   "cluster.node_id; required with --cluster)")
     p.add_argument("-v", "--verbose", action="store_true", help="log at debug level (default: info)")
 
     p = command("dev-identity", cmd_dev_identity, "issue a development X.509-SVID (the development trust "

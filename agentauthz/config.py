@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import yaml
 
 from .authority.approvers import approver_problems, approvers_from
+from .cluster.settings import ClusterSettings
 from .decision.tokens import MAX_TOKEN_BYTES, TOKEN_TYPE
 from .errors import ConfigError
 from .identity.jwtsvid import JwtIssuer, issuers_from, load_keys
@@ -84,6 +85,9 @@ class Config:
     approval_listen: str = "127.0.0.1:9193"
     approval_request_ttl: int = 900  # a pending request expires unless a human decides by then
     approval_ttl: int = 900  # an approval can be minted under for this long after the decision
+    # Cluster mode (DESIGN §8): several daemons share revocations, keys, approvals and budgets through
+    # Redis. None: one daemon, embedded state, exactly as without it.
+    cluster: ClusterSettings | None = None
 
     def __post_init__(self) -> None:
         problems = list(_problems(self))
@@ -128,6 +132,11 @@ class Config:
                 if isinstance(value, str) or not isinstance(value, list):
                     raise ConfigError(f"{source}: {key} must be a list")
                 value = tuple(value)
+            elif key == "cluster" and value is not None:
+                try:
+                    value = ClusterSettings.from_mapping(value)
+                except ConfigError as exc:
+                    raise ConfigError(f"{source}: {exc}") from None
             elif key in ("jwt_issuers", "approvers"):
                 try:
                     value = issuers_from(value) if key == "jwt_issuers" else approvers_from(value)

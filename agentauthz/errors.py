@@ -114,6 +114,12 @@ class AuditUnavailable(AgentAuthzError):
     reason = "audit_unavailable"
 
 
+class ClusterUnavailable(AgentAuthzError):
+    """Cluster mode: the shared engine (Redis) did not take the change, so nothing was acknowledged."""
+
+    reason = "cluster_unavailable"
+
+
 class TokenRevoked(TokenError):
     """Offline: the token's own bit is set in the status list (revoked, its task ended, its agent revoked)."""
 

@@ -66,6 +66,9 @@ AGENT_NOT_BANNED = "agent_not_banned"  # unban of an agent that is not banned
 AUDIT_UNAVAILABLE = "audit_unavailable"
 # 503: a fault inside the daemon (an exception on the Check path): denied, recorded, logged server-side.
 INTERNAL_ERROR = "internal_error"
+# 503, cluster mode: this node has not heard from the shared revocation stream for max_staleness, so a
+# revocation acknowledged elsewhere might not have reached it; it denies until it has caught up.
+REVOCATION_STALE = "revocation_stale"
 # Check over mTLS from a client certificate that is not one of ``check_clients``: answered, never decided.
 CHECK_CLIENT_REFUSED = "check_client_refused"
 

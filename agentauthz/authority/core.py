@@ -28,6 +28,7 @@ from ..audit import files as audit_files
 from ..audit.metrics import Operations
 from ..audit.records import thumbprint
 from ..audit.writer import AuditLog
+from ..cluster.freshness import Freshness
 from ..config import Config
 from ..decision import _accel, tokens
 from ..decision.policy import DEV_POLICY, Policy, read_text
@@ -130,7 +131,8 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.index = _accel.RevocationIndex(_accel.Bitset(config.revocation_capacity, bits_buffer))
         self.revocations = RevocationStore.open(state / "revocations", self.index,
                                                 max_lifetime=config.max_token_lifetime,
-                                                leeway=config.leeway, clock=clock)
+                                                leeway=config.leeway, clock=clock,
+                                                shared=config.cluster is not None)
         self.token_ids = TokenIds.open(state / "token-id.key")
         # Shared with the Check workers forked later, like the revocation bits (budgets.py).
         self.budgets = BudgetTable.open(state / "budgets", config.budget_capacity)
@@ -140,9 +142,20 @@ class Authority(DelegationFlow, ApprovalFlow):
             max_token_bytes=config.max_token_bytes, cache_size=config.verified_cache_size)
             for aud in config.audiences}
         self.verifier = self.verifiers[config.audiences[0]]
+        # What each boundary's verifiers verify with: its keyring's keys, and in a cluster every node's.
+        self._adopted_keys: dict[str, dict[str, bytes]] = {}
+        self._key_listeners: list[Callable[[str, dict[str, bytes]], None]] = []
+        # Made before the workers fork: they read it on every Check (cluster mode only).
+        self.freshness = Freshness() if config.cluster is not None else None
+        self.cluster = None
+        if config.cluster is not None:
+            from ..cluster.node import ClusterNode
+            self.cluster = ClusterNode(config.cluster, self, state, self.freshness, horizon=(
+                config.max_token_lifetime + config.leeway + 120))
         for aud, verifier in self.verifiers.items():
             verifier.set_policy(self.policy)
-            self.keyrings[aud].subscribe(verifier.set_keys)
+            self.keyrings[aud].subscribe(functools.partial(
+                self.adopt_keys if self.cluster is None else self.cluster.local_keys_changed, aud))
         # Outside the audit directory: whoever can write the log must not be able to re-sign it.
         self.audit_key, created = audit_files.open_key(state / audit_files.KEY_DIR, state / "audit")
         self._announce_audit_key(state / audit_files.KEY_DIR / audit_files.PINNED_FILE, created)
@@ -220,11 +233,51 @@ class Authority(DelegationFlow, ApprovalFlow):
         return {kid: key for ring in self.keyrings.values() for kid, key in ring.verification_keys().items()}
 
     def jwks(self) -> dict[str, Any]:
-        """One JWK Set for every boundary; each key names its boundary in ``agentauthz_boundary``."""
+        """One JWK Set for every boundary (in a cluster, every node's keys); each key names its boundary
+        in ``agentauthz_boundary``."""
         keys = []
         for aud, ring in self.keyrings.items():
             keys += [{**jwk, "agentauthz_boundary": aud} for jwk in ring.jwks()["keys"]]
+            if self.cluster is not None:
+                keys += [{"kty": "OKP", "crv": "Ed25519", "x": tokens.b64url(raw), "kid": kid, "use": "sig",
+                          "alg": tokens.ALGORITHM, "agentauthz_boundary": aud}
+                         for kid, raw in sorted(self.cluster.remote_keys(aud).items())]
         return {"keys": keys}
+
+    def adopt_keys(self, audience: str, keys: dict[str, bytes]) -> None:
+        """Verify ``audience``'s tokens with ``keys`` from now on, here and in every worker."""
+        self._adopted_keys[audience] = dict(keys)
+        self.verifiers[audience].set_keys(dict(keys))
+        for listener in self._key_listeners:
+            listener(audience, dict(keys))
+
+    # -- cluster mode (cluster/node.py calls these) ----------------------------
+
+    def adopt_token_id_key(self, key: bytes) -> None:
+        """Every node's token ids carry the cluster's MAC, so an agent may revoke its token on any node."""
+        self.token_ids = TokenIds(key)
+
+    def apply_cluster_records(self, journal: list[dict[str, Any]], minted: list[dict[str, Any]]) -> None:
+        """Another node's changes, in stream order: revocations (and their status list marks), keys
+        revoked (retired here too, should they be ours), tokens minted (for this node's status list)."""
+        self.revocations.apply_remote(journal)
+        for r in journal:
+            if r["op"] == "task":
+                self.status_list.task_ended(r["name"])
+            elif r["op"] in ("agent", "ban"):
+                self.status_list.agent_revoked(r["name"])
+            elif r["op"] == "key":
+                for ring in self.keyrings.values():
+                    try:
+                        ring.retire(r["name"])
+                    except KeyError:
+                        pass
+        for m in minted:
+            self.status_list.remember_minted(m["task"], m["subjects"], m["slot"], m["exp"], iat=m["iat"])
+
+    def cluster_event(self, kind: str, **fields: Any) -> None:
+        """Joins and recoveries are audited like every other change of what the daemon honours."""
+        self.audit.record(kind, node=self.config.cluster.node_id if self.config.cluster else "", **fields)
 
     def replicate_to(self, fleet: Any) -> None:
         """Keep forked Check workers (a ``workers.Fleet``) in step through the ``cluster`` seam: revocations,
@@ -232,8 +285,9 @@ class Authority(DelegationFlow, ApprovalFlow):
         latest of each."""
         from ..cluster.replication import ReplicatedIndex
         self.revocations.replicate(ReplicatedIndex(self.index, fleet))
-        for aud, ring in self.keyrings.items():
-            ring.subscribe(functools.partial(fleet.set_keys, aud))
+        for aud, keys in self._adopted_keys.items():
+            fleet.set_keys(aud, keys)
+        self._key_listeners.append(fleet.set_keys)
         fleet.set_policy(self.policy_text, self.policy.digest)
         self._policy_listeners.append(lambda: fleet.set_policy(self.policy_text, self.policy.digest))
 
@@ -267,6 +321,9 @@ class Authority(DelegationFlow, ApprovalFlow):
             issued_at=now, ttl=ttl, slot=slot, status_uri=self.status_list.uri(audience), intent=intent,
             token_id=token_id, act=act, cnf=cnf, extra=extra)
         subjects = statuslist.chain(agent, act)
+        if self.cluster is not None:  # every node's status list marks it when its task or agent is revoked
+            self.cluster.engine.publish([{"op": "minted", "task": task_key(subjects[-1], task),
+                                          "subjects": subjects, "slot": slot, "exp": exp, "iat": now}])
         self.status_list.remember_minted(task_key(subjects[-1], task), subjects, slot, exp, iat=now)
         return keyring.sign(claims), token_id, exp, kid
 

@@ -14,7 +14,7 @@ from ..authority.approvals import Approval
 from ..authority.core import Authority
 from ..authority.outcomes import NOT_PERMITTED, Refused
 from ..decision.tokens import DEFAULT_SENSITIVITY
-from ..errors import AgentAuthzError, AuditUnavailable, CapacityExhausted
+from ..errors import AgentAuthzError, AuditUnavailable, CapacityExhausted, ClusterUnavailable
 from ..identity.jwtsvid import JwtSvid, Verifier, bearer_token
 from ..identity.spiffe import IdentityError, Svid
 from ..v1 import agentauthz_pb2 as pb
@@ -96,7 +96,7 @@ async def call_authority(context: Any, authority: Authority, fn: Callable[[], An
     except Refused as exc:
         code = status_by_reason.get(exc.reason, grpc.StatusCode.PERMISSION_DENIED)
         await context.abort(code, f"{exc.reason}: {exc}")
-    except (AuditUnavailable, CapacityExhausted) as exc:
+    except (AuditUnavailable, CapacityExhausted, ClusterUnavailable) as exc:
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"{exc.reason}: {exc}")
     except AgentAuthzError as exc:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"{exc.reason}: {exc}")

@@ -52,7 +52,7 @@ def http_status_for(reason: str) -> int:
         return 403
     if reason == reasons.REQUEST_INVALID:
         return 400
-    if reason in (reasons.AUDIT_UNAVAILABLE, reasons.INTERNAL_ERROR):
+    if reason in (reasons.AUDIT_UNAVAILABLE, reasons.INTERNAL_ERROR, reasons.REVOCATION_STALE):
         return 503
     # MCP bodies, argument constraints, budgets (decision/mcp.py and constraints.py, authority/budgets.py).
     if reason in reasons.MCP_REFUSED:
@@ -243,7 +243,10 @@ class CheckService:
 
     def _undecodable(self, decision_id: str) -> bytes:
         """Deny (and record) a request that did not parse as a CheckRequest."""
-        reason = reasons.REQUEST_INVALID
+        return self._deny_unread(reasons.REQUEST_INVALID, decision_id)
+
+    def _deny_unread(self, reason: str, decision_id: str) -> bytes:
+        """Deny (and record) a Check for ``reason`` without reading the request."""
         key = (reason, None, "", "", "", "")
         prepared = self._prepared.get(key) or self._prepare(key, None)
         if not (self._audit.record_check(decision_id, "", prepared) and self._audit.healthy):
@@ -339,14 +342,26 @@ class CheckService:
             if started is not None:  # every Check the warm path did not answer, in the histogram
                 self._observe(started)
 
-    def admitting(self, clients: frozenset[str]) -> Callable[[Fields | None, Any], Awaitable[bytes]]:
+    def fresh_only(self, fresh: Callable[[], bool],
+                   check: Callable[[Fields | None, Any], Awaitable[bytes]]
+                   ) -> Callable[[Fields | None, Any], Awaitable[bytes]]:
+        """``check`` while ``fresh()`` (cluster mode: the revocation stream was read within max_staleness),
+        else revocation_stale, recorded: a revocation acknowledged on another node may not be here yet."""
+
+        async def fresh_check(fields: Fields | None, context: Any) -> bytes:
+            if fresh():
+                return await check(fields, context)
+            return self._deny_unread(reasons.REVOCATION_STALE, self._ids.next())
+        return fresh_check
+
+    def admitting(self, clients: frozenset[str], check: Callable[[Fields | None, Any], Awaitable[bytes]]
+                  ) -> Callable[[Fields | None, Any], Awaitable[bytes]]:
         """``check`` for a listener with mTLS: decided only for a client certificate whose one SPIFFE ID
         is in ``clients`` (Envoy's). Any other caller the trust bundle admits (an agent) could name any
         principal or forward another's certificate: it is answered check_client_refused, unrecorded,
         as a denial rather than a gRPC error, which Envoy's failure_mode_allow would let through."""
         allowed = frozenset(c.encode() for c in clients)
         refused = denied_response(reasons.CHECK_CLIENT_REFUSED)
-        check = self.check
 
         async def admitted_check(fields: Fields | None, context: Any) -> bytes:
             # The SAN list holds DNS names too; a SPIFFE ID is the one URI (X509-SVID §2).
@@ -488,10 +503,13 @@ def parse_check_request(raw: bytes) -> Fields | None:
     return fields
 
 
-def add_to_server(server: Any, service: CheckService, clients: frozenset[str] | None = None) -> None:
+def add_to_server(server: Any, service: CheckService, clients: frozenset[str] | None = None,
+                  fresh: Callable[[], bool] | None = None) -> None:
     """Register Check with raw-bytes responses (no re-serialization per call); with ``clients`` (an
-    mTLS listener), answered for those client identities only (``CheckService.admitting``)."""
+    mTLS listener), answered for those client identities only (``CheckService.admitting``); with
+    ``fresh`` (cluster mode), decided only while it holds (``CheckService.fresh_only``)."""
+    check = service.check if fresh is None else service.fresh_only(fresh, service.check)
     handler = grpc.unary_unary_rpc_method_handler(
-        service.check if clients is None else service.admitting(clients),
+        check if clients is None else service.admitting(clients, check),
         request_deserializer=parse_check_request, response_serializer=None)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Check": handler}),))

@@ -182,6 +182,24 @@ class Metrics:
             ("agentauthz_verification_keys", len(a.verification_keys()), "published keys"),
         ):
             yield GaugeMetricFamily(name, helptext, value=value)
+        if a.cluster is not None:
+            yield from cluster_metrics(a.cluster.status())
+
+
+def cluster_metrics(status: dict[str, Any]) -> Iterator[Any]:
+    """This node's view of the cluster: how stale, how far it has read, how often it recovered."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    yield GaugeMetricFamily("agentauthz_cluster_fresh", "1 while the revocation stream was read within "
+                            "max_staleness; 0: Checks are denied revocation_stale",
+                            value=int(status["fresh"]))
+    yield GaugeMetricFamily("agentauthz_cluster_staleness_seconds", "seconds since the last completed read "
+                            "of the revocation stream", value=status["staleness"])
+    yield GaugeMetricFamily("agentauthz_cluster_last_applied_timestamp_seconds", "the time Redis gave the "
+                            "last stream entry applied here", value=status["last_applied_ms"] / 1000)
+    yield CounterMetricFamily("agentauthz_cluster_entries_applied", "revocation stream entries applied here",
+                              value=status["applied"])
+    yield CounterMetricFamily("agentauthz_cluster_recoveries", "times the engine lost its data and this node "
+                              "re-published its revocations", value=status["recoveries"])
 
 
 def api_tls(config: Config) -> tuple[bytes, bytes, bytes]:
@@ -215,6 +233,8 @@ class Daemon:
         self._threads: list[Any] = []
         self.fleet: workers.Fleet | None = None
         self._audit_health: asyncio.Task[None] | None = None
+        self._cluster_follower: asyncio.Task[None] | None = None
+        self._cluster_stop = asyncio.Event()
         # Every Check process's counters, made before any worker is forked: row 0 is this process's.
         self.meters = metrics.MeterTable(max(1, config.workers))
 
@@ -253,7 +273,9 @@ class Daemon:
         server = grpc.aio.server(maximum_concurrent_rpcs=self.config.check_max_concurrent_rpcs)
         # With mTLS the trust bundle admits every workload's certificate: only check_clients are answered.
         mtls = self.config.check_mtls
-        extauthz.add_to_server(server, service, self.config.check_client_ids if mtls else None)
+        fresh = self.authority.freshness
+        extauthz.add_to_server(server, service, self.config.check_client_ids if mtls else None,
+                               None if fresh is None else fresh.fresh)
         self._add_health_and_reflection(server, extauthz.SERVICE)
         # gRPC sets SO_REUSEPORT on Linux, so every worker can bind the same address.
         try:
@@ -303,6 +325,10 @@ class Daemon:
         a = self.authority
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         a.start()
+        if a.cluster is not None:  # every revocation the cluster acknowledged is applied before we serve
+            await asyncio.to_thread(a.cluster.join)
+            self._cluster_follower = asyncio.create_task(a.cluster.follow(self._cluster_stop))
+            log.info("cluster: node %s joined at stream id %s", a.cluster.settings.node_id, a.cluster.last_id)
         self._threads = [*(RotationThread(ring) for ring in a.keyrings.values()), Housekeeping(a)]
         for t in self._threads:
             t.start()
@@ -354,6 +380,12 @@ class Daemon:
         self.serving.clear()
         if self._audit_health is not None:
             self._audit_health.cancel()
+        self._cluster_stop.set()
+        if self._cluster_follower is not None:
+            try:
+                await asyncio.wait_for(self._cluster_follower, 5.0)
+            except Exception:  # stopping: the follower logged what went wrong
+                self._cluster_follower.cancel()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.api_front is not None:
             self.api_front.close()  # no new agents; open connections drain through the gRPC server's grace

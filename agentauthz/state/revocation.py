@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import json
 import logging
@@ -23,6 +24,11 @@ NAMED = ("task", "agent", "key")  # revoked by name; "at" is the cutoff (task, a
 BANS = ("ban", "unban")  # an agent banned at "at" until an unban at "at": never compacted away while in force
 # The index cutoff of a banned agent: every token naming it is dead, whenever it was issued.
 BANNED = (1 << 63) - 1
+# Cluster mode: a node hands out slots from one block for at most this long, so the block's expiry bound
+# is known when it is reserved; and slots between known blocks (a block another node reserved but has not
+# published yet) are held for this long before the window may slide past them.
+BLOCK_USE = 60
+HOLE_GRACE = 30
 
 # Every record the journal may hold: op -> field -> type. Anything else refuses the start.
 _FIELDS: dict[str, dict[str, type]] = {
@@ -100,7 +106,8 @@ class RevocationStore:
     """Journal, slot allocator and window of one daemon; every method is thread-safe."""
 
     def __init__(self, directory: Path, index: Any, *, max_lifetime: int, leeway: int,
-                 clock: Callable[[], float], reserve_block: int, compact_bytes: int) -> None:
+                 clock: Callable[[], float], reserve_block: int, compact_bytes: int,
+                 shared: bool = False) -> None:
         if max_lifetime <= 0 or leeway < 0 or reserve_block <= 0 or compact_bytes <= 0:
             raise ValueError("max_lifetime, reserve_block and compact_bytes must be positive, leeway >= 0")
         self.path = Path(directory) / JOURNAL
@@ -122,6 +129,15 @@ class RevocationStore:
         self._fd = self._lock_fd = -1
         self._size = self._live_size = 0
         self._broken = False
+        # Cluster mode (join_cluster): changes are published before they are applied here, slot blocks
+        # come from the cluster-wide counter, and other nodes' blocks arrive through apply_remote.
+        self._publish: Callable[[list[dict[str, Any]]], Any] | None = None
+        self._reserve: Callable[[int], int] | None = None
+        self._slots_end: Callable[[], int] | None = None
+        self._limit = 0  # the end of the block this node hands slots from
+        self._own_exp = 0  # its expiry bound (cluster mode)
+        self._holes: list[tuple[int, int, float]] = []  # (start, end, held until): slots of unseen blocks
+        self._shared = shared
         # Bumped whenever a bit is set or the window slides: the published status list is rebuilt
         # only when it moved.
         self.revision = 0
@@ -129,10 +145,14 @@ class RevocationStore:
     @classmethod
     def open(cls, directory: Path, index: Any, *, max_lifetime: int, leeway: int,
              clock: Callable[[], float] = time.time, reserve_block: int = 4096,
-             compact_bytes: int = COMPACT_BYTES) -> RevocationStore:
-        """Open (or create) the journal in ``directory`` and replay it into ``index``."""
+             compact_bytes: int = COMPACT_BYTES, shared: bool = False) -> RevocationStore:
+        """Open (or create) the journal in ``directory`` and replay it into ``index``.
+
+        ``shared``: this node is one of a cluster (``join_cluster`` follows); the window then never
+        slides past slots another node may still hand out.
+        """
         store = cls(directory, index, max_lifetime=max_lifetime, leeway=leeway, clock=clock,
-                    reserve_block=reserve_block, compact_bytes=compact_bytes)
+                    reserve_block=reserve_block, compact_bytes=compact_bytes, shared=shared)
         directory = store.path.parent
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
@@ -163,6 +183,45 @@ class RevocationStore:
                 raise ValueError("a replica must share this store's bits")
             self._index = index
 
+    def join_cluster(self, publish: Callable[[list[dict[str, Any]]], Any], reserve: Callable[[int], int],
+                     slots_end: Callable[[], int]) -> None:
+        """From now on publish every change before applying it (``publish`` raises ClusterUnavailable when
+        the cluster did not take it), reserve slot blocks cluster-wide (``reserve(n)`` -> the block's end)
+        and ask ``slots_end`` about a slot beyond every block seen here."""
+        if not self._shared:
+            raise ValueError("open the store with shared=True to join a cluster")
+        with self._lock:
+            self._publish, self._reserve, self._slots_end = publish, reserve, slots_end
+            self._limit = self._next  # a fresh block for this node's next token
+
+    def apply_remote(self, records: list[dict[str, Any]]) -> None:
+        """Cluster mode: apply (and journal) changes another node published, in stream order; idempotent.
+
+        Raises StateError for a record that is not one of the journal's (a newer node's, or garbage).
+        """
+        parsed = [_parse(_encode(r), "cluster record") for r in records]
+        with self._lock:
+            now = self._clock()
+            local: list[dict[str, Any]] = []
+            for r in parsed:
+                if r["op"] == "seal":
+                    local += self._learn_block(_Block(r["from"], r["upto"], r["exp"], sealed=True), now)
+                    continue
+                local.append(r)
+                if r["op"] == "token":
+                    self._reserved = max(self._reserved, r["slot"] + 1)
+                    self._set_bit(r["slot"], r["jti"], r["exp"])
+                elif r["op"] == "ban":
+                    self._apply_ban(r["name"], r["at"])
+                elif r["op"] == "unban":
+                    if r["name"] in self._banned:
+                        self._apply_unban(r["name"], r["at"])
+                elif r["op"] in NAMED:
+                    self._apply_named(r["op"], r["name"], r["at"])
+                else:
+                    local.pop()  # base and reserve records are a journal's own, never another node's
+            self._write_local(local)
+
     def allocate_slot(self, exp: int) -> int:
         """The status slot for a new token expiring at ``exp``; never one a live token may hold."""
         with self._lock:
@@ -170,6 +229,8 @@ class RevocationStore:
             # The restart bound (now + max_lifetime + leeway) must cover every token handed a slot.
             if type(exp) is not int or exp > now + self._max_lifetime + self._leeway:
                 raise ValueError("exp must be an integer within max_lifetime of now")
+            if self._reserve is not None:
+                return self._allocate_shared(now)
             if self._next >= self._base + self._capacity:
                 raise errors.CapacityExhausted(f"all {self._capacity} revocation slots hold live tokens")
             if self._next >= self._reserved:
@@ -180,16 +241,55 @@ class RevocationStore:
                 block = _Block(self._next, self._next + self._block)
                 self._append(records + [block.record()])  # on disk before any of its slots leaves
                 self._blocks.append(block)
-                self._reserved = block.end
+                self._reserved = self._limit = block.end
             slot, self._next = self._next, self._next + 1
             self._blocks[-1].exp = max(self._blocks[-1].exp, exp)
             return slot
+
+    def _allocate_shared(self, now: float) -> int:
+        """Cluster mode: a slot from this node's block, reserving the next one cluster-wide when due.
+
+        A block is used for BLOCK_USE seconds at most, so it is sealed when reserved: its expiry bound
+        covers every token it can hold (exp <= now + max_lifetime + leeway), on every node at once.
+        """
+        assert self._reserve is not None and self._publish is not None
+        if self._next >= self._limit or now + self._max_lifetime + self._leeway > self._own_exp:
+            end = self._reserve(self._block)
+            block = _Block(end - self._block, end, int(now) + BLOCK_USE + self._max_lifetime + self._leeway,
+                           sealed=True)
+            self._publish([block.record()])  # every node knows the block before any token holds a slot of it
+            self._write_local(self._learn_block(block, now))
+            self._next, self._limit, self._own_exp = block.start, block.end, block.exp
+        if self._next >= self._base + self._capacity:
+            raise errors.CapacityExhausted(f"all {self._capacity} revocation slots hold live tokens")
+        slot, self._next = self._next, self._next + 1
+        return slot
+
+    def _learn_block(self, block: _Block, now: float) -> list[dict[str, Any]]:
+        """Cluster mode: hold ``block`` in the window (and the slots between it and the last known block,
+        which a block not yet published may hold); the records the local journal needs for it."""
+        if block.end <= self._base:
+            return []  # dead everywhere already
+        index = next((i for i, (s, e, _) in enumerate(self._holes) if s <= block.start < e), None)
+        if block.end <= self._reserved and index is None:
+            return []  # known already
+        if index is not None:  # a late block inside a hole: the hole's slots either side stay held a while
+            s, e, until = self._holes.pop(index)
+            self._holes += [h for h in ((s, block.start, until), (block.end, e, until)) if h[0] < h[1]]
+        elif block.start > self._reserved:
+            self._holes.append((self._reserved, block.start, now + HOLE_GRACE))
+        bisect.insort(self._blocks, block, key=lambda b: b.start)
+        self._reserved = max(self._reserved, block.end)
+        return [block.record()]
 
     def revoke_token(self, jti: str, slot: int, exp: int) -> None:
         """Revoke one token by its status slot; durable when this returns."""
         if not isinstance(jti, str) or not jti or type(slot) is not int or type(exp) is not int:
             raise ValueError("jti must be a non-empty string, slot and exp integers")
         with self._lock:
+            if slot >= self._reserved and self._slots_end is not None:
+                # Another node's block this node has not seen yet: the cluster's counter says.
+                self._reserved = max(self._reserved, min(self._slots_end(), slot + 1))
             if not 0 <= slot < self._reserved:
                 raise ValueError(f"slot {slot} was never allocated")
             self._append([{"op": "token", "jti": jti, "slot": slot, "exp": exp}])
@@ -226,6 +326,11 @@ class RevocationStore:
             self._append([{"op": "unban", "name": agent, "at": at}])
             self._apply_unban(agent, at)
             return at
+
+    def banned_agents(self) -> dict[str, int]:
+        """Every agent banned, and when."""
+        with self._lock:
+            return dict(self._banned)
 
     def banned(self, agents: Any) -> str | None:
         """The first of ``agents`` that is banned, if any."""
@@ -321,10 +426,14 @@ class RevocationStore:
 
     def _advance(self, now: float) -> None:
         blocks = self._blocks
-        # Only whole blocks, fully handed out, whose every token is past exp + leeway.
-        while blocks and blocks[0].end <= self._next and blocks[0].exp + self._leeway < now:
+        # Only whole blocks, fully handed out (or, in cluster mode, reserved with their expiry bound:
+        # sealed), whose every token is past exp + leeway.
+        while blocks and (blocks[0].sealed or blocks[0].end <= self._next) \
+                and blocks[0].exp + self._leeway < now:
             blocks.popleft()
-        base = blocks[0].start if blocks else self._next
+        base = blocks[0].start if blocks else self._reserved
+        self._holes = [h for h in self._holes if h[2] >= now and h[1] > self._base]
+        base = min([base] + [h[0] for h in self._holes])
         if base > self._base:
             self._bits.advance(base)
             self._base = base
@@ -342,7 +451,16 @@ class RevocationStore:
         if stale["task"] or stale["agent"]:
             self._index.forget(stale["task"], stale["agent"])
 
+    def snapshot(self) -> list[dict[str, Any]]:
+        """Every live record, as compaction writes them (cluster mode re-publishes it to a new engine)."""
+        with self._lock:
+            return self._live_records(self._clock())
+
     def _compact(self, now: float) -> None:
+        records = self._live_records(now)
+        self._rewrite(records)
+
+    def _live_records(self, now: float) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = [{"op": "base", "base": self._base}]
         records += [b.record() for b in self._blocks]
         records += [{"op": "token", "jti": jti, "slot": slot, "exp": exp}
@@ -350,6 +468,9 @@ class RevocationStore:
         records += [{"op": op, "name": name, "at": at}
                     for op, names in self._named.items() for name, at in names.items()]
         records += [{"op": "ban", "name": agent, "at": at} for agent, at in self._banned.items()]
+        return records
+
+    def _rewrite(self, records: list[dict[str, Any]]) -> None:
         data = b"".join(_encode(r) for r in records)
         tmp = self.path.with_name(JOURNAL + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -369,6 +490,16 @@ class RevocationStore:
         self._size = self._live_size = len(data)
 
     def _append(self, records: list[dict[str, Any]]) -> None:
+        """Journal ``records``; in cluster mode publish them first: nothing is applied that the cluster
+        did not take (ClusterUnavailable propagates before any local change)."""
+        self._check_open()
+        if self._publish is not None:
+            self._publish(records)
+        self._write_local(records)
+
+    def _write_local(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
         self._check_open()
         data = b"".join(_encode(r) for r in records)
         try:
@@ -439,8 +570,14 @@ class RevocationStore:
         if unsealed:
             self._append([b.record() for b in unsealed])
         self._blocks = deque(sorted((b for b in blocks.values() if b.end > base), key=lambda b: b.start))
-        self._reserved = self._next = max([base] + [b.end for b in blocks.values()])
+        self._reserved = self._next = self._limit = max([base] + [b.end for b in blocks.values()])
         self._base = self._blocks[0].start if self._blocks else self._next
+        if self._shared:  # slots between known blocks may be another node's, published any moment now
+            self._base, edge = base, base
+            for block in self._blocks:
+                if block.start > edge:
+                    self._holes.append((edge, block.start, now + HOLE_GRACE))
+                edge = max(edge, block.end)
         self._bits.advance(self._base)
         for slot, (jti, exp) in tokens.items():
             self._set_bit(slot, jti, exp)

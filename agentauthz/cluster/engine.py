@@ -1,0 +1,185 @@
+"""The shared engine (Redis 7 / Valkey through redis-py): key names, epoch-guarded writes, connections.
+
+Every write that other nodes rely on runs in a Lua script that first checks the cluster epoch: a Redis
+restarted empty (or the wrong instance) has no epoch, so no node can hand out slots from a counter that
+restarted at zero or append revocations to a stream the others no longer read. Nothing is acknowledged
+that Redis did not take (and, with ``wait_replicas``, that its replicas did not take).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from typing import Any, Sequence
+
+import redis
+import redis.asyncio
+
+from ..errors import ClusterUnavailable
+from .settings import ClusterSettings
+
+EPOCH_LOST = "AGENTAUTHZ_EPOCH"
+
+# Append one batch of journal records to the revocation stream (bans also kept in a hash: the stream is
+# trimmed, a ban lasts until an unban).
+_PUBLISH = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('AGENTAUTHZ_EPOCH the cluster epoch changed: the engine lost its data')
+end
+for _, r in ipairs(cjson.decode(ARGV[3])) do
+  if r['op'] == 'ban' then redis.call('HSET', KEYS[3], r['name'], r['at'])
+  elseif r['op'] == 'unban' then redis.call('HDEL', KEYS[3], r['name']) end
+end
+return redis.call('XADD', KEYS[2], '*', 'n', ARGV[2], 'r', ARGV[3])
+"""
+
+# Reserve the next block of revocation slots, unique cluster-wide; returns the block's end.
+_RESERVE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('AGENTAUTHZ_EPOCH the cluster epoch changed: the engine lost its data')
+end
+return redis.call('INCRBY', KEYS[2], ARGV[2])
+"""
+
+# Recovery: the slot counter must pass every slot any node knows was handed out.
+_RAISE_FLOOR = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+  return redis.error_reply('AGENTAUTHZ_EPOCH the cluster epoch changed: the engine lost its data')
+end
+local now = tonumber(redis.call('GET', KEYS[2]) or '0')
+if now < tonumber(ARGV[2]) then redis.call('SET', KEYS[2], ARGV[2]) return tonumber(ARGV[2]) end
+return now
+"""
+
+
+class Keys:
+    """Every Redis key of one cluster, under its prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.epoch = f"{prefix}:epoch"
+        self.stream = f"{prefix}:revocations"
+        self.slots = f"{prefix}:slots"
+        self.bans = f"{prefix}:bans"
+        self.public_keys = f"{prefix}:keys"
+        self.nodes = f"{prefix}:nodes"
+        self.checkpoints = f"{prefix}:audit-checkpoints"
+        self.approvals = f"{prefix}:approvals"
+        self.budget = f"{prefix}:budget:"
+
+
+def _connection_args(settings: ClusterSettings, timeout: float) -> dict[str, Any]:
+    args: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
+                            "health_check_interval": 5}
+    if settings.password is not None:
+        args["password"] = settings.password
+    if settings.tls_ca:
+        args["ssl_ca_certs"] = settings.tls_ca
+    return args
+
+
+def sync_client(settings: ClusterSettings, timeout: float = 2.0) -> redis.Redis:
+    """A thread-safe (pooled) client for the Authority's writes, made in the process that uses it."""
+    args = _connection_args(settings, timeout)
+    if settings.sentinels:
+        sentinel = redis.Sentinel(list(settings.sentinels), **args)
+        return sentinel.master_for(settings.sentinel_master, **args)
+    return redis.Redis.from_url(settings.redis, **args)
+
+
+def async_client(settings: ClusterSettings, timeout: float) -> redis.asyncio.Redis:
+    """An asyncio client for the stream follower, on the daemon's event loop."""
+    args = _connection_args(settings, timeout)
+    if settings.sentinels:
+        sentinel = redis.asyncio.Sentinel(list(settings.sentinels), **args)
+        return sentinel.master_for(settings.sentinel_master, **args)
+    return redis.asyncio.Redis.from_url(settings.redis, **args)
+
+
+class EpochLost(ClusterUnavailable):
+    """The engine's epoch is not the one this node joined: Redis lost its data or is another instance."""
+
+
+def unavailable(exc: Exception, what: str) -> ClusterUnavailable:
+    """The error a caller sees when the engine did not take ``what``."""
+    if isinstance(exc, redis.ResponseError) and str(exc).startswith(EPOCH_LOST):
+        return EpochLost(f"{what}: the cluster engine lost its data; this node is recovering")
+    return ClusterUnavailable(f"{what}: the cluster engine is unreachable ({type(exc).__name__}: {exc})")
+
+
+class Engine:
+    """The writes of one node, each atomic and epoch-guarded; raises ClusterUnavailable when not taken."""
+
+    def __init__(self, settings: ClusterSettings, client: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.node = settings.node_id
+        self.epoch = ""  # the epoch this node joined; set by join()
+        self._client = client
+        self._pid = -1
+
+    @property
+    def client(self) -> redis.Redis:
+        # A pool made before a fork must not be used after it: each process makes its own.
+        if self._client is None or self._pid != os.getpid():
+            self._client = sync_client(self.settings)
+            self._pid = os.getpid()
+            self._scripts = {name: self._client.register_script(text)
+                             for name, text in (("publish", _PUBLISH), ("reserve", _RESERVE),
+                                                ("floor", _RAISE_FLOOR))}
+        return self._client
+
+    def _run(self, what: str, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:
+        client = self.client
+        try:
+            return self._scripts[name](keys=list(keys), args=list(args), client=client)
+        except redis.RedisError as exc:
+            raise unavailable(exc, what) from None
+
+    def publish(self, records: Sequence[dict[str, Any]]) -> str:
+        """Append ``records`` to the revocation stream; the entry id, once Redis (and replicas) hold it."""
+        body = json.dumps(list(records), separators=(",", ":"), allow_nan=False)
+        k = self.keys
+        entry = self._run("revocation", "publish", (k.epoch, k.stream, k.bans), (self.epoch, self.node, body))
+        self._wait("revocation")
+        return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    def reserve(self, count: int) -> int:
+        """Reserve ``count`` slots cluster-wide; returns the end of the block."""
+        keys = (self.keys.epoch, self.keys.slots)
+        return int(self._run("slot block", "reserve", keys, (self.epoch, count)))
+
+    def raise_slot_floor(self, floor: int) -> int:
+        return int(self._run("slot floor", "floor", (self.keys.epoch, self.keys.slots), (self.epoch, floor)))
+
+    def _wait(self, what: str) -> None:
+        wanted = self.settings.wait_replicas
+        if not wanted:
+            return
+        try:
+            got = int(self.client.execute_command("WAIT", wanted, int(self.settings.wait_timeout * 1000)))
+        except redis.RedisError as exc:
+            raise unavailable(exc, what) from None
+        if got < wanted:
+            raise ClusterUnavailable(f"{what}: {got} of {wanted} Redis replicas confirmed it within "
+                                     f"{self.settings.wait_timeout} s; not acknowledged")
+
+    # -- epoch ------------------------------------------------------------------
+
+    def current_epoch(self) -> str | None:
+        try:
+            raw = self.client.get(self.keys.epoch)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "epoch") from None
+        return None if raw is None else raw.decode()
+
+    def found_epoch(self) -> str:
+        """Start a new epoch if Redis has none (SET NX: one founder however many nodes race); the epoch."""
+        try:
+            self.client.set(self.keys.epoch, secrets.token_hex(16), nx=True)
+            raw = self.client.get(self.keys.epoch)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "epoch") from None
+        if raw is None:
+            raise ClusterUnavailable("epoch: Redis did not keep the epoch it was given")
+        return raw.decode()

@@ -1,0 +1,358 @@
+"""One node of a cluster: join (replay the shared revocation stream before serving), follow it, share keys.
+
+Every change a node makes is published (engine.py) before it is applied; every node applies every other
+node's changes from the stream, in stream order, through the same Authority methods as its own (so its
+forked workers get them through cluster/replication.py like any local change). The Check path never
+waits on Redis: it only asks ``Freshness`` whether the follower has completed a read lately.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from .. import durable
+from ..errors import ClusterUnavailable, StateError
+from .engine import Engine, async_client, unavailable
+from .freshness import Freshness
+from .settings import ClusterSettings
+
+log = logging.getLogger("agentauthz.cluster")
+
+STATE_FILE = "cluster.json"
+TOKEN_ID_KEY = "cluster-token-id.key"
+JOURNAL_OPS = frozenset({"seal", "token", "task", "agent", "key", "ban", "unban", "base", "reserve"})
+BATCH = 1000  # stream entries per read
+STATUS_INTERVAL = 1.0  # seconds between this node's status writes (nodes hash, last id on disk)
+TRIM_INTERVAL = 60.0
+
+
+def stream_ms(entry_id: str) -> int:
+    """The millisecond time Redis gave a stream entry id ``<ms>-<seq>``."""
+    return int(entry_id.partition("-")[0] or 0)
+
+
+def _id_after(a: str, b: str) -> bool:
+    ams, _, aseq = a.partition("-")
+    bms, _, bseq = b.partition("-")
+    return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
+
+
+class ClusterNode:
+    """This daemon as one of a cluster; ``authority`` is the Authority it keeps in step (duck-typed)."""
+
+    def __init__(self, settings: ClusterSettings, authority: Any, state_dir: Path, freshness: Freshness,
+                 *, horizon: float) -> None:
+        self.settings = settings
+        self.engine = Engine(settings)
+        self.keys = self.engine.keys
+        self.freshness = freshness
+        self._authority = authority
+        self._state_path = state_dir / STATE_FILE
+        self._token_id_path = state_dir / TOKEN_ID_KEY
+        self._horizon = horizon  # stream entries older than this can matter to no live token
+        self.last_id = "0-0"
+        self.applied = 0
+        self.recoveries = 0
+        self.joined = False
+        self._local_keys: dict[str, dict[str, bytes]] = {}  # audience -> kid -> raw, this node's
+        self._remote_keys: dict[str, dict[str, bytes]] = {}  # the other nodes'
+        self._keys_lock = threading.RLock()
+        self._keys_dirty = False
+        self._saved_id = ""
+        self._recovering = False  # a recovery that failed part way is finished before anything else
+
+    # -- joining -----------------------------------------------------------------
+
+    def join(self) -> None:
+        """Before serving: agree on the epoch, adopt the shared state, replay every entry not yet applied."""
+        local = self._read_state()
+        if local.get("node", self.settings.node_id) != self.settings.node_id:
+            raise StateError(f"{self._state_path}: this state directory is node {local['node']!r}'s, "
+                             f"not {self.settings.node_id!r}")
+        known, current = local.get("epoch"), self.engine.current_epoch()
+        if known is None:  # a new node: found the cluster, or join the one there is
+            self.engine.epoch = current or self.engine.found_epoch()
+            self.last_id = "0-0"
+            self._authority.cluster_event("cluster_join", epoch=self.engine.epoch, founded=current is None)
+        elif current == known and not self._stream_went_back(local.get("last_id", "0-0")):
+            self.engine.epoch = known
+            self.last_id = local.get("last_id", "0-0")
+        else:
+            self._recover("the engine has no epoch or another one" if current != known
+                          else "the stream's ids went backwards")
+        self._adopt_token_id_key()
+        self._sync_bans()
+        sent = time.monotonic()
+        self.catch_up(skip_own=False)
+        self.publish_keys()
+        self.load_keys()
+        self._write_state()
+        self.joined = True
+        self.freshness.heard(sent, self.settings.max_staleness)
+
+    def _read_state(self) -> dict[str, Any]:
+        try:
+            raw = json.loads(self._state_path.read_bytes())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StateError(f"{self._state_path}: unreadable ({exc}); refusing to guess the cluster "
+                             "state") from None
+        if not isinstance(raw, dict) or not all(isinstance(raw.get(k, ""), str)
+                                                for k in ("epoch", "last_id", "node")):
+            raise StateError(f"{self._state_path}: not a cluster state file")
+        return raw
+
+    def _write_state(self) -> None:
+        if self._saved_id == self.last_id:
+            return
+        doc = {"node": self.settings.node_id, "epoch": self.engine.epoch, "last_id": self.last_id}
+        durable.replace(self._state_path, json.dumps(doc).encode())
+        self._saved_id = self.last_id
+
+    def _stream_went_back(self, last_id: str) -> bool:
+        """A stream whose newest id is older than one applied here is another stream (data lost)."""
+        if last_id == "0-0":
+            return False
+        try:
+            info = self.engine.client.xinfo_stream(self.keys.stream)
+        except redis.ResponseError:
+            return True  # no stream at all, yet this node applied entries of it
+        except redis.RedisError as exc:
+            raise unavailable(exc, "stream") from None
+        newest = info["last-generated-id"]
+        newest = newest.decode() if isinstance(newest, bytes) else str(newest)
+        return _id_after(last_id, newest)
+
+    def _adopt_token_id_key(self) -> None:
+        """Token ids carry a MAC only the minting agent's node could check; in a cluster every node must."""
+        mine = self._token_id_path.read_bytes() if self._token_id_path.exists() else os.urandom(32)
+        key = f"{self.settings.key_prefix}:token-id-key"
+        try:
+            self.engine.client.set(key, mine, nx=True)
+            shared = self.engine.client.get(key)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "token-id key") from None
+        if not shared or len(shared) != 32:
+            raise StateError("the cluster's token-id key in Redis is not 32 bytes")
+        if shared != mine or not self._token_id_path.exists():
+            durable.replace(self._token_id_path, shared, 0o600)
+        self._authority.adopt_token_id_key(shared)
+
+    def _sync_bans(self) -> None:
+        """Bans outlive the trimmed stream: the bans hash holds every ban in force."""
+        try:
+            raw = self.engine.client.hgetall(self.keys.bans)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "bans") from None
+        bans = {k.decode(): int(v) for k, v in raw.items()}
+        local = self._authority.revocations.banned_agents()
+        now = int(self._authority.clock())
+        records = [{"op": "ban", "name": a, "at": at} for a, at in bans.items() if a not in local]
+        records += [{"op": "unban", "name": a, "at": now} for a in local if a not in bans]
+        if records:
+            self._authority.apply_cluster_records(records, [])
+
+    def catch_up(self, *, skip_own: bool) -> None:
+        """Apply every entry after ``last_id`` (synchronously: joining, or recovering)."""
+        while True:
+            try:
+                entries = self.engine.client.xrange(self.keys.stream, min=f"({self.last_id}", count=BATCH)
+            except redis.RedisError as exc:
+                raise unavailable(exc, "stream") from None
+            if not entries:
+                return
+            self.apply(entries, skip_own=skip_own)
+
+    # -- applying ----------------------------------------------------------------
+
+    def apply(self, entries: list[tuple[Any, dict[bytes, bytes]]], *, skip_own: bool) -> None:
+        """Apply stream entries in order; StateError (and nothing after it) for one this node cannot read."""
+        journal: list[dict[str, Any]] = []
+        minted: list[dict[str, Any]] = []
+        keys_changed = False
+        last = self.last_id
+        for entry_id, fields in entries:
+            entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            node = fields.get(b"n", b"").decode()
+            try:
+                records = json.loads(fields[b"r"])
+                if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+                    raise ValueError("not a list of records")
+            except (KeyError, ValueError) as exc:
+                raise StateError(f"cluster stream entry {entry_id}: unreadable ({exc})") from None
+            if not (skip_own and node == self.settings.node_id):
+                for record in records:
+                    op = record.get("op")
+                    if op in JOURNAL_OPS:
+                        journal.append(record)
+                    elif op == "minted":
+                        minted.append(record)
+                    elif op == "keys":
+                        keys_changed = True
+                    elif op != "checkpoint":
+                        # A kind of change this version does not know might be a revocation: never skip it.
+                        raise StateError(f"cluster stream entry {entry_id}: unknown change {op!r} from "
+                                         f"{node}; upgrade this node")
+            last = entry_id
+        self._authority.apply_cluster_records(journal, minted)
+        if keys_changed:
+            self.load_keys()
+        self.last_id = last
+        self.applied += len(entries)
+
+    # -- keys ------------------------------------------------------------------------
+
+    def local_keys_changed(self, audience: str, keys: dict[str, bytes]) -> None:
+        """Keyring subscriber: verify with the union at once; publish (the follower retries a failure)."""
+        with self._keys_lock:
+            self._local_keys[audience] = dict(keys)
+            self._adopt(audience)
+            self._keys_dirty = True
+        if self.joined:
+            try:
+                self.publish_keys()
+            except ClusterUnavailable as exc:
+                log.warning("cannot publish this node's keys yet (retrying): %s", exc)
+
+    def _adopt(self, audience: str) -> None:
+        merged = {**self._remote_keys.get(audience, {}), **self._local_keys.get(audience, {})}
+        self._authority.adopt_keys(audience, merged)
+
+    def publish_keys(self) -> None:
+        """This node's public keys into the keys hash (its retired ones out), then tell every node."""
+        with self._keys_lock:
+            mine = {kid: (aud, raw) for aud, keys in self._local_keys.items() for kid, raw in keys.items()}
+            self._keys_dirty = False
+        client = self.engine.client
+        try:
+            stored = client.hgetall(self.keys.public_keys)
+            gone = [k for k, v in stored.items()
+                    if json.loads(v).get("node") == self.settings.node_id and k.decode() not in mine]
+            pipe = client.pipeline(transaction=True)
+            for kid, (aud, raw) in mine.items():
+                pipe.hset(self.keys.public_keys, kid, json.dumps({
+                    "aud": aud, "node": self.settings.node_id,
+                    "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode()}))
+            if gone:
+                pipe.hdel(self.keys.public_keys, *gone)
+            pipe.execute()
+        except redis.RedisError as exc:
+            self._keys_dirty = True
+            raise unavailable(exc, "keys") from None
+        self.engine.publish([{"op": "keys"}])
+
+    def load_keys(self) -> None:
+        """The other nodes' public keys from the keys hash; verifiers verify with the union."""
+        try:
+            stored = self.engine.client.hgetall(self.keys.public_keys)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "keys") from None
+        remote: dict[str, dict[str, bytes]] = {}
+        for kid, raw in stored.items():
+            doc = json.loads(raw)
+            if doc.get("node") == self.settings.node_id:
+                continue
+            x = doc["x"]
+            raw_key = base64.urlsafe_b64decode(x + "=" * (-len(x) % 4))
+            remote.setdefault(doc["aud"], {})[kid.decode()] = raw_key
+        with self._keys_lock:
+            self._remote_keys = remote
+            for audience in set(remote) | set(self._local_keys):
+                self._adopt(audience)
+
+    def remote_keys(self, audience: str) -> dict[str, bytes]:
+        with self._keys_lock:
+            return dict(self._remote_keys.get(audience, {}))
+
+    # -- losing the engine ----------------------------------------------------------
+
+    def _recover(self, reason: str) -> None:
+        """Redis lost its data (or is another instance): found (or join) a new epoch and re-publish
+        everything this node's journal holds, so that no acknowledged revocation is forgotten."""
+        self.freshness.lose()
+        self._recovering = True
+        log.error("cluster engine lost its data (%s): re-publishing this node's revocations", reason)
+        self.engine.epoch = self.engine.found_epoch()
+        store = self._authority.revocations
+        self.engine.raise_slot_floor(store.stats()["reserved"])
+        records = [r for r in store.snapshot() if r["op"] not in ("base", "reserve")]
+        for at in range(0, len(records), 500):
+            self.engine.publish(records[at:at + 500])
+        self.last_id = "0-0"
+        self._saved_id = ""
+        self._recovering = False
+        self.recoveries += 1
+        self._authority.cluster_event("cluster_recover", reason=reason, epoch=self.engine.epoch,
+                                      republished=len(records))
+
+    # -- following ------------------------------------------------------------------
+
+    async def follow(self, stopping: asyncio.Event) -> None:
+        """Apply other nodes' changes as they come; keep ``freshness`` moving while reads complete."""
+        max_staleness = self.settings.max_staleness
+        block_ms = max(10, min(250, int(max_staleness * 250)))
+        client = async_client(self.settings, timeout=block_ms / 1000 + max_staleness)
+        next_status = next_trim = 0.0
+        failing = False
+        try:
+            while not stopping.is_set():
+                sent = time.monotonic()
+                try:
+                    epoch = await client.get(self.keys.epoch)
+                    if self._recovering or epoch is None or epoch.decode() != self.engine.epoch:
+                        await asyncio.to_thread(self._recover, "the engine's epoch changed")
+                        continue
+                    reply = await client.xread({self.keys.stream: self.last_id}, count=BATCH, block=block_ms)
+                    entries = reply[0][1] if reply else []
+                    if entries:
+                        await asyncio.to_thread(self.apply, entries, skip_own=True)
+                    if len(entries) < BATCH:  # caught up as of ``sent``
+                        self.freshness.heard(sent, max_staleness)
+                    if sent >= next_status:
+                        next_status = sent + STATUS_INTERVAL
+                        await asyncio.to_thread(self._housekeep, sent >= next_trim)
+                        next_trim = next_trim if sent < next_trim else sent + TRIM_INTERVAL
+                    failing = False
+                except (redis.RedisError, ClusterUnavailable, OSError) as exc:
+                    if not failing:
+                        log.warning("cluster stream unreachable (Checks deny revocation_stale after %.1f s "
+                                    "without it): %s", max_staleness, exc)
+                    failing = True
+                    await asyncio.sleep(min(0.1, max_staleness / 4))
+                except StateError:
+                    log.exception("cannot apply the cluster stream; denying revocation_stale until fixed")
+                    await asyncio.sleep(1.0)
+        finally:
+            await client.aclose()
+
+    def _housekeep(self, trim: bool) -> None:
+        """Persist the last applied id, publish this node's status (and dirty keys); trim the stream."""
+        self._write_state()
+        if self._keys_dirty:
+            self.publish_keys()
+        status = {"last_id": self.last_id, "heard_at": time.time(), "pid": os.getpid(),
+                  "stale": not self.freshness.fresh(), "applied": self.applied, "recoveries": self.recoveries,
+                  "staleness": self.freshness.staleness(self.settings.max_staleness)}
+        client = self.engine.client
+        client.hset(self.keys.nodes, self.settings.node_id, json.dumps(status))
+        if trim:
+            oldest = int((time.time() - self._horizon) * 1000)
+            client.xtrim(self.keys.stream, minid=oldest, approximate=True)
+
+    def status(self) -> dict[str, Any]:
+        """This node's view, for /metrics."""
+        return {"last_id": self.last_id, "fresh": self.freshness.fresh(), "applied": self.applied,
+                "recoveries": self.recoveries,
+                "staleness": self.freshness.staleness(self.settings.max_staleness),
+                "last_applied_ms": stream_ms(self.last_id)}
