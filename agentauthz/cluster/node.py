@@ -94,6 +94,7 @@ class ClusterNode:
         self._sync_bans()
         sent = time.monotonic()
         self.catch_up(skip_own=False)
+        self._authority.revocations.join_cluster(self.engine.publish, self.engine.reserve, self._slots_end)
         self.publish_keys()
         self.load_keys()
         self._write_state()
@@ -133,6 +134,13 @@ class ClusterNode:
         newest = info["last-generated-id"]
         newest = newest.decode() if isinstance(newest, bytes) else str(newest)
         return _id_after(last_id, newest)
+
+    def _slots_end(self) -> int:
+        """Every slot below this may have been handed out by some node."""
+        try:
+            return int(self.engine.client.get(self.keys.slots) or 0)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "slot counter") from None
 
     def _adopt_token_id_key(self) -> None:
         """Token ids carry a MAC only the minting agent's node could check; in a cluster every node must."""
