@@ -76,6 +76,20 @@ def cmd_keys_list(args: argparse.Namespace) -> None:
     _emit(args, {"keys": keys}, "\n".join(f"{k['kid']}  {k['state']}" for k in keys))
 
 
+def cmd_cluster_status(args: argparse.Namespace) -> None:
+    from .cluster.settings import ClusterSettings
+    from .cluster.status import cluster_status, render
+    from .config import Config
+    settings = Config.load(args.config).cluster if args.config else None
+    if args.cluster:
+        settings = ClusterSettings(redis=args.cluster, node_id="status", key_prefix=(
+            settings.key_prefix if settings else "agentauthz"))
+    if settings is None:
+        raise Refusal("name the cluster: --cluster redis://HOST:PORT/DB, or --config with a cluster: section")
+    status = cluster_status(settings)
+    _emit(args, status, render(status))
+
+
 def _config(args: argparse.Namespace) -> Any:
     from .config import Config
     config = Config.load(args.config) if getattr(args, "config", None) else Config()
@@ -502,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("rotate", cmd_keys_rotate, "force a key rotation (admin identity)", keys_commands)
     p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
     p.add_argument("--identity", required=True, help=IDENTITY)
+
+    cluster = sub.add_parser("cluster", help="cluster mode", description="cluster mode",
+                             formatter_class=_Help)
+    cluster_commands = cluster.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
+    p = command("status", cmd_cluster_status, "every node's last applied stream entry, lag and staleness, "
+                "as each last reported it to Redis", cluster_commands)
+    p.add_argument("--cluster", metavar="URL", help="the cluster's Redis, redis://HOST:PORT/DB (default: the "
+                   "config's cluster.redis)")
+    p.add_argument("--config", help=CONFIG)
     return parser
 
 def main(argv: list[str] | None = None) -> int:

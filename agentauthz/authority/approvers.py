@@ -115,8 +115,14 @@ class HumanVerifier(Verifier):
 
 
 def dev_issuer(state_dir: Path) -> JwtIssuer:
-    """The development approver issuer of ``state_dir``, created on first use."""
-    directory = Path(state_dir) / DEV_DIR
+    """The development approver issuer of ``state_dir``, created on first use.
+
+    Daemons that share one development CA (``--pki-dir``: several nodes of a development cluster) share
+    it too, inside that CA's directory, so a development human approves on any of them.
+    """
+    from ..identity.devca import pki_dir_of
+    pki = pki_dir_of(Path(state_dir))
+    directory = pki / DEV_DIR if pki != Path(state_dir) / "pki" else Path(state_dir) / DEV_DIR
     if not (directory / "jwks.json").is_file():
         _create(directory)
     return JwtIssuer(DEV_ISSUER, directory / "jwks.json", (DEV_ALGORITHM,), DEV_AUDIENCE)

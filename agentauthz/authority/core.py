@@ -37,7 +37,7 @@ from ..errors import AuditUnavailable, PolicyError, StateError
 from ..state import statuslist
 from ..state.clock import SteadyClock
 from ..state.keys import Keyring
-from ..state.revocation import RevocationStore
+from ..state.revocation import BLOCK_USE, HOLE_GRACE, RevocationStore
 from .approval_flow import ApprovalFlow
 from .approvals import ApprovalStore
 from .budgets import BudgetTable
@@ -134,8 +134,6 @@ class Authority(DelegationFlow, ApprovalFlow):
                                                 leeway=config.leeway, clock=clock,
                                                 shared=config.cluster is not None)
         self.token_ids = TokenIds.open(state / "token-id.key")
-        # Shared with the Check workers forked later, like the revocation bits (budgets.py).
-        self.budgets = BudgetTable.open(state / "budgets", config.budget_capacity)
         self.verifiers = {aud: _accel.Verifier(
             issuer=config.issuer, audiences=frozenset({aud}), token_type=config.token_type,
             revocations=self.index, leeway=config.leeway, max_lifetime=config.max_token_lifetime,
@@ -150,8 +148,16 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.cluster = None
         if config.cluster is not None:
             from ..cluster.node import ClusterNode
+            # Stream entries older than this matter to no live token (nor to a block that may hold one).
             self.cluster = ClusterNode(config.cluster, self, state, self.freshness, horizon=(
-                config.max_token_lifetime + config.leeway + 120))
+                config.max_token_lifetime + config.leeway + BLOCK_USE + HOLE_GRACE))
+        # Shared with the Check workers forked later, like the revocation bits (budgets.py); in a cluster,
+        # counted in Redis by every node (the one Check that leaves the process: a budgeted one).
+        if self.cluster is None:
+            self.budgets: Any = BudgetTable.open(state / "budgets", config.budget_capacity)
+        else:
+            from ..cluster.budgets import SharedBudgets
+            self.budgets = SharedBudgets(self.cluster.engine)
         for aud, verifier in self.verifiers.items():
             verifier.set_policy(self.policy)
             self.keyrings[aud].subscribe(functools.partial(
@@ -160,10 +166,14 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.audit_key, created = audit_files.open_key(state / audit_files.KEY_DIR, state / "audit")
         self._announce_audit_key(state / audit_files.KEY_DIR / audit_files.PINNED_FILE, created)
         self.audit = open_audit(config, state / "audit", self.audit_key, clock)
-        self.approvals = ApprovalStore.open(state / "approvals.json", clock)
-        # A crash between ending a task (or revoking an agent) and dropping its approvals leaves them
-        # on disk; the durable revocations say which ones are dead.
-        self.approvals.drop_where(self._approval_dropped)
+        if self.cluster is None:
+            self.approvals: Any = ApprovalStore.open(state / "approvals.json", clock)
+            # A crash between ending a task (or revoking an agent) and dropping its approvals leaves them
+            # on disk; the durable revocations say which ones are dead.
+            self.approvals.drop_where(self._approval_dropped)
+        else:  # in Redis: a human approves on any node, the agent mints under it on any other
+            from ..cluster.approvals import SharedApprovals
+            self.approvals = SharedApprovals(self.cluster.engine, clock)
         self._policy_lock = threading.Lock()
         self._policy_listeners: list[Callable[[], None]] = []
         # GET /status-list: the bits as a signed Token Status List, plus ended tasks and revoked agents;

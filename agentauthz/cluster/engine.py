@@ -9,12 +9,16 @@ that Redis did not take (and, with ``wait_replicas``, that its replicas did not 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import secrets
 from typing import Any, Sequence
 
 import redis
 import redis.asyncio
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from ..errors import ClusterUnavailable
 from .settings import ClusterSettings
@@ -69,6 +73,8 @@ class Keys:
 
 
 def _connection_args(settings: ClusterSettings, timeout: float) -> dict[str, Any]:
+    # No retries: a caller waits one timeout at most, and an answer lost in flight is reported as not
+    # acknowledged (the change may still land, as with any timeout; applying it is idempotent).
     args: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout,
                             "health_check_interval": 5}
     if settings.password is not None:
@@ -80,7 +86,7 @@ def _connection_args(settings: ClusterSettings, timeout: float) -> dict[str, Any
 
 def sync_client(settings: ClusterSettings, timeout: float = 2.0) -> redis.Redis:
     """A thread-safe (pooled) client for the Authority's writes, made in the process that uses it."""
-    args = _connection_args(settings, timeout)
+    args = {**_connection_args(settings, timeout), "retry": Retry(NoBackoff(), 0)}
     if settings.sentinels:
         sentinel = redis.Sentinel(list(settings.sentinels), **args)
         return sentinel.master_for(settings.sentinel_master, **args)
@@ -89,7 +95,7 @@ def sync_client(settings: ClusterSettings, timeout: float = 2.0) -> redis.Redis:
 
 def async_client(settings: ClusterSettings, timeout: float) -> redis.asyncio.Redis:
     """An asyncio client for the stream follower, on the daemon's event loop."""
-    args = _connection_args(settings, timeout)
+    args = {**_connection_args(settings, timeout), "retry": AsyncRetry(NoBackoff(), 0)}
     if settings.sentinels:
         sentinel = redis.asyncio.Sentinel(list(settings.sentinels), **args)
         return sentinel.master_for(settings.sentinel_master, **args)
@@ -114,9 +120,24 @@ class Engine:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.node = settings.node_id
-        self.epoch = ""  # the epoch this node joined; set by join()
+        # The epoch this node joined (node.py sets it), in a shared mapping made before the Check workers
+        # fork: their budget scripts check the epoch the primary holds now, not the one at the fork.
+        self._epoch = mmap.mmap(-1, mmap.PAGESIZE)
         self._client = client
-        self._pid = -1
+        self._pid = os.getpid() if client is not None else -1
+        self._scripts: dict[str, Any] = {}
+
+    @property
+    def epoch(self) -> str:
+        raw = self._epoch[:64]
+        return raw[:raw.find(b"\0")].decode() if b"\0" in raw else raw.decode()
+
+    @epoch.setter
+    def epoch(self, value: str) -> None:
+        data = value.encode()
+        if len(data) >= 64:
+            raise ValueError("an epoch is at most 63 bytes")
+        self._epoch[:64] = data.ljust(64, b"\0")
 
     @property
     def client(self) -> redis.Redis:
@@ -124,6 +145,8 @@ class Engine:
         if self._client is None or self._pid != os.getpid():
             self._client = sync_client(self.settings)
             self._pid = os.getpid()
+            self._scripts = {}
+        if not self._scripts:
             self._scripts = {name: self._client.register_script(text)
                              for name, text in (("publish", _PUBLISH), ("reserve", _RESERVE),
                                                 ("floor", _RAISE_FLOOR))}

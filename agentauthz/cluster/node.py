@@ -185,6 +185,7 @@ class ClusterNode:
     # -- applying ----------------------------------------------------------------
 
     def apply(self, entries: list[tuple[Any, dict[bytes, bytes]]], *, skip_own: bool) -> None:
+        # skip_own: while following (not joining), this node's own minted records are known here already.
         """Apply stream entries in order; StateError (and nothing after it) for one this node cannot read."""
         journal: list[dict[str, Any]] = []
         minted: list[dict[str, Any]] = []
@@ -199,19 +200,23 @@ class ClusterNode:
                     raise ValueError("not a list of records")
             except (KeyError, ValueError) as exc:
                 raise StateError(f"cluster stream entry {entry_id}: unreadable ({exc})") from None
-            if not (skip_own and node == self.settings.node_id):
-                for record in records:
-                    op = record.get("op")
-                    if op in JOURNAL_OPS:
-                        journal.append(record)
-                    elif op == "minted":
+            # Our own changes were applied when published, but applied again all the same: a publish this
+            # node saw fail (a timeout) may still have reached the stream, and every other node applies it.
+            # Applying is idempotent; only the minted records of a live node are its status list's already.
+            own = skip_own and node == self.settings.node_id
+            for record in records:
+                op = record.get("op")
+                if op in JOURNAL_OPS:
+                    journal.append(record)
+                elif op == "minted":
+                    if not own:
                         minted.append(record)
-                    elif op == "keys":
-                        keys_changed = True
-                    elif op != "checkpoint":
-                        # A kind of change this version does not know might be a revocation: never skip it.
-                        raise StateError(f"cluster stream entry {entry_id}: unknown change {op!r} from "
-                                         f"{node}; upgrade this node")
+                elif op == "keys":
+                    keys_changed = True
+                elif op != "checkpoint":
+                    # A kind of change this version does not know might be a revocation: never skip it.
+                    raise StateError(f"cluster stream entry {entry_id}: unknown change {op!r} from "
+                                     f"{node}; upgrade this node")
             last = entry_id
         self._authority.apply_cluster_records(journal, minted)
         if keys_changed:
