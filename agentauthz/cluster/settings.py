@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from dataclasses import dataclass
 from typing import Any, Mapping
 from urllib.parse import urlsplit
@@ -48,8 +49,10 @@ class ClusterSettings:
         values = dict(data)
         if "sentinels" in values:
             values["sentinels"] = _sentinels(values["sentinels"])
-        if "redis" not in values or "node_id" not in values:
-            raise ConfigError("cluster needs redis (redis://HOST:PORT/DB) and node_id")
+        if "redis" not in values:
+            raise ConfigError("cluster needs redis (redis://HOST:PORT/DB)")
+        # A pod's or host's name is unique where one node runs per host; --node-id names the others.
+        values.setdefault("node_id", socket.gethostname().split(".")[0])
         return cls(**values)
 
 
