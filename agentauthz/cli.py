@@ -58,11 +58,24 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
         problem = "is not a directory" if Path(args.dir).exists() else "does not exist"
         raise Refusal(f"{args.dir} {problem}: name an audit directory (STATE_DIR/audit, by default "
                       ".agentauthz/audit)")
+    also = _cluster_anchor(args) if args.cluster else None
     code, result = main_verify(Path(args.dir), Path(args.checkpoints) if args.checkpoints else None,
-                               args.key, Path(args.state_dir) if args.state_dir else None)
+                               args.key, Path(args.state_dir) if args.state_dir else None, also)
     if code:
         raise Refusal(f"audit log is not intact: {result['message'].removeprefix('FAIL: ')}", result)
     _emit(args, result, f"{args.dir}: {result['message']}")
+
+
+def _cluster_anchor(args: argparse.Namespace) -> Any:
+    """``audit verify --cluster``: the node's logs against the checkpoints it published to Redis."""
+    from .cluster.checkpoints import node_of, verify_against_cluster
+    from .cluster.settings import ClusterSettings
+    state = Path(args.state_dir) if args.state_dir else Path(args.dir).parent
+    node = args.node_id or node_of(state)
+    if not node:
+        raise Refusal(f"name the node whose log this is (--node-id): {state} records none")
+    settings = ClusterSettings(redis=args.cluster, node_id=node)
+    return lambda public: verify_against_cluster(Path(args.dir), public, settings, node)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> None:
@@ -507,6 +520,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--key", help="the audit public key the operator pinned: a file (PEM, JWK) or its base64 "
                    "(default: STATE_DIR/audit-key/public.pem, never a key inside DIR)")
     p.add_argument("--state-dir", help="where the pinned key is (default: DIR's parent)")
+    p.add_argument("--cluster", metavar="URL", help="also verify against the checkpoints this node "
+                   "published to the cluster's Redis, which a truncation of the node's files cannot reach "
+                   "(default: no)")
+    p.add_argument("--node-id", help="with --cluster, the node the log is of (default: the one the state "
+                   "directory joined as)")
 
     keys = sub.add_parser("keys", help="signing keys", description="signing keys", formatter_class=_Help)
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

@@ -12,13 +12,14 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ..decision._chain_py import GENESIS
+from ..errors import AgentAuthzError
 from .files import CHECKPOINTS, KEY_DIR, PINNED_FILE, log_files, parse_line
 from .records import _canon, thumbprint
 
@@ -200,8 +201,13 @@ def verify_logs(directory: Path, public_key: bytes,
 
 
 def main_verify(directory: Path, checkpoints: Path | None = None, key: str | None = None,
-                state_dir: Path | None = None) -> tuple[int, dict[str, Any]]:
-    """`agentauthz audit verify`: (exit code, 0 ok / 1 bad; result dict with a one-line ``message``)."""
+                state_dir: Path | None = None,
+                also: Callable[[bytes], list[tuple[str, VerifyReport]]] | None = None
+                ) -> tuple[int, dict[str, Any]]:
+    """`agentauthz audit verify`: (exit code, 0 ok / 1 bad; result dict with a one-line ``message``).
+
+    ``also(public_key)``: more reports under the same key (the cluster's copies of the checkpoints).
+    """
     directory = Path(directory)
     result: dict[str, Any] = {"directory": str(directory), "key": None, "key_id": None, "logs": []}
     try:
@@ -214,7 +220,14 @@ def main_verify(directory: Path, checkpoints: Path | None = None, key: str | Non
         return 1, {**result, "ok": False, "records": 0, "checkpoints": 0, "first_bad": why,
                    "message": f"FAIL: {why}"}
     reports = verify_logs(directory, public, checkpoints)
-    bad = next(((name, r) for name, r in reports if not r.ok), None)
+    anchored: list[tuple[str, VerifyReport]] = []  # the same logs again, against the cluster's copies
+    if also is not None:
+        try:
+            anchored = [(f"cluster:{name or '.'}", r) for name, r in also(public)]
+        except AgentAuthzError as exc:
+            why = f"cannot read the cluster's checkpoints: {exc}"
+            anchored = [("cluster", VerifyReport(False, 0, 0, why))]
+    bad = next(((name, r) for name, r in reports + anchored if not r.ok), None)
     first_bad = None if bad is None else f"{bad[0]}/{bad[1].first_bad}" if bad[0] else bad[1].first_bad
     records, cps = sum(r.records for _, r in reports), sum(r.checkpoints for _, r in reports)
     tail = sum(r.unsigned_tail for _, r in reports)
@@ -223,6 +236,8 @@ def main_verify(directory: Path, checkpoints: Path | None = None, key: str | Non
                else f"FAIL: {first_bad}") + f" (audit key {kid} from {source})"
     if bad is None and tail:
         message += f"; {tail} records after the last checkpoint are not yet signed"
+    if bad is None and anchored:
+        message += f"; and against {sum(r.checkpoints for _, r in anchored)} checkpoints the cluster holds"
     result.update(ok=bad is None, records=records, checkpoints=cps, first_bad=first_bad, message=message,
                   key=source, key_id=kid, logs=[{"log": name or ".", "ok": r.ok, "records": r.records,
                                                  "first_bad": r.first_bad} for name, r in reports])

@@ -22,6 +22,7 @@ import redis
 
 from .. import durable
 from ..errors import ClusterUnavailable, StateError
+from .checkpoints import CheckpointCopier
 from .engine import Engine, async_client, unavailable
 from .freshness import Freshness
 from .settings import ClusterSettings
@@ -70,6 +71,7 @@ class ClusterNode:
         self._keys_dirty = False
         self._saved_id = ""
         self._recovering = False  # a recovery that failed part way is finished before anything else
+        self._checkpoints = CheckpointCopier(self.engine, state_dir / "audit")
 
     # -- joining -----------------------------------------------------------------
 
@@ -359,6 +361,7 @@ class ClusterNode:
                   "staleness": self.freshness.staleness(self.settings.max_staleness)}
         client = self.engine.client
         client.hset(self.keys.nodes, self.settings.node_id, json.dumps(status))
+        self._checkpoints.copy()
         if trim:
             oldest = int((time.time() - self._horizon) * 1000)
             client.xtrim(self.keys.stream, minid=oldest, approximate=True)
