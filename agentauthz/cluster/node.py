@@ -42,7 +42,7 @@ def stream_ms(entry_id: str) -> int:
     return int(entry_id.partition("-")[0] or 0)
 
 
-def _id_after(a: str, b: str) -> bool:
+def id_after(a: str, b: str) -> bool:
     ams, _, aseq = a.partition("-")
     bms, _, bseq = b.partition("-")
     return (int(ams), int(aseq or 0)) > (int(bms), int(bseq or 0))
@@ -85,7 +85,11 @@ class ClusterNode:
         if known is None:  # a new node: found the cluster, or join the one there is
             self.engine.epoch = current or self.engine.found_epoch()
             self.last_id = "0-0"
-            self._authority.cluster_event("cluster_join", epoch=self.engine.epoch, founded=current is None)
+            # A daemon that ran on its own before brings its revocations (the other nodes will trust its
+            # keys) and its slots (no cluster token may be given one of them).
+            republished = self._republish()
+            self._authority.cluster_event("cluster_join", epoch=self.engine.epoch, founded=current is None,
+                                          republished=republished)
         elif current == known and not self._stream_went_back(local.get("last_id", "0-0")):
             self.engine.epoch = known
             self.last_id = local.get("last_id", "0-0")
@@ -135,7 +139,7 @@ class ClusterNode:
             raise unavailable(exc, "stream") from None
         newest = info["last-generated-id"]
         newest = newest.decode() if isinstance(newest, bytes) else str(newest)
-        return _id_after(last_id, newest)
+        return id_after(last_id, newest)
 
     def _slots_end(self) -> int:
         """Every slot below this may have been handed out by some node."""
@@ -299,17 +303,23 @@ class ClusterNode:
         self._recovering = True
         log.error("cluster engine lost its data (%s): re-publishing this node's revocations", reason)
         self.engine.epoch = self.engine.found_epoch()
-        store = self._authority.revocations
-        self.engine.raise_slot_floor(store.stats()["reserved"])
-        records = [r for r in store.snapshot() if r["op"] not in ("base", "reserve")]
-        for at in range(0, len(records), 500):
-            self.engine.publish(records[at:at + 500])
+        republished = self._republish()
         self.last_id = "0-0"
         self._saved_id = ""
         self._recovering = False
         self.recoveries += 1
         self._authority.cluster_event("cluster_recover", reason=reason, epoch=self.engine.epoch,
-                                      republished=len(records))
+                                      republished=republished)
+
+    def _republish(self) -> int:
+        """Publish everything this node's journal holds (idempotent for every node that has it already)
+        and raise the slot counter past every slot it knows was handed out; the records published."""
+        store = self._authority.revocations
+        self.engine.raise_slot_floor(store.stats()["reserved"])
+        records = [r for r in store.snapshot() if r["op"] not in ("base", "reserve")]
+        for at in range(0, len(records), 500):
+            self.engine.publish(records[at:at + 500])
+        return len(records)
 
     # -- following ------------------------------------------------------------------
 

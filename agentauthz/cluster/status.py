@@ -9,7 +9,7 @@ from typing import Any
 import redis
 
 from .engine import Keys, sync_client, unavailable
-from .node import STATUS_INTERVAL, stream_ms
+from .node import STATUS_INTERVAL, id_after, stream_ms
 from .settings import ClusterSettings
 
 
@@ -26,19 +26,22 @@ def cluster_status(settings: ClusterSettings) -> dict[str, Any]:
             length = int(info["length"])
         except redis.ResponseError:  # no stream yet: nothing was ever published
             newest, length = "0-0", 0
-        reports = client.hgetall(keys.nodes)
+        reports = {_text(k): json.loads(v) for k, v in client.hgetall(keys.nodes).items()}
+        # Each node's lag as of its own report: how far its last applied entry was behind the newest entry
+        # the stream held then (a node reports once a second; entries added since are no lag of its).
+        newest_then = {name: client.xrevrange(keys.stream, max=int(float(r.get("heard_at", 0)) * 1000),
+                                              count=1) for name, r in reports.items()}
     except redis.RedisError as exc:
         raise unavailable(exc, "cluster status") from None
     now = time.time()
     nodes = []
-    for name, raw in sorted(reports.items()):
-        report = json.loads(raw)
+    for name, report in sorted(reports.items()):
         last = report.get("last_id", "0-0")
         silent = max(0.0, now - float(report.get("heard_at", 0)))
+        then = _text(newest_then[name][0][0]) if newest_then[name] else "0-0"
         nodes.append({
-            "node": _text(name), "last_id": last,
-            # Behind the stream's newest entry by this much of Redis's time (0: caught up).
-            "lag_seconds": max(0, stream_ms(newest) - stream_ms(last)) / 1000 if last != newest else 0.0,
+            "node": name, "last_id": last,
+            "lag_seconds": max(0, stream_ms(then) - stream_ms(last)) / 1000 if id_after(then, last) else 0.0,
             "reported_seconds_ago": round(silent, 3),
             # A node that stopped reporting is down or cut off: its own Checks deny revocation_stale.
             "state": "stale" if report.get("stale") else ("silent" if silent > 5 * STATUS_INTERVAL
