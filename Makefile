@@ -57,6 +57,7 @@ bench: $(STAMP)
 		--benchmark-json $(BENCH_RESULTS)/micro.json
 	$(PY) -m benchmarks.paired --out $(BENCH_RESULTS)/paired.json
 	$(PY) -m benchmarks.load --out $(BENCH_RESULTS)/load.json $(BENCH_LOAD_ARGS)
+	$(PY) -m benchmarks.load.cluster --out $(BENCH_RESULTS)
 	$(PY) -m benchmarks.load.handlers --out $(BENCH_RESULTS)/handlers.json
 	$(PY) benchmarks/report.py --results $(BENCH_RESULTS)
 
