@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable
 
@@ -173,3 +174,22 @@ def envoy_cluster_config(check_ports: list[int], upstream_port: int, listen_port
     text = ENVOY_CLUSTER_EXAMPLE.read_text()
     return re.sub(r"port_value: (\d+)",
                   lambda m: f"port_value: {ports.get(int(m.group(1)), m.group(1))}", text)
+
+
+def mint_many(cluster: Cluster, names: str, count: int, prefix: str, agent: str = AGENT) -> list[Any]:
+    """``count`` tokens (one task each), minted round robin on the nodes ``names``, 8 at a time."""
+    clients = [cluster.client(n, agent) for n in names]  # made here: the client cache is not threaded
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(lambda i: clients[i % len(clients)].mint(f"{prefix}-{i}", READ), range(count)))
+
+
+def reasons_on(nodes: list[Node], token: str) -> list[str]:
+    """What each node answers a read of ``token`` (fresh probes: a node may have restarted)."""
+    out = []
+    for node in nodes:
+        probe = Probe(node.check_address)
+        try:
+            out.append(probe(token).reason)
+        finally:
+            probe.close()
+    return out

@@ -304,6 +304,11 @@ class ClusterNode:
         log.error("cluster engine lost its data (%s): re-publishing this node's revocations", reason)
         self.engine.epoch = self.engine.found_epoch()
         republished = self._republish()
+        # The keys hash and the token-id key were lost too: without them the next "keys" entry (any node
+        # joining or rotating) leaves every node unable to verify the others' tokens, and a new node
+        # would found another token-id key. Every recovering node offers the same key (SET NX).
+        self._adopt_token_id_key()
+        self.publish_keys()
         self.last_id = "0-0"
         self._saved_id = ""
         self._recovering = False

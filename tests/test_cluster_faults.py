@@ -1,0 +1,212 @@
+"""Cluster faults on real processes (issue 19): a node killed mid revocation storm, redis-server stopped,
+killed and restarted from its AOF, and restarted empty. No acknowledged revocation is ever lost or
+honoured past max_staleness, nothing unacknowledged is reported acknowledged, and the nodes fail closed."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import grpc
+import pytest
+from cluster_support import Cluster, Node, Probe, mint_many, reasons_on, slot_of, wait_until
+
+from agentauthz import reasons
+
+MAX_STALENESS = 1.0
+STALE, REVOKED, ALLOW = reasons.REVOCATION_STALE, reasons.TOKEN_REVOKED, reasons.ALLOW
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, cluster={"max_staleness": MAX_STALENESS})
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+def unavailable(call: Any) -> grpc.StatusCode:
+    """The status code of a call the API must refuse (it must not answer as if acknowledged)."""
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    return err.value.code()
+
+
+def everywhere(nodes: list[Node], token: str, reason: str, what: str, timeout: float = 15.0) -> None:
+    wait_until(lambda: reasons_on(nodes, token) == [reason] * len(nodes), timeout, what)
+
+
+# -- a node killed during a revocation storm -----------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_node_killed_in_a_revocation_storm_denies_every_acked_revoke_at_its_first_answer(
+        cluster: Cluster) -> None:
+    a, b, c = cluster.start_all("a", "b", "c")
+    minted = mint_many(cluster, "abc", 600, "storm")
+    doomed, kept = minted[:500], minted[500:]
+    revokers = [cluster.client("a"), cluster.client("b")]
+    acked: list[Any] = []  # appended only once the node acknowledged the revoke
+    failures: list[BaseException] = []
+
+    def storm() -> None:
+        try:
+            for i, m in enumerate(doomed):
+                revokers[i % 2].revoke(token_id=m.token_id)
+                acked.append(m)
+        except BaseException as exc:  # reported on the test's thread
+            failures.append(exc)
+    stormer = threading.Thread(target=storm)
+    stormer.start()
+    wait_until(lambda: len(acked) >= 100, 60, "the storm to be under way")
+    c.kill()
+    wait_until(lambda: len(acked) >= 200 or not stormer.is_alive(), 60, "revokes while c is down")
+    acked_before_restart = list(acked)
+    starting = c.start_in_background()
+    probe = Probe(c.check_address, timeout=1.0)
+    try:
+        # Ask c about revoked tokens until it answers at all: its first answer already denies.
+        first, asked = None, 0
+        deadline = time.monotonic() + 60
+        while first is None and time.monotonic() < deadline:
+            token = acked_before_restart[asked % len(acked_before_restart)].token
+            asked += 1
+            try:
+                first = probe(token)
+            except grpc.RpcError:
+                time.sleep(0.005)
+        assert first is not None, "c never answered"
+        try:
+            health_at_first_answer: Any = c.healthz()
+        except OSError as exc:  # the HTTP listener opens after the Check listener
+            health_at_first_answer = exc
+        assert (first.allowed, first.reason) == (False, REVOKED)
+        answers = {probe(m.token).reason for m in acked_before_restart}
+        assert answers == {REVOKED}, f"/healthz at the first answer: {health_at_first_answer}"
+    finally:
+        probe.close()
+        starting.join(60)
+    stormer.join(120)
+    assert not failures, failures
+    assert len(acked) == len(doomed)
+    # Once the bound has passed since the last ack, c (like every node) denies every one, and no other.
+    time.sleep(MAX_STALENESS)
+    probe = Probe(c.check_address)
+    try:
+        assert {probe(m.token).reason for m in doomed} == {REVOKED}
+        assert {probe(m.token).reason for m in kept} == {ALLOW}
+    finally:
+        probe.close()
+    assert c.stop() == 0
+
+
+# -- Redis stopped: fail closed, acknowledge nothing, catch up ------------------------------------------
+
+
+def test_a_stopped_redis_makes_checks_stale_and_revokes_unacknowledged_until_it_runs_again(
+        cluster: Cluster) -> None:
+    nodes = cluster.start_all("a", "b", "c")
+    live, victim, ended = (cluster.client("a").mint(t, ["demo:*:read"]) for t in ("live", "victim", "end"))
+    everywhere(nodes, live.token, ALLOW, "the live token allowed everywhere")
+    cluster.redis.signal(signal.SIGSTOP)
+    try:
+        stopped = time.monotonic()
+        everywhere(nodes, live.token, STALE, "every node to deny revocation_stale")
+        print(f"\nevery node stale {time.monotonic() - stopped:.2f} s after SIGSTOP (max_staleness "
+              f"{MAX_STALENESS} s)")
+        stale = Probe(nodes[1].check_address)(live.token)
+        assert (stale.allowed, stale.status) == (False, 503)
+        # Nothing that needs Redis is acknowledged: each answers UNAVAILABLE within the client's timeout.
+        assert unavailable(lambda: cluster.client("b").revoke(token_id=victim.token_id)) == \
+            grpc.StatusCode.UNAVAILABLE
+        assert unavailable(lambda: cluster.client("c").end_task("end")) == grpc.StatusCode.UNAVAILABLE
+        assert unavailable(lambda: cluster.client("a").mint("during", ["demo:*:read"])) == \
+            grpc.StatusCode.UNAVAILABLE
+        assert reasons_on(nodes, live.token) == [STALE] * 3  # still fail closed
+    finally:
+        cluster.redis.signal(signal.SIGCONT)
+    everywhere(nodes, live.token, ALLOW, "every node to catch up and allow again")
+    # The unacknowledged revoke and end may still have reached the stream (sent before the timeout):
+    # whichever it was, every node ends up with the same answer, never one node alone honouring it.
+    for token in (victim.token, ended.token):
+        wait_until(lambda t=token: len(set(reasons_on(nodes, t))) == 1, 10, "the nodes to agree")
+        time.sleep(MAX_STALENESS)
+        assert len(set(reasons_on(nodes, token))) == 1
+    # Acknowledged now, it holds everywhere.
+    cluster.client("b").revoke(token_id=victim.token_id)
+    cluster.client("c").end_task("end")
+    everywhere(nodes, victim.token, REVOKED, "the acked revoke everywhere", timeout=MAX_STALENESS + 5)
+    everywhere(nodes, ended.token, reasons.TASK_ENDED, "the acked end everywhere", timeout=MAX_STALENESS + 5)
+    assert cluster.client("a").mint("after", ["demo:*:read"]).token
+
+
+# -- Redis killed and restarted from its AOF --------------------------------------------------------------
+
+
+def test_redis_killed_and_restarted_from_its_aof_loses_no_acknowledged_revocation(cluster: Cluster) -> None:
+    nodes = cluster.start_all("a", "b")
+    minted = mint_many(cluster, "ab", 40, "aof")
+    revoked = minted[:20]
+    for i, m in enumerate(revoked):
+        cluster.client("ab"[i % 2]).revoke(token_id=m.token_id)
+    cluster.client("b").end_task("aof-39")  # the last one acknowledged, a task end
+    cluster.redis.kill()  # kill -9 at once: what the AOF holds is what was acknowledged
+    everywhere(nodes, minted[30].token, STALE, "the nodes to fail closed without Redis")
+    cluster.redis.start()
+    everywhere(nodes, minted[30].token, ALLOW, "the nodes to follow the restarted Redis")
+    late = cluster.add("d")  # a node that joins after the restart knows only what Redis kept
+    everyone = [*nodes, late]
+    for m in revoked:
+        assert reasons_on(everyone, m.token) == [REVOKED] * 3, m.token_id
+    assert reasons_on(everyone, minted[39].token) == [reasons.TASK_ENDED] * 3
+    for m in minted[20:39]:
+        assert reasons_on(everyone, m.token) == [ALLOW] * 3
+    # The AOF kept the epoch: a restart is not a lost engine, and nobody had to recover.
+    assert [n.metrics()["agentauthz_cluster_recoveries_total"] for n in everyone] == [0.0] * 3
+    again = cluster.client("d").mint("after-aof", ["demo:*:read"])
+    assert slot_of(again.token_id) not in {slot_of(m.token_id) for m in minted}
+
+
+# -- Redis restarted empty ----------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_redis_restarted_empty_the_nodes_fail_closed_and_republish_every_revocation(cluster: Cluster) -> None:
+    nodes = cluster.start_all("a", "b", "c")
+    minted = mint_many(cluster, "abc", 60, "wipe")
+    revoked = minted[:30]
+    for i, m in enumerate(revoked):
+        cluster.client("abc"[(i + 1) % 3]).revoke(token_id=m.token_id)  # never on the minting node
+    cluster.client("a").end_task("wipe-59")
+    everywhere(nodes, minted[59].token, reasons.TASK_ENDED, "the end everywhere")
+    last = cluster.client("c").mint("last", ["demo:*:read"])
+    cluster.client("a").revoke(token_id=last.token_id)  # just before the wipe: b may not have it yet
+    old_slots = {slot_of(m.token_id) for m in [*minted, last]}
+    cluster.redis.wipe()
+    everywhere(nodes, minted[40].token, STALE, "the nodes to fail closed without Redis")
+    cluster.redis.start()  # the same port and directory, empty: another epoch, another stream
+    everywhere(nodes, minted[40].token, ALLOW, "the nodes to recover", timeout=30)
+    for node in nodes:
+        assert node.metrics()["agentauthz_cluster_recoveries_total"] >= 1, node.name
+        wait_until(lambda n=node: any(r["kind"] == "cluster_recover" for r in n.audit_records()), 10,
+                   f"{node.name}'s recovery in its audit log")
+    late = cluster.add("d")  # joins the new epoch: it learns everything from the re-published journals
+    everyone = [*nodes, late]
+    for m in [*revoked, last]:
+        assert reasons_on(everyone, m.token) == [REVOKED] * 4, m.token_id
+    assert reasons_on(everyone, minted[59].token) == [reasons.TASK_ENDED] * 4
+    for m in minted[30:59]:
+        assert reasons_on(everyone, m.token) == [ALLOW] * 4
+    # Minting works again on every node, and no new token gets a slot an old one holds.
+    fresh = [cluster.client(n.name).mint(f"after-{n.name}", ["demo:*:read"]) for n in everyone]
+    assert not {slot_of(m.token_id) for m in fresh} & old_slots
+    for m in fresh:
+        everywhere(everyone, m.token, ALLOW, "the new token allowed everywhere")
+    # Token ids minted before the wipe and after it are revocable on any node, the new one included.
+    for m, revoker in ((minted[45], "d"), (fresh[3], "a"), (fresh[0], "d")):
+        cluster.client(revoker).revoke(token_id=m.token_id)
+        everywhere(everyone, m.token, REVOKED, f"{m.token_id} revoked on {revoker} everywhere")
