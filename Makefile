@@ -50,6 +50,7 @@ BENCH_RESULTS ?= benchmarks/results
 BENCH_LOAD_ARGS ?=
 bench: $(STAMP)
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 	$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q matplotlib
 	test -x $(VENV)/bin/py-spy || $(PY) -m pip install -q py-spy
 	mkdir -p $(BENCH_RESULTS)
