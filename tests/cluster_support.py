@@ -193,3 +193,34 @@ def reasons_on(nodes: list[Node], token: str) -> list[str]:
         finally:
             probe.close()
     return out
+
+
+class Watch:
+    """Asks every node about revoked tokens, over and over, in the background; notes every allow."""
+
+    def __init__(self, nodes: list[Node], tokens: list[str]) -> None:
+        self.allows: list[tuple[float, str]] = []  # (monotonic time, node) of each allow answered
+        self.answers: set[str] = set()
+        self._stop = threading.Event()
+        self._probes = [(n.name, Probe(n.check_address, timeout=1.0)) for n in nodes]
+        self._tokens = tokens
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            for token in self._tokens:
+                for name, probe in self._probes:
+                    try:
+                        decision = probe(token)
+                    except grpc.RpcError:
+                        continue
+                    self.answers.add(decision.reason)
+                    if decision.allowed:
+                        self.allows.append((time.monotonic(), name))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(10)
+        for _, probe in self._probes:
+            probe.close()
