@@ -34,24 +34,24 @@ def test_mint_ratio_pairs_rounds() -> None:
     assert (m["cluster_per_s"], m["standalone_per_s"]) == (300.0, 400.0)
 
 
-def test_propagation_percentiles_are_nearest_rank_and_misses_fail_the_target() -> None:
-    s = propagation_summary([float(x) for x in range(1, 101)])
-    assert (s["p50"], s["p99"], s["max"], s["never_denied"]) == (50.0, 99.0, 100.0, 0)
+def test_propagation_percentiles_are_nearest_rank_and_an_allow_after_an_ack_fails_both_bars() -> None:
+    s = propagation_summary([float(x) for x in range(1, 101)], 0)
+    assert (s["p50"], s["p99"], s["max"], s["allows_after_ack"]) == (50.0, 99.0, 100.0, 0)
     assert s["target_met"] is False and s["within_hard_limit"] is True
-    fast = propagation_summary([1.0, 2.0, None])
-    assert (fast["revokes"], fast["never_denied"], fast["max"]) == (3, 1, 2.0)
-    assert fast["target_met"] is False and fast["within_hard_limit"] is False  # a revoke never seen denied
-    assert math.isnan(propagation_summary([None])["p99"])
+    fast = propagation_summary([1.0, 2.0, 3.0], 1)
+    assert (fast["revokes"], fast["max"]) == (3, 3.0)
+    assert fast["target_met"] is False and fast["within_hard_limit"] is False  # honoured after its ack
+    assert math.isnan(propagation_summary([], 0)["p99"])
 
 
 def test_the_markdown_table_names_every_figure_and_the_opa_anchor() -> None:
     results = {"check": {"ratio": 0.97, "cluster_rps": 9700.0, "standalone_rps": 10000.0},
-               "propagation": propagation_summary([1.0, 2.0, 3.0]),
+               "propagation": propagation_summary([1.0, 2.0, 3.0], 0),
                "mint": {"count": 200, "threads": 4, "ratio": None, "cluster_per_s": 300.0,
                         "standalone_per_s": 0.0},
                "budget": {"ratio": 0.5, "budgeted_rps": 5000.0, "unbudgeted_rps": 10000.0,
                           "budgeted_p50_ms": 1.2, "unbudgeted_p50_ms": 0.4}}
     text = markdown(results)
     assert "| 0.97 (9700 / 10000) | >= 0.95 |" in text
-    assert "2.00 / 3.00 / 3.00 ms, never denied 0" in text
+    assert "2.00 / 3.00 / 3.00 ms, allowed after the ack 0" in text
     assert "60-120 s" in text and "n/a (300 / 0)" in text and "1.200 / 0.400 ms" in text

@@ -165,14 +165,15 @@ REVOKES = 1000
 
 
 @pytest.mark.slow
-def test_a_thousand_revokes_on_random_nodes_reach_every_other_node_within_the_bound(
+def test_a_thousand_revokes_on_random_nodes_are_denied_everywhere_once_acknowledged(
         stack: Stack, tmp_path: Path) -> None:
     figures = asyncio.run(_propagation(stack.cluster, [stack.a, stack.b, stack.c]))
     (tmp_path / "propagation.json").write_text(json.dumps(figures, indent=2))
     print(f"\npropagation of {REVOKES} revokes to every other node (ms): {json.dumps(figures)}")
-    # The hard bound only (machines are noisy): never an allow after ack + max_staleness.
+    # A revoke is acknowledged once every live node applied it: no node allows the token after the ack.
+    # (No timing assertion: the machine is noisy; the bound a slow node is held to is max_staleness.)
+    assert figures["revokes_with_an_allow_after_ack"] == 0
     assert figures["stale_allows_past_bound"] == 0
-    assert figures["max_ms"] <= MAX_STALENESS * 1000
 
 
 async def _propagation(cluster: Cluster, nodes: list[Node]) -> dict[str, Any]:
@@ -191,22 +192,31 @@ async def _propagation(cluster: Cluster, nodes: list[Node]) -> dict[str, Any]:
         assert all([(await c.check(m.token, "demo", "reports", "read")).allowed for c in clients])
 
     latencies: list[float] = []
+    revoke_seconds: list[float] = []
     stale_allows = early_allows = 0
     for m in minted:
         revoker = rng.randrange(3)
+        sent = time.monotonic()
         await clients[revoker].revoke(token_id=m.token_id)
         acked = time.monotonic()
+        revoke_seconds.append(acked - sent)
         waits = await asyncio.gather(*(_until_revoked(clients[i], m.token, acked) for i in range(3)
                                        if i != revoker))
         stale_allows += sum(late for _, late, _ in waits)
         early_allows += any(early for _, _, early in waits)
         latencies.append(max(seconds for seconds, _, _ in waits))
     ms = sorted(x * 1000 for x in latencies)
+    revoke_ms = sorted(x * 1000 for x in revoke_seconds)
     return {"revokes": REVOKES, "nodes": len(nodes), "max_staleness_s": MAX_STALENESS,
+            # The revoke's own round trip: published, applied by every live node, then acknowledged.
+            "revoke_p50_ms": round(statistics.median(revoke_ms), 3),
+            "revoke_p99_ms": round(revoke_ms[int(len(revoke_ms) * 0.99) - 1], 3),
+            "revoke_max_ms": round(revoke_ms[-1], 3),
+            # From the ack until both other nodes answer token_revoked: one Check round trip when the ack
+            # waits for every node, as it does.
             "p50_ms": round(statistics.median(ms), 3), "p99_ms": round(ms[int(len(ms) * 0.99) - 1], 3),
             "max_ms": round(ms[-1], 3), "stale_allows_past_bound": stale_allows,
-            # Revokes after whose ack some other node still allowed a Check (inside the bound): the
-            # window a caller racing the revoke on another node could see.
+            # Revokes after whose ack some other node still allowed a Check.
             "revokes_with_an_allow_after_ack": early_allows}
 
 

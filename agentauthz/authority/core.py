@@ -419,6 +419,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         except ValueError as exc:  # a slot never handed out: not a token of ours
             raise Refused(UNKNOWN_TOKEN_ID, str(exc)) from None
         self._audit("revoke", decision=True, scope="token", agent=caller, token_id=token_id)
+        self._propagated()
         return int(self.clock())
 
     def end_task(self, caller: str, task: str, owner: str | None = None) -> int:
@@ -433,6 +434,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.status_list.task_ended(task_key(owner, task))
         self._audit("revoke", decision=True, scope="task", agent=caller, owner=owner, task=task)
         self._drop_approvals(owner, task)
+        self._propagated()
         return cutoff
 
     def revoke_agent(self, caller: str, agent: str) -> int:
@@ -446,6 +448,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         self._audit("ban", decision=True, reason=reasons.AGENT_BANNED, agent=caller, target_agent=agent,
                     banned_at=cutoff)
         self._drop_approvals(agent, None)
+        self._propagated()
         return cutoff
 
     def unban_agent(self, caller: str, agent: str) -> int:
@@ -460,6 +463,11 @@ class Authority(DelegationFlow, ApprovalFlow):
             raise Refused(reasons.AGENT_NOT_BANNED, f"{agent} is not banned")
         self._audit("unban", decision=True, agent=caller, target_agent=agent, unbanned_at=at)
         return at
+
+    def _propagated(self) -> None:
+        """In a cluster, answer a revocation once every live node applies it (cluster/node.py)."""
+        if self.cluster is not None:
+            self.cluster.await_applied()
 
     def _refuse_banned(self, kind: str, *agents: str, **fields: Any) -> None:
         """Refuse (and audit) ``kind`` when any of ``agents`` is banned."""
@@ -479,6 +487,7 @@ class Authority(DelegationFlow, ApprovalFlow):
             except KeyError:
                 pass  # not this boundary's, or already gone; the durable revocation still stands
         self._audit("revoke", decision=True, scope="key", agent=caller, key_id=kid)
+        self._propagated()
         return int(self.clock())
 
     def rotate_keys(self, caller: str) -> str:

@@ -67,6 +67,7 @@ class Keys:
         self.bans = f"{prefix}:bans"
         self.public_keys = f"{prefix}:keys"
         self.nodes = f"{prefix}:nodes"
+        self.applied = f"{prefix}:applied"  # node -> the last stream entry it applied
         self.checkpoints = f"{prefix}:audit-checkpoints"
         self.approvals = f"{prefix}:approvals"
         self.budget = f"{prefix}:budget:"

@@ -72,6 +72,8 @@ class ClusterNode:
         self._saved_id = ""
         self._recovering = False  # a recovery that failed part way is finished before anything else
         self._checkpoints = CheckpointCopier(self.engine, state_dir / "audit")
+        self._published = "0-0"  # the newest entry this node published
+        self._published_lock = threading.Lock()
 
     # -- joining -----------------------------------------------------------------
 
@@ -100,7 +102,8 @@ class ClusterNode:
         self._sync_bans()
         sent = time.monotonic()
         self.catch_up(skip_own=False)
-        self._authority.revocations.join_cluster(self.engine.publish, self.engine.reserve, self._slots_end)
+        self._authority.revocations.join_cluster(self.publish, self.engine.reserve, self._slots_end)
+        self._report_applied(self.engine.client)
         self.publish_keys()
         self.load_keys()
         self._write_state()
@@ -140,6 +143,48 @@ class ClusterNode:
         newest = info["last-generated-id"]
         newest = newest.decode() if isinstance(newest, bytes) else str(newest)
         return id_after(last_id, newest)
+
+    def publish(self, records: list[dict[str, Any]]) -> str:
+        """Publish through the engine, remembering the newest entry for ``await_applied``."""
+        entry = self.engine.publish(records)
+        with self._published_lock:
+            if id_after(entry, self._published):
+                self._published = entry
+        return entry
+
+    def await_applied(self) -> bool:
+        """Return once every live node has applied every entry this node published, or max_staleness
+        after: by then a node that has not is denying revocation_stale. True if all had applied.
+
+        A revoke is acknowledged only after this, so the very next Check on any node denies the token.
+        A node counts as live while it reports its status (about once a second)."""
+        target = self._published
+        deadline = time.monotonic() + self.settings.max_staleness
+        live = 3 * STATUS_INTERVAL + self.settings.max_staleness
+        pause = 0.0005
+        while True:
+            try:
+                pipe = self.engine.client.pipeline(transaction=False)
+                pipe.hgetall(self.keys.nodes)
+                pipe.hgetall(self.keys.applied)
+                reports, applied = pipe.execute()
+            except redis.RedisError:
+                return False  # the revocation is in Redis; the staleness bound still holds
+            now = time.time()
+            waiting = [n for n, raw in reports.items() if n.decode() != self.settings.node_id
+                       and now - json.loads(raw).get("heard_at", 0) < live
+                       and id_after(target, applied.get(n, b"0-0").decode())]
+            if not waiting:
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("nodes %s did not apply entry %s within max_staleness; they deny "
+                            "revocation_stale until they do", sorted(n.decode() for n in waiting), target)
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def _report_applied(self, client: Any) -> Any:
+        return client.hset(self.keys.applied, self.settings.node_id, self.last_id)
 
     def _slots_end(self) -> int:
         """Every slot below this may have been handed out by some node."""
@@ -323,7 +368,7 @@ class ClusterNode:
         self.engine.raise_slot_floor(store.stats()["reserved"])
         records = [r for r in store.snapshot() if r["op"] not in ("base", "reserve")]
         for at in range(0, len(records), 500):
-            self.engine.publish(records[at:at + 500])
+            self.publish(records[at:at + 500])
         return len(records)
 
     # -- following ------------------------------------------------------------------
@@ -347,6 +392,7 @@ class ClusterNode:
                     entries = reply[0][1] if reply else []
                     if entries:
                         await asyncio.to_thread(self.apply, entries, skip_own=True)
+                        await self._report_applied(client)  # what a revoking node waits for
                     if len(entries) < BATCH:  # caught up as of ``sent``
                         self.freshness.heard(sent, max_staleness)
                     if sent >= next_status:
@@ -367,15 +413,16 @@ class ClusterNode:
             await client.aclose()
 
     def _housekeep(self, trim: bool) -> None:
-        """Persist the last applied id, publish this node's status (and dirty keys); trim the stream."""
-        self._write_state()
-        if self._keys_dirty:
-            self.publish_keys()
+        """Publish this node's status (first: revoking nodes wait for the nodes that report it), persist
+        the last applied id, publish dirty keys and new audit checkpoints; trim the stream."""
         status = {"last_id": self.last_id, "heard_at": time.time(), "pid": os.getpid(),
                   "stale": not self.freshness.fresh(), "applied": self.applied, "recoveries": self.recoveries,
                   "staleness": self.freshness.staleness(self.settings.max_staleness)}
         client = self.engine.client
         client.hset(self.keys.nodes, self.settings.node_id, json.dumps(status))
+        self._write_state()
+        if self._keys_dirty:
+            self.publish_keys()
         self._checkpoints.copy()
         if trim:
             oldest = int((time.time() - self._horizon) * 1000)
