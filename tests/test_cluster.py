@@ -94,6 +94,20 @@ def test_the_flags_join_three_nodes_to_one_cluster_with_the_default_staleness(st
     assert MAX_STALENESS == 2.0
 
 
+def test_cluster_status_lists_every_node_fresh_and_caught_up(stack: Stack) -> None:
+    stack.cluster.client("b").mint("status", READ_WRITE)  # an entry to catch up on
+    time.sleep(1.5)  # each node reports about once a second
+    out = stack.a.cli("cluster", "status", "--cluster", stack.cluster.redis.url, "--json")
+    assert out.returncode == 0, out.stderr
+    status = json.loads(out.stdout)
+    assert status["epoch"] and status["stream_length"] >= 1
+    assert [(n["node"], n["state"], n["lag_seconds"]) for n in status["nodes"]] == [
+        ("a", "fresh", 0.0), ("b", "fresh", 0.0), ("c", "fresh", 0.0)]
+    text = stack.a.cli("cluster", "status", "--cluster", stack.cluster.redis.url)
+    assert text.returncode == 0 and [line.split()[:2] for line in text.stdout.splitlines()[2:]] == [
+        ["a", "fresh"], ["b", "fresh"], ["c", "fresh"]]
+
+
 def test_a_token_minted_on_one_node_passes_envoy_whichever_node_answers(stack: Stack) -> None:
     minted = stack.cluster.client("a").mint("everywhere", READ_WRITE)
     before = stack.answered(reasons.ALLOW)

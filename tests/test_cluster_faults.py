@@ -120,6 +120,11 @@ def test_a_stopped_redis_makes_checks_stale_and_revokes_unacknowledged_until_it_
               f"{MAX_STALENESS} s)")
         stale = Probe(nodes[1].check_address)(live.token)
         assert (stale.allowed, stale.status) == (False, 503)
+        assert nodes[0].metrics()["agentauthz_cluster_fresh"] == 0.0
+        assert nodes[0].metrics()["agentauthz_cluster_staleness_seconds"] >= MAX_STALENESS
+        status = nodes[0].cli("cluster", "status", "--cluster", cluster.redis.url)
+        assert status.returncode == 1 and "cluster_unavailable" in status.stderr
+        assert "Traceback" not in status.stderr
         # Nothing that needs Redis is acknowledged: each answers UNAVAILABLE within the client's timeout.
         assert unavailable(lambda: cluster.client("b").revoke(token_id=victim.token_id)) == \
             grpc.StatusCode.UNAVAILABLE
