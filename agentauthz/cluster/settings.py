@@ -49,8 +49,9 @@ class ClusterSettings:
         values = dict(data)
         if "sentinels" in values:
             values["sentinels"] = _sentinels(values["sentinels"])
-        if "redis" not in values:
-            raise ConfigError("cluster needs redis (redis://HOST:PORT/DB)")
+        if "redis" not in values and "sentinels" not in values:
+            raise ConfigError("cluster needs redis (redis://HOST:PORT/DB), or sentinels and sentinel_master")
+        values.setdefault("redis", "")  # with sentinels: the master they name
         # A pod's or host's name is unique where one node runs per host; --node-id names the others.
         values.setdefault("node_id", socket.gethostname().split(".")[0])
         return cls(**values)
@@ -71,7 +72,9 @@ def _sentinels(raw: Any) -> tuple[tuple[str, int], ...]:
 def _problems(s: ClusterSettings) -> list[str]:
     out = []
     url = urlsplit(s.redis) if isinstance(s.redis, str) else None
-    if url is None or url.scheme not in ("redis", "rediss", "unix") or not (url.hostname or url.path):
+    if s.sentinels and s.redis == "":
+        pass  # the sentinels name the master
+    elif url is None or url.scheme not in ("redis", "rediss", "unix") or not (url.hostname or url.path):
         out.append(f"redis must be a redis://HOST:PORT/DB, rediss:// or unix:// URL, got {s.redis!r}")
     if not isinstance(s.node_id, str) or not _NODE_ID.fullmatch(s.node_id):
         out.append("node_id must be 1-63 characters of A-Z a-z 0-9 _ . - (unique in the cluster)")
