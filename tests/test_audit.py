@@ -22,10 +22,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 from support import Forge
 
+from agentauthz.audit import batches as audit_batches
 from agentauthz.audit import files as audit_files
 from agentauthz.audit import records as audit_records
 from agentauthz.audit import verify as audit_verify
-from agentauthz.audit import writer as audit
+from agentauthz.audit.records import thumbprint
 from agentauthz.audit.verify import main_verify, verify_dir
 from agentauthz.audit.writer import AuditLog
 from agentauthz.decision._chain_py import GENESIS
@@ -144,7 +145,7 @@ def test_record_shape_and_hash_chain(tmp_path: Path) -> None:
                      "token_id": "tok-1", "grants": [{"tool": "demo"}]}
     assert cp["kind"] == "checkpoint" and cp["prev"] == sha(raw[0])
     assert cp["checkpoint"] == {"seq": 1, "hash": sha(raw[0]), "file": LOG1, "ts": 1700000000.5,
-                                "kid": audit.thumbprint(KEY.public_key())}
+                                "kid": thumbprint(KEY.public_key())}
     exported = json.loads((tmp_path / "checkpoints.jsonl").read_bytes())
     assert exported == {**cp["checkpoint"], "sig": cp["sig"]}
 
@@ -158,7 +159,7 @@ def test_audit_key_files(tmp_path: Path) -> None:
     assert private.stat().st_mode & 0o777 == 0o600 and key_dir.stat().st_mode & 0o777 == 0o700
     assert audit_verify._public_key(pinned.read_bytes()) == key.public_key()
     again, created = audit_files.open_key(key_dir, audit_dir)  # reopened: same key, same kid
-    assert not created and audit.thumbprint(again.public_key()) == audit.thumbprint(key.public_key())
+    assert not created and thumbprint(again.public_key()) == thumbprint(key.public_key())
     private.chmod(0o644)
     with pytest.raises(StateError, match="owner-only"):
         audit_files.open_key(key_dir, audit_dir)
@@ -177,7 +178,7 @@ def test_a_key_kept_in_the_audit_directory_moves_out_and_its_checkpoints_still_v
     (audit_dir / "audit-key.pem").chmod(0o600)
     (audit_dir / "audit-key.pub.pem").write_bytes(audit_files.public_pem(KEY.public_key()))
     key, created = audit_files.open_key(key_dir, audit_dir)
-    assert not created and audit.thumbprint(key.public_key()) == audit.thumbprint(KEY.public_key())
+    assert not created and thumbprint(key.public_key()) == thumbprint(KEY.public_key())
     assert not (audit_dir / "audit-key.pem").exists() and not (audit_dir / "audit-key.pub.pem").exists()
     code, result = main_verify(audit_dir)  # the shipped default: the pinned copy in <state>/audit-key/
     assert code == 0 and result["key"] == str(key_dir / "public.pem"), result
@@ -189,7 +190,7 @@ RFC8037_X = base64.urlsafe_b64decode("11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHUR
 
 def test_thumbprint_rfc8037_vector(tmp_path: Path) -> None:
     pub = audit_verify._public_key(RFC8037_X)
-    assert audit.thumbprint(pub) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    assert thumbprint(pub) == "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
 
 
 def test_second_writer_refused(tmp_path: Path) -> None:
@@ -357,7 +358,7 @@ def test_main_verify_ok(tmp_path: Path) -> None:
     build(tmp_path)
     code, result = main_verify(tmp_path, key=PUB_B64)
     assert code == 0 and result["ok"] and result["records"] == 24 and result["checkpoints"] == 4
-    kid = audit.thumbprint(KEY.public_key())
+    kid = thumbprint(KEY.public_key())
     assert result["message"] == (
         f"OK: 24 records, 4 checkpoints verified (audit key {kid} from --key (inline))")
     json.dumps(result)
@@ -389,7 +390,7 @@ def test_pinned_public_key(tmp_path: Path) -> None:
     other = Ed25519PrivateKey.generate().public_key()
     raw = other.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     assert verify_dir(tmp_path, raw).first_bad == (
-        f"{tmp_path.name}: no checkpoint signed by the pinned key {audit.thumbprint(other)} "
+        f"{tmp_path.name}: no checkpoint signed by the pinned key {thumbprint(other)} "
         "(rewritten, or signed by another key)")
 
 
@@ -407,7 +408,7 @@ def test_checkpoints_under_an_earlier_key_count_only_before_the_first_under_the_
     check(log, 99)
     log.stop()
     assert verify_dir(tmp_path, PUB).first_bad == (
-        f"{LOG1}:20: checkpoint signed by unknown key {audit.thumbprint(earlier.public_key())!r}")
+        f"{LOG1}:20: checkpoint signed by unknown key {thumbprint(earlier.public_key())!r}")
 
 
 def test_records_after_the_last_checkpoint_are_reported_not_yet_signed(tmp_path: Path) -> None:
@@ -521,13 +522,13 @@ def test_disk_full_holds_records_then_writes_them_all(tmp_path: Path, monkeypatc
 
 def _disk_full_holds_records_then_writes_them_all(fs: Path, monkeypatch: Any) -> None:
     attempts = []
-    real_append = audit.append
+    real_append = audit_batches.append
 
     def counting_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
         attempts.append(time.monotonic())
         return real_append(fd, offset, data, retry, sync)
 
-    monkeypatch.setattr(audit, "append", counting_append)
+    monkeypatch.setattr(audit_batches, "append", counting_append)
     log = None
     try:
         d = fs / "audit"
@@ -669,13 +670,13 @@ def test_check_members_are_what_prepare_writes(reason: str, request: tuple[str, 
 def watch_appends(monkeypatch: Any) -> list[bool]:
     """Per append of the audit log from now on: fsynced or not."""
     synced: list[bool] = []
-    real_append = audit.append
+    real_append = audit_batches.append
 
     def watching_append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:
         synced.append(sync)
         return real_append(fd, offset, data, retry, sync)
 
-    monkeypatch.setattr(audit, "append", watching_append)
+    monkeypatch.setattr(audit_batches, "append", watching_append)
     return synced
 
 
@@ -763,7 +764,7 @@ def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_
             await asyncio.wait_for(waiting, 10)  # type: ignore[arg-type]
 
         asyncio.run(one_waiting_allow())
-        monkeypatch.setattr(audit.os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
+        monkeypatch.setattr(os, "fsync", lambda fd: (fsynced.append(fd), real_fsync(fd))[1])
         assert log.flush()
         assert log._fd in fsynced, "flush() answered with the allow's record unsynced"
     finally:
@@ -787,8 +788,8 @@ def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypa
         while log.write_allow(f"d-{written}", "", prepared):  # inline, as the Check's fast path writes
             written += 1
         assert written > 2 and log._fd_name == full_name  # the next does not fit: the writer moves on
-        monkeypatch.setattr(audit.os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
-        monkeypatch.setattr(audit.os, "close", lambda fd: (calls.append(("close", fd)), real_close(fd))[1])
+        monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
+        monkeypatch.setattr(os, "close", lambda fd: (calls.append(("close", fd)), real_close(fd))[1])
         log.record("next")
         assert log.flush()
         assert log._fd_name != full_name
