@@ -20,8 +20,8 @@ IDLE_LEAVES = ("epoll_wait", "epoll_pwait", "poll (", "select (", "pthread_cond_
 # Substrings that name where a frame belongs; first match wins, checked from the leaf upwards.
 BUCKETS = (
     ("signature verify (libsodium)", ("crypto_sign", "sodium", "ed25519", "ge25519", "fe25519")),
-    ("agentauthz decision (native decide)", ("decide", "_verify_c", "_bitset_c")),
-    ("agentauthz audit enqueue", ("agentauthz/audit/writer.py",)),
+    ("agentauthz decision (native decide)", ("decide", "_verify_c", "_token_c", "_bitset_c")),
+    ("agentauthz audit enqueue", ("agentauthz/audit/writer.py", "agentauthz/audit/batches.py")),
     ("agentauthz Check handler (Python)", ("agentauthz/serve/extauthz.py",)),
     ("protobuf (upb) parse", ("upb", "FromString")),
     ("syscalls (write/sendmsg/eventfd/recv)", ("write (", "sendmsg", "recvmsg", "recv (", "eventfd",
