@@ -18,7 +18,8 @@ from nacl.exceptions import BadSignatureError
 from . import errors
 from .decision._bitset_py import Bitset
 from .decision._strict_py import b64url_decode, json_object
-from .decision._verify_py import RevocationIndex, Verifier, _time, valid_public_key
+from .decision._token_py import _time, check_header, valid_public_key
+from .decision._verify_py import RevocationIndex, Verifier
 from .decision.tokens import ALGORITHM, TOKEN_TYPE
 from .state.statuslist import TYP
 
@@ -92,10 +93,6 @@ def _verify_token(token: str, keys: dict[str, tuple[bytes, str | None]], issuer:
     return entry
 
 
-# Only its header check is used: typ statuslist+jwt, EdDSA, kid, no key material, no crit.
-_LIST_HEADER = Verifier(issuer="-", audiences={"-"}, token_type=TYP, revocations=RevocationIndex(Bitset(64)))
-
-
 def verify_status_list(status_list: str | bytes, keys: Mapping[str, bytes], *, uri: str, issuer: str,
                        now: float, leeway: int = 30, max_bytes: int = MAX_LIST_BYTES) -> tuple[int, bytes]:
     """(bits per status, the decompressed list) of a Status List Token for ``uri``; raises StatusListError."""
@@ -113,7 +110,8 @@ def verify_status_list(status_list: str | bytes, keys: Mapping[str, bytes], *, u
         raise errors.StatusListInvalid("status list token must have exactly three segments")
     head, body, sig = parts
     try:
-        kid = _LIST_HEADER._check_header(json_object(b64url_decode(head), "header"))
+        # A token's header check: typ statuslist+jwt, EdDSA, kid, no key material, no crit.
+        kid = check_header(json_object(b64url_decode(head), "header"), TYP)
         signature, payload = b64url_decode(sig), b64url_decode(body)
         key = keys.get(kid)
         if key is None:

@@ -17,7 +17,7 @@ cdef extern from "Python.h":
 from libc.string cimport memcpy
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
-from agentauthz.decision._verify_c cimport VerifiedToken
+from agentauthz.decision._token_c cimport VerifiedToken
 
 from agentauthz import reasons
 from agentauthz.decision._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID, PREFIX_CHARS

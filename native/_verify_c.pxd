@@ -1,61 +1,10 @@
 # cython: language_level=3
-"""Declarations of the native hot path, the twin of ``agentauthz/decision/_verify_py.py``."""
+"""Declarations of the native verifier, the twin of ``agentauthz/decision/_verify_py.py``."""
 
 cimport cython
-from libc.stdint cimport uint64_t
 
 from agentauthz.decision._bitset_c cimport Bitset
-
-cdef enum:
-    # Status slots one token can carry: its own plus one per delegating
-    # ancestor. tokens.MAX_DELEGATION_DEPTH + 1 must fit; checked at import.
-    SLOTS_MAX = 16
-
-
-@cython.final
-cdef class Grant:
-    cdef readonly object tool
-    cdef readonly object target
-    cdef readonly object prefix  # target without its trailing "*", or None for an exact target
-    cdef readonly object ops
-    cdef readonly long level
-    cdef readonly object extras  # argument constraints and budget (constraints.py), None for most grants
-
-    cdef int _init(self, object tool, object target, object ops, long level) except -1
-    cdef bint _covers(self, object tool, object target, object operation, long level) except -1
-
-
-@cython.final
-cdef class VerifiedToken:
-    cdef readonly dict claims
-    cdef readonly str kid
-    cdef readonly str jti
-    cdef readonly str sub
-    cdef readonly str task
-    cdef readonly str task_key  # tokens.task_key(root agent, task): what EndTask revokes
-    cdef readonly long long iat
-    cdef readonly long long nbf
-    cdef readonly long long exp
-    cdef readonly tuple grants
-    cdef readonly tuple slots  # own status slot first, then each delegating ancestor's
-    cdef readonly tuple subjects  # sub, then each actor up the delegation chain
-    cdef public object attachment  # free for the transport, e.g. a pre-built response
-    cdef readonly bint constrained  # Check must look past the decision's allow (arguments, budgets)
-
-    # Decision state, read and written only with the GIL held.
-    cdef dict memo  # (tool, target, operation, sensitivity) -> reason, for policy generation pol_gen
-    cdef long long pol_gen
-    # The last request and its memo answer: a repeat skips building and hashing the memo key.
-    cdef str last_tool, last_target, last_operation, last_sensitivity
-    cdef object last_reason  # None: no last request for policy generation pol_gen
-    cdef long long rev_gen  # RevocationIndex.generation rev_reason was computed for
-    cdef object rev_reason
-    # ``slots`` as C integers, so the decision tests bits without touching Python ints.
-    cdef Py_ssize_t n_slots
-    cdef uint64_t slot_c[SLOTS_MAX]
-    cdef unsigned int slot_outside  # bit i set: slots[i] does not fit in 64 bits, always revoked
-
-    cdef int _fill(self, dict claims, str kid, tuple grants, tuple slots, tuple subjects) except -1
+from agentauthz.decision._token_c cimport VerifiedToken
 
 
 @cython.final
@@ -86,8 +35,5 @@ cdef class Verifier:
     cdef long long _policy_gen
 
     cdef VerifiedToken _verify_uncached(self, object token, double now)
-    cdef str _check_header(self, dict header)
-    cdef VerifiedToken _check_claims(self, dict claims, str kid, double now)
-    cdef int _check_time(self, VerifiedToken entry, double now) except -1
     cdef object _match(self, VerifiedToken entry, object tool, object target, object operation,
                        object sensitivity, object policy)

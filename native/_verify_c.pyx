@@ -1,9 +1,9 @@
 # cython: language_level=3
-"""Native hot path: the twin of ``agentauthz/decision/_verify_py.py``, same checks in the same order.
+"""Native verifier and decision: the twin of ``agentauthz/decision/_verify_py.py``, same order.
 
-``Verifier.verify`` turns token text into a ``VerifiedToken`` (strict parse,
-Ed25519 signature, claims) and caches it by the exact token string, so the
-signature check (60-90 µs) runs once per token, with the GIL released around it.
+``Verifier.verify`` turns token text into a ``VerifiedToken`` (the checks of
+``_token_c``) and caches it by the exact token string, so the signature check
+(60-90 µs) runs once per token, with the GIL released around it.
 ``Verifier.decide`` answers one request in one call; on a cache hit it only
 touches C fields, the revocation bits and one memo lookup. Errors are the
 classes of ``agentauthz.errors`` with the pure twin's messages; the test suite
@@ -12,31 +12,24 @@ runs against both twins and asserts they agree.
 
 from collections import OrderedDict
 
-import nacl.bindings  # importing it runs sodium_init(), required before any libsodium call
-from nacl._sodium import ffi as _ffi, lib as _sodium
-
 from agentauthz import errors, reasons
-from agentauthz.decision.constraints import Constrained, compile_extras
-from agentauthz.identity.spiffe import IdentityError, parse_spiffe_id
-from agentauthz.decision.tokens import (
-    ALGORITHM, MAX_DELEGATION_DEPTH, MAX_GRANTS, MAX_INTENT_CHARS, SENSITIVITY_RANK, task_key,
-)
+from agentauthz.decision.constraints import Constrained
+from agentauthz.decision.tokens import SENSITIVITY_RANK
 
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.dict cimport PyDict_GetItemWithError
 from cpython.object cimport PyObject
-from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DATA, PyUnicode_GET_LENGTH, PyUnicode_Substring
-from libc.stdint cimport uint64_t, uintptr_t
-from libc.stdlib cimport free, malloc
-from libc.string cimport memcpy
+from cpython.unicode cimport PyUnicode_CheckExact, PyUnicode_DATA, PyUnicode_Substring
 
 from agentauthz.decision._bitset_c cimport Bitset
 from agentauthz.decision._strict_c cimport _decode_segment, _json_object
+from agentauthz.decision._token_c cimport (
+    Grant, VerifiedToken, _check_claims, _check_header, _check_time, _signature_ok,
+)
 
-from agentauthz.decision._strict_c import b64url_decode, json_object  # the twin's names, for HotPath and tests
+from agentauthz.decision._token_c import valid_public_key
 
 cdef extern from "Python.h":
-    bint PyUnicode_IS_ASCII(object o)
     Py_ssize_t PyUnicode_FindChar(object s, Py_UCS4 ch, Py_ssize_t start, Py_ssize_t end,
                                   int direction) except -2
 
@@ -46,17 +39,8 @@ cdef extern from "Python.h":
 TokenError = errors.TokenError
 TokenMalformed = errors.TokenMalformed
 TokenTooLarge = errors.TokenTooLarge
-TokenAlgorithmRejected = errors.TokenAlgorithmRejected
-TokenHeaderRejected = errors.TokenHeaderRejected
-TokenTypeMismatch = errors.TokenTypeMismatch
 TokenKeyUnknown = errors.TokenKeyUnknown
 TokenSignatureInvalid = errors.TokenSignatureInvalid
-TokenClaimsInvalid = errors.TokenClaimsInvalid
-TokenIssuerMismatch = errors.TokenIssuerMismatch
-TokenAudienceMismatch = errors.TokenAudienceMismatch
-TokenExpired = errors.TokenExpired
-TokenNotYetValid = errors.TokenNotYetValid
-TokenLifetimeExceeded = errors.TokenLifetimeExceeded
 
 # C globals: the decision reads these without a module-dict lookup.
 cdef object ALLOW = reasons.ALLOW
@@ -78,256 +62,9 @@ cdef tuple DENY_DELEGATION_REVOKED = (reasons.DELEGATION_REVOKED, None)
 cdef tuple DENY_REQUEST_INVALID = (reasons.REQUEST_INVALID, None)
 
 cdef object _SENSITIVITY_RANK = SENSITIVITY_RANK
-cdef object _ALGORITHM = ALGORITHM
-cdef long _MAX_GRANTS = MAX_GRANTS
-cdef long _MAX_INTENT_CHARS = MAX_INTENT_CHARS
-cdef Py_ssize_t _MAX_DELEGATION_DEPTH = MAX_DELEGATION_DEPTH
-cdef tuple _HEADER_KEY_MATERIAL = ("jwk", "jku", "x5u", "x5c")
-cdef frozenset _HEADER_ALLOWED = frozenset({"alg", "typ", "kid"})
-cdef object _TIME_MAX = 1 << 40  # far beyond any real NumericDate; keeps arithmetic exact
-cdef object _U64_LIMIT = 1 << 64
 MEMO_MAX = 64  # distinct requests remembered per token before the memo is reset
 cdef Py_ssize_t _HEADERS_MAX = 256  # accepted header segments remembered before a reset
 cdef Py_ssize_t _MEMO_MAX = MEMO_MAX
-
-if _MAX_DELEGATION_DEPTH + 1 > SLOTS_MAX:
-    raise ImportError(f"MAX_DELEGATION_DEPTH {MAX_DELEGATION_DEPTH} needs SLOTS_MAX > {SLOTS_MAX}")
-
-
-# -- libsodium through PyNaCl, without linking it ------------------------------
-
-# PyNaCl's cffi module carries a static libsodium; take crypto_sign_open's
-# address from it once, so verification is a plain C call from here: no
-# per-call cffi argument conversion, no ffi.new() buffers, no copy of the
-# opened message into a new bytes object, and a nogil block we control.
-ctypedef int (*sign_open_fn)(unsigned char *m, unsigned long long *mlen_p,
-                             const unsigned char *sm, unsigned long long smlen,
-                             const unsigned char *pk) noexcept nogil
-
-_SODIUM_LIB = _sodium  # keeps the module that owns the function alive (it never unloads anyway)
-_sign_open_address = int(_ffi.cast("uintptr_t", _ffi.addressof(_sodium, "crypto_sign_open")))
-if not _sign_open_address:
-    raise ImportError("libsodium's crypto_sign_open is not available through PyNaCl")
-cdef sign_open_fn _sign_open = <sign_open_fn><uintptr_t>_sign_open_address
-
-
-cdef bint _signature_ok(const unsigned char *signature, const char *message, Py_ssize_t mlen,
-                        const unsigned char *public_key) except -1:
-    """Ed25519 over ``message``; the GIL is released for the tens of µs the curve arithmetic takes."""
-    cdef unsigned long long smlen = 64 + <unsigned long long>mlen
-    cdef unsigned long long opened = 0
-    cdef unsigned char pk[32]
-    cdef unsigned char *sm
-    cdef int rc
-    # Copies: nothing the C call reads may be a Python object's memory once the GIL is gone.
-    memcpy(pk, public_key, 32)
-    # crypto_sign_open takes sig||message and writes the message back out:
-    # one allocation holds both.
-    sm = <unsigned char *>malloc(2 * smlen)
-    if sm == NULL:
-        raise MemoryError()
-    memcpy(sm, signature, 64)
-    memcpy(sm + 64, message, mlen)
-    with nogil:
-        rc = _sign_open(sm + smlen, &opened, sm, smlen, pk)
-    free(sm)
-    return rc == 0
-
-
-def ed25519_verify(public_key, message, signature):
-    """Ed25519 (RFC 8032 §5.1.7) as token verification checks it: libsodium, strict encodings."""
-    cdef bytes pk = bytes(public_key), msg = bytes(message), sig = bytes(signature)
-    if len(pk) != 32 or len(sig) != 64:
-        return False
-    return _signature_ok(<const unsigned char *>PyBytes_AS_STRING(sig), PyBytes_AS_STRING(msg), len(msg),
-                         <const unsigned char *>PyBytes_AS_STRING(pk))
-
-
-def valid_public_key(key):
-    """A canonical encoding of a point of prime order (RFC 8032 §5.1.3): not small order, no torsion."""
-    return len(key) == 32 and bool(nacl.bindings.crypto_core_ed25519_is_valid_point(bytes(key)))
-
-
-cdef Py_ssize_t _AGENTS_MAX = 4096
-cdef dict _AGENTS = {}  # SPIFFE IDs already found valid: a cold verify parses each agent once
-
-
-def is_agent(value):
-    """A workload's SPIFFE ID in its one spelling (SPIFFE-ID §2, ASCII only), as mint writes ``sub``."""
-    if not PyUnicode_CheckExact(value) or not (<str>value).isascii():
-        return False
-    if value in _AGENTS:
-        return True
-    try:
-        if not parse_spiffe_id(value).path:
-            return False
-    except IdentityError:
-        return False
-    if len(_AGENTS) >= _AGENTS_MAX:
-        _AGENTS.clear()
-    _AGENTS[value] = True
-    return True
-
-
-# -- grants ----------------------------------------------------------------------
-
-cdef class Grant:
-    """One grant: tool, target pattern, operations, maximum sensitivity rank, optional constraints."""
-
-    def __init__(self, tool, target, ops, long level, extras=None):
-        self._init(tool, target, ops, level)
-        self.extras = extras
-
-    cdef int _init(self, object tool, object target, object ops, long level) except -1:
-        self.tool = tool
-        self.target = target
-        # "*" matches any target, "p*" any target starting with p, else exact.
-        self.prefix = target[:-1] if target.endswith("*") else None
-        self.ops = ops
-        self.level = level
-        return 0
-
-    def covers(self, tool, target, operation, long level):
-        return self._covers(tool, target, operation, level)
-
-    cdef bint _covers(self, object tool, object target, object operation, long level) except -1:
-        if tool != self.tool or operation not in self.ops or level > self.level:
-            return False
-        if self.prefix is None:
-            return target == self.target
-        return target.startswith(self.prefix)
-
-    def __repr__(self):
-        return f"Grant({self.tool!r}, {self.target!r}, {sorted(self.ops)!r}, {self.level})"
-
-
-cdef frozenset _distinct_texts(list ops):
-    """``ops`` as a frozenset when they are distinct non-empty strings, else None."""
-    for op in ops:
-        if not isinstance(op, str) or not op:
-            return None
-    # One hashing pass: the same set checks distinctness and becomes Grant.ops.
-    distinct = frozenset(ops)
-    return distinct if len(distinct) == len(ops) else None
-
-
-cdef Grant _compile_grant(raw):
-    cdef Grant grant
-    cdef frozenset distinct = None
-    if not isinstance(raw, dict):
-        raise TokenClaimsInvalid("grant is not an object")
-    tool, target, ops = raw.get("tool"), raw.get("target"), raw.get("ops")
-    sensitivity = raw.get("sensitivity")
-    if not isinstance(tool, str) or not tool:
-        raise TokenClaimsInvalid("grant tool must be a non-empty string")
-    if not isinstance(target, str) or not target or "*" in target[:-1]:
-        raise TokenClaimsInvalid("grant target must be a non-empty pattern with '*' only at the end")
-    if not isinstance(ops, list) or not ops or len(ops) > 64:
-        raise TokenClaimsInvalid("grant ops must be a non-empty list of distinct strings")
-    distinct = _distinct_texts(ops)
-    if distinct is None:
-        raise TokenClaimsInvalid("grant ops must be a non-empty list of distinct strings")
-    if not isinstance(sensitivity, str) or sensitivity not in _SENSITIVITY_RANK:
-        raise TokenClaimsInvalid("grant sensitivity is not a known level")
-    grant = Grant.__new__(Grant)  # skips __init__'s argument parsing; _init does the work
-    grant._init(tool, target, distinct, _SENSITIVITY_RANK[sensitivity])
-    # Cold (once per token) and shared with the pure twin, so both accept and refuse alike.
-    grant.extras = compile_extras(raw)
-    return grant
-
-
-def compile_grant(raw):
-    """Validate one grant object from a token; raises TokenClaimsInvalid."""
-    return _compile_grant(raw)
-
-
-# -- claims helpers ----------------------------------------------------------------
-
-cdef long long _time(dict claims, str name) except -1:
-    value = claims.get(name)
-    # bool is an int subclass; a time is never true or false.
-    if type(value) is not int or not 0 <= value < _TIME_MAX:
-        raise TokenClaimsInvalid(f"{name} must be an integer NumericDate")
-    return value
-
-
-cdef bint _visible_ascii(str value):
-    """Whether ``value`` is ASCII from "!" to "~" only; False also for any other str, which
-    ``_text`` then asks str.isprintable about (3x slower on the ASCII of every new token)."""
-    cdef const unsigned char *c
-    cdef Py_ssize_t i
-    if not PyUnicode_IS_ASCII(value):
-        return False
-    c = <const unsigned char *>PyUnicode_DATA(value)
-    for i in range(PyUnicode_GET_LENGTH(value)):
-        if not 0x21 <= c[i] <= 0x7E:
-            return False
-    return True
-
-
-cdef str _text(dict claims, str name):
-    value = claims.get(name)
-    # sub, jti and task reach the upstream as header values: no control or format characters, no
-    # spaces (RFC 9110 §5.5: CR, LF and NUL in a field value are invalid and dangerous).
-    if not isinstance(value, str) or not value or not (
-            _visible_ascii(value) or ((<str>value).isprintable() and " " not in value)):
-        raise TokenClaimsInvalid(f"{name} must be a non-empty string of printable characters")
-    return value
-
-
-cdef object _slot(object holder, str what):
-    value = holder.get("idx") if isinstance(holder, dict) else None
-    if type(value) is not int or value < 0:
-        raise TokenClaimsInvalid(f"{what} must carry a non-negative integer idx")
-    return value
-
-
-# -- verified tokens ---------------------------------------------------------------
-
-cdef class VerifiedToken:
-    """A token whose signature and claims have been checked once; cached by its exact text."""
-
-    def __init__(self, dict claims, str kid, tuple grants, tuple slots, tuple subjects):
-        self._fill(claims, kid, grants, slots, subjects)
-
-    cdef int _fill(self, dict claims, str kid, tuple grants, tuple slots, tuple subjects) except -1:
-        cdef Py_ssize_t i
-        if not 0 < len(slots) <= SLOTS_MAX:
-            raise ValueError(f"a token carries 1 to {SLOTS_MAX} status slots")
-        self.claims = claims
-        self.kid = kid
-        self.jti = claims["jti"]
-        self.sub = claims["sub"]
-        self.task = claims["task"]
-        self.task_key = task_key(subjects[-1], self.task)
-        self.iat = claims["iat"]
-        self.nbf = claims["nbf"]
-        self.exp = claims["exp"]
-        self.grants = grants
-        self.slots = slots
-        self.subjects = subjects
-        self.n_slots = len(slots)
-        self.slot_outside = 0
-        for i in range(self.n_slots):
-            slot = slots[i]
-            if 0 <= slot < _U64_LIMIT:
-                self.slot_c[i] = slot
-            else:  # no window reaches it: it tests as revoked, as in the pure bitset
-                self.slot_c[i] = 0
-                self.slot_outside |= 1u << i
-        self.memo = None  # created by the first decide: pol_gen -1 never matches a generation
-        self.pol_gen = -1
-        self.rev_gen = -1
-        self.rev_reason = None
-        self.attachment = None
-        self.constrained = False
-        for grant in grants:
-            if (<Grant?>grant).extras is not None:
-                self.constrained = True
-        return 0
-
-    def __repr__(self):
-        return f"VerifiedToken(jti={self.jti!r}, sub={self.sub!r}, task={self.task!r}, exp={self.exp})"
 
 
 # -- revocation ----------------------------------------------------------------------
@@ -494,17 +231,8 @@ cdef class Verifier:
         if found == NULL:
             return self._verify_uncached(token, now)
         entry = <VerifiedToken>found
-        self._check_time(entry, now)
+        _check_time(entry, now, self.leeway)
         return entry
-
-    cdef int _check_time(self, VerifiedToken entry, double now) except -1:
-        # In doubles, like the pure twin's float ``now``: exact for any real NumericDate. No leeway
-        # for exp, the pure twin's _check_time says why.
-        if now >= <double>entry.exp:
-            raise TokenExpired("token has expired")
-        if now < <double>entry.nbf - <double>self.leeway:
-            raise TokenNotYetValid("token is not valid yet")
-        return 0
 
     cdef VerifiedToken _verify_uncached(self, object token, double now):
         cdef VerifiedToken entry
@@ -529,7 +257,7 @@ cdef class Verifier:
         if known is not None and (<tuple>known)[0] is self.token_type:
             kid = (<tuple>known)[1]
         else:
-            kid = self._check_header(_json_object(_decode_segment(header_b64), "header"))
+            kid = _check_header(_json_object(_decode_segment(header_b64), "header"), self.token_type)
             if len(self._headers) >= _HEADERS_MAX:
                 self._headers.clear()
             self._headers[header_b64] = (self.token_type, kid)
@@ -548,83 +276,13 @@ cdef class Verifier:
                              <const unsigned char *>PyBytes_AS_STRING(key)):
             raise TokenSignatureInvalid("signature does not verify")
         claims = _json_object(payload, "claims")
-        entry = self._check_claims(claims, kid, now)
+        entry = _check_claims(claims, kid, now, self.issuer, self.audiences, self.max_lifetime, self.leeway)
         # The GIL was released: if set_keys retired or replaced this kid
         # meanwhile, answer this once but do not cache under the old key.
         if self._keys.get(kid) == key:
             if len(self._cache) >= self.cache_size and self._cache:
                 self._cache.popitem(last=False)  # oldest inserted first
             self._cache[token] = entry
-        return entry
-
-    cdef str _check_header(self, dict header):
-        for name in _HEADER_KEY_MATERIAL:
-            if name in header:
-                raise TokenHeaderRejected("header may not carry key material or key URLs")
-        if "crit" in header:
-            raise TokenHeaderRejected("no critical header extension is understood")
-        if header.get("alg") != _ALGORITHM:
-            raise TokenAlgorithmRejected("only EdDSA is accepted")
-        for name in header:
-            if name not in _HEADER_ALLOWED:
-                raise TokenHeaderRejected("header has parameters other than alg, typ, kid")
-        if header.get("typ") != self.token_type:
-            raise TokenTypeMismatch("typ is not this daemon's token type")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise TokenMalformed("kid must be a non-empty string")
-        return kid
-
-    cdef VerifiedToken _check_claims(self, dict claims, str kid, double now):
-        cdef long long iat, nbf, exp
-        cdef VerifiedToken entry
-        if claims.get("iss") != self.issuer:
-            raise TokenIssuerMismatch("iss is not this daemon")
-        aud = claims.get("aud")
-        if not isinstance(aud, str) or aud not in self.audiences:
-            raise TokenAudienceMismatch("aud is not an accepted audience")
-        iat = _time(claims, "iat")
-        nbf = _time(claims, "nbf")
-        exp = _time(claims, "exp")
-        if not iat <= nbf < exp:
-            raise TokenClaimsInvalid("times must satisfy iat <= nbf < exp")
-        if exp - iat > self.max_lifetime:
-            raise TokenLifetimeExceeded("token lifetime exceeds the cap")
-        if <double>iat > now + <double>self.leeway:
-            raise TokenNotYetValid("token was issued in the future")
-        sub = _text(claims, "sub")
-        _text(claims, "jti")
-        _text(claims, "task")
-        if not is_agent(sub):  # one spelling per agent: policy and revocation compare it as text
-            raise TokenClaimsInvalid("sub must be a SPIFFE ID")
-        intent = claims.get("intent", "")
-        if not isinstance(intent, str) or len(intent) > _MAX_INTENT_CHARS:
-            raise TokenClaimsInvalid("intent must be a short string")
-        raw_grants = claims.get("grants")
-        if not isinstance(raw_grants, list) or not raw_grants or len(raw_grants) > _MAX_GRANTS:
-            raise TokenClaimsInvalid("grants must be a non-empty list")
-        grants = tuple([_compile_grant(g) for g in raw_grants])
-        status = claims.get("status")
-        # Tuples from the start: most tokens have no delegation chain, and
-        # every container spared here is one less object for the cyclic GC.
-        slots = (_slot(status.get("status_list") if isinstance(status, dict) else None,
-                       "status.status_list"),)
-        subjects = (sub,)
-        act = claims.get("act")
-        while act is not None:
-            if len(subjects) > _MAX_DELEGATION_DEPTH:
-                raise TokenClaimsInvalid("delegation chain is too deep")
-            if not isinstance(act, dict) or not is_agent(act.get("sub")):
-                raise TokenClaimsInvalid("act must be an object with a sub")
-            subjects += (act["sub"],)
-            slots += (_slot(act, "act"),)
-            act = act.get("act")
-        cnf = claims.get("cnf")
-        if cnf is not None and not isinstance(cnf, dict):
-            raise TokenClaimsInvalid("cnf must be an object")
-        entry = VerifiedToken.__new__(VerifiedToken)
-        entry._fill(claims, kid, grants, slots, subjects)
-        self._check_time(entry, now)
         return entry
 
     def verify_live(self, token, double now):
@@ -674,7 +332,7 @@ cdef class Verifier:
                 return exc.reason, None
         else:
             entry = <VerifiedToken>found
-            if now >= <double>entry.exp:  # no leeway: see _check_time
+            if now >= <double>entry.exp:  # no leeway: see _token_c._check_time
                 return DENY_EXPIRED
             if now < <double>entry.nbf - <double>self.leeway:
                 return DENY_NOT_YET_VALID

@@ -27,6 +27,7 @@ def test_a_normal_build_runs_native() -> None:
     assert _accel.NATIVE is True
     assert _accel.ACTIVE.name == "native"
     assert _accel.Verifier.__module__ == "agentauthz.decision._verify_c"
+    assert _accel.VerifiedToken.__module__ == "agentauthz.decision._token_c"
     assert _accel.Bitset.__module__ == "agentauthz.decision._bitset_c"
     assert _accel.ACTIVE.scan_check_request.__module__ == "agentauthz.decision._request_c"  # type: ignore[attr-defined]
 

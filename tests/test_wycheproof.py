@@ -32,8 +32,8 @@ TESTS = [(group["publicKey"]["pk"], test) for group in DOC["testGroups"] for tes
 
 
 def twin(hot: HotPath) -> ModuleType:
-    """The module of ``hot``'s verifier: where its ed25519_verify and valid_public_key live."""
-    return importlib.import_module(hot.Verifier.__module__)
+    """The module of ``hot``'s token checks: where its ed25519_verify and valid_public_key live."""
+    return importlib.import_module(hot.VerifiedToken.__module__)
 
 
 def test_the_vector_file_is_whole_and_has_no_undecided_results() -> None:
@@ -222,7 +222,7 @@ def test_the_keyring_only_holds_keys_derived_from_its_own_seeds(tmp_path: Path) 
                         clock=time.time)
     for _ in range(3):
         ring.rotate()
-    from agentauthz.decision._verify_py import valid_public_key
+    from agentauthz.decision._token_py import valid_public_key
     published = ring.verification_keys()
     assert len(published) >= 4 and all(valid_public_key(k) for k in published.values())
     reopened = Keyring.open(tmp_path / "keys", rotation_interval=3600, max_token_lifetime=600, leeway=30)

@@ -46,9 +46,9 @@ class HotPath(NamedTuple):
 
 
 def pure() -> HotPath:
-    from . import _bitset_py, _chain_py, _check_py, _request_py, _verify_py
-    return HotPath("pure", _verify_py.Verifier, _verify_py.VerifiedToken, _verify_py.RevocationIndex,
-                   _verify_py.Grant, _verify_py.compile_grant, _verify_py.b64url_decode,
+    from . import _bitset_py, _chain_py, _check_py, _request_py, _strict_py, _token_py, _verify_py
+    return HotPath("pure", _verify_py.Verifier, _token_py.VerifiedToken, _verify_py.RevocationIndex,
+                   _token_py.Grant, _token_py.compile_grant, _strict_py.b64url_decode,
                    _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain,
                    _check_py.DecisionIds, _check_py.WarmAllow, _check_py.allow_response,
                    _check_py.Latency)
@@ -56,9 +56,17 @@ def pure() -> HotPath:
 
 def native() -> HotPath:
     """The Cython twins; raises ImportError when they were not built."""
-    from . import _bitset_c, _chain_c, _check_c, _request_c, _verify_c  # type: ignore[attr-defined]
-    return HotPath("native", _verify_c.Verifier, _verify_c.VerifiedToken, _verify_c.RevocationIndex,
-                   _verify_c.Grant, _verify_c.compile_grant, _verify_c.b64url_decode,
+    from . import (  # type: ignore[attr-defined]
+        _bitset_c,
+        _chain_c,
+        _check_c,
+        _request_c,
+        _strict_c,
+        _token_c,
+        _verify_c,
+    )
+    return HotPath("native", _verify_c.Verifier, _token_c.VerifiedToken, _verify_c.RevocationIndex,
+                   _token_c.Grant, _token_c.compile_grant, _strict_c.b64url_decode,
                    _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain,
                    _check_c.DecisionIds, _check_c.WarmAllow, _check_c.allow_response,
                    _check_c.Latency)

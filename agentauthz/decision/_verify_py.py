@@ -1,11 +1,11 @@
-"""Pure-Python hot path: the reference twin of ``native/_verify_c.pyx``.
+"""Pure-Python verifier and decision: the reference twin of ``native/_verify_c.pyx``.
 
-``Verifier.verify`` turns token text into a ``VerifiedToken`` (strict parse,
-Ed25519 signature, claims) and caches it by the exact token string, so the
-~90 µs signature check runs once per token. ``Verifier.decide`` answers one
-request in one call: cache, time, revocation, grants, policy. Both twins
-check in the same order and raise the same ``errors`` classes; the test
-suite runs against each and asserts they agree.
+``Verifier.verify`` turns token text into a ``VerifiedToken`` (the checks of
+``_token_py``) and caches it by the exact token string, so the ~90 µs signature
+check runs once per token. ``Verifier.decide`` answers one request in one call:
+cache, time, revocation, grants, policy. Both twins check in the same order and
+raise the same ``errors`` classes; the test suite runs against each and asserts
+they agree.
 """
 
 from __future__ import annotations
@@ -14,26 +14,20 @@ import itertools
 from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Protocol
 
-from nacl.bindings import crypto_core_ed25519_is_valid_point, crypto_sign_open
-from nacl.exceptions import BadSignatureError
-
 from .. import errors, reasons
-from ..identity.spiffe import IdentityError, parse_spiffe_id
 from ._bitset_py import Bitset
 from ._strict_py import b64url_decode, json_object
-from .constraints import Constrained, Extras, compile_extras
-from .tokens import (
-    ALGORITHM,
-    MAX_DELEGATION_DEPTH,
-    MAX_GRANTS,
-    MAX_INTENT_CHARS,
-    SENSITIVITY_RANK,
-    task_key,
+from ._token_py import (
+    VerifiedToken,
+    check_claims,
+    check_header,
+    check_time,
+    ed25519_verify,
+    valid_public_key,
 )
+from .constraints import Constrained
+from .tokens import SENSITIVITY_RANK
 
-_HEADER_KEY_MATERIAL = frozenset({"jwk", "jku", "x5u", "x5c"})
-_HEADER_ALLOWED = frozenset({"alg", "typ", "kid"})
-_TIME_MAX = 1 << 40  # far beyond any real NumericDate; keeps arithmetic exact
 MEMO_MAX = 64  # distinct requests remembered per token before the memo is reset
 
 
@@ -45,143 +39,6 @@ class PolicyView(Protocol):
         """None when allowed, a ``Constrained`` when allowed only under its constraints, otherwise a
         reason constant. Asked again with ``approved=True`` when it answers APPROVAL_REQUIRED for a
         token that carries an approval."""
-
-
-def ed25519_verify(public_key: bytes, message: bytes, signature: bytes) -> bool:
-    """Ed25519 (RFC 8032 §5.1.7) as token verification checks it: libsodium, strict encodings."""
-    if len(public_key) != 32 or len(signature) != 64:
-        return False
-    try:
-        crypto_sign_open(bytes(signature) + bytes(message), bytes(public_key))
-    except BadSignatureError:
-        return False
-    return True
-
-
-def valid_public_key(key: bytes) -> bool:
-    """A canonical encoding of a point of prime order (RFC 8032 §5.1.3): not small order, no torsion."""
-    return len(key) == 32 and bool(crypto_core_ed25519_is_valid_point(bytes(key)))
-
-
-_AGENTS: dict[str, bool] = {}  # SPIFFE IDs already found valid: a cold verify parses each agent once
-_AGENTS_MAX = 4096
-
-
-def is_agent(value: Any) -> bool:
-    """A workload's SPIFFE ID in its one spelling (SPIFFE-ID §2, ASCII only), as mint writes ``sub``."""
-    if type(value) is not str or not value.isascii():
-        return False
-    if value in _AGENTS:
-        return True
-    try:
-        if not parse_spiffe_id(value).path:
-            return False
-    except IdentityError:
-        return False
-    if len(_AGENTS) >= _AGENTS_MAX:
-        _AGENTS.clear()
-    _AGENTS[value] = True
-    return True
-
-
-class Grant:
-    """One grant: tool, target pattern, operations, maximum sensitivity rank, optional constraints."""
-
-    __slots__ = ("tool", "target", "prefix", "ops", "level", "extras")
-
-    def __init__(self, tool: str, target: str, ops: frozenset[str], level: int,
-                 extras: Extras | None = None) -> None:
-        self.tool = tool
-        self.target = target
-        # "*" matches any target, "p*" any target starting with p, else exact.
-        self.prefix = target[:-1] if target.endswith("*") else None
-        self.ops = ops
-        self.level = level
-        self.extras = extras  # argument constraints and budget (constraints.py), None for most grants
-
-    def covers(self, tool: str, target: str, operation: str, level: int) -> bool:
-        if tool != self.tool or operation not in self.ops or level > self.level:
-            return False
-        if self.prefix is None:
-            return target == self.target
-        return target.startswith(self.prefix)
-
-    def __repr__(self) -> str:
-        return f"Grant({self.tool!r}, {self.target!r}, {sorted(self.ops)!r}, {self.level})"
-
-
-def compile_grant(raw: Any) -> Grant:
-    """Validate one grant object from a token; raises TokenClaimsInvalid."""
-    if not isinstance(raw, dict):
-        raise errors.TokenClaimsInvalid("grant is not an object")
-    tool, target, ops = raw.get("tool"), raw.get("target"), raw.get("ops")
-    sensitivity = raw.get("sensitivity")
-    if not isinstance(tool, str) or not tool:
-        raise errors.TokenClaimsInvalid("grant tool must be a non-empty string")
-    if not isinstance(target, str) or not target or "*" in target[:-1]:
-        raise errors.TokenClaimsInvalid("grant target must be a non-empty pattern with '*' only at the end")
-    if (not isinstance(ops, list) or not ops or len(ops) > 64
-            or not all(isinstance(op, str) and op for op in ops) or len(set(ops)) != len(ops)):
-        raise errors.TokenClaimsInvalid("grant ops must be a non-empty list of distinct strings")
-    if not isinstance(sensitivity, str) or sensitivity not in SENSITIVITY_RANK:
-        raise errors.TokenClaimsInvalid("grant sensitivity is not a known level")
-    return Grant(tool, target, frozenset(ops), SENSITIVITY_RANK[sensitivity], compile_extras(raw))
-
-
-def _time(claims: dict[str, Any], name: str) -> int:
-    value = claims.get(name)
-    # bool is an int subclass; a time is never true or false.
-    if type(value) is not int or not 0 <= value < _TIME_MAX:
-        raise errors.TokenClaimsInvalid(f"{name} must be an integer NumericDate")
-    return value
-
-
-def _text(claims: dict[str, Any], name: str) -> str:
-    value = claims.get(name)
-    # sub, jti and task reach the upstream as header values: no control or format characters, no
-    # spaces (RFC 9110 §5.5: CR, LF and NUL in a field value are invalid and dangerous).
-    if not isinstance(value, str) or not value or not value.isprintable() or " " in value:
-        raise errors.TokenClaimsInvalid(f"{name} must be a non-empty string of printable characters")
-    return value
-
-
-def _slot(holder: Any, what: str) -> int:
-    value = holder.get("idx") if isinstance(holder, dict) else None
-    if type(value) is not int or value < 0:
-        raise errors.TokenClaimsInvalid(f"{what} must carry a non-negative integer idx")
-    return value
-
-
-class VerifiedToken:
-    """A token whose signature and claims have been checked once; cached by its exact text."""
-
-    __slots__ = ("claims", "kid", "jti", "sub", "task", "task_key", "iat", "nbf", "exp", "grants",
-                 "slots", "subjects", "rev_state", "memo_state", "attachment", "constrained")
-
-    def __init__(self, claims: dict[str, Any], kid: str, grants: tuple[Grant, ...],
-                 slots: tuple[int, ...], subjects: tuple[str, ...]) -> None:
-        self.claims = claims
-        self.kid = kid
-        self.jti: str = claims["jti"]
-        self.sub: str = claims["sub"]
-        self.task: str = claims["task"]
-        self.task_key = task_key(subjects[-1], self.task)
-        self.iat: int = claims["iat"]
-        self.nbf: int = claims["nbf"]
-        self.exp: int = claims["exp"]
-        self.grants = grants
-        self.slots = slots  # own status slot first, then each delegating ancestor's
-        self.subjects = subjects  # sub, then each actor up the delegation chain
-        # Decision state. Each is one tuple swapped whole, so a thread switch
-        # can never pair a generation with another generation's answer.
-        self.rev_state: tuple[int, str | None] = (-1, None)  # (revocation generation, reason)
-        self.memo_state: tuple[int, dict[tuple[Any, ...], str]] = (-1, {})  # (policy generation, memo)
-        self.attachment: Any = None  # free for the transport, e.g. a pre-built response
-        # Whether Check must look past the hot path's allow (argument constraints, budgets).
-        self.constrained = any(g.extras is not None for g in grants)
-
-    def __repr__(self) -> str:
-        return f"VerifiedToken(jti={self.jti!r}, sub={self.sub!r}, task={self.task!r}, exp={self.exp})"
 
 
 class RevocationIndex:
@@ -322,17 +179,8 @@ class Verifier:
         if entry is None:
             entry = self._verify_uncached(token, now)
         else:
-            self._check_time(entry, now)
+            check_time(entry, now, self.leeway)
         return entry
-
-    def _check_time(self, entry: VerifiedToken, now: float) -> None:
-        # exp has no leeway: the daemon that wrote it checks it on the same clock, and a token must
-        # not outlive its approval or its parent by the leeway. nbf and iat keep it for clock skew:
-        # there a skew only lets a token start a little early, never last longer.
-        if now >= entry.exp:
-            raise errors.TokenExpired("token has expired")
-        if now < entry.nbf - self.leeway:
-            raise errors.TokenNotYetValid("token is not valid yet")
 
     def _verify_uncached(self, token: str, now: float) -> VerifiedToken:
         if not isinstance(token, str):
@@ -344,7 +192,7 @@ class Verifier:
             raise errors.TokenMalformed("token must have exactly three segments")
         header_b64, payload_b64, signature_b64 = parts
         header = json_object(b64url_decode(header_b64), "header")
-        kid = self._check_header(header)
+        kid = check_header(header, self.token_type)
         signature = b64url_decode(signature_b64)
         payload = b64url_decode(payload_b64)
         if len(signature) != 64:
@@ -356,72 +204,13 @@ class Verifier:
         if not ed25519_verify(key, signing_input, signature):
             raise errors.TokenSignatureInvalid("signature does not verify")
         claims = json_object(payload, "claims")
-        entry = self._check_claims(claims, kid, now)
+        entry = check_claims(claims, kid, now, self.issuer, self.audiences, self.max_lifetime, self.leeway)
         # The GIL is released during the signature check: if set_keys retired
         # or replaced this kid meanwhile, answer this once but do not cache it.
         if self._keys.get(kid) == key:
             if len(self._cache) >= self.cache_size and self._cache:
                 self._cache.popitem(last=False)  # oldest inserted first
             self._cache[token] = entry
-        return entry
-
-    def _check_header(self, header: dict[str, Any]) -> str:
-        names = header.keys()
-        if names & _HEADER_KEY_MATERIAL:
-            raise errors.TokenHeaderRejected("header may not carry key material or key URLs")
-        if "crit" in header:
-            raise errors.TokenHeaderRejected("no critical header extension is understood")
-        if header.get("alg") != ALGORITHM:
-            raise errors.TokenAlgorithmRejected("only EdDSA is accepted")
-        if not names <= _HEADER_ALLOWED:
-            raise errors.TokenHeaderRejected("header has parameters other than alg, typ, kid")
-        if header.get("typ") != self.token_type:
-            raise errors.TokenTypeMismatch("typ is not this daemon's token type")
-        kid = header.get("kid")
-        if not isinstance(kid, str) or not kid:
-            raise errors.TokenMalformed("kid must be a non-empty string")
-        return kid
-
-    def _check_claims(self, claims: dict[str, Any], kid: str, now: float) -> VerifiedToken:
-        if claims.get("iss") != self.issuer:
-            raise errors.TokenIssuerMismatch("iss is not this daemon")
-        aud = claims.get("aud")
-        if not isinstance(aud, str) or aud not in self.audiences:
-            raise errors.TokenAudienceMismatch("aud is not an accepted audience")
-        iat, nbf, exp = _time(claims, "iat"), _time(claims, "nbf"), _time(claims, "exp")
-        if not iat <= nbf < exp:
-            raise errors.TokenClaimsInvalid("times must satisfy iat <= nbf < exp")
-        if exp - iat > self.max_lifetime:
-            raise errors.TokenLifetimeExceeded("token lifetime exceeds the cap")
-        if iat > now + self.leeway:
-            raise errors.TokenNotYetValid("token was issued in the future")
-        sub, _, _ = _text(claims, "sub"), _text(claims, "jti"), _text(claims, "task")
-        if not is_agent(sub):  # one spelling per agent: policy and revocation compare it as text
-            raise errors.TokenClaimsInvalid("sub must be a SPIFFE ID")
-        intent = claims.get("intent", "")
-        if not isinstance(intent, str) or len(intent) > MAX_INTENT_CHARS:
-            raise errors.TokenClaimsInvalid("intent must be a short string")
-        raw_grants = claims.get("grants")
-        if not isinstance(raw_grants, list) or not raw_grants or len(raw_grants) > MAX_GRANTS:
-            raise errors.TokenClaimsInvalid("grants must be a non-empty list")
-        grants = tuple(compile_grant(g) for g in raw_grants)
-        status = claims.get("status")
-        slots = [_slot(status.get("status_list") if isinstance(status, dict) else None, "status.status_list")]
-        subjects = [sub]
-        act = claims.get("act")
-        while act is not None:
-            if len(subjects) > MAX_DELEGATION_DEPTH:
-                raise errors.TokenClaimsInvalid("delegation chain is too deep")
-            if not isinstance(act, dict) or not is_agent(act.get("sub")):
-                raise errors.TokenClaimsInvalid("act must be an object with a sub")
-            subjects.append(act["sub"])
-            slots.append(_slot(act, "act"))
-            act = act.get("act")
-        cnf = claims.get("cnf")
-        if cnf is not None and not isinstance(cnf, dict):
-            raise errors.TokenClaimsInvalid("cnf must be an object")
-        entry = VerifiedToken(claims, kid, grants, tuple(slots), tuple(subjects))
-        self._check_time(entry, now)
         return entry
 
     def verify_live(self, token: str, now: float) -> tuple[str, VerifiedToken | None]:
@@ -460,7 +249,7 @@ class Verifier:
             except errors.TokenError as exc:
                 return exc.reason, None
         else:
-            if now >= entry.exp:  # no leeway: see _check_time
+            if now >= entry.exp:  # no leeway: see _token_py.check_time
                 return reasons.TOKEN_EXPIRED, None
             if now < entry.nbf - self.leeway:
                 return reasons.TOKEN_NOT_YET_VALID, None

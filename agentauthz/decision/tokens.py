@@ -2,7 +2,7 @@
 
 A token is a compact JWS (RFC 7515) signed with Ed25519 (``alg: EdDSA``,
 RFC 8037), explicitly typed (RFC 8725 §3.11). Verification lives in the hot
-path twins (``_verify_py`` / ``_verify_c``), not here.
+path twins (``_token_py`` / ``_token_c``, ``_verify_py`` / ``_verify_c``), not here.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import secrets
 from typing import Any, Iterable, Mapping, Sequence
 
 from nacl.signing import SigningKey
+
+from ..identity.spiffe import IdentityError, parse_spiffe_id
 
 TOKEN_TYPE = "agentauthz+jwt"
 ALGORITHM = "EdDSA"
@@ -32,6 +34,26 @@ MAX_TOKEN_BYTES = 8192
 # needs fewer than 16. A fixed bound, checked before parsing, keeps the verdict on deep nesting from
 # depending on the interpreter's recursion limit or on how deep the caller's stack already is.
 MAX_JSON_DEPTH = 64
+
+_AGENTS: dict[str, bool] = {}  # SPIFFE IDs already found valid: a cold verify parses each agent once
+_AGENTS_MAX = 4096
+
+
+def is_agent(value: Any) -> bool:
+    """A workload's SPIFFE ID in its one spelling (SPIFFE-ID §2, ASCII only), as mint writes ``sub``."""
+    if type(value) is not str or not value.isascii():
+        return False
+    if value in _AGENTS:
+        return True
+    try:
+        if not parse_spiffe_id(value).path:
+            return False
+    except IdentityError:
+        return False
+    if len(_AGENTS) >= _AGENTS_MAX:
+        _AGENTS.clear()
+    _AGENTS[value] = True
+    return True
 
 
 def b64url(data: bytes) -> str:
