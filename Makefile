@@ -60,16 +60,16 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.load --out $(BENCH_RESULTS)/load.json $(BENCH_LOAD_ARGS)
 	$(PY) -m benchmarks.load.cluster --out $(BENCH_RESULTS)
 	$(PY) -m benchmarks.load.handlers --out $(BENCH_RESULTS)/handlers.json
-	$(PY) benchmarks/report.py --results $(BENCH_RESULTS)
+	$(PY) -m benchmarks.report --results $(BENCH_RESULTS)
 
 # Instructions per Check under callgrind (floor, the bounds, agentauthz, the naive peer): the figure the
-# machine's noise cannot move; ~4 minutes. The next `make bench` (or benchmarks/report.py) puts it in the report.
+# machine's noise cannot move; ~4 minutes. The next `make bench` (or python -m benchmarks.report) puts it in the report.
 bench-instructions: $(STAMP)
 	command -v h2load >/dev/null || (apt-get update && apt-get install -y nghttp2-client)
 	command -v valgrind >/dev/null || (apt-get update && apt-get install -y valgrind)
 	mkdir -p $(BENCH_RESULTS)
 	$(PY) -m benchmarks.load.instructions --out $(BENCH_RESULTS)/instructions.json
-	$(PY) benchmarks/report.py --results $(BENCH_RESULTS)
+	$(PY) -m benchmarks.report --results $(BENCH_RESULTS)
 
 protos: $(STAMP)
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. \

@@ -1,4 +1,4 @@
-"""benchmarks/report.py judges load ratios on runs of the same round, not on medians of whole tables."""
+"""benchmarks.report.ratios judges load ratios on runs of the same round, not on medians of whole tables."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Any
 
 import pytest
 
-from benchmarks.report import handlers_section, instructions_section, ratios
+from benchmarks.report.markdown import handlers_section, instructions_section
+from benchmarks.report.ratios import ratios
 
 
 def table(**rows: list[Any]) -> dict[str, Any]:
