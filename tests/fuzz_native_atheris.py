@@ -20,9 +20,9 @@ import atheris
 
 # Imported first here, so that the pure twin is instrumented wherever it is used later.
 with atheris.instrument_imports(include=["agentauthz.decision._strict_py", "agentauthz.decision._token_py",
-                                         "agentauthz.decision._verify_py", "agentauthz.decision.constraints"]):
-    # noqa: the twins are used through _accel.pure()
-    from agentauthz.decision import _strict_py, _token_py, _verify_py  # noqa: F401
+                                         "agentauthz.decision._verify_py",
+                                         "agentauthz.decision.constraints"]):
+    from agentauthz.decision import _strict_py, _token_py, _verify_py  # noqa: F401  (used through _accel.pure())
 
 from nacl.signing import SigningKey
 
