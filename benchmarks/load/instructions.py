@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .run import Settings
+from .bench import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVERS = ("floor", "record", "warm", "verify", "cold", "naive")
