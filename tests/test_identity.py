@@ -22,8 +22,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agentauthz.errors import AgentAuthzError, StateError
-from agentauthz.identity import devca
-from agentauthz.identity import spiffe as identity
+from agentauthz.identity import devca, spiffe
 from agentauthz.identity.spiffe import (
     IdentityError,
     SpiffeId,
@@ -108,10 +107,10 @@ def test_dev_svid_accepted(pki: devca.DevPki, tmp_path: Path) -> None:
     der = x509.load_pem_x509_certificate((out / "svid.pem").read_bytes()).public_bytes(Encoding.DER)
     assert svid.spiffe_id == AGENT
     assert svid.certificate_sha256 == hashlib.sha256(der).digest()
-    assert svid.x5t_s256 == identity.certificate_thumbprint(der) and len(svid.x5t_s256) == 43
+    assert svid.x5t_s256 == spiffe.certificate_thumbprint(der) and len(svid.x5t_s256) == 43
     assert "=" not in svid.x5t_s256 and "+" not in svid.x5t_s256 and "/" not in svid.x5t_s256
     assert timedelta(hours=23) < svid.not_after - issued <= timedelta(hours=24, minutes=1)
-    assert identity.peer_from_der_chain([der], TD, bundle).spiffe_id == AGENT
+    assert spiffe.peer_from_der_chain([der], TD, bundle).spiffe_id == AGENT
     with pytest.raises(IdentityError, match="expired"):
         svid_from_pem((out / "svid.pem").read_bytes(), TD, bundle, now=NOW + timedelta(days=2))
 
@@ -178,7 +177,7 @@ def test_bundle_checks(pki: devca.DevPki) -> None:
     with pytest.raises(IdentityError, match="not valid PEM"):
         svid_from_pem(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n", TD)
     with pytest.raises(IdentityError, match="no certificate"):
-        identity.peer_from_der_chain([], TD)
+        spiffe.peer_from_der_chain([], TD)
 
 
 def test_intermediates() -> None:
@@ -316,7 +315,7 @@ def test_issue_svid(pki: devca.DevPki, tmp_path: Path) -> None:
 def _echo_identity(bundle: list[x509.Certificate]) -> grpc.GenericRpcHandler:
     def who(request: bytes, context: grpc.ServicerContext) -> bytes:
         try:
-            return identity.svid_from_grpc_context(context, TD, bundle).spiffe_id.encode()
+            return spiffe.svid_from_grpc_context(context, TD, bundle).spiffe_id.encode()
         except IdentityError as exc:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
             raise
