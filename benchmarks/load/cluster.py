@@ -24,10 +24,11 @@ from typing import Any
 
 import grpc
 
+from .bench import ROOT, Bench, Settings, Target
 from .daemon import AGENT, Daemon
 from .loadgen import CHECK_PATH, percentiles, write_frames
 from .procs import Process, free_port, pin, wait_for
-from .run import ROOT, Bench, Settings, Target, check_allowed
+from .run import check_allowed
 
 # OPA's bundle polling defaults, the anchor a policy (or revocation list) change waits on there:
 # open-policy-agent/opa v1/download/config.go, defaultMinDelaySeconds = 60, defaultMaxDelaySeconds = 120
