@@ -144,10 +144,11 @@ class Authority(DelegationFlow, ApprovalFlow):
         self._adopted_keys: dict[str, dict[str, bytes]] = {}
         self._key_listeners: list[Callable[[str, dict[str, bytes]], None]] = []
         # Made before the workers fork: they read it on every Check (cluster mode only).
-        self.freshness = Freshness() if config.cluster is not None else None
+        self.freshness: Freshness | None = None
         self.cluster = None
         if config.cluster is not None:
             from ..cluster.node import ClusterNode
+            self.freshness = Freshness()
             # Stream entries older than this matter to no live token (nor to a block that may hold one).
             self.cluster = ClusterNode(config.cluster, self, state, self.freshness, horizon=(
                 config.max_token_lifetime + config.leeway + BLOCK_USE + HOLE_GRACE))

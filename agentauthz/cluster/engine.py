@@ -85,7 +85,9 @@ def _connection_args(settings: ClusterSettings, timeout: float) -> dict[str, Any
     return args
 
 
-def sync_client(settings: ClusterSettings, timeout: float = 2.0) -> redis.Redis:
+# Typed Any: redis-py's replies are bytes or str by a constructor flag its annotations cannot follow;
+# every client here answers bytes.
+def sync_client(settings: ClusterSettings, timeout: float = 2.0) -> Any:
     """A thread-safe (pooled) client for the Authority's writes, made in the process that uses it."""
     args = {**_connection_args(settings, timeout), "retry": Retry(NoBackoff(), 0)}
     if settings.sentinels:
@@ -94,7 +96,7 @@ def sync_client(settings: ClusterSettings, timeout: float = 2.0) -> redis.Redis:
     return redis.Redis.from_url(settings.redis, **args)
 
 
-def async_client(settings: ClusterSettings, timeout: float) -> redis.asyncio.Redis:
+def async_client(settings: ClusterSettings, timeout: float) -> Any:
     """An asyncio client for the stream follower, on the daemon's event loop."""
     args = {**_connection_args(settings, timeout), "retry": AsyncRetry(NoBackoff(), 0)}
     if settings.sentinels:
@@ -117,7 +119,7 @@ def unavailable(exc: Exception, what: str) -> ClusterUnavailable:
 class Engine:
     """The writes of one node, each atomic and epoch-guarded; raises ClusterUnavailable when not taken."""
 
-    def __init__(self, settings: ClusterSettings, client: redis.Redis | None = None) -> None:
+    def __init__(self, settings: ClusterSettings, client: Any = None) -> None:
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
         self.node = settings.node_id
@@ -141,7 +143,7 @@ class Engine:
         self._epoch[:64] = data.ljust(64, b"\0")
 
     @property
-    def client(self) -> redis.Redis:
+    def client(self) -> Any:
         # A pool made before a fork must not be used after it: each process makes its own.
         if self._client is None or self._pid != os.getpid():
             self._client = sync_client(self.settings)
