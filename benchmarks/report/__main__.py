@@ -74,19 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     handlers = json.loads(handlers_path.read_text()) if handlers_path.exists() else {}
     instructions_path = out_dir / "instructions.json"
     instructions = json.loads(instructions_path.read_text()) if instructions_path.exists() else {}
+    cluster_path = out_dir / "cluster.json"
+    cluster = json.loads(cluster_path.read_text()) if cluster_path.exists() else {}
     commands = ["make bench",
                 "pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/micro.json",
                 "python -m benchmarks.paired --out benchmarks/results/paired.json",
                 "python -m benchmarks.load --out benchmarks/results/load.json",
                 "python -m benchmarks.load.handlers --out benchmarks/results/handlers.json",
                 "python -m benchmarks.load.instructions --out benchmarks/results/instructions.json",
+                "python -m benchmarks.load.cluster --out benchmarks/results",
                 "python -m benchmarks.report"]
     for table in load.get("tables", {}).values():
         for row in table["rows"].values():
             if row["rounds"]:
                 commands.append(row["rounds"][0]["command"])
     results = {"machine": machine(), "versions": load.get("versions", {}),
-               "ratios": ratios(load, micro, paired, handlers, instructions), "paired": paired,
+               "ratios": ratios(load, micro, paired, handlers, instructions, cluster), "paired": paired,
+               "cluster": {k: v for k, v in cluster.items() if k not in ("tables", "propagation_detail")},
                "handlers": handlers, "instructions": instructions,
                "micro": micro, "load": load, "commands": commands,
                "micro_machine_info": micro_raw.get("machine_info", {})}

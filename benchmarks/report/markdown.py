@@ -188,6 +188,8 @@ def render(results: dict[str, Any]) -> str:
                 f"{b['rounds']} |" for name, b in micro.items()]
     else:
         out.append("_No micro.json: run `pytest benchmarks --benchmark-only --benchmark-json ...`._")
+    if results.get("cluster"):
+        out += ["", "## Cluster mode (three nodes on one Redis)", "", *cluster_section(results)]
     out += ["", "## Charts", "", "![throughput](throughput.png)", "", "![latency](latency.png)", "",
             "## Commands", "", "    " + "\n    ".join(results.get("commands", []))]
     if load.get("processes"):
@@ -202,6 +204,13 @@ def _ns(ns: float) -> str:
     if ns >= 1e3:
         return f"{ns / 1e3:.2f} µs"
     return f"{ns:.0f} ns"
+
+
+def cluster_section(results: dict[str, Any]) -> list[str]:
+    """benchmarks/load/cluster.py's figures: its own table, and the revoke round-trip histogram."""
+    from benchmarks.load.cluster import markdown as cluster_table
+    return [*cluster_table(results["cluster"]).splitlines(), "",
+            "![revocation propagation](cluster-propagation.png)"]
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:

@@ -72,7 +72,8 @@ def _paired(load: dict[str, Any], table: str, a: str, b: str,
 def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
            paired: dict[str, dict[str, float]] | None = None,
            handlers: dict[str, Any] | None = None,
-           instructions: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+           instructions: dict[str, Any] | None = None,
+           cluster: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every ratio with its target and verdict (``met`` is None where there is no target)."""
     out: list[dict[str, Any]] = []
 
@@ -245,6 +246,23 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             add(f"instructions_{check}_beyond_{bound}", f"instructions a {check} Check adds to its bound's "
                 "(callgrind)", counts[check] - counts[bound] if counts.get(check) and counts.get(bound)
                 else None, "(info)", None, unit="instructions", source="benchmarks/load/instructions.py")
+
+    if cluster:
+        c, p, m, b = cluster["check"], cluster["propagation"], cluster["mint"], cluster["budget"]
+        src = "benchmarks/load/cluster.py"
+        add("cluster_check_over_standalone", "cluster node / standalone daemon: Check throughput (h2load, "
+            "pinned, per-round median)", c["ratio"], "≥ 0.95", lambda v: v >= 0.95, source=src)
+        add("cluster_revoke_p99_ms", "revoke applied by every node, then acknowledged: p99 of the revoke "
+            f"call ({p['revokes']} revokes, 3 nodes; OPA's bundle polling default: 60-120 s)", p["p99"],
+            "≤ 20 ms", lambda v: v <= 20, unit="ms", source=src)
+        add("cluster_revoke_max_ms", "the same, max", p["max"], "≤ 100 ms", lambda v: v <= 100, unit="ms",
+            source=src)
+        add("cluster_allows_after_ack", "Checks allowed on any node after a revoke was acknowledged",
+            p["allows_after_ack"], "0", lambda v: v == 0, unit="", source=src)
+        add("cluster_mint_over_standalone", "cluster node / standalone daemon: Mint throughput", m["ratio"],
+            "(info)", None, source=src)
+        add("cluster_budgeted_over_unbudgeted", "cluster node: budgeted / unbudgeted Check throughput "
+            "(one Redis round trip)", b["ratio"], "(info)", None, source=src)
 
     def median_ns(name: str) -> float | None:
         b = micro.get(name)
