@@ -6,6 +6,7 @@ approvals across nodes; 1,000 revokes timed until every other node denies; one b
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import statistics
@@ -17,13 +18,14 @@ from typing import Any, Iterator
 import pytest
 import yaml
 from cluster_support import AGENT, Cluster, Node, envoy_cluster_config, slot_of
-from processes import echo_upstream, envoy, free_port, request
+from processes import echo_upstream, envoy, free_port, http_get, request
 
 from agentauthz import reasons
 from agentauthz.authority.approvers import issue_dev_credential
 from agentauthz.client import ApprovalsClient, AsyncClient
 from agentauthz.cluster.settings import ClusterSettings
 from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.offline import status_at, verify_status_list
 
 READ_WRITE = ["demo:*:read,write:internal"]
 GATED = ["demo:*:read,write:internal", "demo:reports:delete:internal"]  # the dev policy gates delete
@@ -106,6 +108,30 @@ def test_cluster_status_lists_every_node_fresh_and_caught_up(stack: Stack) -> No
     text = stack.a.cli("cluster", "status", "--cluster", stack.cluster.redis.url)
     assert text.returncode == 0 and [line.split()[:2] for line in text.stdout.splitlines()[2:]] == [
         ["a", "fresh"], ["b", "fresh"], ["c", "fresh"]]
+
+
+def test_every_node_publishes_the_same_status_for_every_nodes_tokens(stack: Stack) -> None:
+    """Slot blocks are unique cluster-wide and every node applies every revocation: any node's Token
+    Status List says the same of any token, whichever node minted, revoked or ended it."""
+    minted = {(name, i): stack.cluster.client(name).mint(f"status-{name}-{i}", READ_WRITE)
+              for name in "abc" for i in range(2)}
+    assert len({slot_of(m.token_id) for m in minted.values()}) == len(minted)
+    stack.cluster.client("c").revoke(token_id=minted["a", 0].token_id)
+    stack.cluster.client("a").end_task("status-b-1")
+    dead = {("a", 0), ("b", 1)}
+    for node in (stack.a, stack.b, stack.c):
+        jwks = json.loads(http_get(f"http://127.0.0.1:{node.http_port}/.well-known/jwks.json")[1])
+        keys = {k["kid"]: base64url(k["x"]) for k in jwks["keys"]}
+        status, body = http_get(f"http://127.0.0.1:{node.http_port}/status-list")
+        assert status == 200
+        bits, raw = verify_status_list(body, keys, uri=f"http://127.0.0.1:{node.http_port}/status-list",
+                                       issuer="https://agentauthz.dev.local", now=time.time())
+        seen = {key: status_at(raw, bits, slot_of(m.token_id)) for key, m in minted.items()}
+        assert seen == {key: int(key in dead) for key in minted}, node.name
+
+
+def base64url(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
 def test_a_token_minted_on_one_node_passes_envoy_whichever_node_answers(stack: Stack) -> None:

@@ -400,8 +400,9 @@ class RevocationStore:
 
     @property
     def next_slot(self) -> int:
-        """The slot the next token gets: every slot below it may have been handed out."""
-        return self._next  # one int read, without the lock: it only grows
+        """Every slot below it may have been handed out: the next this node gives, or in a cluster the end
+        of every block any node reserved (so every node's status list covers every node's tokens)."""
+        return self._reserved if self._shared else self._next  # one int read, without the lock: it grows
 
     def stats(self) -> dict[str, int]:
         """Sizes of the revocation state, for status and metrics."""
