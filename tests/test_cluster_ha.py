@@ -11,6 +11,7 @@ from typing import Any, Iterator
 import grpc
 import pytest
 from cluster_support import READ, Cluster, Node, reasons_on, wait_until
+from processes import audit_records
 from redis_proc import RedisServer, Sentinel
 
 from agentauthz import reasons
@@ -111,3 +112,33 @@ def test_through_sentinel_a_failover_keeps_every_acknowledged_revocation(
     assert refused(lambda: cluster.client("a").revoke(token_id=live.token_id)).code() == \
         grpc.StatusCode.UNAVAILABLE
     assert [n.metrics()["agentauthz_cluster_recoveries_total"] for n in nodes] == [0.0, 0.0]
+
+
+def test_a_node_with_check_workers_applies_other_nodes_changes_in_every_worker(tmp_path: Path) -> None:
+    """Remote changes reach forked workers through the same seam as local ones: revocations, keys
+    (a token of another node verifies in every worker) and the budget counted in Redis by all."""
+    cluster = HaCluster(tmp_path, {})
+    cluster.settings = {"redis": cluster.redis.url}
+    cluster.config = {"workers": 2}
+    try:
+        nodes = cluster.start_all("a", "b")
+        token = cluster.client("b").mint("workers", READ)
+        # A fresh connection per Check: SO_REUSEPORT spreads them over node a's primary and its worker.
+        assert set(answers(nodes[0], token.token, 24)) == {reasons.ALLOW}
+        cluster.client("b").revoke(token_id=token.token_id)
+        assert set(answers(nodes[0], token.token, 24)) == {reasons.TOKEN_REVOKED}
+        audit = nodes[0].state_dir / "audit"
+        # Both of node a's processes answered some of those denials (each keeps its own audit log,
+        # written within a flush interval).
+        wait_until(lambda: denials(audit) > 0 and denials(audit / "worker-1") > 0, 5,
+                   "denials recorded by the primary and by the worker")
+    finally:
+        cluster.stop()
+
+
+def answers(node: Node, token: str, count: int) -> list[str]:
+    return [reasons_on([node], token)[0] for _ in range(count)]
+
+
+def denials(directory: Path) -> int:
+    return sum(r.get("reason") == reasons.TOKEN_REVOKED for r in audit_records(directory))
