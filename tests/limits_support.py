@@ -4,14 +4,17 @@ identity against a real daemon, and CheckRequests as Envoy sends them (bodies in
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import grpc
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from processes import Daemon
 
+from agentauthz import reasons
 from agentauthz.client import CHECK_METHOD, Client, Decision, Identity, decision_from
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.v1 import agentauthz_pb2 as pb
@@ -133,3 +136,36 @@ def plain(token: str, tool: str, target: str = "a", operation: str = "read") -> 
     """A non-MCP request naming tool/target/operation through the route, as most routes do."""
     return check_request(token, extensions={"tool": tool, "target": target, "operation": operation},
                          method="GET", path=f"/{tool}/{target}")
+
+
+def allowed_from_processes_and_threads(charge_in: Callable[[int], Callable[[], str]],
+                                       charge_here: Callable[[], str]) -> int:
+    """Calls allowed out of 200 from each of 3 forked processes (``charge_in(i)`` makes child i's
+    charger, after the fork) and 100 from each of 3 threads of this one: a budget's exactness under
+    concurrency, whatever keeps the count."""
+    readers, pids = [], []
+    for i in range(3):
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            os.close(r)
+            charge = charge_in(i)
+            os.write(w, str(sum(charge() == reasons.ALLOW for _ in range(200))).encode())
+            os._exit(0)
+        os.close(w)
+        readers.append(r)
+        pids.append(pid)
+    counts: list[int] = []
+
+    def here() -> None:
+        counts.append(sum(charge_here() == reasons.ALLOW for _ in range(100)))
+    threads = [threading.Thread(target=here) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r, pid in zip(readers, pids, strict=True):
+        counts.append(int(os.read(r, 64)))
+        os.close(r)
+        assert os.waitpid(pid, 0)[1] == 0
+    return sum(counts)

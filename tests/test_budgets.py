@@ -4,14 +4,12 @@ restarts."""
 
 from __future__ import annotations
 
-import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from limits_support import Checker, agent, grant, plain, start
+from limits_support import Checker, agent, allowed_from_processes_and_threads, grant, plain, start
 from support import Forge, make_verifier
 
 from agentauthz import reasons
@@ -95,33 +93,11 @@ def test_counts_survive_reopening_and_another_layout_starts_afresh(tmp_path: Pat
 
 def test_exact_under_concurrent_threads_and_forked_processes(table: BudgetTable) -> None:
     limit = Budget(300, 0.0, 1)
-    readers = []
-    pids = []
-    for _ in range(3):  # forked after the table is mapped, as the daemon's workers are
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            allowed = sum(table.charge([("shared", limit)], 1.0)[0] == ALLOW for _ in range(200))
-            os.write(w, str(allowed).encode())
-            os._exit(0)
-        os.close(w)
-        readers.append(r)
-        pids.append(pid)
-    counts: list[int] = []
 
-    def here() -> None:
-        counts.append(sum(table.charge([("shared", limit)], 1.0)[0] == ALLOW for _ in range(100)))
-    threads = [threading.Thread(target=here) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r, pid in zip(readers, pids, strict=True):
-        counts.append(int(os.read(r, 64)))
-        os.close(r)
-        assert os.waitpid(pid, 0)[1] == 0
-    assert sum(counts) == 300  # of 900 attempts, exactly the budget
+    def charge() -> str:
+        return table.charge([("shared", limit)], 1.0)[0]
+    # The processes are forked after the table is mapped, as the daemon's workers are.
+    assert allowed_from_processes_and_threads(lambda _: charge, charge) == 300  # of 900, exactly the budget
     assert table.charge([("shared", limit)], 1.0)[0] == reasons.BUDGET_EXHAUSTED
 
 

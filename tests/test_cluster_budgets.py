@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import signal
 import tempfile
-import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from limits_support import allowed_from_processes_and_threads
 from redis_proc import RedisServer
 
 from agentauthz import reasons
@@ -121,34 +120,13 @@ def test_exact_under_concurrent_threads_and_processes(server: RedisServer) -> No
     shared = SharedBudgets(joined(server))
     limit = Budget(300, 0.0, 1)
     assert shared.charge([("conc", limit)], 1.0)[0] == ALLOW  # a client made before the fork, as in a worker
-    readers, pids = [], []
-    for i in range(3):
-        r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child reports through the pipe
-            os.close(r)
-            # The inherited one (it must make its own connection) and one of the child's own.
-            mine = shared if i else SharedBudgets(joined(server, "child"))
-            allowed = sum(mine.charge([("conc", limit)], 1.0)[0] == ALLOW for _ in range(200))
-            os.write(w, str(allowed).encode())
-            os._exit(0)
-        os.close(w)
-        readers.append(r)
-        pids.append(pid)
-    counts = [1]
 
-    def here() -> None:
-        counts.append(sum(shared.charge([("conc", limit)], 1.0)[0] == ALLOW for _ in range(100)))
-    threads = [threading.Thread(target=here) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for r, pid in zip(readers, pids, strict=True):
-        counts.append(int(os.read(r, 64)))
-        os.close(r)
-        assert os.waitpid(pid, 0)[1] == 0
-    assert sum(counts) == 300  # of 901 attempts from 4 processes, exactly the budget
+    def child(i: int) -> Any:
+        # The inherited one (it must make its own connection) and one of the child's own.
+        mine = shared if i else SharedBudgets(joined(server, "child"))
+        return lambda: mine.charge([("conc", limit)], 1.0)[0]
+    allowed = allowed_from_processes_and_threads(child, lambda: shared.charge([("conc", limit)], 1.0)[0])
+    assert 1 + allowed == 300  # of 901 attempts from 4 processes, exactly the budget
     assert shared.charge([("conc", limit)], 1.0)[0] == reasons.BUDGET_EXHAUSTED
     shared.close()
 
