@@ -21,7 +21,8 @@ import agentauthz
 from agentauthz import errors, reasons
 from agentauthz.decision import tokens
 from agentauthz.decision._accel import HotPath
-from agentauthz.state.revocation import JOURNAL, RevocationStore
+from agentauthz.state.journal import JOURNAL
+from agentauthz.state.revocation import RevocationStore
 
 MAX_LIFETIME = 600
 LEEWAY = 30

@@ -7,14 +7,10 @@ a policy reload swaps atomically, every operation is audited.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import functools
-import hashlib
-import hmac
 import logging
 import mmap
-import os
 import threading
 import time
 from pathlib import Path
@@ -23,7 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from .. import durable, reasons
+from .. import reasons
 from ..audit import files as audit_files
 from ..audit.metrics import Operations
 from ..audit.records import thumbprint
@@ -33,7 +29,7 @@ from ..config import Config
 from ..decision import _accel, tokens
 from ..decision.policy import DEV_POLICY, Policy, read_text
 from ..decision.tokens import task_key
-from ..errors import AuditUnavailable, PolicyError, StateError
+from ..errors import AuditUnavailable, PolicyError
 from ..state import statuslist
 from ..state.clock import SteadyClock
 from ..state.keys import Keyring
@@ -41,53 +37,15 @@ from ..state.revocation import BLOCK_USE, HOLE_GRACE, RevocationStore
 from .approval_flow import ApprovalFlow
 from .approvals import ApprovalStore
 from .budgets import BudgetTable
+from .cluster_flow import ClusterFlow
 from .delegation import DelegationFlow
 from .outcomes import NEEDS_APPROVAL, NOT_PERMITTED, NOTHING_GRANTED, UNKNOWN_TOKEN_ID, Minted, Refused
+from .token_ids import TokenIds
 
 log = logging.getLogger("agentauthz.authority")  # the name operators filter on, kept across the layout
 
 STATUS_PATH = "/status-list"
 AUDIT_KEY_PATH = "/.well-known/agentauthz-audit-key"
-
-
-class TokenIds:
-    """Token ids that carry their revocation slot and expiry, and prove who minted them.
-
-    ``<slot>.<exp>.<mac>`` with an HMAC over slot, expiry and the minting agent:
-    Revoke-by-id needs no registry (it survives restarts for free), and only the
-    agent that minted a token can name it for revocation.
-    """
-
-    def __init__(self, key: bytes) -> None:
-        self._key = key
-
-    @classmethod
-    def open(cls, path: Path) -> TokenIds:
-        if not path.exists():
-            durable.write_new(path, os.urandom(32))
-            durable.fsync_dir(path.parent)
-        key = path.read_bytes()
-        if len(key) != 32:
-            raise StateError(f"{path}: token-id key must be 32 bytes")
-        return cls(key)
-
-    def _mac(self, slot: int, exp: int, agent: str) -> str:
-        digest = hmac.new(self._key, f"{slot}.{exp}.{agent}".encode(), hashlib.sha256).digest()
-        return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
-
-    def make(self, slot: int, exp: int, agent: str) -> str:
-        return f"{slot}.{exp}.{self._mac(slot, exp, agent)}"
-
-    def parse(self, token_id: str) -> tuple[int, int, str]:
-        """(slot, exp, mac); raises Refused for anything that is not one of our ids."""
-        parts = token_id.split(".")
-        if len(parts) != 3 or not all(parts) or not parts[0].isdigit() or not parts[1].isdigit():
-            raise Refused(UNKNOWN_TOKEN_ID, "not a token id issued here")
-        return int(parts[0]), int(parts[1]), parts[2]
-
-    def minted_by(self, token_id: str, agent: str) -> bool:
-        slot, exp, mac = self.parse(token_id)
-        return hmac.compare_digest(mac, self._mac(slot, exp, agent))
 
 
 def open_audit(config: Config, directory: Path, key: Ed25519PrivateKey,
@@ -102,7 +60,7 @@ def keys_dir(state: Path, config: Config, audience: str) -> Path:
     return state / "keys" if audience == config.audiences[0] else state / f"keys-{audience}"
 
 
-class Authority(DelegationFlow, ApprovalFlow):
+class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
     """Everything the daemon decides with, loaded and validated before any listener opens."""
 
     def __init__(self, config: Config, *, clock: Callable[[], float] = time.time) -> None:
@@ -162,7 +120,7 @@ class Authority(DelegationFlow, ApprovalFlow):
         for aud, verifier in self.verifiers.items():
             verifier.set_policy(self.policy)
             self.keyrings[aud].subscribe(functools.partial(
-                self.adopt_keys if self.cluster is None else self.cluster.local_keys_changed, aud))
+                self.adopt_keys if self.cluster is None else self.cluster.public_keys.local_changed, aud))
         # Outside the audit directory: whoever can write the log must not be able to re-sign it.
         self.audit_key, created = audit_files.open_key(state / audit_files.KEY_DIR, state / "audit")
         self._announce_audit_key(state / audit_files.KEY_DIR / audit_files.PINNED_FILE, created)
@@ -252,7 +210,7 @@ class Authority(DelegationFlow, ApprovalFlow):
             if self.cluster is not None:
                 keys += [{"kty": "OKP", "crv": "Ed25519", "x": tokens.b64url(raw), "kid": kid, "use": "sig",
                           "alg": tokens.ALGORITHM, "agentauthz_boundary": aud}
-                         for kid, raw in sorted(self.cluster.remote_keys(aud).items())]
+                         for kid, raw in sorted(self.cluster.public_keys.remote(aud).items())]
         return {"keys": keys}
 
     def adopt_keys(self, audience: str, keys: dict[str, bytes]) -> None:
@@ -261,34 +219,6 @@ class Authority(DelegationFlow, ApprovalFlow):
         self.verifiers[audience].set_keys(dict(keys))
         for listener in self._key_listeners:
             listener(audience, dict(keys))
-
-    # -- cluster mode (cluster/node.py calls these) ----------------------------
-
-    def adopt_token_id_key(self, key: bytes) -> None:
-        """Every node's token ids carry the cluster's MAC, so an agent may revoke its token on any node."""
-        self.token_ids = TokenIds(key)
-
-    def apply_cluster_records(self, journal: list[dict[str, Any]], minted: list[dict[str, Any]]) -> None:
-        """Another node's changes, in stream order: revocations (and their status list marks), keys
-        revoked (retired here too, should they be ours), tokens minted (for this node's status list)."""
-        self.revocations.apply_remote(journal)
-        for r in journal:
-            if r["op"] == "task":
-                self.status_list.task_ended(r["name"])
-            elif r["op"] in ("agent", "ban"):
-                self.status_list.agent_revoked(r["name"])
-            elif r["op"] == "key":
-                for ring in self.keyrings.values():
-                    try:
-                        ring.retire(r["name"])
-                    except KeyError:
-                        pass
-        for m in minted:
-            self.status_list.remember_minted(m["task"], m["subjects"], m["slot"], m["exp"], iat=m["iat"])
-
-    def cluster_event(self, kind: str, **fields: Any) -> None:
-        """Joins and recoveries are audited like every other change of what the daemon honours."""
-        self.audit.record(kind, node=self.config.cluster.node_id if self.config.cluster else "", **fields)
 
     def replicate_to(self, fleet: Any) -> None:
         """Keep forked Check workers (a ``workers.Fleet``) in step through the ``cluster`` seam: revocations,
@@ -360,6 +290,11 @@ class Authority(DelegationFlow, ApprovalFlow):
             raise Refused(reasons.TASK_ENDED, "this task has ended; start a new one")
         if ttl < 0:
             raise Refused(reasons.REQUEST_INVALID, "ttl must not be negative")
+        for g in grants:  # policy.narrow would deny it as malformed: say why instead, and mint nothing
+            if isinstance(g, Mapping) and isinstance(g.get("ops"), (list, tuple)) and "*" in g["ops"]:
+                raise Refused(reasons.REQUEST_INVALID, f"grant {g.get('tool')}:{g.get('target')}: '*' is "
+                              "no operation: a token names the operations it carries (an MCP session: "
+                              "session,tools/list); '*' belongs in policy rules")
         narrowed = self.policy.narrow(agent, list(grants), ttl or self.config.max_token_lifetime)
         approval = None
         if narrowed.needs_approval and not approval_id:
@@ -400,6 +335,8 @@ class Authority(DelegationFlow, ApprovalFlow):
         self._audit("mint", decision=True, reason=reasons.ALLOW, agent=agent, task=task, intent=intent,
                     token_id=token_id, grants=narrowed.granted, denied=narrowed.denied,
                     needs_approval=narrowed.needs_approval, expires_at=exp, key_id=kid, audience=audience,
+                    # Which certificate the agent minted over: the audit report sees one identity on many.
+                    **({} if not cnf else {"cnf": dict(cnf)}),
                     **({} if approval is None else {"approval_id": approval.id,
                                                     "approver": approval.approver}))
         return Minted(token, token_id, exp, narrowed.granted, task, agent, kid,
@@ -464,11 +401,6 @@ class Authority(DelegationFlow, ApprovalFlow):
             raise Refused(reasons.AGENT_NOT_BANNED, f"{agent} is not banned")
         self._audit("unban", decision=True, agent=caller, target_agent=agent, unbanned_at=at)
         return at
-
-    def _propagated(self) -> None:
-        """In a cluster, answer a revocation once every live node applies it (cluster/node.py)."""
-        if self.cluster is not None:
-            self.cluster.await_applied()
 
     def _refuse_banned(self, kind: str, *agents: str, **fields: Any) -> None:
         """Refuse (and audit) ``kind`` when any of ``agents`` is banned."""

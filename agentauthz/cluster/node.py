@@ -9,7 +9,6 @@ waits on Redis: it only asks ``Freshness`` whether the follower has completed a 
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import logging
 import os
@@ -25,6 +24,7 @@ from ..errors import ClusterUnavailable, StateError
 from .checkpoints import CheckpointCopier
 from .engine import Engine, async_client, unavailable
 from .freshness import Freshness
+from .keys import SharedKeys
 from .settings import ClusterSettings
 
 log = logging.getLogger("agentauthz.cluster")
@@ -65,10 +65,7 @@ class ClusterNode:
         self.applied = 0
         self.recoveries = 0
         self.joined = False
-        self._local_keys: dict[str, dict[str, bytes]] = {}  # audience -> kid -> raw, this node's
-        self._remote_keys: dict[str, dict[str, bytes]] = {}  # the other nodes'
-        self._keys_lock = threading.RLock()
-        self._keys_dirty = False
+        self.public_keys = SharedKeys(self.engine, authority.adopt_keys)
         self._saved_id = ""
         self._recovering = False  # a recovery that failed part way is finished before anything else
         self._checkpoints = CheckpointCopier(self.engine, state_dir / "audit")
@@ -104,10 +101,10 @@ class ClusterNode:
         self.catch_up(skip_own=False)
         self._authority.revocations.join_cluster(self.publish, self.engine.reserve, self._slots_end)
         self._report_applied(self.engine.client)
-        self.publish_keys()
-        self.load_keys()
+        self.public_keys.publish()
+        self.public_keys.load()
         self._write_state()
-        self.joined = True
+        self.joined = self.public_keys.joined = True
         self.freshness.heard(sent, self.settings.max_staleness)
 
     def _read_state(self) -> dict[str, Any]:
@@ -271,73 +268,9 @@ class ClusterNode:
             last = entry_id
         self._authority.apply_cluster_records(journal, minted)
         if keys_changed:
-            self.load_keys()
+            self.public_keys.load()
         self.last_id = last
         self.applied += len(entries)
-
-    # -- keys ------------------------------------------------------------------------
-
-    def local_keys_changed(self, audience: str, keys: dict[str, bytes]) -> None:
-        """Keyring subscriber: verify with the union at once; publish (the follower retries a failure)."""
-        with self._keys_lock:
-            self._local_keys[audience] = dict(keys)
-            self._adopt(audience)
-            self._keys_dirty = True
-        if self.joined:
-            try:
-                self.publish_keys()
-            except ClusterUnavailable as exc:
-                log.warning("cannot publish this node's keys yet (retrying): %s", exc)
-
-    def _adopt(self, audience: str) -> None:
-        merged = {**self._remote_keys.get(audience, {}), **self._local_keys.get(audience, {})}
-        self._authority.adopt_keys(audience, merged)
-
-    def publish_keys(self) -> None:
-        """This node's public keys into the keys hash (its retired ones out), then tell every node."""
-        with self._keys_lock:
-            mine = {kid: (aud, raw) for aud, keys in self._local_keys.items() for kid, raw in keys.items()}
-            self._keys_dirty = False
-        client = self.engine.client
-        try:
-            stored = client.hgetall(self.keys.public_keys)
-            gone = [k for k, v in stored.items()
-                    if json.loads(v).get("node") == self.settings.node_id and k.decode() not in mine]
-            pipe = client.pipeline(transaction=True)
-            for kid, (aud, raw) in mine.items():
-                pipe.hset(self.keys.public_keys, kid, json.dumps({
-                    "aud": aud, "node": self.settings.node_id,
-                    "x": base64.urlsafe_b64encode(raw).rstrip(b"=").decode()}))
-            if gone:
-                pipe.hdel(self.keys.public_keys, *gone)
-            pipe.execute()
-        except redis.RedisError as exc:
-            self._keys_dirty = True
-            raise unavailable(exc, "keys") from None
-        self.engine.publish([{"op": "keys"}])
-
-    def load_keys(self) -> None:
-        """The other nodes' public keys from the keys hash; verifiers verify with the union."""
-        try:
-            stored = self.engine.client.hgetall(self.keys.public_keys)
-        except redis.RedisError as exc:
-            raise unavailable(exc, "keys") from None
-        remote: dict[str, dict[str, bytes]] = {}
-        for kid, raw in stored.items():
-            doc = json.loads(raw)
-            if doc.get("node") == self.settings.node_id:
-                continue
-            x = doc["x"]
-            raw_key = base64.urlsafe_b64decode(x + "=" * (-len(x) % 4))
-            remote.setdefault(doc["aud"], {})[kid.decode()] = raw_key
-        with self._keys_lock:
-            self._remote_keys = remote
-            for audience in set(remote) | set(self._local_keys):
-                self._adopt(audience)
-
-    def remote_keys(self, audience: str) -> dict[str, bytes]:
-        with self._keys_lock:
-            return dict(self._remote_keys.get(audience, {}))
 
     # -- losing the engine ----------------------------------------------------------
 
@@ -353,7 +286,7 @@ class ClusterNode:
         # joining or rotating) leaves every node unable to verify the others' tokens, and a new node
         # would found another token-id key. Every recovering node offers the same key (SET NX).
         self._adopt_token_id_key()
-        self.publish_keys()
+        self.public_keys.publish()
         self.last_id = "0-0"
         self._saved_id = ""
         self._recovering = False
@@ -421,8 +354,8 @@ class ClusterNode:
         client = self.engine.client
         client.hset(self.keys.nodes, self.settings.node_id, json.dumps(status))
         self._write_state()
-        if self._keys_dirty:
-            self.publish_keys()
+        if self.public_keys.dirty:
+            self.public_keys.publish()
         self._checkpoints.copy()
         if trim:
             oldest = int((time.time() - self._horizon) * 1000)

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import bisect
-import fcntl
-import json
 import logging
-import os
 import threading
 import time
 from collections import deque
@@ -14,14 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .. import durable, errors
+from .. import errors
+from .journal import NAMED, JournalFile, encode, parse
 
 log = logging.getLogger("agentauthz.revocation")  # the name operators filter on, kept across the layout
 
-JOURNAL = "journal.jsonl"
 COMPACT_BYTES = 1 << 20
-NAMED = ("task", "agent", "key")  # revoked by name; "at" is the cutoff (task, agent) or the revocation time
-BANS = ("ban", "unban")  # an agent banned at "at" until an unban at "at": never compacted away while in force
 # The index cutoff of a banned agent: every token naming it is dead, whenever it was issued.
 BANNED = (1 << 63) - 1
 # Cluster mode: a node hands out slots from one block for at most this long, so the block's expiry bound
@@ -29,40 +24,6 @@ BANNED = (1 << 63) - 1
 # published yet) are held for this long before the window may slide past them.
 BLOCK_USE = 60
 HOLE_GRACE = 30
-
-# Every record the journal may hold: op -> field -> type. Anything else refuses the start.
-_FIELDS: dict[str, dict[str, type]] = {
-    "reserve": {"from": int, "upto": int},  # slots [from, upto) may have been handed out
-    "seal": {"from": int, "upto": int, "exp": int},  # and every token given one has exp <= exp
-    "base": {"base": int},  # every slot below base is dead (written by compaction)
-    "token": {"jti": str, "slot": int, "exp": int},
-    **{op: {"name": str, "at": int} for op in NAMED + BANS},
-}
-
-
-def _encode(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode() + b"\n"
-
-
-def _parse(line: bytes, where: str) -> dict[str, Any]:
-    try:
-        record = json.loads(line)
-    except ValueError:  # includes UnicodeDecodeError
-        raise errors.StateError(f"{where}: not a JSON record") from None
-    op = record.get("op") if isinstance(record, dict) else None
-    fields = _FIELDS.get(op) if isinstance(op, str) else None
-    if fields is None or record.keys() != fields.keys() | {"op"}:
-        raise errors.StateError(f"{where}: unknown record")
-    for name, kind in fields.items():
-        value = record[name]
-        in_range = value >= 0 if type(value) is int else bool(value)
-        # type() rather than isinstance(): a bool is not a slot number or a time.
-        if type(value) is not kind or not in_range:
-            raise errors.StateError(f"{where}: field {name!r} is invalid")
-    if "upto" in record and record["from"] >= record["upto"]:
-        raise errors.StateError(f"{where}: empty slot block")
-    return record
-
 
 def lift_ban(index: Any, agent: str, cutoff: int) -> None:
     """Lower ``agent``'s cutoff in ``index`` from BANNED to ``cutoff`` in one step.
@@ -80,12 +41,6 @@ def index_call(index: Any, name: str, args: Any) -> None:
         lift_ban(index, *args)
     else:
         getattr(index, name)(*args)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
 
 
 class _Block:
@@ -110,7 +65,8 @@ class RevocationStore:
                  shared: bool = False) -> None:
         if max_lifetime <= 0 or leeway < 0 or reserve_block <= 0 or compact_bytes <= 0:
             raise ValueError("max_lifetime, reserve_block and compact_bytes must be positive, leeway >= 0")
-        self.path = Path(directory) / JOURNAL
+        self._journal = JournalFile(directory)
+        self.path = self._journal.path
         self._index = index
         self._bits = index.bits
         self._capacity: int = self._bits.capacity
@@ -126,9 +82,6 @@ class RevocationStore:
         self._tokens: dict[int, tuple[str, int]] = {}  # slot -> (jti, exp), inside the window only
         self._named: dict[str, dict[str, int]] = {op: {} for op in NAMED}  # op -> name -> at
         self._banned: dict[str, int] = {}  # agent -> when it was banned; kept until unbanned
-        self._fd = self._lock_fd = -1
-        self._size = self._live_size = 0
-        self._broken = False
         # Cluster mode (join_cluster): changes are published before they are applied here, slot blocks
         # come from the cluster-wide counter, and other nodes' blocks arrive through apply_remote.
         self._publish: Callable[[list[dict[str, Any]]], Any] | None = None
@@ -153,26 +106,11 @@ class RevocationStore:
         """
         store = cls(directory, index, max_lifetime=max_lifetime, leeway=leeway, clock=clock,
                     reserve_block=reserve_block, compact_bytes=compact_bytes, shared=shared)
-        directory = store.path.parent
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        store._journal = JournalFile.open(Path(directory))
         try:
-            # Two writers would interleave appends and hand out the same slots.
-            store._lock_fd = os.open(directory / "journal.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(store._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise errors.StateError(f"{store.path}: in use by another process") from None
-            if not os.path.lexists(store.path):
-                # Born with a first record, atomically: an empty journal is never a state it had, so
-                # one found empty was truncated and is refused (it would forget every revocation).
-                durable.replace(store.path, _encode({"op": "base", "base": 0}))
-            store._fd = os.open(store.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-            os.fchmod(store._fd, 0o600)
-            durable.fsync_dir(directory)
             store._replay()
         except BaseException:
-            store._close_fds()
+            store._journal.close()
             raise
         return store
 
@@ -199,7 +137,7 @@ class RevocationStore:
 
         Raises StateError for a record that is not one of the journal's (a newer node's, or garbage).
         """
-        parsed = [_parse(_encode(r), "cluster record") for r in records]
+        parsed = [parse(encode(r), "cluster record") for r in records]
         with self._lock:
             now = self._clock()
             local: list[dict[str, Any]] = []
@@ -220,7 +158,7 @@ class RevocationStore:
                     self._apply_named(r["op"], r["name"], r["at"])
                 else:
                     local.pop()  # base and reserve records are a journal's own, never another node's
-            self._write_local(local)
+            self._journal.append(local)
 
     def allocate_slot(self, exp: int) -> int:
         """The status slot for a new token expiring at ``exp``; never one a live token may hold."""
@@ -258,7 +196,7 @@ class RevocationStore:
             block = _Block(end - self._block, end, int(now) + BLOCK_USE + self._max_lifetime + self._leeway,
                            sealed=True)
             self._publish([block.record()])  # every node knows the block before any token holds a slot of it
-            self._write_local(self._learn_block(block, now))
+            self._journal.append(self._learn_block(block, now))
             self._next, self._limit, self._own_exp = block.start, block.end, block.exp
         if self._next >= self._base + self._capacity:
             raise errors.CapacityExhausted(f"all {self._capacity} revocation slots hold live tokens")
@@ -381,10 +319,10 @@ class RevocationStore:
     def slide(self) -> None:
         """Move the window past dead slots, forget cutoffs no live token can fall under, compact if big."""
         with self._lock:
-            self._check_open()
+            self._journal.check_open()
             now = self._clock()
             self._advance(now)
-            if self._size >= max(self._compact_bytes, 2 * self._live_size):
+            if self._journal.size >= max(self._compact_bytes, 2 * self._journal.live_size):
                 try:
                     self._compact(now)
                 except OSError:
@@ -393,7 +331,7 @@ class RevocationStore:
     def compact(self) -> None:
         """Rewrite the journal with only live state: temp file, fsync, rename, fsync directory."""
         with self._lock:
-            self._check_open()
+            self._journal.check_open()
             now = self._clock()
             self._advance(now)
             self._compact(now)
@@ -410,20 +348,20 @@ class RevocationStore:
             return {"revoked_tokens": self._bits.count(), "tasks": len(self._named["task"]),
                     "agents": len(self._named["agent"]), "keys": len(self._named["key"]),
                     "banned_agents": len(self._banned),
-                    "journal_bytes": self._size, "window_base": self._base, "next_slot": self._next,
+                    "journal_bytes": self._journal.size, "window_base": self._base, "next_slot": self._next,
                     "reserved": self._reserved, "capacity": self._capacity}
 
     def close(self) -> None:
         """Record the exact expiry of the block in progress, then release the journal."""
         with self._lock:
-            if self._fd < 0:
+            if self._journal.closed:
                 return
             try:
-                if self._blocks and not self._blocks[-1].sealed and not self._broken:
+                if self._blocks and not self._blocks[-1].sealed and not self._journal.broken:
                     self._blocks[-1].sealed = True
                     self._append([self._blocks[-1].record()])
             finally:
-                self._close_fds()
+                self._journal.close()
 
     def _advance(self, now: float) -> None:
         blocks = self._blocks
@@ -458,8 +396,7 @@ class RevocationStore:
             return self._live_records(self._clock())
 
     def _compact(self, now: float) -> None:
-        records = self._live_records(now)
-        self._rewrite(records)
+        self._journal.rewrite(self._live_records(now))
 
     def _live_records(self, now: float) -> list[dict[str, Any]]:
         records: list[dict[str, Any]] = [{"op": "base", "base": self._base}]
@@ -471,81 +408,19 @@ class RevocationStore:
         records += [{"op": "ban", "name": agent, "at": at} for agent, at in self._banned.items()]
         return records
 
-    def _rewrite(self, records: list[dict[str, Any]]) -> None:
-        data = b"".join(_encode(r) for r in records)
-        tmp = self.path.with_name(JOURNAL + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        durable.fsync_dir(self.path.parent)
-        new_fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CLOEXEC)
-        os.close(self._fd)
-        self._fd = new_fd
-        self._size = self._live_size = len(data)
-
     def _append(self, records: list[dict[str, Any]]) -> None:
         """Journal ``records``; in cluster mode publish them first: nothing is applied that the cluster
         did not take (ClusterUnavailable propagates before any local change)."""
-        self._check_open()
+        self._journal.check_open()
         if self._publish is not None:
             self._publish(records)
-        self._write_local(records)
-
-    def _write_local(self, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
-        self._check_open()
-        data = b"".join(_encode(r) for r in records)
-        try:
-            _write_all(self._fd, data)
-            os.fsync(self._fd)
-        except OSError:
-            # Not acknowledged: remove any partial line, or the next append would
-            # bury it mid-file and the journal would refuse to replay.
-            try:
-                os.ftruncate(self._fd, self._size)
-            except OSError:
-                self._broken = True
-            raise
-        self._size += len(data)
-
-    def _check_open(self) -> None:
-        if self._fd < 0:
-            raise errors.StateError(f"{self.path}: revocation store is closed")
-        if self._broken:
-            raise errors.StateError(f"{self.path}: journal has a partial write that could not be removed")
-
-    def _close_fds(self) -> None:
-        for fd in (self._fd, self._lock_fd):
-            if fd >= 0:
-                os.close(fd)
-        self._fd = self._lock_fd = -1
+        self._journal.append(records)
 
     def _replay(self) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end == 0:
-            raise errors.StateError(f"{self.path}: no complete record (a journal starts with one): truncated "
-                                    "or damaged; refusing to start without the revocations it held")
-        if end < len(data):
-            # A crash mid-append: that record was never acknowledged, so cutting it loses nothing.
-            log.warning("%s: cutting a torn last line of %d bytes", self.path, len(data) - end)
-            os.ftruncate(self._fd, end)
-            os.fsync(self._fd)
-        self._size = self._live_size = end
         blocks: dict[int, _Block] = {}
         tokens: dict[int, tuple[str, int]] = {}
         base = 0
-        for lineno, line in enumerate(data[:end].split(b"\n")[:-1], 1):
-            r = _parse(line, f"{self.path}:{lineno}")
+        for lineno, r in enumerate(self._journal.records(), 1):
             if r["op"] in ("reserve", "seal"):
                 block = blocks.setdefault(r["from"], _Block(r["from"], r["upto"]))
                 if block.end != r["upto"]:
