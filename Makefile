@@ -20,9 +20,11 @@ run: $(STAMP)
 
 # One pytest run covers both twins (native and pure, parametrised); test-pure
 # first proves the package also selects and builds pure with the switch set.
-# Cluster-mode tests start a real redis-server (Debian's package).
+# Cluster-mode tests start a real redis-server (Debian's package); the audit report's test opens the
+# page in headless Chromium (Debian's chromium).
 test: $(STAMP)
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(MAKE) --no-print-directory test-pure
 	$(PY) -m pytest -q
 

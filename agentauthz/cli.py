@@ -66,6 +66,32 @@ def cmd_audit_verify(args: argparse.Namespace) -> None:
     _emit(args, result, f"{args.dir}: {result['message']}")
 
 
+def cmd_audit_report(args: argparse.Namespace) -> None:
+    from .audit import report
+    directory = Path(args.dir)
+    if not directory.is_dir():
+        raise Refusal(f"{args.dir} is not a directory: name an audit directory (STATE_DIR/audit)")
+    if (directory / "audit").is_dir() and not any(directory.glob("audit-*.jsonl")):
+        directory = directory / "audit"  # the state directory named instead of its audit directory
+    html = Path(args.html) if args.html else None if args.json else Path("agentauthz-audit-report.html")
+    if html is not None:
+        report.charts.require()  # before reading anything: one clear line when matplotlib is missing
+    try:
+        since, until = (None if t is None else report.parse_time(t) for t in (args.since, args.until))
+    except ValueError as exc:
+        raise Refusal(str(exc)) from None
+    found = report.build(directory, since, until, args.key, Path(args.state_dir) if args.state_dir else None)
+    if html is not None:
+        report.write_html(found, html)
+    s, result = found["summary"], report.without_events(found)
+    text = (f"{html}: {s['checks']} calls by {len(s['agents'])} agents, {len(s['flagged'])} flagged for "
+            f"review; integrity: {found['integrity']['message']}")
+    if not found["integrity"]["ok"]:
+        raise Refusal(f"audit log is not intact (report written anyway): {found['integrity']['message']}",
+                      result)
+    _emit(args, result, text)
+
+
 def _cluster_anchor(args: argparse.Namespace) -> Any:
     """``audit verify --cluster``: the node's logs against the checkpoints it published to Redis."""
     from .cluster.checkpoints import node_of, verify_against_cluster
@@ -525,6 +551,19 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: no)")
     p.add_argument("--node-id", help="with --cluster, the node the log is of (default: the one the state "
                    "directory joined as)")
+
+    p = command("report", cmd_audit_report, "what each agent did and tried, per task: a self-contained HTML "
+                "page for a security reviewer (and JSON), from the log in DIR and every worker's under it",
+                audit_commands)
+    p.add_argument("dir", help="the audit directory, STATE_DIR/audit (e.g. .agentauthz/audit)")
+    p.add_argument("--since", help="leave out records before this time: epoch seconds, ISO 8601 "
+                   "(2026-01-31T12:00:00Z) or an age (90m, 24h, 7d) (default: the log's start)")
+    p.add_argument("--until", help="leave out records after this time, same forms (default: the log's end)")
+    p.add_argument("--html", metavar="FILE", help="write the page here (default: "
+                   "agentauthz-audit-report.html, or no page with --json)")
+    p.add_argument("--key", help="the pinned audit public key, as for audit verify (default: "
+                   "STATE_DIR/audit-key/public.pem)")
+    p.add_argument("--state-dir", help="where the pinned key is (default: DIR's parent)")
 
     keys = sub.add_parser("keys", help="signing keys", description="signing keys", formatter_class=_Help)
     keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")

@@ -26,7 +26,7 @@ from google.rpc import code_pb2, status_pb2
 
 from .. import reasons
 from ..audit import metrics
-from ..audit.records import argument_member, check_members
+from ..audit.records import argument_member, check_members, prepare
 from ..authority.budgets import retry_after
 from ..decision import _accel, _request_py
 from ..decision._check_py import ABNORMAL_PATH, DECISION_ID_CHARS, header_option
@@ -172,6 +172,9 @@ def refused_argument(entry: Any, reason: str, tool: str, target: str, operation:
         if constraint.problem(arguments) == reason:
             return argument_member(constraint.name, arguments.get(constraint.name))
     return argument_member(None, None)
+
+
+_PEER_REFUSED = frozenset({reasons.TOKEN_SENDER, reasons.TOKEN_BINDING})  # their records name the peer
 
 
 def certificate_thumbprint(pem: str) -> str:
@@ -463,6 +466,9 @@ class CheckService:
             if reason in reasons.ARGUMENT_REFUSED and who is not None:
                 prepared += "," + refused_argument(who, reason, tool, target, operation, sensitivity,
                                                    call.arguments if call else None, ruled)
+            if reason in _PEER_REFUSED and who is not None:  # who presented another's token, for review
+                prepared += "," + prepare(peer={"principal": principal or None, "x5t": certificate_thumbprint(
+                    certificate) if certificate else None})
             if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
         else:
