@@ -65,6 +65,9 @@ class Config:
     check_max_concurrent_rpcs: int = 1024
     # Check worker processes sharing the listener (SO_REUSEPORT); measure before raising past cores.
     workers: int = 1
+    # /metrics: denials by reason of this many agents (the most denied), the rest summed under
+    # agent="other" (audit/top_agents.py); 0: no per-agent series.
+    metrics_top_agents: int = 20
     api_listen: str = "127.0.0.1:9190"
     http_listen: str = "127.0.0.1:9192"
     # The HTTP listener closes a connection that has not sent a whole request, or taken its answer,
@@ -194,6 +197,7 @@ def _problems(c: Config) -> list[str]:
         "audit_queue_max": (c.audit_queue_max, 1, 1 << 24),
         "check_max_concurrent_rpcs": (c.check_max_concurrent_rpcs, 1, 1 << 20),
         "workers": (c.workers, 1, 64),
+        "metrics_top_agents": (c.metrics_top_agents, 0, 1000),
         "http_max_connections": (c.http_max_connections, 1, 65536),
         "approval_request_ttl": (c.approval_request_ttl, 1, 7 * 24 * 3600),
         "approval_ttl": (c.approval_ttl, 1, 24 * 3600),

@@ -198,7 +198,8 @@ class CheckService:
 
     def __init__(self, verifiers: Mapping[str, Any], audit: Any, policy: Callable[[], Policy],
                  clock: Callable[[], float] = time.time, budgets: Any = None,
-                 hot: _accel.HotPath = _accel.ACTIVE, meters: memoryview | None = None) -> None:
+                 hot: _accel.HotPath = _accel.ACTIVE, meters: memoryview | None = None,
+                 denials: Any = None) -> None:
         self._verifiers = dict(verifiers)
         self._default = next(iter(self._verifiers.items()))
         self._policy = policy
@@ -219,6 +220,8 @@ class CheckService:
         # the latency of every Check.
         self._meters = meters if meters is not None else metrics.MeterTable(1).row(0)
         self.decisions = metrics.Decisions(self._meters)
+        # Denials by agent for /metrics (a top_agents.DenialCounter), counted on the deny path only.
+        self._denials = denials
         latency = hot.Latency(self._meters[metrics.LATENCY], metrics.LATENCY_BOUNDS_NS)
         self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
                                    self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow,
@@ -471,6 +474,8 @@ class CheckService:
                     certificate) if certificate else None})
             if not self._audit.record_check(decision_id, request_id, prepared):
                 reason = reasons.AUDIT_UNAVAILABLE
+            if self._denials is not None:
+                self._denials.count(None if who is None else who.sub, reason)
         else:
             # An allow we cannot record is not an allow (DESIGN §5): it is answered once its record
             # is in the log file, so a crashed daemon loses no allow a caller saw (audit/writer.py).

@@ -18,7 +18,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
-from ..audit import metrics
+from .. import reasons
+from ..audit import metrics, top_agents
 from ..authority.core import Authority, open_audit
 from ..cluster import replication
 from ..config import Config
@@ -114,8 +115,10 @@ class Metrics:
     """Prometheus collector reading counters the daemon keeps anyway: nothing on the request path."""
 
     def __init__(self, authority: Authority, meters: metrics.MeterTable,
-                 front: TlsFront | None = None, fleet: workers.Fleet | None = None) -> None:
+                 front: TlsFront | None = None, fleet: workers.Fleet | None = None,
+                 denials: top_agents.DenialTable | None = None) -> None:
         self._authority = authority
+        self._denials = denials
         self._meters = meters
         self._front = front
         self._fleet = fleet
@@ -135,6 +138,8 @@ class Metrics:
         for reason, count in sorted(metrics.decision_counts(sums).items()):
             decisions.add_metric([reason], count)
         yield decisions
+        if self._denials is not None:
+            yield self._agent_denials(sums)
         buckets, seconds = metrics.latency_buckets(sums)
         yield HistogramMetricFamily("agentauthz_check_duration_seconds",
                                     "Time the daemon took to decide and answer a Check, gRPC excluded",
@@ -184,6 +189,19 @@ class Metrics:
             yield GaugeMetricFamily(name, helptext, value=value)
         if a.cluster is not None:
             yield from cluster_metrics(a.cluster.status())
+
+
+    def _agent_denials(self, sums: list[int]) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+        top_n = self._authority.config.metrics_top_agents
+        family = CounterMetricFamily(
+            "agentauthz_agent_denials", f"Check denials by reason of the {top_n} agents denied most (every "
+            "worker's), the rest under agent=\"other\", those of tokens that did not verify under "
+            "\"unverified\": at most metrics_top_agents + 1 agent values", labels=["agent", "reason"])
+        denied = {r: n for r, n in metrics.decision_counts(sums).items() if r != reasons.ALLOW}
+        for agent, reason, count in top_agents.top_agents(self._denials.read(), denied, top_n):
+            family.add_metric([agent, reason], count)
+        return family
 
 
 def cluster_metrics(status: dict[str, Any]) -> Iterator[Any]:
@@ -237,6 +255,8 @@ class Daemon:
         self._cluster_stop = asyncio.Event()
         # Every Check process's counters, made before any worker is forked: row 0 is this process's.
         self.meters = metrics.MeterTable(max(1, config.workers))
+        self.denials = top_agents.DenialTable(max(1, config.workers), top_agents.slots_for(
+            config.metrics_top_agents)) if config.metrics_top_agents else None
 
     def fork_workers(self) -> None:
         """With ``workers > 1``, fork the extra Check workers; before any gRPC object exists."""
@@ -334,7 +354,8 @@ class Daemon:
             t.start()
 
         check_service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock,
-                                               budgets=a.budgets, meters=self.meters.row(0))
+                                               budgets=a.budgets, meters=self.meters.row(0),
+                                               denials=self.denials and self.denials.counter(0))
         check = self.check_server = self._check_server(check_service)
         # Above gRPC's soft 8 KiB metadata limit, so our own 8 KiB JWT-SVID cap answers, not a random
         # RESOURCE_EXHAUSTED.
@@ -354,7 +375,7 @@ class Daemon:
 
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
-        registry.register(Metrics(a, self.meters, self.api_front, self.fleet))
+        registry.register(Metrics(a, self.meters, self.api_front, self.fleet, self.denials))
         self.http = HttpListener(self.config.http_listen, Routes(a, self.serving, registry),
                                  timeout=self.config.http_timeout,
                                  max_connections=self.config.http_max_connections)
@@ -420,7 +441,8 @@ class Daemon:
         audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}", a.audit_key)
         audit.start()
         service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock, budgets=a.budgets,
-                                        meters=self.meters.row(number))
+                                        meters=self.meters.row(number),
+                                        denials=self.denials and self.denials.counter(number))
         server = self._check_server(service)
         await server.start()
         freeze_startup_objects()
