@@ -139,7 +139,7 @@ class Metrics:
             decisions.add_metric([reason], count)
         yield decisions
         if self._denials is not None:
-            yield self._agent_denials(sums)
+            yield self._agent_denials(self._denials, sums)
         buckets, seconds = metrics.latency_buckets(sums)
         yield HistogramMetricFamily("agentauthz_check_duration_seconds",
                                     "Time the daemon took to decide and answer a Check, gRPC excluded",
@@ -191,7 +191,7 @@ class Metrics:
             yield from cluster_metrics(a.cluster.status())
 
 
-    def _agent_denials(self, sums: list[int]) -> Any:
+    def _agent_denials(self, table: top_agents.DenialTable, sums: list[int]) -> Any:
         from prometheus_client.core import CounterMetricFamily
         top_n = self._authority.config.metrics_top_agents
         family = CounterMetricFamily(
@@ -199,7 +199,7 @@ class Metrics:
             "worker's), the rest under agent=\"other\", those of tokens that did not verify under "
             "\"unverified\": at most metrics_top_agents + 1 agent values", labels=["agent", "reason"])
         denied = {r: n for r, n in metrics.decision_counts(sums).items() if r != reasons.ALLOW}
-        for agent, reason, count in top_agents.top_agents(self._denials.read(), denied, top_n):
+        for agent, reason, count in top_agents.top_agents(table.read(), denied, top_n):
             family.add_metric([agent, reason], count)
         return family
 

@@ -215,7 +215,7 @@ class Summary:
                 {"time": ts, "scope": "agent (ban)", "by": _text(rec.get("agent")), "token_id": ""})
 
     def result(self) -> dict[str, Any]:
-        agents = []
+        agents: list[dict[str, Any]] = []
         for name, a in self.agents.items():
             checks = a.allowed + a.denied
             tasks = {task: t.out() for task, t in sorted(a.tasks.items())}
@@ -228,9 +228,8 @@ class Summary:
                            "peer_refusals": a.peer_refusals, "flags": flags(name, a), "tasks": tasks,
                            "events": sorted(a.events)})
         agents.sort(key=lambda x: (not x["flags"], -x["denied"], x["agent"]))
-        checks = [x["checks"] for x in agents]
         return {"first": self.first, "last": self.last, "records": self.records, "logs": sorted(self.logs),
-                "checks": sum(checks), "allowed": sum(x["allowed"] for x in agents),
+                "checks": sum(x["checks"] for x in agents), "allowed": sum(x["allowed"] for x in agents),
                 "denied": sum(x["denied"] for x in agents), "agents": agents,
                 "flagged": [x["agent"] for x in agents if x["flags"]]}
 
