@@ -134,7 +134,8 @@ def render(report: dict[str, Any], charts: dict[str, str]) -> str:
     body = [f"<h1>agentauthz audit report</h1><p>{_e(report['directory'])}<br>"
             f"<b>window:</b> {_e(when(window['since']) or 'start of log')} to "
             f"{_e(when(window['until']) or 'end of log')}; records from {_e(when(s['first']))} to "
-            f"{_e(when(s['last']))}; {s['records']} records in {len(s['logs'])} logs<br>"
+            f"{_e(when(s['last']))}; {s['records']} records in the window, checkpoints aside, from "
+            f"{len(s['logs'])} logs<br>"
             f'<b>integrity:</b> <span id="integrity">{verdict}</span> {_e(integrity["message"])}</p>',
             f"<p><b>{s['checks']}</b> calls decided: {s['allowed']} allowed, {s['denied']} denied, by "
             f"<b>{len(agents)}</b> agents; <b id='flagged-count'>{len(s['flagged'])}</b> flagged for "
