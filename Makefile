@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 SOURCES := pyproject.toml setup.py $(wildcard native/*.pyx native/*.pxd)
 
-.PHONY: run test fuzz fuzz-native test-pure bench bench-instructions protos check-protos lint clean
+.PHONY: run test mcp-venvs fuzz fuzz-native test-pure bench bench-instructions protos check-protos lint clean
 
 $(STAMP): $(SOURCES)
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +22,21 @@ run: $(STAMP)
 # first proves the package also selects and builds pure with the switch set.
 # Cluster-mode tests start a real redis-server (Debian's package); the audit report's test opens the
 # page in headless Chromium (Debian's chromium).
-test: $(STAMP)
+test: $(STAMP) mcp-venvs
 	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
 	command -v chromium >/dev/null || (apt-get update && apt-get install -y chromium)
 	$(MAKE) --no-print-directory test-pure
 	$(PY) -m pytest -q
+
+# The official MCP SDK, both lines, for tests/test_mcp_sdk.py: one package name, so one venv per line
+# (the test extra cannot hold both); the stamp holds the requirement, which the test checks too.
+MCP_SDK1 := mcp>=1.30,<2
+MCP_SDK2 := mcp>=2.3,<3
+mcp-venvs: .venv-mcp1/.installed-stamp .venv-mcp2/.installed-stamp
+.venv-mcp%/.installed-stamp:
+	$(PYTHON) -m venv .venv-mcp$*
+	.venv-mcp$*/bin/python -m pip install -q '$(MCP_SDK$*)'
+	echo '$(MCP_SDK$*)' > $@
 
 # The fuzz tests (tests/test_fuzz_*.py, seeds in tests/corpus/) with many more examples than `make test`
 # runs; FUZZ_ARGS passes pytest options, e.g. "--hypothesis-seed=1 -x".
@@ -87,4 +97,4 @@ lint: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider tests/test_layers.py
 
 clean:
-	rm -rf build $(VENV) agentauthz/*.so agentauthz/*/*.so native/*.c
+	rm -rf build $(VENV) .venv-mcp1 .venv-mcp2 agentauthz/*.so agentauthz/*/*.so native/*.c

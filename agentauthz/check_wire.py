@@ -191,8 +191,11 @@ def decode_check_response(raw: bytes) -> Answer:
     if body:
         try:
             reason = json.loads(body)["error"]
+            if isinstance(reason, dict):  # an MCP route's JSON-RPC error: the reason is in its data
+                reason = reason["data"]["reason"]
         except (ValueError, TypeError, KeyError):
             reason = None
         if not isinstance(reason, str):
-            raise CheckResponseMalformed('a denial\'s body is not {"error": reason}')
+            raise CheckResponseMalformed('a denial\'s body is not {"error": reason}, nor a JSON-RPC error '
+                                         'whose data names the reason')
     return Answer(False, denied.message(1).int32(1), reason, _headers(denied.messages(2)), decision_id)

@@ -245,8 +245,9 @@ def cmd_mint(args: argparse.Namespace) -> None:
     def g(grant: Any) -> dict[str, Any]:
         return {"tool": grant.tool, "target": grant.target, "ops": list(grant.operations),
                 "sensitivity": grant.sensitivity}
+    from .serve.api import grant_to_dict  # granted: with the argument constraints and budget they carry
     result = {"token": m.token, "token_id": m.token_id, "expires_at": m.expires_at, "task": m.task,
-              "agent": m.agent, "key_id": m.key_id, "grants": [g(x) for x in m.grants],
+              "agent": m.agent, "key_id": m.key_id, "grants": [grant_to_dict(x) for x in m.grants],
               "denied": [g(x) for x in m.denied], "needs_approval": [g(x) for x in m.needs_approval]}
     if m.approver:
         result["approver"] = m.approver
@@ -255,6 +256,9 @@ def cmd_mint(args: argparse.Namespace) -> None:
         then = "" if m.pending.state == "approved" else "once a human approves it, "
         raise Refusal(f"approval_required: request {m.pending.id} is {m.pending.state}; {then}"
                       f"mint again with --approval-id {m.pending.id}", result)
+    if m.denied and not args.json:  # the token alone would not say what was left out
+        print("not granted: " + " ".join(f"{x.tool}:{x.target}:{','.join(x.operations)}:{x.sensitivity}"
+                                         for x in m.denied), file=sys.stderr)
     _emit(args, result, m.token)
 
 

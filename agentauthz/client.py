@@ -140,6 +140,9 @@ def parse_grant(text: str) -> pb.Grant:
                          f"{', '.join(SENSITIVITY_LEVELS)}")
     if not ops:
         raise ValueError(f"grant {text!r} names no operation (OPS is comma-separated, e.g. read,write)")
+    if "*" in ops:  # the daemon refuses it too (request_invalid)
+        raise ValueError(f"grant {text!r}: '*' is no operation: a token names the operations it carries "
+                         "(an MCP session: session,tools/list); '*' belongs in policy rules")
     return pb.Grant(tool=parts[0], target=parts[1], operations=ops, sensitivity=sensitivity)
 
 

@@ -49,6 +49,7 @@ from agentauthz.decision.mcp import Call, read_call
 from agentauthz.decision.policy import DEV_POLICY
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.serve import extauthz
+from agentauthz.serve.mcp_denials import DENIED_CODE
 
 ALPHA, BETA = "spiffe://dev.local/agent/alpha", "spiffe://dev.local/agent/beta"
 SEEDS = Path(__file__).resolve().parent / "corpus" / "check_requests"
@@ -151,7 +152,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     w.live["data-unbound"] = a.mint(ALPHA, "t-data2", [grant("demo", "*", ["read"])], audience="data").token
     w.live["mcp"] = a.mint(ALPHA, "t-mcp", [
         grant("read_file", "files", ["call"]), grant("echo", "files", ["call"]),
-        grant("mcp", "files", ["initialize", "tools/list", "ping"])]).token
+        grant("mcp", "files", ["session", "tools/list"])]).token
     w.live["delegated"] = a.delegate(ALPHA, plain, BETA, [grant("demo", "reports/*", ["read"])]).token
     revoked = a.mint(ALPHA, "t-revoked", [grant("demo", "*", ["read"])])
     a.revoke_token(ALPHA, revoked.token_id)
@@ -192,13 +193,21 @@ def expected_fields(request: Any) -> tuple[str, str, str, str]:
         tool = path_tool if tool is None else tool
         target = path_target if target is None else target
     body = http.raw_body or http.body.encode()
-    if "mcp" in ext and body:  # an MCP route with a body: the JSON-RPC request names tool and operation
+    if "mcp" in ext and body:  # an MCP route with a body: the JSON-RPC message names tool and operation
         message = json.loads(body)
-        if message["method"] == "tools/call":
+        if "method" not in message or message["method"] in MCP_SESSION_METHODS:  # a response, or transport
+            tool, operation = "mcp", "session"
+        elif message["method"] == "tools/call":
             tool, operation = message["params"]["name"], "call"
         else:
             tool, operation = "mcp", message["method"]
+    elif "mcp" in ext and http.method in ("GET", "DELETE"):  # the event stream, the session's end
+        tool, operation = "mcp", "session"
     return tool, target, operation, ext.get("sensitivity") or "public"
+
+
+MCP_SESSION_METHODS = {"initialize", "notifications/initialized", "notifications/cancelled", "ping",
+                       "server/discover"}  # README "MCP tool calls": the session grant's methods
 
 
 def covered(claims: dict[str, Any], tool: str, target: str, operation: str, sensitivity: str) -> bool:
@@ -220,7 +229,19 @@ def answer_is_sound(world: World, request: Any, raw: bytes) -> str:
         assert response.HasField("denied_response") and not response.HasField("ok_response")
         reason = response.status.message
         denied = response.denied_response
-        assert json.loads(denied.body) == {"error": reason}
+        body = json.loads(denied.body)
+        if "jsonrpc" in body:  # a denied request on an MCP route: a JSON-RPC error answering its id
+            http = request.attributes.request.http
+            message = json.loads(http.raw_body or http.body.encode())
+            assert "mcp" in request.attributes.context_extensions and message.get("id") is not None
+            assert body["id"] == message["id"] and body["error"]["code"] == DENIED_CODE
+            data = body["error"]["data"]
+            assert data["reason"] == reason and data["status"] == extauthz.http_status_for(reason)
+            assert reason in REASONS and reason != reasons.ALLOW, reason
+            headers = {h.header.key: h.header.value for h in denied.headers}
+            assert denied.status.code == 200 and headers == {"content-type": "application/json"}
+            return reason
+        assert body == {"error": reason}
         assert reason in REASONS and reason != reasons.ALLOW, reason
         status = denied.status.code
         assert status == extauthz.http_status_for(reason) and status in (400, 401, 403, 429, 503)

@@ -32,6 +32,7 @@ from agentauthz.decision.constraints import Argument, compile_arguments, path_un
 from agentauthz.decision.policy import Policy
 from agentauthz.serve.api import grant_to_dict, grant_to_proto
 from agentauthz.serve.extauthz import http_status_for
+from agentauthz.serve.mcp_denials import DENIED_CODE
 from agentauthz.v1 import agentauthz_pb2 as pb
 
 READ_REPORTS = [{"name": "path", "prefix": "/srv/reports", "required": True},
@@ -55,12 +56,62 @@ def test_tools_call_names_tool_operation_and_arguments() -> None:
     assert isinstance(no_arguments, mcp.Call) and no_arguments.arguments == {}
 
 
-def test_other_methods_are_operations_on_the_session_tool() -> None:
-    for method, expected in (("initialize", "initialize"), ("tools/list", "tools/list"),
-                             ("notifications/initialized", "notifications/initialized")):
-        call = mcp.read_call(http(rpc(method, {}, id=None if method.startswith("notif") else 7)))
+def test_the_transports_own_messages_are_one_session_operation_and_other_methods_their_own() -> None:
+    for method, expected in (("initialize", "session"), ("notifications/initialized", "session"),
+                             ("notifications/cancelled", "session"), ("ping", "session"),
+                             ("server/discover", "session"), ("tools/list", "tools/list"),
+                             ("resources/read", "resources/read"), ("prompts/get", "prompts/get"),
+                             ("notifications/roots/list_changed", "notifications/roots/list_changed")):
+        request_id = None if method.startswith("notif") else 7
+        call = mcp.read_call(http(rpc(method, {}, id=request_id)))
         assert isinstance(call, mcp.Call)
-        assert (call.tool, call.operation, call.arguments) == ("mcp", expected, None)
+        assert (call.tool, call.operation, call.arguments, call.method, call.id) == (
+            "mcp", expected, None, method, request_id)
+    assert mcp.read_call(http(b"", method="GET")) is mcp.SESSION  # the event stream
+    assert mcp.read_call(http(b"", method="DELETE")) is mcp.SESSION  # the session's end
+
+
+RESPONSES = {  # a client's answers to the server's own requests (elicitation, sampling, roots)
+    "elicitation": {"jsonrpc": "2.0", "id": 0, "result": {"action": "accept", "content": {"ok": True}}},
+    "string id": {"jsonrpc": "2.0", "id": "s-1", "result": {}},
+    "error": {"jsonrpc": "2.0", "id": 3, "error": {"code": -32601, "message": "no roots"}},
+    "error with data": {"jsonrpc": "2.0", "id": 3, "error": {"code": -1, "message": "x", "data": [1]}},
+}
+BAD_RESPONSES = {
+    "result and error": {"jsonrpc": "2.0", "id": 1, "result": {}, "error": {"code": 1, "message": "x"}},
+    "result not an object": {"jsonrpc": "2.0", "id": 1, "result": "ok"},
+    "null id": {"jsonrpc": "2.0", "id": None, "result": {}},
+    "no id": {"jsonrpc": "2.0", "result": {}},
+    "bool id": {"jsonrpc": "2.0", "id": True, "result": {}},
+    "unknown member": {"jsonrpc": "2.0", "id": 1, "result": {}, "params": {"name": "delete_file"}},
+    "jsonrpc 1.0": {"jsonrpc": "1.0", "id": 1, "result": {}},
+    "error not an object": {"jsonrpc": "2.0", "id": 1, "error": "denied"},
+    "error code not an integer": {"jsonrpc": "2.0", "id": 1, "error": {"code": "1", "message": "x"}},
+    "error without message": {"jsonrpc": "2.0", "id": 1, "error": {"code": 1}},
+    "error unknown member": {"jsonrpc": "2.0", "id": 1, "error": {"code": 1, "message": "x", "tool": "y"}},
+    "method and result": {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "result": {}},
+}
+
+
+@pytest.mark.parametrize("message", RESPONSES.values(), ids=RESPONSES.keys())
+def test_responses_to_the_servers_requests_are_session_traffic(message: dict[str, Any]) -> None:
+    assert mcp.read_call(http(json.dumps(message).encode())) is mcp.SESSION
+
+
+@pytest.mark.parametrize("message", BAD_RESPONSES.values(), ids=BAD_RESPONSES.keys())
+def test_anything_else_shaped_like_a_response_is_refused(message: dict[str, Any]) -> None:
+    assert mcp.read_call(http(json.dumps(message).encode())) == reasons.MCP_BODY_INVALID
+
+
+def test_responses_are_held_to_the_same_strictness() -> None:
+    duplicate = b'{"jsonrpc":"2.0","id":1,"result":{"action":"accept","action":"decline"}}'
+    assert mcp.read_call(http(duplicate)) == reasons.MCP_BODY_INVALID
+    huge = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"n": 10 ** 30}}).encode()
+    assert mcp.read_call(http(huge)) == reasons.MCP_BODY_INVALID
+    padded = json.dumps({"jsonrpc": "2.0", "id": 1, "result": {"p": "a" * mcp.MAX_BODY_BYTES}}).encode()
+    assert mcp.read_call(http(padded)) == reasons.MCP_BODY_TOO_LARGE
+    batch = b"[" + json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode() + b"]"
+    assert mcp.read_call(http(batch)) == reasons.MCP_BATCH_REFUSED
 
 
 def test_the_body_envoy_sent_as_a_string_is_read_too() -> None:
@@ -71,10 +122,12 @@ def test_the_body_envoy_sent_as_a_string_is_read_too() -> None:
     assert isinstance(call, mcp.Call) and call.arguments == {"path": "/srv/reports/é"}
 
 
-def test_a_request_without_a_body_is_decided_like_any_route_but_an_empty_post_is_not() -> None:
-    assert mcp.read_call(http(b"", method="GET")) is None
-    assert mcp.read_call(http(b"", method="DELETE")) is None
+def test_only_a_post_carries_a_message_and_other_body_less_requests_are_decided_like_any_route() -> None:
     assert mcp.read_call(http(b"", method="POST")) == reasons.MCP_BODY_INVALID
+    for method in ("GET", "DELETE", "PUT"):  # what would the upstream make of a GET's body?
+        assert mcp.read_call(http(tool_call("read_file"), method=method)) == reasons.MCP_BODY_INVALID
+    assert mcp.read_call(http(b"", method="HEAD")) is None
+    assert mcp.read_call(http(b"", method="OPTIONS")) is None
 
 
 BAD_BODIES = {
@@ -98,7 +151,6 @@ BAD_BODIES = {
     "jsonrpc 1.0": json.dumps({"jsonrpc": "1.0", "id": 1, "method": "tools/call",
                                "params": {"name": "x"}}).encode(),
     "jsonrpc missing": json.dumps({"id": 1, "method": "tools/call", "params": {"name": "x"}}).encode(),
-    "response object": json.dumps({"jsonrpc": "2.0", "id": 1, "result": {}}).encode(),
     "unknown member": json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
                                   "params": {"name": "x"}, "extra": 1}).encode(),
     "bool id": rpc("tools/call", {"name": "x"}, id=True),
@@ -334,9 +386,10 @@ class Stack:
         self.client = agent(self.daemon, work)
         self.check = Checker(self.daemon.check_address)
         minted = self.client.mint("mcp-task", [grant("read_file"), grant("echo"),
-                                               grant("mcp", ops=("initialize", "tools/list"))])
+                                               grant("mcp", ops=("session", "tools/list"))])
         self.token = minted.token
         self.minted = minted
+        self.minted_without_session = self.client.mint("no-session", [grant("echo")]).token
 
 
 @pytest.fixture(scope="module")
@@ -378,11 +431,11 @@ def test_a_call_within_the_constraints_is_allowed(stack: Stack) -> None:
     ({"path": "/srv/reports/q1", "max_bytes": 10 ** 6}, reasons.ARGUMENT_ABOVE_MAX),
     ({"path": "/srv/reports/q1", "max_bytes": False}, reasons.ARGUMENT_TYPE),
 ])
-def test_calls_outside_the_constraints_are_403_with_the_reason(stack: Stack, arguments: dict[str, Any],
-                                                                reason: str) -> None:
+def test_calls_outside_the_constraints_are_json_rpc_errors_with_the_reason(
+        stack: Stack, arguments: dict[str, Any], reason: str) -> None:
     d = stack.check(check_request(stack.token, tool_call("read_file", arguments)))
-    assert (d.allowed, d.status, d.reason) == (False, 403, reason)
-    assert 'error="insufficient_scope"' in d.headers["www-authenticate"]
+    assert (d.allowed, d.status, d.reason) == (False, 200, reason)  # 200: the agent's session goes on
+    assert d.headers["content-type"] == "application/json" and "www-authenticate" not in d.headers
 
 
 def test_tools_and_methods_the_token_lacks_are_scope_denied(stack: Stack) -> None:
@@ -390,6 +443,19 @@ def test_tools_and_methods_the_token_lacks_are_scope_denied(stack: Stack) -> Non
                        ).reason == reasons.SCOPE_DENIED
     assert stack.check(check_request(stack.token, rpc("resources/read", {"uri": "file:///etc"}))
                        ).reason == reasons.SCOPE_DENIED
+    # A notification or a response answers nothing: denied with the plain route's status.
+    for body in (rpc("notifications/roots/list_changed", id=None), rpc("ping", id=None)):
+        d = stack.check(check_request(stack.minted_without_session, body))
+        assert (d.status, d.reason) == (403, reasons.SCOPE_DENIED)
+    response = json.dumps({"jsonrpc": "2.0", "id": 4, "result": {"action": "accept"}}).encode()
+    assert stack.check(check_request(stack.token, response)).allowed  # the session grant covers it
+    d = stack.check(check_request(stack.minted_without_session, response))
+    assert (d.status, d.reason) == (403, reasons.SCOPE_DENIED)
+    # The event stream and the session's end: the session grant, nothing else.
+    for method in ("GET", "DELETE"):
+        assert stack.check(check_request(stack.token, method=method)).allowed
+        assert stack.check(check_request(stack.minted_without_session, method=method)).reason == \
+            reasons.SCOPE_DENIED
 
 
 def test_a_constrained_grant_does_not_cover_a_request_without_arguments(stack: Stack) -> None:
@@ -420,7 +486,7 @@ def test_a_body_on_a_route_not_marked_mcp_is_ignored(stack: Stack) -> None:
 # -- through a real Envoy ------------------------------------------------------------------------------
 
 
-def post(port: int, body: bytes, token: str | None, path: str = "/mcp/files",
+def post(port: int, body: bytes, token: str | None, path: str = "/mcp",
          content_type: str = "application/json") -> tuple[int, dict[str, Any], dict[str, str]]:
     headers = {"content-type": content_type}
     if token:
@@ -443,12 +509,17 @@ def test_through_envoy(stack: Stack, tmp_path: Path) -> None:
             envoy(envoy_config(stack.daemon.check_port, upstream, proxy, admin), tmp_path, admin):
         status, body, _ = post(proxy, tool_call("read_file", {"path": "/srv/reports/q1"}), stack.token)
         assert status == 200, body
-        assert body["path"] == "/mcp/files" and "authorization" not in body["headers"]
+        assert body["path"] == "/mcp" and "authorization" not in body["headers"]
         assert body["headers"]["x-agentauthz-agent"] == AGENT
-        status, body, headers = post(proxy, tool_call("read_file", {"path": "/srv/reports/../../etc"}),
-                                     stack.token)
-        assert (status, body) == (403, {"error": reasons.ARGUMENT_PATH_UNSAFE})
-        assert "insufficient_scope" in headers["www-authenticate"]
+        # A denied request: a JSON-RPC error answering its id, at 200 (the agent's session goes on).
+        status, body, headers = post(proxy, rpc("tools/call", {"name": "read_file", "arguments": {
+            "path": "/srv/reports/../../etc"}}, id="call-7"), stack.token)
+        assert (status, headers["content-type"], body["jsonrpc"], body["id"]) == (
+            200, "application/json", "2.0", "call-7")
+        assert body["error"]["code"] == DENIED_CODE and "www-authenticate" not in headers
+        assert body["error"]["data"]["reason"] == reasons.ARGUMENT_PATH_UNSAFE
+        assert body["error"]["data"]["status"] == 403
+        assert "argument path: a path under /srv/reports" in body["error"]["message"]
         status, body, _ = post(proxy, b"[" + tool_call("echo") + b"]", stack.token)
         assert (status, body) == (400, {"error": reasons.MCP_BATCH_REFUSED})
         status, body, _ = post(proxy, tool_call("echo"), stack.token, content_type="text/plain")
@@ -460,9 +531,9 @@ def test_through_envoy(stack: Stack, tmp_path: Path) -> None:
         status, body, _ = post(proxy, tool_call("echo"), None)
         assert (status, body) == (401, {"error": reasons.TOKEN_MISSING})
         for _ in range(5):
-            assert post(proxy, tool_call("search", {"q": "x"}), budgeted)[0] == 200
+            assert "error" not in post(proxy, tool_call("search", {"q": "x"}), budgeted)[1]
         status, body, _ = post(proxy, tool_call("search", {"q": "x"}), budgeted)
-        assert (status, body) == (403, {"error": reasons.BUDGET_EXHAUSTED})
+        assert (status, body["error"]["data"]["reason"]) == (200, reasons.BUDGET_EXHAUSTED)
         # The example's other routes are untouched: no body goes to agentauthz there.
         status, body, _ = post(proxy, b"[not json", demo, path="/demo/reports")
         assert status == 200, body

@@ -1,18 +1,23 @@
-"""MCP tool calls: what a JSON-RPC 2.0 request body asks for, read strictly, never guessed at.
+"""MCP tool calls: what a JSON-RPC 2.0 message body asks for, read strictly, never guessed at.
 
 On a route whose ``context_extensions`` carry ``mcp: "true"`` (and whose ext_authz settings send the
-body, ``with_request_body``), a request with a body is decided from it:
+body, ``with_request_body``), a request is decided from what it carries:
 
 - ``tools/call``: tool = ``params.name``, operation = ``call``, target and sensitivity from the route;
   ``params.arguments`` is what grant argument constraints are checked against;
-- any other method (``initialize``, ``ping``, ``tools/list``, notifications ...): tool ``mcp``,
-  operation = the method itself, so a session needs an explicit grant such as
-  ``mcp:<target>:initialize,notifications/initialized,tools/list,ping``.
+- the transport's own messages, which call no tool: tool ``mcp``, operation ``session``
+  (``SESSION_OPERATION``). They are ``initialize``, ``notifications/initialized``,
+  ``notifications/cancelled``, ``ping``, ``server/discover`` (``SESSION_METHODS``), the body-less GET
+  opening the event stream and DELETE ending the session, and a response object answering one of the
+  server's own requests (elicitation, sampling, roots): ``{"jsonrpc", "id", "result"|"error"}``;
+- any other method (``tools/list``, ``resources/read``, ``prompts/get`` ...): tool ``mcp``, operation =
+  the method itself. A session therefore needs ``mcp:<target>:session`` and, to list tools,
+  ``mcp:<target>:session,tools/list``.
 
-A batch, a response object, a body that is not strict JSON (duplicate keys, NaN, integers beyond
-±2^53, lone surrogates, nesting past 64), not ``application/json``, over ``MAX_BODY_BYTES`` or cut
-short by Envoy is refused with its own reason. A body-less request (GET opening the event stream,
-DELETE ending a session) is decided like any other route.
+A batch, a body that is not strict JSON (duplicate keys, NaN, integers beyond ±2^53, lone surrogates,
+nesting past 64), not ``application/json``, over ``MAX_BODY_BYTES``, cut short by Envoy, a body on
+anything but a POST, or a message of none of these shapes is refused with its own reason. Any other
+body-less request (HEAD, OPTIONS ...) is decided like any other route.
 """
 
 from __future__ import annotations
@@ -27,25 +32,37 @@ from .constraints import INT_LIMIT
 EXTENSION = "mcp"  # context_extensions key marking an MCP route ("true")
 MAX_BODY_BYTES = 65536  # equals max_request_bytes of the MCP route in examples/envoy.yaml
 SESSION_TOOL = "mcp"
+SESSION_OPERATION = "session"  # the transport's own messages: one grant, mcp:<target>:session
+SESSION_METHODS = frozenset({"initialize", "notifications/initialized", "notifications/cancelled", "ping",
+                             "server/discover"})
+SESSION_REQUESTS = frozenset({"GET", "DELETE"})  # body-less: the event stream, the session's end
 CALL_OPERATION = "call"
 PARTIAL_HEADER = "x-envoy-auth-partial-body"  # Envoy's mark of a body cut at max_request_bytes
 MAX_DEPTH = 64
 _REQUEST_KEYS = frozenset({"jsonrpc", "id", "method", "params"})
+_RESPONSE_KEYS = frozenset({"jsonrpc", "id", "result", "error"})
+_ERROR_KEYS = frozenset({"code", "message", "data"})
 _METHOD = re.compile(r"[A-Za-z0-9_./-]{1,64}")
 _TOOL = re.compile(r"[A-Za-z0-9_.:/-]{1,128}")  # a policy tool name (MCP names are a subset)
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class Call:
-    """The decision's view of one MCP request: tool, operation and, for ``tools/call``, arguments."""
+    """The decision's view of one MCP message: tool, operation, for ``tools/call`` the arguments, and
+    for a request (a message the server answers) its method and ``id``, which a denial answers."""
 
-    __slots__ = ("tool", "operation", "arguments")
+    __slots__ = ("tool", "operation", "arguments", "method", "id")
 
-    def __init__(self, tool: str, operation: str, arguments: dict[str, Any] | None) -> None:
+    def __init__(self, tool: str, operation: str, arguments: dict[str, Any] | None, method: str = "",
+                 id: str | int | None = None) -> None:
         self.tool, self.operation, self.arguments = tool, operation, arguments
+        self.method, self.id = method, id
 
     def __repr__(self) -> str:
-        return f"Call({self.tool!r}, {self.operation!r}, {self.arguments!r})"
+        return f"Call({self.tool!r}, {self.operation!r}, {self.arguments!r}, {self.method!r}, {self.id!r})"
+
+
+SESSION = Call(SESSION_TOOL, SESSION_OPERATION, None)  # a body-less GET/DELETE, or a client's response
 
 
 def _strict(value: Any) -> bool:
@@ -78,11 +95,16 @@ def body_of(http: Any) -> bytes:
 
 
 def read_call(http: Any) -> Call | str | None:
-    """The MCP request in ``http``'s body, a refusal reason, or None when there is no body."""
+    """The MCP message in ``http``'s body (``SESSION`` for the transport's body-less GET and DELETE),
+    a refusal reason, or None for another body-less request (decided like any route)."""
     raw = body_of(http)
     headers = http.headers
     if not raw:
-        return reasons.MCP_BODY_INVALID if http.method == "POST" else None
+        if http.method == "POST":
+            return reasons.MCP_BODY_INVALID
+        return SESSION if http.method in SESSION_REQUESTS else None
+    if http.method != "POST":
+        return reasons.MCP_BODY_INVALID  # only a POST carries a message; what would a GET's body mean?
     if headers.get(PARTIAL_HEADER) == "true":
         return reasons.MCP_BODY_TRUNCATED
     if len(raw) > MAX_BODY_BYTES:
@@ -104,21 +126,40 @@ def read_call(http: Any) -> Call | str | None:
     return _call(message)
 
 
+def _response(message: dict[str, Any]) -> Call | str:
+    """A response to one of the server's own requests: exactly an ``id`` and a ``result`` object or an
+    ``error`` object; it calls no tool, so it is session traffic."""
+    error = message.get("error")
+    if (message.keys() - _RESPONSE_KEYS or message.get("jsonrpc") != "2.0"
+            or type(message.get("id")) not in (str, int) or ("result" in message) == ("error" in message)):
+        return reasons.MCP_BODY_INVALID
+    if "result" in message:
+        return SESSION if type(message["result"]) is dict else reasons.MCP_BODY_INVALID
+    if (type(error) is not dict or error.keys() - _ERROR_KEYS or type(error.get("code")) is not int
+            or type(error.get("message")) is not str):
+        return reasons.MCP_BODY_INVALID
+    return SESSION
+
+
 def _call(message: dict[str, Any]) -> Call | str:
+    if "method" not in message and ("result" in message or "error" in message):
+        return _response(message)
     method = message.get("method")
     if (message.keys() - _REQUEST_KEYS or message.get("jsonrpc") != "2.0"
             or type(method) is not str or not _METHOD.fullmatch(method)):
-        return reasons.MCP_BODY_INVALID  # includes responses (result/error) and unknown members
+        return reasons.MCP_BODY_INVALID  # unknown members, or a request and a response at once
     if "id" in message and type(message["id"]) not in (str, int):
         return reasons.MCP_BODY_INVALID  # JSON-RPC ids: string or number; MCP: never null
     params = message.get("params", {})
     if type(params) is not dict:
         return reasons.MCP_BODY_INVALID
+    request_id = message.get("id")  # None: a notification, which nothing answers
     if method != "tools/call":
-        return Call(SESSION_TOOL, method, None)
+        operation = SESSION_OPERATION if method in SESSION_METHODS else method
+        return Call(SESSION_TOOL, operation, None, method, request_id)
     name = params.get("name")
     arguments = params.get("arguments", {})
     if ("id" not in message or type(name) is not str or not _TOOL.fullmatch(name)
             or type(arguments) is not dict):
         return reasons.MCP_BODY_INVALID
-    return Call(name, CALL_OPERATION, arguments)
+    return Call(name, CALL_OPERATION, arguments, method, request_id)

@@ -36,6 +36,7 @@ from ..decision.mcp import EXTENSION, Call, read_call
 from ..decision.policy import Boundary, Policy, RequestDefaults
 from ..decision.tokens import SENSITIVITY_RANK
 from ..errors import AuditUnavailable, TokenError
+from .mcp_denials import denied_call
 
 _scan = _accel.ACTIVE.scan_check_request
 
@@ -157,21 +158,27 @@ _REFUSED_CLIENTS = _FaultLog()
 UNPARSED = object()  # parse_check_request's answer when the parser raised
 
 
-def refused_argument(entry: Any, reason: str, tool: str, target: str, operation: str, sensitivity: str,
-                     arguments: Mapping[str, Any] | None, ruled: Any) -> str:
-    """The ``argument`` member of an argument denial's record: the first constraint failing for
-    ``reason`` of a grant covering the request, else of the policy's ``Constrained`` answer the
-    decision enforced (``ruled``), and the value it refused (redacted)."""
+def refused_constraint(entry: Any, reason: str, tool: str, target: str, operation: str, sensitivity: str,
+                       arguments: Mapping[str, Any] | None, ruled: Any) -> Any:
+    """The first argument constraint failing for ``reason`` of a grant covering the request, else of
+    the policy's ``Constrained`` answer the decision enforced (``ruled``); None if there is none."""
     if arguments is None:
-        return argument_member(None, None)
+        return None
     level = SENSITIVITY_RANK.get(sensitivity, 0)
     covering = (g.extras for g in entry.grants if g.covers(tool, target, operation, level))
     extras = [e for e in covering if e is not None]
     extras += getattr(ruled, "alternatives", ())
-    for constraint in (c for e in extras for c in e.arguments):
-        if constraint.problem(arguments) == reason:
-            return argument_member(constraint.name, arguments.get(constraint.name))
-    return argument_member(None, None)
+    return next((c for e in extras for c in e.arguments if c.problem(arguments) == reason), None)
+
+
+def refused_argument(entry: Any, reason: str, tool: str, target: str, operation: str, sensitivity: str,
+                     arguments: Mapping[str, Any] | None, ruled: Any) -> str:
+    """The ``argument`` member of an argument denial's record: the constraint ``refused_constraint``
+    finds and the value it refused (redacted)."""
+    constraint = refused_constraint(entry, reason, tool, target, operation, sensitivity, arguments, ruled)
+    if constraint is None:
+        return argument_member(None, None)
+    return argument_member(constraint.name, arguments.get(constraint.name))  # type: ignore[union-attr]
 
 
 _PEER_REFUSED = frozenset({reasons.TOKEN_SENDER, reasons.TOKEN_BINDING})  # their records name the peer
@@ -490,10 +497,23 @@ class CheckService:
                 reason, entry = reasons.AUDIT_UNAVAILABLE, None
         self.decisions[reason] += 1
         if entry is None:
+            if call is not None and call.id is not None:  # an MCP request: the session goes on (mcp_denials)
+                return self._deny_call(call, reason, who, target, sensitivity, ruled,
+                                       wait if reason == reasons.RATE_LIMITED else 0.0, decision_id)
             if reason == reasons.RATE_LIMITED:  # only enforce() says so, and it sets ``wait``
                 return self._deny_later(reason, wait) + self._ids.metadata(decision_id)
             return self._deny(reason) + self._ids.metadata(decision_id)
         return entry.attachment + self._ids.metadata(decision_id)  # type: ignore[no-any-return]
+
+    def _deny_call(self, call: Call, reason: str, who: Any, target: str, sensitivity: str, ruled: Any,
+                   wait: float, decision_id: str) -> bytes:
+        """A denied MCP request answered as a JSON-RPC error carrying its id, why, and what is needed."""
+        constraint = None
+        if reason in reasons.ARGUMENT_REFUSED and who is not None:
+            constraint = refused_constraint(who, reason, call.tool, target, call.operation, sensitivity,
+                                            call.arguments, ruled)
+        return denied_call(call, reason, http_status_for(reason), decision_id, target, sensitivity,
+                           constraint, retry_after(wait) if wait else 0) + self._ids.metadata(decision_id)
 
 
 def parse_check_request(raw: bytes) -> Fields | None:
