@@ -1,0 +1,326 @@
+"""The HTTP Check (Envoy's HTTP ext_authz on granian) beside its floor, the gRPC Check and Cerbos (issue 21).
+
+    python -m benchmarks.load.http_check --out DIR [--rounds 5] [--duration 1.5] [--cold-tokens 2000]
+
+Direct, every server pinned to one core and the load generator on the other, rounds interleaved:
+granian's constant-answer floor, the HTTP Check warm (one token) and cold (every Check verifies a
+signature), the bare grpc.aio floor, the gRPC Check, and Cerbos CheckResources (one CEL rule). h2load
+drives every row it can (HTTP/2, 4 connections x 16 streams); the cold row needs a token per request,
+which h2load cannot send, so our HTTP/1.1 client (h1load.py) drives it, and drives the granian floor and
+the warm HTTP Check too, to show the client is not what bounds it. Through Envoy (one worker), one
+connection and then N: added latency over the proxy floor for HTTP mode, gRPC mode and jwt_authn, with
+each ext_authz mode also pointed at its constant-answer floor (the hop alone). Writes DIR/http_check.json,
+DIR/http_check.md and DIR/http-check.png; http_figures.py makes the figures. Without the HTTP transport
+(no ``http_check_listen`` in this build) the HTTP Check rows are left out and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+from . import cerbos, envoy, loadgen
+from .bench import ROOT, Bench, Settings, Target
+from .daemon import Daemon
+from .h1load import http_request
+from .http_figures import chart, figures, markdown
+from .procs import Process, free_port, http_get, run_bounded, wait_for
+from .run import check_allowed, check_envoy_allows
+
+HTTP_PATH = envoy.ROUTE_PATH  # GET /demo/reports: tool demo, target reports, operation read
+EXAMPLE_HTTP = ROOT / "examples" / "envoy-http.yaml"
+
+
+def http_check_supported() -> bool:
+    from agentauthz.config import Config
+    return "http_check_listen" in Config.__dataclass_fields__
+
+
+class HttpDaemon(Daemon):
+    """The daemon with its HTTP Check listener (when this build has one) beside the gRPC Check."""
+
+    def __init__(self, name: str, work: Path, config: dict[str, Any]) -> None:
+        self.http_check = f"127.0.0.1:{free_port()}" if http_check_supported() else None
+        extra = {"http_check_listen": self.http_check} if self.http_check else {}
+        super().__init__(name, work, ROOT, config={**config, **extra})
+        if self.http_check:
+            wait_for(lambda: self.process.alive() and http_get(f"http://{self.http_check}/")[0] > 0, 30,
+                     f"{name} HTTP Check")
+
+
+def http_allows(address: str, token: str, what: str) -> None:
+    request = urllib.request.Request(f"http://{address}{HTTP_PATH}",
+                                     headers={"authorization": f"Bearer {token}"})
+    status, body = 0, b""
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, body = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, body = exc.code, exc.read()
+    if status != 200:
+        raise RuntimeError(f"{what} answered {status}: {body[:300]!r}")
+
+
+def start_granian_floor(bench: Bench, stack: contextlib.ExitStack) -> tuple[Process, str]:
+    """granian, one worker, one runtime thread, the constant-200 RSGI app, on the server core."""
+    port = free_port()
+    argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1",
+            "--port", str(port), "--workers", "1", "--runtime-threads", "1", "--no-ws", "--loop", "uvloop",
+            "--log-level", "warning", "benchmarks.load.rsgi_floor:app"]
+    proc = Process("granian-floor", argv, bench.work, cwd=ROOT, cpus=bench.server_cpus)
+    stack.callback(proc.stop)
+    bench.processes["granian-floor"] = argv
+    wait_for(lambda: proc.alive() and http_get(f"http://127.0.0.1:{port}/")[0] == 200, 30, "granian floor")
+    return proc, f"127.0.0.1:{port}"
+
+
+def h2load_get(bench: Bench, address: str, token: str | None) -> Callable[[float], dict[str, Any]]:
+    """h2load over HTTP/2 (prior knowledge), GET /demo/reports, the bearer when given; pinned."""
+    s, headers = bench.s, [f"authorization: Bearer {token}"] if token else []
+    return lambda d: loadgen.h2load(f"http://{address}{HTTP_PATH}", duration=d, clients=s.h2_clients,
+                                    streams=s.h2_streams, log_file=bench.work / "h2load.log", headers=headers,
+                                    cpus=bench.client_cpus)
+
+
+def h1load(bench: Bench, address: str, tokens: list[str], name: str) -> Callable[[float], dict[str, Any]]:
+    """Our HTTP/1.1 client, one connection per call in flight, cycling ``tokens`` in order; pinned."""
+    path = bench.work / f"{name}.requests"
+    path.write_text("\n".join(json.dumps(http_request("GET", address, HTTP_PATH, {
+        "authorization": f"Bearer {t}"})) for t in tokens))
+    argv = [sys.executable, "-m", "benchmarks.load.h1load", "--target", address, "--requests", str(path),
+            "--connections", str(bench.s.py_concurrency)]
+
+    def drive(d: float) -> dict[str, Any]:
+        stdout, client_cpu = run_bounded([*argv, "--duration", f"{d:g}"], d + 60, bench.client_cpus, ROOT)
+        return {**json.loads(stdout), "client_cpu_s": client_cpu, "command": " ".join(argv[1:])}
+    return drive
+
+
+def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, cold: HttpDaemon | None,
+           cold_tokens: list[str]) -> dict[str, str]:
+    """The one-core table, every row interleaved with every other so each ratio pairs rounds; the floors."""
+    s = bench.s
+    granian, granian_addr = start_granian_floor(bench, stack)
+    grpc_floor, grpc_floor_addr = bench.start_server(stack, "floor")
+    anchor = cerbos.Cerbos(bench.work, bench.server_cpus)
+    stack.callback(anchor.stop)
+    bench.processes["cerbos"] = anchor.argv
+    if not cerbos.allows(anchor.address, cerbos.request()):
+        raise RuntimeError("cerbos does not allow the benchmark request")
+    token = warm.mint()
+    body = bench.bodies("grpc-warm", [token])
+    check_allowed(warm.check_address, body, "agentauthz gRPC Check")
+    check_allowed(grpc_floor_addr, body, "grpc.aio floor")
+    cerbos_body = loadgen.write_frames(bench.work / "cerbos.bin", [cerbos.request()])
+    rows = [Target("granian_floor", "granian floor: RSGI constant 200 (h2load)",
+                   h2load_get(bench, granian_addr, token), {"server": granian.pid}),
+            Target("granian_floor_h1", "granian floor, our HTTP/1.1 client (the client's ceiling)",
+                   h1load(bench, granian_addr, [token], "granian-h1"), {"server": granian.pid})]
+    if warm.http_check:
+        http_allows(warm.http_check, token, "HTTP Check (warm)")
+        rows += [Target("http_warm", "agentauthz HTTP Check, one token (warm, h2load)",
+                        h2load_get(bench, warm.http_check, token), {"server": warm.pid}, warm),
+                 Target("http_warm_h1", "agentauthz HTTP Check, warm, our HTTP/1.1 client",
+                        h1load(bench, warm.http_check, [token], "http-warm-h1"), {"server": warm.pid}, warm)]
+    if cold and cold.http_check:
+        for t in {cold_tokens[0], cold_tokens[-1]}:
+            http_allows(cold.http_check, t, "HTTP Check (cold)")
+        label = (f"agentauthz HTTP Check, {len(cold_tokens)} tokens through a cache of {s.cold_cache} "
+                 "(cold, our HTTP/1.1 client)")
+        rows.append(Target("http_cold", label, h1load(bench, cold.http_check, cold_tokens, "http-cold"),
+                           {"server": cold.pid}, cold))
+    rows += [Target("grpc_floor", "grpc.aio floor: constant OK (h2load)",
+                    bench.h2load_grpc(grpc_floor_addr, body, s.h2_clients, s.h2_streams, True),
+                    {"server": grpc_floor.pid}),
+             Target("grpc_warm", "agentauthz gRPC Check, one token (warm, h2load)",
+                    bench.h2load_grpc(warm.check_address, body, s.h2_clients, s.h2_streams, True),
+                    {"server": warm.pid}, warm),
+             Target("cerbos", f"Cerbos {cerbos.VERSION} CheckResources, one CEL rule (gRPC, h2load)",
+                    lambda d: loadgen.h2load(f"http://{anchor.address}{cerbos.METHOD}", duration=d,
+                                             clients=s.h2_clients, streams=s.h2_streams, body=cerbos_body,
+                                             log_file=bench.work / "h2load.log", headers=loadgen.GRPC_HEADERS,
+                                             cpus=bench.client_cpus), {"server": anchor.pid})]
+    bench.table("direct", "HTTP Check vs its floor, the gRPC Check and Cerbos, server on one core", "mixed",
+                rows, pinned=True, settings={"h2load": f"{s.h2_clients} connections x {s.h2_streams} streams",
+                                             "h1load": f"{s.py_concurrency} connections"},
+                note="h2load drives every row it can; the cold row needs a token per request, so our "
+                     "HTTP/1.1 client drives it (and the floor and the warm HTTP Check: its own ceiling).")
+    if not cerbos.allows(anchor.address, cerbos.request()):
+        raise RuntimeError("cerbos stopped allowing the benchmark request")
+    anchor.stop()
+    return {"granian": granian_addr, "grpc": grpc_floor_addr}
+
+
+
+# -- through Envoy ---------------------------------------------------------------------------------
+
+def _http2(cluster: dict[str, Any]) -> dict[str, Any]:
+    cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+        "explicit_http_config": {"http2_protocol_options": {}}}}
+    return cluster
+
+
+def http_mode(address: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], str]:
+    """(HTTP filters, the HTTP Check's cluster, the route, where they came from) for Envoy's HTTP mode:
+    examples/envoy-http.yaml's filters, cluster and GET /demo/reports route when it is shipped, else a
+    minimal ``http_service`` (HTTP/2 upstream, the bearer sent, ``x-agentauthz-*`` copied upstream)."""
+    try:
+        import yaml
+        config = yaml.safe_load(EXAMPLE_HTTP.read_text())
+        hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        filters = [f for f in hcm["http_filters"] if f["name"] != "envoy.filters.http.router"]
+        ext = next(f for f in filters if f["name"] == "envoy.filters.http.ext_authz")
+        name = ext["typed_config"]["http_service"]["server_uri"]["cluster"]
+        cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == name)
+        routes = [r for vh in hcm["route_config"]["virtual_hosts"] for r in vh["routes"]]
+        route = next(r for r in routes if HTTP_PATH in json.dumps(r["match"]) and "route" in r)
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = \
+            envoy._address(address)
+        cluster.pop("transport_socket", None)  # the benchmark's Check listens in plaintext
+        return filters, cluster, {**route, "route": {"cluster": "tool"}}, str(EXAMPLE_HTTP.relative_to(ROOT))
+    except (OSError, KeyError, IndexError, StopIteration, TypeError):
+        pass
+    ext = {"name": "envoy.filters.http.ext_authz", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+        "transport_api_version": "V3", "failure_mode_allow": False,
+        "http_service": {
+            "server_uri": {"uri": f"http://{address}", "cluster": "agentauthz_http", "timeout": "0.5s"},
+            "authorization_request": {"allowed_headers": {"patterns": [{"exact": "authorization"}]}},
+            "authorization_response": {
+                "allowed_upstream_headers": {"patterns": [{"prefix": "x-agentauthz-"}]}}}}}
+    return ([ext], _http2(envoy._static_cluster("agentauthz_http", address)),
+            {"match": {"prefix": "/"}, "route": {"cluster": "tool"}}, "minimal http_service (no example)")
+
+
+def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, floors: dict[str, str],
+                  clients: int) -> dict[str, Any]:
+    """One direct_response upstream; a front Envoy per mode; one connection, then ``clients``."""
+    token = warm.mint()
+    jwks = warm.jwks()
+    upstream = envoy.start("envoy-upstream", envoy.upstream_config, bench.work)
+    stack.callback(upstream.stop)
+    bench.processes["envoy-upstream"] = upstream.argv
+    modes: dict[str, tuple[str, Callable[[int, int], dict[str, Any]], Daemon | None]] = {}
+    sources = {}
+
+    def grpc_front(check: str) -> Callable[[int, int], dict[str, Any]]:
+        return lambda listen, admin: envoy.front_config("ext_authz", listen, admin, upstream.listen_port,
+                                                        check_address=check)
+
+    def http_front(check: str, key: str) -> Callable[[int, int], dict[str, Any]]:
+        filters, cluster, route, sources[key] = http_mode(check)
+        return lambda listen, admin: envoy._bootstrap(listen, admin, [route], filters, [
+            cluster, envoy._static_cluster("tool", f"127.0.0.1:{upstream.listen_port}")])
+
+    modes["floor"] = ("Envoy, no authorization", lambda listen, admin: envoy.front_config(
+        "floor", listen, admin, upstream.listen_port), None)
+    modes["jwt_authn"] = ("Envoy jwt_authn (EdDSA, local JWKS)", lambda listen, admin: envoy.front_config(
+        "jwt_authn", listen, admin, upstream.listen_port, jwks=jwks), None)
+    modes["grpc"] = ("ext_authz gRPC -> agentauthz", grpc_front(warm.check_address), warm)
+    if warm.http_check:
+        modes["http"] = ("ext_authz HTTP -> agentauthz (granian)", http_front(warm.http_check, "http"), warm)
+    modes["grpc_floor"] = ("ext_authz gRPC -> grpc.aio floor (the hop alone)", grpc_front(floors["grpc"]),
+                           None)
+    modes["http_floor"] = ("ext_authz HTTP -> granian floor (the hop alone)",
+                           http_front(floors["granian"], "http_floor"), None)
+    fronts = {}
+    for mode, (_, config_for, _) in modes.items():
+        fronts[mode] = envoy.start(f"envoy-{mode}", config_for, bench.work)
+        stack.callback(fronts[mode].stop)
+        check_envoy_allows(fronts[mode].url, token, f"Envoy {mode}")
+        bench.processes[f"envoy-{mode}"] = fronts[mode].argv
+
+    def targets(n: int, names: tuple[str, ...]) -> list[Target]:
+        return [Target(m, modes[m][0], bench.h2load_http(fronts[m].url, token, n),
+                       {"envoy": fronts[m].pid, "upstream": upstream.pid, **(
+                           {"daemon": warm.pid} if modes[m][2] else {})}, modes[m][2])
+                for m in names if m in modes]
+
+    bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", targets(1, tuple(modes)),
+                pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
+                note="Added latency = a row's p50 minus the no-authorization row's p50, paired per round.")
+    bench.table("envoy_n", f"Through Envoy, {clients} connections (h2load --h1)", "h2load",
+                targets(clients, ("floor", "jwt_authn", "grpc", "http", "http_floor")), pinned=False,
+                settings={"clients": clients, "protocol": "http/1.1"})
+    return {"http_config_source": sources,
+            "configs": {m: f.config_path.read_text() for m, f in fronts.items()}}
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    s = Settings(duration=args.duration, warmup=1.0, rounds=args.rounds, pin=True,
+                 cold_cache=args.cold_tokens // 2, envoy_clients=args.envoy_clients)
+    bench = Bench(s, work)
+    started = time.time()
+    with contextlib.ExitStack() as stack:
+        warm = HttpDaemon("agentauthz-warm", work, {})
+        stack.callback(warm.stop)
+        bench.processes["agentauthz-warm"] = warm.argv
+        cold, cold_tokens = None, []
+        if warm.http_check:  # the cold row is the HTTP Check's only
+            cold = HttpDaemon("agentauthz-cold", work, {"verified_cache_size": s.cold_cache})
+            stack.callback(cold.stop)
+            bench.processes["agentauthz-cold"] = cold.argv
+            cold_tokens = cold.mint_many(args.cold_tokens)
+        floors = direct(bench, stack, warm, cold, cold_tokens)
+        if cold:
+            cold.stop()
+        envoy_part = through_envoy(bench, stack, warm, floors, args.envoy_clients)
+    versions = {"cerbos": cerbos.version(), "h2load": loadgen.h2load_version(),
+                "envoy": envoy.envoy_version(), "granian": _granian()}
+    results = {"started": started, "elapsed_s": time.time() - started,
+               "settings": {**vars(args), "out": str(args.out)}, "http_transport": http_check_supported(),
+               "tables": bench.tables, "processes": bench.processes, "versions": versions,
+               "cpus": {"server": sorted(bench.server_cpus or []), "client": sorted(bench.client_cpus or [])},
+               **envoy_part}
+    results["figures"] = figures(bench.tables)
+    return results
+
+
+def _granian() -> str:
+    import granian
+    return str(granian.__version__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True,
+                        help="directory for http_check.json, http_check.md, http-check.png")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=1.5, help="seconds per run")
+    parser.add_argument("--cold-tokens", type=int, default=2000,
+                        help="cycled in order through a verified-token cache of half as many")
+    parser.add_argument("--envoy-clients", type=int, default=16)
+    args = parser.parse_args(argv)
+    if not shutil.which("h2load"):
+        parser.error("h2load not found: apt-get install -y nghttp2-client (make bench does this)")
+    cerbos.install()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="agentauthz-http-check-"))
+    try:
+        results = run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    (args.out / "http_check.json").write_text(json.dumps(results, indent=1, default=str))
+    (args.out / "http_check.md").write_text(markdown(results))
+    chart(results, args.out / "http-check.png")
+    print("\n" + markdown(results))
+    print(f"HTTP Check results: {args.out}/http_check.json, http_check.md, http-check.png "
+          f"({results['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
