@@ -72,6 +72,7 @@ bench: $(STAMP)
 	$(PY) -m benchmarks.load --out $(BENCH_RESULTS)/load.json $(BENCH_LOAD_ARGS)
 	$(PY) -m benchmarks.load.cluster --out $(BENCH_RESULTS)
 	$(PY) -m benchmarks.load.handlers --out $(BENCH_RESULTS)/handlers.json
+	$(PY) -m benchmarks.load.http_check --out $(BENCH_RESULTS)
 	$(PY) -m benchmarks.report --results $(BENCH_RESULTS)
 
 # Instructions per Check under callgrind (floor, the bounds, agentauthz, the naive peer): the figure the

@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     instructions = json.loads(instructions_path.read_text()) if instructions_path.exists() else {}
     cluster_path = out_dir / "cluster.json"
     cluster = json.loads(cluster_path.read_text()) if cluster_path.exists() else {}
+    http_check_path = out_dir / "http_check.json"
+    http_check = json.loads(http_check_path.read_text()) if http_check_path.exists() else {}
     commands = ["make bench",
                 "pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/micro.json",
                 "python -m benchmarks.paired --out benchmarks/results/paired.json",
@@ -83,13 +85,15 @@ def main(argv: list[str] | None = None) -> int:
                 "python -m benchmarks.load.handlers --out benchmarks/results/handlers.json",
                 "python -m benchmarks.load.instructions --out benchmarks/results/instructions.json",
                 "python -m benchmarks.load.cluster --out benchmarks/results",
+                "python -m benchmarks.load.http_check --out benchmarks/results",
                 "python -m benchmarks.report"]
     for table in load.get("tables", {}).values():
         for row in table["rows"].values():
             if row["rounds"]:
                 commands.append(row["rounds"][0]["command"])
     results = {"machine": machine(), "versions": load.get("versions", {}),
-               "ratios": ratios(load, micro, paired, handlers, instructions, cluster), "paired": paired,
+               "ratios": ratios(load, micro, paired, handlers, instructions, cluster, http_check),
+               "paired": paired, "http_check": {k: v for k, v in http_check.items() if k != "configs"},
                "cluster": {k: v for k, v in cluster.items() if k not in ("tables", "propagation_detail")},
                "handlers": handlers, "instructions": instructions,
                "micro": micro, "load": load, "commands": commands,

@@ -190,6 +190,9 @@ def render(results: dict[str, Any]) -> str:
         out.append("_No micro.json: run `pytest benchmarks --benchmark-only --benchmark-json ...`._")
     if results.get("cluster"):
         out += ["", "## Cluster mode (three nodes on one Redis)", "", *cluster_section(results)]
+    if results.get("http_check"):
+        out += ["", "## HTTP Check (granian) beside its floor, the gRPC Check and Cerbos", "",
+                *http_check_section(results)]
     out += ["", "## Charts", "", "![throughput](throughput.png)", "", "![latency](latency.png)", "",
             "## Commands", "", "    " + "\n    ".join(results.get("commands", []))]
     if load.get("processes"):
@@ -211,6 +214,12 @@ def cluster_section(results: dict[str, Any]) -> list[str]:
     from benchmarks.load.cluster import markdown as cluster_table
     return [*cluster_table(results["cluster"]).splitlines(), "",
             "![revocation propagation](cluster-propagation.png)"]
+
+
+def http_check_section(results: dict[str, Any]) -> list[str]:
+    """benchmarks/load/http_check.py's figures and tables, and its chart."""
+    from benchmarks.load.http_figures import markdown as http_check_tables
+    return [*http_check_tables(results["http_check"]).splitlines(), "", "![HTTP Check](http-check.png)"]
 
 
 def summary_lines(results: dict[str, Any]) -> list[str]:

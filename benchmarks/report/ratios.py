@@ -73,7 +73,8 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
            paired: dict[str, dict[str, float]] | None = None,
            handlers: dict[str, Any] | None = None,
            instructions: dict[str, Any] | None = None,
-           cluster: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+           cluster: dict[str, Any] | None = None,
+           http_check: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """Every ratio with its target and verdict (``met`` is None where there is no target)."""
     out: list[dict[str, Any]] = []
 
@@ -263,6 +264,9 @@ def ratios(load: dict[str, Any], micro: dict[str, dict[str, float]],
             "(info)", None, source=src)
         add("cluster_budgeted_over_unbudgeted", "cluster node: budgeted / unbudgeted Check throughput "
             "(one Redis round trip)", b["ratio"], "(info)", None, source=src)
+
+    # benchmarks/load/http_check.py pairs its own rounds (http_figures.figures), in this same shape.
+    out += (http_check or {}).get("figures", [])
 
     def median_ns(name: str) -> float | None:
         b = micro.get(name)
