@@ -161,13 +161,13 @@ def chart(results: dict[str, Any], path: Path) -> None:
     modes = [m for m in tables["envoy_1"]["rows"] if m != "floor"]
     added = [paired(tables["envoy_1"], m, "floor", added_p50) or 0.0 for m in modes]
     axes[1].barh([_short(m, "envoy_1") for m in modes], added,
-                 color=["#cc6677" if m == "http" else "#4477aa" for m in modes])
+                 color=["#cc6677" if m.startswith("http") else "#4477aa" for m in modes])
     axes[1].axvline(0.25, color="k", linestyle="--", label="HTTP mode target 0.25 ms")
     axes[1].legend(fontsize=7)
     axes[1].set_title("Through Envoy, 1 connection: p50 added over the proxy floor, ms", fontsize=9)
     n = tables["envoy_n"]
     axes[2].barh([_short(m, "envoy_n") for m in n["rows"]], [r["summary"]["rps"] for r in n["rows"].values()],
-                 color=["#cc6677" if m == "http" else "#4477aa" for m in n["rows"]])
+                 color=["#cc6677" if m.startswith("http") else "#4477aa" for m in n["rows"]])
     axes[2].set_title(f"{n['title']}: requests/s", fontsize=9)
     for ax in axes[1:]:
         ax.set_xlabel("red: HTTP mode", fontsize=7)
