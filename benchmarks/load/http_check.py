@@ -160,7 +160,6 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, cold: Ht
     return {"granian": granian_addr, "grpc": grpc_floor_addr}
 
 
-
 # -- through Envoy ---------------------------------------------------------------------------------
 
 def _http2(cluster: dict[str, Any]) -> dict[str, Any]:
