@@ -133,7 +133,7 @@ def _config(args: argparse.Namespace) -> Any:
     from .config import Config
     config = Config.load(args.config) if getattr(args, "config", None) else Config()
     changes = {name: getattr(args, name) for name in ("check_listen", "api_listen", "http_listen", "workers",
-                                                      "approval_listen")
+                                                      "approval_listen", "http_check_listen")
                if getattr(args, name, None)}
     if getattr(args, "state_dir", None):
         changes["state_dir"] = Path(args.state_dir)
@@ -418,6 +418,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pki-dir", help=PKI_DIR)
     p.add_argument("--check-listen", help="where Envoy asks for decisions: HOST:PORT or unix:PATH "
                    "(default: the config's check_listen, else 127.0.0.1:9191)")
+    p.add_argument("--http-check-listen", help="Envoy's HTTP ext_authz (http_service) too, served by "
+                   "granian and decided as Check is: HOST:PORT or unix:PATH (default: the config's "
+                   "http_check_listen, else off; README \"The HTTP Check\")")
     p.add_argument("--api-listen", help="where agents mint, revoke and delegate, always mTLS: HOST:PORT "
                    "(default: the config's api_listen, else 127.0.0.1:9190)")
     p.add_argument("--http-listen", help="/healthz, /metrics, JWKS and status lists: HOST:PORT "

@@ -63,6 +63,10 @@ class Config:
     # refused at once (RESOURCE_EXHAUSTED, which Envoy turns into a denial) instead of queuing without
     # bound: load is shed fast and memory stays bounded.
     check_max_concurrent_rpcs: int = 1024
+    # Envoy's HTTP ext_authz (http_service) on granian, beside the gRPC Check, deciding alike: HOST:PORT
+    # or unix:PATH; "": off. Envoy must set its headers as examples/envoy-http.yaml does (README
+    # "The HTTP Check").
+    http_check_listen: str = ""
     # Check worker processes sharing the listener (SO_REUSEPORT); measure before raising past cores.
     workers: int = 1
     # /metrics: denials by reason of this many agents (the most denied), the rest summed under
@@ -226,6 +230,10 @@ def _problems(c: Config) -> list[str]:
         out.append("admins must be SPIFFE IDs")
     if isinstance(c.check_listen, str) and c.check_listen.startswith("unix:") and c.workers != 1:
         out.append("several workers need a TCP check_listen (SO_REUSEPORT does not share Unix sockets)")
+    if not isinstance(c.http_check_listen, str):
+        out.append("http_check_listen must be HOST:PORT, unix:PATH, or empty (off)")
+    elif c.http_check_listen.startswith("unix:") and c.workers != 1:
+        out.append("several workers need a TCP http_check_listen (SO_REUSEPORT does not share Unix sockets)")
     if not isinstance(c.check_mtls, bool):
         out.append("check_mtls must be true or false")
     out += _check_client_problems(c)

@@ -91,15 +91,20 @@ def denied_response(reason: str, retry_after: int = 0) -> bytes:
     ).SerializeToString()
 
 
-def decision_ids(hot: _accel.HotPath) -> Any:
-    """A new process's decision ids (``hot.DecisionIds``), echoed to Envoy as ``dynamic_metadata``."""
+def decision_id_frame() -> tuple[bytes, bytes]:
+    """The serialized ``dynamic_metadata`` field before and after a decision id (see ``decision_ids``)."""
     placeholder = "#" * DECISION_ID_CHARS
     field = ext_authz.CheckResponse(dynamic_metadata=struct_pb2.Struct(
         fields={"decision_id": struct_pb2.Value(string_value=placeholder)})).SerializeToString()
     at = field.index(placeholder.encode())
+    return field[:at], field[at + DECISION_ID_CHARS:]
+
+
+def decision_ids(hot: _accel.HotPath) -> Any:
+    """A new process's decision ids (``hot.DecisionIds``), echoed to Envoy as ``dynamic_metadata``."""
     # 64 random bits per process start tell workers, restarts and replicas apart (the audit log joins
     # on decision ids); the counter, each of one process's decisions.
-    return hot.DecisionIds(os.urandom(8).hex(), field[:at], field[at + DECISION_ID_CHARS:])
+    return hot.DecisionIds(os.urandom(8).hex(), *decision_id_frame())
 
 
 def bearer_token(value: str | None) -> str | None:
@@ -427,7 +432,8 @@ class CheckService:
         refused = None
         if EXTENSION in extensions and token is not None:  # an MCP route: the body says what is called
             # The native scan leaves MCP routes to the pure twin, which keeps the parsed message.
-            read = read_call(message.attributes.request.http)
+            # The HTTP Check hands its request over as ``http`` (serve/http_check.py), gRPC the message.
+            read = read_call(getattr(message, "http", None) or message.attributes.request.http)
             if isinstance(read, str):
                 refused = read
             elif read is not None:

@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import ConfigError
 
-LISTENERS = ("check_listen", "api_listen", "http_listen", "approval_listen")
+LISTENERS = ("check_listen", "api_listen", "http_listen", "approval_listen", "http_check_listen")
 
 
 def taken(name: str, address: str, why: object) -> ConfigError:
@@ -30,6 +30,8 @@ def refuse_taken(config: Any) -> None:
     """
     for name in LISTENERS:
         address = getattr(config, name)
+        if not address:
+            continue  # a listener that is off (http_check_listen)
         why = _unix_problem(address[5:]) if address.startswith("unix:") else _tcp_problem(address)
         if why:
             raise taken(name, address, why)

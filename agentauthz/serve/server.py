@@ -26,7 +26,7 @@ from ..errors import ConfigError
 from ..identity.spiffe import load_bundle
 from ..state.keys import RotationThread
 from ..v1 import agentauthz_pb2, agentauthz_pb2_grpc
-from . import approval_api, extauthz, listeners, workers
+from . import approval_api, extauthz, http_check, listeners, workers
 from .api import ApiService
 from .http_listener import HttpListener, Routes
 from .metrics import Metrics
@@ -139,6 +139,7 @@ class Daemon:
         self.api_front: TlsFront | None = None
         self.approval_server: Any = None
         self.http: HttpListener | None = None
+        self.http_check: http_check.HttpCheckServer | None = None
         self._threads: list[Any] = []
         self.fleet: workers.Fleet | None = None
         self._audit_health: asyncio.Task[None] | None = None
@@ -196,6 +197,19 @@ class Daemon:
                 server.add_insecure_port(self.config.check_listen)
         except RuntimeError as exc:  # gRPC's "Failed to bind": say which listener and option
             raise listeners.taken("check_listen", self.config.check_listen, exc) from None
+        return server
+
+    async def _http_check(self, service: extauthz.CheckService) -> http_check.HttpCheckServer | None:
+        """The HTTP Check on http_check_listen, if configured: the same service behind another transport."""
+        if not self.config.http_check_listen:
+            return None
+        fresh = self.authority.freshness
+        server = http_check.HttpCheckServer(self.config.http_check_listen, http_check.HttpCheck(
+            service, None if fresh is None else fresh.fresh))
+        try:
+            await server.start()
+        except OSError as exc:
+            raise listeners.taken("http_check_listen", self.config.http_check_listen, exc) from None
         return server
 
     def _approval_server(self) -> Any:
@@ -260,6 +274,7 @@ class Daemon:
         self.api_front = TlsFront(self.config.api_listen, backend_port, self.tls_key, self.tls_cert, peers)
         approvals = self.approval_server = self._approval_server()
         await check.start()
+        self.http_check = await self._http_check(check_service)
         await api.start()
         await self.api_front.start()
         await approvals.start()
@@ -279,8 +294,9 @@ class Daemon:
         self._audit_health = asyncio.create_task(self._follow_audit(a.audit, self.serving.is_set, (
             "", extauthz.SERVICE, API_SERVICE, approval_api.SERVICE)))
         log.info("serving: check %s, api %s (mTLS, terminated here; gRPC behind it on %s:%d), approvals %s "
-                 "(TLS), http %s", self.config.check_listen, self.config.api_listen, BACKEND_HOST,
-                 backend_port, self.config.approval_listen, self.config.http_listen)
+                 "(TLS), http %s%s", self.config.check_listen, self.config.api_listen, BACKEND_HOST,
+                 backend_port, self.config.approval_listen, self.config.http_listen,
+                 f", http check {self.config.http_check_listen}" if self.http_check else "")
         if self.config.development:
             print(DEV_HINT.format(cmd=command_in_use(), state=self.config.state_dir,
                                   api=self.config.api_listen, check=self.config.check_listen,
@@ -308,6 +324,8 @@ class Daemon:
             await self.api_front.abort()
         if self.http is not None:
             await self.http.stop()
+        if self.http_check is not None:
+            await self.http_check.stop()
         if self.fleet is not None:
             await asyncio.to_thread(self.fleet.stop)
         for t in self._threads:
@@ -336,6 +354,7 @@ class Daemon:
                                         denials=self.denials and self.denials.counter(number))
         server = self._check_server(service)
         await server.start()
+        http = await self._http_check(service)
         freeze_startup_objects()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.SERVING)
@@ -346,6 +365,8 @@ class Daemon:
         follow.cancel()
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(10.0)
+        if http is not None:
+            await http.stop()
         audit.stop()
 
     async def run_until_signalled(self) -> None:

@@ -1,0 +1,241 @@
+"""Envoy's HTTP ext_authz (``http_service``) on granian: the gRPC Check's decision, another transport.
+
+Envoy sends the original request's method and path, the headers its ``allowed_headers`` name and, on
+an MCP route, the body; it reads the answer as 200 = allow (copying ``allowed_upstream_headers`` to the
+upstream request and removing those ``x-envoy-auth-headers-to-remove`` names), any other status =
+deny (the status, body and ``allowed_client_headers`` to the client; a 5xx is Envoy's
+``status_on_error`` instead). Here the request becomes the same fields tuple the gRPC parser makes
+(``decision/_request_py.Fields``), ``CheckService.check`` decides it (warm path, audit, budgets, MCP)
+and its CheckResponse bytes become the HTTP answer, converted once per distinct response.
+
+What HTTP ext_authz lacks, Envoy's header_mutation filter supplies before ext_authz, and only Envoy
+(examples/envoy-http.yaml; README "The HTTP Check"):
+
+- ``x-agentauthz-path``: the original ``:path`` as Envoy routed it (granian hands handlers the path
+  percent-decoded, and a decision must see what the upstream is sent). Required: without it the request
+  is refused request_invalid, so an Envoy without the filter fails closed.
+- ``x-agentauthz-route-<key>``: a route's ``context_extensions`` (tool, target, operation, sensitivity,
+  boundary, mcp), set per route after the filter removed every client copy; an unknown key or a
+  repeated one is refused request_invalid.
+- ``x-forwarded-client-cert`` (``forward_client_cert_details: SANITIZE_SET``): the peer certificate and
+  principal the gRPC Check reads from ``source``; more than one element is refused request_invalid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
+from google.rpc import code_pb2
+
+from ..decision._check_py import DECISION_ID_CHARS
+from ..decision._request_py import Fields
+from ..decision.mcp import EXTENSION, MAX_BODY_BYTES
+from .extauthz import PREPARED_MAX, UNPARSED, CheckService, decision_id_frame, http_status_for
+
+log = logging.getLogger("agentauthz.http_check")
+
+PATH_HEADER = "x-agentauthz-path"
+ROUTE_PREFIX = "x-agentauthz-route-"
+ROUTE_KEYS = frozenset({"tool", "target", "operation", "sensitivity", "boundary", EXTENSION})
+XFCC = "x-forwarded-client-cert"
+DECISION_HEADER = "x-agentauthz-decision-id"  # Envoy: dynamic_metadata_from_headers, for access logs
+REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
+_SINGLE = frozenset({PATH_HEADER, XFCC})  # Envoy sets each once; two are a client's copy let through
+# One XFCC element's key=value pairs (Envoy quotes values holding , ; = or "); the separator after each.
+_XFCC_PAIR = re.compile(r'([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,"]*)(;|,|$)')
+
+
+class HttpRequest:
+    """The part of the request an MCP route's body reader takes (``decision.mcp.read_call``)."""
+
+    __slots__ = ("method", "headers", "raw_body", "body")
+
+    def __init__(self, method: str, headers: dict[str, str], raw_body: bytes) -> None:
+        self.method, self.headers, self.raw_body, self.body = method, headers, raw_body, ""
+
+
+class _Request:
+    """Stands where the gRPC Check keeps the parsed message: ``_full`` reads an MCP body from ``http``."""
+
+    __slots__ = ("http",)
+
+    def __init__(self, http: HttpRequest) -> None:
+        self.http = http
+
+
+def peer_of(xfcc: str) -> tuple[str, str] | None:
+    """(principal, URL-encoded PEM) from one x-forwarded-client-cert element, as Envoy's ``source``
+    names them (URI SAN, else DNS SAN, else subject); None if it is not exactly one element."""
+    values: dict[str, str] = {}
+    at = 0
+    while at < len(xfcc):
+        pair = _XFCC_PAIR.match(xfcc, at)
+        if pair is None or pair.group(3) == ",":
+            return None
+        key, value = pair.group(1).lower(), pair.group(2)
+        if value.startswith('"'):
+            value = re.sub(r"\\(.)", r"\1", value[1:-1])
+        values.setdefault(key, value)  # DNS may repeat: the first, as Envoy's source.principal
+        at = pair.end()
+    principal = values.get("uri") or values.get("dns") or values.get("subject") or ""
+    return principal, values.get("cert", "")
+
+
+def request_fields(method: str, path: str, header_items: list[tuple[str, str]], body: bytes) -> Fields | None:
+    """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request;
+    None when it is not one Envoy set up as README "The HTTP Check" says (then request_invalid)."""
+    headers: dict[str, str] = {}
+    extensions: dict[str, str] = {}
+    for name, value in header_items:
+        if name.startswith(ROUTE_PREFIX):
+            key = name[len(ROUTE_PREFIX):]
+            if key not in ROUTE_KEYS or key in extensions:
+                return None
+            extensions[key] = value
+        elif name in headers:
+            if name in _SINGLE:
+                return None
+            headers[name] += "," + value  # as Envoy joins a repeated header in the gRPC CheckRequest
+        else:
+            headers[name] = value
+    original = headers.get(PATH_HEADER)
+    if original is None:
+        return None
+    # The decoded path granian hands over must be the one Envoy named; one still encoded is refused
+    # by the decision itself (ABNORMAL_PATH), whatever it decodes to.
+    bare = original.partition("?")[0]
+    if bare != path and "%" not in bare:
+        return None
+    principal = certificate = ""
+    xfcc = headers.get(XFCC)
+    if xfcc is not None:
+        peer = peer_of(xfcc)
+        if peer is None:
+            return None
+        principal, certificate = peer
+    message = _Request(HttpRequest(method, headers, body)) if EXTENSION in extensions else None
+    return (headers.get("authorization"), headers.get("x-request-id", ""), method, original, extensions,
+            principal, certificate, message)
+
+
+class Answers:
+    """CheckResponse bytes as (status, headers, body), converted once per distinct response: the
+    decision id, spliced into each (``extauthz.decision_ids``), is cut out and sent as a header."""
+
+    def __init__(self) -> None:
+        self._head, self._tail = decision_id_frame()
+        self._framed = len(self._head) + DECISION_ID_CHARS + len(self._tail)
+        self._known: dict[bytes, tuple[int, list[tuple[str, str]], bytes]] = {}
+
+    def __call__(self, response: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        cut = len(response) - self._framed
+        if cut >= 0 and response.endswith(self._tail) and response.startswith(self._head, cut):
+            decision_id = response[cut + len(self._head):len(response) - len(self._tail)].decode("ascii")
+            response = response[:cut]
+        else:
+            decision_id = ""
+        known = self._known.get(response)
+        if known is None:
+            known = self._convert(response)
+        status, headers, body = known
+        return status, [*headers, (DECISION_HEADER, decision_id)] if decision_id else headers, body
+
+    def _convert(self, raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        message = ext_authz.CheckResponse.FromString(raw)
+        if message.status.code == code_pb2.OK:
+            ok = message.ok_response
+            headers = [(o.header.key, o.header.value) for o in ok.headers]
+            if ok.headers_to_remove:
+                headers.append((REMOVE_HEADER, ",".join(ok.headers_to_remove)))
+            answer = (200, headers, b"")
+        else:
+            denied = message.denied_response
+            status = denied.status.code or 403
+            # An MCP request's denial answers 200 over gRPC so that the session goes on; over HTTP a 200
+            # is an allow, so it keeps the status a plain route answers (mcp_denials.py).
+            mcp = status < 400
+            if mcp:
+                status = http_status_for(message.status.message)
+            answer = (status, [(o.header.key, o.header.value) for o in denied.headers], denied.body.encode())
+            if mcp:
+                return answer  # its body names its own JSON-RPC id and decision: one of a kind
+        if len(self._known) >= PREPARED_MAX:
+            self._known.clear()
+        self._known[raw] = answer
+        return answer
+
+
+class HttpCheck:
+    """The RSGI application: one HTTP ext_authz request -> ``check`` -> the HTTP answer."""
+
+    def __init__(self, service: CheckService, fresh: Callable[[], bool] | None = None) -> None:
+        self._check = service.check if fresh is None else service.fresh_only(fresh, service.check)
+        self._answers = Answers()
+
+    async def __rsgi__(self, scope: Any, protocol: Any) -> None:
+        if scope.proto != "http":
+            return
+        try:
+            items = scope.headers.items()
+            body = await _body(protocol, items)
+            try:
+                fields = request_fields(scope.method, scope.path, items, body)
+            except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
+                log.exception("reading an HTTP Check request failed")
+                fields = UNPARSED
+            status, headers, payload = self._answers(await self._check(fields, None))
+        except Exception:  # never an allow: Envoy takes a 5xx as an error, which status_on_error denies
+            log.exception("the HTTP Check failed")
+            status, headers, payload = 500, [], b""
+        protocol.response_bytes(status, headers, payload)
+
+
+async def _body(protocol: Any, items: list[tuple[str, str]]) -> bytes:
+    """The request body, read no further than one byte past what an MCP route accepts."""
+    length = next((v for k, v in items if k == "content-length"), None)
+    if length == "0":
+        return b""
+    if length is not None and length.isdigit() and int(length) <= MAX_BODY_BYTES:
+        return await protocol()  # type: ignore[no-any-return]
+    chunks, size = [], 0
+    async for chunk in protocol:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            break
+    return b"".join(chunks)[:MAX_BODY_BYTES + 1]
+
+
+class HttpCheckServer:
+    """granian, embedded in this process's event loop, serving ``HttpCheck`` on ``listen``
+    (HOST:PORT, bound with SO_REUSEPORT as every Check worker does, or unix:PATH)."""
+
+    def __init__(self, listen: str, app: HttpCheck) -> None:
+        from granian.constants import HTTPModes, Interfaces
+        from granian.server.embed import Server
+        where: dict[str, Any]
+        if listen.startswith("unix:"):
+            where = {"uds": Path(listen[5:])}
+        else:
+            host, _, port = listen.rpartition(":")
+            where = {"address": host.strip("[]"), "port": int(port)}
+        self.listen = listen
+        self._server = Server(app, interface=Interfaces.RSGI, http=HTTPModes.auto, websockets=False,
+                              runtime_threads=1, backlog=1024, log_enabled=False, **where)
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._server.serve())
+        await asyncio.sleep(0)  # binds in its first step: an address in use raises here
+        if self._task.done():
+            self._task.result()
+
+    async def stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._server.signal_handler_interrupt()
+            await self._task
