@@ -57,9 +57,18 @@ class HttpDaemon(Daemon):
                      f"{name} HTTP Check")
 
 
+def http_headers(token: str) -> dict[str, str]:
+    """What Envoy sends the HTTP Check for GET /demo/reports on a route naming what the gRPC rows'
+    context_extensions name (agentauthz.client.check_request): the path and route headers Envoy's
+    header_mutation sets (README "The HTTP Check"), and the bearer."""
+    from agentauthz.client import DEFAULT_SENSITIVITY
+    route = {"tool": "demo", "target": "reports", "operation": "read", "sensitivity": DEFAULT_SENSITIVITY}
+    return {"authorization": f"Bearer {token}", "x-agentauthz-path": HTTP_PATH,
+            **{f"x-agentauthz-route-{k}": v for k, v in route.items()}}
+
+
 def http_allows(address: str, token: str, what: str) -> None:
-    request = urllib.request.Request(f"http://{address}{HTTP_PATH}",
-                                     headers={"authorization": f"Bearer {token}"})
+    request = urllib.request.Request(f"http://{address}{HTTP_PATH}", headers=http_headers(token))
     status, body = 0, b""
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -83,9 +92,9 @@ def start_granian_floor(bench: Bench, stack: contextlib.ExitStack) -> tuple[Proc
     return proc, f"127.0.0.1:{port}"
 
 
-def h2load_get(bench: Bench, address: str, token: str | None) -> Callable[[float], dict[str, Any]]:
-    """h2load over HTTP/2 (prior knowledge), GET /demo/reports, the bearer when given; pinned."""
-    s, headers = bench.s, [f"authorization: Bearer {token}"] if token else []
+def h2load_get(bench: Bench, address: str, token: str) -> Callable[[float], dict[str, Any]]:
+    """h2load over HTTP/2 (prior knowledge), GET /demo/reports with ``http_headers``; pinned."""
+    s, headers = bench.s, [f"{k}: {v}" for k, v in http_headers(token).items()]
     return lambda d: loadgen.h2load(f"http://{address}{HTTP_PATH}", duration=d, clients=s.h2_clients,
                                     streams=s.h2_streams, log_file=bench.work / "h2load.log", headers=headers,
                                     cpus=bench.client_cpus)
@@ -94,8 +103,8 @@ def h2load_get(bench: Bench, address: str, token: str | None) -> Callable[[float
 def h1load(bench: Bench, address: str, tokens: list[str], name: str) -> Callable[[float], dict[str, Any]]:
     """Our HTTP/1.1 client, one connection per call in flight, cycling ``tokens`` in order; pinned."""
     path = bench.work / f"{name}.requests"
-    path.write_text("\n".join(json.dumps(http_request("GET", address, HTTP_PATH, {
-        "authorization": f"Bearer {t}"})) for t in tokens))
+    path.write_text("\n".join(json.dumps(http_request("GET", address, HTTP_PATH, http_headers(t)))
+                              for t in tokens))
     argv = [sys.executable, "-m", "benchmarks.load.h1load", "--target", address, "--requests", str(path),
             "--connections", str(bench.s.py_concurrency)]
 
@@ -105,7 +114,7 @@ def h1load(bench: Bench, address: str, tokens: list[str], name: str) -> Callable
     return drive
 
 
-def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, cold: HttpDaemon | None,
+def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Daemon, cold: HttpDaemon | None,
            cold_tokens: list[str]) -> dict[str, str]:
     """The one-core table, every row interleaved with every other so each ratio pairs rounds; the floors."""
     s = bench.s
@@ -117,8 +126,8 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, cold: Ht
     if not cerbos.allows(anchor.address, cerbos.request()):
         raise RuntimeError("cerbos does not allow the benchmark request")
     token = warm.mint()
-    body = bench.bodies("grpc-warm", [token])
-    check_allowed(warm.check_address, body, "agentauthz gRPC Check")
+    body = bench.bodies("grpc-warm", [grpc.mint()])
+    check_allowed(grpc.check_address, body, "agentauthz gRPC Check")
     check_allowed(grpc_floor_addr, body, "grpc.aio floor")
     cerbos_body = loadgen.write_frames(bench.work / "cerbos.bin", [cerbos.request()])
     rows = [Target("granian_floor", "granian floor: RSGI constant 200 (h2load)",
@@ -142,8 +151,8 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, cold: Ht
                     bench.h2load_grpc(grpc_floor_addr, body, s.h2_clients, s.h2_streams, True),
                     {"server": grpc_floor.pid}),
              Target("grpc_warm", "agentauthz gRPC Check, one token (warm, h2load)",
-                    bench.h2load_grpc(warm.check_address, body, s.h2_clients, s.h2_streams, True),
-                    {"server": warm.pid}, warm),
+                    bench.h2load_grpc(grpc.check_address, body, s.h2_clients, s.h2_streams, True),
+                    {"server": grpc.pid}, grpc),
              Target("cerbos", f"Cerbos {cerbos.VERSION} CheckResources, one CEL rule (gRPC, h2load)",
                     lambda d: loadgen.h2load(f"http://{anchor.address}{cerbos.METHOD}", duration=d,
                                              clients=s.h2_clients, streams=s.h2_streams, body=cerbos_body,
@@ -172,7 +181,8 @@ def _http2(cluster: dict[str, Any]) -> dict[str, Any]:
 def http_mode(address: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, Any], str]:
     """(HTTP filters, the HTTP Check's cluster, the route, where they came from) for Envoy's HTTP mode:
     examples/envoy-http.yaml's filters, cluster and GET /demo/reports route when it is shipped, else a
-    minimal ``http_service`` (HTTP/2 upstream, the bearer sent, ``x-agentauthz-*`` copied upstream)."""
+    minimal one: header_mutation setting ``http_headers``' path and route headers (over any client copy),
+    ``http_service`` on an HTTP/2 upstream, ``x-agentauthz-*`` copied upstream."""
     try:
         import yaml
         config = yaml.safe_load(EXAMPLE_HTTP.read_text())
@@ -189,22 +199,30 @@ def http_mode(address: str) -> tuple[list[dict[str, Any]], dict[str, Any], dict[
         return filters, cluster, {**route, "route": {"cluster": "tool"}}, str(EXAMPLE_HTTP.relative_to(ROOT))
     except (OSError, KeyError, IndexError, StopIteration, TypeError):
         pass
+    sets = {k: v for k, v in http_headers("").items() if k != "authorization"}
+    sets["x-agentauthz-path"] = "%REQ(:PATH)%"
+    mutation = {"name": "envoy.filters.http.header_mutation", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation",
+        "mutations": {"request_mutations": [
+            {"append": {"header": {"key": k, "value": v}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}}
+            for k, v in sets.items()]}}}
     ext = {"name": "envoy.filters.http.ext_authz", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
         "transport_api_version": "V3", "failure_mode_allow": False,
         "http_service": {
             "server_uri": {"uri": f"http://{address}", "cluster": "agentauthz_http", "timeout": "0.5s"},
-            "authorization_request": {"allowed_headers": {"patterns": [{"exact": "authorization"}]}},
+            "authorization_request": {"allowed_headers": {"patterns": [
+                {"exact": "authorization"}, {"prefix": "x-agentauthz-"}]}},
             "authorization_response": {
                 "allowed_upstream_headers": {"patterns": [{"prefix": "x-agentauthz-"}]}}}}}
-    return ([ext], _http2(envoy._static_cluster("agentauthz_http", address)),
+    return ([mutation, ext], _http2(envoy._static_cluster("agentauthz_http", address)),
             {"match": {"prefix": "/"}, "route": {"cluster": "tool"}}, "minimal http_service (no example)")
 
 
-def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, floors: dict[str, str],
-                  clients: int) -> dict[str, Any]:
+def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Daemon,
+                  floors: dict[str, str], clients: int) -> dict[str, Any]:
     """One direct_response upstream; a front Envoy per mode; one connection, then ``clients``."""
-    token = warm.mint()
+    token, grpc_token = warm.mint(), grpc.mint()
     jwks = warm.jwks()
     upstream = envoy.start("envoy-upstream", envoy.upstream_config, bench.work)
     stack.callback(upstream.stop)
@@ -225,7 +243,7 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, f
         "floor", listen, admin, upstream.listen_port), None)
     modes["jwt_authn"] = ("Envoy jwt_authn (EdDSA, local JWKS)", lambda listen, admin: envoy.front_config(
         "jwt_authn", listen, admin, upstream.listen_port, jwks=jwks), None)
-    modes["grpc"] = ("ext_authz gRPC -> agentauthz", grpc_front(warm.check_address), warm)
+    modes["grpc"] = ("ext_authz gRPC -> agentauthz", grpc_front(grpc.check_address), grpc)
     if warm.http_check:
         modes["http"] = ("ext_authz HTTP -> agentauthz (granian)", http_front(warm.http_check, "http"), warm)
     modes["grpc_floor"] = ("ext_authz gRPC -> grpc.aio floor (the hop alone)", grpc_front(floors["grpc"]),
@@ -236,14 +254,18 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, f
     for mode, (_, config_for, _) in modes.items():
         fronts[mode] = envoy.start(f"envoy-{mode}", config_for, bench.work)
         stack.callback(fronts[mode].stop)
-        check_envoy_allows(fronts[mode].url, token, f"Envoy {mode}")
+        check_envoy_allows(fronts[mode].url, grpc_token if mode == "grpc" else token, f"Envoy {mode}")
         bench.processes[f"envoy-{mode}"] = fronts[mode].argv
 
     def targets(n: int, names: tuple[str, ...]) -> list[Target]:
-        return [Target(m, modes[m][0], bench.h2load_http(fronts[m].url, token, n),
-                       {"envoy": fronts[m].pid, "upstream": upstream.pid, **(
-                           {"daemon": warm.pid} if modes[m][2] else {})}, modes[m][2])
-                for m in names if m in modes]
+        out = []
+        for m in (m for m in names if m in modes):
+            daemon = modes[m][2]
+            cpu = {"envoy": fronts[m].pid, "upstream": upstream.pid}
+            cpu.update({"daemon": daemon.pid} if daemon else {})
+            drive = bench.h2load_http(fronts[m].url, grpc_token if m == "grpc" else token, n)
+            out.append(Target(m, modes[m][0], drive, cpu, daemon))
+        return out
 
     bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", targets(1, tuple(modes)),
                 pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
@@ -263,6 +285,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     bench = Bench(s, work)
     started = time.time()
     with contextlib.ExitStack() as stack:
+        # The gRPC Check on a daemon of its own: an audit writer's lag is never charged to the other row.
+        grpc = bench.start_daemon(stack, "agentauthz-grpc")
         warm = HttpDaemon("agentauthz-warm", work, {})
         stack.callback(warm.stop)
         bench.processes["agentauthz-warm"] = warm.argv
@@ -272,10 +296,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             stack.callback(cold.stop)
             bench.processes["agentauthz-cold"] = cold.argv
             cold_tokens = cold.mint_many(args.cold_tokens)
-        floors = direct(bench, stack, warm, cold, cold_tokens)
+        floors = direct(bench, stack, warm, grpc, cold, cold_tokens)
         if cold:
             cold.stop()
-        envoy_part = through_envoy(bench, stack, warm, floors, args.envoy_clients)
+        envoy_part = through_envoy(bench, stack, warm, grpc, floors, args.envoy_clients)
     versions = {"cerbos": cerbos.version(), "h2load": loadgen.h2load_version(),
                 "envoy": envoy.envoy_version(), "granian": _granian()}
     results = {"started": started, "elapsed_s": time.time() - started,
