@@ -224,16 +224,36 @@ class HttpCheckServer:
         else:
             host, _, port = listen.rpartition(":")
             where = {"address": host.strip("[]"), "port": int(port)}
-        self.listen = listen
+        self.listen, self._where = listen, where
         self._server = Server(app, interface=Interfaces.RSGI, http=HTTPModes.auto, websockets=False,
                               runtime_threads=1, backlog=1024, log_enabled=False, **where)
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 10.0) -> None:
+        """Serve, and return once the listener accepts connections (granian's worker binds after
+        ``serve`` has begun); OSError if it does not."""
         self._task = asyncio.create_task(self._server.serve())
-        await asyncio.sleep(0)  # binds in its first step: an address in use raises here
-        if self._task.done():
-            self._task.result()
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not await self._accepting():
+            if self._task.done():
+                self._task.result()
+                raise OSError("granian stopped before it listened")
+            if asyncio.get_running_loop().time() > deadline:
+                raise OSError(f"not listening after {timeout:.0f} s")
+            await asyncio.sleep(0.005)
+
+    async def _accepting(self) -> bool:
+        try:
+            if "uds" in self._where:
+                _, writer = await asyncio.open_unix_connection(str(self._where["uds"]))
+            else:
+                host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(self._where["address"],
+                                                                                 self._where["address"])
+                _, writer = await asyncio.open_connection(host, self._where["port"])
+        except OSError:
+            return False
+        writer.close()
+        return True
 
     async def stop(self) -> None:
         if self._task is not None and not self._task.done():

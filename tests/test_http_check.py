@@ -1,0 +1,209 @@
+"""The HTTP Check (serve/http_check.py) answers what the gRPC Check answers, from the same decision: the
+same request on both transports, both twins, one real Authority; and it refuses, recorded, a request
+Envoy would never send (no x-agentauthz-path, forged or repeated route headers, two client certificates)."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import urllib.parse
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+from processes import Daemon, audit_records, free_port
+from test_warm_allow import ALPHA, POLICY, request
+
+from agentauthz import reasons
+from agentauthz.authority.core import Authority
+from agentauthz.check_wire import decode_check_response
+from agentauthz.client import Client, Identity
+from agentauthz.config import Config
+from agentauthz.decision import _accel, tokens
+from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.identity.devca import ensure_dev_pki, issue_svid
+from agentauthz.serve import extauthz, http_check
+
+
+@pytest.fixture(scope="module")
+def authority(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Authority, dict[str, str], str]]:
+    work = tmp_path_factory.mktemp("http-check")
+    policy = work / "policy.yaml"
+    policy.write_text(DEV_POLICY.read_text() + POLICY)
+    a = Authority(Config(state_dir=work / "state", policy_file=policy, audiences=("tools", "data"),
+                         revocation_capacity=1 << 12, budget_capacity=1 << 8))
+    a.start()
+    grant = tokens.grant
+    minted = {"plain": a.mint(ALPHA, "h1", [grant("demo", "*", ["read"], "internal")]).token,
+              "constrained": a.mint(ALPHA, "h2", [grant("read_file", "files", ["call"])]).token}
+    revoked = a.mint(ALPHA, "h3", [grant("demo", "*", ["read"])])
+    a.revoke_token(ALPHA, revoked.token_id)
+    minted["revoked"] = revoked.token
+    pem = (issue_svid(ensure_dev_pki(work / "state"), ALPHA, work / "alpha") / "svid.pem").read_text()
+    try:
+        yield a, minted, urllib.parse.quote(pem)
+    finally:
+        a.stop()
+
+
+ROUTE = {"tool": "demo", "target": "reports", "operation": "read", "sensitivity": "internal"}
+
+
+def cases(minted: dict[str, str], certificate: str) -> dict[str, tuple[dict[str, Any], bytes]]:
+    """name -> (the HTTP request as Envoy sends it, the same request as a gRPC CheckRequest)."""
+    plain, constrained = f"Bearer {minted['plain']}", f"Bearer {minted['constrained']}"
+    body = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                       "params": {"name": "read_file", "arguments": {"path": "/etc/x"}}})
+
+    def both(authorization: str | None, extensions: dict[str, str] | None = None, method: str = "GET",
+             path: str = "/demo/reports", principal: str = "", cert: str = "", data: str = "",
+             ) -> tuple[dict[str, Any], bytes]:
+        route = ROUTE if extensions is None else extensions
+        headers = [("x-agentauthz-path", path), ("x-request-id", "req-1")]
+        headers += [(f"x-agentauthz-route-{k}", v) for k, v in route.items()]
+        if authorization is not None:
+            headers.append(("authorization", authorization))
+        if principal:
+            headers.append(("x-forwarded-client-cert", f'By=spiffe://dev.local/x;Cert="{cert}";URI={principal}'))
+        if data:
+            headers.append(("content-type", "application/json"))
+        grpc = request(authorization, route, method=method, path=path, principal=principal,
+                       certificate=cert, body=data)
+        return {"method": method, "path": path, "headers": headers, "body": data.encode()}, grpc
+
+    return {
+        "warm allow": both(plain),
+        "no token": both(None),
+        "scope denied": both(plain, {**ROUTE, "operation": "write"}),
+        "revoked": both(f"Bearer {minted['revoked']}"),
+        "malformed": both("Bearer abc.def.ghi"),
+        "route defaults": both(plain, {}, path="/demo/reports"),
+        "abnormal path": both(plain, path="/demo/reports/%2e%2e/x"),
+        "unknown boundary": both(plain, {**ROUTE, "boundary": "nowhere"}),
+        "peer is the subject": both(plain, principal=ALPHA, cert=certificate),
+        "peer is another": both(plain, principal="spiffe://dev.local/agent/mallory", cert=certificate),
+        "mcp denied": both(constrained, {"target": "files", "mcp": "true"}, "POST", "/mcp", data=body),
+    }
+
+
+def send(port: int, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"",
+         ) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 request, headers as given (repeats kept): (status, headers, body)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.putrequest(method, path, skip_accept_encoding=True)
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body)
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
+def serve(service: extauthz.CheckService,
+          calls: list[tuple[Any, ...]]) -> list[tuple[int, dict[str, str], bytes]]:
+    """``calls`` (``send``'s arguments but the port) to ``service`` behind a real HttpCheckServer."""
+    async def run() -> list[tuple[int, dict[str, str], bytes]]:
+        port = free_port()
+        server = http_check.HttpCheckServer(f"127.0.0.1:{port}", http_check.HttpCheck(service))
+        await server.start()
+        try:
+            return [await asyncio.to_thread(send, port, *call) for call in calls]
+        finally:
+            await server.stop()
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("twin", ["native", "pure"])
+def test_the_http_check_answers_what_the_grpc_check_answers(
+        authority: tuple[Authority, dict[str, str], str], twin: str) -> None:
+    a, minted, certificate = authority
+    if twin == "native" and not _accel.NATIVE:
+        pytest.skip("the daemon runs the pure twin (AGENTAUTHZ_NO_EXTENSIONS): its tokens are pure")
+    hot = _accel.ACTIVE if twin == "native" else _accel.pure()
+    grpc = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
+    over_http = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets,
+                                      hot=hot)
+    named = cases(minted, certificate)
+    loop = asyncio.new_event_loop()
+    assert a.audit.flush()
+    try:
+        wanted = {name: decode_check_response(loop.run_until_complete(grpc.check(
+            extauthz.parse_check_request(raw), None))) for name, (_, raw) in named.items()}
+    finally:
+        loop.close()
+    assert a.audit.flush()  # no record queued ahead of the warm allow's: it can be written at once
+    answers = serve(over_http, [(h["method"], h["path"], h["headers"], h["body"]) for h, _ in named.values()])
+    for (name, want), (status, headers, body) in zip(wanted.items(), answers, strict=True):
+        decision_id = headers.pop("x-agentauthz-decision-id")
+        assert len(decision_id) == 32, name
+        if want.allowed:
+            assert (status, body) == (200, b""), name
+            assert headers["x-envoy-auth-headers-to-remove"] == "authorization"
+            assert all(headers[k] == v for k, v in want.headers.items()), name
+            continue
+        reason = json.loads(body)["error"]
+        if isinstance(reason, dict):  # the MCP route's JSON-RPC error: a plain status, since 200 allows
+            assert (reason["data"]["reason"], reason["data"]["decision_id"]) == (want.reason, decision_id)
+            assert status == extauthz.http_status_for(want.reason) != want.status == 200, name
+            continue
+        assert (status, reason) == (want.status, want.reason), name
+        assert {k: headers.get(k) for k in want.headers} == want.headers, name
+    assert over_http._warm.allowed == grpc._warm.allowed == 1  # the warm path answers over HTTP too
+
+
+@pytest.mark.parametrize(("headers", "path"), [
+    ([], "/demo/reports"),  # no x-agentauthz-path: an Envoy without the header_mutation filter
+    ([("x-agentauthz-path", "/demo/notes")], "/demo/reports"),  # not the path Envoy sent
+    ([("x-agentauthz-path", "/demo/reports"), ("x-agentauthz-path", "/demo/reports")], "/demo/reports"),
+    ([("x-agentauthz-path", "/d/r"), ("x-agentauthz-route-tool", "d"), ("x-agentauthz-route-tool", "e")],
+     "/d/r"),
+    ([("x-agentauthz-path", "/d/r"), ("x-agentauthz-route-admin", "true")], "/d/r"),  # no such key
+    ([("x-agentauthz-path", "/d/r"), ("x-forwarded-client-cert", f"URI={ALPHA},URI={ALPHA}")], "/d/r"),
+    ([("x-agentauthz-path", "/d/r"), ("x-forwarded-client-cert", 'URI="unterminated')], "/d/r"),
+])
+def test_a_request_envoy_would_not_send_is_refused_and_recorded(
+        authority: tuple[Authority, dict[str, str], str], headers: list[tuple[str, str]], path: str) -> None:
+    a, minted, _ = authority
+    service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets)
+    headers = [*headers, ("authorization", f"Bearer {minted['plain']}")]
+    [(status, answer, body)] = serve(service, [("GET", path, headers)])
+    assert (status, json.loads(body)) == (400, {"error": reasons.REQUEST_INVALID})
+    decision_id = answer["x-agentauthz-decision-id"]
+    assert a.audit.flush()
+    records = [r for r in audit_records(a.config.state_dir / "audit") if r.get("decision_id") == decision_id]
+    assert [r["reason"] for r in records] == [reasons.REQUEST_INVALID]
+
+
+def test_peer_of_reads_one_element_as_envoys_source_does() -> None:
+    cert = urllib.parse.quote("-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n", safe="")
+    xfcc = f'By=spiffe://dev.local/envoy;Hash=ab;Cert="{cert}";Subject="CN=a,O=\\"b\\"";URI={ALPHA};DNS=x'
+    assert http_check.peer_of(xfcc) == (ALPHA, cert)
+    assert http_check.peer_of('Subject="CN=a,O=\\"b\\"";DNS=one;DNS=two') == ("one", "")
+    assert http_check.peer_of('Subject="CN=a,O=\\"b\\""') == ('CN=a,O="b"', "")
+    for bad in (f"URI={ALPHA},URI={ALPHA}", 'URI="x', "URI=a;;", "=x", 'URI=a"b'):
+        assert http_check.peer_of(bad) is None, bad
+
+
+def test_every_worker_answers_over_http_and_applies_a_revocation(tmp_path: Path) -> None:
+    port = free_port()
+    daemon = Daemon(tmp_path / "state", {"workers": 2, "http_check_listen": f"127.0.0.1:{port}"}).start()
+    try:
+        alpha = issue_svid(ensure_dev_pki(daemon.state_dir), ALPHA, tmp_path / "alpha")
+        client = Client(daemon.api_address, Identity.from_dir(alpha))
+        minted = client.mint("workers", ["demo:*:read:internal"])
+        headers = [("x-agentauthz-path", "/demo/reports"), ("authorization", f"Bearer {minted.token}"),
+                   *((f"x-agentauthz-route-{k}", v) for k, v in ROUTE.items())]
+        assert {send(port, "GET", "/demo/reports", headers)[0] for _ in range(20)} == {200}
+        client.revoke(token_id=minted.token_id)  # acknowledged once every worker applied it
+        answers = {send(port, "GET", "/demo/reports", headers)[2] for _ in range(20)}
+        assert answers == {json.dumps({"error": reasons.TOKEN_REVOKED}).encode() + b"\n"}
+    finally:
+        assert daemon.stop() == 0
+    # Each connection went to one process or the other (SO_REUSEPORT): both decided, both recorded.
+    workers = audit_records(tmp_path / "state" / "audit" / "worker-1")
+    assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in workers)
+    assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in daemon.audit_records())
