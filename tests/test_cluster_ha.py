@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import grpc
 import pytest
 from cluster_support import READ, Cluster, Node, reasons_on, wait_until
-from processes import audit_records
+from processes import ROOT, audit_records
 from redis_proc import RedisServer, Sentinel
 
 from agentauthz import reasons
@@ -142,3 +142,29 @@ def answers(node: Node, token: str, count: int) -> list[str]:
 
 def denials(directory: Path) -> int:
     return sum(r.get("reason") == reasons.TOKEN_REVOKED for r in audit_records(directory))
+
+
+def test_the_shipped_cluster_config_joins_nodes_as_the_readme_runs_them(tmp_path: Path) -> None:
+    """examples/cluster.yaml as the README's three-node walkthrough uses it: the file, then per node
+    --node-id and --state-dir (and here the test's Redis and CA directory instead of the defaults)."""
+    redis = RedisServer(tmp_path / "redis").start()
+    shipped = str(ROOT / "examples" / "cluster.yaml")
+    nodes = []
+    try:
+        for name in ("a", "b"):
+            node = Node(name, tmp_path / name, {}, ("--config", shipped, "--state-dir", str(tmp_path / name),
+                                                   "--cluster", redis.url, "--node-id", name,
+                                                   "--pki-dir", str(tmp_path / "pki")))
+            nodes.append(node.start())
+        cluster = Cluster(tmp_path / "clients")
+        cluster.redis.stop()
+        cluster.redis, cluster.pki, cluster.nodes = redis, tmp_path / "pki", {n.name: n for n in nodes}
+        token = cluster.client("a").mint("shipped", READ)
+        assert reasons_on(nodes, token.token) == [reasons.ALLOW] * 2
+        cluster.client("b").end_task("shipped")
+        assert reasons_on(nodes, token.token) == [reasons.TASK_ENDED] * 2
+        assert all(n.metrics()["agentauthz_cluster_fresh"] == 1.0 for n in nodes)
+    finally:
+        for node in nodes:
+            node.stop()
+        redis.stop()
