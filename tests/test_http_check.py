@@ -7,6 +7,9 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import socket
+import subprocess
+import sys
 import urllib.parse
 from pathlib import Path
 from typing import Any, Iterator
@@ -207,3 +210,19 @@ def test_every_worker_answers_over_http_and_applies_a_revocation(tmp_path: Path)
     workers = audit_records(tmp_path / "state" / "audit" / "worker-1")
     assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in workers)
     assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in daemon.audit_records())
+
+
+def test_an_http_check_address_in_use_is_named_with_its_option(tmp_path: Path) -> None:
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = f"127.0.0.1:{squatter.getsockname()[1]}"
+        flags = ("--check-listen", "--api-listen", "--http-listen", "--approval-listen")
+        args = [a for f in flags for a in (f, f"127.0.0.1:{free_port()}")]
+        args += ["--state-dir", str(tmp_path / "s"), "--http-check-listen", taken]
+        done = subprocess.run([sys.executable, "-m", "agentauthz", "serve", *args], capture_output=True,
+                              text=True, timeout=30)
+    assert done.returncode != 0
+    assert (f"cannot listen on {taken} (--http-check-listen, or http_check_listen in the config): address "
+            "already in use") in done.stderr
+    assert not (tmp_path / "s").exists()
