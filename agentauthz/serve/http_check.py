@@ -187,7 +187,7 @@ class HttpCheck:
                 fields = request_fields(scope.method, scope.path, items, body)
             except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
                 log.exception("reading an HTTP Check request failed")
-                fields = UNPARSED
+                fields = UNPARSED  # type: ignore[assignment]
             status, headers, payload = self._answers(await self._check(fields, None))
         except Exception:  # never an allow: Envoy takes a 5xx as an error, which status_on_error denies
             log.exception("the HTTP Check failed")
