@@ -141,10 +141,13 @@ def envoy_binary() -> str:
 
 
 def envoy_config(check_port: int, upstream_port: int, listen_port: int, admin_port: int,
-                 text: str | None = None) -> str:
-    """The example config with its fixed ports swapped for the test's."""
+                 text: str | None = None, http_check_port: int | None = None) -> str:
+    """The example config with its fixed ports swapped for the test's (9194: the HTTP Check's, in
+    examples/envoy-http.yaml)."""
     text = text if text is not None else ENVOY_EXAMPLE.read_text()
     ports = {9191: check_port, 8080: upstream_port, 10000: listen_port, 9901: admin_port}
+    if http_check_port is not None:
+        ports[9194] = http_check_port
     return re.sub(r"port_value: (\d+)",
                   lambda m: f"port_value: {ports.get(int(m.group(1)), m.group(1))}", text)
 

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from limits_support import agent, grant, rpc, tool_call
 from limits_support import start as start_limits
-from processes import ROOT, Daemon, echo_upstream, envoy, free_port, request, wait_for
+from processes import ROOT, Daemon, echo_upstream, envoy, envoy_config, free_port, request, wait_for
 from test_e2e_envoy import (  # noqa: F401  (collected here, on this module's fixtures)
     AGENT,
     OTHER_AGENT,
@@ -51,9 +51,7 @@ def http_envoy_config(check_port: int, upstream_port: int, listen_port: int, adm
                       mtls_pki: Path | None = None) -> str:
     """examples/envoy-http.yaml on the test's ports; with ``mtls_pki``, its listener asks for client
     certificates of that dev PKI (as examples/envoy-mtls.yaml does), nothing else changed."""
-    ports = {9194: check_port, 8080: upstream_port, 10000: listen_port, 9901: admin_port}
-    text = re.sub(r"port_value: (\d+)", lambda m: f"port_value: {ports[int(m.group(1))]}",
-                  HTTP_EXAMPLE.read_text()).replace("127.0.0.1:9194", f"127.0.0.1:{check_port}")
+    text = envoy_config(0, upstream_port, listen_port, admin_port, HTTP_EXAMPLE.read_text(), check_port)
     if mtls_pki is None:
         return text
     config = yaml.safe_load(text)
