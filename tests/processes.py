@@ -202,3 +202,26 @@ def pid_alive(pid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+def workers_of(daemon: Daemon) -> list[int]:
+    """The worker processes' pids: the children of the primary's one child, the spawner."""
+    assert daemon.proc is not None
+
+    def children(pid: int) -> list[int]:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    (spawner,) = children(daemon.proc.pid)
+    return children(spawner)
+
+
+def post(port: int, body: bytes, token: str | None, path: str = "/mcp",
+         content_type: str = "application/json") -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, JSON body or {}, response headers) of one POST through Envoy, e.g. an MCP message."""
+    headers = {"content-type": content_type, **({"authorization": f"Bearer {token}"} if token else {})}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST", headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            raw, status, rh = r.read(), r.status, dict(r.headers)
+    except urllib.error.HTTPError as e:
+        raw, status, rh = e.read(), e.code, dict(e.headers)
+    return status, json.loads(raw) if raw else {}, {k.lower(): v for k, v in rh.items()}

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from processes import Daemon, audit_records, http_get, wait_for
+from processes import Daemon, audit_records, http_get, wait_for, workers_of
 from prometheus_client.parser import text_string_to_metric_families
 
 from agentauthz.audit import top_agents
@@ -34,14 +34,6 @@ def agent_denials(daemon: Daemon) -> dict[tuple[str, str], float]:
     # Every denial is under some agent label, once: the family adds up to the decisions' own counts.
     assert by_reason == Counter({r: int(n) for r, n in decided.items() if r != "allow" and n}), found
     return found
-
-
-def workers_of(daemon: Daemon) -> list[int]:
-    def children(pid: int) -> list[int]:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    assert daemon.proc is not None
-    (spawner,) = children(daemon.proc.pid)
-    return children(spawner)
 
 
 @pytest.fixture

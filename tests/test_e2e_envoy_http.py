@@ -17,7 +17,7 @@ import pytest
 import yaml
 from limits_support import agent, grant, rpc, tool_call
 from limits_support import start as start_limits
-from processes import ROOT, Daemon, echo_upstream, envoy, envoy_config, free_port, request, wait_for
+from processes import ROOT, Daemon, echo_upstream, envoy, envoy_config, free_port, post, request, wait_for
 from test_e2e_envoy import (  # noqa: F401  (collected here, on this module's fixtures)
     AGENT,
     OTHER_AGENT,
@@ -158,18 +158,6 @@ def test_restart_keeps_revocations_and_a_stopped_daemon_fails_closed(tmp_path: P
         assert s.call(revoked.token)[1] == {"error": reasons.TOKEN_REVOKED}
     verified = daemon.cli("audit", "verify", str(tmp_path / "state" / "audit"), "--json")
     assert verified.returncode == 0, verified.stderr
-
-
-def post(port: int, body: bytes, token: str | None, path: str = "/mcp",
-         content_type: str = "application/json") -> tuple[int, dict[str, Any], dict[str, str]]:
-    headers = {"content-type": content_type, **({"authorization": f"Bearer {token}"} if token else {})}
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw, status, rh = r.read(), r.status, dict(r.headers)
-    except urllib.error.HTTPError as e:
-        raw, status, rh = e.read(), e.code, dict(e.headers)
-    return status, json.loads(raw) if raw else {}, {k.lower(): v for k, v in rh.items()}
 
 
 def test_mcp_bodies_budgets_and_rate_limits(tmp_path: Path) -> None:

@@ -12,43 +12,23 @@ import subprocess
 import sys
 import urllib.parse
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
+import test_warm_allow
 from processes import Daemon, audit_records, free_port
-from test_warm_allow import ALPHA, POLICY, request
+from test_warm_allow import ALPHA, request
 
 from agentauthz import reasons
 from agentauthz.authority.core import Authority
 from agentauthz.check_wire import decode_check_response
 from agentauthz.client import Client, Identity
-from agentauthz.config import Config
-from agentauthz.decision import _accel, tokens
-from agentauthz.decision.policy import DEV_POLICY
+from agentauthz.decision import _accel
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.serve import extauthz, http_check
 
-
-@pytest.fixture(scope="module")
-def authority(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Authority, dict[str, str], str]]:
-    work = tmp_path_factory.mktemp("http-check")
-    policy = work / "policy.yaml"
-    policy.write_text(DEV_POLICY.read_text() + POLICY)
-    a = Authority(Config(state_dir=work / "state", policy_file=policy, audiences=("tools", "data"),
-                         revocation_capacity=1 << 12, budget_capacity=1 << 8))
-    a.start()
-    grant = tokens.grant
-    minted = {"plain": a.mint(ALPHA, "h1", [grant("demo", "*", ["read"], "internal")]).token,
-              "constrained": a.mint(ALPHA, "h2", [grant("read_file", "files", ["call"])]).token}
-    revoked = a.mint(ALPHA, "h3", [grant("demo", "*", ["read"])])
-    a.revoke_token(ALPHA, revoked.token_id)
-    minted["revoked"] = revoked.token
-    pem = (issue_svid(ensure_dev_pki(work / "state"), ALPHA, work / "alpha") / "svid.pem").read_text()
-    try:
-        yield a, minted, urllib.parse.quote(pem)
-    finally:
-        a.stop()
-
+# The warm path's own module fixture: an Authority with tokens plain, constrained, revoked, and a certificate.
+authority = test_warm_allow.authority
 
 ROUTE = {"tool": "demo", "target": "reports", "operation": "read", "sensitivity": "internal"}
 

@@ -4,7 +4,6 @@ policy copying constraints into tokens, and the whole path through a real daemon
 from __future__ import annotations
 
 import json
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,7 +22,7 @@ from limits_support import (
     start,
     tool_call,
 )
-from processes import echo_upstream, envoy, envoy_config, free_port, request
+from processes import echo_upstream, envoy, envoy_config, free_port, post, request
 from support import Forge, make_verifier, native_or_fail
 
 from agentauthz import errors, reasons
@@ -484,20 +483,6 @@ def test_a_body_on_a_route_not_marked_mcp_is_ignored(stack: Stack) -> None:
 
 
 # -- through a real Envoy ------------------------------------------------------------------------------
-
-
-def post(port: int, body: bytes, token: str | None, path: str = "/mcp",
-         content_type: str = "application/json") -> tuple[int, dict[str, Any], dict[str, str]]:
-    headers = {"content-type": content_type}
-    if token:
-        headers["authorization"] = f"Bearer {token}"
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body, method="POST", headers=headers)
-    try:
-        with urllib.request.urlopen(req, timeout=10) as r:
-            raw, status, rh = r.read(), r.status, dict(r.headers)
-    except urllib.error.HTTPError as e:
-        raw, status, rh = e.read(), e.code, dict(e.headers)
-    return status, json.loads(raw) if raw else {}, {k.lower(): v for k, v in rh.items()}
 
 
 def test_through_envoy(stack: Stack, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from envoy.service.auth.v3 import attribute_context_pb2 as attrs
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
-from processes import Daemon, audit_records, http_get, wait_for
+from processes import Daemon, audit_records, http_get, wait_for, workers_of
 from prometheus_client.parser import text_string_to_metric_families
 from support import AUDIENCE, Forge, make_verifier
 
@@ -43,15 +43,6 @@ def decisions(samples: dict[Any, float], reason: str) -> float:
 
 def checks(samples: dict[Any, float]) -> float:
     return samples[("agentauthz_check_duration_seconds_count", ())]
-
-
-def workers_of(daemon: Daemon) -> list[int]:
-    """The worker processes' pids: the children of the primary's one child, the spawner."""
-    def children(pid: int) -> list[int]:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    assert daemon.proc is not None
-    (spawner,) = children(daemon.proc.pid)
-    return children(spawner)
 
 
 def answered_by_every_process(daemon: Daemon) -> bool:

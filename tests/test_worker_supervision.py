@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from processes import Daemon, audit_records, http_get, wait_for
+from processes import Daemon, audit_records, http_get, wait_for, workers_of
 
 from agentauthz.audit.verify import verify_dir
 from agentauthz.client import Client, Identity
@@ -56,16 +56,6 @@ def checks_on_every_process(daemon: Daemon, answers: dict[tuple[str, str], str])
         if i % 10 == 9 and all(answered(log, target) for log in logs for _, target in answers):
             return
     raise AssertionError(f"some process answered none of {sorted(t for _, t in answers)}")
-
-
-def workers_of(daemon: Daemon) -> list[int]:
-    """The worker processes' pids: the children of the primary's one child, the spawner."""
-    assert daemon.proc is not None
-
-    def children(pid: int) -> list[int]:
-        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    (spawner,) = children(daemon.proc.pid)
-    return children(spawner)
 
 
 def restarts(daemon: Daemon, cause: str) -> float:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +53,15 @@ class Target:
     cpu: dict[str, int]                               # role -> pid whose CPU is charged
     daemon: Daemon | None = None                      # decisions are checked when set
     notes: list[str] = field(default_factory=list)
+
+
+def in_scratch(prefix: str, run: Callable[[Path], dict[str, Any]]) -> dict[str, Any]:
+    """``run(work)`` in a temporary directory of its own, removed afterwards whatever happens."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        return run(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _median(values: list[float]) -> float:

@@ -16,7 +16,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 
 import grpc
 
-from .bench import ROOT, Bench, Settings, Target
+from .bench import ROOT, Bench, Settings, Target, in_scratch
 from .daemon import AGENT, Daemon
 from .loadgen import CHECK_PATH, percentiles, write_frames
 from .procs import Process, free_port, pin, wait_for
@@ -282,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("h2load"):
         parser.error("h2load not found: apt-get install -y nghttp2-client (make bench does this)")
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="agentauthz-cluster-bench-"))
-    try:
-        results = run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    results = in_scratch("agentauthz-cluster-bench-", lambda work: run(args, work))
     (args.out / "cluster.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "cluster.md").write_text(markdown(results))
     chart(results["propagation_detail"]["latencies_ms"], results["propagation"],

@@ -21,7 +21,6 @@ import contextlib
 import json
 import shutil
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from . import cerbos, envoy, loadgen
-from .bench import ROOT, Bench, Settings, Target
+from .bench import ROOT, Bench, Settings, Target, in_scratch
 from .daemon import Daemon
 from .h1load import http_request
 from .http_envoy import HTTP_PATH, http_headers, http_mode
@@ -271,11 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("h2load not found: apt-get install -y nghttp2-client (make bench does this)")
     cerbos.install()
     args.out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="agentauthz-http-check-"))
-    try:
-        results = run(args, work)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    results = in_scratch("agentauthz-http-check-", lambda work: run(args, work))
     (args.out / "http_check.json").write_text(json.dumps(results, indent=1, default=str))
     (args.out / "http_check.md").write_text(markdown(results))
     chart(results, args.out / "http-check.png")
