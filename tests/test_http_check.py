@@ -161,6 +161,54 @@ def test_a_request_envoy_would_not_send_is_refused_and_recorded(
     assert [r["reason"] for r in records] == [reasons.REQUEST_INVALID]
 
 
+def _abandoned_http2_request(port: int, request_id: str) -> None:
+    """HTTP/2 with prior knowledge: one GET whose body never comes (no END_STREAM, no content-length),
+    then the connection closed, as a load generator ending mid-request or a crashing client does."""
+    def literal(index: int, value: str) -> bytes:  # HPACK literal, not indexed, its name from the table
+        return bytes([index, len(value)]) + value.encode()
+
+    def literal_name(name: str, value: str) -> bytes:  # HPACK literal, not indexed, its name given
+        return bytes([0, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+
+    path = "/demo/reports"
+    block = (b"\x82\x86" + literal(4, path) + literal(1, "localhost")  # GET, http
+             + literal_name(http_check.PATH_HEADER, path) + literal_name("x-request-id", request_id))
+    headers = len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block  # END_HEADERS
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
+        conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + headers)
+        conn.recv(1024)  # granian's SETTINGS: the connection is served, the request handed on
+
+
+def test_a_request_abandoned_before_its_body_is_decided_and_let_go(
+        authority: tuple[Authority, dict[str, str], str]) -> None:
+    # granian yields b"" forever, never ending the iteration, for a stream whose client went away:
+    # reading on spun a core per abandoned stream for the process's life (issue 21's low-load cost).
+    a, _, _ = authority
+    service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets)
+    request_id = "abandoned-before-its-body"
+
+    def recorded() -> list[dict[str, Any]]:
+        assert a.audit.flush()
+        return [r for r in audit_records(a.config.state_dir / "audit") if r.get("request_id") == request_id]
+
+    async def run() -> list[dict[str, Any]]:
+        port = free_port()
+        server = http_check.HttpCheckServer(f"127.0.0.1:{port}", http_check.HttpCheck(service))
+        await server.start()
+        try:
+            await asyncio.to_thread(_abandoned_http2_request, port, request_id)
+            for _ in range(400):  # the handler reads an empty body, decides and returns
+                found = await asyncio.to_thread(recorded)
+                if found:
+                    return found
+                await asyncio.sleep(0.025)
+            return []
+        finally:
+            await server.stop()
+
+    assert [r["reason"] for r in asyncio.run(run())] == [reasons.TOKEN_MISSING]
+
+
 def test_peer_of_reads_one_element_as_envoys_source_does() -> None:
     cert = urllib.parse.quote("-----BEGIN CERTIFICATE-----\nMII\n-----END CERTIFICATE-----\n", safe="")
     xfcc = f'By=spiffe://dev.local/envoy;Hash=ab;Cert="{cert}";Subject="CN=a,O=\\"b\\"";URI={ALPHA};DNS=x'

@@ -204,6 +204,10 @@ async def _body(protocol: Any, items: list[tuple[str, str]]) -> bytes:
         return await protocol()  # type: ignore[no-any-return]
     chunks, size = [], 0
     async for chunk in protocol:
+        # granian yields b"" for "no more": at a body's end, and forever, never ending the iteration,
+        # for an HTTP/2 stream the client reset or closed first; looping on it spins a core per stream.
+        if not chunk:
+            break
         chunks.append(chunk)
         size += len(chunk)
         if size > MAX_BODY_BYTES:
