@@ -187,17 +187,20 @@ def verify_dir(directory: Path, public_key: bytes, checkpoints: Path | None = No
     return VerifyReport(True, records, len(entries), unsigned_tail=max(0, records - signed_to - 1))
 
 
+def log_dirs(directory: Path) -> list[tuple[str, Path]]:
+    """(name, directory) of the primary's log ("") and of every worker's log under it."""
+    directory = Path(directory)
+    return [("", directory)] + [(p.name, p) for p in sorted(directory.glob(WORKER_LOGS)) if p.is_dir()]
+
+
 def verify_logs(directory: Path, public_key: bytes,
                 checkpoints: Path | None = None) -> list[tuple[str, VerifyReport]]:
     """The primary's log in ``directory`` and every worker's log under it, all under one key.
 
     ``checkpoints`` (an exported copy) is the primary's.
     """
-    directory = Path(directory)
-    found = [("", verify_dir(directory, public_key, checkpoints))]
-    for sub in sorted(p for p in directory.glob(WORKER_LOGS) if p.is_dir()):
-        found.append((sub.name, verify_dir(sub, public_key)))
-    return found
+    return [(name, verify_dir(where, public_key, None if name else checkpoints))
+            for name, where in log_dirs(directory)]
 
 
 def main_verify(directory: Path, checkpoints: Path | None = None, key: str | None = None,

@@ -8,6 +8,7 @@ which whoever truncates or rewrites the node's files (checkpoints file included)
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -16,18 +17,13 @@ from typing import Any
 import redis
 
 from ..audit.files import CHECKPOINTS
-from ..audit.verify import WORKER_LOGS, VerifyReport, verify_dir
+from ..audit.verify import VerifyReport, log_dirs, verify_dir
 from .engine import Engine, Keys, sync_client, unavailable
 from .settings import ClusterSettings
 
 log = logging.getLogger("agentauthz.cluster")
 
 KEEP = 100_000  # checkpoint copies kept in the stream (all nodes): about a day of one node's, per second
-
-
-def log_dirs(audit_dir: Path) -> list[tuple[str, Path]]:
-    """(name, directory) of the primary's log ("") and of every worker's log under it."""
-    return [("", audit_dir)] + [(p.name, p) for p in sorted(audit_dir.glob(WORKER_LOGS)) if p.is_dir()]
 
 
 def newest_checkpoint(directory: Path) -> bytes | None:
@@ -113,7 +109,6 @@ def verify_against_cluster(audit_dir: Path, public_key: bytes, settings: Cluster
 
 def node_of(state_dir: Path) -> str | None:
     """The node id a cluster state dir recorded when it joined (cluster.json), if any."""
-    import json
     try:
         doc: Any = json.loads((state_dir / "cluster.json").read_bytes())
     except (OSError, ValueError):

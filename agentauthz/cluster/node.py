@@ -81,6 +81,7 @@ class ClusterNode:
             raise StateError(f"{self._state_path}: this state directory is node {local['node']!r}'s, "
                              f"not {self.settings.node_id!r}")
         known, current = local.get("epoch"), self.engine.current_epoch()
+        recovered = False
         if known is None:  # a new node: found the cluster, or join the one there is
             self.engine.epoch = current or self.engine.found_epoch()
             self.last_id = "0-0"
@@ -95,13 +96,16 @@ class ClusterNode:
         else:
             self._recover("the engine has no epoch or another one" if current != known
                           else "the stream's ids went backwards")
-        self._adopt_token_id_key()
+            recovered = True  # the recovery offered the token-id key and published this node's keys
+        if not recovered:
+            self._adopt_token_id_key()
         self._sync_bans()
         sent = time.monotonic()
         self.catch_up(skip_own=False)
         self._authority.revocations.join_cluster(self.publish, self.engine.reserve, self._slots_end)
         self._report_applied(self.engine.client)
-        self.public_keys.publish()
+        if not recovered:
+            self.public_keys.publish()
         self.public_keys.load()
         self._write_state()
         self.joined = self.public_keys.joined = True

@@ -27,14 +27,17 @@ class ReportUnavailable(AgentAuthzError):
     reason = "report_unavailable"
 
 
-def _pyplot() -> Any:
+def _matplotlib() -> tuple[Any, Any]:
+    """pyplot and matplotlib.dates. matplotlib is an optional dependency (the ``report`` extra in
+    pyproject.toml, not a runtime one): imported here, guarded, its absence ReportUnavailable."""
     try:
         import matplotlib
+        matplotlib.use("Agg")  # no display: files only
+        import matplotlib.dates as mdates
+        import matplotlib.pyplot as plt
     except ImportError:
         raise ReportUnavailable(MISSING) from None
-    matplotlib.use("Agg")  # no display: files only
-    import matplotlib.pyplot as plt
-    return plt
+    return plt, mdates
 
 
 def reasons_of(events: Sequence[tuple[float, str]]) -> list[str]:
@@ -48,8 +51,7 @@ def timeline(events: Sequence[tuple[float, str]], start: float, end: float, titl
              palette: dict[str, Any], size: tuple[float, float] = (9, 2.6)) -> str:
     """A stacked bar chart of ``events`` ((ts, "allow" or a denial reason)) in BINS bins over
     [start, end], as a data URI. ``palette`` maps reasons to colours, filled as reasons appear."""
-    plt = _pyplot()
-    import matplotlib.dates as mdates
+    plt, mdates = _matplotlib()
     width = max(end - start, 1e-3) / BINS
     named = reasons_of(events)
     series = {"allow": [0] * BINS, **{r: [0] * BINS for r in named}}
@@ -90,4 +92,4 @@ def timeline(events: Sequence[tuple[float, str]], start: float, end: float, titl
 
 def require() -> None:
     """Raise ReportUnavailable now, before any work, when matplotlib is missing."""
-    _pyplot()
+    _matplotlib()

@@ -12,7 +12,7 @@ from typing import Any, Iterator
 
 from ... import reasons
 from ..files import log_files, parse_line
-from ..verify import WORKER_LOGS
+from ..verify import log_dirs
 
 # Tried what the token does not cover: a tool, target, operation, sensitivity, argument or budget.
 OUT_OF_SCOPE = reasons.FORBIDDEN | reasons.CONSTRAINT_DENIED
@@ -27,9 +27,8 @@ LIST_MAX = 200  # attempts listed per task; the counts cover all
 def read_records(directory: Path, since: float | None = None,
                  until: float | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
     """(log name, record) of every record in the window, the primary's log then each worker's."""
-    directory = Path(directory)
-    logs = [(".", directory)] + [(p.name, p) for p in sorted(directory.glob(WORKER_LOGS)) if p.is_dir()]
-    for name, where in logs:
+    for name, where in log_dirs(directory):
+        name = name or "."
         for _, path in log_files(where):
             with open(path, "rb") as f:
                 for raw in f:
