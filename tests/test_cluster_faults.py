@@ -228,3 +228,28 @@ def test_redis_restarted_empty_the_nodes_fail_closed_and_republish_every_revocat
     for m, revoker in ((minted[45], "d"), (fresh[3], "a"), (fresh[0], "d")):
         cluster.client(revoker).revoke(token_id=m.token_id)
         everywhere(everyone, m.token, REVOKED, f"{m.token_id} revoked on {revoker} everywhere")
+
+
+# -- a stream entry this node cannot apply ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields", [
+    {"n": "intruder", "r": "not json"},  # unreadable
+    {"n": "intruder", "r": '[{"op": "token", "jti": "x", "slot": -1, "exp": 1}]'},  # a field out of range
+    {"n": "intruder", "r": '[{"op": "forget_everything"}]'},  # a change this version does not know
+    {"n": "intruder"},  # no records at all
+])
+def test_an_entry_no_node_can_apply_fails_closed_until_it_is_removed(cluster: Cluster,
+                                                                     fields: dict[str, str]) -> None:
+    """Whoever can write to the stream could try a change this node cannot read (garbage, or a newer
+    node's revocation of a new kind): skipping it could skip a revocation, so the node stops
+    applying, goes stale and denies, and serves again only once the entry is gone."""
+    nodes = cluster.start_all("a", "b")
+    live = cluster.client("a").mint("live", ["demo:*:read"])
+    assert reasons_on(nodes, live.token) == [ALLOW] * 2
+    entry = cluster.redis.client().xadd("agentauthz:revocations", fields)
+    wait_until(lambda: reasons_on(nodes, live.token) == [STALE] * 2, 10, "both nodes to deny stale")
+    assert all(n.proc is not None and n.proc.poll() is None for n in nodes)  # denying, not crashed
+    assert "cannot apply the cluster stream" in nodes[0].log()
+    cluster.redis.client().xdel("agentauthz:revocations", entry)
+    wait_until(lambda: reasons_on(nodes, live.token) == [ALLOW] * 2, 10, "both nodes to serve again")
