@@ -17,7 +17,18 @@ import pytest
 import yaml
 from limits_support import agent, grant, rpc, tool_call
 from limits_support import start as start_limits
-from processes import ROOT, Daemon, echo_upstream, envoy, envoy_config, free_port, post, request, wait_for
+from processes import (
+    ROOT,
+    Daemon,
+    echo_upstream,
+    envoy,
+    envoy_config,
+    free_port,
+    http_get,
+    post,
+    request,
+    wait_for,
+)
 from test_e2e_envoy import (  # noqa: F401  (collected here, on this module's fixtures)
     AGENT,
     OTHER_AGENT,
@@ -65,9 +76,21 @@ def http_envoy_config(check_port: int, upstream_port: int, listen_port: int, adm
     return yaml.safe_dump(config)
 
 
+class HttpStack(Stack):
+    """A Stack that knows Envoy's admin port, whose stats say what reached the tool."""
+
+    def __init__(self, daemon: Daemon, proxy_port: int, work: Path, admin_port: int) -> None:
+        super().__init__(daemon, proxy_port, work)
+        self.admin_port = admin_port
+
+    def stat(self, name: str) -> int:
+        body = http_get(f"http://127.0.0.1:{self.admin_port}/stats?filter=^{re.escape(name)}$")[1].decode()
+        return int(body.split(":")[1]) if ":" in body else 0
+
+
 @contextlib.contextmanager
 def http_stack(work: Path, config: dict[str, Any], daemon: Daemon | None = None, check_port: int = 0,
-               mtls: bool = False) -> Iterator[Stack]:
+               mtls: bool = False) -> Iterator[HttpStack]:
     """A daemon with an HTTP Check (``config``; or ``daemon``, checking on ``check_port``), the echo
     tool, and examples/envoy-http.yaml in front."""
     if daemon is None:
@@ -79,7 +102,7 @@ def http_stack(work: Path, config: dict[str, Any], daemon: Daemon | None = None,
             text = http_envoy_config(check_port, upstream_port, proxy_port, admin_port,
                                      daemon.state_dir / "pki" if mtls else None)
             with envoy(text, work, admin_port):
-                yield Stack(daemon, proxy_port, work)
+                yield HttpStack(daemon, proxy_port, work, admin_port)
     finally:
         assert daemon.stop() == 0
 
