@@ -162,8 +162,9 @@ def test_a_request_envoy_would_not_send_is_refused_and_recorded(
 
 
 def _abandoned_http2_request(port: int, request_id: str) -> None:
-    """HTTP/2 with prior knowledge: one GET whose body never comes (no END_STREAM, no content-length),
-    then the connection closed, as a load generator ending mid-request or a crashing client does."""
+    """HTTP/2 with prior knowledge: one GET on an MCP route (the only one whose body is read) whose body
+    never comes (no END_STREAM, no content-length), then the connection closed, as a load generator
+    ending mid-request or a crashing client does."""
     def literal(index: int, value: str) -> bytes:  # HPACK literal, not indexed, its name from the table
         return bytes([index, len(value)]) + value.encode()
 
@@ -172,7 +173,8 @@ def _abandoned_http2_request(port: int, request_id: str) -> None:
 
     path = "/demo/reports"
     block = (b"\x82\x86" + literal(4, path) + literal(1, "localhost")  # GET, http
-             + literal_name(http_check.PATH_HEADER, path) + literal_name("x-request-id", request_id))
+             + literal_name(http_check.PATH_HEADER, path) + literal_name("x-request-id", request_id)
+             + literal_name(http_check.ROUTE_PREFIX + "mcp", "true"))
     headers = len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block  # END_HEADERS
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + headers)

@@ -42,6 +42,7 @@ log = logging.getLogger("agentauthz.http_check")
 PATH_HEADER = "x-agentauthz-path"
 ROUTE_PREFIX = "x-agentauthz-route-"
 ROUTE_KEYS = frozenset({"tool", "target", "operation", "sensitivity", "boundary", EXTENSION})
+_ROUTE_HEADERS = {ROUTE_PREFIX + key: key for key in ROUTE_KEYS}
 XFCC = "x-forwarded-client-cert"
 DECISION_HEADER = "x-agentauthz-decision-id"  # Envoy: dynamic_metadata_from_headers, for access logs
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
@@ -86,21 +87,24 @@ def peer_of(xfcc: str) -> tuple[str, str] | None:
     return principal, values.get("cert", "")
 
 
-def request_fields(method: str, path: str, header_items: list[tuple[str, str]], body: bytes) -> Fields | None:
-    """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request;
-    None when it is not one Envoy set up as README "The HTTP Check" says (then request_invalid)."""
+def request_fields(method: str, path: str, header_items: list[tuple[str, str]]) -> Fields | None:
+    """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request,
+    its body not yet read (``read_body``); None when it is not one Envoy set up as README "The HTTP
+    Check" says (then request_invalid)."""
     headers: dict[str, str] = {}
     extensions: dict[str, str] = {}
     for name, value in header_items:
-        if name.startswith(ROUTE_PREFIX):
-            key = name[len(ROUTE_PREFIX):]
-            if key not in ROUTE_KEYS or key in extensions:
+        key = _ROUTE_HEADERS.get(name)
+        if key is not None:
+            if key in extensions:
                 return None
             extensions[key] = value
         elif name in headers:
             if name in _SINGLE:
                 return None
             headers[name] += "," + value  # as Envoy joins a repeated header in the gRPC CheckRequest
+        elif name.startswith(ROUTE_PREFIX):
+            return None  # a route key agentauthz does not know: not one Envoy's config sets
         else:
             headers[name] = value
     original = headers.get(PATH_HEADER)
@@ -118,7 +122,7 @@ def request_fields(method: str, path: str, header_items: list[tuple[str, str]], 
         if peer is None:
             return None
         principal, certificate = peer
-    message = _Request(HttpRequest(method, headers, body)) if EXTENSION in extensions else None
+    message = _Request(HttpRequest(method, headers, b"")) if EXTENSION in extensions else None
     return (headers.get("authorization"), headers.get("x-request-id", ""), method, original, extensions,
             principal, certificate, message)
 
@@ -181,13 +185,15 @@ class HttpCheck:
         if scope.proto != "http":
             return
         try:
-            items = scope.headers.items()
-            body = await _body(protocol, items)
             try:
-                fields = request_fields(scope.method, scope.path, items, body)
+                fields = request_fields(scope.method, scope.path, scope.headers.items())
             except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
                 log.exception("reading an HTTP Check request failed")
                 fields = UNPARSED  # type: ignore[assignment]
+            # Only an MCP route reads its body (Envoy sends one only there: with_request_body).
+            if fields.__class__ is tuple and fields[7] is not None:
+                http = fields[7].http
+                http.raw_body = await read_body(protocol, http.headers.get("content-length"))
             status, headers, payload = self._answers(await self._check(fields, None))
         except Exception:  # never an allow: Envoy takes a 5xx as an error, which status_on_error denies
             log.exception("the HTTP Check failed")
@@ -195,9 +201,8 @@ class HttpCheck:
         protocol.response_bytes(status, headers, payload)
 
 
-async def _body(protocol: Any, items: list[tuple[str, str]]) -> bytes:
+async def read_body(protocol: Any, length: str | None) -> bytes:
     """The request body, read no further than one byte past what an MCP route accepts."""
-    length = next((v for k, v in items if k == "content-length"), None)
     if length == "0":
         return b""
     if length is not None and length.isdigit() and int(length) <= MAX_BODY_BYTES:
