@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,16 @@ class Config:
         return cls.from_mapping(data, str(path))
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a listen address's host part) can only be reached from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 def _check_client_problems(c: Config) -> list[str]:
     """check_clients: SPIFFE IDs, only with check_mtls, and required with it outside development."""
     if not isinstance(c.check_clients, tuple):
@@ -234,6 +245,13 @@ def _problems(c: Config) -> list[str]:
         out.append("http_check_listen must be HOST:PORT, unix:PATH, or empty (off)")
     elif c.http_check_listen.startswith("unix:") and c.workers != 1:
         out.append("several workers need a TCP http_check_listen (SO_REUSEPORT does not share Unix sockets)")
+    elif c.http_check_listen and not c.http_check_listen.startswith("unix:") \
+            and not _loopback(c.http_check_listen.rpartition(":")[0].strip("[]")):
+        # It has no TLS and believes the headers Envoy sets (a forwarded certificate among them):
+        # another host reaching it could present any. Across hosts, the gRPC Check with check_mtls.
+        out.append(f"http_check_listen {c.http_check_listen!r} is not loopback: the HTTP Check has no TLS "
+                   "and trusts Envoy's headers; listen on 127.0.0.1, ::1 or unix:PATH next to Envoy, or use "
+                   "the gRPC Check with check_mtls across hosts (README \"The HTTP Check\")")
     if not isinstance(c.check_mtls, bool):
         out.append("check_mtls must be true or false")
     out += _check_client_problems(c)

@@ -256,3 +256,19 @@ def test_an_http_check_address_in_use_is_named_with_its_option(tmp_path: Path) -
     assert (f"cannot listen on {taken} (--http-check-listen, or http_check_listen in the config): address "
             "already in use") in done.stderr
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9194", "[::]:9194", "10.1.2.3:9194", "agentauthz.svc:9194"])
+def test_an_http_check_other_hosts_could_reach_is_refused_at_start(tmp_path: Path, listen: str) -> None:
+    # It believes the x-forwarded-client-cert and route headers Envoy sets, over plaintext.
+    done = subprocess.run([sys.executable, "-m", "agentauthz", "serve", "--state-dir", str(tmp_path / "s"),
+                           "--http-check-listen", listen], capture_output=True, text=True, timeout=30)
+    assert done.returncode != 0
+    assert f"http_check_listen {listen!r} is not loopback" in done.stderr
+    assert "Traceback" not in done.stderr and not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:0", "localhost:0", "[::1]:0", "unix:/tmp/x.sock"])
+def test_loopback_and_unix_http_check_addresses_are_accepted(tmp_path: Path, listen: str) -> None:
+    from agentauthz.config import Config
+    assert Config(state_dir=tmp_path, http_check_listen=listen).http_check_listen == listen  # no ConfigError
