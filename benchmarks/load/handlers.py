@@ -51,8 +51,9 @@ async def serve(state: Path, port: int, frame: Path) -> None:
     from agentauthz.decision import _accel
     from agentauthz.serve import extauthz
 
+    from .bound import ALLOW_MEMBERS
     from .loadgen import write_frames
-    from .servers import ALLOW_MEMBERS, OK_RESPONSE, bound_handler
+    from .servers import OK_RESPONSE, bound_handler
 
     config = Config(state_dir=state)
     authority = Authority(config)

@@ -4,7 +4,9 @@
 
 Direct, every server pinned to one core and the load generator on the other, rounds interleaved:
 granian's constant-answer floor, the HTTP Check warm (one token) and cold (every Check verifies a
-signature), the bare grpc.aio floor, the gRPC Check, and Cerbos CheckResources (one CEL rule). h2load
+signature), each beside its bound (rsgi_bound.py: what any audited RSGI Check must do at least, the gRPC
+bound's work on granian), the bare grpc.aio floor, the gRPC Check, and Cerbos CheckResources (one CEL
+rule); the warm granian rows also split their server CPU by thread (rsgi_servers.per_thread). h2load
 drives every row it can (HTTP/2, 4 connections x 16 streams); the cold row needs a token per request,
 which h2load cannot send, so our HTTP/1.1 client (h1load.py) drives it, and drives the granian floor and
 the warm HTTP Check too, to show the client is not what bounds it. Through Envoy (one worker), one
@@ -33,7 +35,8 @@ from .daemon import Daemon
 from .h1load import http_request
 from .http_envoy import HTTP_PATH, http_headers, http_mode
 from .http_figures import chart, figures, markdown
-from .procs import Process, free_port, http_get, run_bounded, wait_for
+from .procs import free_port, http_get, run_bounded, wait_for
+from .rsgi_servers import per_thread, start_granian_bound, start_granian_floor
 from .run import check_allowed, check_envoy_allows
 
 
@@ -64,19 +67,6 @@ def http_allows(address: str, token: str, what: str) -> None:
         status, body = exc.code, exc.read()
     if status != 200:
         raise RuntimeError(f"{what} answered {status}: {body[:300]!r}")
-
-
-def start_granian_floor(bench: Bench, stack: contextlib.ExitStack) -> tuple[Process, str]:
-    """granian, one worker, one runtime thread, the constant-200 RSGI app, on the server core."""
-    port = free_port()
-    argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1",
-            "--port", str(port), "--workers", "1", "--runtime-threads", "1", "--no-ws", "--loop", "uvloop",
-            "--log-level", "warning", "benchmarks.load.rsgi_floor:app"]
-    proc = Process("granian-floor", argv, bench.work, cwd=ROOT, cpus=bench.server_cpus)
-    stack.callback(proc.stop)
-    bench.processes["granian-floor"] = argv
-    wait_for(lambda: proc.alive() and http_get(f"http://127.0.0.1:{port}/")[0] == 200, 30, "granian floor")
-    return proc, f"127.0.0.1:{port}"
 
 
 def h2load_get(bench: Bench, address: str, token: str) -> Callable[[float], dict[str, Any]]:
@@ -118,15 +108,23 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     check_allowed(grpc_floor_addr, body, "grpc.aio floor")
     cerbos_body = loadgen.write_frames(bench.work / "cerbos.bin", [cerbos.request()])
     rows = [Target("granian_floor", "granian floor: RSGI constant 200 (h2load)",
-                   h2load_get(bench, granian_addr, token), {"server": granian.pid}),
+                   per_thread(granian.pid, h2load_get(bench, granian_addr, token)), {"server": granian.pid}),
             Target("granian_floor_h1", "granian floor, our HTTP/1.1 client (the client's ceiling)",
                    h1load(bench, granian_addr, [token], "granian-h1"), {"server": granian.pid})]
     if warm.http_check:
         http_allows(warm.http_check, token, "HTTP Check (warm)")
         rows += [Target("http_warm", "agentauthz HTTP Check, one token (warm, h2load)",
-                        h2load_get(bench, warm.http_check, token), {"server": warm.pid}, warm),
+                        per_thread(warm.pid, h2load_get(bench, warm.http_check, token)), {"server": warm.pid},
+                        warm),
                  Target("http_warm_h1", "agentauthz HTTP Check, warm, our HTTP/1.1 client",
                         h1load(bench, warm.http_check, [token], "http-warm-h1"), {"server": warm.pid}, warm)]
+    bound_warm, bound_warm_addr = start_granian_bound(bench, stack, None)
+    http_allows(bound_warm_addr, token, "granian bound (warm)")
+    rows.append(Target("granian_bound_warm", "granian bound: every header read, one chained record, the "
+                       "allow's headers (warm, h2load)",
+                       per_thread(bound_warm.pid, h2load_get(bench, bound_warm_addr, token)),
+                       {"server": bound_warm.pid}))
+    bounds = [bound_warm]
     if cold and cold.http_check:
         for t in {cold_tokens[0], cold_tokens[-1]}:
             http_allows(cold.http_check, t, "HTTP Check (cold)")
@@ -134,6 +132,14 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
                  "(cold, our HTTP/1.1 client)")
         rows.append(Target("http_cold", label, h1load(bench, cold.http_check, cold_tokens, "http-cold"),
                            {"server": cold.pid}, cold))
+        bound_cold, bound_cold_addr = start_granian_bound(bench, stack, cold.jwks())
+        for t in {cold_tokens[0], cold_tokens[-1]}:
+            http_allows(bound_cold_addr, t, "granian bound (cold)")
+        label = (f"granian bound, cold: the same + a bare PyNaCl verify and a claims read, "
+                 f"{len(cold_tokens)} tokens (our HTTP/1.1 client)")
+        drive = h1load(bench, bound_cold_addr, cold_tokens, "bound-cold")
+        rows.append(Target("granian_bound_cold", label, drive, {"server": bound_cold.pid}))
+        bounds.append(bound_cold)
     rows += [Target("grpc_floor", "grpc.aio floor: constant OK (h2load)",
                     bench.h2load_grpc(grpc_floor_addr, body, s.h2_clients, s.h2_streams, True),
                     {"server": grpc_floor.pid}),
@@ -153,6 +159,8 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     if not cerbos.allows(anchor.address, cerbos.request()):
         raise RuntimeError("cerbos stopped allowing the benchmark request")
     anchor.stop()
+    for proc in bounds:
+        proc.stop()
     return {"granian": granian_addr, "grpc": grpc_floor_addr}
 
 

@@ -52,6 +52,20 @@ FIGURES: list[tuple[str, str, str, str, str, Callable[[Run, Run], float | None],
      "http_warm", "granian_floor", rps_ratio, "×", "≥ 0.70", _at_least(0.70)),
     ("http_cold_over_cerbos", "HTTP Check cold (our HTTP/1.1 client) / Cerbos (h2load), req/s", "direct",
      "http_cold", "cerbos", rps_ratio, "×", "≥ 1.5", _at_least(1.5)),
+    ("http_warm_over_warm_bound", "HTTP Check warm / its bound (granian bound, warm), req/s (both h2load)",
+     "direct", "http_warm", "granian_bound_warm", rps_ratio, "×", "(bound)", None),
+    ("bound_warm_over_granian_floor", "granian bound warm / granian floor, req/s: the most an audited "
+     "Check can reach on this transport", "direct", "granian_bound_warm", "granian_floor", rps_ratio, "×",
+     "(bound)", None),
+    ("bound_warm_over_granian_floor_by_cpu", "the same by server CPU per request (steadier when other work "
+     "shares the core)", "direct", "granian_bound_warm", "granian_floor", cpu_ratio, "×", "(bound)", None),
+    ("http_cold_over_cold_bound", "HTTP Check cold / its bound (granian bound, cold), req/s (both our "
+     "HTTP/1.1 client)", "direct", "http_cold", "granian_bound_cold", rps_ratio, "×", "(bound)", None),
+    ("bound_cold_over_cerbos", "granian bound cold (our HTTP/1.1 client) / Cerbos (h2load), req/s: the most "
+     "a cold audited Check can reach", "direct", "granian_bound_cold", "cerbos", rps_ratio, "×", "(bound)",
+     None),
+    ("bound_cold_over_cerbos_by_cpu", "the same by server CPU per request (steadier when other work shares "
+     "the core)", "direct", "granian_bound_cold", "cerbos", cpu_ratio, "×", "(bound)", None),
     ("http_warm_over_cerbos_by_cpu", "HTTP Check warm / Cerbos, by server CPU per request", "direct",
      "http_warm", "cerbos", cpu_ratio, "×", "(info)", None),
     ("http_cold_over_cerbos_by_cpu", "HTTP Check cold / Cerbos, by server CPU per request", "direct",
@@ -84,11 +98,23 @@ FIGURES: list[tuple[str, str, str, str, str, Callable[[Run, Run], float | None],
 ]
 
 
+# A bound figure -> the figure whose target it bounds: a bound that misses the target puts it out of reach.
+BOUNDS = {"bound_warm_over_granian_floor": "http_warm_over_granian_floor",
+          "bound_warm_over_granian_floor_by_cpu": "http_warm_over_granian_floor",
+          "bound_cold_over_cerbos": "http_cold_over_cerbos",
+          "bound_cold_over_cerbos_by_cpu": "http_cold_over_cerbos"}
+
+
 def figures(tables: dict[str, Any]) -> list[dict[str, Any]]:
     """Every figure with its target and verdict, shaped like the report's ratios (``met`` None: no target)."""
+    targets = {f[0]: (f[7], f[8]) for f in FIGURES}
     out = []
     for key, title, table, row, over, figure, unit, target, ok in FIGURES:
         value = paired(tables.get(table), row, over, figure)
+        if key in BOUNDS and value is not None:
+            text, reaches = targets[BOUNDS[key]]
+            title += (f"; the {text} target is within reach" if reaches(value) else
+                      f"; under {text.lstrip('≥ ')}, so the {text} target is out of reach by construction")
         out.append({"key": key, "title": title, "value": value, "unit": unit, "target": target,
                     "met": None if ok is None or value is None else bool(ok(value)),
                     "source": f"benchmarks/load/http_check.py: {table}, {row} / {over}, paired per round"})
@@ -119,12 +145,34 @@ def markdown(results: dict[str, Any]) -> str:
                        f"{_f(s['p99'], '.3f')} | "
                        + " | ".join(_f(s["cpu_us_per_request"].get(r), '.0f') for r in roles)
                        + f" | {s['valid_rounds']}/{s['rounds']} |")
+        out += thread_table(table)
     return "\n".join(out) + "\n"
+
+
+def thread_table(table: dict[str, Any]) -> list[str]:
+    """Each row's server CPU µs/req by thread (rsgi_servers.per_thread; median of valid rounds), for the
+    rows that measured it."""
+    measured = {}
+    for row in table["rows"].values():
+        runs = [r["threads_us_per_request"] for r in row["rounds"]
+                if r["valid"] and "threads_us_per_request" in r]
+        if runs:
+            measured[row["label"]] = runs
+    if not measured:
+        return []
+    roles = list(dict.fromkeys(role for runs in measured.values() for role in runs[0]))
+    out = ["", f"**Where the server's CPU goes, by thread** ({table['title']}; CPU µs/req, median of rounds)",
+           "", "| row | " + " | ".join(roles) + " |", "|---|" + "---:|" * len(roles)]
+    for label, runs in measured.items():
+        cells = [_f(statistics.median(r.get(role, math.nan) for r in runs), ".0f") for role in roles]
+        out.append(f"| {label} | " + " | ".join(cells) + " |")
+    return out
 
 
 SHORT = {"granian_floor": "granian floor", "granian_floor_h1": "granian floor (h1 client)",
          "http_warm": "HTTP Check warm", "http_warm_h1": "HTTP Check warm (h1 client)",
-         "http_cold": "HTTP Check cold (h1 client)", "grpc_floor": "grpc.aio floor",
+         "http_cold": "HTTP Check cold (h1 client)", "granian_bound_warm": "granian bound warm",
+         "granian_bound_cold": "granian bound cold (h1 client)", "grpc_floor": "grpc.aio floor",
          "grpc_warm": "gRPC Check warm", "cerbos": "Cerbos CheckResources", "floor": "no authorization",
          "jwt_authn": "jwt_authn", "grpc": "gRPC ext_authz -> agentauthz",
          "http": "HTTP ext_authz -> agentauthz",
@@ -142,11 +190,12 @@ def chart(results: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     tables = results["tables"]
-    fig, axes = plt.subplots(3, 1, figsize=(9, 11))
+    fig, axes = plt.subplots(4, 1, figsize=(9, 14))
     rows = tables["direct"]["rows"]
     names = [_short(k, "direct") for k in rows]
     values = [r["summary"]["rps"] for r in rows.values()]
-    colors = ["#cc6677" if n.startswith("http_") else "#4477aa" for n in rows]
+    colors = ["#cc6677" if n.startswith("http_") else "#228833" if n.startswith("granian_bound")
+              else "#4477aa" for n in rows]
     axes[0].barh(names, values, color=colors)
     if "cerbos" in rows:
         for times, style in ((3, "--"), (1.5, ":")):
@@ -156,8 +205,9 @@ def chart(results: dict[str, Any], path: Path) -> None:
         axes[0].axvline(0.7 * rows["granian_floor"]["summary"]["rps"], color="#228833", linestyle="-.",
                         label="0.70 × granian floor")
     axes[0].legend(fontsize=7)
-    axes[0].set_title("Direct, server on one core: requests/s (median of rounds; red: the HTTP Check)",
-                      fontsize=9)
+    axes[0].set_title("Direct, server on one core: requests/s (median of rounds; red: the HTTP Check, green: "
+                      "its bounds)", fontsize=9)
+    _bounds_panel(axes[3], results["figures"])
     modes = [m for m in tables["envoy_1"]["rows"] if m != "floor"]
     added = [paired(tables["envoy_1"], m, "floor", added_p50) or 0.0 for m in modes]
     axes[1].barh([_short(m, "envoy_1") for m in modes], added,
@@ -177,3 +227,22 @@ def chart(results: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+# The chart's last panel: each targeted ratio beside its bound's, and how much of its bound the Check reaches.
+BOUND_BARS = (("http_warm_over_granian_floor", "HTTP Check warm / granian floor", 0.70),
+              ("bound_warm_over_granian_floor", "bound warm / granian floor (bound)", 0.70),
+              ("http_warm_over_warm_bound", "HTTP Check warm / bound warm", None),
+              ("http_cold_over_cerbos", "HTTP Check cold / Cerbos", 1.5),
+              ("bound_cold_over_cerbos", "bound cold / Cerbos (bound)", 1.5),
+              ("http_cold_over_cold_bound", "HTTP Check cold / bound cold", None))
+
+
+def _bounds_panel(ax: Any, found: list[dict[str, Any]]) -> None:
+    values = {f["key"]: f["value"] or 0.0 for f in found}
+    ax.barh([label for _, label, _ in BOUND_BARS], [values.get(key, 0.0) for key, _, _ in BOUND_BARS],
+            color=["#228833" if key.startswith("bound_") else "#cc6677" for key, _, _ in BOUND_BARS])
+    for y, (_, _, target) in enumerate(BOUND_BARS):
+        if target is not None:  # the target, as a tick across its own bar
+            ax.plot([target, target], [y - 0.45, y + 0.45], color="k", linestyle="--")
+    ax.set_title("Targets beside their bounds (dashed: the target; green: the bound's own ratio)", fontsize=9)

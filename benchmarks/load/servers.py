@@ -34,9 +34,7 @@ tables is the decision, not the framework:
 from __future__ import annotations
 
 import argparse
-import base64
 import json
-import time
 from typing import Any
 
 import grpc
@@ -47,6 +45,8 @@ from envoy.type.v3 import http_status_pb2
 from google.rpc import code_pb2, status_pb2
 
 from agentauthz.serve.extauthz import bearer_token, parse_check_request
+
+from .bound import ChainedLog, b64url, verify_keys, verify_token
 
 SERVICE = "envoy.service.auth.v3.Authorization"
 OK_RESPONSE = ext_authz.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
@@ -94,59 +94,34 @@ async def _serve(listen: str, check: Any, parse: bool) -> None:
 
 async def serve_bound(listen: str, jwks_path: str | None) -> None:
     """``record`` (no ``jwks_path``) or ``verify``: the unavoidable work of an audited allow."""
-    from nacl.signing import VerifyKey
     keys = {}
     if jwks_path:
         with open(jwks_path) as f:
-            keys = {k["kid"]: VerifyKey(_b64url(k["x"])) for k in json.load(f)["keys"]}
+            keys = verify_keys(json.load(f))
     await _serve(listen, bound_handler(keys, allow_answer()), True)
-
-
-# An allow record's members after its ids: what the daemon's audit_records.check_members makes for a token.
-ALLOW_MEMBERS = ('"decision":true,"reason":"allow","tool":"demo","target":"reports","operation":"read",'
-                 '"sensitivity":"internal","agent":"spiffe://dev.local/agent/bench","task":"bench",'
-                 '"token_id":"0123456789abcdef0123456789abcdef"')
 
 
 def bound_handler(keys: dict[str, Any], answer: bytes = OK_RESPONSE) -> Any:
     """The bound's Check handler over parsed fields: one hash-chained record appended to a file of its
-    own with write(2), after, when ``keys`` (kid -> VerifyKey) are given, one bare PyNaCl verify of the
-    token's signature and a plain ``json.loads`` of its claims (an allow must read its grants); then
-    ``answer``."""
-    import hashlib
-    import os
-    import tempfile
-
-    fd = os.open(os.path.join(tempfile.mkdtemp(prefix="bound-"), "log.jsonl"),
-                 os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    chain: dict[str, Any] = {"seq": 0, "prev": "0" * 64}
-    members = f'"kind":"check",{ALLOW_MEMBERS}'
+    own with write(2) (``bound.ChainedLog``), after, when ``keys`` (kid -> VerifyKey) are given, one bare
+    PyNaCl verify of the token's signature and a plain ``json.loads`` of its claims
+    (``bound.verify_token``); then ``answer``."""
+    log = ChainedLog()
 
     async def check(request: Any, context: Any) -> bytes:
         token = bearer_token(request[0]) or ""
         if keys:
-            head, _, rest = token.partition(".")
-            payload, _, sig = rest.partition(".")
-            kid = json.loads(_b64url(head))["kid"]
-            keys[kid].verify(f"{head}.{payload}".encode(), _b64url(sig))
-            json.loads(_b64url(payload))
-        seq = chain["seq"] + 1
-        line = f'{{"seq":{seq},"prev":"{chain["prev"]}","ts":{time.time()!r},{members}}}'.encode()
-        chain["seq"], chain["prev"] = seq, hashlib.sha256(line).hexdigest()
-        os.write(fd, line + b"\n")
+            verify_token(keys, token)
+        log.append()
         return answer
 
     return check
 
 
-def _b64url(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
 def public_keys(jwks: dict[str, Any]) -> dict[str, Any]:
     """kid -> Ed25519 public key, from the daemon's published JWKS (RFC 8037 OKP keys)."""
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    return {k["kid"]: Ed25519PublicKey.from_public_bytes(_b64url(k["x"]))
+    return {k["kid"]: Ed25519PublicKey.from_public_bytes(b64url(k["x"]))
             for k in jwks["keys"] if k.get("kty") == "OKP" and k.get("crv") == "Ed25519"}
 
 

@@ -1,0 +1,59 @@
+"""The HTTP Check's bound: what any audited RSGI Check must do at least, nothing decided (issue 21).
+
+    AGENTAUTHZ_BOUND_JWKS=FILE AGENTAUTHZ_BOUND_DIR=DIR \\
+        granian --interface rsgi --workers 1 --runtime-threads 1 benchmarks.load.rsgi_bound:app
+
+Per request: read every header (the HTTP Check must, to refuse forged route headers), take the bearer,
+(cold, when ``AGENTAUTHZ_BOUND_JWKS`` names the daemon's JWKS: one bare PyNaCl verify of its signature and
+a read of its claims), append one hash-chained record with write(2) (``bound.ChainedLog``, the gRPC bound's
+own writer, in ``AGENTAUTHZ_BOUND_DIR``), and answer 200 with the headers the HTTP Check's allow sends
+(constant values of the same lengths). A bad signature raises: granian answers 500, the run is invalid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from .bound import DIR_ENV, JWKS_ENV, ChainedLog, verify_keys, verify_token
+
+
+def allow_headers() -> list[tuple[str, str]]:
+    """agentauthz/serve/http_check.py's allow for a benchmark token: three for the tool, the bearer
+    removed, a decision id (32 hex characters)."""
+    from agentauthz.decision.tokens import new_token_id
+
+    from .daemon import AGENT
+    return [("x-agentauthz-agent", AGENT), ("x-agentauthz-task", "bench-warm"),
+            ("x-agentauthz-token-id", new_token_id()), ("x-envoy-auth-headers-to-remove", "authorization"),
+            ("x-agentauthz-decision-id", "8b1d0172ccc32c100000000000000001")]
+
+
+def bound_app(keys: dict[str, Any], log: ChainedLog) -> Any:
+    """The RSGI app over ``keys`` (kid -> VerifyKey; empty: warm, no verify) and ``log``."""
+    headers = allow_headers()
+
+    async def app(scope: Any, proto: Any) -> None:
+        bearer = ""
+        for name, value in scope.headers.items():
+            if name == "authorization":
+                bearer = value
+        token = bearer[7:] if bearer[:7].lower() == "bearer " else ""
+        if keys:
+            verify_token(keys, token)
+        log.append()
+        proto.response_bytes(200, headers, b"")
+
+    return app
+
+
+def _from_env() -> Any:
+    keys: dict[str, Any] = {}
+    if os.environ.get(JWKS_ENV):
+        with open(os.environ[JWKS_ENV]) as f:
+            keys = verify_keys(json.load(f))
+    return bound_app(keys, ChainedLog(os.environ.get(DIR_ENV) or None))
+
+
+app = _from_env()
