@@ -219,7 +219,7 @@ def chart(results: dict[str, Any], path: Path) -> None:
     axes[2].barh([_short(m, "envoy_n") for m in n["rows"]], [r["summary"]["rps"] for r in n["rows"].values()],
                  color=["#cc6677" if m.startswith("http") else "#4477aa" for m in n["rows"]])
     axes[2].set_title(f"{n['title']}: requests/s", fontsize=9)
-    for ax in axes[1:]:
+    for ax in axes[1:3]:
         ax.set_xlabel("red: HTTP mode", fontsize=7)
     for ax in axes:
         ax.invert_yaxis()
@@ -246,3 +246,4 @@ def _bounds_panel(ax: Any, found: list[dict[str, Any]]) -> None:
         if target is not None:  # the target, as a tick across its own bar
             ax.plot([target, target], [y - 0.45, y + 0.45], color="k", linestyle="--")
     ax.set_title("Targets beside their bounds (dashed: the target; green: the bound's own ratio)", fontsize=9)
+    ax.set_xlabel("ratio (red: the HTTP Check)", fontsize=7)
