@@ -68,7 +68,7 @@ class AuditLog(BatchWriter):
         self._batches = self._since_cp = 0
         # The batch in flight: kept until durable and retried byte for byte, so the chain never forks.
         self._out: bytes | None = None
-        self._out_n, self._out_cp = 0, b""
+        self._out_n, self._out_cp, self._cp_pending, self._unsynced = 0, b"", b"", False
         self._out_waiters: list[threading.Event] = []
         # Group commit (record_check_durable): (future, decision id) of allows waiting for the batch in
         # flight, and when the last checkpoint was written (checkpoints are throttled, see _take).
@@ -135,12 +135,21 @@ class AuditLog(BatchWriter):
         """
         # Inline but for the record, which is one native call (_chain_c): this runs for every allow,
         # and under load each Python step here cost several times its isolated price.
-        if not self._ok or self._closed or self._thread is None or self._q or self._out is not None \
+        if not self._ok or self._closed or self._thread is None or self._out is not None \
                 or self._out_cp or not self._mutex.acquire(blocking=False):
             return False
         try:
-            if self._out is not None or self._out_cp or self._fd < 0 or self._fd_name != self._file:
-                return False  # the writer took a batch meanwhile, or a file is still to be opened
+            if self._out is not None or self._out_cp:
+                return False  # the writer took a batch meanwhile
+            if self._q:
+                # Records queued ahead (allows that found the writer holding the log a moment ago) go
+                # first, as _kick would write them: else every allow after them would queue too until
+                # the next loop iteration, each costing several times an inline one.
+                self._write_queued()
+                if self._q or not self._ok or self._out is not None:
+                    return False
+            if self._fd < 0 or self._fd_name != self._file:
+                return False  # a file is still to be opened
             try:
                 written = self._chain.append_check(self._fd, self._max_bytes - self._offset,
                                                    self._clock() if ts is None else ts,
