@@ -12,7 +12,7 @@ from setuptools.command.build_ext import build_ext
 
 # Every native twin builds into the subpackage of its pure twin (the hot path, agentauthz.decision).
 PACKAGE = "agentauthz.decision"
-NATIVE_MODULES = ["_bitset_c", "_strict_c", "_request_c", "_token_c", "_verify_c", "_chain_c", "_check_c"]
+NATIVE_MODULES = ["_bitset_c", "_strict_c", "_request_c", "_http_c", "_token_c", "_verify_c", "_chain_c", "_check_c"]
 _TRUE = {"1", "true", "yes", "on"}
 
 

@@ -23,7 +23,7 @@ from agentauthz import reasons
 from agentauthz.authority.core import Authority
 from agentauthz.check_wire import decode_check_response
 from agentauthz.client import Client, Identity
-from agentauthz.decision import _accel
+from agentauthz.decision import _accel, _http_py
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.serve import extauthz, http_check
 
@@ -86,12 +86,12 @@ def send(port: int, method: str, path: str, headers: list[tuple[str, str]], body
         conn.close()
 
 
-def serve(service: extauthz.CheckService,
-          calls: list[tuple[Any, ...]]) -> list[tuple[int, dict[str, str], bytes]]:
+def serve(service: extauthz.CheckService, calls: list[tuple[Any, ...]],
+          hot: _accel.HotPath = _accel.ACTIVE) -> list[tuple[int, dict[str, str], bytes]]:
     """``calls`` (``send``'s arguments but the port) to ``service`` behind a real HttpCheckServer."""
     async def run() -> list[tuple[int, dict[str, str], bytes]]:
         port = free_port()
-        server = http_check.HttpCheckServer(f"127.0.0.1:{port}", http_check.HttpCheck(service))
+        server = http_check.HttpCheckServer(f"127.0.0.1:{port}", http_check.HttpCheck(service, hot=hot))
         await server.start()
         try:
             return [await asyncio.to_thread(send, port, *call) for call in calls]
@@ -119,7 +119,8 @@ def test_the_http_check_answers_what_the_grpc_check_answers(
     finally:
         loop.close()
     assert a.audit.flush()  # no record queued ahead of the warm allow's: it can be written at once
-    answers = serve(over_http, [(h["method"], h["path"], h["headers"], h["body"]) for h, _ in named.values()])
+    answers = serve(over_http, [(h["method"], h["path"], h["headers"], h["body"]) for h, _ in named.values()],
+                    hot)
     for (name, want), (status, headers, body) in zip(wanted.items(), answers, strict=True):
         decision_id = headers.pop("x-agentauthz-decision-id")
         assert len(decision_id) == 32, name
@@ -149,11 +150,12 @@ def test_the_http_check_answers_what_the_grpc_check_answers(
     ([("x-agentauthz-path", "/d/r"), ("x-forwarded-client-cert", 'URI="unterminated')], "/d/r"),
 ])
 def test_a_request_envoy_would_not_send_is_refused_and_recorded(
-        authority: tuple[Authority, dict[str, str], str], headers: list[tuple[str, str]], path: str) -> None:
+        authority: tuple[Authority, dict[str, str], str], headers: list[tuple[str, str]], path: str,
+        hot: _accel.HotPath) -> None:
     a, minted, _ = authority
     service = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets)
     headers = [*headers, ("authorization", f"Bearer {minted['plain']}")]
-    [(status, answer, body)] = serve(service, [("GET", path, headers)])
+    [(status, answer, body)] = serve(service, [("GET", path, headers)], hot)
     assert (status, json.loads(body)) == (400, {"error": reasons.REQUEST_INVALID})
     decision_id = answer["x-agentauthz-decision-id"]
     assert a.audit.flush()
@@ -173,8 +175,8 @@ def _abandoned_http2_request(port: int, request_id: str) -> None:
 
     path = "/demo/reports"
     block = (b"\x82\x86" + literal(4, path) + literal(1, "localhost")  # GET, http
-             + literal_name(http_check.PATH_HEADER, path) + literal_name("x-request-id", request_id)
-             + literal_name(http_check.ROUTE_PREFIX + "mcp", "true"))
+             + literal_name(_http_py.PATH_HEADER, path) + literal_name("x-request-id", request_id)
+             + literal_name(_http_py.ROUTE_PREFIX + "mcp", "true"))
     headers = len(block).to_bytes(3, "big") + b"\x01\x04" + (1).to_bytes(4, "big") + block  # END_HEADERS
     with socket.create_connection(("127.0.0.1", port), timeout=5) as conn:
         conn.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00" + headers)

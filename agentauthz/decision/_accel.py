@@ -43,15 +43,17 @@ class HotPath(NamedTuple):
     WarmAllow: type
     allow_response: Callable[[str, str, str], bytes]
     Latency: type
+    scan_http: Callable[..., Any]
+    HttpAnswers: type
 
 
 def pure() -> HotPath:
-    from . import _bitset_py, _chain_py, _check_py, _request_py, _strict_py, _token_py, _verify_py
+    from . import _bitset_py, _chain_py, _check_py, _http_py, _request_py, _strict_py, _token_py, _verify_py
     return HotPath("pure", _verify_py.Verifier, _token_py.VerifiedToken, _verify_py.RevocationIndex,
                    _token_py.Grant, _token_py.compile_grant, _strict_py.b64url_decode,
                    _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain,
                    _check_py.DecisionIds, _check_py.WarmAllow, _check_py.allow_response,
-                   _check_py.Latency)
+                   _check_py.Latency, _http_py.scan_http, _http_py.HttpAnswers)
 
 
 def native() -> HotPath:
@@ -60,6 +62,7 @@ def native() -> HotPath:
         _bitset_c,
         _chain_c,
         _check_c,
+        _http_c,
         _request_c,
         _strict_c,
         _token_c,
@@ -69,7 +72,7 @@ def native() -> HotPath:
                    _token_c.Grant, _token_c.compile_grant, _strict_c.b64url_decode,
                    _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain,
                    _check_c.DecisionIds, _check_c.WarmAllow, _check_c.allow_response,
-                   _check_c.Latency)
+                   _check_c.Latency, _http_c.scan_http, _http_c.HttpAnswers)
 
 
 def _select() -> tuple[HotPath, str | None]:

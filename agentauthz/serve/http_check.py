@@ -32,21 +32,16 @@ from typing import Any, Callable
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from google.rpc import code_pb2
 
+from ..decision import _accel
 from ..decision._check_py import DECISION_ID_CHARS
+from ..decision._http_py import Answer
 from ..decision._request_py import Fields
-from ..decision.mcp import EXTENSION, MAX_BODY_BYTES
+from ..decision.mcp import MAX_BODY_BYTES
 from .extauthz import PREPARED_MAX, UNPARSED, CheckService, decision_id_frame, http_status_for
 
 log = logging.getLogger("agentauthz.http_check")
 
-PATH_HEADER = "x-agentauthz-path"
-ROUTE_PREFIX = "x-agentauthz-route-"
-ROUTE_KEYS = frozenset({"tool", "target", "operation", "sensitivity", "boundary", EXTENSION})
-_ROUTE_HEADERS = {ROUTE_PREFIX + key: key for key in ROUTE_KEYS}
-XFCC = "x-forwarded-client-cert"
-DECISION_HEADER = "x-agentauthz-decision-id"  # Envoy: dynamic_metadata_from_headers, for access logs
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
-_SINGLE = frozenset({PATH_HEADER, XFCC})  # Envoy sets each once; two are a client's copy let through
 # One XFCC element's key=value pairs (Envoy quotes values holding , ; = or "); the separator after each.
 _XFCC_PAIR = re.compile(r'([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,"]*)(;|,|$)')
 
@@ -87,106 +82,60 @@ def peer_of(xfcc: str) -> tuple[str, str] | None:
     return principal, values.get("cert", "")
 
 
-def request_fields(method: str, path: str, header_items: list[tuple[str, str]]) -> Fields | None:
+def request_fields(method: str, path: str, header_items: list[tuple[str, str]],
+                   hot: _accel.HotPath = _accel.ACTIVE) -> Fields | None:
     """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request,
     its body not yet read (``read_body``); None when it is not one Envoy set up as README "The HTTP
-    Check" says (then request_invalid)."""
-    headers: dict[str, str] = {}
-    extensions: dict[str, str] = {}
-    for name, value in header_items:
-        key = _ROUTE_HEADERS.get(name)
-        if key is not None:
-            if key in extensions:
-                return None
-            extensions[key] = value
-        elif name in headers:
-            if name in _SINGLE:
-                return None
-            headers[name] += "," + value  # as Envoy joins a repeated header in the gRPC CheckRequest
-        elif name.startswith(ROUTE_PREFIX):
-            return None  # a route key agentauthz does not know: not one Envoy's config sets
-        else:
-            headers[name] = value
-    original = headers.get(PATH_HEADER)
-    if original is None:
-        return None
-    # The decoded path granian hands over must be the one Envoy named; one still encoded is refused
-    # by the decision itself (ABNORMAL_PATH), whatever it decodes to.
-    bare = original.partition("?")[0]
-    if bare != path and "%" not in bare:
-        return None
-    principal = certificate = ""
-    xfcc = headers.get(XFCC)
-    if xfcc is not None:
-        peer = peer_of(xfcc)
-        if peer is None:
-            return None
-        principal, certificate = peer
-    message = _Request(HttpRequest(method, headers, b"")) if EXTENSION in extensions else None
-    return (headers.get("authorization"), headers.get("x-request-id", ""), method, original, extensions,
-            principal, certificate, message)
+    Check" says (then request_invalid). The scan is the hot path's (``_http_py.scan_http``)."""
+    fields = hot.scan_http(method, path, header_items, peer_of)
+    if fields is None or fields[7] is None:
+        return fields  # type: ignore[no-any-return]
+    return (*fields[:7], _Request(HttpRequest(method, fields[7], b"")))  # an MCP route: its body is read
 
 
-class Answers:
-    """CheckResponse bytes as (status, headers, body), converted once per distinct response: the
-    decision id, spliced into each (``extauthz.decision_ids``), is cut out and sent as a header."""
+def convert(raw: bytes) -> tuple[Answer, bool]:
+    """CheckResponse bytes (their decision id cut out) as (status, headers, body), and whether every
+    response of these bytes answers alike (``HttpAnswers`` keeps it)."""
+    message = ext_authz.CheckResponse.FromString(raw)
+    if message.status.code == code_pb2.OK:
+        if not message.HasField("ok_response"):  # every allow names its caller: this one is no answer
+            raise ValueError("a CheckResponse without ok_response is not an allow")
+        ok = message.ok_response
+        headers = [(o.header.key, o.header.value) for o in ok.headers]
+        if ok.headers_to_remove:
+            headers.append((REMOVE_HEADER, ",".join(ok.headers_to_remove)))
+        return (200, headers, b""), True
+    denied = message.denied_response
+    status = denied.status.code or 403
+    # An MCP request's denial answers 200 over gRPC so that the session goes on; over HTTP a 200 is an
+    # allow, so it keeps the status a plain route answers (mcp_denials.py). Its body names its own
+    # JSON-RPC id and decision: one of a kind, not kept.
+    mcp = status < 400
+    if mcp:
+        status = http_status_for(message.status.message)
+    return (status, [(o.header.key, o.header.value) for o in denied.headers], denied.body.encode()), not mcp
 
-    def __init__(self) -> None:
-        self._head, self._tail = decision_id_frame()
-        self._framed = len(self._head) + DECISION_ID_CHARS + len(self._tail)
-        self._known: dict[bytes, tuple[int, list[tuple[str, str]], bytes]] = {}
 
-    def __call__(self, response: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        cut = len(response) - self._framed
-        if cut >= 0 and response.endswith(self._tail) and response.startswith(self._head, cut):
-            decision_id = response[cut + len(self._head):len(response) - len(self._tail)].decode("ascii")
-            response = response[:cut]
-        else:
-            decision_id = ""
-        known = self._known.get(response)
-        if known is None:
-            known = self._convert(response)
-        status, headers, body = known
-        return status, [*headers, (DECISION_HEADER, decision_id)] if decision_id else headers, body
-
-    def _convert(self, raw: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-        message = ext_authz.CheckResponse.FromString(raw)
-        if message.status.code == code_pb2.OK:
-            ok = message.ok_response
-            headers = [(o.header.key, o.header.value) for o in ok.headers]
-            if ok.headers_to_remove:
-                headers.append((REMOVE_HEADER, ",".join(ok.headers_to_remove)))
-            answer = (200, headers, b"")
-        else:
-            denied = message.denied_response
-            status = denied.status.code or 403
-            # An MCP request's denial answers 200 over gRPC so that the session goes on; over HTTP a 200
-            # is an allow, so it keeps the status a plain route answers (mcp_denials.py).
-            mcp = status < 400
-            if mcp:
-                status = http_status_for(message.status.message)
-            answer = (status, [(o.header.key, o.header.value) for o in denied.headers], denied.body.encode())
-            if mcp:
-                return answer  # its body names its own JSON-RPC id and decision: one of a kind
-        if len(self._known) >= PREPARED_MAX:
-            self._known.clear()
-        self._known[raw] = answer
-        return answer
+def answers(hot: _accel.HotPath = _accel.ACTIVE) -> Any:
+    """The hot path's ``HttpAnswers`` for this daemon's decision ids (``extauthz.decision_ids``)."""
+    head, tail = decision_id_frame()
+    return hot.HttpAnswers(head, tail, DECISION_ID_CHARS, convert, PREPARED_MAX)
 
 
 class HttpCheck:
     """The RSGI application: one HTTP ext_authz request -> ``check`` -> the HTTP answer."""
 
-    def __init__(self, service: CheckService, fresh: Callable[[], bool] | None = None) -> None:
+    def __init__(self, service: CheckService, fresh: Callable[[], bool] | None = None,
+                 hot: _accel.HotPath = _accel.ACTIVE) -> None:
         self._check = service.check if fresh is None else service.fresh_only(fresh, service.check)
-        self._answers = Answers()
+        self._answers, self._hot = answers(hot), hot
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
             return
         try:
             try:
-                fields = request_fields(scope.method, scope.path, scope.headers.items())
+                fields = request_fields(scope.method, scope.path, scope.headers.items(), self._hot)
             except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
                 log.exception("reading an HTTP Check request failed")
                 fields = UNPARSED  # type: ignore[assignment]
