@@ -50,6 +50,15 @@ def test_bound_figures_pair_each_check_with_its_bound_and_say_when_a_target_is_o
     assert by_cpu["value"] == pytest.approx(1.5) and by_cpu["title"].endswith("target is within reach")
     assert found["http_warm_over_warm_bound"]["value"] == pytest.approx(0.75)
     assert found["http_cold_over_cold_bound"]["value"] == pytest.approx(0.625)
+    # A Check that beats its stock-Python bound: the bound's miss proves nothing about reach.
+    beaten = table(cerbos=[run(4000, cpu=150.0), run(2000, cpu=150.0)],
+                   granian_bound_cold=[run(4000, cpu=200.0), run(2000, cpu=200.0)],
+                   http_cold=[run(9000), run(4500)])
+    found = {f["key"]: f for f in figures({"direct": beaten})}
+    assert found["bound_cold_over_cerbos"]["value"] == pytest.approx(1.0)
+    assert found["http_cold_over_cold_bound"]["value"] == pytest.approx(2.25)
+    assert "bounds nothing" in found["bound_cold_over_cerbos"]["title"]
+    assert "by construction" not in found["bound_cold_over_cerbos"]["title"]
     # Without the bound rows there is no bound figure, and its title claims nothing.
     bare = {f["key"]: f for f in figures({"direct": table(granian_floor=[run(1.0)], cerbos=[run(1.0)])})}
     assert bare["bound_warm_over_granian_floor"]["value"] is None

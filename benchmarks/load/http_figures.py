@@ -61,8 +61,8 @@ FIGURES: list[tuple[str, str, str, str, str, Callable[[Run, Run], float | None],
      "shares the core)", "direct", "granian_bound_warm", "granian_floor", cpu_ratio, "×", "(bound)", None),
     ("http_cold_over_cold_bound", "HTTP Check cold / its bound (granian bound, cold), req/s (both our "
      "HTTP/1.1 client)", "direct", "http_cold", "granian_bound_cold", rps_ratio, "×", "(bound)", None),
-    ("bound_cold_over_cerbos", "granian bound cold (our HTTP/1.1 client) / Cerbos (h2load), req/s: the most "
-     "a cold audited Check can reach", "direct", "granian_bound_cold", "cerbos", rps_ratio, "×", "(bound)",
+    ("bound_cold_over_cerbos", "granian bound cold (our HTTP/1.1 client) / Cerbos (h2load), req/s: a cold "
+     "audited allow in stock Python", "direct", "granian_bound_cold", "cerbos", rps_ratio, "×", "(bound)",
      None),
     ("bound_cold_over_cerbos_by_cpu", "the same by server CPU per request (steadier when other work shares "
      "the core)", "direct", "granian_bound_cold", "cerbos", cpu_ratio, "×", "(bound)", None),
@@ -103,18 +103,32 @@ BOUNDS = {"bound_warm_over_granian_floor": "http_warm_over_granian_floor",
           "bound_warm_over_granian_floor_by_cpu": "http_warm_over_granian_floor",
           "bound_cold_over_cerbos": "http_cold_over_cerbos",
           "bound_cold_over_cerbos_by_cpu": "http_cold_over_cerbos"}
+# ... and the Check over that bound: the bound is the least work in stock Python, and where the Check's
+# native path beats it (≥ 1) it bounds nothing and a miss says nothing about reach.
+CHECK_OVER_BOUND = {"bound_warm_over_granian_floor": "http_warm_over_warm_bound",
+                    "bound_warm_over_granian_floor_by_cpu": "http_warm_over_warm_bound",
+                    "bound_cold_over_cerbos": "http_cold_over_cold_bound",
+                    "bound_cold_over_cerbos_by_cpu": "http_cold_over_cold_bound"}
 
 
 def figures(tables: dict[str, Any]) -> list[dict[str, Any]]:
     """Every figure with its target and verdict, shaped like the report's ratios (``met`` None: no target)."""
     targets = {f[0]: (f[7], f[8]) for f in FIGURES}
+    values = {f[0]: paired(tables.get(f[2]), f[3], f[4], f[5]) for f in FIGURES}
     out = []
-    for key, title, table, row, over, figure, unit, target, ok in FIGURES:
-        value = paired(tables.get(table), row, over, figure)
+    for key, title, table, row, over, _, unit, target, ok in FIGURES:
+        value = values[key]
         if key in BOUNDS and value is not None:
             text, reaches = targets[BOUNDS[key]]
-            title += (f"; the {text} target is within reach" if reaches(value) else
-                      f"; under {text.lstrip('≥ ')}, so the {text} target is out of reach by construction")
+            beaten = values[CHECK_OVER_BOUND[key]]
+            if reaches(value):
+                title += f"; the {text} target is within reach"
+            elif beaten is not None and beaten >= 1.0:
+                title += (f"; under {text.lstrip('≥ ')}, but the Check does better than this stock-Python "
+                          f"bound ({beaten:.2f}×): it bounds nothing, and the {text} target is not shown "
+                          "out of reach")
+            else:
+                title += f"; under {text.lstrip('≥ ')}, so the {text} target is out of reach by construction"
         out.append({"key": key, "title": title, "value": value, "unit": unit, "target": target,
                     "met": None if ok is None or value is None else bool(ok(value)),
                     "source": f"benchmarks/load/http_check.py: {table}, {row} / {over}, paired per round"})

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
     cluster = json.loads(cluster_path.read_text()) if cluster_path.exists() else {}
     http_check_path = out_dir / "http_check.json"
     http_check = json.loads(http_check_path.read_text()) if http_check_path.exists() else {}
+    if http_check.get("tables"):  # paired again from the rounds: the wording follows http_figures.py
+        from benchmarks.load.http_figures import figures
+        http_check["figures"] = figures(http_check["tables"])
     commands = ["make bench",
                 "pytest benchmarks -q --benchmark-only --benchmark-json benchmarks/results/micro.json",
                 "python -m benchmarks.paired --out benchmarks/results/paired.json",

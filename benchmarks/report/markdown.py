@@ -223,8 +223,9 @@ def http_check_section(results: dict[str, Any]) -> list[str]:
              "gRPC bound does (servers.py `bound_handler`): every header read, the bearer taken, (cold: one "
              "bare PyNaCl verify and a claims read), one hash-chained record appended with write(2), the "
              "allow's headers, in plain Python: nothing is decided, so a Check passes it only by doing that "
-             "work natively (the cold Check's verify is). A bound under its target puts the target out of "
-             "reach by construction; on a shared machine its by-CPU twin is the steadier reading.")
+             "work natively (the cold Check's parse is). A bound under its target puts the target out of "
+             "reach, unless the Check already passes the bound; on a shared machine its by-CPU twin is the "
+             "steadier reading.")
     return [bound, "", *http_check_tables(results["http_check"]).splitlines(), "",
             "![HTTP Check](http-check.png)"]
 
