@@ -30,7 +30,7 @@ class ReportUnavailable(AgentAuthzError):
 def _matplotlib() -> tuple[Any, Any]:
     """pyplot and matplotlib.dates. matplotlib is an optional dependency (the ``report`` extra in
     pyproject.toml, not a runtime one): imported here, guarded, its absence ReportUnavailable."""
-    try:
+    try:  # optional import, guarded: matplotlib is the ``report`` extra, not in the runtime dependencies
         import matplotlib
         matplotlib.use("Agg")  # no display: files only
         import matplotlib.dates as mdates
