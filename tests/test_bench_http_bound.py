@@ -17,8 +17,8 @@ import pytest
 
 from benchmarks.load.bound import DIR_ENV, JWKS_ENV, ChainedLog
 from benchmarks.load.http_figures import figures, markdown
-from benchmarks.load.procs import Process, free_port, http_get, wait_for
-from benchmarks.load.rsgi_servers import LOOP, REST, RUNTIME, split, thread_cpu
+from benchmarks.load.procs import Process, free_port, http_get, process_tree, wait_for
+from benchmarks.load.rsgi_servers import LOOP, REST, RUNTIME, batch_io_threads, split, thread_cpu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,8 @@ def test_bound_figures_pair_each_check_with_its_bound_and_say_when_a_target_is_o
     found = {f["key"]: f for f in figures({"direct": direct})}
     warm, cold = found["bound_warm_over_granian_floor"], found["bound_cold_over_cerbos"]
     assert warm["value"] == pytest.approx(0.60) and warm["target"] == "(bound)" and warm["met"] is None
-    assert warm["title"].endswith("under 0.70, so the ≥ 0.70 target is out of reach by construction")
+    assert warm["title"].endswith("misses ≥ 0.70 itself, so the ≥ 0.70 target is out of reach by "
+                                  "construction")
     assert cold["value"] == pytest.approx(2.0) and cold["title"].endswith("the ≥ 1.5 target is within reach")
     # By CPU the bound costs less than Cerbos by a third: 1.5, which reaches the target (≥ is inclusive).
     by_cpu = found["bound_cold_over_cerbos_by_cpu"]
@@ -63,6 +64,29 @@ def test_bound_figures_pair_each_check_with_its_bound_and_say_when_a_target_is_o
     bare = {f["key"]: f for f in figures({"direct": table(granian_floor=[run(1.0)], cerbos=[run(1.0)])})}
     assert bare["bound_warm_over_granian_floor"]["value"] is None
     assert "target" not in bare["bound_warm_over_granian_floor"]["title"]
+
+
+def test_envoys_audited_allow_hop_bounds_the_latency_and_throughput_targets() -> None:
+    def at(p50: float, rps: float = 1000.0) -> dict[str, Any]:
+        return {**run(rps), "p50": p50}
+    envoy_1 = table(floor=[at(0.30), at(0.40)], http=[at(0.70), at(0.80)], http_floor=[at(0.50), at(0.60)],
+                    http_bound=[at(0.62), at(0.70)])
+    envoy_n = table(jwt_authn=[at(1, 4000), at(1, 4000)], http=[at(1, 3600), at(1, 3700)],
+                    http_floor=[at(1, 4400), at(1, 4400)], http_bound=[at(1, 3800), at(1, 3900)])
+    found = {f["key"]: f for f in figures({"envoy_1": envoy_1, "envoy_n": envoy_n})}
+    added = found["envoy_http_added_ms"]
+    assert added["value"] == pytest.approx(0.40) and added["met"] is False
+    hop, audited = found["envoy_http_hop_added_ms"], found["envoy_http_bound_added_ms"]
+    assert hop["value"] == pytest.approx(0.20)
+    assert hop["title"].endswith("the ≤ 0.25 ms target is within reach")
+    assert audited["value"] == pytest.approx(0.31)
+    assert audited["title"].endswith("misses ≤ 0.25 ms itself, so the ≤ 0.25 ms target is out of reach by "
+                                     "construction")
+    assert found["envoy_n_http_over_jwt"]["value"] == pytest.approx(0.9125)
+    assert found["envoy_n_http_floor_over_jwt"]["title"].endswith("the ≥ 1.0 target is within reach")
+    bound = found["envoy_n_http_bound_over_jwt"]
+    assert bound["value"] == pytest.approx(0.9625) and bound["met"] is None
+    assert bound["title"].endswith("misses ≥ 1.0 itself, so the ≥ 1.0 target is out of reach by construction")
 
 
 def test_the_thread_split_charges_main_threads_the_busiest_other_and_the_rest() -> None:
@@ -141,5 +165,29 @@ def test_granian_serves_the_cold_bound_allowing_a_signed_token_refusing_a_forged
         assert _get(address, _token(other, "k1"))[0] == 500  # signed by another key: the verify refuses
         logs = list(tmp_path.glob("bound-*.jsonl"))
         assert len(logs) == 1 and len(logs[0].read_text().splitlines()) == 1  # the refusal wrote nothing
+    finally:
+        proc.stop()
+
+
+def test_a_stock_granian_gets_the_daemons_scheduling_its_loop_threads_untouched(tmp_path: Path) -> None:
+    pytest.importorskip("granian")
+    address = f"127.0.0.1:{free_port()}"
+    host, port = address.split(":")
+    argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", host, "--port", port,
+            "--workers", "1", "--runtime-threads", "1", "--no-ws", "--log-level", "warning",
+            "benchmarks.load.rsgi_floor:app"]
+    proc = Process("floor", argv, tmp_path, cwd=ROOT)
+    try:
+        wait_for(lambda: proc.alive() and http_get(f"http://{address}/")[0] > 0, 30, "granian floor")
+        batch_io_threads(proc.pid)
+        tree = process_tree(proc.pid)
+        assert len(tree) == 2  # granian's supervisor and its worker
+        others = []
+        for pid in tree:
+            policies = {int(t): os.sched_getscheduler(int(t)) for t in os.listdir(f"/proc/{pid}/task")}
+            assert policies.pop(pid) == os.SCHED_OTHER
+            others += policies.values()
+        assert others and set(others) == {os.SCHED_BATCH}
+        assert http_get(f"http://{address}/")[0] == 200
     finally:
         proc.stop()

@@ -7,16 +7,18 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import os
 import socket
 import subprocess
 import sys
+import threading
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 import pytest
 import test_warm_allow
-from processes import Daemon, audit_records, free_port
+from processes import ROOT, Daemon, audit_records, free_port
 from test_warm_allow import ALPHA, request
 
 from agentauthz import reasons
@@ -236,12 +238,81 @@ def test_every_worker_answers_over_http_and_applies_a_revocation(tmp_path: Path)
         client.revoke(token_id=minted.token_id)  # acknowledged once every worker applied it
         answers = {send(port, "GET", "/demo/reports", headers)[2] for _ in range(20)}
         assert answers == {json.dumps({"error": reasons.TOKEN_REVOKED}).encode() + b"\n"}
+        # In the primary and the worker (the single-threaded process between them forks workers),
+        # granian's threads are SCHED_BATCH; the event loop and gRPC's threads are not.
+        serving = [p for p in descendants(daemon.proc.pid) if len(os.listdir(f"/proc/{p}/task")) > 1]
+        assert len(serving) == 2
+        for pid in serving:
+            policies = thread_policies(pid)
+            assert policies[pid] == (os.SCHED_OTHER, "python")
+            assert any(policy == os.SCHED_BATCH for policy, _ in policies.values())
+            assert all(policy == os.SCHED_OTHER for policy, name in policies.values() if "grpc" in name
+                       or "event_engine" in name)
     finally:
         assert daemon.stop() == 0
     # Each connection went to one process or the other (SO_REUSEPORT): both decided, both recorded.
     workers = audit_records(tmp_path / "state" / "audit" / "worker-1")
     assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in workers)
     assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in daemon.audit_records())
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process under it."""
+    out = [pid]
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
+            out += descendants(int(child))
+    return out
+
+
+def thread_policies(pid: int) -> dict[int, tuple[int, str]]:
+    """Each thread of ``pid``: its scheduling policy and name."""
+    tasks = Path(f"/proc/{pid}/task")
+    return {int(tid): (os.sched_getscheduler(int(tid)), (tasks / tid / "comm").read_text().strip())
+            for tid in os.listdir(tasks)}
+
+
+def test_without_the_http_check_no_thread_is_batch(tmp_path: Path) -> None:
+    daemon = Daemon(tmp_path / "state").start()
+    try:
+        assert {policy for policy, _ in thread_policies(daemon.proc.pid).values()} == {os.SCHED_OTHER}
+    finally:
+        assert daemon.stop() == 0
+
+
+def policy_of_a_thread_started() -> int:
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+def test_threads_started_in_the_block_are_batch_and_the_starter_keeps_its_policy() -> None:
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    with http_check.threads_started_batch():
+        assert policy_of_a_thread_started() == os.SCHED_BATCH
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    assert policy_of_a_thread_started() == os.SCHED_OTHER
+    with pytest.raises(OSError), http_check.threads_started_batch():
+        raise OSError("granian did not listen")
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+
+
+def test_a_policy_the_operator_chose_is_left_as_it_is() -> None:
+    # As under `chrt --idle 0 agentauthz serve`: granian's threads inherit the operator's choice.
+    script = (
+        "import os, threading\n"
+        "from agentauthz.serve.http_check import threads_started_batch\n"
+        "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
+        "seen = []\n"
+        "with threads_started_batch():\n"
+        "    t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))\n"
+        "    t.start(); t.join()\n"
+        "print(seen == [os.SCHED_IDLE], os.sched_getscheduler(0) == os.SCHED_IDLE)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=ROOT)
+    assert done.stdout.split() == ["True", "True"], done.stderr
 
 
 def test_an_http_check_address_in_use_is_named_with_its_option(tmp_path: Path) -> None:

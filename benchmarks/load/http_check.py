@@ -124,7 +124,7 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
                        "allow's headers (warm, h2load)",
                        per_thread(bound_warm.pid, h2load_get(bench, bound_warm_addr, token)),
                        {"server": bound_warm.pid}))
-    bounds = [bound_warm]
+    bound_cold = None
     if cold and cold.http_check:
         for t in {cold_tokens[0], cold_tokens[-1]}:
             http_allows(cold.http_check, t, "HTTP Check (cold)")
@@ -139,7 +139,6 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
                  f"{len(cold_tokens)} tokens (our HTTP/1.1 client)")
         drive = h1load(bench, bound_cold_addr, cold_tokens, "bound-cold")
         rows.append(Target("granian_bound_cold", label, drive, {"server": bound_cold.pid}))
-        bounds.append(bound_cold)
     rows += [Target("grpc_floor", "grpc.aio floor: constant OK (h2load)",
                     bench.h2load_grpc(grpc_floor_addr, body, s.h2_clients, s.h2_streams, True),
                     {"server": grpc_floor.pid}),
@@ -159,9 +158,9 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     if not cerbos.allows(anchor.address, cerbos.request()):
         raise RuntimeError("cerbos stopped allowing the benchmark request")
     anchor.stop()
-    for proc in bounds:
-        proc.stop()
-    return {"granian": granian_addr, "grpc": grpc_floor_addr}
+    if bound_cold is not None:  # the warm bound stays: Envoy's audited-allow hop points at it
+        bound_cold.stop()
+    return {"granian": granian_addr, "grpc": grpc_floor_addr, "granian_bound": bound_warm_addr}
 
 
 # -- through Envoy ---------------------------------------------------------------------------------
@@ -197,6 +196,9 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
                            None)
     modes["http_floor"] = ("ext_authz HTTP -> granian floor (the hop alone)",
                            http_front(floors["granian"], "http_floor"), None)
+    modes["http_bound"] = ("ext_authz HTTP -> granian bound: headers read, one chained record, the allow's "
+                           "headers (an audited allow's hop)",
+                           http_front(floors["granian_bound"], "http_bound"), None)
     fronts = {}
     for mode, (_, config_for, _) in modes.items():
         fronts[mode] = envoy.start(f"envoy-{mode}", config_for, bench.work)
@@ -218,7 +220,8 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
                 pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
                 note="Added latency = a row's p50 minus the no-authorization row's p50, paired per round.")
     bench.table("envoy_n", f"Through Envoy, {clients} connections (h2load --h1)", "h2load",
-                targets(clients, ("floor", "jwt_authn", "grpc", "http", "http_floor")), pinned=False,
+                targets(clients, ("floor", "jwt_authn", "grpc", "http", "http_floor", "http_bound")),
+                pinned=False,
                 settings={"clients": clients, "protocol": "http/1.1"})
     return {"http_config_source": sources,
             "configs": {m: f.config_path.read_text() for m, f in fronts.items()}}

@@ -36,7 +36,20 @@ def start_granian(bench: Bench, stack: contextlib.ExitStack, name: str, app: str
     stack.callback(proc.stop)
     bench.processes[name] = [*(f"{k}={v}" for k, v in (env or {}).items()), *argv]
     wait_for(lambda: proc.alive() and http_get(f"http://127.0.0.1:{port}/")[0] > 0, 30, name)
+    batch_io_threads(proc.pid)
     return proc, f"127.0.0.1:{port}"
+
+
+def batch_io_threads(pid: int) -> None:
+    """What the daemon does to its granian threads (serve/http_check.threads_started_batch), done to a
+    stock granian from outside: every thread but each process's main one (the event loop) SCHED_BATCH,
+    so a floor or bound is measured on the same scheduling as the Check it bounds. Threads granian
+    starts later inherit it from theirs."""
+    for p in process_tree(pid):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            if int(tid) != p:
+                with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                    os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
 
 
 def start_granian_floor(bench: Bench, stack: contextlib.ExitStack) -> tuple[Process, str]:
