@@ -11,9 +11,12 @@ drives every row it can (HTTP/2, 4 connections x 16 streams); the cold row needs
 which h2load cannot send, so our HTTP/1.1 client (h1load.py) drives it, and drives the granian floor and
 the warm HTTP Check too, to show the client is not what bounds it. Through Envoy (one worker), one
 connection and then N: added latency over the proxy floor for HTTP mode, gRPC mode and jwt_authn, with
-each ext_authz mode also pointed at its constant-answer floor (the hop alone). Writes DIR/http_check.json,
-DIR/http_check.md and DIR/http-check.png; http_figures.py makes the figures. Without the HTTP transport
-(no ``http_check_listen`` in this build) the HTTP Check rows are left out and say so.
+each ext_authz mode also pointed at its constant-answer floor (the hop alone) and HTTP mode at the warm
+bound (an audited allow's hop). Every granian server here runs on the daemon's scheduling (its I/O threads
+SCHED_BATCH, ``rsgi_servers.batch_io_threads``) but one stock granian floor, issue 21's, which its warm
+target is measured against. Writes DIR/http_check.json, DIR/http_check.md and DIR/http-check.png;
+http_figures.py makes the figures. Without the HTTP transport (no ``http_check_listen`` in this build)
+the HTTP Check rows are left out and say so.
 """
 
 from __future__ import annotations
@@ -96,6 +99,7 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     """The one-core table, every row interleaved with every other so each ratio pairs rounds; the floors."""
     s = bench.s
     granian, granian_addr = start_granian_floor(bench, stack)
+    stock, stock_addr = start_granian_floor(bench, stack, batch=False)
     grpc_floor, grpc_floor_addr = bench.start_server(stack, "floor")
     anchor = cerbos.Cerbos(bench.work, bench.server_cpus)
     stack.callback(anchor.stop)
@@ -107,8 +111,11 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     check_allowed(grpc.check_address, body, "agentauthz gRPC Check")
     check_allowed(grpc_floor_addr, body, "grpc.aio floor")
     cerbos_body = loadgen.write_frames(bench.work / "cerbos.bin", [cerbos.request()])
-    rows = [Target("granian_floor", "granian floor: RSGI constant 200 (h2load)",
-                   per_thread(granian.pid, h2load_get(bench, granian_addr, token)), {"server": granian.pid}),
+    rows = [Target("granian_floor", "granian floor: RSGI constant 200, stock granian (issue 21's; h2load)",
+                   per_thread(stock.pid, h2load_get(bench, stock_addr, token)), {"server": stock.pid}),
+            Target("granian_floor_batch", "granian floor on the daemon's scheduling: I/O threads SCHED_BATCH "
+                   "(h2load)", per_thread(granian.pid, h2load_get(bench, granian_addr, token)),
+                   {"server": granian.pid}),
             Target("granian_floor_h1", "granian floor, our HTTP/1.1 client (the client's ceiling)",
                    h1load(bench, granian_addr, [token], "granian-h1"), {"server": granian.pid})]
     if warm.http_check:
@@ -160,6 +167,7 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     anchor.stop()
     if bound_cold is not None:  # the warm bound stays: Envoy's audited-allow hop points at it
         bound_cold.stop()
+    stock.stop()
     return {"granian": granian_addr, "grpc": grpc_floor_addr, "granian_bound": bound_warm_addr}
 
 

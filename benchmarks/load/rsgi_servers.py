@@ -25,8 +25,9 @@ LOOP, RUNTIME, REST = ("Python event loop (main thread)", "busiest other thread 
 
 
 def start_granian(bench: Bench, stack: contextlib.ExitStack, name: str, app: str,
-                  env: dict[str, str] | None = None) -> tuple[Process, str]:
-    """granian, one worker, one runtime thread, uvloop, serving the RSGI ``app`` on the server core."""
+                  env: dict[str, str] | None = None, batch: bool = True) -> tuple[Process, str]:
+    """granian, one worker, one runtime thread, uvloop, serving the RSGI ``app`` on the server core;
+    with ``batch``, on the daemon's scheduling (``batch_io_threads``)."""
     port = free_port()
     argv = [sys.executable, "-m", "granian", "--interface", "rsgi", "--host", "127.0.0.1",
             "--port", str(port), "--workers", "1", "--runtime-threads", "1", "--no-ws", "--loop", "uvloop",
@@ -36,7 +37,8 @@ def start_granian(bench: Bench, stack: contextlib.ExitStack, name: str, app: str
     stack.callback(proc.stop)
     bench.processes[name] = [*(f"{k}={v}" for k, v in (env or {}).items()), *argv]
     wait_for(lambda: proc.alive() and http_get(f"http://127.0.0.1:{port}/")[0] > 0, 30, name)
-    batch_io_threads(proc.pid)
+    if batch:
+        batch_io_threads(proc.pid)
     return proc, f"127.0.0.1:{port}"
 
 
@@ -52,9 +54,11 @@ def batch_io_threads(pid: int) -> None:
                     os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
 
 
-def start_granian_floor(bench: Bench, stack: contextlib.ExitStack) -> tuple[Process, str]:
-    """The constant-200 RSGI app (rsgi_floor.py): the most an RSGI Check can reach."""
-    return start_granian(bench, stack, "granian-floor", "benchmarks.load.rsgi_floor:app")
+def start_granian_floor(bench: Bench, stack: contextlib.ExitStack, batch: bool = True) -> tuple[Process, str]:
+    """The constant-200 RSGI app (rsgi_floor.py): the most an RSGI Check can reach; without ``batch``,
+    stock granian (issue 21's floor)."""
+    return start_granian(bench, stack, "granian-floor" if batch else "granian-floor-stock",
+                         "benchmarks.load.rsgi_floor:app", batch=batch)
 
 
 def start_granian_bound(bench: Bench, stack: contextlib.ExitStack,

@@ -225,7 +225,8 @@ def http_check_section(results: dict[str, Any]) -> list[str]:
              "allow's headers, in plain Python: nothing is decided, so a Check passes it only by doing that "
              "work natively (the cold Check's parse is). A bound under its target puts the target out of "
              "reach, unless the Check already passes the bound; on a shared machine its by-CPU twin is the "
-             "steadier reading.")
+             "steadier reading. The daemon runs granian's I/O threads SCHED_BATCH (serve/http_check.py), and "
+             "so do the bounds and one floor; the targeted floor is stock granian, as issue 21 measured it.")
     return [bound, "", *http_check_tables(results["http_check"]).splitlines(), "",
             "![HTTP Check](http-check.png)"]
 
