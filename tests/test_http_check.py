@@ -4,6 +4,7 @@ Envoy would never send (no x-agentauthz-path, forged or repeated route headers, 
 
 from __future__ import annotations
 
+import _thread
 import asyncio
 import http.client
 import json
@@ -280,36 +281,57 @@ def test_without_the_http_check_no_thread_is_batch(tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
-def policy_of_a_thread_started() -> int:
-    seen = []
-    thread = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
-    thread.start()
-    thread.join()
-    return seen[0]
+def raw_thread() -> tuple[int, Any]:
+    """A thread ``threading`` does not know, as granian's are (started by ``_thread``): its id, and the
+    lock that ends it once released."""
+    started, stop = _thread.allocate_lock(), _thread.allocate_lock()
+    started.acquire()
+    stop.acquire()
+    ids = []
+
+    def run() -> None:
+        ids.append(threading.get_native_id())
+        started.release()
+        stop.acquire()
+    _thread.start_new_thread(run, ())
+    started.acquire()
+    return ids[0], stop
 
 
-def test_threads_started_in_the_block_are_batch_and_the_starter_keeps_its_policy() -> None:
+def test_native_threads_started_in_the_block_are_batch_python_threads_and_this_one_are_not() -> None:
     assert os.sched_getscheduler(0) == os.SCHED_OTHER
-    with http_check.threads_started_batch():
-        assert policy_of_a_thread_started() == os.SCHED_BATCH
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
-    assert policy_of_a_thread_started() == os.SCHED_OTHER
-    with pytest.raises(OSError), http_check.threads_started_batch():
-        raise OSError("granian did not listen")
-    assert os.sched_getscheduler(0) == os.SCHED_OTHER
+    python = threading.Thread(target=threading.Event().wait, args=(5,), daemon=True)
+    with http_check.native_threads_batch():
+        native, stop = raw_thread()
+        python.start()
+        assert os.sched_getscheduler(native) == os.SCHED_OTHER  # not yet: when the block ends
+    try:
+        assert os.sched_getscheduler(native) == os.SCHED_BATCH
+        assert os.sched_getscheduler(python.native_id) == os.SCHED_OTHER
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER
+        later, stop_later = raw_thread()  # outside the block: untouched
+        assert os.sched_getscheduler(later) == os.SCHED_OTHER
+        stop_later.release()
+    finally:
+        stop.release()
+    with pytest.raises(OSError), http_check.native_threads_batch():  # granian did not listen: nothing set
+        failed, stop_failed = raw_thread()
+        raise OSError("not listening")
+    assert os.sched_getscheduler(failed) == os.SCHED_OTHER
+    stop_failed.release()
 
 
 def test_a_policy_the_operator_chose_is_left_as_it_is() -> None:
     # As under `chrt --idle 0 agentauthz serve`: granian's threads inherit the operator's choice.
     script = (
-        "import os, threading\n"
-        "from agentauthz.serve.http_check import threads_started_batch\n"
+        "import _thread, os, threading, time\n"
+        "from agentauthz.serve.http_check import native_threads_batch\n"
         "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-        "seen = []\n"
-        "with threads_started_batch():\n"
-        "    t = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))\n"
-        "    t.start(); t.join()\n"
-        "print(seen == [os.SCHED_IDLE], os.sched_getscheduler(0) == os.SCHED_IDLE)\n")
+        "ids = []\n"
+        "with native_threads_batch():\n"
+        "    _thread.start_new_thread(lambda: (ids.append(threading.get_native_id()), time.sleep(5)), ())\n"
+        "    while not ids: time.sleep(0.01)\n"
+        "print(os.sched_getscheduler(ids[0]) == os.SCHED_IDLE, os.sched_getscheduler(0) == os.SCHED_IDLE)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                           cwd=ROOT)
     assert done.stdout.split() == ["True", "True"], done.stderr

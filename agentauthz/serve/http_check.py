@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -172,9 +173,9 @@ async def read_body(protocol: Any, length: str | None) -> bytes:
 
 
 @contextlib.contextmanager
-def threads_started_batch() -> Iterator[None]:
-    """Threads this thread starts inside the block are SCHED_BATCH (Linux: a new thread inherits its
-    creator's policy); this thread keeps its own.
+def native_threads_batch() -> Iterator[None]:
+    """Threads that start inside the block and are not Python's (granian's Rust I/O runtime) become
+    SCHED_BATCH, and the threads they start later inherit it; Python's threads and this one keep theirs.
 
     granian's I/O threads wake for every request that arrives, and can do nothing with it until the
     event loop thread lets go of the GIL. As SCHED_OTHER threads they preempt the loop thread on a
@@ -186,17 +187,23 @@ def threads_started_batch() -> Iterator[None]:
     policy cannot be set it serves without it: this is throughput, not correctness.
     """
     try:
-        changed = os.sched_getscheduler(0) == os.SCHED_OTHER
-        if changed:
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
-    except (AttributeError, OSError) as exc:  # not Linux, or a sandbox that forbids it
-        log.info("http check: I/O threads keep the default scheduling policy (%s)", exc)
-        changed = False
-    try:
-        yield
-    finally:
-        if changed:
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        before = set(os.listdir("/proc/self/task")) if os.sched_getscheduler(0) == os.SCHED_OTHER else None
+    except (AttributeError, OSError) as exc:  # not Linux
+        log.info("http check: its threads keep the default scheduling policy (%s)", exc)
+        before = None
+    yield
+    if before is None:
+        return
+    python = {t.native_id for t in threading.enumerate()}
+    for tid in set(os.listdir("/proc/self/task")) - before:
+        if int(tid) not in python:
+            try:
+                os.sched_setscheduler(int(tid), os.SCHED_BATCH, os.sched_param(0))
+            except ProcessLookupError:
+                pass  # it exited
+            except OSError as exc:  # a sandbox that forbids it
+                log.info("http check: its threads keep the default scheduling policy (%s)", exc)
+                return
 
 
 class HttpCheckServer:
@@ -221,7 +228,7 @@ class HttpCheckServer:
         """Serve, and return once the listener accepts connections (granian's worker binds after
         ``serve`` has begun); OSError if it does not."""
         # granian starts its I/O threads before it listens: all of them inside the block.
-        with threads_started_batch():
+        with native_threads_batch():
             self._task = asyncio.create_task(self._server.serve())
             deadline = asyncio.get_running_loop().time() + timeout
             while not await self._accepting():

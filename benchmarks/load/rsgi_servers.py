@@ -43,7 +43,7 @@ def start_granian(bench: Bench, stack: contextlib.ExitStack, name: str, app: str
 
 
 def batch_io_threads(pid: int) -> None:
-    """What the daemon does to its granian threads (serve/http_check.threads_started_batch), done to a
+    """What the daemon does to its granian threads (serve/http_check.native_threads_batch), done to a
     stock granian from outside: every thread but each process's main one (the event loop) SCHED_BATCH,
     so a floor or bound is measured on the same scheduling as the Check it bounds. Threads granian
     starts later inherit it from theirs."""
