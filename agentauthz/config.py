@@ -166,6 +166,16 @@ class Config:
         return cls.from_mapping(data, str(path))
 
 
+def listen_host(address: str) -> str:
+    """A TCP listen address's host: an IPv6 literal without its brackets, "" for every interface."""
+    return address.rpartition(":")[0].strip("[]")
+
+
+def host_port(address: str) -> tuple[str, int]:
+    """``listen_host`` and the port; ValueError for a port that is not a number."""
+    return listen_host(address), int(address.rpartition(":")[2])
+
+
 def _loopback(host: str) -> bool:
     """Whether ``host`` (a listen address's host part) can only be reached from this machine."""
     if host == "localhost":
@@ -246,7 +256,7 @@ def _problems(c: Config) -> list[str]:
     elif c.http_check_listen.startswith("unix:") and c.workers != 1:
         out.append("several workers need a TCP http_check_listen (SO_REUSEPORT does not share Unix sockets)")
     elif c.http_check_listen and not c.http_check_listen.startswith("unix:") \
-            and not _loopback(c.http_check_listen.rpartition(":")[0].strip("[]")):
+            and not _loopback(listen_host(c.http_check_listen)):
         # It has no TLS and believes the headers Envoy sets (a forwarded certificate among them):
         # another host reaching it could present any. Across hosts, the gRPC Check with check_mtls.
         out.append(f"http_check_listen {c.http_check_listen!r} is not loopback: the HTTP Check has no TLS "

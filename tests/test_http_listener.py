@@ -7,11 +7,13 @@ import http.client
 import json
 import select
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-from processes import Daemon, wait_for
+from processes import ROOT, Daemon, free_port, http_get, wait_for
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from agentauthz.config import Config
@@ -142,3 +144,26 @@ def test_idle_connections_do_not_stop_healthz(tmp_path: Path) -> None:
         for s in idle:
             s.close()
         assert d.stop() == 0
+
+
+def test_every_listener_serves_on_ipv6_loopback(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("check", "api", "http", "approval", "http-check")}
+    args = [a for name, port in ports.items() for a in (f"--{name}-listen", f"[::1]:{port}")]
+    log = tmp_path / "daemon.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "agentauthz", "serve", "--state-dir",
+                                 str(tmp_path / "s"), *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        def serving() -> bool:
+            assert proc.poll() is None, log.read_text()  # exited: say why now
+            return http_get(f"http://[::1]:{ports['http']}/healthz")[0] == 200
+        wait_for(serving, 30, "/healthz on [::1]")
+        for name in ("check", "api", "approval", "http-check"):
+            socket.create_connection(("::1", ports[name]), timeout=10).close()
+        conn = http.client.HTTPConnection("::1", ports["http-check"], timeout=10)
+        conn.request("GET", "/demo/reports", headers={"x-agentauthz-path": "/demo/reports"})
+        assert conn.getresponse().status == 401  # decided: no token
+        conn.close()
+    finally:
+        proc.terminate()
+        assert proc.wait(20) == 0

@@ -35,6 +35,7 @@ from typing import Any, Callable, Iterator
 from envoy.service.auth.v3 import external_auth_pb2 as ext_authz
 from google.rpc import code_pb2
 
+from ..config import host_port
 from ..decision import _accel
 from ..decision._check_py import DECISION_ID_CHARS
 from ..decision._http_py import Answer
@@ -217,8 +218,8 @@ class HttpCheckServer:
         if listen.startswith("unix:"):
             where = {"uds": Path(listen[5:])}
         else:
-            host, _, port = listen.rpartition(":")
-            where = {"address": host.strip("[]"), "port": int(port)}
+            host, port = host_port(listen)
+            where = {"address": host, "port": port}
         self.listen, self._where = listen, where
         self._server = Server(app, interface=Interfaces.RSGI, http=HTTPModes.auto, websockets=False,
                               runtime_threads=1, backlog=1024, log_enabled=False, **where)

@@ -20,6 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from ..authority.core import AUDIT_KEY_PATH, STATUS_PATH, Authority
+from ..config import host_port
 from ..state import statuslist
 from . import listeners
 
@@ -206,8 +207,7 @@ class HttpListener:
     """The listener on ``host:port``: start and stop it on the daemon's event loop."""
 
     def __init__(self, address: str, routes: Routes, *, timeout: float, max_connections: int) -> None:
-        host, _, port = address.rpartition(":")
-        self._host, self._port = host, int(port)
+        self._address, (self._host, self._port) = address, host_port(address)
         self._routes = routes
         self._timeout = timeout
         self._max = max_connections
@@ -220,7 +220,7 @@ class HttpListener:
         try:
             await web.TCPSite(self._runner, self._host, self._port).start()
         except OSError as exc:
-            raise listeners.taken("http_listen", f"{self._host}:{self._port}", exc) from None
+            raise listeners.taken("http_listen", self._address, exc) from None
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -7,6 +7,7 @@ import os
 import socket
 from typing import Any
 
+from ..config import host_port
 from ..errors import ConfigError
 
 LISTENERS = ("check_listen", "api_listen", "http_listen", "approval_listen", "http_check_listen")
@@ -47,10 +48,9 @@ def _unix_problem(path: str) -> str | None:
 
 
 def _tcp_problem(address: str) -> str | None:
-    host, _, port = address.rpartition(":")
     try:
-        infos = socket.getaddrinfo(host.strip("[]") or None, int(port), type=socket.SOCK_STREAM,
-                                   flags=socket.AI_PASSIVE)
+        host, port = host_port(address)
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except ValueError:
         return None  # config validation names a malformed address
     except socket.gaierror as exc:

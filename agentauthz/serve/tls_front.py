@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL, crypto
 
+from ..config import host_port
 from ..identity.spiffe import IdentityError, Svid, peer_from_der_chain
 from . import listeners
 
@@ -143,9 +144,8 @@ class TlsFront:
             if self.listen.startswith("unix:"):
                 self._server = await loop.create_unix_server(lambda: _Client(self), self.listen[5:])
             else:
-                host, _, port = self.listen.rpartition(":")
-                self._server = await loop.create_server(lambda: _Client(self), host.strip("[]") or None,
-                                                        int(port))
+                host, port = host_port(self.listen)
+                self._server = await loop.create_server(lambda: _Client(self), host or None, port)
         except (OSError, ValueError) as exc:
             raise listeners.taken("api_listen", self.listen, exc) from None
 
