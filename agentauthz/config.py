@@ -166,14 +166,21 @@ class Config:
         return cls.from_mapping(data, str(path))
 
 
+# The Config fields that are listen addresses.
+LISTENERS = ("check_listen", "api_listen", "http_listen", "approval_listen", "http_check_listen")
+
+
 def listen_host(address: str) -> str:
     """A TCP listen address's host: an IPv6 literal without its brackets, "" for every interface."""
     return address.rpartition(":")[0].strip("[]")
 
 
 def host_port(address: str) -> tuple[str, int]:
-    """``listen_host`` and the port; ValueError for a port that is not a number."""
-    return listen_host(address), int(address.rpartition(":")[2])
+    """``listen_host`` and the port; ValueError unless the address is HOST:PORT with a port of 0-65535."""
+    _, colon, port = address.rpartition(":")
+    if not (colon and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"not HOST:PORT: {address!r}")
+    return listen_host(address), int(port)
 
 
 def _loopback(host: str) -> bool:
@@ -243,6 +250,16 @@ def _problems(c: Config) -> list[str]:
         value = getattr(c, name)
         if not isinstance(value, str) or not value.strip():
             out.append(f"{name} must be a non-empty string")
+    for name in LISTENERS:
+        value = getattr(c, name)
+        # The HTTP listener is TCP only; the gRPC listeners, TLS front and HTTP Check take unix:PATH too.
+        unix = name != "http_listen"
+        if isinstance(value, str) and value.strip() and not (unix and value.startswith("unix:")):
+            try:
+                host_port(value)
+            except ValueError:
+                out.append(f"{name} must be HOST:PORT (a port of 0-65535){' or unix:PATH' if unix else ''}, "
+                           f"got {value!r}")
     if not c.audiences or not all(isinstance(a, str) and _BOUNDARY_NAME.fullmatch(a) for a in c.audiences):
         out.append("audiences (trust boundaries) must be a non-empty list of names of a-z 0-9 _ . -")
     elif len(set(c.audiences)) != len(c.audiences):

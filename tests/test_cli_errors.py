@@ -91,6 +91,25 @@ def test_a_listen_address_in_use_is_named_with_its_option_and_nothing_is_created
     assert not state.exists()  # no half-made state directory to trip over on the next start
 
 
+@pytest.mark.parametrize(("flag", "address", "expected"), [
+    ("--http-listen", "127.0.0.1:abc",
+     "http_listen must be HOST:PORT (a port of 0-65535), got '127.0.0.1:abc'"),
+    ("--http-listen", "unix:/tmp/agentauthz-http.sock",
+     "http_listen must be HOST:PORT (a port of 0-65535), got 'unix:/tmp/agentauthz-http.sock'"),
+    ("--check-listen", "127.0.0.1:65536",
+     "check_listen must be HOST:PORT (a port of 0-65535) or unix:PATH, got '127.0.0.1:65536'"),
+    ("--api-listen", "9190", "api_listen must be HOST:PORT (a port of 0-65535) or unix:PATH, got '9190'"),
+    ("--http-check-listen", "127.0.0.1:-1",
+     "http_check_listen must be HOST:PORT (a port of 0-65535) or unix:PATH, got '127.0.0.1:-1'"),
+])
+def test_a_malformed_listen_address_is_named_before_anything_is_created(
+        tmp_path: Path, flag: str, address: str, expected: str) -> None:
+    state = tmp_path / "state"
+    done = cli("serve", "--state-dir", str(state), flag, address, timeout=30)
+    assert one_line(done) == f"agentauthz: config_invalid: invalid configuration: {expected}"
+    assert not state.exists()
+
+
 def test_a_listener_that_fails_once_others_are_up_closes_them_all(tmp_path: Path) -> None:
     """Past the up-front check (someone took the port meanwhile): named, and nothing is left listening."""
     ports = {name: free_port() for name in FLAGS}

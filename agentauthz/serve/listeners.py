@@ -7,10 +7,8 @@ import os
 import socket
 from typing import Any
 
-from ..config import host_port
+from ..config import LISTENERS, host_port
 from ..errors import ConfigError
-
-LISTENERS = ("check_listen", "api_listen", "http_listen", "approval_listen", "http_check_listen")
 
 
 def taken(name: str, address: str, why: object) -> ConfigError:
