@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -591,8 +592,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=CONFIG)
     return parser
 
+# An Ed25519 public key in base64url: one in 32 starts with "-", which argparse takes for an option.
+_DASHED_KEY = re.compile(r"-[A-Za-z0-9_-]{42}")
+
+
+def _keys_attached(argv: list[str]) -> list[str]:
+    """``--key -abc…`` as ``--key=-abc…``: the key the daemon printed, pasted as shown, is a key."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--key" and _DASHED_KEY.fullmatch(arg):
+            out[-1] = f"--key={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_keys_attached(sys.argv[1:] if argv is None else argv))
     try:
         args.handler(args)
     except Refusal as exc:

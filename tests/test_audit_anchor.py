@@ -91,8 +91,10 @@ def test_verify_with_the_published_key_and_with_a_wrong_one(stopped: tuple[Daemo
     for key in (str(jwk), doc["x"]):
         done = daemon.cli("audit", "verify", str(state / "audit"), "--key", key)
         assert done.returncode == 0 and done.stdout.startswith(f"{state / 'audit'}: OK:"), done.stderr
-    wrong = _b64(Ed25519PrivateKey.generate().public_key().public_bytes(
-        serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    wrong = ""
+    while not wrong.startswith("-"):  # one key in 64: argparse would take it for an option, not a key
+        wrong = _b64(Ed25519PrivateKey.generate().public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw))
     done = daemon.cli("audit", "verify", str(state / "audit"), "--key", wrong)
     assert done.returncode == 1 and "no checkpoint signed by the pinned key" in done.stderr, done.stderr
 

@@ -191,7 +191,7 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
         doc = self.audit_key_document()
         if created:  # the one moment the operator should copy it somewhere the log's writers cannot reach
             log.warning("audit: new checkpoint signing key %s; pin its public key %s (kept in %s, served "
-                        "at http://%s%s); verify with `agentauthz audit verify DIR --key %s`", doc["kid"],
+                        "at http://%s%s); verify with `agentauthz audit verify DIR --key=%s`", doc["kid"],
                         doc["x"], pinned, self.config.http_listen, AUDIT_KEY_PATH, doc["x"])
         else:
             log.info("audit: checkpoints signed by %s (public key %s, pinned copy %s)", doc["kid"], doc["x"],
