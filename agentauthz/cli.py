@@ -519,9 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "your tasks; the task name cannot be used again"),
                        ("--agent", "ban an agent: every token naming it (admin identity, or the agent "
                         "itself)"), ("--key-id", "a signing key and every token it signed (admin identity)")):
-        # A key id is a JWK thumbprint (base64url), which may begin with "-": argparse then needs "=".
-        which.add_argument(flag, help=f"{what}; write {flag}=VALUE if the value begins with - "
-                           "(no default: name one of the four)")
+        which.add_argument(flag, help=f"{what} (no default: name one of the four)")
 
     p = command("unban", cmd_unban, "lift the ban revoking an agent put on it (admin identity)")
     p.add_argument("--server", default="127.0.0.1:9190", help=API_SERVER)
@@ -592,23 +590,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=CONFIG)
     return parser
 
-# An Ed25519 public key in base64url: one in 32 starts with "-", which argparse takes for an option.
-_DASHED_KEY = re.compile(r"-[A-Za-z0-9_-]{42}")
+# Options whose values are random base64url of a fixed length: an audit public key, a key id (a JWK
+# thumbprint), a token id. One value in 64 begins with "-", which argparse takes for an option.
+_BASE64URL_VALUES = {flag: re.compile(f"-[A-Za-z0-9_-]{{{length - 1}}}")
+                     for flag, length in (("--key", 43), ("--key-id", 43), ("--token-id", 22))}
 
 
-def _keys_attached(argv: list[str]) -> list[str]:
-    """``--key -abc…`` as ``--key=-abc…``: the key the daemon printed, pasted as shown, is a key."""
+def _values_attached(argv: list[str]) -> list[str]:
+    """``--token-id -abc…`` as ``--token-id=-abc…``: a value the daemon printed, pasted as shown, is that
+    value and not an unknown option."""
     out: list[str] = []
     for arg in argv:
-        if out and out[-1] == "--key" and _DASHED_KEY.fullmatch(arg):
-            out[-1] = f"--key={arg}"
+        shape = _BASE64URL_VALUES.get(out[-1]) if out else None
+        if shape is not None and shape.fullmatch(arg):
+            out[-1] = f"{out[-1]}={arg}"
         else:
             out.append(arg)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(_keys_attached(sys.argv[1:] if argv is None else argv))
+    args = build_parser().parse_args(_values_attached(sys.argv[1:] if argv is None else argv))
     try:
         args.handler(args)
     except Refusal as exc:

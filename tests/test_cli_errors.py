@@ -15,7 +15,7 @@ import pytest
 from processes import ROOT, Daemon, free_port
 
 from agentauthz import errors
-from agentauthz.cli import build_parser
+from agentauthz.cli import _values_attached, build_parser
 from agentauthz.client import _ERROR_BY_STATUS, AsyncClient, Client, Identity
 from agentauthz.config import Config
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
@@ -108,6 +108,21 @@ def test_a_malformed_listen_address_is_named_before_anything_is_created(
     done = cli("serve", "--state-dir", str(state), flag, address, timeout=30)
     assert one_line(done) == f"agentauthz: config_invalid: invalid configuration: {expected}"
     assert not state.exists()
+
+
+def test_a_printed_value_beginning_with_a_dash_is_read_as_that_value() -> None:
+    # One random base64url value in 64 begins with "-": pasted as the daemon printed it, it must not be
+    # taken for an option (seen: audit verify --key -…, "expected one argument").
+    token_id, key = "-" + "T" * 21, "-" + "K" * 42
+    parse = build_parser().parse_args
+    assert parse(_values_attached(["revoke", "--identity", "i", "--token-id", token_id])).token_id == token_id
+    assert parse(_values_attached(["revoke", "--identity", "i", "--key-id", key])).key_id == key
+    assert parse(_values_attached(["audit", "verify", "d", "--key", key, "--json"])).key == key
+    # Anything else is left to argparse: an option after --key is still an option, and a value of
+    # another shape still needs --key=VALUE.
+    assert _values_attached(["audit", "verify", "d", "--key", "--json"]) == ["audit", "verify", "d", "--key",
+                                                                             "--json"]
+    assert _values_attached(["revoke", "--token-id", "-short"]) == ["revoke", "--token-id", "-short"]
 
 
 def test_a_listener_that_fails_once_others_are_up_closes_them_all(tmp_path: Path) -> None:
