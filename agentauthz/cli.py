@@ -590,6 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help=CONFIG)
     return parser
 
+
 # Options whose values are random base64url of a fixed length: an audit public key, a key id (a JWK
 # thumbprint), a token id. One value in 64 begins with "-", which argparse takes for an option.
 _BASE64URL_VALUES = {flag: re.compile(f"-[A-Za-z0-9_-]{{{length - 1}}}")
