@@ -31,10 +31,10 @@ def _matplotlib() -> tuple[Any, Any]:
     """pyplot and matplotlib.dates. matplotlib is an optional dependency (the ``report`` extra in
     pyproject.toml, not a runtime one): imported here, guarded, its absence ReportUnavailable."""
     try:  # optional import, guarded: matplotlib is the ``report`` extra, not in the runtime dependencies
-        import matplotlib
+        import matplotlib  # optional (report extra), guarded by this try/except ImportError
         matplotlib.use("Agg")  # no display: files only
-        import matplotlib.dates as mdates
-        import matplotlib.pyplot as plt
+        import matplotlib.dates as mdates  # optional, guarded: see above
+        import matplotlib.pyplot as plt  # optional, guarded: see above
     except ImportError:
         raise ReportUnavailable(MISSING) from None
     return plt, mdates
