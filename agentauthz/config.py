@@ -177,10 +177,10 @@ def listen_host(address: str) -> str:
 
 def host_port(address: str) -> tuple[str, int]:
     """``listen_host`` and the port; ValueError unless the address is HOST:PORT with a port of 0-65535."""
-    _, colon, port = address.rpartition(":")
+    host, colon, port = address.rpartition(":")
     if not (colon and port.isascii() and port.isdigit() and int(port) <= 65535):
         raise ValueError(f"not HOST:PORT: {address!r}")
-    return listen_host(address), int(port)
+    return host.strip("[]"), int(port)
 
 
 def _loopback(host: str) -> bool:

@@ -29,6 +29,7 @@ from agentauthz.client import Client, Identity
 from agentauthz.decision import _accel, _http_py
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 from agentauthz.serve import extauthz, http_check
+from benchmarks.load.procs import process_tree
 
 # The warm path's own module fixture: an Authority with tokens plain, constrained, revoked, and a certificate.
 authority = test_warm_allow.authority
@@ -241,7 +242,7 @@ def test_every_worker_answers_over_http_and_applies_a_revocation(tmp_path: Path)
         assert answers == {json.dumps({"error": reasons.TOKEN_REVOKED}).encode() + b"\n"}
         # In the primary and the worker (the single-threaded process between them forks workers),
         # granian's threads are SCHED_BATCH; the event loop and gRPC's threads are not.
-        serving = [p for p in descendants(daemon.proc.pid) if len(os.listdir(f"/proc/{p}/task")) > 1]
+        serving = [p for p in process_tree(daemon.proc.pid) if len(os.listdir(f"/proc/{p}/task")) > 1]
         assert len(serving) == 2
         for pid in serving:
             policies = thread_policies(pid)
@@ -255,15 +256,6 @@ def test_every_worker_answers_over_http_and_applies_a_revocation(tmp_path: Path)
     workers = audit_records(tmp_path / "state" / "audit" / "worker-1")
     assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in workers)
     assert any(r.get("reason") == reasons.TOKEN_REVOKED for r in daemon.audit_records())
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process under it."""
-    out = [pid]
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split():
-            out += descendants(int(child))
-    return out
 
 
 def thread_policies(pid: int) -> dict[int, tuple[int, str]]:
