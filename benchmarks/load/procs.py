@@ -12,6 +12,7 @@ requests/s fall while its CPU per request does not.
 
 from __future__ import annotations
 
+import http.client
 import os
 import signal
 import socket
@@ -33,13 +34,16 @@ def free_port() -> int:
 
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    """Poll ``predicate`` until it is true; connection errors count as "not yet"."""
+    """Poll ``predicate`` until it is true; connection errors count as "not yet", and so does an answer
+    that is not HTTP: a port drawn by ``free_port`` can be taken, until the daemon binds it, by the
+    ephemeral port of the daemon's own loopback gRPC backend (seen: /healthz answered by HTTP/2 SETTINGS;
+    the daemon then exits with "address already in use" and the caller draws new ports)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
             if predicate():
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         time.sleep(0.05)
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
