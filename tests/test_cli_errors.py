@@ -131,7 +131,7 @@ def test_a_listener_that_fails_once_others_are_up_closes_them_all(tmp_path: Path
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
-        ports["http"] = squatter.getsockname()[1]  # the last listener the daemon opens
+        ports["http"] = squatter.getsockname()[1]  # the last configured listener the daemon opens
         config = Config().replace(state_dir=tmp_path / "state", **{
             f"{name}_listen": f"127.0.0.1:{port}" for name, port in ports.items()})
         with pytest.raises(errors.ConfigError, match=f"cannot listen on 127.0.0.1:{ports['http']} "

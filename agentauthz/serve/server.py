@@ -268,16 +268,12 @@ class Daemon:
         peers = Peers(self.config.trust_domain, load_bundle(self.trust_bundle))
         agentauthz_pb2_grpc.add_AgentAuthzServicer_to_server(ApiService(a, peers), api)
         self._add_health_and_reflection(api, API_SERVICE)
-        # The API's gRPC server speaks plaintext on loopback only; agents reach it through the TLS front,
-        # which completes every handshake so that a refused identity is answered and audited.
-        backend_port = api.add_insecure_port(f"{BACKEND_HOST}:0")
-        self.api_front = TlsFront(self.config.api_listen, backend_port, self.tls_key, self.tls_cert, peers)
         approvals = self.approval_server = self._approval_server()
+        self.api_front = TlsFront(self.config.api_listen, self.tls_key, self.tls_cert, peers)
+        await self.api_front.bind()
         await check.start()
-        self.http_check = await self._http_check(check_service)
-        await api.start()
-        await self.api_front.start()
         await approvals.start()
+        self.http_check = await self._http_check(check_service)
 
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
@@ -286,6 +282,14 @@ class Daemon:
                                  timeout=self.config.http_timeout,
                                  max_connections=self.config.http_max_connections)
         await self.http.start()
+
+        # The API's gRPC server speaks plaintext on loopback only; agents reach it through the TLS front,
+        # which completes every handshake so that a refused identity is answered and audited. Its port is
+        # the kernel's pick, so it is bound once every configured listener is: picked earlier, it could
+        # be one of theirs (a configured port in the ephemeral range) and stop the daemon at start.
+        backend_port = api.add_insecure_port(f"{BACKEND_HOST}:0")
+        await api.start()
+        await self.api_front.start(backend_port)
 
         # Keys, revocations and policy loaded, listeners up: now we serve.
         freeze_startup_objects()

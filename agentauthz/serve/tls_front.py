@@ -125,12 +125,13 @@ def server_context(key_pem: bytes, cert_pem: bytes, bundle: list[x509.Certificat
 
 
 class TlsFront:
-    """Accepts TLS on ``listen``; pipes each authenticated-or-not connection to ``backend_port``."""
+    """Accepts TLS on ``listen``; pipes each authenticated-or-not connection to the backend's port."""
 
-    def __init__(self, listen: str, backend_port: int, key_pem: bytes, cert_pem: bytes, peers: Peers, *,
+    def __init__(self, listen: str, key_pem: bytes, cert_pem: bytes, peers: Peers, *,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  max_pending: int = MAX_PENDING_HANDSHAKES) -> None:
-        self.listen, self.backend_port, self.peers = listen, backend_port, peers
+        self.listen, self.peers = listen, peers
+        self.backend_port = 0  # the API's gRPC server on loopback, known at start
         self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
         self.context = server_context(key_pem, cert_pem, peers.bundle)
         self.counts: Counter[str] = Counter()  # handshake outcomes, for /metrics
@@ -138,16 +139,27 @@ class TlsFront:
         self.connections: set[_Client] = set()
         self._server: asyncio.Server | None = None
 
-    async def start(self) -> None:
+    async def bind(self) -> None:
+        """Listen on ``listen``, accepting nothing yet: clients wait in the backlog until ``start``."""
         loop = asyncio.get_running_loop()
         try:
             if self.listen.startswith("unix:"):
-                self._server = await loop.create_unix_server(lambda: _Client(self), self.listen[5:])
+                self._server = await loop.create_unix_server(lambda: _Client(self), self.listen[5:],
+                                                             start_serving=False)
             else:
                 host, port = host_port(self.listen)
-                self._server = await loop.create_server(lambda: _Client(self), host or None, port)
+                self._server = await loop.create_server(lambda: _Client(self), host or None, port,
+                                                        start_serving=False)
         except (OSError, ValueError) as exc:
             raise listeners.taken("api_listen", self.listen, exc) from None
+
+    async def start(self, backend_port: int) -> None:
+        """Accept clients (binding first if ``bind`` has not), piping each to ``backend_port``."""
+        self.backend_port = backend_port
+        if self._server is None:
+            await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
 
     @property
     def port(self) -> int:

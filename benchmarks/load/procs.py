@@ -35,9 +35,9 @@ def free_port() -> int:
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     """Poll ``predicate`` until it is true; connection errors count as "not yet", and so does an answer
-    that is not HTTP: a port drawn by ``free_port`` can be taken, until the daemon binds it, by the
-    ephemeral port of the daemon's own loopback gRPC backend (seen: /healthz answered by HTTP/2 SETTINGS;
-    the daemon then exits with "address already in use" and the caller draws new ports)."""
+    that is not HTTP: a port drawn by ``free_port`` can be taken by another process's ephemeral port
+    until the daemon binds it (seen: /healthz answered by HTTP/2 SETTINGS; the daemon then exits with
+    "address already in use" and the caller draws new ports)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
