@@ -87,6 +87,7 @@ def test_envoys_audited_allow_hop_bounds_the_latency_and_throughput_targets() ->
     bound = found["envoy_n_http_bound_over_jwt"]
     assert bound["value"] == pytest.approx(0.9625) and bound["met"] is None
     assert bound["title"].endswith("misses ≥ 1.0 itself, so the ≥ 1.0 target is out of reach by construction")
+    assert found["envoy_n_http_over_bound"]["value"] == pytest.approx((3600 / 3800 + 3700 / 3900) / 2)
 
 
 def test_the_thread_split_charges_main_threads_the_busiest_other_and_the_rest() -> None:

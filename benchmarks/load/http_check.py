@@ -25,6 +25,7 @@ import argparse
 import contextlib
 import json
 import shutil
+import socket
 import sys
 import time
 import urllib.error
@@ -51,13 +52,22 @@ def http_check_supported() -> bool:
 class HttpDaemon(Daemon):
     """The daemon with its HTTP Check listener (when this build has one) beside the gRPC Check."""
 
-    def __init__(self, name: str, work: Path, config: dict[str, Any]) -> None:
-        self.http_check = f"127.0.0.1:{free_port()}" if http_check_supported() else None
+    def __init__(self, name: str, work: Path, config: dict[str, Any], listen: str | None = None) -> None:
+        """On ``listen`` (a free loopback port unless given; unix:PATH is Envoy's pipe address)."""
+        self.http_check = (listen or f"127.0.0.1:{free_port()}") if http_check_supported() else None
         extra = {"http_check_listen": self.http_check} if self.http_check else {}
         super().__init__(name, work, ROOT, config={**config, **extra})
         if self.http_check:
-            wait_for(lambda: self.process.alive() and http_get(f"http://{self.http_check}/")[0] > 0, 30,
+            wait_for(lambda: self.process.alive() and accepting(self.http_check or ""), 30,
                      f"{name} HTTP Check")
+
+
+def accepting(address: str) -> bool:
+    """Whether a listener accepts connections on HOST:PORT or unix:PATH."""
+    if not address.startswith("unix:"):
+        return http_get(f"http://{address}/")[0] > 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        return probe.connect_ex(address[5:]) == 0
 
 
 def http_allows(address: str, token: str, what: str) -> None:
@@ -177,7 +187,14 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
                   floors: dict[str, str], clients: int) -> dict[str, Any]:
     """One direct_response upstream; a front Envoy per mode; one connection, then ``clients``."""
     token, grpc_token = warm.mint(), grpc.mint()
+    tokens = {"grpc": grpc_token}
     jwks = warm.jwks()
+    unix = None
+    if warm.http_check:  # the same Check on a Unix socket (Envoy's pipe address): no TCP either side
+        unix = HttpDaemon("agentauthz-unix", bench.work, {}, listen=f"unix:{bench.work / 'http-check.sock'}")
+        stack.callback(unix.stop)
+        bench.processes["agentauthz-unix"] = unix.argv
+        tokens["http_unix"] = unix.mint()
     upstream = envoy.start("envoy-upstream", envoy.upstream_config, bench.work)
     stack.callback(upstream.stop)
     bench.processes["envoy-upstream"] = upstream.argv
@@ -200,6 +217,9 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
     modes["grpc"] = ("ext_authz gRPC -> agentauthz", grpc_front(grpc.check_address), grpc)
     if warm.http_check:
         modes["http"] = ("ext_authz HTTP -> agentauthz (granian)", http_front(warm.http_check, "http"), warm)
+    if unix and unix.http_check:
+        modes["http_unix"] = ("ext_authz HTTP over a Unix socket -> agentauthz (granian)",
+                              http_front(unix.http_check, "http_unix"), unix)
     modes["grpc_floor"] = ("ext_authz gRPC -> grpc.aio floor (the hop alone)", grpc_front(floors["grpc"]),
                            None)
     modes["http_floor"] = ("ext_authz HTTP -> granian floor (the hop alone)",
@@ -211,7 +231,7 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
     for mode, (_, config_for, _) in modes.items():
         fronts[mode] = envoy.start(f"envoy-{mode}", config_for, bench.work)
         stack.callback(fronts[mode].stop)
-        check_envoy_allows(fronts[mode].url, grpc_token if mode == "grpc" else token, f"Envoy {mode}")
+        check_envoy_allows(fronts[mode].url, tokens.get(mode, token), f"Envoy {mode}")
         bench.processes[f"envoy-{mode}"] = fronts[mode].argv
 
     def targets(n: int, names: tuple[str, ...]) -> list[Target]:
@@ -220,7 +240,7 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
             daemon = modes[m][2]
             cpu = {"envoy": fronts[m].pid, "upstream": upstream.pid}
             cpu.update({"daemon": daemon.pid} if daemon else {})
-            drive = bench.h2load_http(fronts[m].url, grpc_token if m == "grpc" else token, n)
+            drive = bench.h2load_http(fronts[m].url, tokens.get(m, token), n)
             out.append(Target(m, modes[m][0], drive, cpu, daemon))
         return out
 
@@ -228,7 +248,8 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
                 pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
                 note="Added latency = a row's p50 minus the no-authorization row's p50, paired per round.")
     bench.table("envoy_n", f"Through Envoy, {clients} connections (h2load --h1)", "h2load",
-                targets(clients, ("floor", "jwt_authn", "grpc", "http", "http_floor", "http_bound")),
+                targets(clients, ("floor", "jwt_authn", "grpc", "http", "http_unix", "http_floor",
+                                  "http_bound")),
                 pinned=False,
                 settings={"clients": clients, "protocol": "http/1.1"})
     return {"http_config_source": sources,

@@ -89,6 +89,8 @@ FIGURES: list[tuple[str, str, str, str, str, Callable[[Run, Run], float | None],
      "envoy_1", "http", "floor", added_p50, "ms", "≤ 0.25 ms", _at_most(0.25)),
     ("envoy_grpc_added_ms", "the same, gRPC ext_authz -> agentauthz", "envoy_1", "grpc", "floor", added_p50,
      "ms", "(info)", None),
+    ("envoy_http_unix_added_ms", "the same, HTTP ext_authz over a Unix socket -> agentauthz", "envoy_1",
+     "http_unix", "floor", added_p50, "ms", "(info)", None),
     ("envoy_jwt_added_ms", "the same, jwt_authn", "envoy_1", "jwt_authn", "floor", added_p50, "ms", "(info)",
      None),
     ("envoy_http_hop_added_ms", "the same, HTTP ext_authz -> granian floor (the hop alone)", "envoy_1",
@@ -100,12 +102,17 @@ FIGURES: list[tuple[str, str, str, str, str, Callable[[Run, Run], float | None],
      "grpc_floor", "floor", added_p50, "ms", "(bound)", None),
     ("envoy_n_http_over_jwt", "Envoy, N connections: HTTP mode / jwt_authn, req/s", "envoy_n",
      "http", "jwt_authn", rps_ratio, "×", "≥ 1.0", _at_least(1.0)),
+    ("envoy_n_http_unix_over_jwt", "the same, HTTP mode over a Unix socket / jwt_authn", "envoy_n",
+     "http_unix", "jwt_authn", rps_ratio, "×", "(info)", None),
     ("envoy_n_http_over_grpc", "the same, HTTP mode / gRPC mode", "envoy_n", "http", "grpc", rps_ratio, "×",
      "(info)", None),
     ("envoy_n_http_floor_over_jwt", "the same, HTTP ext_authz -> granian floor / jwt_authn (the bound)",
      "envoy_n", "http_floor", "jwt_authn", rps_ratio, "×", "(bound)", None),
     ("envoy_n_http_bound_over_jwt", "the same, HTTP ext_authz -> granian bound / jwt_authn (an audited "
      "allow's bound)", "envoy_n", "http_bound", "jwt_authn", rps_ratio, "×", "(bound)", None),
+    ("envoy_n_http_over_bound", "the same, HTTP mode / HTTP ext_authz -> granian bound: how much of an "
+     "audited allow's bound the Check reaches", "envoy_n", "http", "http_bound", rps_ratio, "×", "(bound)",
+     None),
 ]
 
 
@@ -123,7 +130,8 @@ BOUNDS = {"bound_warm_over_granian_floor": "http_warm_over_granian_floor",
 CHECK_OVER_BOUND = {"bound_warm_over_granian_floor": "http_warm_over_warm_bound",
                     "bound_warm_over_granian_floor_by_cpu": "http_warm_over_warm_bound",
                     "bound_cold_over_cerbos": "http_cold_over_cold_bound",
-                    "bound_cold_over_cerbos_by_cpu": "http_cold_over_cold_bound"}
+                    "bound_cold_over_cerbos_by_cpu": "http_cold_over_cold_bound",
+                    "envoy_n_http_bound_over_jwt": "envoy_n_http_over_bound"}
 
 
 def figures(tables: dict[str, Any]) -> list[dict[str, Any]]:
@@ -205,7 +213,7 @@ SHORT = {"granian_floor": "granian floor (stock)", "granian_floor_batch": "grani
          "granian_bound_cold": "granian bound cold (h1 client)", "grpc_floor": "grpc.aio floor",
          "grpc_warm": "gRPC Check warm", "cerbos": "Cerbos CheckResources", "floor": "no authorization",
          "jwt_authn": "jwt_authn", "grpc": "gRPC ext_authz -> agentauthz",
-         "http": "HTTP ext_authz -> agentauthz",
+         "http": "HTTP ext_authz -> agentauthz", "http_unix": "HTTP ext_authz (Unix socket) -> agentauthz",
          "grpc_floor_envoy": "gRPC ext_authz -> grpc.aio floor",
          "http_floor": "HTTP ext_authz -> granian floor",
          "http_bound": "HTTP ext_authz -> granian bound"}
@@ -266,13 +274,16 @@ BOUND_BARS = (("http_warm_over_granian_floor", "HTTP Check warm / granian floor"
               ("http_warm_over_warm_bound", "HTTP Check warm / bound warm", None),
               ("http_cold_over_cerbos", "HTTP Check cold / Cerbos", 1.5),
               ("bound_cold_over_cerbos", "bound cold / Cerbos (bound)", 1.5),
-              ("http_cold_over_cold_bound", "HTTP Check cold / bound cold", None))
+              ("http_cold_over_cold_bound", "HTTP Check cold / bound cold", None),
+              ("envoy_n_http_over_jwt", "Envoy, N connections: HTTP mode / jwt_authn", 1.0),
+              ("envoy_n_http_bound_over_jwt", "Envoy, N connections: bound / jwt_authn (bound)", 1.0),
+              ("envoy_n_http_over_bound", "Envoy, N connections: HTTP mode / bound", None))
 
 
 def _bounds_panel(ax: Any, found: list[dict[str, Any]]) -> None:
     values = {f["key"]: f["value"] or 0.0 for f in found}
     ax.barh([label for _, label, _ in BOUND_BARS], [values.get(key, 0.0) for key, _, _ in BOUND_BARS],
-            color=["#228833" if key.startswith("bound_") else "#cc6677" for key, _, _ in BOUND_BARS])
+            color=["#228833" if label.endswith("(bound)") else "#cc6677" for _, label, _ in BOUND_BARS])
     for y, (_, _, target) in enumerate(BOUND_BARS):
         if target is not None:  # the target, as a tick across its own bar
             ax.plot([target, target], [y - 0.45, y + 0.45], color="k", linestyle="--")

@@ -1,0 +1,90 @@
+"""examples/envoy-http.yaml with its HTTP Check on a Unix socket, as its cluster's comment says: the
+daemon on ``http_check_listen: unix:PATH``, Envoy's endpoint ``{pipe: {path: PATH}}``, through a real
+Envoy. The decisions are the TCP listener's; the socket file admits its owner and group only, under
+any umask, since whoever connects is believed about the route and certificate headers."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import yaml
+from processes import Daemon, echo_upstream, envoy, free_port, request
+from test_e2e_envoy import AGENT, OTHER_AGENT
+from test_e2e_envoy_http import HttpStack, http_envoy_config
+
+from agentauthz import reasons
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory whose socket path fits sun_path (108 bytes), which pytest's tmp_path may not."""
+    path = Path(tempfile.mkdtemp(prefix="az-unix-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def connects_as(uid: int, gid: int, path: Path) -> str:
+    """What connect(2) to ``path`` gives a process of that user and group (no supplementary groups)."""
+    probe = ("import os, socket, sys\n"
+             f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+             "except OSError as e:\n    print(type(e).__name__)\n")
+    return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                          timeout=30).stdout.strip()
+
+
+def test_the_example_over_a_unix_socket_decides_as_over_tcp(short_dir: Path) -> None:
+    sock = short_dir / "check.sock"
+    short_dir.chmod(0o711)  # anyone may pass through: the socket's own mode decides who connects
+    umask = os.umask(0)  # the daemon inherits it; the socket's mode must not follow it
+    try:
+        daemon = Daemon(short_dir / "state", {"leeway": 0, "http_check_listen": f"unix:{sock}"}).start()
+    finally:
+        os.umask(umask)
+    proxy_port, admin_port = free_port(), free_port()
+    try:
+        assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o660
+        if os.geteuid() == 0:  # root connects anyway: ask as another user, in the socket's group or not
+            assert connects_as(65534, 65534, sock) == "PermissionError"
+            assert connects_as(65534, sock.stat().st_gid, sock) == "connected"
+        with echo_upstream() as upstream_port:
+            config = yaml.safe_load(http_envoy_config(1, upstream_port, proxy_port, admin_port))
+            cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "agentauthz")
+            cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
+                "pipe": {"path": str(sock)}}
+            with envoy(yaml.safe_dump(config), short_dir, admin_port):
+                s = HttpStack(daemon, proxy_port, short_dir, admin_port)
+                minted = s.mint("unix", ["demo:reports:read:internal"])
+                token = minted.token
+                status, body, headers = s.call(token)
+                assert status == 200, body
+                assert body["headers"]["x-agentauthz-task"] == "unix"
+                assert "authorization" not in body["headers"]
+                # A route's own headers replace a client's copies: DELETE stays delete.
+                forged = {"x-agentauthz-route-operation": "read", "x-agentauthz-route-bogus": "1"}
+                assert request(proxy_port, "/demo/reports", "DELETE", token, headers=forged)[:2] == (
+                    403, {"error": reasons.SCOPE_DENIED})
+                forged = {"x-forwarded-client-cert": f"By=spiffe://dev.local/agentauthz;URI={OTHER_AGENT}"}
+                assert request(proxy_port, "/demo/reports", "GET", token, headers=forged)[0] == 200
+                assert s.call(None)[0] == 401
+                assert s.call(token[:-4] + "AAAA")[0] == 401
+                s.clients[AGENT].revoke(token_id=minted.token_id)
+                assert s.call(token)[0] == 401
+    finally:
+        assert daemon.stop() == 0
+    assert not sock.exists() or not _accepts(sock)  # nothing listens there once the daemon stopped
+
+
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX) as probe:
+        return probe.connect_ex(str(path)) == 0
