@@ -163,9 +163,12 @@ def test_granian_serves_the_cold_bound_allowing_a_signed_token_refusing_a_forged
         assert headers["x-agentauthz-agent"] == "spiffe://dev.local/agent/bench"
         assert headers["x-envoy-auth-headers-to-remove"] == "authorization"
         assert len(headers["x-agentauthz-decision-id"]) == 32 and headers["x-agentauthz-token-id"]
+        again = _get(address, _token(key, "k1"))[1]  # a decision of its own, as every allow of the Check
+        assert again["x-agentauthz-decision-id"] != headers["x-agentauthz-decision-id"]
+        assert len(again["x-agentauthz-decision-id"]) == 32
         assert _get(address, _token(other, "k1"))[0] == 500  # signed by another key: the verify refuses
         logs = list(tmp_path.glob("bound-*.jsonl"))
-        assert len(logs) == 1 and len(logs[0].read_text().splitlines()) == 1  # the refusal wrote nothing
+        assert len(logs) == 1 and len(logs[0].read_text().splitlines()) == 2  # the refusal wrote nothing
     finally:
         proc.stop()
 

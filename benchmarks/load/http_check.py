@@ -12,11 +12,12 @@ which h2load cannot send, so our HTTP/1.1 client (h1load.py) drives it, and driv
 the warm HTTP Check too, to show the client is not what bounds it. Through Envoy (one worker), one
 connection and then N: added latency over the proxy floor for HTTP mode, gRPC mode and jwt_authn, with
 each ext_authz mode also pointed at its constant-answer floor (the hop alone) and HTTP mode at the warm
-bound (an audited allow's hop). Every granian server here runs on the daemon's scheduling (its I/O threads
-SCHED_BATCH, ``rsgi_servers.batch_io_threads``) but one stock granian floor, issue 21's, which its warm
-target is measured against. Writes DIR/http_check.json, DIR/http_check.md and DIR/http-check.png;
-http_figures.py makes the figures. Without the HTTP transport (no ``http_check_listen`` in this build)
-the HTTP Check rows are left out and say so.
+bound (an audited allow's hop), and HTTP mode once more over a Unix socket (a daemon of its own on
+``unix:PATH``, Envoy's pipe address). Every granian server here runs on the daemon's scheduling (its I/O
+threads SCHED_BATCH, ``rsgi_servers.batch_io_threads``) but one stock granian floor, issue 21's, which
+its warm target is measured against. Writes DIR/http_check.json, DIR/http_check.md and
+DIR/http-check.png; http_figures.py makes the figures. Without the HTTP transport (no
+``http_check_listen`` in this build) the HTTP Check rows are left out and say so.
 """
 
 from __future__ import annotations

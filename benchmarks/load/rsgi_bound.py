@@ -7,32 +7,36 @@ Per request: read every header (the HTTP Check must, to refuse forged route head
 (cold, when ``AGENTAUTHZ_BOUND_JWKS`` names the daemon's JWKS: one bare PyNaCl verify of its signature and
 a read of its claims), append one hash-chained record with write(2) (``bound.ChainedLog``, the gRPC bound's
 own writer, in ``AGENTAUTHZ_BOUND_DIR``), and answer 200 with the headers the HTTP Check's allow sends
-(constant values of the same lengths). A bad signature raises: granian answers 500, the run is invalid.
+(constant values of the same lengths, but a decision id of its own each time). A bad signature raises:
+granian answers 500, the run is invalid.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import Any
 
 from .bound import DIR_ENV, JWKS_ENV, ChainedLog, verify_keys, verify_token
 
+DECISION_ID_PREFIX = "8b1d0172ccc32c10"  # a daemon's random half; the other half counts (extauthz.py)
+
 
 def allow_headers() -> list[tuple[str, str]]:
-    """agentauthz/serve/http_check.py's allow for a benchmark token: three for the tool, the bearer
-    removed, a decision id (32 hex characters)."""
+    """agentauthz/serve/http_check.py's allow for a benchmark token but its decision id: three headers
+    for the tool and the bearer removed."""
     from agentauthz.decision.tokens import new_token_id
 
     from .daemon import AGENT
     return [("x-agentauthz-agent", AGENT), ("x-agentauthz-task", "bench-warm"),
-            ("x-agentauthz-token-id", new_token_id()), ("x-envoy-auth-headers-to-remove", "authorization"),
-            ("x-agentauthz-decision-id", "8b1d0172ccc32c100000000000000001")]
+            ("x-agentauthz-token-id", new_token_id()), ("x-envoy-auth-headers-to-remove", "authorization")]
 
 
 def bound_app(keys: dict[str, Any], log: ChainedLog) -> Any:
     """The RSGI app over ``keys`` (kid -> VerifyKey; empty: warm, no verify) and ``log``."""
     headers = allow_headers()
+    count = itertools.count(1)
 
     async def app(scope: Any, proto: Any) -> None:
         bearer = ""
@@ -43,7 +47,10 @@ def bound_app(keys: dict[str, Any], log: ChainedLog) -> Any:
         if keys:
             verify_token(keys, token)
         log.append()
-        proto.response_bytes(200, headers, b"")
+        # Every allow names a decision of its own (32 hex characters), as the Check's does: a new
+        # header value each time, which HPACK cannot index away.
+        proto.response_bytes(200, [*headers, ("x-agentauthz-decision-id", f"{DECISION_ID_PREFIX}"
+                                                                           f"{next(count):016x}")], b"")
 
     return app
 

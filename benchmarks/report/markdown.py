@@ -219,14 +219,15 @@ def cluster_section(results: dict[str, Any]) -> list[str]:
 def http_check_section(results: dict[str, Any]) -> list[str]:
     """benchmarks/load/http_check.py's figures and tables, and its chart."""
     from benchmarks.load.http_figures import markdown as http_check_tables
-    bound = ("The granian bound rows (benchmarks/load/rsgi_bound.py) serve, on this transport, the work the "
-             "gRPC bound does (servers.py `bound_handler`): every header read, the bearer taken, (cold: one "
-             "bare PyNaCl verify and a claims read), one hash-chained record appended with write(2), the "
-             "allow's headers, in plain Python: nothing is decided, so a Check passes it only by doing that "
-             "work natively (the cold Check's parse is). A bound under its target puts the target out of "
-             "reach, unless the Check already passes the bound; on a shared machine its by-CPU twin is the "
-             "steadier reading. The daemon runs granian's I/O threads SCHED_BATCH (serve/http_check.py), and "
-             "so do the bounds and one floor; the targeted floor is stock granian, as issue 21 measured it.")
+    bound = ("The granian bound rows (benchmarks/load/rsgi_bound.py) serve, on this transport, the work "
+             "the gRPC bound does (servers.py `bound_handler`): every header read, the bearer taken, "
+             "(cold: one bare PyNaCl verify and a claims read), one hash-chained record appended with "
+             "write(2), the allow's headers with a decision id of its own, in plain Python: nothing is "
+             "decided, so a Check passes it only by doing that work natively (the cold Check's parse is). "
+             "A bound under its target puts the target out of reach, unless the Check already passes the "
+             "bound; on a shared machine its by-CPU twin is the steadier reading. The daemon runs "
+             "granian's I/O threads SCHED_BATCH (serve/http_check.py), and so do the bounds and one floor;"
+             " the targeted floor is stock granian, as issue 21 measured it.")
     return [bound, "", *http_check_tables(results["http_check"]).splitlines(), "",
             "![HTTP Check](http-check.png)"]
 
