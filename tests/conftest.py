@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
 import pytest
 from hypothesis import HealthCheck, settings
 from support import native_or_fail
@@ -27,3 +32,13 @@ def pytest_configure(config: pytest.Config) -> None:
 def hot(request: pytest.FixtureRequest) -> _accel.HotPath:
     """The hot-path implementation under test (native Cython or pure Python)."""
     return native_or_fail() if request.param == "native" else _accel.pure()
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A directory for Unix sockets: its path fits sun_path (108 bytes) and any user may pass through
+    it (0711), so a socket's own mode decides who connects; pytest's tmp_path is neither."""
+    path = Path(tempfile.mkdtemp(prefix="az-unix-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)

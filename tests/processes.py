@@ -225,3 +225,14 @@ def post(port: int, body: bytes, token: str | None, path: str = "/mcp",
     except urllib.error.HTTPError as e:
         raw, status, rh = e.read(), e.code, dict(e.headers)
     return status, json.loads(raw) if raw else {}, {k.lower(): v for k, v in rh.items()}
+
+
+def connects_as(uid: int, gid: int, path: Path) -> str:
+    """What connect(2) to ``path`` gives a process of that user and group (no supplementary groups)."""
+    probe = ("import os, socket, sys\n"
+             f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+             "s = socket.socket(socket.AF_UNIX)\n"
+             "try:\n    s.connect(sys.argv[1]); print('connected')\n"
+             "except OSError as e:\n    print(type(e).__name__)\n")
+    return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                          timeout=30).stdout.strip()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import signal
+import stat
 import threading
 from pathlib import Path
 from typing import Iterator
@@ -13,7 +15,7 @@ from typing import Iterator
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from processes import Daemon, http_get, wait_for
+from processes import Daemon, connects_as, http_get, wait_for
 
 from agentauthz.audit.verify import verify_dir
 from agentauthz.client import AsyncClient, Client, Identity
@@ -202,10 +204,19 @@ def test_sigterm_under_load_drains_flushes_audit_and_exits_zero(tmp_path: Path) 
     assert (exported["seq"], exported["sig"]) == (stop_record["seq"], final["sig"])
 
 
-def test_check_over_a_unix_socket_and_with_mtls(tmp_path: Path) -> None:
-    socket_path = tmp_path / "check.sock"
-    daemon = Daemon(tmp_path / "state", {"check_mtls": False}, check_listen=f"unix:{socket_path}").start()
+def test_check_over_a_unix_socket_and_with_mtls(tmp_path: Path, socket_dir: Path) -> None:
+    socket_path = socket_dir / "check.sock"
+    umask = os.umask(0)  # the daemon inherits it; the Check socket's mode must not follow it
     try:
+        daemon = Daemon(tmp_path / "state", {"check_mtls": False}, check_listen=f"unix:{socket_path}").start()
+    finally:
+        os.umask(umask)
+    try:
+        # Check believes the peer Envoy reports: its owner and group (Envoy's) only, as the HTTP Check's.
+        assert stat.S_IMODE(socket_path.stat().st_mode) == 0o660
+        if os.geteuid() == 0:  # root connects anyway: ask as another user, in the socket's group or not
+            assert connects_as(65534, 65534, socket_path) == "PermissionError"
+            assert connects_as(65534, socket_path.stat().st_gid, socket_path) == "connected"
         ident = identity_for(daemon, tmp_path / "id")
         client = Client(daemon.api_address, ident, check_server=f"unix:{socket_path}")
         token = client.mint("uds", ["demo:*:read"]).token

@@ -6,49 +6,23 @@ any umask, since whoever connects is believed about the route and certificate he
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import stat
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 import yaml
-from processes import Daemon, echo_upstream, envoy, free_port, request
+from processes import Daemon, connects_as, echo_upstream, envoy, free_port, request
 from test_e2e_envoy import AGENT, OTHER_AGENT
 from test_e2e_envoy_http import HttpStack, http_envoy_config
 
 from agentauthz import reasons
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
-    """A directory whose socket path fits sun_path (108 bytes), which pytest's tmp_path may not."""
-    path = Path(tempfile.mkdtemp(prefix="az-unix-", dir="/tmp"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-def connects_as(uid: int, gid: int, path: Path) -> str:
-    """What connect(2) to ``path`` gives a process of that user and group (no supplementary groups)."""
-    probe = ("import os, socket, sys\n"
-             f"os.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
-             "s = socket.socket(socket.AF_UNIX)\n"
-             "try:\n    s.connect(sys.argv[1]); print('connected')\n"
-             "except OSError as e:\n    print(type(e).__name__)\n")
-    return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
-                          timeout=30).stdout.strip()
-
-
-def test_the_example_over_a_unix_socket_decides_as_over_tcp(short_dir: Path) -> None:
-    sock = short_dir / "check.sock"
-    short_dir.chmod(0o711)  # anyone may pass through: the socket's own mode decides who connects
+def test_the_example_over_a_unix_socket_decides_as_over_tcp(socket_dir: Path) -> None:
+    sock = socket_dir / "check.sock"
     umask = os.umask(0)  # the daemon inherits it; the socket's mode must not follow it
     try:
-        daemon = Daemon(short_dir / "state", {"leeway": 0, "http_check_listen": f"unix:{sock}"}).start()
+        daemon = Daemon(socket_dir / "state", {"leeway": 0, "http_check_listen": f"unix:{sock}"}).start()
     finally:
         os.umask(umask)
     proxy_port, admin_port = free_port(), free_port()
@@ -62,8 +36,8 @@ def test_the_example_over_a_unix_socket_decides_as_over_tcp(short_dir: Path) -> 
             cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "agentauthz")
             cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"] = {
                 "pipe": {"path": str(sock)}}
-            with envoy(yaml.safe_dump(config), short_dir, admin_port):
-                s = HttpStack(daemon, proxy_port, short_dir, admin_port)
+            with envoy(yaml.safe_dump(config), socket_dir, admin_port):
+                s = HttpStack(daemon, proxy_port, socket_dir, admin_port)
                 minted = s.mint("unix", ["demo:reports:read:internal"])
                 token = minted.token
                 status, body, headers = s.call(token)

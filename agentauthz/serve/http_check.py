@@ -42,11 +42,11 @@ from ..decision._http_py import Answer
 from ..decision._request_py import Fields
 from ..decision.mcp import MAX_BODY_BYTES
 from .extauthz import PREPARED_MAX, UNPARSED, CheckService, decision_id_frame, http_status_for
+from .listeners import UNIX_SOCKET_MODE
 
 log = logging.getLogger("agentauthz.http_check")
 
 REMOVE_HEADER = "x-envoy-auth-headers-to-remove"
-UNIX_SOCKET_MODE = 0o660  # an http_check_listen unix:PATH: read and write for the owner and group only
 # One XFCC element's key=value pairs (Envoy quotes values holding , ; = or "); the separator after each.
 _XFCC_PAIR = re.compile(r'([A-Za-z]+)=("(?:[^"\\]|\\.)*"|[^;,"]*)(;|,|$)')
 
@@ -224,8 +224,8 @@ class HttpCheckServer:
         self.listen, self._where = listen, where
         self._server = Server(app, interface=Interfaces.RSGI, http=HTTPModes.auto, websockets=False,
                               runtime_threads=1, backlog=1024, log_enabled=False, **where)
-        # Whoever can connect is believed about the route and certificate headers: the owner and group
-        # (Envoy's), whatever the umask. embed.Server takes no uds_permissions; its base class reads it.
+        # Whoever can connect is believed about the route and certificate headers. embed.Server takes
+        # no uds_permissions; its base class reads it when it binds.
         self._server.uds_permissions = UNIX_SOCKET_MODE
         self._task: asyncio.Task[None] | None = None
 

@@ -10,6 +10,10 @@ from typing import Any
 from ..config import LISTENERS, host_port
 from ..errors import ConfigError
 
+# A Check listener on unix:PATH (check_listen, http_check_listen) believes what its caller says Envoy
+# saw: read and write for the socket's owner and group only (Envoy's), whatever the daemon's umask.
+UNIX_SOCKET_MODE = 0o660
+
 
 def taken(name: str, address: str, why: object) -> ConfigError:
     """The one-line error for listener ``name`` (a Config field) that cannot listen on ``address``."""

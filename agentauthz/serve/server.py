@@ -197,6 +197,8 @@ class Daemon:
                 server.add_insecure_port(self.config.check_listen)
         except RuntimeError as exc:  # gRPC's "Failed to bind": say which listener and option
             raise listeners.taken("check_listen", self.config.check_listen, exc) from None
+        if self.config.check_listen.startswith("unix:"):  # gRPC has no mode option: its file follows umask
+            os.chmod(self.config.check_listen[5:], listeners.UNIX_SOCKET_MODE)
         return server
 
     async def _http_check(self, service: extauthz.CheckService) -> http_check.HttpCheckServer | None:
