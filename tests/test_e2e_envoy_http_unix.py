@@ -6,7 +6,6 @@ any umask, since whoever connects is believed about the route and certificate he
 from __future__ import annotations
 
 import os
-import socket
 import stat
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from test_e2e_envoy import AGENT, OTHER_AGENT
 from test_e2e_envoy_http import HttpStack, http_envoy_config
 
 from agentauthz import reasons
+from benchmarks.load.http_check import accepting
 
 
 def test_the_example_over_a_unix_socket_decides_as_over_tcp(socket_dir: Path) -> None:
@@ -56,9 +56,4 @@ def test_the_example_over_a_unix_socket_decides_as_over_tcp(socket_dir: Path) ->
                 assert s.call(token)[0] == 401
     finally:
         assert daemon.stop() == 0
-    assert not sock.exists() or not _accepts(sock)  # nothing listens there once the daemon stopped
-
-
-def _accepts(path: Path) -> bool:
-    with socket.socket(socket.AF_UNIX) as probe:
-        return probe.connect_ex(str(path)) == 0
+    assert not sock.exists() or not accepting(f"unix:{sock}")  # nothing listens once the daemon stopped

@@ -20,7 +20,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -61,7 +60,7 @@ def _loopback_up() -> None:
 
 def _in_namespace(state_dir: Path) -> dict[str, object]:
     sys.path.insert(0, str(ROOT))
-    from benchmarks.load.procs import http_get
+    from benchmarks.load.procs import http_get, wait_for
 
     _loopback_up()
     Path("/proc/sys/net/ipv4/ip_local_port_range").write_text(f"{RANGE[0]} {RANGE[1]}")
@@ -70,13 +69,20 @@ def _in_namespace(state_dir: Path) -> dict[str, object]:
     for flag, port in LISTENERS.items():
         argv += [flag, f"127.0.0.1:{port}"]
     with open(log_path, "wb") as log:
+        # Not processes.Daemon: it draws new ports when a start fails "address already in use", which
+        # is the very failure looked for here.
         daemon = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    healthz, deadline = 0, time.monotonic() + 60
+
+    def healthy() -> bool:
+        if daemon.poll() is not None:
+            raise RuntimeError("stopped at start")  # not an OSError, which wait_for takes for not yet
+        return http_get(f"http://127.0.0.1:{LISTENERS['--http-listen']}/healthz")[0] == 200
+
     try:
-        while daemon.poll() is None and healthz != 200 and time.monotonic() < deadline:
-            time.sleep(0.1)
-            with contextlib.suppress(OSError):  # not listening yet
-                healthz = http_get(f"http://127.0.0.1:{LISTENERS['--http-listen']}/healthz")[0]
+        with contextlib.suppress(RuntimeError, TimeoutError):
+            wait_for(healthy, 60, "daemon /healthz")
+        healthz = http_get(f"http://127.0.0.1:{LISTENERS['--http-listen']}/healthz")[0] \
+            if daemon.poll() is None else 0
         accepting = []
         for port in LISTENERS.values():
             with socket.socket() as probe:
