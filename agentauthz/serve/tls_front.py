@@ -131,7 +131,7 @@ class TlsFront:
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  max_pending: int = MAX_PENDING_HANDSHAKES) -> None:
         self.listen, self.peers = listen, peers
-        self.backend_port = 0  # the API's gRPC server on loopback, known at start
+        self._backend: asyncio.Future[int] | None = None  # the API's gRPC server's port, named by start
         self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
         self.context = server_context(key_pem, cert_pem, peers.bundle)
         self.counts: Counter[str] = Counter()  # handshake outcomes, for /metrics
@@ -140,26 +140,32 @@ class TlsFront:
         self._server: asyncio.Server | None = None
 
     async def bind(self) -> None:
-        """Listen on ``listen``, accepting nothing yet: clients wait in the backlog until ``start``."""
+        """Listen on ``listen``. Clients are accepted and their handshakes done at once; each one's bytes
+        wait for ``start`` to name the backend. (Bound without listening, the port could still be the
+        kernel's pick for another socket, the backend's included.)"""
         loop = asyncio.get_running_loop()
+        self._backend = loop.create_future()
         try:
             if self.listen.startswith("unix:"):
-                self._server = await loop.create_unix_server(lambda: _Client(self), self.listen[5:],
-                                                             start_serving=False)
+                self._server = await loop.create_unix_server(lambda: _Client(self), self.listen[5:])
             else:
                 host, port = host_port(self.listen)
-                self._server = await loop.create_server(lambda: _Client(self), host or None, port,
-                                                        start_serving=False)
+                self._server = await loop.create_server(lambda: _Client(self), host or None, port)
         except (OSError, ValueError) as exc:
             raise listeners.taken("api_listen", self.listen, exc) from None
 
     async def start(self, backend_port: int) -> None:
-        """Accept clients (binding first if ``bind`` has not), piping each to ``backend_port``."""
-        self.backend_port = backend_port
+        """Pipe every client, those already waiting too, to ``backend_port`` (binding first if ``bind``
+        has not)."""
         if self._server is None:
             await self.bind()
-        assert self._server is not None
-        await self._server.start_serving()
+        assert self._backend is not None
+        self._backend.set_result(backend_port)
+
+    async def backend_port(self) -> int:
+        """The backend's port, once ``start`` names it."""
+        assert self._backend is not None
+        return await asyncio.shield(self._backend)  # a client that leaves must not cancel it for all
 
     @property
     def port(self) -> int:
@@ -270,9 +276,9 @@ class _Client(asyncio.Protocol):
 
     async def _connect(self, verdict: Verdict) -> None:
         loop = asyncio.get_running_loop()
+        port = await self.front.backend_port()
         try:
-            await loop.create_connection(lambda: _Backend(self, verdict), BACKEND_HOST,
-                                         self.front.backend_port)
+            await loop.create_connection(lambda: _Backend(self, verdict), BACKEND_HOST, port)
         except OSError as exc:
             log.warning("api backend unreachable: %s", exc)
             self.close()
