@@ -13,6 +13,7 @@ from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes
 from cpython.exc cimport PyErr_CheckSignals, PyErr_SetFromErrno
 from cpython.mem cimport PyMem_Free
 from libc.errno cimport EINTR, errno
+from libc.math cimport nearbyint
 from libc.stdint cimport uintptr_t
 from libc.stdlib cimport free, realloc
 from libc.string cimport memcpy
@@ -95,6 +96,43 @@ cdef bytes _TS = b'","ts":'
 cdef bytes _KIND = b',"kind":"check","decision_id":'
 cdef bytes _RID = b',"request_id":'
 cdef Py_ssize_t _FIXED = len(_HEAD) + len(_PREV) + HASH_HEX + len(_TS) + len(_KIND) + len(_RID) + 3  # , } \n
+
+
+# A record's ts: to the microsecond within this many seconds, else repr (_chain_py.ts_text).
+cdef double TS_FIXED_MAX = 4294967296.0  # 2**32
+
+
+cdef int _ts_fixed(double ts, char *out) noexcept:
+    """``ts`` in fixed point to the microsecond (``_chain_py.ts_text``) into ``out`` (32 bytes); its size.
+    Only for ``-TS_FIXED_MAX < ts < TS_FIXED_MAX``, so the microseconds fit a long long."""
+    cdef long long micros = <long long>nearbyint(ts * 1e6)  # half to even, as Python's round()
+    cdef bint negative = micros < 0
+    cdef unsigned long long rest = <unsigned long long>(-micros if negative else micros)
+    cdef unsigned long long whole = rest // 1000000, fraction = rest % 1000000
+    cdef char digits[24]
+    cdef int n = 0, size = 0, last, i
+    while True:
+        digits[n] = <char>(48 + whole % 10)
+        n += 1
+        whole //= 10
+        if whole == 0:
+            break
+    if negative:
+        out[size] = 45  # -
+        size += 1
+    while n:
+        n -= 1
+        out[size] = digits[n]
+        size += 1
+    out[size] = 46  # .
+    last = size + 1  # at least one decimal, as repr
+    for i in range(6):
+        out[size + 6 - i] = <char>(48 + fraction % 10)
+        fraction //= 10
+    for i in range(size + 1, size + 7):
+        if out[i] != 48:
+            last = i
+    return last + 1
 
 
 cdef bint _plain(const char *text, Py_ssize_t size) noexcept:
@@ -186,7 +224,8 @@ cdef class Chain:
         cdef long long seq = self._seq + 1
         cdef bint did_plain, rid_plain = False
         cdef object did_json = None, rid_json = None
-        cdef char *ts_text
+        cdef char ts_fixed[32]
+        cdef char *ts_text = NULL
         cdef Py_ssize_t ts_size = 0
         cdef char *grown
         cdef char *out
@@ -216,14 +255,20 @@ cdef class Chain:
             seq //= 10
             if seq == 0:
                 break
-        ts_text = PyOS_double_to_string(ts, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)  # repr(ts)
-        while ts_text[ts_size]:
-            ts_size += 1
+        if -TS_FIXED_MAX < ts < TS_FIXED_MAX:
+            ts_size = _ts_fixed(ts, ts_fixed)
+        else:
+            ts_text = PyOS_double_to_string(ts, b"r", 0, Py_DTSF_ADD_DOT_0, NULL)  # repr(ts)
+            if ts_text == NULL:
+                raise MemoryError()
+            while ts_text[ts_size]:
+                ts_size += 1
         size = _FIXED + seq_size + ts_size + did_size + 2 * did_plain + rid_size + 2 * rid_plain + prepared_size
         if size > self._next_cap:
             grown = <char *>realloc(self._next, size)
             if grown == NULL:
-                PyMem_Free(ts_text)
+                if ts_text != NULL:
+                    PyMem_Free(ts_text)
                 raise MemoryError()
             self._next, self._next_cap = grown, size
         out = self._next
@@ -232,8 +277,11 @@ cdef class Chain:
         at = _put(out, at + seq_size, _PREV)
         memcpy(out + at, self._prev, HASH_HEX)
         at = _put(out, at + HASH_HEX, _TS)
-        memcpy(out + at, ts_text, ts_size)
-        PyMem_Free(ts_text)
+        if ts_text == NULL:
+            memcpy(out + at, ts_fixed, ts_size)
+        else:
+            memcpy(out + at, ts_text, ts_size)
+            PyMem_Free(ts_text)
         at = _put(out, at + ts_size, _KIND)
         at = _quoted(out, at, did, did_size, did_plain)
         at = _put(out, at, _RID)

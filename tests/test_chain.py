@@ -134,7 +134,18 @@ def test_seq_and_prev_are_validated(hot: _accel.HotPath) -> None:
 
 
 _TEXT = st.text(st.characters(codec="utf-8"), max_size=40) | st.sampled_from(["", TOKEN, f"{TOKEN} x", "eyJ"])
-_TS = st.floats(allow_nan=False) | st.sampled_from([0.0, -0.0, 1e16, 1764400000.123456, 2.5e-7])
+_TS = st.floats(allow_nan=False) | st.floats(-2.0**32, 2.0**32) | st.sampled_from(
+    [0.0, -0.0, 1e16, 1764400000.123456, 2.5e-7, 5e-7, 1.5e-6, 2.0**32, -2.0**32, 4294967295.9999995])
+
+
+@pytest.mark.parametrize(("ts", "text"), [
+    (1764400000.5, "1764400000.5"), (1764400000.0, "1764400000.0"), (1764400000.1234567, "1764400000.123457"),
+    (1764400000.000001, "1764400000.000001"), (2.5e-6, "0.000002"), (3.5e-6, "0.000004"), (-1.25, "-1.25"),
+    (2.0**32, "4294967296.0"), (1e16, "1e+16"), (float("inf"), "inf")])
+def test_a_record_writes_its_time_to_the_microsecond(hot: _accel.HotPath, ts: float, text: str) -> None:
+    # Fixed point to the microsecond (half to even), trailing zeros cut; repr beyond 2**32 s (year 2106).
+    line = hot.Chain().check_record(ts, "d", "", PREPARED)
+    assert line.split(b',"ts":', 1)[1].split(b',"kind"', 1)[0].decode() == text
 
 
 @given(ts=_TS, decision_id=_TEXT, request_id=_TEXT, prepared=st.sampled_from([PREPARED, '"a":[1,2]', ""]),

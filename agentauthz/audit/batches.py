@@ -140,7 +140,8 @@ class BatchWriter:
             raise
 
     def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
-        head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": ts, "kind": kind}
+        # To the microsecond, as an allow's record (_chain_py.ts_text).
+        head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": round(ts, 6), "kind": kind}
         return self._chain.link(_dumps({**head, **fields}))
 
     def _take(self, checkpoint: bool = True) -> bool:
@@ -179,7 +180,7 @@ class BatchWriter:
         self._since_cp += len(lines)
         if checkpoint and (final or (self._batches >= self._cp_every and not eager)):
             self._cp_at = time.monotonic()
-            now = self._clock()
+            now = round(self._clock(), 6)
             cp = {"seq": self._chain.seq, "hash": self._chain.prev, "file": self._file, "ts": now,
                   "kid": self._kid}
             sig = _b64(self._key.sign(_canon(cp)))

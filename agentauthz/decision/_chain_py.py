@@ -17,6 +17,21 @@ from .redact import _json_str, _redacted
 GENESIS = "0" * 64
 SEQ_MAX = 2**63 - 2  # the native twin's seq + 1 must fit a C long long
 _HEX = frozenset("0123456789abcdef")
+# A record's ts is the clock to the microsecond (the wall clock's resolution, and a fixed-point text the
+# native twin writes in a few instructions where the shortest repr of a double costs a bignum division
+# per digit). Within 2**32 s (the year 2106) a double holds every microsecond; beyond it (and for NaN or
+# infinity, which no clock reads) a record says repr(ts).
+TS_FIXED_MAX = 2.0**32
+
+
+def ts_text(ts: float) -> str:
+    """``ts`` as a record writes it: seconds, to the microsecond, with no trailing zeros after the first
+    decimal (``1764400000.5``, ``1764400000.123457``); ``repr(ts)`` outside ``TS_FIXED_MAX``."""
+    if not -TS_FIXED_MAX < ts < TS_FIXED_MAX:
+        return repr(ts)
+    micros = round(ts * 1e6)  # half to even, as C's nearbyint: the twins round alike
+    whole, fraction = divmod(abs(micros), 1_000_000)
+    return f"{'-' if micros < 0 else ''}{whole}.{f'{fraction:06d}'.rstrip('0') or '0'}"
 
 
 class Chain:
@@ -68,7 +83,7 @@ class Chain:
         if self._seq >= SEQ_MAX:
             raise OverflowError("audit seq exhausted")
         rid = _json_str(_redacted(request_id)) if request_id else "null"
-        return (f'{{"seq":{self._seq + 1},"prev":"{self._prev}","ts":{ts!r},"kind":"check",'
+        return (f'{{"seq":{self._seq + 1},"prev":"{self._prev}","ts":{ts_text(ts)},"kind":"check",'
                 f'"decision_id":{_json_str(decision_id)},"request_id":{rid},{prepared}}}').encode()
 
     def append_check(self, fd: int, room: int, ts: float, decision_id: str, request_id: str,
