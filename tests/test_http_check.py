@@ -90,12 +90,12 @@ def send(port: int, method: str, path: str, headers: list[tuple[str, str]], body
         conn.close()
 
 
-def serve(service: extauthz.CheckService, calls: list[tuple[Any, ...]],
-          hot: _accel.HotPath = _accel.ACTIVE) -> list[tuple[int, dict[str, str], bytes]]:
+def serve(service: extauthz.CheckService, calls: list[tuple[Any, ...]], hot: _accel.HotPath = _accel.ACTIVE,
+          fresh: Any = None) -> list[tuple[int, dict[str, str], bytes]]:
     """``calls`` (``send``'s arguments but the port) to ``service`` behind a real HttpCheckServer."""
     async def run() -> list[tuple[int, dict[str, str], bytes]]:
         port = free_port()
-        server = http_check.HttpCheckServer(f"127.0.0.1:{port}", http_check.HttpCheck(service, hot=hot))
+        server = http_check.HttpCheckServer(f"127.0.0.1:{port}", http_check.HttpCheck(service, fresh, hot))
         await server.start()
         try:
             return [await asyncio.to_thread(send, port, *call) for call in calls]
@@ -165,6 +165,55 @@ def test_a_request_envoy_would_not_send_is_refused_and_recorded(
     assert a.audit.flush()
     records = [r for r in audit_records(a.config.state_dir / "audit") if r.get("decision_id") == decision_id]
     assert [r["reason"] for r in records] == [reasons.REQUEST_INVALID]
+
+
+class _Faulty:
+    """A warm path that breaks on every call."""
+    started = 0.0
+
+    def __call__(self, fields: Any) -> Any:
+        raise RuntimeError("injected fault")
+
+
+def _service(a: Authority, hot: _accel.HotPath) -> extauthz.CheckService:
+    return extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
+
+
+def _one_warm_allow(minted: dict[str, str]) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    headers = [("x-agentauthz-path", "/demo/reports"), ("authorization", f"Bearer {minted['plain']}"),
+               *((f"x-agentauthz-route-{k}", v) for k, v in ROUTE.items())]
+    return [("GET", "/demo/reports", headers)]
+
+
+def test_a_fault_on_the_warm_path_is_a_recorded_internal_error_over_http_too(
+        authority: tuple[Authority, dict[str, str], str], hot: _accel.HotPath) -> None:
+    # The HTTP Check takes check's first step itself (CheckService.answer_warm): a fault there must be
+    # answered as check answers it, recorded, never a bare 500 with nothing in the log.
+    a, minted, _ = authority
+    service = _service(a, hot)
+    service._warm = _Faulty()  # type: ignore[assignment]
+    [(status, answer, body)] = serve(service, _one_warm_allow(minted), hot)
+    assert status != 200 and json.loads(body) == {"error": reasons.INTERNAL_ERROR}
+    assert a.audit.flush()
+    records = [r for r in audit_records(a.config.state_dir / "audit")
+               if r.get("decision_id") == answer["x-agentauthz-decision-id"]]
+    assert [r["reason"] for r in records] == [reasons.INTERNAL_ERROR]
+
+
+def test_a_node_that_is_not_fresh_answers_revocation_stale_before_the_warm_path(
+        authority: tuple[Authority, dict[str, str], str], hot: _accel.HotPath) -> None:
+    # Cluster mode: a warm token must not be allowed while a revocation may be unread (fresh_only).
+    a, minted, _ = authority
+    service = _service(a, hot)
+    service._warm = _Faulty()  # type: ignore[assignment]  # reaching it would answer internal_error
+    fresh = [False]
+    [(status, _, body)] = serve(service, _one_warm_allow(minted), hot, fresh=lambda: fresh[0])
+    assert (status, json.loads(body)) == (503, {"error": reasons.REVOCATION_STALE})
+    fresh[0] = True
+    service = _service(a, hot)
+    assert a.audit.flush()  # nothing queued ahead: the allow is answered on the warm path
+    [(status, _, _)] = serve(service, _one_warm_allow(minted), hot, fresh=lambda: fresh[0])
+    assert status == 200 and service._warm.allowed == 1
 
 
 def _abandoned_http2_request(port: int, request_id: str) -> None:

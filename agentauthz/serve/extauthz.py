@@ -336,9 +336,32 @@ class CheckService:
         return reasons.ALLOW if thumbprint == bound else reasons.TOKEN_BINDING
 
     async def check(self, fields: Fields | None, context: Any) -> bytes:
+        decided = None
+        if fields.__class__ is tuple:
+            decided = self.answer_warm(fields)  # type: ignore[arg-type]
+            if decided.__class__ is bytes:
+                return decided  # type: ignore[no-any-return]
+        return await self.finish(fields, decided)
+
+    def answer_warm(self, fields: Fields) -> Any:
+        """``check``'s first step, with no coroutine of its own (a transport may call it itself, as the
+        HTTP Check does): the common allow's answer (bytes, its record written), or what ``finish`` takes
+        to answer the rest (the warm path's decision, if it made one). A fault is answered here as
+        ``check`` answers any: a recorded internal_error denial."""
         # Any exception is a recorded internal_error denial: one gRPC let escape would answer UNKNOWN,
         # which Envoy with failure_mode_allow turns into an allow. The try costs nothing until it raises.
-        # The warm path times the Checks it answers (no Python call here); the others are timed below.
+        try:
+            return self._warm(fields)  # it times the Checks it answers (no Python call here)
+        except Exception:
+            started = getattr(self._warm, "started", None)  # the Check began when the warm path did
+            try:
+                return self._failed(fields, None)
+            finally:
+                if started is not None:
+                    self._observe(started)
+
+    async def finish(self, fields: Fields | None, decided: Any) -> bytes:
+        """Every Check ``answer_warm`` did not answer, with its decision if it made one."""
         decision_id = started = None
         try:
             if fields.__class__ is not tuple:  # not a CheckRequest, or the parser failed (UNPARSED)
@@ -346,15 +369,10 @@ class CheckService:
                 if fields is None:
                     return self._undecodable(self._ids.next())
                 raise RuntimeError("the CheckRequest parser failed")
-            decided = self._warm(fields)  # the common allow, answered; else its decision, if it made one
-            if decided.__class__ is bytes:
-                return decided  # type: ignore[no-any-return]
             started = self._warm.started  # the Check began when the warm path did
             decision_id = self._ids.next()
-            return await self._full(fields, decided, decision_id)
+            return await self._full(fields, decided, decision_id)  # type: ignore[arg-type]
         except Exception:
-            if started is None:  # the warm path raised: the Check began when it did
-                started = getattr(self._warm, "started", None)
             return self._failed(fields, decision_id)
         finally:
             if started is not None:  # every Check the warm path did not answer, in the histogram

@@ -92,10 +92,14 @@ def request_fields(method: str, path: str, header_items: list[tuple[str, str]],
     """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request,
     its body not yet read (``read_body``); None when it is not one Envoy set up as README "The HTTP
     Check" says (then request_invalid). The scan is the hot path's (``_http_py.scan_http``)."""
-    fields = hot.scan_http(method, path, header_items, peer_of)
+    return with_body_reader(method, hot.scan_http(method, path, header_items, peer_of))
+
+
+def with_body_reader(method: str, fields: Any) -> Any:
+    """``fields`` as scanned; on an MCP route, with what ``decision.mcp.read_call`` reads its body from."""
     if fields is None or fields[7] is None:
-        return fields  # type: ignore[no-any-return]
-    return (*fields[:7], _Request(HttpRequest(method, fields[7], b"")))  # an MCP route: its body is read
+        return fields
+    return (*fields[:7], _Request(HttpRequest(method, fields[7], b"")))
 
 
 def convert(raw: bytes) -> tuple[Answer, bool]:
@@ -133,22 +137,30 @@ class HttpCheck:
     def __init__(self, service: CheckService, fresh: Callable[[], bool] | None = None,
                  hot: _accel.HotPath = _accel.ACTIVE) -> None:
         self._check = service.check if fresh is None else service.fresh_only(fresh, service.check)
-        self._answers, self._hot = answers(hot), hot
+        self._fresh, self._answer_warm, self._finish = fresh, service.answer_warm, service.finish
+        self._answers, self._scan = answers(hot), hot.scan_http
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
         if scope.proto != "http":
             return
         try:
             try:
-                fields = request_fields(scope.method, scope.path, scope.headers.items(), self._hot)
+                fields = self._scan(scope.method, scope.path, scope.headers.items(), peer_of)
             except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
                 log.exception("reading an HTTP Check request failed")
-                fields = UNPARSED  # type: ignore[assignment]
-            # Only an MCP route reads its body (Envoy sends one only there: with_request_body).
-            if fields.__class__ is tuple and fields[7] is not None:
-                http = fields[7].http
-                http.raw_body = await read_body(protocol, http.headers.get("content-length"))
-            status, headers, payload = self._answers(await self._check(fields, None))
+                fields = UNPARSED
+            if fields.__class__ is tuple and fields[7] is None and (self._fresh is None or self._fresh()):
+                # check's own steps, taken here: the common allow is answered with no coroutine but this.
+                answer = self._answer_warm(fields)
+                if answer.__class__ is not bytes:
+                    answer = await self._finish(fields, answer)
+            else:
+                if fields.__class__ is tuple and fields[7] is not None:  # an MCP route reads its body
+                    fields = with_body_reader(scope.method, fields)  # (Envoy sends one only there)
+                    http = fields[7].http
+                    http.raw_body = await read_body(protocol, http.headers.get("content-length"))
+                answer = await self._check(fields, None)  # (not fresh: check answers revocation_stale)
+            status, headers, payload = self._answers(answer)
         except Exception:  # never an allow: Envoy takes a 5xx as an error, which status_on_error denies
             log.exception("the HTTP Check failed")
             status, headers, payload = 500, [], b""
