@@ -39,7 +39,6 @@ from ..config import host_port
 from ..decision import _accel
 from ..decision._check_py import DECISION_ID_CHARS
 from ..decision._http_py import Answer
-from ..decision._request_py import Fields
 from ..decision.mcp import MAX_BODY_BYTES
 from .extauthz import PREPARED_MAX, UNPARSED, CheckService, decision_id_frame, http_status_for
 from .listeners import UNIX_SOCKET_MODE
@@ -87,16 +86,11 @@ def peer_of(xfcc: str) -> tuple[str, str] | None:
     return principal, values.get("cert", "")
 
 
-def request_fields(method: str, path: str, header_items: list[tuple[str, str]],
-                   hot: _accel.HotPath = _accel.ACTIVE) -> Fields | None:
-    """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request,
-    its body not yet read (``read_body``); None when it is not one Envoy set up as README "The HTTP
-    Check" says (then request_invalid). The scan is the hot path's (``_http_py.scan_http``)."""
-    return with_body_reader(method, hot.scan_http(method, path, header_items, peer_of))
-
-
 def with_body_reader(method: str, fields: Any) -> Any:
-    """``fields`` as scanned; on an MCP route, with what ``decision.mcp.read_call`` reads its body from."""
+    """The fields ``CheckService.check`` decides (``_request_py.Fields``) of an HTTP ext_authz request as
+    the hot path's ``scan_http`` gives them (None: not a request Envoy set up as README "The HTTP Check"
+    says, then request_invalid), with, on an MCP route, what ``decision.mcp.read_call`` reads its body
+    from (the body read once it is, ``read_body``)."""
     if fields is None or fields[7] is None:
         return fields
     return (*fields[:7], _Request(HttpRequest(method, fields[7], b"")))
