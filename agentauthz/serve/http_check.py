@@ -5,8 +5,10 @@ an MCP route, the body; it reads the answer as 200 = allow (copying ``allowed_up
 upstream request and removing those ``x-envoy-auth-headers-to-remove`` names), any other status =
 deny (the status, body and ``allowed_client_headers`` to the client; a 5xx is Envoy's
 ``status_on_error`` instead). Here the request becomes the same fields tuple the gRPC parser makes
-(``decision/_request_py.Fields``), ``CheckService.check`` decides it (warm path, audit, budgets, MCP)
-and its CheckResponse bytes become the HTTP answer, converted once per distinct response.
+(``decision/_request_py.Fields``), ``CheckService.check`` decides it (warm path, audit, budgets, MCP;
+the handler takes check's two steps itself, ``answer_warm`` then ``finish``, so that the common allow
+costs no coroutine of its own) and its CheckResponse bytes become the HTTP answer, converted once per
+distinct response.
 
 What HTTP ext_authz lacks, Envoy's header_mutation filter supplies before ext_authz, and only Envoy
 (examples/envoy-http.yaml; README "The HTTP Check"):
