@@ -252,7 +252,8 @@ def test_slow_handshakes_time_out_a_flood_is_shed_and_nothing_is_left_behind() -
         peers = Peers("dev.local", [ca.certificate])
         front = TlsFront("127.0.0.1:0", server.key_pem, server.cert_pem, peers, handshake_timeout=0.5,
                          max_pending=2)
-        await front.start(9)  # discard: nothing listens there
+        await front.bind()
+        front.start(9)  # discard: nothing listens there
         try:
             slow = [await asyncio.open_connection("127.0.0.1", front.port) for _ in range(2)]
             await asyncio.sleep(0.1)

@@ -22,6 +22,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from .. import durable
+from ..decision._chain_py import ts_text
 from ..errors import AuditUnavailable, StateError
 from .files import append, cut_tail, last_line, log_files
 from .records import _b64, _canon, _dumps, _redacted_fields
@@ -31,6 +32,11 @@ log = logging.getLogger("agentauthz.audit")  # the name operators filter on, kep
 _BACKOFF_MAX = 1.0
 _CHECK = object()  # marks record_check()'s queue items
 WITHDRAWN = "checks_withdrawn"  # allows answered audit_unavailable because their record could not be written
+
+
+def _micros(ts: float) -> float:
+    """``ts`` as every record gives it: the number an allow's record writes (``_chain_py.ts_text``)."""
+    return float(ts_text(ts))
 
 
 class BatchWriter:
@@ -140,8 +146,7 @@ class BatchWriter:
             raise
 
     def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
-        # To the microsecond, as an allow's record (_chain_py.ts_text).
-        head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": round(ts, 6), "kind": kind}
+        head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": _micros(ts), "kind": kind}
         return self._chain.link(_dumps({**head, **fields}))
 
     def _take(self, checkpoint: bool = True) -> bool:
@@ -180,7 +185,7 @@ class BatchWriter:
         self._since_cp += len(lines)
         if checkpoint and (final or (self._batches >= self._cp_every and not eager)):
             self._cp_at = time.monotonic()
-            now = round(self._clock(), 6)
+            now = _micros(self._clock())
             cp = {"seq": self._chain.seq, "hash": self._chain.prev, "file": self._file, "ts": now,
                   "kid": self._kid}
             sig = _b64(self._key.sign(_canon(cp)))

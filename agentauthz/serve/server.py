@@ -291,7 +291,7 @@ class Daemon:
         # be one of theirs (a configured port in the ephemeral range) and stop the daemon at start.
         backend_port = api.add_insecure_port(f"{BACKEND_HOST}:0")
         await api.start()
-        await self.api_front.start(backend_port)
+        self.api_front.start(backend_port)
 
         # Keys, revocations and policy loaded, listeners up: now we serve.
         freeze_startup_objects()

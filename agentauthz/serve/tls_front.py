@@ -154,12 +154,9 @@ class TlsFront:
         except (OSError, ValueError) as exc:
             raise listeners.taken("api_listen", self.listen, exc) from None
 
-    async def start(self, backend_port: int) -> None:
-        """Pipe every client, those already waiting too, to ``backend_port`` (binding first if ``bind``
-        has not)."""
-        if self._server is None:
-            await self.bind()
-        assert self._backend is not None
+    def start(self, backend_port: int) -> None:
+        """Pipe every client, those already waiting too, to ``backend_port``; after ``bind``."""
+        assert self._backend is not None, "bind first"
         self._backend.set_result(backend_port)
 
     async def backend_port(self) -> int:
