@@ -160,6 +160,14 @@ cdef class Chain:
     cdef Py_ssize_t _line_size, _line_cap
     cdef char *_next  # where the next record is formatted before it is committed
     cdef Py_ssize_t _next_cap
+    # The inline gate (InlineAllow): the log file an allow is appended to at once, -1 while shut; the
+    # bytes left in that file; the allows appended through it since the log last took the count.
+    cdef int _inline_fd
+    cdef Py_ssize_t _inline_room
+    cdef long long _inline_records, _inline_bytes
+
+    def __cinit__(self):
+        self._inline_fd = -1
 
     def __init__(self, seq=0, prev=GENESIS):
         self.seq = seq
@@ -307,11 +315,35 @@ cdef class Chain:
         more. An ``OSError`` from the write is raised after the record was linked: part of ``last``
         may be in the file, and ``last`` must still be written for the chain to hold.
         """
+        cdef Py_ssize_t size = self._append(fd, room, ts, decision_id, request_id, prepared)
+        return size if size else None
+
+    def open_inline(self, int fd, Py_ssize_t room, queue):
+        """Let ``InlineAllow`` append to ``fd``, ``room`` bytes short of full, unless ``queue`` holds
+        records (they go first). Called with the log's mutex held, once the log was checked as
+        ``AuditLog._write_allow`` checks it; whatever changes what was checked shuts the gate again."""
+        if fd >= 0 and room > 0 and not queue:  # (the GIL makes the queue's check and the open one step)
+            self._inline_fd, self._inline_room = fd, room
+
+    def shut_inline(self):
+        """Send every allow to ``AuditLog._write_allow`` until the gate is opened again."""
+        self._inline_fd = -1
+
+    def take_inline(self):
+        """Shut the gate; (records, bytes) appended through it since the last take."""
+        counted = (self._inline_records, self._inline_bytes)
+        self._inline_fd = -1
+        self._inline_records = self._inline_bytes = 0
+        return counted
+
+    cdef Py_ssize_t _append(self, int fd, Py_ssize_t room, double ts, str decision_id, str request_id,
+                            str prepared) except -1:
+        """``append_check``, 0 for its None."""
         cdef Py_ssize_t size = self._format(ts, decision_id, request_id, prepared)
         cdef Py_ssize_t done = 0, written
         cdef char *swap
         if size - 1 >= room:
-            return None
+            return 0
         self._advance(self._next, size - 1)
         swap, self._line = self._line, self._next
         self._next = swap
@@ -326,6 +358,53 @@ cdef class Chain:
                 PyErr_SetFromErrno(OSError)  # raises
             done += written
         return size
+
+
+cdef class InlineAllow:
+    """``AuditLog.write_allow``: an allow's record written to the log file now, on the caller's thread,
+    in one native call while the chain's inline gate is open (``_chain_py.InlineAllow`` says when).
+
+    The gate stands for every check ``AuditLog._write_allow`` makes (the log healthy and open, no
+    batch in flight, nothing queued, its file open and not full), made by that method while it
+    held the log's mutex; whatever changes one of them shuts it. With the gate shut, or no ``ts``,
+    the call is ``_write_allow``'s. The mutex is still taken: the writer thread writes batches and
+    moves to the next file with it held.
+    """
+
+    cdef Chain _chain
+    cdef object _acquire, _release, _slow, _failed
+
+    def __init__(self, Chain chain not None, mutex, slow, failed):
+        self._chain = chain
+        self._acquire, self._release = mutex.acquire, mutex.release
+        self._slow, self._failed = slow, failed
+
+    def __call__(self, str decision_id not None, str request_id not None, str prepared not None,
+                 ts=None):
+        cdef Chain chain = self._chain
+        cdef Py_ssize_t written
+        if chain._inline_fd < 0 or ts is None:
+            return self._slow(decision_id, request_id, prepared, ts)
+        # A lock's non-blocking acquire keeps the GIL: the gate cannot have shut since it was read.
+        if not self._acquire(False):
+            return False  # the writer holds the log: the caller waits for it
+        try:
+            try:
+                written = chain._append(chain._inline_fd, chain._inline_room, ts, decision_id,
+                                        request_id, prepared)
+            except OSError as exc:
+                chain._inline_fd = -1
+                self._failed(exc, decision_id)  # raises AuditUnavailable
+                raise
+            if written == 0:
+                chain._inline_fd = -1  # this file is full: the writer starts the next
+                return False
+            chain._inline_room -= written
+            chain._inline_records += 1
+            chain._inline_bytes += written
+            return True
+        finally:
+            self._release()
 
 
 cdef inline Py_ssize_t _put(char *out, Py_ssize_t at, bytes text) noexcept:

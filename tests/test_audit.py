@@ -28,9 +28,10 @@ from agentauthz.audit import records as audit_records
 from agentauthz.audit import verify as audit_verify
 from agentauthz.audit.records import thumbprint
 from agentauthz.audit.verify import main_verify, verify_dir
-from agentauthz.audit.writer import AuditLog
+from agentauthz.audit.writer import WITHDRAWN, AuditLog
+from agentauthz.decision import _accel
 from agentauthz.decision._chain_py import GENESIS
-from agentauthz.errors import StateError
+from agentauthz.errors import AuditUnavailable, StateError
 
 LOG1 = "audit-0000000001.jsonl"
 # The checkpoint key lives outside the audit directory (audit_files.open_key); verify is given its public key.
@@ -61,6 +62,15 @@ def wait_for(predicate: Any, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+ALLOW = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
+
+
+def allow(log: AuditLog, decision_id: str, request_id: str = "", prepared: str = ALLOW) -> bool:
+    """An allow's record as the Check's warm path writes it (``write_allow`` with the time it decided
+    at): through the inline gate while it is open, else ``_write_allow``."""
+    return log.write_allow(decision_id, request_id, prepared, time.time())  # type: ignore[no-any-return]
 
 
 def check(log: AuditLog, i: int, **extra: Any) -> bool:
@@ -103,20 +113,20 @@ def test_records_are_batched_by_the_thread_and_chain_verifies(tmp_path: Path) ->
     assert report.ok and report.records == len(recs) and report.checkpoints == len(cps)
 
 
-def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path) -> None:
+def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path, hot: _accel.HotPath) -> None:
     """write_allow: declined (False, nothing recorded) until the writer has a file open, then written
     at once, in chain order with the queued records, and rotated into the next file by the writer."""
-    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, key=KEY, flush_interval=0.02, max_file_bytes=4096)
+    prepared = ALLOW
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=0.02, max_file_bytes=4096, hot=hot)
     log.start()
     try:
-        assert not log.write_allow("first", "", prepared)  # a fresh log: no file open yet
+        assert not allow(log, "first")  # a fresh log: no file open yet
         assert log.healthy and log.pending == 0
         log.record("start")
         assert log.flush()
         written = 0
         for i in range(200):  # as the Check does: declined means queued for the writer instead
-            if log.write_allow(f"allow-{i}", f"req-{i}", prepared):
+            if allow(log, f"allow-{i}", f"req-{i}"):
                 written += 1
             else:
                 assert log.record_check(f"allow-{i}", f"req-{i}", prepared)
@@ -778,11 +788,11 @@ def test_a_flush_with_nothing_queued_still_fsyncs_what_was_written_unsynced(tmp_
     assert verify_dir(tmp_path, PUB).ok
 
 
-def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypatch: Any) -> None:
+def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypatch: Any,
+                                                        hot: _accel.HotPath) -> None:
     """Allows written inline (unsynced) fill a file; when the writer moves to the next file it must
     fsync the full one first: no later fsync ever reaches a closed file."""
-    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30, max_file_bytes=4096)
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30, max_file_bytes=4096, hot=hot)
     log.start()
     calls: list[tuple[str, int]] = []
     real_fsync, real_close = os.fsync, os.close
@@ -791,7 +801,7 @@ def test_a_full_log_file_is_fsynced_before_it_is_closed(tmp_path: Path, monkeypa
         assert log.flush()
         full, full_name = log._fd, log._fd_name
         written = 0
-        while log.write_allow(f"d-{written}", "", prepared):  # inline, as the Check's fast path writes
+        while allow(log, f"d-{written}"):  # inline, as the Check's fast path writes
             written += 1
         assert written > 2 and log._fd_name == full_name  # the next does not fit: the writer moves on
         monkeypatch.setattr(os, "fsync", lambda fd: (calls.append(("fsync", fd)), real_fsync(fd))[1])
@@ -829,13 +839,12 @@ def test_a_key_inside_the_audit_directory_is_never_trusted(tmp_path: Path) -> No
     assert code == 0 and [log["log"] for log in result["logs"]] == [".", "worker-1"], result
 
 
-def test_allows_are_written_inline_while_the_writer_fsyncs_a_checkpoint(tmp_path: Path,
-                                                                        monkeypatch: Any) -> None:
+def test_allows_are_written_inline_while_the_writer_fsyncs_a_checkpoint(tmp_path: Path, monkeypatch: Any,
+                                                                        hot: _accel.HotPath) -> None:
     """The writer fsyncs a checkpoint batch after it has let go of the log: an allow arriving during that
     fsync is written inline (under load ~8% of allows otherwise waited, each costing several times an
     inline one), and the checkpoint is copied to the checkpoints file only once the fsync returned."""
-    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30)
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30, hot=hot)
     log.start()
     in_fsync, release = threading.Event(), threading.Event()
     real_fsync = os.fsync
@@ -850,13 +859,13 @@ def test_allows_are_written_inline_while_the_writer_fsyncs_a_checkpoint(tmp_path
         log.record("start")
         assert log.flush()
         copied = (tmp_path / "checkpoints.jsonl").read_bytes()
-        assert log.write_allow("before", "", prepared)
+        assert allow(log, "before")
         monkeypatch.setattr(os, "fsync", slow_fsync)
         log.record("next")
         flushed = threading.Thread(target=log.flush)
         flushed.start()  # wakes the writer: a batch, its checkpoint, its fsync
         assert in_fsync.wait(10)
-        assert log.write_allow("during", "", prepared), "an allow waited for the writer's fsync"
+        assert allow(log, "during"), "an allow waited for the writer's fsync"
         assert (tmp_path / "checkpoints.jsonl").read_bytes() == copied  # not yet durable: not copied
         release.set()
         flushed.join(10)
@@ -911,25 +920,107 @@ def test_a_checkpoint_whose_fsync_fails_is_never_copied_and_checks_deny_until_th
     assert verify_dir(tmp_path, PUB).ok
 
 
-def test_an_allow_writes_the_records_queued_ahead_of_it_first(tmp_path: Path) -> None:
+def test_an_allow_writes_the_records_queued_ahead_of_it_first(tmp_path: Path, hot: _accel.HotPath) -> None:
     """An allow that found the writer holding the log was queued (record_check_durable); the next
-    inline allow writes it first rather than queueing behind it until the next loop iteration."""
-    prepared = audit_records.prepare(decision=True, reason="allow", agent="spiffe://dev.local/agent/alpha")
-    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30)
+    inline allow writes it first rather than queueing behind it until the next loop iteration, even
+    with the inline gate open before it was queued."""
+    prepared = ALLOW
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=30, hot=hot)
     log.start()
     try:
         log.record("start")
         assert log.flush()
+        assert allow(log, "gate") and allow(log, "open")
 
         async def queued_then_inline() -> bool:
             with log._mutex:  # the writer mid-batch: this one queues
                 waiting = log.record_check_durable("queued", "", prepared)
-            written = log.write_allow("inline", "", prepared)  # before the loop's _kick has run
+            written = allow(log, "inline")  # before the loop's _kick has run
             await asyncio.wait_for(waiting, 10)  # type: ignore[arg-type]
             return written
 
         assert asyncio.run(queued_then_inline())
     finally:
         log.stop()
-    assert [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"] == ["queued", "inline"]
+    assert [r["decision_id"] for r in records(tmp_path) if r["kind"] == "check"] == ["gate", "open", "queued",
+                                                                                    "inline"]
     assert verify_dir(tmp_path, PUB).ok
+
+
+def test_inline_allows_racing_every_other_writer_keep_one_chain(tmp_path: Path, hot: _accel.HotPath) -> None:
+    """Allows written inline on one thread while another enqueues records and flushes, and the writer
+    thread writes batches, signs checkpoints and moves through small files: the inline gate opens and
+    shuts over and over. Each allow is written inline or, declined, queued as the Check queues it: every
+    one is in the log once and in order, and the chain and every file are whole."""
+    log = AuditLog.open(tmp_path, key=KEY, flush_interval=0.002, max_file_bytes=32768, hot=hot)
+    log.start()
+    stop, enqueued = threading.Event(), []
+
+    def other_records() -> None:
+        while not stop.is_set():
+            assert log.record("rotation", n=len(enqueued))
+            enqueued.append(len(enqueued))
+            if len(enqueued) % 20 == 0:
+                assert log.flush()
+            time.sleep(0.001)
+
+    other = threading.Thread(target=other_records)
+    written, declined = [], []
+    try:
+        log.record("start")
+        assert log.flush()
+        other.start()
+        for i in range(20000):
+            if i % 100 == 0:
+                time.sleep(0.0001)  # the other threads get the GIL, as between a loop's requests
+            if allow(log, f"a{i}", f"r{i}"):
+                written.append(f"a{i}")
+            else:
+                assert log.record_check(f"a{i}", f"r{i}", ALLOW)
+                declined.append(f"a{i}")
+    finally:
+        stop.set()
+        other.join(10)
+        log.stop()
+    recs = records(tmp_path)
+    assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
+    assert [r["decision_id"] for r in recs if r["kind"] == "check"] == [f"a{i}" for i in range(20000)]
+    assert [r["n"] for r in recs if r["kind"] == "rotation"] == enqueued
+    assert len(written) > 2000 and declined and len(enqueued) > 10, (len(written), len(declined))
+    files = audit_files.log_files(tmp_path)
+    assert len(files) > 5  # moved through files (a batch of queued ones may overfill one: as ever)
+    report = verify_dir(tmp_path, PUB)
+    assert report.ok and report.records == len(recs)
+
+
+def test_an_inline_allow_the_disk_refuses_is_withdrawn_and_written_once_it_can(tmp_path: Path,
+                                                                              hot: _accel.HotPath) -> None:
+    """The disk fills under the inline gate: that allow raises AuditUnavailable (the Check answers
+    audit_unavailable), the allows before it stay whole in the file, its record is written once the disk
+    takes it again, followed by the record that withdraws it; meanwhile allows are declined."""
+    with tmpfs(tmp_path / "fs", "64k") as fs:
+        directory = fs / "audit"
+        log = AuditLog.open(directory, key=KEY, flush_interval=30, hot=hot)
+        log.start()
+        try:
+            log.record("start")
+            assert log.flush()
+            assert allow(log, "first") and allow(log, "second")  # the second through the open gate
+            fill(fs / "filler")
+            # Bigger than what is left of the file's last, partly used page: a short write, then ENOSPC.
+            big = audit_records.prepare(decision=True, reason="allow", note="x" * 8192)
+            with pytest.raises(AuditUnavailable):
+                allow(log, "doomed", prepared=big)
+            assert not log.healthy
+            assert not allow(log, "declined")  # nothing recorded: the Check waits or denies
+            (fs / "filler").unlink()
+            assert wait_for(lambda: log.healthy) and log.flush()
+            assert allow(log, "after")
+        finally:
+            log.stop()
+        recs = records(directory)
+        kinds = [(r["kind"], r.get("decision_id") or r.get("decision_ids")) for r in recs
+                 if r["kind"] in ("check", WITHDRAWN)]
+        assert kinds == [("check", "first"), ("check", "second"), ("check", "doomed"),
+                         (WITHDRAWN, ["doomed"]), ("check", "after")]
+        assert verify_dir(directory, PUB).ok

@@ -6,6 +6,7 @@ reads what either wrote, and must keep the chain whole when the write fails.
 
 from __future__ import annotations
 
+import collections
 import errno
 import fcntl
 import hashlib
@@ -13,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -196,3 +198,88 @@ def test_twins_write_the_same_log(tmp_path: Path) -> None:
                     f.write(chain.link(json.dumps({"seq": chain.seq + 1, "prev": chain.prev}).encode()))
         logs.append(log.read_bytes())
     assert logs[0] == logs[1] and logs[0].count(b"\n") == 55
+
+
+# -- the inline gate (InlineAllow: AuditLog.write_allow in one call) ----------------------------------
+
+class Slow:
+    """AuditLog._write_allow's place: what the gate sends on, and what it answers."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    def __call__(self, *args: Any) -> bool:
+        self.calls.append(args)
+        return True
+
+
+def _never_failed(exc: OSError, decision_id: str) -> None:
+    raise AssertionError(f"no write should fail here: {exc}")
+
+
+def test_the_inline_gate_writes_only_while_open(hot: _accel.HotPath, tmp_path: Path) -> None:
+    chain, mutex, slow = hot.Chain(), threading.Lock(), Slow()
+    allow = hot.InlineAllow(chain, mutex, slow, _never_failed)
+    log = tmp_path / "log"
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        assert allow("d1", "", PREPARED, 1.0) and len(slow.calls) == 1  # shut from the start
+        chain.open_inline(fd, 1 << 20, collections.deque(["queued"]))
+        assert allow("d2", "", PREPARED, 2.0) and len(slow.calls) == 2  # records queued ahead go first
+        chain.open_inline(fd, 1 << 20, collections.deque())
+        assert allow("d3", "r3", PREPARED, 3.0) and allow("d4", "", PREPARED, 4.0)
+        assert allow("d5", "", PREPARED) and len(slow.calls) == 3  # no time given: _write_allow's
+        with mutex:  # the writer holds the log: declined, nothing written
+            assert allow("d6", "", PREPARED, 6.0) is False
+        size = log.stat().st_size
+        assert chain.take_inline() == (2, size) and chain.take_inline() == (0, 0)
+        assert allow("d7", "", PREPARED, 7.0) and len(slow.calls) == 4, "take_inline shuts the gate"
+        chain.open_inline(fd, 1 << 20, collections.deque())
+        chain.shut_inline()
+        assert allow("d8", "", PREPARED, 8.0) and len(slow.calls) == 5
+    finally:
+        os.close(fd)
+    written = [json.loads(line) for line in log.read_bytes().splitlines()]
+    assert [(r["seq"], r["decision_id"], r["ts"]) for r in written] == [(1, "d3", 3.0), (2, "d4", 4.0)]
+    assert [c[0] for c in slow.calls] == ["d1", "d2", "d5", "d7", "d8"]
+    assert not mutex.locked()
+
+
+def test_the_inline_gate_shuts_on_a_full_file(hot: _accel.HotPath, tmp_path: Path) -> None:
+    chain, slow = hot.Chain(), Slow()
+    allow = hot.InlineAllow(chain, threading.Lock(), slow, _never_failed)
+    fd = os.open(tmp_path / "log", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        one = len(chain.check_record(1.0, "d1", "", PREPARED)) + 1
+        chain.open_inline(fd, 2 * one + 1, collections.deque())
+        assert allow("d1", "", PREPARED, 1.0) and allow("d2", "", PREPARED, 1.0)
+        assert allow("d3", "", PREPARED, 1.0) is False, "a record that does not fit"
+        assert chain.seq == 2 and chain.take_inline() == (2, 2 * one)
+        assert allow("d4", "", PREPARED, 1.0) and [c[0] for c in slow.calls] == ["d4"]  # shut by it
+        chain.open_inline(fd, 0, collections.deque())  # a full file is never opened
+        assert allow("d5", "", PREPARED, 1.0) and len(slow.calls) == 2
+    finally:
+        os.close(fd)
+
+
+def test_an_inline_write_that_fails_shuts_the_gate_with_the_record_linked(hot: _accel.HotPath) -> None:
+    chain, mutex, slow = hot.Chain(), threading.Lock(), Slow()
+    failures: list[tuple[int, str, bool, bytes]] = []
+
+    def failed(exc: OSError, decision_id: str) -> None:
+        # AuditLog._inline_failed: still holding the log; the record linked, kept to write again.
+        failures.append((exc.errno, decision_id, mutex.locked(), chain.last))
+        raise ValueError("withdrawn")
+
+    allow = hot.InlineAllow(chain, mutex, slow, failed)
+    fd = os.open("/dev/full", os.O_WRONLY)  # every write(2) fails: ENOSPC
+    try:
+        chain.open_inline(fd, 1 << 20, collections.deque())
+        with pytest.raises(ValueError, match="withdrawn"):
+            allow("doomed", "", PREPARED, 1.0)
+    finally:
+        os.close(fd)
+    assert [f[:3] for f in failures] == [(errno.ENOSPC, "doomed", True)]
+    assert json.loads(failures[0][3])["decision_id"] == "doomed" and chain.seq == 1
+    assert not mutex.locked() and chain.take_inline() == (0, 0)
+    assert allow("next", "", PREPARED, 2.0) and len(slow.calls) == 1, "shut by the failure"

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -116,21 +117,22 @@ class BatchWriter:
                         self._wake.wait(self._interval)
                     recovered = False
                     self._wake.clear()  # clear before taking: a set() after this is never lost
-                    with self._mutex:  # _kick may have left a batch that failed to write: never replace it
+                    with self._held():  # _kick may have left a batch that failed to write: never replace it
                         took = self._out is not None or bool(self._out_cp or self._cp_pending) or self._take()
                     if not took:
                         if self._stopping and not self._q:
                             break
                         continue
                 try:
-                    with self._mutex:
+                    with self._held():
                         self._write_out(sync_after=True)
                     self._copy_checkpoint()
                 except OSError as exc:  # ENOSPC, EIO...: keep the batch, report unhealthy, retry
                     if self._ok:
                         log.error("audit: write failed, holding %d records: %s", self.pending, exc)
                     self._ok, backoff = False, min(max(backoff * 2, 0.01), _BACKOFF_MAX)
-                    with self._mutex:
+                    self._chain.shut_inline()
+                    with self._held():
                         self._withdraw(exc)
                     self._wake.wait(backoff)  # flush() and stop() cut it short
                     self._wake.clear()  # else one early set() would turn the backoff into a busy loop
@@ -142,8 +144,25 @@ class BatchWriter:
         except BaseException as exc:
             log.exception("audit: writer died; the log is closed")
             self._closed, self._ok = True, False
+            self._chain.shut_inline()
             self._withdraw(exc)  # nobody will write them: answer the waiting allows now
             raise
+
+    @contextlib.contextmanager
+    def _held(self) -> Iterator[None]:
+        """``_mutex``, with the allows written inline until then counted (``_fold``)."""
+        with self._mutex:
+            self._fold()
+            yield
+
+    def _fold(self) -> None:
+        """Shut the inline gate and count what ``InlineAllow`` wrote through it: the file's end moved,
+        and each of those allows is a batch of its own. ``_mutex`` held."""
+        records, size = self._chain.take_inline()
+        if records:
+            self._offset += size
+            self._batches += records
+            self._since_cp += records
 
     def _line(self, ts: float, kind: str, fields: dict[str, Any]) -> bytes:
         head = {"seq": self._chain.seq + 1, "prev": self._chain.prev, "ts": _micros(ts), "kind": kind}
@@ -243,12 +262,12 @@ class BatchWriter:
         being written inline meanwhile. A failed fsync is a failed batch (the kernel reports it once
         and may have dropped the pages): its checkpoint is never copied, and a new one follows."""
         if self._unsynced:
-            with self._mutex:  # the loop's thread may move to the next file meanwhile: sync this one's copy
+            with self._held():  # the loop's thread may move to the next file meanwhile: sync this one's copy
                 fd = os.dup(self._fd)
             try:
                 os.fsync(fd)
             except OSError:  # _run says so and denies; the next checkpoint batch is fsynced under _mutex
-                with self._mutex:
+                with self._held():
                     self._cp_pending = b""
                     self._batches = max(self._batches, self._cp_every)
                 raise

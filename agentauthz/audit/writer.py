@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -33,7 +33,8 @@ class AuditLog(BatchWriter):
     @classmethod
     def open(cls, directory: Path, *, key: Ed25519PrivateKey, flush_interval: float = 0.05,
              batch_size: int = 512, queue_max: int = 65536, checkpoint_every: int = 1,
-             max_file_bytes: int = 64 << 20, clock: Callable[[], float] = time.time) -> AuditLog:
+             max_file_bytes: int = 64 << 20, clock: Callable[[], float] = time.time,
+             hot: _accel.HotPath = _accel.ACTIVE) -> AuditLog:
         """Open (or create) the log in ``directory``, cutting a torn tail; the writer is not started.
 
         ``key`` signs the checkpoints; it is kept outside ``directory`` (``files.open_key``).
@@ -47,14 +48,14 @@ class AuditLog(BatchWriter):
             except BlockingIOError:
                 raise StateError(f"{directory}: audit log is open in another process") from None
             return cls(directory, lock, key, flush_interval, batch_size, queue_max,
-                       checkpoint_every, max_file_bytes, clock)
+                       checkpoint_every, max_file_bytes, clock, hot)
         except BaseException:
             os.close(lock)
             raise
 
     def __init__(self, directory: Path, lock: int, key: Ed25519PrivateKey, flush_interval: float,
                  batch_size: int, queue_max: int, checkpoint_every: int, max_file_bytes: int,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float], hot: _accel.HotPath = _accel.ACTIVE) -> None:
         self._dir, self._lock, self._key, self._kid = directory, lock, key, thumbprint(key.public_key())
         self._interval, self._batch, self._max = flush_interval, batch_size, queue_max
         self._cp_every, self._max_bytes, self._clock = checkpoint_every, max_file_bytes, clock
@@ -64,7 +65,7 @@ class AuditLog(BatchWriter):
         self._thread: threading.Thread | None = None
         self._closed = self._stopping = False
         self._ok, self._fd, self._fd_name = True, -1, ""
-        self._chain = _accel.ACTIVE.Chain()  # seq and prev: only with _mutex held, or before start
+        self._chain = hot.Chain()  # seq and prev: only with _mutex held, or before start
         self._batches = self._since_cp = 0
         # The batch in flight: kept until durable and retried byte for byte, so the chain never forks.
         self._out: bytes | None = None
@@ -76,6 +77,10 @@ class AuditLog(BatchWriter):
         self._kick_pending = False  # a _kick is scheduled on the event loop (record_check_durable)
         # Taking, chaining and writing a batch: the writer thread, or the event loop's _kick.
         self._mutex = threading.Lock()
+        # An allow's record, written now: in one native call while the chain's inline gate is open,
+        # else by _write_allow, which opens it again once it has checked the log.
+        self.write_allow: Callable[..., bool] = hot.InlineAllow(self._chain, self._mutex, self._write_allow,
+                                                                self._inline_failed)
         self._cp_at = -float("inf")
         cuts = self._resume()
         cp_path = directory / CHECKPOINTS
@@ -107,6 +112,7 @@ class AuditLog(BatchWriter):
         if len(q) >= self._max:
             return False
         q.append(item)
+        self._chain.shut_inline()  # queued records go before the next allow (_write_allow)
         if self._closed:  # checked after the append, so a racing stop() cannot strand the record
             try:
                 q.remove(item)
@@ -121,24 +127,24 @@ class AuditLog(BatchWriter):
         """``record("check", ...)`` for members made by ``prepare``, plus the two per-call ids."""
         return self._enqueue((_CHECK, self._clock(), decision_id, request_id, prepared, None))
 
-    def write_allow(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
-        """Write an allow's record (at ``ts``, else now) to the log file now, on the caller's thread;
-        True once written.
+    def _write_allow(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
+        """``write_allow`` (``hot.InlineAllow``) while its inline gate is shut: write an allow's record
+        (at ``ts``, else now) to the log file now, on the caller's thread; True once written.
 
-        The fast path of an allow: no queue, no thread hand-off, no future (each cost more than the
+        An allow's record takes no queue, no thread hand-off, no future (each cost more than the
         Check). Written means the kernel has it, so a killed daemon loses none; the writer thread's
         next batch, within a flush interval, fsyncs it and signs a checkpoint. False, with nothing
         recorded, when it cannot be done at once (records queued ahead of it, a batch in flight, a
         failing disk, no writer running, no file open yet or this one full): the caller then takes
         ``record_check_durable``, or answers audit_unavailable when the log is not ``healthy``.
-        A write that fails is withdrawn and raises ``AuditUnavailable``.
+        A write that fails is withdrawn and raises ``AuditUnavailable``. Once written, the gate opens:
+        the next allows are ``InlineAllow``'s alone, until something changes what was checked here.
         """
-        # Inline but for the record, which is one native call (_chain_c): this runs for every allow,
-        # and under load each Python step here cost several times its isolated price.
         if not self._ok or self._closed or self._thread is None or self._out is not None \
                 or self._out_cp or not self._mutex.acquire(blocking=False):
             return False
         try:
+            self._fold()
             if self._out is not None or self._out_cp:
                 return False  # the writer took a batch meanwhile
             if self._q:
@@ -154,24 +160,32 @@ class AuditLog(BatchWriter):
                 written = self._chain.append_check(self._fd, self._max_bytes - self._offset,
                                                    self._clock() if ts is None else ts,
                                                    decision_id, request_id, prepared)
-            except OSError as exc:  # linked, then undone: held, byte for byte, for the writer to retry
-                self._batches += 1
-                self._since_cp += 1
-                try:
-                    os.ftruncate(self._fd, self._offset)
-                except OSError:
-                    pass  # the writer's retry truncates first
-                self._out, self._out_n = self._chain.last, 1
-                self._fail(exc, decision_id)
-                raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
+            except OSError as exc:
+                self._inline_failed(exc, decision_id)
             if written is None:
                 return False  # the writer starts the next file
             self._batches += 1
             self._since_cp += 1
             self._offset += written
+            if self._ok and not self._closed:  # (a stop() on another thread shuts it again)
+                self._chain.open_inline(self._fd, self._max_bytes - self._offset, self._q)
             return True
         finally:
             self._mutex.release()
+
+    def _inline_failed(self, exc: OSError, decision_id: str) -> NoReturn:
+        """An allow's record, linked, failed to be written (``_mutex`` held, the gate shut): held, byte
+        for byte, for the writer to retry, and the allow withdrawn."""
+        self._fold()  # the allows written before it
+        self._batches += 1
+        self._since_cp += 1
+        try:
+            os.ftruncate(self._fd, self._offset)
+        except OSError:
+            pass  # the writer's retry truncates first
+        self._out, self._out_n = self._chain.last, 1
+        self._fail(exc, decision_id)
+        raise AuditUnavailable(f"audit log cannot be written: {exc}") from None
 
     def record_check_durable(self, decision_id: str, request_id: str,
                              prepared: str) -> asyncio.Future[None] | None:
@@ -205,6 +219,7 @@ class AuditLog(BatchWriter):
             self._wake.set()  # the writer is mid-batch: it takes ours next
             return
         try:
+            self._fold()
             if self._ok and self._out is None and not self._out_cp:
                 self._write_queued()
         finally:
@@ -232,6 +247,7 @@ class AuditLog(BatchWriter):
         """A write on the loop's thread failed: hold the batch for the writer, withdraw the allows."""
         log.error("audit: write failed, holding %d records: %s", self.pending, exc)
         self._ok = False
+        self._chain.shut_inline()
         if also_withdraw:
             self._q.appendleft((WITHDRAWN, self._clock(), {
                 "decision_ids": [also_withdraw], "reason": "audit_unavailable", "error": str(exc)}))
@@ -244,6 +260,7 @@ class AuditLog(BatchWriter):
             return False
         done = threading.Event()
         self._q.append(done)
+        self._chain.shut_inline()
         self._wake.set()
         return done.wait(timeout)
 
@@ -251,6 +268,7 @@ class AuditLog(BatchWriter):
         """Refuse new records, drain the queue, write a final checkpoint, join the writer."""
         self.start()
         self._closed = self._stopping = True
+        self._chain.shut_inline()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)

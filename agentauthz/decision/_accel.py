@@ -39,6 +39,7 @@ class HotPath(NamedTuple):
     bitset_module: ModuleType
     scan_check_request: Callable[[bytes], Any]
     Chain: type
+    InlineAllow: type
     DecisionIds: type
     WarmAllow: type
     allow_response: Callable[[str, str, str], bytes]
@@ -51,7 +52,7 @@ def pure() -> HotPath:
     from . import _bitset_py, _chain_py, _check_py, _http_py, _request_py, _strict_py, _token_py, _verify_py
     return HotPath("pure", _verify_py.Verifier, _token_py.VerifiedToken, _verify_py.RevocationIndex,
                    _token_py.Grant, _token_py.compile_grant, _strict_py.b64url_decode,
-                   _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain,
+                   _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain, _chain_py.InlineAllow,
                    _check_py.DecisionIds, _check_py.WarmAllow, _check_py.allow_response,
                    _check_py.Latency, _http_py.scan_http, _http_py.HttpAnswers)
 
@@ -70,7 +71,7 @@ def native() -> HotPath:
     )
     return HotPath("native", _verify_c.Verifier, _token_c.VerifiedToken, _verify_c.RevocationIndex,
                    _token_c.Grant, _token_c.compile_grant, _strict_c.b64url_decode,
-                   _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain,
+                   _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain, _chain_c.InlineAllow,
                    _check_c.DecisionIds, _check_c.WarmAllow, _check_c.allow_response,
                    _check_c.Latency, _http_c.scan_http, _http_c.HttpAnswers)
 

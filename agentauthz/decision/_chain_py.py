@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from typing import Any, Callable, NoReturn, Sized
 
 from .redact import _json_str, _redacted
 
@@ -40,11 +41,15 @@ class Chain:
     Not thread-safe: ``AuditLog`` calls it with its ``_mutex`` held.
     """
 
-    __slots__ = ("_seq", "_prev", "last")
+    __slots__ = ("_seq", "_prev", "last", "inline_fd", "inline_room", "_inline_records", "_inline_bytes")
 
     def __init__(self, seq: int = 0, prev: str = GENESIS) -> None:
         self.seq, self.prev = seq, prev
         self.last = b""  # append_check's line, newline included: kept to write again after a failure
+        # The inline gate (InlineAllow): the log file an allow is appended to at once, -1 while shut;
+        # the bytes left in that file; the allows appended through it since the log last took the count.
+        self.inline_fd, self.inline_room = -1, 0
+        self._inline_records = self._inline_bytes = 0
 
     @property
     def seq(self) -> int:
@@ -102,3 +107,71 @@ class Chain:
         while view:  # a short write is how a full disk first shows; the next write raises
             view = view[os.write(fd, view):]
         return len(self.last)
+
+    def open_inline(self, fd: int, room: int, queue: Sized) -> None:
+        """Let ``InlineAllow`` append to ``fd``, ``room`` bytes short of full, unless ``queue`` holds
+        records (they go first). Called with the log's mutex held, once the log was checked as
+        ``AuditLog._write_allow`` checks it; whatever changes what was checked shuts the gate again."""
+        if fd >= 0 and room > 0 and not len(queue):
+            self.inline_fd, self.inline_room = fd, room
+
+    def shut_inline(self) -> None:
+        """Send every allow to ``AuditLog._write_allow`` until the gate is opened again."""
+        self.inline_fd = -1
+
+    def take_inline(self) -> tuple[int, int]:
+        """Shut the gate; (records, bytes) appended through it since the last take."""
+        counted = (self._inline_records, self._inline_bytes)
+        self.inline_fd = -1
+        self._inline_records = self._inline_bytes = 0
+        return counted
+
+    def count_inline(self, written: int) -> None:
+        """One record of ``written`` bytes appended through the gate."""
+        self.inline_room -= written
+        self._inline_records += 1
+        self._inline_bytes += written
+
+
+class InlineAllow:
+    """``AuditLog.write_allow``: an allow's record written to the log file now, on the caller's thread,
+    in one call while the chain's inline gate is open.
+
+    The gate stands for every check ``AuditLog._write_allow`` makes (the log healthy and open, no
+    batch in flight, nothing queued, its file open and not full), made by that method while it held
+    the log's mutex; whatever changes one of them shuts it. With the gate shut, or no ``ts``, the call
+    is ``_write_allow``'s. The mutex is still taken: the writer thread writes batches and moves to the
+    next file with it held.
+    """
+
+    __slots__ = ("_chain", "_acquire", "_release", "_slow", "_failed")
+
+    def __init__(self, chain: Chain, mutex: Any, slow: Callable[..., bool],
+                 failed: Callable[[OSError, str], NoReturn]) -> None:
+        self._chain, self._acquire, self._release = chain, mutex.acquire, mutex.release
+        self._slow, self._failed = slow, failed
+
+    def __call__(self, decision_id: str, request_id: str, prepared: str, ts: float | None = None) -> bool:
+        chain = self._chain
+        if chain.inline_fd < 0 or ts is None:
+            return self._slow(decision_id, request_id, prepared, ts)
+        if not self._acquire(False):
+            return False  # the writer holds the log: the caller waits for it
+        fd = chain.inline_fd
+        if fd < 0:  # shut between the two reads (the native twin keeps the GIL: it cannot be)
+            self._release()
+            return self._slow(decision_id, request_id, prepared, ts)
+        try:
+            try:
+                written = chain.append_check(fd, chain.inline_room, ts, decision_id, request_id, prepared)
+            except OSError as exc:
+                chain.shut_inline()
+                self._failed(exc, decision_id)  # raises AuditUnavailable
+                raise
+            if written is None:
+                chain.shut_inline()  # this file is full: the writer starts the next
+                return False
+            chain.count_inline(written)
+            return True
+        finally:
+            self._release()
