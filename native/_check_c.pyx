@@ -15,9 +15,12 @@ from cpython.unicode cimport PyUnicode_GET_LENGTH
 cdef extern from "Python.h":
     const char *PyUnicode_AsUTF8AndSize(object text, Py_ssize_t *size) except NULL
 from libc.string cimport memcpy
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from agentauthz.decision._token_c cimport VerifiedToken
+
+import threading
+import time
 
 from agentauthz import reasons
 from agentauthz.decision._check_py import HEADER_AGENT, HEADER_TASK, HEADER_TOKEN_ID, PREFIX_CHARS
@@ -222,6 +225,47 @@ cdef inline double _monotonic() noexcept nogil:
 
 cdef enum:
     MAX_BOUNDS = 32
+
+
+cdef inline double _seconds(timespec now) noexcept nogil:
+    """A clock reading as ``time.time()`` and ``time.monotonic()`` give it: nanoseconds over 1e9."""
+    cdef long long ns = now.tv_sec * 1000000000LL + now.tv_nsec
+    if ns % 1000000000LL == 0:
+        return <double>(ns // 1000000000LL)
+    return <double>ns / 1e9
+
+
+cdef class SteadyClock:
+    """See ``_check_py.SteadyClock``: the wall and monotonic clocks read in C when they are the
+    system's (``time.time``, ``time.monotonic``)."""
+
+    cdef object _wall, _monotonic, _stepped
+    cdef bint _system
+    cdef public object lock
+    cdef public double last, last_mono
+    cdef public bint behind
+
+    def __init__(self, wall, monotonic, stepped):
+        self._wall, self._monotonic, self._stepped = wall, monotonic, stepped
+        self._system = wall is time.time and monotonic is time.monotonic
+        self.lock = threading.Lock()
+        self.last, self.last_mono = wall(), monotonic()
+        self.behind = False
+
+    def __call__(self):
+        cdef timespec now
+        cdef double wall, mono
+        if self._system:
+            clock_gettime(CLOCK_REALTIME, &now)
+            wall = _seconds(now)
+            clock_gettime(CLOCK_MONOTONIC, &now)
+            mono = _seconds(now)
+        else:
+            wall, mono = self._wall(), self._monotonic()
+        if wall >= self.last and not self.behind:
+            self.last, self.last_mono = wall, mono
+            return wall
+        return self._stepped(self, wall, mono)
 
 
 cdef class Latency:

@@ -20,9 +20,10 @@ from processes import audit_records
 from agentauthz.authority.core import Authority
 from agentauthz.client import check_request, decision_from
 from agentauthz.config import Config
+from agentauthz.decision import _accel
 from agentauthz.decision.tokens import grant
 from agentauthz.serve.extauthz import CheckService, parse_check_request
-from agentauthz.state.clock import SteadyClock
+from agentauthz.state.clock import steady_clock
 from agentauthz.state.keys import Keyring, RotationThread
 
 READ = [grant("demo", "*", ["read"])]
@@ -123,7 +124,7 @@ def _rotations(ring: Keyring) -> int:
 def test_key_rotation_neither_storms_after_a_jump_forward_nor_stalls_after_a_jump_back(
         tmp_path: Path, wall: Wall) -> None:
     ring = Keyring.open(tmp_path / "keys", rotation_interval=0.5, max_token_lifetime=3600,
-                        leeway=0, clock=SteadyClock(wall))
+                        leeway=0, clock=steady_clock(wall))
     thread = RotationThread(ring, min_wait=0.01, max_wait=0.05)
     thread.start()
     try:
@@ -145,9 +146,9 @@ def test_key_rotation_neither_storms_after_a_jump_forward_nor_stalls_after_a_jum
         thread.stop()
 
 
-def test_steady_clock_follows_the_wall_and_never_goes_back(wall: Wall) -> None:
+def test_steady_clock_follows_the_wall_and_never_goes_back(wall: Wall, hot: _accel.HotPath) -> None:
     mono = [100.0]
-    clock = SteadyClock(wall, lambda: mono[0])
+    clock = steady_clock(wall, lambda: mono[0], hot)
     start = wall.now
     assert clock() == start
     wall.now += 5
@@ -163,10 +164,10 @@ def test_steady_clock_follows_the_wall_and_never_goes_back(wall: Wall) -> None:
 
 
 def test_steady_clock_stands_still_for_a_reading_another_thread_overtook(
-        wall: Wall, caplog: pytest.LogCaptureFixture) -> None:
+        wall: Wall, caplog: pytest.LogCaptureFixture, hot: _accel.HotPath) -> None:
     """Two threads read the wall and store in the other order: no step back is declared or logged."""
     mono = [100.0]
-    clock = SteadyClock(wall, lambda: mono[0])
+    clock = steady_clock(wall, lambda: mono[0], hot)
     start = wall.now
     wall.now = start + 0.004
     assert clock() == start + 0.004  # the reader that stored first read the later time
@@ -181,3 +182,19 @@ def test_steady_clock_stands_still_for_a_reading_another_thread_overtook(
         mono[0] += 0.5
         assert clock() == start + 0.505
         assert "went back" in caplog.text
+
+
+def test_steady_clock_on_the_system_clocks_reads_them(hot: _accel.HotPath) -> None:
+    """On time.time and time.monotonic (the native twin reads them in C), the same readings, and the
+    step-back rule kept: a clock last read in the future stands still rather than go back to now."""
+    clock = steady_clock(hot=hot)
+    for _ in range(1000):
+        before = time.time()
+        now = clock()
+        assert before <= now <= time.time()
+    assert clock.last == now and time.monotonic() - 1 < clock.last_mono <= time.monotonic()  # type: ignore
+    clock.last = future = time.time() + 0.01  # type: ignore[attr-defined]  # as if another thread read it
+    assert clock() == future and not clock.behind  # type: ignore[attr-defined]
+    clock.last = time.time() + HOUR  # type: ignore[attr-defined]  # a wall clock an hour back from there
+    later = clock()
+    assert later >= time.time() + HOUR - 1 and clock.behind  # type: ignore[attr-defined]

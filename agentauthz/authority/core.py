@@ -31,7 +31,7 @@ from ..decision.policy import DEV_POLICY, Policy, read_text
 from ..decision.tokens import task_key
 from ..errors import AuditUnavailable, PolicyError
 from ..state import statuslist
-from ..state.clock import SteadyClock
+from ..state.clock import steady_clock
 from ..state.keys import Keyring
 from ..state.revocation import BLOCK_USE, HOLE_GRACE, RevocationStore
 from .approval_flow import ApprovalFlow
@@ -67,7 +67,7 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
         self.config = config
         # Everything below reads this one clock, which never runs backwards (clock.py): a wall clock
         # stepped back must not revive an expired token nor refuse a live one.
-        self.clock = clock = SteadyClock(clock)
+        self.clock = clock = steady_clock(clock)
         self.operations = Operations()  # what _audit recorded, for /metrics
         state = config.state_dir
         state.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ class HotPath(NamedTuple):
     WarmAllow: type
     allow_response: Callable[[str, str, str], bytes]
     Latency: type
+    SteadyClock: type
     scan_http: Callable[..., Any]
     HttpAnswers: type
 
@@ -54,7 +55,7 @@ def pure() -> HotPath:
                    _token_py.Grant, _token_py.compile_grant, _strict_py.b64url_decode,
                    _bitset_py.Bitset, _bitset_py, _request_py.scan, _chain_py.Chain, _chain_py.InlineAllow,
                    _check_py.DecisionIds, _check_py.WarmAllow, _check_py.allow_response,
-                   _check_py.Latency, _http_py.scan_http, _http_py.HttpAnswers)
+                   _check_py.Latency, _check_py.SteadyClock, _http_py.scan_http, _http_py.HttpAnswers)
 
 
 def native() -> HotPath:
@@ -73,7 +74,7 @@ def native() -> HotPath:
                    _token_c.Grant, _token_c.compile_grant, _strict_c.b64url_decode,
                    _bitset_c.Bitset, _bitset_c, _request_c.scan, _chain_c.Chain, _chain_c.InlineAllow,
                    _check_c.DecisionIds, _check_c.WarmAllow, _check_c.allow_response,
-                   _check_c.Latency, _http_c.scan_http, _http_c.HttpAnswers)
+                   _check_c.Latency, _check_c.SteadyClock, _http_c.scan_http, _http_c.HttpAnswers)
 
 
 def _select() -> tuple[HotPath, str | None]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import bisect
 import itertools
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -80,6 +81,30 @@ class DecisionIds:
     def metadata(self, decision_id: str) -> bytes:
         """``dynamic_metadata`` naming ``decision_id``, as serialized CheckResponse bytes."""
         return self._head + decision_id.encode("ascii") + self._tail
+
+
+class SteadyClock:
+    """``state.clock``'s clock, the wall clock that never runs backwards: its common case, read on
+    every Check (the wall clock at or past its last reading), in one call; the rest is ``stepped``'s
+    (``state.clock.stepped``), with this clock's ``lock``, ``last``, ``last_mono`` and ``behind``."""
+
+    __slots__ = ("_wall", "_monotonic", "_stepped", "lock", "last", "last_mono", "behind")
+
+    def __init__(self, wall: Callable[[], float], monotonic: Callable[[], float],
+                 stepped: Callable[[Any, float, float], float]) -> None:
+        self._wall, self._monotonic, self._stepped = wall, monotonic, stepped
+        self.lock = threading.Lock()  # readers on every thread: the request loop, writer, rotation
+        self.last, self.last_mono = wall(), monotonic()
+        self.behind = False  # for logging once per step back
+
+    def __call__(self) -> float:
+        wall, mono = self._wall(), self._monotonic()
+        if wall >= self.last and not self.behind:
+            # No lock: racing readers may store each other's (wall, mono) pair a few microseconds
+            # apart; a step back is still measured from there.
+            self.last, self.last_mono = wall, mono
+            return wall
+        return self._stepped(self, wall, mono)
 
 
 class Latency:

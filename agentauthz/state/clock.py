@@ -12,9 +12,10 @@ wall clock moves forward it is returned exactly (NTP slewing included), so nothi
 from __future__ import annotations
 
 import logging
-import threading
 import time
-from typing import Callable
+from typing import Any, Callable
+
+from ..decision import _accel
 
 log = logging.getLogger("agentauthz.clock")  # the name operators filter on, kept across the layout
 
@@ -24,36 +25,30 @@ log = logging.getLogger("agentauthz.clock")  # the name operators filter on, kep
 RACE_SECONDS = 0.05
 
 
-class SteadyClock:
-    """``wall()`` while it moves forward; after it steps back, the last reading plus monotonic time."""
+def steady_clock(wall: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 hot: _accel.HotPath = _accel.ACTIVE) -> Callable[[], float]:
+    """``wall()`` while it moves forward; after it steps back, the last reading plus monotonic time.
 
-    def __init__(self, wall: Callable[[], float] = time.time,
-                 monotonic: Callable[[], float] = time.monotonic) -> None:
-        self._wall, self._monotonic = wall, monotonic
-        self._lock = threading.Lock()  # readers on every thread: the request loop, writer, rotation
-        self._last, self._last_mono = wall(), monotonic()
-        self._behind = False  # for logging once per step back
+    The hot path's ``SteadyClock`` answers the common case (read on every Check); ``stepped`` the rest.
+    """
+    return hot.SteadyClock(wall, monotonic, stepped)  # type: ignore[no-any-return]
 
-    def __call__(self) -> float:
-        wall, mono = self._wall(), self._monotonic()
-        if wall >= self._last and not self._behind:
-            # The common case, read on every Check: no lock. Racing readers may store each other's
-            # (wall, mono) pair a few microseconds apart; a step back is still measured from there.
-            self._last, self._last_mono = wall, mono
-            return wall
-        with self._lock:
-            if wall >= self._last:
-                now, behind = wall, False
-            elif not self._behind and self._last - wall < RACE_SECONDS:
-                return self._last  # a reading overtaken by another thread's, or a tiny step: stand still
+
+def stepped(clock: Any, wall: float, mono: float) -> float:
+    """A reading ``wall`` (``mono`` on the monotonic clock) behind ``clock``'s last, or while it is behind."""
+    with clock.lock:
+        if wall >= clock.last:
+            now, behind = wall, False
+        elif not clock.behind and clock.last - wall < RACE_SECONDS:
+            return clock.last  # a reading overtaken by another thread's, or a tiny step: stand still
+        else:
+            now, behind = clock.last + max(0.0, mono - clock.last_mono), True
+        if behind != clock.behind:
+            clock.behind = behind
+            if behind:
+                log.warning("the wall clock went back %.3f s; counting on from %.3f until it catches up",
+                            clock.last - wall, clock.last)
             else:
-                now, behind = self._last + max(0.0, mono - self._last_mono), True
-            if behind != self._behind:
-                self._behind = behind
-                if behind:
-                    log.warning("the wall clock went back %.3f s; counting on from %.3f until it catches up",
-                                self._last - wall, self._last)
-                else:
-                    log.warning("the wall clock has caught up; following it again")
-            self._last, self._last_mono = now, mono
-            return now
+                log.warning("the wall clock has caught up; following it again")
+        clock.last, clock.last_mono = now, mono
+        return now
