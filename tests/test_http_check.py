@@ -140,7 +140,7 @@ def test_the_http_check_answers_what_the_grpc_check_answers(
             continue
         assert (status, reason) == (want.status, want.reason), name
         assert {k: headers.get(k) for k in want.headers} == want.headers, name
-    assert over_http._warm.allowed == grpc._warm.allowed == 1  # the warm path answers over HTTP too
+    assert over_http.warm_path.allowed == grpc.warm_path.allowed == 1  # the warm path answers over HTTP too
 
 
 @pytest.mark.parametrize(("headers", "path"), [
@@ -191,7 +191,7 @@ def test_a_fault_on_the_warm_path_is_a_recorded_internal_error_over_http_too(
     # answered as check answers it, recorded, never a bare 500 with nothing in the log.
     a, minted, _ = authority
     service = _service(a, hot)
-    service._warm = _Faulty()  # type: ignore[assignment]
+    service.warm_path = _Faulty()  # type: ignore[assignment]
     [(status, answer, body)] = serve(service, _one_warm_allow(minted), hot)
     assert status != 200 and json.loads(body) == {"error": reasons.INTERNAL_ERROR}
     assert a.audit.flush()
@@ -205,7 +205,7 @@ def test_a_node_that_is_not_fresh_answers_revocation_stale_before_the_warm_path(
     # Cluster mode: a warm token must not be allowed while a revocation may be unread (fresh_only).
     a, minted, _ = authority
     service = _service(a, hot)
-    service._warm = _Faulty()  # type: ignore[assignment]  # reaching it would answer internal_error
+    service.warm_path = _Faulty()  # type: ignore[assignment]  # reaching it would answer internal_error
     fresh = [False]
     [(status, _, body)] = serve(service, _one_warm_allow(minted), hot, fresh=lambda: fresh[0])
     assert (status, json.loads(body)) == (503, {"error": reasons.REVOCATION_STALE})
@@ -213,7 +213,7 @@ def test_a_node_that_is_not_fresh_answers_revocation_stale_before_the_warm_path(
     service = _service(a, hot)
     assert a.audit.flush()  # nothing queued ahead: the allow is answered on the warm path
     [(status, _, _)] = serve(service, _one_warm_allow(minted), hot, fresh=lambda: fresh[0])
-    assert status == 200 and service._warm.allowed == 1
+    assert status == 200 and service.warm_path.allowed == 1
 
 
 def _abandoned_http2_request(port: int, request_id: str) -> None:

@@ -235,7 +235,7 @@ class CheckService:
         # Denials by agent for /metrics (a top_agents.DenialCounter), counted on the deny path only.
         self._denials = denials
         latency = hot.Latency(self._meters[metrics.LATENCY], metrics.LATENCY_BOUNDS_NS)
-        self._warm = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
+        self.warm_path = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
                                    self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow,
                                    self._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1], latency)
         self._now, self._observe = latency.now, latency.observe
@@ -351,14 +351,18 @@ class CheckService:
         # Any exception is a recorded internal_error denial: one gRPC let escape would answer UNKNOWN,
         # which Envoy with failure_mode_allow turns into an allow. The try costs nothing until it raises.
         try:
-            return self._warm(fields)  # it times the Checks it answers (no Python call here)
+            return self.warm_path(fields)  # it times the Checks it answers (no Python call here)
         except Exception:
-            started = getattr(self._warm, "started", None)  # the Check began when the warm path did
-            try:
-                return self._failed(fields, None)
-            finally:
-                if started is not None:
-                    self._observe(started)
+            return self.warm_failed(fields)
+
+    def warm_failed(self, fields: Fields) -> bytes:
+        """The answer to a Check whose warm path (``warm_path``) raised: a recorded internal_error."""
+        started = getattr(self.warm_path, "started", None)  # the Check began when the warm path did
+        try:
+            return self._failed(fields, None)
+        finally:
+            if started is not None:
+                self._observe(started)
 
     async def finish(self, fields: Fields | None, decided: Any) -> bytes:
         """Every Check ``answer_warm`` did not answer, with its decision if it made one."""
@@ -369,7 +373,7 @@ class CheckService:
                 if fields is None:
                     return self._undecodable(self._ids.next())
                 raise RuntimeError("the CheckRequest parser failed")
-            started = self._warm.started  # the Check began when the warm path did
+            started = self.warm_path.started  # the Check began when the warm path did
             decision_id = self._ids.next()
             return await self._full(fields, decided, decision_id)  # type: ignore[arg-type]
         except Exception:

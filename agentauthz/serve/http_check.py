@@ -6,9 +6,9 @@ upstream request and removing those ``x-envoy-auth-headers-to-remove`` names), a
 deny (the status, body and ``allowed_client_headers`` to the client; a 5xx is Envoy's
 ``status_on_error`` instead). Here the request becomes the same fields tuple the gRPC parser makes
 (``decision/_request_py.Fields``), ``CheckService.check`` decides it (warm path, audit, budgets, MCP;
-the handler takes check's two steps itself, ``answer_warm`` then ``finish``, so that the common allow
-costs no coroutine of its own) and its CheckResponse bytes become the HTTP answer, converted once per
-distinct response.
+the handler takes check's two steps itself, ``answer_warm``'s then ``finish``, so that the common
+allow costs no Python frame or coroutine of its own) and its CheckResponse bytes become the HTTP
+answer, converted once per distinct response.
 
 What HTTP ext_authz lacks, Envoy's header_mutation filter supplies before ext_authz, and only Envoy
 (examples/envoy-http.yaml; README "The HTTP Check"):
@@ -133,7 +133,8 @@ class HttpCheck:
     def __init__(self, service: CheckService, fresh: Callable[[], bool] | None = None,
                  hot: _accel.HotPath = _accel.ACTIVE) -> None:
         self._check = service.check if fresh is None else service.fresh_only(fresh, service.check)
-        self._fresh, self._answer_warm, self._finish = fresh, service.answer_warm, service.finish
+        self._fresh, self._finish = fresh, service.finish
+        self._warm_path, self._warm_failed = service.warm_path, service.warm_failed
         self._answers, self._scan = answers(hot), hot.scan_http
 
     async def __rsgi__(self, scope: Any, protocol: Any) -> None:
@@ -146,8 +147,12 @@ class HttpCheck:
                 log.exception("reading an HTTP Check request failed")
                 fields = UNPARSED
             if fields.__class__ is tuple and fields[7] is None and (self._fresh is None or self._fresh()):
-                # check's own steps, taken here: the common allow is answered with no coroutine but this.
-                answer = self._answer_warm(fields)
+                # check's own steps (answer_warm's, inline), taken here: the common allow is answered in
+                # one native call, with no Python frame or coroutine but this one.
+                try:
+                    answer = self._warm_path(fields)
+                except Exception:
+                    answer = self._warm_failed(fields)
                 if answer.__class__ is not bytes:
                     answer = await self._finish(fields, answer)
             else:
