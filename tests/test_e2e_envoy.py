@@ -13,6 +13,7 @@ import pytest
 from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, request, wait_for
 
 from agentauthz.client import Client, Identity
+from agentauthz.config import Config
 from agentauthz.decision.policy import DEV_POLICY
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
@@ -193,6 +194,32 @@ def test_expired_token_is_401(stack: Stack) -> None:
     time.sleep(1.2)
     status, body, _ = stack.call(token)
     assert (status, body["error"]) == (401, "token_expired")
+
+
+def dies_at_exp_through_envoy(stack: Stack) -> None:
+    """A 2 s token through Envoy on the daemon's shipped defaults (no ``leeway`` set: its default
+    outlasts the token): every call Envoy lets through was sent before exp, and the first refusal is
+    401 token_expired, well before exp + leeway."""
+    assert "leeway" not in stack.daemon.config_path.read_text() and Config().leeway > 2
+    minted = stack.mint("short", ttl=2)
+    assert stack.call(minted.token)[0] == 200
+    refused: list[tuple[int, str]] = []
+
+    def expired() -> bool:
+        sent = time.time()
+        status, body, _ = stack.call(minted.token)
+        if status == 200:
+            assert sent < minted.expires_at, f"let through {sent - minted.expires_at:.2f} s after exp"
+            return False
+        refused.append((status, body["error"]))
+        return True
+    wait_for(expired, minted.expires_at - time.time() + Config().leeway / 2, "the token to expire")
+    assert refused == [(401, "token_expired")]
+
+
+def test_a_short_token_dies_at_its_exp_through_envoy_on_the_shipped_defaults(tmp_path: Path) -> None:
+    with envoy_stack(tmp_path, {}) as stack:
+        dies_at_exp_through_envoy(stack)
 
 
 def test_restart_keeps_live_tokens_and_revocations_and_stop_fails_closed(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from test_e2e_envoy import (  # noqa: F401  (collected here, on this module's fi
     OTHER_AGENT,
     READ,
     Stack,
+    dies_at_exp_through_envoy,
     test_a_caller_cannot_forge_the_identity_headers_the_tool_trusts,
     test_a_token_works_on_its_own_boundarys_routes_only,
     test_ended_task_is_401_at_the_next_request_and_other_tasks_live_on,
@@ -245,3 +246,9 @@ def test_sender_binding_over_envoys_forwarded_certificate_and_a_forged_one(tmp_p
         forged = {"x-forwarded-client-cert": f'By=spiffe://dev.local/agentauthz;Cert="{cert}";URI={AGENT}'}
         assert mtls_call(s.port, thief, token, forged) == (401, {"error": reasons.TOKEN_BINDING})
         assert mtls_call(s.port, beta, token, forged) == (401, {"error": reasons.TOKEN_SENDER})
+
+
+def test_a_short_token_dies_at_its_exp_through_envoy_http_on_the_shipped_defaults(tmp_path: Path) -> None:
+    """examples/envoy-http.yaml, the daemon on every default but the listener: exp gets no leeway."""
+    with http_stack(tmp_path, {}) as stack:
+        dies_at_exp_through_envoy(stack)
