@@ -1,6 +1,6 @@
 """The HTTP Check (Envoy's HTTP ext_authz on granian) beside its floor, the gRPC Check and Cerbos (issue 21).
 
-    python -m benchmarks.load.http_check --out DIR [--rounds 5] [--duration 1.5] [--cold-tokens 2000]
+    python -m benchmarks.load.http_check --out DIR [--rounds 9] [--duration 1.5] [--cold-tokens 2000]
 
 Direct, every server pinned to one core and the load generator on the other, rounds interleaved:
 granian's constant-answer floor, the HTTP Check warm (one token) and cold (every Check verifies a
@@ -122,26 +122,33 @@ def direct(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, grpc: Da
     check_allowed(grpc.check_address, body, "agentauthz gRPC Check")
     check_allowed(grpc_floor_addr, body, "grpc.aio floor")
     cerbos_body = loadgen.write_frames(bench.work / "cerbos.bin", [cerbos.request()])
-    rows = [Target("granian_floor", "granian floor: RSGI constant 200, stock granian (issue 21's; h2load)",
-                   per_thread(stock.pid, h2load_get(bench, stock_addr, token)), {"server": stock.pid}),
-            Target("granian_floor_batch", "granian floor on the daemon's scheduling: I/O threads SCHED_BATCH "
+    stock_floor = Target("granian_floor", "granian floor: RSGI constant 200, stock granian (issue 21's; "
+                         "h2load)", per_thread(stock.pid, h2load_get(bench, stock_addr, token)),
+                         {"server": stock.pid})
+    rows = [Target("granian_floor_batch", "granian floor on the daemon's scheduling: I/O threads SCHED_BATCH "
                    "(h2load)", per_thread(granian.pid, h2load_get(bench, granian_addr, token)),
                    {"server": granian.pid}),
             Target("granian_floor_h1", "granian floor, our HTTP/1.1 client (the client's ceiling)",
                    h1load(bench, granian_addr, [token], "granian-h1"), {"server": granian.pid})]
-    if warm.http_check:
-        http_allows(warm.http_check, token, "HTTP Check (warm)")
-        rows += [Target("http_warm", "agentauthz HTTP Check, one token (warm, h2load)",
-                        per_thread(warm.pid, h2load_get(bench, warm.http_check, token)), {"server": warm.pid},
-                        warm),
-                 Target("http_warm_h1", "agentauthz HTTP Check, warm, our HTTP/1.1 client",
-                        h1load(bench, warm.http_check, [token], "http-warm-h1"), {"server": warm.pid}, warm)]
     bound_warm, bound_warm_addr = start_granian_bound(bench, stack, None)
     http_allows(bound_warm_addr, token, "granian bound (warm)")
-    rows.append(Target("granian_bound_warm", "granian bound: every header read, one chained record, the "
-                       "allow's headers (warm, h2load)",
-                       per_thread(bound_warm.pid, h2load_get(bench, bound_warm_addr, token)),
-                       {"server": bound_warm.pid}))
+    warm_bound = Target("granian_bound_warm", "granian bound: every header read, one chained record, the "
+                        "allow's headers (warm, h2load)",
+                        per_thread(bound_warm.pid, h2load_get(bench, bound_warm_addr, token)),
+                        {"server": bound_warm.pid})
+    # The warm target's ratios pair runs next to each other in every round (floor, Check, bound, and
+    # the reverse): this machine's speed drifts over seconds, and a pair seconds apart reads the drift.
+    if warm.http_check:
+        http_allows(warm.http_check, token, "HTTP Check (warm)")
+        rows += [stock_floor,
+                 Target("http_warm", "agentauthz HTTP Check, one token (warm, h2load)",
+                        per_thread(warm.pid, h2load_get(bench, warm.http_check, token)), {"server": warm.pid},
+                        warm),
+                 warm_bound,
+                 Target("http_warm_h1", "agentauthz HTTP Check, warm, our HTTP/1.1 client",
+                        h1load(bench, warm.http_check, [token], "http-warm-h1"), {"server": warm.pid}, warm)]
+    else:
+        rows += [stock_floor, warm_bound]
     bound_cold = None
     if cold and cold.http_check:
         for t in {cold_tokens[0], cold_tokens[-1]}:
@@ -301,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True,
                         help="directory for http_check.json, http_check.md, http-check.png")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--duration", type=float, default=1.5, help="seconds per run")
     parser.add_argument("--cold-tokens", type=int, default=2000,
                         help="cycled in order through a verified-token cache of half as many")
