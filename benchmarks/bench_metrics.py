@@ -57,7 +57,7 @@ async def unmetered(service: extauthz.CheckService, fields: Any, context: Any) -
             if fields is None:
                 return service._undecodable(service._ids.next())
             raise RuntimeError("the CheckRequest parser failed")
-        decided = service._warm(fields)
+        decided = service.warm_path(fields)
         if decided.__class__ is bytes:
             return decided  # type: ignore[no-any-return]
         decision_id = service._ids.next()
@@ -85,7 +85,7 @@ def calls(hot: Any, metered: bool) -> tuple[extauthz.CheckService, Callable[[], 
     s, fields = service(hot), warm_request()
     if metered:
         return s, lambda: finished(s.check(fields, None))
-    s._warm = hot.WarmAllow(s._verifiers, lambda: POLICY, s._audit, s._ids, s._prepared, s._clock,
+    s.warm_path = hot.WarmAllow(s._verifiers, lambda: POLICY, s._audit, s._ids, s._prepared, s._clock,
                             s._deny(reasons.AUDIT_UNAVAILABLE), s.decisions, s._first_allow,
                             s._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1], None)
     return s, lambda: finished(unmetered(s, fields, None))
@@ -98,9 +98,9 @@ def test_warm_check(benchmark: Any, hot: Any, metered: bool) -> None:
     s, call = calls(hot, metered)
     benchmark(call)
     counts = s.decision_counts()
-    assert counts[reasons.ALLOW] == s._warm.allowed > 0 and set(counts) == {reasons.ALLOW}
+    assert counts[reasons.ALLOW] == s.warm_path.allowed > 0 and set(counts) == {reasons.ALLOW}
     observed = sum(s._meters[metrics.LATENCY][:-1])
-    assert observed == (s._warm.allowed if metered else 0)
+    assert observed == (s.warm_path.allowed if metered else 0)
 
 
 @pytest.mark.benchmark(group="latency-pair")

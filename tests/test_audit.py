@@ -134,6 +134,7 @@ def test_an_allow_written_on_the_callers_thread_joins_the_chain(tmp_path: Path, 
         assert written > 150 and log.healthy
     finally:
         log.stop()
+    assert not allow(log, "stopped")  # a stopped log writes nothing inline, whatever the gate was
     recs = records(tmp_path)
     assert [r["seq"] for r in recs] == list(range(1, len(recs) + 1))
     allows = [r["decision_id"] for r in recs if r["kind"] == "check"]

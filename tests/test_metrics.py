@@ -197,4 +197,4 @@ def test_every_check_is_timed_once_whichever_path_answers_it(hot: _accel.HotPath
             assert metrics.decision_counts(after) - metrics.decision_counts(before) == {reason: 1}, name
     finally:
         loop.close()
-    assert service.decision_counts()[reasons.ALLOW] == service._warm.allowed == 1
+    assert service.decision_counts()[reasons.ALLOW] == service.warm_path.allowed == 1

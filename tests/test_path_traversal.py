@@ -219,10 +219,10 @@ def test_the_warm_allow_declines_a_non_normal_path(tmp_path: Path, twin: str) ->
             check_request_bytes(f"Bearer {token}", NAMED, path="/demo/reports"))
         assert a.audit.flush()
         assert decision_from(loop.run_until_complete(service.check(normal, None))).allowed
-        assert service._warm(normal).__class__ is bytes  # the warm allow answers this one itself
+        assert service.warm_path(normal).__class__ is bytes  # the warm allow answers this one itself
         for path in ABNORMAL:
             fields = extauthz.parse_check_request(check_request_bytes(f"Bearer {token}", NAMED, path=path))
-            assert service._warm(fields) is None, path
+            assert service.warm_path(fields) is None, path
             decision = decision_from(loop.run_until_complete(service.check(fields, None)))
             assert (decision.allowed, decision.reason) == (False, reasons.REQUEST_INVALID), path
     finally:

@@ -183,7 +183,7 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
     counting = {name: CountingVerifier(v) for name, v in a.verifiers.items()}
     warm = extauthz.CheckService(counting, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
     full = extauthz.CheckService(a.verifiers, a.audit, lambda: a.policy, a.clock, budgets=a.budgets, hot=hot)
-    full._warm = Declines()  # the full path alone
+    full.warm_path = Declines()  # the full path alone
     loop = asyncio.new_event_loop()
     seen: list[tuple[str, str, str]] = []  # (case, warm decision id, full decision id), every round
     try:
@@ -203,7 +203,7 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
     # even for a request already allowed (the warm path would find its record prepared).
     metered = extauthz.parse_check_request(cases(minted, certificate)["metered"])
     # The policy budgets it too: decide answers the policy's constraints, with the token, for enforce.
-    decided = warm._warm(metered)
+    decided = warm.warm_path(metered)
     assert decided.__class__ is tuple and decided[0].__class__ is Constrained and decided[1] is not None
     assert a.audit.flush()
     records = {r["decision_id"]: r for r in audit_records(a.config.state_dir / "audit")
@@ -215,7 +215,7 @@ def test_the_warm_path_answers_and_records_what_the_full_path_would(
     assert "eyJ" not in str(records[warm_ids["request id with a token"]])
     # The plain allows (three cases, three rounds) were all answered by the warm path itself, the
     # first too, which built the response and record the others reuse; counted with the rest.
-    assert warm._warm.allowed == 3 * 3
+    assert warm.warm_path.allowed == 3 * 3
     counts = warm.decision_counts()
     assert counts[reasons.ALLOW] == full.decision_counts()[reasons.ALLOW]
     assert counts[reasons.SCOPE_DENIED] == 3 and warm.decisions[reasons.ALLOW] < counts[reasons.ALLOW]
@@ -324,13 +324,13 @@ def test_an_allow_is_not_answered_warm_once_the_audit_log_cannot_take_it(
         assert log.flush()  # the writer has a file open: allows can be written at once
         for _ in range(3):
             assert "okResponse" in answer(loop.run_until_complete(service.check(fields, None)))[0]
-        assert service._warm.allowed == 3
+        assert service.warm_path.allowed == 3
         log.stop()
         refused, _ = answer(loop.run_until_complete(service.check(fields, None)))
     finally:
         loop.close()
     assert refused["deniedResponse"]["status"]["code"] == "ServiceUnavailable"
-    assert refused["status"]["message"] == reasons.AUDIT_UNAVAILABLE and service._warm.allowed == 3
+    assert refused["status"]["message"] == reasons.AUDIT_UNAVAILABLE and service.warm_path.allowed == 3
 
 
 def test_decision_ids_differ_across_daemon_starts(tmp_path: Path) -> None:
