@@ -187,7 +187,7 @@ def _one_warm_allow(minted: dict[str, str]) -> list[tuple[str, str, list[tuple[s
 
 def test_a_fault_on_the_warm_path_is_a_recorded_internal_error_over_http_too(
         authority: tuple[Authority, dict[str, str], str], hot: _accel.HotPath) -> None:
-    # The HTTP Check takes check's first step itself (CheckService.answer_warm): a fault there must be
+    # The HTTP Check takes check's first step itself (warm_path, then warm_failed): a fault there must be
     # answered as check answers it, recorded, never a bare 500 with nothing in the log.
     a, minted, _ = authority
     service = _service(a, hot)

@@ -236,8 +236,9 @@ class CheckService:
         self._denials = denials
         latency = hot.Latency(self._meters[metrics.LATENCY], metrics.LATENCY_BOUNDS_NS)
         self.warm_path = hot.WarmAllow(self._verifiers, policy, audit, self._ids, self._prepared, clock,
-                                   self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions, self._first_allow,
-                                   self._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1], latency)
+                                       self._deny(reasons.AUDIT_UNAVAILABLE), self.decisions,
+                                       self._first_allow,
+                                       self._meters[metrics.WARM_ALLOWS:metrics.WARM_ALLOWS + 1], latency)
         self._now, self._observe = latency.now, latency.observe
 
     @property
