@@ -68,9 +68,14 @@ def test_top_agents_by_denials_the_rest_as_other_across_workers_and_a_restart(da
     deny(daemon, t[C], 2)
     deny(daemon, "not-a-token", 3, "write")
     audit = daemon.state_dir / "audit"
-    wait_for(lambda: all(any(r["kind"] == "check" and not r["decision"] for r in audit_records(log))
-                         for log in (audit, *(audit / f"worker-{n}" for n in range(1, WORKERS)))),
-             20, "a denial in every process's log")
+
+    def denials_by_process() -> list[int]:
+        return [sum(r["kind"] == "check" and not r["decision"] for r in audit_records(log))
+                for log in (audit, *(audit / f"worker-{n}" for n in range(1, WORKERS)))]
+    wait_for(lambda: sum(denials_by_process()) == 15, 20, "every denial in the processes' logs")
+    # SO_REUSEPORT spreads connections by hash, unevenly: one process of three got none of the 15 in a
+    # CI run. Counted across processes is what is tested; two of them suffice.
+    assert sum(n > 0 for n in denials_by_process()) >= 2, denials_by_process()
     assert agent_denials(daemon) == {(A, "scope_denied"): 6, (B, "scope_denied"): 4,
                                      (OTHER, "scope_denied"): 2, (OTHER, "token_malformed"): 3}
 
