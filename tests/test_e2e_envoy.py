@@ -186,13 +186,13 @@ def test_another_agent_cannot_revoke_my_token_or_end_my_task(stack: Stack) -> No
 
 
 def test_expired_token_is_401(stack: Stack) -> None:
-    # exp is the issuing second, truncated, plus the TTL: minted late in a second, a 1 s token lives
-    # only what is left of it. Minted just after a second begins, it lives ~1 s.
+    # exp is the issuing second, truncated, plus the TTL: minted just after a second begins, a 3 s
+    # token lives ~3 s (a 1 s one was once spent before its first call, on a loaded CI machine).
     time.sleep(1.02 - time.time() % 1)
-    token = stack.mint("short", ttl=1).token
-    assert stack.call(token)[0] == 200
-    time.sleep(1.2)
-    status, body, _ = stack.call(token)
+    minted = stack.mint("short", ttl=3)
+    assert stack.call(minted.token)[0] == 200
+    time.sleep(max(0.0, minted.expires_at - time.time()) + 0.2)
+    status, body, _ = stack.call(minted.token)
     assert (status, body["error"]) == (401, "token_expired")
 
 
