@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from contextlib import contextmanager
 from http.server import ThreadingHTTPServer
@@ -236,3 +237,22 @@ def connects_as(uid: int, gid: int, path: Path) -> str:
              "except OSError as e:\n    print(type(e).__name__)\n")
     return subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
                           timeout=30).stdout.strip()
+
+
+def dies_at_exp(call: Any, exp: float) -> list[Any]:
+    """Poll ``call()`` (None: allowed; else what the refusal said) until it refuses: every allow must
+    have been asked before ``exp``, and the refusal must come well before exp + the default leeway,
+    which a token's own exp never gets. What the refusals said: one, if the token died at exp."""
+    from agentauthz.config import Config
+    refused: list[Any] = []
+
+    def expired() -> bool:
+        sent = time.time()
+        said = call()
+        if said is None:
+            assert sent < exp, f"allowed {sent - exp:.2f} s after exp"
+            return False
+        refused.append(said)
+        return True
+    wait_for(expired, exp - time.time() + Config().leeway / 2, "the token to expire")
+    return refused
