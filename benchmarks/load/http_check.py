@@ -252,12 +252,17 @@ def through_envoy(bench: Bench, stack: contextlib.ExitStack, warm: HttpDaemon, g
             out.append(Target(m, modes[m][0], drive, cpu, daemon))
         return out
 
-    bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load", targets(1, tuple(modes)),
+    # As in the direct table, each target's two rows run next to each other in every round (and in the
+    # reverse order the next): the one-connection target pairs the HTTP mode with the no-authorization
+    # row, the N-connection target pairs it with jwt_authn.
+    bench.table("envoy_1", "Through Envoy, one connection (h2load --h1)", "h2load",
+                targets(1, ("jwt_authn", "grpc", "grpc_floor", "http_floor", "floor", "http", "http_unix",
+                            "http_bound")),
                 pinned=False, settings={"clients": 1, "protocol": "http/1.1"},
                 note="Added latency = a row's p50 minus the no-authorization row's p50, paired per round.")
     bench.table("envoy_n", f"Through Envoy, {clients} connections (h2load --h1)", "h2load",
-                targets(clients, ("floor", "jwt_authn", "grpc", "http", "http_unix", "http_floor",
-                                  "http_bound")),
+                targets(clients, ("floor", "grpc", "http_bound", "http_floor", "jwt_authn", "http",
+                                  "http_unix")),
                 pinned=False,
                 settings={"clients": clients, "protocol": "http/1.1"})
     return {"http_config_source": sources,
