@@ -137,7 +137,8 @@ def test_a_listener_that_fails_once_others_are_up_closes_them_all(tmp_path: Path
         with pytest.raises(errors.ConfigError, match=f"cannot listen on 127.0.0.1:{ports['http']} "
                                                      r"\(--http-listen"):
             asyncio.run(InProcessDaemon(config).run_until_signalled())
-        listeners.refuse_taken(config.replace(http_listen=f"127.0.0.1:{free_port()}"))  # the others are free
+        # The others are free again: reserve raises for one that is not.
+        listeners.reserve(config.replace(http_listen=f"127.0.0.1:{free_port()}")).release()
 
 
 def test_an_unknown_sensitivity_or_operation_says_what_is_valid(daemon: Daemon) -> None:

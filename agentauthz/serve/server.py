@@ -127,8 +127,10 @@ def api_tls(config: Config) -> tuple[bytes, bytes, bytes]:
 class Daemon:
     """One running agentauthz: Check, API and HTTP listeners over one Authority."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, reserved: listeners.Reserved | None = None) -> None:
         self.config = config
+        # The listeners' addresses, held until they are bound (listeners.reserve): none held, none kept.
+        self.reserved = reserved or listeners.Reserved([])
         # TLS first: in development this creates the dev PKI and marks the state dir as such.
         self.tls_key, self.tls_cert, self.trust_bundle = api_tls(config)
         self.authority = Authority(config)
@@ -290,6 +292,7 @@ class Daemon:
         # the kernel's pick, so it is bound once every configured listener is: picked earlier, it could
         # be one of theirs (a configured port in the ephemeral range) and stop the daemon at start.
         backend_port = api.add_insecure_port(f"{BACKEND_HOST}:0")
+        self.reserved.release()  # every listener is bound: nothing else can take their ports now
         await api.start()
         self.api_front.start(backend_port)
 
@@ -340,6 +343,7 @@ class Daemon:
 
     def serve_worker(self, number: int, conn: Any) -> int:
         """A forked Check worker: its own gRPC server and audit log; state changes come from the primary."""
+        self.reserved.release()  # the primary's to hold: its copies here would outlive its release
         stopping = threading.Event()
         if not replication.adopt_state(conn, self.authority):  # the primary's current state before serving
             return 1
@@ -399,8 +403,8 @@ def run(config: Config) -> int:
         uvloop.install()
     except ImportError:  # measured ~2x throughput with uvloop; still correct without it
         log.warning("uvloop not installed; using the default asyncio loop")
-    listeners.refuse_taken(config)  # before the state directory is made or touched
-    daemon = Daemon(config)
+    reserved = listeners.reserve(config)  # before the state directory is made or touched
+    daemon = Daemon(config, reserved)
     daemon.fork_workers()
     started = time.monotonic()
     asyncio.run(daemon.run_until_signalled())
