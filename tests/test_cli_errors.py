@@ -91,6 +91,30 @@ def test_a_listen_address_in_use_is_named_with_its_option_and_nothing_is_created
     assert not state.exists()  # no half-made state directory to trip over on the next start
 
 
+@pytest.mark.parametrize("listener", ["check", "http_check"])
+def test_a_daemon_starting_on_the_check_address_of_one_still_starting_refuses_it(
+        tmp_path: Path, listener: str) -> None:
+    """Both bind it with SO_REUSEPORT, which would let them share it without a word; the first holds it
+    from its first moment (``listeners.reserve``, what ``serve`` does before anything else) in a way
+    the second's own first step cannot bind beside."""
+    flags = {**FLAGS, "http_check": "--http-check-listen"}
+    first = Config().replace(**{f"{name}_listen": f"127.0.0.1:{free_port()}" for name in flags})
+    held = listeners.reserve(first)
+    try:
+        address = getattr(first, f"{listener}_listen")
+        ports = {name: address if name == listener else f"127.0.0.1:{free_port()}" for name in flags}
+        state = tmp_path / "state"
+        done = cli("serve", "--state-dir", str(state),
+                   *(arg for name, flag in flags.items() for arg in (flag, ports[name])), timeout=30)
+    finally:
+        held.release()
+    assert one_line(done) == (
+        f"agentauthz: config_invalid: cannot listen on {address} ({flags[listener]}, or {listener}_listen "
+        f"in the config): address already in use; stop what listens there or choose another address with "
+        f"{flags[listener]}")
+    assert not state.exists()
+
+
 @pytest.mark.parametrize(("flag", "address", "expected"), [
     ("--http-listen", "127.0.0.1:abc",
      "http_listen must be HOST:PORT (a port of 0-65535), got '127.0.0.1:abc'"),

@@ -24,6 +24,10 @@ def taken(name: str, address: str, why: object) -> ConfigError:
                        f"listens there or choose another address with {flag}")
 
 
+# The Check listeners: every worker process binds them too, with SO_REUSEPORT (gRPC's default, granian's).
+SHARED = frozenset({"check_listen", "http_check_listen"})
+
+
 class Reserved:
     """The daemon's configured TCP addresses, each held by a bound socket that does not listen, from the
     daemon's first moment until its listeners are bound there (``release``).
@@ -32,8 +36,7 @@ class Reserved:
     a connection opened meanwhile (to Redis in cluster mode, the HTTP Check's readiness probe, which then
     even connects to itself) may take it as its source port, or bind(0) may pick it (the API's backend),
     and the daemon stops at start with "address already in use". A port some socket has bound is neither:
-    connect(2) skips it, bind(0) takes another. These bind as the listeners do (SO_REUSEADDR, and not
-    listening), so the listeners bind beside them.
+    connect(2) skips it, bind(0) takes another.
     """
 
     def __init__(self, held: list[socket.socket]) -> None:
@@ -50,9 +53,12 @@ def reserve(config: Any) -> Reserved:
     """Hold every listener's TCP address (``Reserved``); raise ``taken`` for the first one something
     else already holds, before the state directory is made or touched.
 
-    gRPC binds with SO_REUSEPORT (so that Check workers share one port), and would then share a port
-    with another daemon's Check or Approvals listener without a word: these binds do not set it, so
-    any listener there, ours or not, makes them fail.
+    Each address is first bound as the listeners bind (SO_REUSEADDR, so that connections of a daemon
+    that just stopped, lingering in TIME_WAIT, do not count), which any listener there fails, ours or
+    not. gRPC and granian bind the Check listeners with SO_REUSEPORT too, and would share them with
+    another daemon's without a word: so those are then held with SO_REUSEPORT alone, which our own
+    Check listeners and workers bind beside, and which fails that first bind of another daemon starting
+    meanwhile. The other listeners (no SO_REUSEPORT) fail to bind beside another daemon's.
     """
     held: list[socket.socket] = []
     try:
@@ -60,7 +66,8 @@ def reserve(config: Any) -> Reserved:
             address = getattr(config, name)
             if not address:
                 continue  # a listener that is off (http_check_listen)
-            why = _unix_problem(address[5:]) if address.startswith("unix:") else _tcp_hold(address, held)
+            why = (_unix_problem(address[5:]) if address.startswith("unix:")
+                   else _tcp_hold(address, held, name in SHARED))
             if why:
                 raise taken(name, address, why)
     except BaseException:
@@ -78,8 +85,8 @@ def _unix_problem(path: str) -> str | None:
     return "address already in use"
 
 
-def _tcp_hold(address: str, held: list[socket.socket]) -> str | None:
-    """Bind a socket to each of ``address``'s addresses onto ``held``; why one cannot be, else None."""
+def _tcp_hold(address: str, held: list[socket.socket], shared: bool) -> str | None:
+    """Bind a socket to each of ``address``'s addresses onto ``held`` (``reserve``); why one cannot be."""
     try:
         host, port = host_port(address)
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -88,16 +95,26 @@ def _tcp_hold(address: str, held: list[socket.socket]) -> str | None:
     except socket.gaierror as exc:
         return f"cannot resolve {host!r}: {exc.strerror}"
     for family, kind, proto, _, where in infos:
-        hold = socket.socket(family, kind, proto)
-        held.append(hold)
-        # As the listeners bind: a port whose old connections linger in TIME_WAIT is free.
-        hold.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            hold.bind(where)
-        except OSError as exc:
-            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
-                return (exc.strerror or str(exc)).lower()
-            # Any other failure (an address not on this host) the listener's own bind names.
-            held.remove(hold)
+        hold, why = _bound(family, kind, proto, where, socket.SO_REUSEADDR)
+        if hold is not None and shared:  # checked: now held as the Check listeners bind
             hold.close()
+            hold, why = _bound(family, kind, proto, where, socket.SO_REUSEPORT)
+        if why:
+            return why
+        if hold is not None:
+            held.append(hold)
     return None
+
+
+def _bound(family: int, kind: int, proto: int, where: Any, option: int) -> tuple[socket.socket | None, str]:
+    """A socket with ``option`` bound to ``where``, or why not: "" for a failure the listener's own bind
+    names (an address not on this host)."""
+    hold = socket.socket(family, kind, proto)
+    hold.setsockopt(socket.SOL_SOCKET, option, 1)
+    try:
+        hold.bind(where)
+    except OSError as exc:
+        hold.close()
+        taken_here = exc.errno in (errno.EADDRINUSE, errno.EACCES)
+        return None, (exc.strerror or str(exc)).lower() if taken_here else ""
+    return hold, ""
