@@ -5,6 +5,7 @@ headers and paths, forged x-forwarded-client-cert, MCP bodies, budgets and rate 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import re
 import ssl
@@ -60,10 +61,12 @@ HTTP_EXAMPLE = ROOT / "examples" / "envoy-http.yaml"
 
 
 def http_envoy_config(check_port: int, upstream_port: int, listen_port: int, admin_port: int,
-                      mtls_pki: Path | None = None) -> str:
-    """examples/envoy-http.yaml on the test's ports; with ``mtls_pki``, its listener asks for client
-    certificates of that dev PKI (as examples/envoy-mtls.yaml does), nothing else changed."""
-    text = envoy_config(0, upstream_port, listen_port, admin_port, HTTP_EXAMPLE.read_text(), check_port)
+                      mtls_pki: Path | None = None, example: str | None = None) -> str:
+    """examples/envoy-http.yaml (or the ``example`` text) on the test's ports; with ``mtls_pki``, its
+    listener asks for client certificates of that dev PKI (as examples/envoy-mtls.yaml does), nothing
+    else changed."""
+    text = envoy_config(0, upstream_port, listen_port, admin_port, example or HTTP_EXAMPLE.read_text(),
+                        check_port)
     if mtls_pki is None:
         return text
     config = yaml.safe_load(text)
@@ -91,9 +94,9 @@ class HttpStack(Stack):
 
 @contextlib.contextmanager
 def http_stack(work: Path, config: dict[str, Any], daemon: Daemon | None = None, check_port: int = 0,
-               mtls: bool = False) -> Iterator[HttpStack]:
+               mtls: bool = False, example: str | None = None) -> Iterator[HttpStack]:
     """A daemon with an HTTP Check (``config``; or ``daemon``, checking on ``check_port``), the echo
-    tool, and examples/envoy-http.yaml in front."""
+    tool, and examples/envoy-http.yaml (or the ``example`` text) in front."""
     if daemon is None:
         check_port = free_port()
         daemon = Daemon(work / "state", {**config, "http_check_listen": f"127.0.0.1:{check_port}"}).start()
@@ -101,7 +104,7 @@ def http_stack(work: Path, config: dict[str, Any], daemon: Daemon | None = None,
     try:
         with echo_upstream() as upstream_port:
             text = http_envoy_config(check_port, upstream_port, proxy_port, admin_port,
-                                     daemon.state_dir / "pki" if mtls else None)
+                                     daemon.state_dir / "pki" if mtls else None, example)
             with envoy(text, work, admin_port):
                 yield HttpStack(daemon, proxy_port, work, admin_port)
     finally:
@@ -169,6 +172,46 @@ def test_a_forged_client_certificate_header_is_dropped_on_plaintext(stack: Stack
     assert status == 200, body
 
 
+def raw_call(port: int, method: str, path: str, headers: dict[str, str | bytes],
+             body: bytes = b"") -> tuple[int, dict[str, Any]]:
+    """(status, JSON body or {}) of one call through Envoy whose header values go out as the bytes given
+    (UTF-8, say, which urllib would send as Latin-1)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        connection.putrequest(method, path)
+        for name, value in {**headers, "content-length": str(len(body))}.items():
+            connection.putheader(name, value)
+        connection.endheaders(body)
+        response = connection.getresponse()
+        raw = response.read()
+    finally:
+        connection.close()
+    return response.status, json.loads(raw) if raw else {}
+
+
+def test_a_header_value_that_is_not_ascii_is_refused_not_read_as_absent(stack: Stack, tmp_path: Path) -> None:
+    """granian hands the Check no value that is not visible ASCII (UTF-8 included), yet names its header:
+    read as absent, the bearer would be token_missing, a route's target the path's, an MCP body's
+    Content-Encoding identity (test_mcp_bodies_budgets_and_rate_limits)."""
+    token = stack.mint("non-ascii").token
+    bearer = f"Bearer {token}"
+    assert raw_call(stack.port, "GET", "/demo/reports", {"authorization": bearer})[0] == 200
+    for name, value in (("authorization", bearer + "é"), ("content-type", "text/plain; charset=é")):
+        headers: dict[str, str | bytes] = {"authorization": bearer, name: value.encode()}
+        refused = raw_call(stack.port, "GET", "/demo/reports", headers)
+        assert refused == (400, {"error": reasons.REQUEST_INVALID}), name
+    # A route naming a target that is not ASCII: never the path's target (reports), which the token covers.
+    target = "{key: x-agentauthz-route-target, value: %s}"
+    example = HTTP_EXAMPLE.read_text().replace(target % "reports", target % '"rapports-privés"', 1)
+    with http_stack(tmp_path, {}, example=example) as s:
+        token = s.mint("non-ascii-route", ["demo:reports:read:internal", "demo:reports:write:internal"]).token
+        assert raw_call(s.port, "GET", "/demo/reports", {"authorization": f"Bearer {token}"}) == (
+            400, {"error": reasons.REQUEST_INVALID})
+        assert s.stat("cluster.tool.upstream_rq_total") == 0
+        assert raw_call(s.port, "POST", "/demo/reports", {"authorization": f"Bearer {token}"})[0] == 200
+        assert s.stat("cluster.tool.upstream_rq_total") == 1  # the one call that reached the tool
+
+
 def test_restart_keeps_revocations_and_a_stopped_daemon_fails_closed(tmp_path: Path) -> None:
     port = free_port()
     daemon = Daemon(tmp_path / "state", {"http_check_listen": f"127.0.0.1:{port}"}).start()
@@ -206,6 +249,11 @@ def test_mcp_bodies_budgets_and_rate_limits(tmp_path: Path) -> None:
             400, {"error": reasons.MCP_BATCH_REFUSED})
         assert post(s.port, tool_call("echo"), token, content_type="text/plain")[:2] == (
             400, {"error": reasons.MCP_BODY_INVALID})
+        # A Content-Encoding the Check cannot be handed (UTF-8 in it): refused, never read as identity.
+        encoded = {"authorization": f"Bearer {token}", "content-type": "application/json",
+                   "content-encoding": "br, ü".encode()}
+        assert raw_call(s.port, "POST", "/mcp", encoded, tool_call("echo")) == (
+            400, {"error": reasons.REQUEST_INVALID})
         huge = tool_call("echo", {"pad": "a" * (mcp.MAX_BODY_BYTES + 10)})
         assert post(s.port, huge, token)[:2] == (400, {"error": reasons.MCP_BODY_TRUNCATED})
         assert post(s.port, tool_call("echo"), None)[:2] == (401, {"error": reasons.TOKEN_MISSING})

@@ -24,13 +24,20 @@ _SINGLE = frozenset({PATH_HEADER, XFCC})  # Envoy sets each once; two are a clie
 Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
-def scan_http(method: str, path: str, header_items: list[tuple[str, str]],
+def scan_http(method: str, path: str, header_items: list[tuple[str, str]], header_names: list[str],
               peer_of: Callable[[str], tuple[str, str] | None]) -> tuple[Any, ...] | None:
     """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request,
     but for the last: on an MCP route the headers (the caller makes the request its body is read
     from), else None. None when it is not a request Envoy set up as README "The HTTP Check" says: no
     or a repeated ``x-agentauthz-path``, one not naming ``path``, an unknown or repeated route key,
-    a repeated ``x-forwarded-client-cert`` or one that is not ``peer_of`` one element."""
+    a repeated ``x-forwarded-client-cert`` or one that is not ``peer_of`` one element; and when a
+    header of ``header_names`` (every name the request has) has no value in ``header_items``.
+
+    granian hands over only values of visible ASCII and leaves out any other (UTF-8 too) without a
+    word, while still naming the header: read as absent, a route's target would fall back to the
+    path's and an MCP body's Content-Encoding to identity. Envoy joins a repeated header into one
+    value, so a name without a value is a value the decision cannot read: refused, as the gRPC Check
+    refuses a header value that is not UTF-8."""
     headers: dict[str, str] = {}
     extensions: dict[str, str] = {}
     for name, value in header_items:
@@ -47,6 +54,8 @@ def scan_http(method: str, path: str, header_items: list[tuple[str, str]],
             return None  # a route key agentauthz does not know: not one Envoy's config sets
         else:
             headers[name] = value
+    if len(headers) + len(extensions) != len(header_names):  # every name in header_items is one of them
+        return None
     original = headers.get(PATH_HEADER)
     if original is None:
         return None

@@ -142,7 +142,8 @@ class HttpCheck:
             return
         try:
             try:
-                fields = self._scan(scope.method, scope.path, scope.headers.items(), peer_of)
+                headers = scope.headers
+                fields = self._scan(scope.method, scope.path, headers.items(), headers.keys(), peer_of)
             except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
                 log.exception("reading an HTTP Check request failed")
                 fields = UNPARSED
