@@ -4,6 +4,8 @@ honoured past max_staleness, nothing unacknowledged is reported acknowledged, an
 
 from __future__ import annotations
 
+import base64
+import json
 import signal
 import threading
 import time
@@ -253,3 +255,29 @@ def test_an_entry_no_node_can_apply_fails_closed_until_it_is_removed(cluster: Cl
     assert "cannot apply the cluster stream" in nodes[0].log()
     cluster.redis.client().xdel("agentauthz:revocations", entry)
     wait_until(lambda: reasons_on(nodes, live.token) == [ALLOW] * 2, 10, "both nodes to serve again")
+
+
+# -- a node whose clock runs ahead ---------------------------------------------------------------------
+
+
+def test_a_task_ended_on_one_node_ends_the_tokens_a_node_whose_clock_runs_ahead_minted(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node b's wall clock runs 5 s ahead, well within the leeway every node allows an iat: its tokens
+    say they were issued after a's cutoff for an end a acknowledges at once. They die all the same (an
+    ended task mints nothing more: every token of it is a mint that raced the end)."""
+    a = cluster.start_all("a")[0]
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent / "skewed_clock"))
+    monkeypatch.setenv("AGENTAUTHZ_TEST_CLOCK_AHEAD", "5")
+    b = cluster.add("b")
+    monkeypatch.delenv("PYTHONPATH")
+    monkeypatch.delenv("AGENTAUTHZ_TEST_CLOCK_AHEAD")
+    minted = cluster.client("b").mint("skewed-task", ["demo:*:read"])
+    cutoff = cluster.client("a").end_task("skewed-task")
+    payload = minted.token.split(".")[1]
+    iat = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["iat"]
+    assert iat > cutoff  # b's clock is ahead: its token says it was issued after the end
+    assert reasons_on([a, b], minted.token) == [reasons.TASK_ENDED] * 2
+    # And the task mints nothing more on either node.
+    for node in ("a", "b"):
+        with pytest.raises(grpc.RpcError):
+            cluster.client(node).mint("skewed-task", ["demo:*:read"])

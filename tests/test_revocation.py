@@ -282,7 +282,7 @@ def test_compaction_shrinks_the_journal_and_keeps_live_state(world: World) -> No
         world.store.revoke_token(claims["jti"], _slot(claims), claims["exp"])
         world.store.revoke_task(f"old-task-{i}")
     world.store.revoke_key("old-key")
-    world.advance(MAX_LIFETIME + LEEWAY + 1)
+    world.advance(MAX_LIFETIME + 2 * LEEWAY + 1)  # past an ended task's horizon too
     world.store.slide()
     live_token, claims = world.mint()
     world.store.revoke_token(claims["jti"], _slot(claims), claims["exp"])
@@ -310,7 +310,7 @@ def test_slide_compacts_when_the_journal_grows(hot: HotPath, tmp_path: Path) -> 
     w = World(hot, tmp_path / "state", compact_bytes=4096)
     for i in range(100):
         w.store.revoke_task(f"t{i}")
-    w.advance(MAX_LIFETIME + LEEWAY + 1)
+    w.advance(MAX_LIFETIME + 2 * LEEWAY + 1)  # an ended task's horizon (test_cutoffs_older_than_...)
     w.store.revoke_task("kept")
     assert w.journal.stat().st_size > 4096
     w.store.slide()
@@ -330,6 +330,13 @@ def test_cutoffs_older_than_the_horizon_are_dropped(world: World) -> None:
     assert world.store.stats()["tasks"] == 2  # not yet: kept a leeway past the last token's exp
     assert world.decide(old) == reasons.TOKEN_EXPIRED  # the daemon's own exp gets no leeway (item 4)
     world.advance(2)
+    world.store.slide()
+    stats = world.store.stats()
+    # The agent's cutoff goes; the ended task stays one leeway more, for the tokens of a mint that raced
+    # the end on a node whose clock ran ahead (they die whatever their iat).
+    assert (stats["tasks"], stats["agents"]) == (2, 0)
+    assert world.decide(world.mint(task="t-old")[0]) == reasons.TASK_ENDED
+    world.advance(LEEWAY)
     world.store.slide()
     stats = world.store.stats()
     assert (stats["tasks"], stats["agents"]) == (1, 0)

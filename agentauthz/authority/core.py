@@ -107,9 +107,10 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
         if config.cluster is not None:
             from ..cluster.node import ClusterNode
             self.freshness = Freshness()
-            # Stream entries older than this matter to no live token (nor to a block that may hold one).
+            # Stream entries older than this matter to no live token (nor to a block that may hold one;
+            # an ended task's entry, a leeway longer: RevocationIndex.revoke_task).
             self.cluster = ClusterNode(config.cluster, self, state, self.freshness, horizon=(
-                config.max_token_lifetime + config.leeway + BLOCK_USE + HOLE_GRACE))
+                config.max_token_lifetime + 2 * config.leeway + BLOCK_USE + HOLE_GRACE))
         # Shared with the Check workers forked later, like the revocation bits (budgets.py); in a cluster,
         # counted in Redis by every node (the one Check that leaves the process: a budgeted one).
         if self.cluster is None:

@@ -234,7 +234,7 @@ class RevocationStore:
             self._set_bit(slot, jti, exp)
 
     def revoke_task(self, task: str) -> int:
-        """Every token of ``task`` issued at or before now dies; returns the cutoff."""
+        """Every token of ``task`` dies (``RevocationIndex.revoke_task``); returns the cutoff, now."""
         return self._revoke_named("task", task)
 
     def revoke_agent(self, agent: str) -> int:
@@ -379,9 +379,12 @@ class RevocationStore:
             self.revision += 1  # the published list changes with the window, not only with a bit
             self._tokens = {s: t for s, t in self._tokens.items() if s >= base}
         # A token issued at or before such a cutoff has expired (exp <= iat + max_lifetime);
-        # a key is kept as long, so every token it signed before its revocation is dead.
+        # a key is kept as long, so every token it signed before its revocation is dead. An ended task
+        # one leeway longer: its entry takes the tokens of a mint that raced the end on a node whose
+        # clock ran ahead (RevocationIndex.revoke_task), by up to the leeway any iat is allowed.
         horizon = now - self._max_lifetime - self._leeway
-        stale = {op: [n for n, at in names.items() if at < horizon] for op, names in self._named.items()}
+        stale = {op: [n for n, at in names.items() if at < horizon - (self._leeway if op == "task" else 0)]
+                 for op, names in self._named.items()}
         for op, names in stale.items():
             for name in names:
                 del self._named[op][name]
