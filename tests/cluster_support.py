@@ -66,12 +66,14 @@ class Node(Daemon):
 
 
 class Cluster:
-    """One redis-server (appendfsync always), one shared development CA, and the nodes added to it."""
+    """One redis-server (appendfsync always, unless not ``persistent``), one shared development CA, and the
+    nodes added to it."""
 
     def __init__(self, work: Path, *, cluster: dict[str, Any] | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+                 config: dict[str, Any] | None = None, persistent: bool = True) -> None:
         self.work = work
-        self.redis = RedisServer(work / "redis").start()
+        # Not persistent: snapshots only (SAVE), as Debian's default redis.conf has it.
+        self.redis = RedisServer(work / "redis", persistent=persistent).start()
         self.pki = work / "pki"
         self.cluster_settings = dict(cluster or {})  # overrides of the cluster: section (none: the defaults)
         self.config = dict(config or {})

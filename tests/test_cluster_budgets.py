@@ -182,3 +182,21 @@ def test_a_killed_redis_denies_and_logs_once_and_its_aof_keeps_the_counts(
     own_server.start()  # from its AOF (appendfsync always): the counted call is still counted
     assert b.charge([("k", one)], 1.0)[0] == reasons.BUDGET_EXHAUSTED
     b.close()
+
+
+def test_after_a_recovery_a_total_denies_for_a_window_and_a_rate_counts_on(server: RedisServer) -> None:
+    """Redis lost data (a node recovered: ``Engine.mark_lost``): the calls counted before are gone, so
+    a total cannot be trusted until one window has passed since; a rate limit alone loses one burst."""
+    engine = joined(server, "lost")
+    shared = SharedBudgets(engine)
+    daily, rate = Budget(5, 0.0, 1, window=86_400), Budget(0, 1.0, 1)
+    try:
+        engine.mark_lost(10_000.0)
+        assert shared.charge([("lost:total", daily)], 10_000.0) == (UNAVAILABLE, 0.0)
+        assert shared.charge([("lost:total", daily)], 10_000.0 + 86_399.0) == (UNAVAILABLE, 0.0)
+        assert shared.charge([("lost:total", daily), ("lost:rate", rate)], 10_000.0) == (UNAVAILABLE, 0.0)
+        assert shared.charge([("lost:rate", rate)], 10_000.0)[0] == ALLOW  # the refused call counted none
+        assert shared.charge([("lost:total", daily)], 10_000.0 + 86_400.0)[0] == ALLOW  # a window on
+    finally:
+        server.client().delete(engine.keys.lost_at)
+        shared.close()

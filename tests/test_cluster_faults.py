@@ -14,9 +14,10 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
-from cluster_support import Cluster, Node, Probe, Watch, mint_many, reasons_on, slot_of, wait_until
+from cluster_support import READ, Cluster, Node, Probe, Watch, mint_many, reasons_on, slot_of, wait_until
 
 from agentauthz import reasons
+from agentauthz.decision.policy import DEV_POLICY
 
 MAX_STALENESS = 1.0
 STALE, REVOKED, ALLOW = reasons.REVOCATION_STALE, reasons.TOKEN_REVOKED, reasons.ALLOW
@@ -230,6 +231,84 @@ def test_redis_restarted_empty_the_nodes_fail_closed_and_republish_every_revocat
     for m, revoker in ((minted[45], "d"), (fresh[3], "a"), (fresh[0], "d")):
         cluster.client(revoker).revoke(token_id=m.token_id)
         everywhere(everyone, m.token, REVOKED, f"{m.token_id} revoked on {revoker} everywhere")
+
+
+# -- Redis back with older data --------------------------------------------------------------------------
+
+ADMIN = "spiffe://dev.local/admin/ops"
+GAMMA = "spiffe://dev.local/agent/gamma"
+COUNTER = "spiffe://dev.local/agent/counter"
+BUDGET_POLICY = DEV_POLICY.read_text() + """
+  - id: counted
+    agents: ["spiffe://dev.local/agent/counter"]
+    tool: counted
+    targets: ["*"]
+    operations: [read]
+    budget: {max_calls: 3}
+"""
+
+
+def test_redis_back_from_an_older_snapshot_loses_no_acknowledged_revocation_nor_ban(tmp_path: Path) -> None:
+    """Redis restarted from a snapshot older than the last revocations (no AOF, an fsync that never ran,
+    a replica that was behind): the same epoch, but an older stream and bans hash. The nodes that applied
+    more see its numbering go back and publish their journals again; a node that was down meanwhile
+    learns everything; a ban the snapshot lacks is published again, never lifted."""
+    c = Cluster(tmp_path, cluster={"max_staleness": MAX_STALENESS}, config={"admins": [ADMIN]},
+                persistent=False)
+    try:
+        a, b, down = c.start_all("a", "b", "c")
+        revoked, ended = c.client("a").mint("snap-revoked", READ), c.client("a").mint("snap-ended", READ)
+        banned = c.client("b", GAMMA).mint("snap-banned", READ)
+        assert down.stop() == 0
+        c.redis.client().save()
+        c.client("a").revoke(token_id=revoked.token_id)
+        c.client("b").end_task("snap-ended")
+        c.client("a", ADMIN).revoke(agent=GAMMA)
+        c.redis.kill()
+        c.redis.start()  # from the snapshot: the epoch is there, the last three entries are not
+        for node in (a, b):
+            wait_until(lambda n=node: n.metrics()["agentauthz_cluster_recoveries_total"] >= 1, 30,
+                       f"{node.name} to see the stream go back")
+        down.start()
+        everyone = [a, b, down]
+        watch = Watch(everyone, [revoked.token, ended.token, banned.token])
+        try:
+            everywhere(everyone, revoked.token, REVOKED, "the revoke everywhere")
+            everywhere(everyone, ended.token, reasons.TASK_ENDED, "the end everywhere")
+            everywhere(everyone, banned.token, reasons.AGENT_REVOKED, "the ban everywhere")
+            assert b.stop() == 0
+            b.start()  # reads the bans hash again: the ban stands
+            everywhere(everyone, banned.token, reasons.AGENT_REVOKED, "the ban after b's restart")
+        finally:
+            watch.stop()
+        assert watch.allows == []  # not one answer from the node that was down, nor from b restarted
+        with pytest.raises(grpc.RpcError):
+            c.client("b", GAMMA).mint("after-the-snapshot", READ)
+    finally:
+        c.stop()
+
+
+def test_a_budget_spent_before_redis_lost_its_data_is_not_handed_out_again(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(BUDGET_POLICY)
+    c = Cluster(tmp_path, cluster={"max_staleness": MAX_STALENESS}, config={"policy_file": str(policy)})
+    try:
+        nodes = c.start_all("a", "b")
+        token = c.client("a", COUNTER).mint("counting", ["counted:*:read"]).token
+        calls = [c.client("ab"[i % 2], COUNTER).check(token, "counted", "x", "read").reason for i in range(4)]
+        assert calls == [ALLOW] * 3 + [reasons.BUDGET_EXHAUSTED]
+        c.redis.wipe()
+        c.redis.start()
+        for node in nodes:
+            wait_until(lambda n=node: n.metrics()["agentauthz_cluster_recoveries_total"] >= 1, 30,
+                       f"{node.name} to recover")
+        # The three counted calls are gone with Redis: for the budget's window (a day) nothing says how
+        # many were spent, so none is handed out again.
+        for name in "ab":
+            assert c.client(name, COUNTER).check(token, "counted", "x", "read").reason == \
+                reasons.BUDGET_UNAVAILABLE
+    finally:
+        c.stop()
 
 
 # -- a stream entry this node cannot apply ------------------------------------------------------------

@@ -6,8 +6,10 @@ nothing over the keys of one call, an exhausted budget before a rate limit), wit
 in Lua on the same IEEE doubles. Each key is one Redis string "kept calls tat" under the blake2b-128
 digest of the budget key, as in the table. It is the only Check that touches Redis, so it runs on
 its own client with a short timeout and no retries, and every failure denies ``budget_unavailable``:
-a budget that cannot be counted is not spent. A call whose reply timed out may still be counted once
-Redis answers again: it was denied all the same (spent, never allowed unspent).
+a budget that cannot be counted is not spent. So does a total for one window after Redis lost data
+(a node recovered, ``Engine.mark_lost``): the calls it had counted are gone. A call whose reply timed
+out may still be counted once Redis answers again: it was denied all the same (spent, never allowed
+unspent).
 """
 
 from __future__ import annotations
@@ -35,8 +37,10 @@ LOG_EVERY = 10.0  # seconds between two log lines about an unreachable engine (o
 # (each passes its own ``now``) cannot expire a count another node still relies on.
 KEEP_MARGIN_MS = 60_000
 
-# KEYS: the epoch, then one counter per charged key. ARGV: the epoch, now, the margin (ms), then for
-# each key max_calls, rate, burst, window. Returns {0} (counted), {1} (exhausted) or {2, wait}.
+# KEYS: the epoch, when Redis last lost data (node.py's recovery), then one counter per charged key.
+# ARGV: the epoch, now, the margin (ms), then for each key max_calls, rate, burst, window. Returns {0}
+# (counted), {1} (exhausted), {2, wait} or {3}: a total within one window of a loss, whose earlier
+# calls are no longer counted anywhere (the count is unknown: not spent).
 # Floats go in as Python's repr and come back via %.17g: both round-trip a double exactly, so the
 # result is bit for bit the table's (Lua's tostring would keep only 14 digits).
 _CHARGE = """
@@ -45,12 +49,14 @@ if redis.call('GET', KEYS[1]) ~= ARGV[1] then
 end
 local now = tonumber(ARGV[2])
 local margin = tonumber(ARGV[3])
+local lost = tonumber(redis.call('GET', KEYS[2]) or '-1')
 local writes = {}
 local exhausted, wait = false, 0
-for i = 2, #KEYS do
-  local a = 4 + (i - 2) * 4
+for i = 3, #KEYS do
+  local a = 4 + (i - 3) * 4
   local max_calls, rate, burst, window = tonumber(ARGV[a]), tonumber(ARGV[a + 1]),
     tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  if max_calls > 0 and lost >= 0 and now < lost + window then return {3} end
   local kept, calls, tat = 0, 0, 0
   local raw = redis.call('GET', KEYS[i])
   if raw then
@@ -113,7 +119,7 @@ class SharedBudgets:
         """(ALLOW, 0) having counted one call under every key of ``charges``, each against its budget,
         or (reason, seconds to wait) counting none; (BUDGET_UNAVAILABLE, 0) when Redis cannot say."""
         prefix = self._engine.keys.budget
-        keys = [self._engine.keys.epoch]
+        keys = [self._engine.keys.epoch, self._engine.keys.lost_at]
         args: list[str | int] = [self._engine.epoch, repr(float(now)), KEEP_MARGIN_MS]
         for key, budget in charges:
             keys.append(counter_key(prefix, key))
@@ -128,6 +134,8 @@ class SharedBudgets:
             return reasons.ALLOW, 0.0
         if answer[0] == 1:
             return reasons.BUDGET_EXHAUSTED, 0.0
+        if answer[0] == 3:
+            return reasons.BUDGET_UNAVAILABLE, 0.0
         return reasons.RATE_LIMITED, float(answer[1])
 
     def _log(self, exc: Exception) -> None:

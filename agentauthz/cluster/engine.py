@@ -25,17 +25,25 @@ from .settings import ClusterSettings
 
 EPOCH_LOST = "AGENTAUTHZ_EPOCH"
 
-# Append one batch of journal records to the revocation stream (bans also kept in a hash: the stream is
-# trimmed, a ban lasts until an unban).
+# Append one batch of journal records to the revocation stream, numbered: every entry carries the next
+# sequence number, so a node that applied number N and reads one at or below N (or finds the counter
+# below N) knows Redis came back with older data (a snapshot, an fsync that never ran, a replica that was
+# behind) under the same epoch; a node that applied more than Redis holds cannot publish onto it either.
+# Bans are kept in a hash too (the stream is trimmed, a ban lasts until an unban), an unban as a
+# tombstone "-at": a ban missing from the hash is a ban Redis lost, not one lifted.
 _PUBLISH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('AGENTAUTHZ_EPOCH the cluster epoch changed: the engine lost its data')
 end
+if tonumber(redis.call('GET', KEYS[4]) or '0') < tonumber(ARGV[4]) then
+  return redis.error_reply('AGENTAUTHZ_EPOCH the revocation stream went back: the engine lost entries')
+end
 for _, r in ipairs(cjson.decode(ARGV[3])) do
   if r['op'] == 'ban' then redis.call('HSET', KEYS[3], r['name'], r['at'])
-  elseif r['op'] == 'unban' then redis.call('HDEL', KEYS[3], r['name']) end
+  elseif r['op'] == 'unban' then redis.call('HSET', KEYS[3], r['name'], '-' .. r['at']) end
 end
-return redis.call('XADD', KEYS[2], '*', 'n', ARGV[2], 'r', ARGV[3])
+local seq = redis.call('INCR', KEYS[4])
+return {redis.call('XADD', KEYS[2], '*', 'n', ARGV[2], 's', seq, 'r', ARGV[3]), seq}
 """
 
 # Reserve the next block of revocation slots, unique cluster-wide; returns the block's end.
@@ -64,7 +72,9 @@ class Keys:
         self.epoch = f"{prefix}:epoch"
         self.stream = f"{prefix}:revocations"
         self.slots = f"{prefix}:slots"
-        self.bans = f"{prefix}:bans"
+        self.bans = f"{prefix}:bans"  # agent -> banned at, or "-" unbanned at
+        self.sequence = f"{prefix}:sequence"  # the last stream entry's number (_PUBLISH)
+        self.lost_at = f"{prefix}:budgets-lost-at"  # when a node last recovered from lost data (budgets.py)
         self.public_keys = f"{prefix}:keys"
         self.nodes = f"{prefix}:nodes"
         self.applied = f"{prefix}:applied"  # node -> the last stream entry it applied
@@ -129,6 +139,7 @@ class Engine:
         self._client = client
         self._pid = os.getpid() if client is not None else -1
         self._scripts: dict[str, Any] = {}
+        self.applied_seq = 0  # the number of the last stream entry this node applied (node.py; _PUBLISH)
 
     @property
     def epoch(self) -> str:
@@ -163,12 +174,28 @@ class Engine:
             raise unavailable(exc, what) from None
 
     def publish(self, records: Sequence[dict[str, Any]]) -> str:
-        """Append ``records`` to the revocation stream; the entry id, once Redis (and replicas) hold it."""
+        """Append ``records`` to the revocation stream; the entry id, once Redis (and replicas) hold it.
+        EpochLost if the stream's numbering is below ``applied_seq``, the last number this node applied."""
         body = json.dumps(list(records), separators=(",", ":"), allow_nan=False)
         k = self.keys
-        entry = self._run("revocation", "publish", (k.epoch, k.stream, k.bans), (self.epoch, self.node, body))
+        entry, _ = self._run("revocation", "publish", (k.epoch, k.stream, k.bans, k.sequence),
+                             (self.epoch, self.node, body, self.applied_seq))
         self._wait("revocation")
         return entry.decode() if isinstance(entry, bytes) else str(entry)
+
+    def sequence(self) -> int:
+        """The number of the stream's last entry (0: none yet)."""
+        try:
+            return int(self.client.get(self.keys.sequence) or 0)
+        except redis.RedisError as exc:
+            raise unavailable(exc, "stream sequence") from None
+
+    def mark_lost(self, at: float) -> None:
+        """Budgets counted before ``at`` may be gone (a recovery): cluster/budgets.py denies them a window."""
+        try:
+            self.client.set(self.keys.lost_at, repr(float(at)))
+        except redis.RedisError as exc:
+            raise unavailable(exc, "budgets") from None
 
     def reserve(self, count: int) -> int:
         """Reserve ``count`` slots cluster-wide; returns the end of the block."""

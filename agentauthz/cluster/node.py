@@ -37,6 +37,10 @@ STATUS_INTERVAL = 1.0  # seconds between this node's status writes (nodes hash, 
 TRIM_INTERVAL = 60.0
 
 
+class StreamWentBack(StateError):
+    """Redis holds fewer stream entries than this node applied, under the same epoch: it lost data."""
+
+
 def stream_ms(entry_id: str) -> int:
     """The millisecond time Redis gave a stream entry id ``<ms>-<seq>``."""
     return int(entry_id.partition("-")[0] or 0)
@@ -90,18 +94,24 @@ class ClusterNode:
             republished = self._republish()
             self._authority.cluster_event("cluster_join", epoch=self.engine.epoch, founded=current is None,
                                           republished=republished)
-        elif current == known and not self._stream_went_back(local.get("last_id", "0-0")):
+        elif current == known and not self._stream_went_back(local.get("last_id", "0-0"),
+                                                             local.get("seq", 0)):
             self.engine.epoch = known
             self.last_id = local.get("last_id", "0-0")
+            self.engine.applied_seq = local.get("seq", 0)
         else:
             self._recover("the engine has no epoch or another one" if current != known
-                          else "the stream's ids went backwards")
+                          else "the revocation stream went back")
             recovered = True  # the recovery offered the token-id key and published this node's keys
         if not recovered:
             self._adopt_token_id_key()
         self._sync_bans()
         sent = time.monotonic()
-        self.catch_up(skip_own=False)
+        try:
+            self.catch_up(skip_own=False)
+        except StreamWentBack as exc:
+            self._recover(str(exc))
+            self.catch_up(skip_own=False)
         self._authority.revocations.join_cluster(self.publish, self.engine.reserve, self._slots_end)
         self._report_applied(self.engine.client)
         if not recovered:
@@ -120,19 +130,24 @@ class ClusterNode:
             raise StateError(f"{self._state_path}: unreadable ({exc}); refusing to guess the cluster "
                              "state") from None
         if not isinstance(raw, dict) or not all(isinstance(raw.get(k, ""), str)
-                                                for k in ("epoch", "last_id", "node")):
+                                                for k in ("epoch", "last_id", "node")) \
+                or type(raw.get("seq", 0)) is not int:
             raise StateError(f"{self._state_path}: not a cluster state file")
         return raw
 
     def _write_state(self) -> None:
         if self._saved_id == self.last_id:
             return
-        doc = {"node": self.settings.node_id, "epoch": self.engine.epoch, "last_id": self.last_id}
+        doc = {"node": self.settings.node_id, "epoch": self.engine.epoch, "last_id": self.last_id,
+               "seq": self.engine.applied_seq}
         durable.replace(self._state_path, json.dumps(doc).encode())
         self._saved_id = self.last_id
 
-    def _stream_went_back(self, last_id: str) -> bool:
-        """A stream whose newest id is older than one applied here is another stream (data lost)."""
+    def _stream_went_back(self, last_id: str, seq: int) -> bool:
+        """Whether Redis lost entries this node applied: its numbering is below ``seq`` (the number of
+        the last one applied here), or its newest id is older than ``last_id``."""
+        if self.engine.sequence() < seq:
+            return True
         if last_id == "0-0":
             return False
         try:
@@ -210,18 +225,26 @@ class ClusterNode:
         self._authority.adopt_token_id_key(shared)
 
     def _sync_bans(self) -> None:
-        """Bans outlive the trimmed stream: the bans hash holds every ban in force."""
+        """Bans outlive the trimmed stream: the bans hash holds every ban in force, and every unban since
+        (a tombstone, "-at"). A ban here that the hash lacks, or that is newer than its tombstone, Redis
+        lost: published again, never lifted; only an unban lifts a ban."""
         try:
             raw = self.engine.client.hgetall(self.keys.bans)
         except redis.RedisError as exc:
             raise unavailable(exc, "bans") from None
-        bans = {k.decode(): int(v) for k, v in raw.items()}
+        shared = {k.decode(): int(v) for k, v in raw.items()}
         local = self._authority.revocations.banned_agents()
-        now = int(self._authority.clock())
-        records = [{"op": "ban", "name": a, "at": at} for a, at in bans.items() if a not in local]
-        records += [{"op": "unban", "name": a, "at": now} for a in local if a not in bans]
-        if records:
-            self._authority.apply_cluster_records(records, [])
+        apply = [{"op": "ban", "name": a, "at": at} for a, at in shared.items() if at >= 0 and a not in local]
+        apply += [{"op": "unban", "name": a, "at": -shared[a]} for a, at in local.items()
+                  if shared.get(a, 0) < 0 and -shared[a] >= at]
+        lost = [{"op": "ban", "name": a, "at": at} for a, at in local.items()
+                if a not in shared or shared[a] < 0 and -shared[a] < at]
+        if apply:
+            self._authority.apply_cluster_records(apply, [])
+        if lost:
+            log.error("the cluster's bans lack %s, banned here: publishing them again",
+                      sorted(r["name"] for r in lost))
+            self.publish(lost)
 
     def catch_up(self, *, skip_own: bool) -> None:
         """Apply every entry after ``last_id`` (synchronously: joining, or recovering)."""
@@ -243,9 +266,15 @@ class ClusterNode:
         minted: list[dict[str, Any]] = []
         keys_changed = False
         last = self.last_id
+        seq = self.engine.applied_seq
         for entry_id, fields in entries:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             node = fields.get(b"n", b"").decode()
+            number = int(fields.get(b"s", 0))
+            if number and number <= seq:  # numbered again after a loss: the entries in between are gone
+                raise StreamWentBack(f"the revocation stream went back: entry {entry_id} is number {number}"
+                                     f", this node applied {seq}")
+            seq = max(seq, number)
             try:
                 records = json.loads(fields[b"r"])
                 if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -274,6 +303,7 @@ class ClusterNode:
         if keys_changed:
             self.public_keys.load()
         self.last_id = last
+        self.engine.applied_seq = seq
         self.applied += len(entries)
 
     # -- losing the engine ----------------------------------------------------------
@@ -285,6 +315,9 @@ class ClusterNode:
         self._recovering = True
         log.error("cluster engine lost its data (%s): re-publishing this node's revocations", reason)
         self.engine.epoch = self.engine.found_epoch()
+        self.engine.applied_seq = 0  # the stream is read again from its start (last_id below)
+        # Budget counts went with the data: cluster/budgets.py denies what they counted for a window.
+        self.engine.mark_lost(self._authority.clock())
         republished = self._republish()
         # The keys hash and the token-id key were lost too: without them the next "keys" entry (any node
         # joining or rotating) leaves every node unable to verify the others' tokens, and a new node
@@ -321,14 +354,21 @@ class ClusterNode:
             while not stopping.is_set():
                 sent = time.monotonic()
                 try:
-                    epoch = await client.get(self.keys.epoch)
+                    epoch, seq = await client.mget(self.keys.epoch, self.keys.sequence)
                     if self._recovering or epoch is None or epoch.decode() != self.engine.epoch:
                         await asyncio.to_thread(self._recover, "the engine's epoch changed")
+                        continue
+                    if int(seq or 0) < self.engine.applied_seq:  # no entry may come to show it: look
+                        await asyncio.to_thread(self._recover, "the revocation stream went back")
                         continue
                     reply = await client.xread({self.keys.stream: self.last_id}, count=BATCH, block=block_ms)
                     entries = reply[0][1] if reply else []
                     if entries:
-                        await asyncio.to_thread(self.apply, entries, skip_own=True)
+                        try:
+                            await asyncio.to_thread(self.apply, entries, skip_own=True)
+                        except StreamWentBack as exc:
+                            await asyncio.to_thread(self._recover, str(exc))
+                            continue
                         await self._report_applied(client)  # what a revoking node waits for
                     if len(entries) < BATCH:  # caught up as of ``sent``
                         self.freshness.heard(sent, max_staleness)
