@@ -288,6 +288,31 @@ def test_redis_back_from_an_older_snapshot_loses_no_acknowledged_revocation_nor_
         c.stop()
 
 
+def test_a_node_founding_first_after_a_loss_leaves_every_agent_able_to_revoke_its_tokens(
+        cluster: Cluster) -> None:
+    """Redis lost its data while every node was down, and a new node came up first: its token-id key
+    is the cluster's now. The old nodes' key is retired, not forgotten: an agent still revokes by id,
+    on any node, the tokens it minted before."""
+    a, b = cluster.start_all("a", "b")
+    before = [cluster.client(n).mint(f"before-{n}", READ) for n in ("a", "b")]
+    assert a.stop() == 0 and b.stop() == 0
+    cluster.redis.wipe()
+    cluster.redis.start()
+    d = cluster.add("d")  # founds the epoch, and offers its own token-id key first
+    a.start()
+    b.start()
+    after = cluster.client("d").mint("after-d", READ)
+    everyone = [a, b, d]
+    for minted, revoker in ((before[0], "d"), (before[1], "a"), (after, "b")):
+        cluster.client(revoker).revoke(token_id=minted.token_id)
+        everywhere(everyone, minted.token, REVOKED, f"{minted.token_id} revoked on {revoker} everywhere")
+    # Another agent still may not.
+    other = cluster.client("a").mint("other", READ)
+    with pytest.raises(grpc.RpcError) as err:
+        cluster.client("b", GAMMA).revoke(token_id=other.token_id)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
 def test_a_budget_spent_before_redis_lost_its_data_is_not_handed_out_again(tmp_path: Path) -> None:
     policy = tmp_path / "policy.yaml"
     policy.write_text(BUDGET_POLICY)

@@ -21,10 +21,12 @@ class ClusterFlow:
     audit: Any
     cluster: Any  # cluster.node.ClusterNode, or None on a single node
     token_ids: TokenIds
+    standalone_token_id_key: bytes
 
-    def adopt_token_id_key(self, key: bytes) -> None:
-        """Every node's token ids carry the cluster's MAC, so an agent may revoke its token on any node."""
-        self.token_ids = TokenIds(key)
+    def adopt_token_id_key(self, key: bytes, retired: tuple[bytes, ...] = ()) -> None:
+        """Every node's token ids carry the cluster's MAC, so an agent may revoke its token on any node;
+        ``retired``, keys the cluster's replaced (cluster/node.py), still name who minted their ids."""
+        self.token_ids = TokenIds(key, retired)
 
     def apply_cluster_records(self, journal: list[dict[str, Any]], minted: list[dict[str, Any]]) -> None:
         """Another node's changes, in stream order: revocations (and their status list marks), keys

@@ -92,6 +92,7 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
                                                 leeway=config.leeway, clock=clock,
                                                 shared=config.cluster is not None)
         self.token_ids = TokenIds.open(state / "token-id.key")
+        self.standalone_token_id_key = self.token_ids.key  # a cluster's replaces it (cluster/node.py)
         self.verifiers = {aud: _accel.Verifier(
             issuer=config.issuer, audiences=frozenset({aud}), token_type=config.token_type,
             revocations=self.index, leeway=config.leeway, max_lifetime=config.max_token_lifetime,
@@ -350,6 +351,9 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
 
     def revoke_token(self, caller: str, token_id: str) -> int:
         slot, exp, _ = self.token_ids.parse(token_id)
+        if not (self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)) \
+                and self.cluster is not None:
+            self.cluster.adopt_token_id_key()  # another node may have retired a key since (rare: re-read)
         if not (self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)):
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, token_id=token_id)
             raise Refused(NOT_PERMITTED, "only the agent that minted a token (or an admin) may revoke it")

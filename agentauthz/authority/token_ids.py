@@ -21,8 +21,13 @@ class TokenIds:
     agent that minted a token can name it for revocation.
     """
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, retired: tuple[bytes, ...] = ()) -> None:
         self._key = key
+        self._retired = retired  # earlier keys: ids they signed still name their minting agent
+
+    @property
+    def key(self) -> bytes:
+        return self._key
 
     @classmethod
     def open(cls, path: Path) -> TokenIds:
@@ -34,12 +39,13 @@ class TokenIds:
             raise StateError(f"{path}: token-id key must be 32 bytes")
         return cls(key)
 
-    def _mac(self, slot: int, exp: int, agent: str) -> str:
-        digest = hmac.new(self._key, f"{slot}.{exp}.{agent}".encode(), hashlib.sha256).digest()
+    @staticmethod
+    def _mac(key: bytes, slot: int, exp: int, agent: str) -> str:
+        digest = hmac.new(key, f"{slot}.{exp}.{agent}".encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
 
     def make(self, slot: int, exp: int, agent: str) -> str:
-        return f"{slot}.{exp}.{self._mac(slot, exp, agent)}"
+        return f"{slot}.{exp}.{self._mac(self._key, slot, exp, agent)}"
 
     def parse(self, token_id: str) -> tuple[int, int, str]:
         """(slot, exp, mac); raises Refused for anything that is not one of our ids."""
@@ -50,4 +56,5 @@ class TokenIds:
 
     def minted_by(self, token_id: str, agent: str) -> bool:
         slot, exp, mac = self.parse(token_id)
-        return hmac.compare_digest(mac, self._mac(slot, exp, agent))
+        return any(hmac.compare_digest(mac, self._mac(key, slot, exp, agent))
+                   for key in (self._key, *self._retired))

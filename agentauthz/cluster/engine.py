@@ -81,6 +81,8 @@ class Keys:
         self.checkpoints = f"{prefix}:audit-checkpoints"
         self.approvals = f"{prefix}:approvals"
         self.budget = f"{prefix}:budget:"
+        self.token_id_key = f"{prefix}:token-id-key"
+        self.retired_token_id_keys = f"{prefix}:token-id-keys-retired"  # a set (node.py)
 
 
 def _connection_args(settings: ClusterSettings, timeout: float) -> dict[str, Any]:

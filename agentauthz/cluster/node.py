@@ -31,6 +31,7 @@ log = logging.getLogger("agentauthz.cluster")
 
 STATE_FILE = "cluster.json"
 TOKEN_ID_KEY = "cluster-token-id.key"
+RETIRED_TOKEN_ID_KEYS = "cluster-token-id.retired"  # keys the cluster's replaced, 32 bytes each
 JOURNAL_OPS = frozenset({"seal", "token", "task", "agent", "key", "ban", "unban", "base", "reserve"})
 BATCH = 1000  # stream entries per read
 STATUS_INTERVAL = 1.0  # seconds between this node's status writes (nodes hash, last id on disk)
@@ -64,6 +65,7 @@ class ClusterNode:
         self._authority = authority
         self._state_path = state_dir / STATE_FILE
         self._token_id_path = state_dir / TOKEN_ID_KEY
+        self._retired_path = state_dir / RETIRED_TOKEN_ID_KEYS
         self._horizon = horizon  # stream entries older than this can matter to no live token
         self.last_id = "0-0"
         self.applied = 0
@@ -104,7 +106,7 @@ class ClusterNode:
                           else "the revocation stream went back")
             recovered = True  # the recovery offered the token-id key and published this node's keys
         if not recovered:
-            self._adopt_token_id_key()
+            self.adopt_token_id_key()
         self._sync_bans()
         sent = time.monotonic()
         try:
@@ -209,20 +211,43 @@ class ClusterNode:
         except redis.RedisError as exc:
             raise unavailable(exc, "slot counter") from None
 
-    def _adopt_token_id_key(self) -> None:
-        """Token ids carry a MAC only the minting agent's node could check; in a cluster every node must."""
-        mine = self._token_id_path.read_bytes() if self._token_id_path.exists() else os.urandom(32)
-        key = f"{self.settings.key_prefix}:token-id-key"
+    def adopt_token_id_key(self) -> None:
+        """Token ids carry a MAC only the minting agent's node could check; in a cluster every node must.
+
+        The cluster's key is the first one offered (SET NX). A key of this node's that the cluster's
+        replaced (Redis lost it and another node offered its own first) is retired, not forgotten: kept
+        here and in Redis for every node, so the ids it signed still name their agent to revoke them.
+        """
+        had = self._token_id_path.read_bytes() if self._token_id_path.exists() else None
+        mine = had or os.urandom(32)
+        client, keys = self.engine.client, self.keys
         try:
-            self.engine.client.set(key, mine, nx=True)
-            shared = self.engine.client.get(key)
+            client.set(keys.token_id_key, mine, nx=True)
+            shared = client.get(keys.token_id_key)
+            if had is not None and shared != had:
+                client.sadd(keys.retired_token_id_keys, had)
+            retired = client.smembers(keys.retired_token_id_keys)
         except redis.RedisError as exc:
             raise unavailable(exc, "token-id key") from None
         if not shared or len(shared) != 32:
             raise StateError("the cluster's token-id key in Redis is not 32 bytes")
-        if shared != mine or not self._token_id_path.exists():
+        kept = self._retired_token_id_keys()
+        if had is not None and shared != had and had not in kept:
+            kept.append(had)
+            durable.replace(self._retired_path, b"".join(kept), 0o600)
+        if shared != had:
             durable.replace(self._token_id_path, shared, 0o600)
-        self._authority.adopt_token_id_key(shared)
+        # This daemon's own key from before it joined, too: tokens it minted then are its agents' still.
+        own = self._authority.standalone_token_id_key
+        accepted = {k for k in (*retired, *kept, own) if len(k) == 32 and k != shared}
+        self._authority.adopt_token_id_key(shared, tuple(sorted(accepted)))
+
+    def _retired_token_id_keys(self) -> list[bytes]:
+        try:
+            raw = self._retired_path.read_bytes()
+        except FileNotFoundError:
+            return []
+        return [raw[at:at + 32] for at in range(0, len(raw) - len(raw) % 32, 32)]
 
     def _sync_bans(self) -> None:
         """Bans outlive the trimmed stream: the bans hash holds every ban in force, and every unban since
@@ -322,7 +347,7 @@ class ClusterNode:
         # The keys hash and the token-id key were lost too: without them the next "keys" entry (any node
         # joining or rotating) leaves every node unable to verify the others' tokens, and a new node
         # would found another token-id key. Every recovering node offers the same key (SET NX).
-        self._adopt_token_id_key()
+        self.adopt_token_id_key()
         self.public_keys.publish()
         self.last_id = "0-0"
         self._saved_id = ""
