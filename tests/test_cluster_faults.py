@@ -344,6 +344,8 @@ def test_a_budget_spent_before_redis_lost_its_data_is_not_handed_out_again(tmp_p
     {"n": "intruder", "r": '[{"op": "token", "jti": "x", "slot": -1, "exp": 1}]'},  # a field out of range
     {"n": "intruder", "r": '[{"op": "forget_everything"}]'},  # a change this version does not know
     {"n": "intruder"},  # no records at all
+    {"n": "intruder", "s": "many", "r": "[]"},  # a number that is none
+    {"n": "intruder", "s": "1", "r": "[]"},  # numbered below entries before it: one recovery, then stale
 ])
 def test_an_entry_no_node_can_apply_fails_closed_until_it_is_removed(cluster: Cluster,
                                                                      fields: dict[str, str]) -> None:
@@ -356,7 +358,8 @@ def test_an_entry_no_node_can_apply_fails_closed_until_it_is_removed(cluster: Cl
     entry = cluster.redis.client().xadd("agentauthz:revocations", fields)
     wait_until(lambda: reasons_on(nodes, live.token) == [STALE] * 2, 10, "both nodes to deny stale")
     assert all(n.proc is not None and n.proc.poll() is None for n in nodes)  # denying, not crashed
-    assert "cannot apply the cluster stream" in nodes[0].log()
+    wait_until(lambda: "cannot apply the cluster stream" in nodes[0].log(), 10, "the node to say why")
+    assert reasons_on(nodes, live.token) == [STALE] * 2
     cluster.redis.client().xdel("agentauthz:revocations", entry)
     wait_until(lambda: reasons_on(nodes, live.token) == [ALLOW] * 2, 10, "both nodes to serve again")
 

@@ -74,6 +74,7 @@ class ClusterNode:
         self.public_keys = SharedKeys(self.engine, authority.adopt_keys)
         self._saved_id = ""
         self._recovering = False  # a recovery that failed part way is finished before anything else
+        self._went_back_at = ""  # the entry whose number last said the stream went back (apply)
         self._checkpoints = CheckpointCopier(self.engine, state_dir / "audit")
         self._published = "0-0"  # the newest entry this node published
         self._published_lock = threading.Lock()
@@ -257,7 +258,10 @@ class ClusterNode:
             raw = self.engine.client.hgetall(self.keys.bans)
         except redis.RedisError as exc:
             raise unavailable(exc, "bans") from None
-        shared = {k.decode(): int(v) for k, v in raw.items()}
+        try:
+            shared = {k.decode(): int(v) for k, v in raw.items()}
+        except ValueError:
+            raise StateError(f"the cluster's bans ({self.keys.bans}) hold a value that is no time") from None
         local = self._authority.revocations.banned_agents()
         apply = [{"op": "ban", "name": a, "at": at} for a, at in shared.items() if at >= 0 and a not in local]
         apply += [{"op": "unban", "name": a, "at": -shared[a]} for a, at in local.items()
@@ -295,8 +299,14 @@ class ClusterNode:
         for entry_id, fields in entries:
             entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
             node = fields.get(b"n", b"").decode()
-            number = int(fields.get(b"s", 0))
+            try:
+                number = int(fields.get(b"s", 0))
+            except ValueError:
+                raise StateError(f"cluster stream entry {entry_id}: unreadable number") from None
             if number and number <= seq:  # numbered again after a loss: the entries in between are gone
+                if entry_id == self._went_back_at:  # still there once recovered: written out of order
+                    raise StateError(f"cluster stream entry {entry_id}: number {number} after {seq}")
+                self._went_back_at = entry_id
                 raise StreamWentBack(f"the revocation stream went back: entry {entry_id} is number {number}"
                                      f", this node applied {seq}")
             seq = max(seq, number)
