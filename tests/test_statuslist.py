@@ -240,8 +240,12 @@ def test_minted_slots_mark_late_mints_and_forget_expired_ones() -> None:
     assert minted.mark_agent("alpha") == 2 and minted.marked() == [1, 2]
     index.revoke_task("alpha t", 1000)
     minted.remember("alpha t", ["alpha"], 3, 1100, 1000)  # minted before the cutoff, remembered after
-    minted.remember("alpha t", ["alpha"], 4, 1100, 1001)  # after it: alive
-    assert minted.marked() == [1, 2, 3]
+    # After it by the minting node's clock (one running ahead, its mint racing the end): dead too, as
+    # Check decides (an ended task mints nothing more).
+    minted.remember("alpha t", ["alpha"], 4, 1100, 1001)
+    index.revoke_agent("delta", 1000)
+    minted.remember("delta w", ["delta"], 6, 1100, 1001)  # a revoked agent's later mint: alive
+    assert minted.marked() == [1, 2, 3, 4]
     clock.now = 1000 + statuslist.SWEEP_INTERVAL + 100  # past 1100: the sweep forgets all of them
     minted.remember("gamma v", ["gamma"], 5, int(clock.now) + 10, int(clock.now))
     assert minted.marked() == [] and len(minted) == 2  # slot 5, once for its task, once for gamma

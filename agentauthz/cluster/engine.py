@@ -20,7 +20,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from ..errors import ClusterUnavailable
+from ..errors import ClusterUnavailable, StateError
 from .settings import ClusterSettings
 
 EPOCH_LOST = "AGENTAUTHZ_EPOCH"
@@ -54,7 +54,7 @@ end
 return redis.call('INCRBY', KEYS[2], ARGV[2])
 """
 
-# Recovery: the slot counter must pass every slot any node knows was handed out.
+# Recovery: a counter (slots, the stream's numbers) must pass every value any node knows was used.
 _RAISE_FLOOR = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then
   return redis.error_reply('AGENTAUTHZ_EPOCH the cluster epoch changed: the engine lost its data')
@@ -115,6 +115,14 @@ def async_client(settings: ClusterSettings, timeout: float) -> Any:
         sentinel = redis.asyncio.Sentinel(list(settings.sentinels), **args)
         return sentinel.master_for(settings.sentinel_master, **args)
     return redis.asyncio.Redis.from_url(settings.redis, **args)
+
+
+def sequence_number(raw: bytes | None) -> int:
+    """The stream counter's value (``Keys.sequence``); StateError if it is no number."""
+    try:
+        return int(raw or 0)
+    except ValueError:
+        raise StateError(f"the cluster's stream counter holds {raw!r}, not a number") from None
 
 
 class EpochLost(ClusterUnavailable):
@@ -188,9 +196,15 @@ class Engine:
     def sequence(self) -> int:
         """The number of the stream's last entry (0: none yet)."""
         try:
-            return int(self.client.get(self.keys.sequence) or 0)
+            raw = self.client.get(self.keys.sequence)
         except redis.RedisError as exc:
             raise unavailable(exc, "stream sequence") from None
+        return sequence_number(raw)
+
+    def raise_sequence_floor(self, floor: int) -> int:
+        """Number the next entries past ``floor`` (a recovery: the counter may have been lost)."""
+        keys = (self.keys.epoch, self.keys.sequence)
+        return int(self._run("stream sequence", "floor", keys, (self.epoch, floor)))
 
     def mark_lost(self, at: float) -> None:
         """Budgets counted before ``at`` may be gone (a recovery): cluster/budgets.py denies them a window."""

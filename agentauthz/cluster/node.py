@@ -22,7 +22,7 @@ import redis
 from .. import durable
 from ..errors import ClusterUnavailable, StateError
 from .checkpoints import CheckpointCopier
-from .engine import Engine, async_client, unavailable
+from .engine import Engine, async_client, sequence_number, unavailable
 from .freshness import Freshness
 from .keys import SharedKeys
 from .settings import ClusterSettings
@@ -74,7 +74,8 @@ class ClusterNode:
         self.public_keys = SharedKeys(self.engine, authority.adopt_keys)
         self._saved_id = ""
         self._recovering = False  # a recovery that failed part way is finished before anything else
-        self._went_back_at = ""  # the entry whose number last said the stream went back (apply)
+        self._rereading = False  # reading the stream again from its start after a recovery (apply)
+        self._retired_read_at = -1.0  # when reload_retired_token_id_keys last read Redis (monotonic)
         self._checkpoints = CheckpointCopier(self.engine, state_dir / "audit")
         self._published = "0-0"  # the newest entry this node published
         self._published_lock = threading.Lock()
@@ -238,10 +239,29 @@ class ClusterNode:
             durable.replace(self._retired_path, b"".join(kept), 0o600)
         if shared != had:
             durable.replace(self._token_id_path, shared, 0o600)
+        self._adopt(shared, retired, kept)
+
+    def _adopt(self, shared: bytes, *retired: Any) -> None:
+        """Token ids under ``shared``, and under every ``retired`` key (Redis's set, this node's file)."""
         # This daemon's own key from before it joined, too: tokens it minted then are its agents' still.
         own = self._authority.standalone_token_id_key
-        accepted = {k for k in (*retired, *kept, own) if len(k) == 32 and k != shared}
+        accepted = {k for keys in retired for k in keys if len(k) == 32 and k != shared}
+        accepted |= {own} if own != shared else set()
         self._authority.adopt_token_id_key(shared, tuple(sorted(accepted)))
+
+    def reload_retired_token_id_keys(self) -> None:
+        """Re-read the keys other nodes retired (a revoke by id this node's keys refuse), at most once a
+        second; with Redis unreachable, the keys held stand (the revoke is refused, and audited)."""
+        now = time.monotonic()
+        if now - self._retired_read_at < 1.0:
+            return
+        self._retired_read_at = now
+        try:
+            retired = self.engine.client.smembers(self.keys.retired_token_id_keys)
+        except redis.RedisError as exc:
+            log.warning("cannot re-read the retired token-id keys: %s", unavailable(exc, "token-id key"))
+            return
+        self._adopt(self._authority.token_ids.key, retired, self._retired_token_id_keys())
 
     def _retired_token_id_keys(self) -> list[bytes]:
         try:
@@ -251,9 +271,9 @@ class ClusterNode:
         return [raw[at:at + 32] for at in range(0, len(raw) - len(raw) % 32, 32)]
 
     def _sync_bans(self) -> None:
-        """Bans outlive the trimmed stream: the bans hash holds every ban in force, and every unban since
-        (a tombstone, "-at"). A ban here that the hash lacks, or that is newer than its tombstone, Redis
-        lost: published again, never lifted; only an unban lifts a ban."""
+        """Bans outlive the trimmed stream: the bans hash holds each agent's last ban or unban, written
+        in stream order (an unban as a tombstone, "-at"). A ban here the hash lacks stays: only an unban
+        lifts a ban, and a ban Redis lost is published again by the recovery that notices the loss."""
         try:
             raw = self.engine.client.hgetall(self.keys.bans)
         except redis.RedisError as exc:
@@ -263,17 +283,11 @@ class ClusterNode:
         except ValueError:
             raise StateError(f"the cluster's bans ({self.keys.bans}) hold a value that is no time") from None
         local = self._authority.revocations.banned_agents()
-        apply = [{"op": "ban", "name": a, "at": at} for a, at in shared.items() if at >= 0 and a not in local]
-        apply += [{"op": "unban", "name": a, "at": -shared[a]} for a, at in local.items()
-                  if shared.get(a, 0) < 0 and -shared[a] >= at]
-        lost = [{"op": "ban", "name": a, "at": at} for a, at in local.items()
-                if a not in shared or shared[a] < 0 and -shared[a] < at]
-        if apply:
-            self._authority.apply_cluster_records(apply, [])
-        if lost:
-            log.error("the cluster's bans lack %s, banned here: publishing them again",
-                      sorted(r["name"] for r in lost))
-            self.publish(lost)
+        records = [{"op": "ban", "name": a, "at": at} for a, at in shared.items()
+                   if at >= 0 and a not in local]
+        records += [{"op": "unban", "name": a, "at": -shared[a]} for a in local if shared.get(a, 0) < 0]
+        if records:
+            self._authority.apply_cluster_records(records, [])
 
     def catch_up(self, *, skip_own: bool) -> None:
         """Apply every entry after ``last_id`` (synchronously: joining, or recovering)."""
@@ -283,6 +297,7 @@ class ClusterNode:
             except redis.RedisError as exc:
                 raise unavailable(exc, "stream") from None
             if not entries:
+                self._rereading = False
                 return
             self.apply(entries, skip_own=skip_own)
 
@@ -303,10 +318,10 @@ class ClusterNode:
                 number = int(fields.get(b"s", 0))
             except ValueError:
                 raise StateError(f"cluster stream entry {entry_id}: unreadable number") from None
-            if number and number <= seq:  # numbered again after a loss: the entries in between are gone
-                if entry_id == self._went_back_at:  # still there once recovered: written out of order
-                    raise StateError(f"cluster stream entry {entry_id}: number {number} after {seq}")
-                self._went_back_at = entry_id
+            # Numbered again after a loss: the entries in between are gone. Not while the stream is read
+            # again from its start after a recovery: it is taken as it is (the journals were re-published),
+            # and numbers from before a counter Redis lost may run ahead of newer ones.
+            if number and number <= seq and not self._rereading:
                 raise StreamWentBack(f"the revocation stream went back: entry {entry_id} is number {number}"
                                      f", this node applied {seq}")
             seq = max(seq, number)
@@ -350,7 +365,11 @@ class ClusterNode:
         self._recovering = True
         log.error("cluster engine lost its data (%s): re-publishing this node's revocations", reason)
         self.engine.epoch = self.engine.found_epoch()
-        self.engine.applied_seq = 0  # the stream is read again from its start (last_id below)
+        # New entries are numbered past every one this node applied (a counter Redis lost restarts at
+        # 0); the stream is read again from its start (last_id below).
+        self.engine.raise_sequence_floor(self.engine.applied_seq)
+        self.engine.applied_seq = 0
+        self._rereading = True
         # Budget counts went with the data: cluster/budgets.py denies what they counted for a window.
         self.engine.mark_lost(self._authority.clock())
         republished = self._republish()
@@ -393,7 +412,7 @@ class ClusterNode:
                     if self._recovering or epoch is None or epoch.decode() != self.engine.epoch:
                         await asyncio.to_thread(self._recover, "the engine's epoch changed")
                         continue
-                    if int(seq or 0) < self.engine.applied_seq:  # no entry may come to show it: look
+                    if sequence_number(seq) < self.engine.applied_seq:  # no entry may come to show it
                         await asyncio.to_thread(self._recover, "the revocation stream went back")
                         continue
                     reply = await client.xread({self.keys.stream: self.last_id}, count=BATCH, block=block_ms)
@@ -406,6 +425,7 @@ class ClusterNode:
                             continue
                         await self._report_applied(client)  # what a revoking node waits for
                     if len(entries) < BATCH:  # caught up as of ``sent``
+                        self._rereading = False
                         self.freshness.heard(sent, max_staleness)
                     if sent >= next_status:
                         next_status = sent + STATUS_INTERVAL

@@ -58,7 +58,8 @@ def reserve(config: Any) -> Reserved:
     not. gRPC and granian bind the Check listeners with SO_REUSEPORT too, and would share them with
     another daemon's without a word: so those are then held with SO_REUSEPORT alone, which our own
     Check listeners and workers bind beside, and which fails that first bind of another daemon starting
-    meanwhile. The other listeners (no SO_REUSEPORT) fail to bind beside another daemon's.
+    meanwhile (but for the microseconds between the two binds). The other listeners (no
+    SO_REUSEPORT) fail to bind beside another daemon's.
     """
     held: list[socket.socket] = []
     try:
@@ -98,7 +99,11 @@ def _tcp_hold(address: str, held: list[socket.socket], shared: bool) -> str | No
         hold, why = _bound(family, kind, proto, where, socket.SO_REUSEADDR)
         if hold is not None and shared:  # checked: now held as the Check listeners bind
             hold.close()
-            hold, why = _bound(family, kind, proto, where, socket.SO_REUSEPORT)
+            held_alone, _ = _bound(family, kind, proto, where, socket.SO_REUSEPORT)
+            # None: a connection of another program lingers there in TIME_WAIT, which SO_REUSEPORT alone
+            # does not pass but the listeners' own bind does. Held as checked, then.
+            hold, why = (held_alone, "") if held_alone is not None else _bound(
+                family, kind, proto, where, socket.SO_REUSEADDR)
         if why:
             return why
         if hold is not None:

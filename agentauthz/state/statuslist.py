@@ -156,9 +156,10 @@ class MintedSlots:
             for subject in subjects:
                 self._add(self._agents, subject, slot, exp)
             # The task ended or an agent was revoked between this mint and now: the mark that
-            # came with it has already run, so mark this one here.
-            cutoffs = [self._cutoffs.tasks.get(task_key)] + [self._cutoffs.agents.get(s) for s in subjects]
-            if any(cut is not None and iat <= cut for cut in cutoffs):
+            # came with it has already run, so mark this one here. An ended task's every token,
+            # whatever its iat, as Check decides (RevocationIndex.revoke_task).
+            cutoffs = [self._cutoffs.agents.get(s) for s in subjects]
+            if task_key in self._cutoffs.tasks or any(cut is not None and iat <= cut for cut in cutoffs):
                 self._mark(slot, exp)
             if now - self._swept >= SWEEP_INTERVAL:
                 self._sweep(now)
