@@ -351,10 +351,11 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
 
     def revoke_token(self, caller: str, token_id: str) -> int:
         slot, exp, _ = self.token_ids.parse(token_id)
-        if not (self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)) \
-                and self.cluster is not None:
+        permitted = self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)
+        if not permitted and self.cluster is not None:
             self.cluster.reload_retired_token_id_keys()  # another node may have retired one since
-        if not (self.is_admin(caller) or self.token_ids.minted_by(token_id, caller)):
+            permitted = self.token_ids.minted_by(token_id, caller)
+        if not permitted:
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, token_id=token_id)
             raise Refused(NOT_PERMITTED, "only the agent that minted a token (or an admin) may revoke it")
         try:

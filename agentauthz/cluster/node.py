@@ -365,11 +365,8 @@ class ClusterNode:
         self._recovering = True
         log.error("cluster engine lost its data (%s): re-publishing this node's revocations", reason)
         self.engine.epoch = self.engine.found_epoch()
-        # New entries are numbered past every one this node applied (a counter Redis lost restarts at
-        # 0); the stream is read again from its start (last_id below).
+        # New entries are numbered past every one this node applied (a counter Redis lost restarts at 0).
         self.engine.raise_sequence_floor(self.engine.applied_seq)
-        self.engine.applied_seq = 0
-        self._rereading = True
         # Budget counts went with the data: cluster/budgets.py denies what they counted for a window.
         self.engine.mark_lost(self._authority.clock())
         republished = self._republish()
@@ -378,7 +375,10 @@ class ClusterNode:
         # would found another token-id key. Every recovering node offers the same key (SET NX).
         self.adopt_token_id_key()
         self.public_keys.publish()
+        # The stream is read again from its start, as it is (apply): numbering starts over with it.
         self.last_id = "0-0"
+        self.engine.applied_seq = 0
+        self._rereading = True
         self._saved_id = ""
         self._recovering = False
         self.recoveries += 1

@@ -99,11 +99,10 @@ def _tcp_hold(address: str, held: list[socket.socket], shared: bool) -> str | No
         hold, why = _bound(family, kind, proto, where, socket.SO_REUSEADDR)
         if hold is not None and shared:  # checked: now held as the Check listeners bind
             hold.close()
-            held_alone, _ = _bound(family, kind, proto, where, socket.SO_REUSEPORT)
-            # None: a connection of another program lingers there in TIME_WAIT, which SO_REUSEPORT alone
-            # does not pass but the listeners' own bind does. Held as checked, then.
-            hold, why = (held_alone, "") if held_alone is not None else _bound(
-                family, kind, proto, where, socket.SO_REUSEADDR)
+            hold, _ = _bound(family, kind, proto, where, socket.SO_REUSEPORT)
+            if hold is None:  # another program's connection lingers there in TIME_WAIT, which SO_REUSEPORT
+                # alone does not pass but the listeners' own bind does: held as checked, then
+                hold, why = _bound(family, kind, proto, where, socket.SO_REUSEADDR)
         if why:
             return why
         if hold is not None:
