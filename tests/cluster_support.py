@@ -168,6 +168,15 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> floa
         time.sleep(0.02)
 
 
+def wait_for_a_recovery(nodes: list[Node], what: str, timeout: float = 30.0) -> None:
+    """Wait until one of ``nodes`` has recovered. When Redis goes back under the same epoch, the first
+    node to notice raises the numbering and re-publishes its journal; one that looks after it finds the
+    numbering past what it applied and reads that journal instead (it recovers only if it had applied
+    more, which the re-published numbers then show it)."""
+    wait_until(lambda: sum(n.metrics()["agentauthz_cluster_recoveries_total"] for n in nodes) >= 1,
+               timeout, what)
+
+
 def envoy_cluster_config(check_ports: list[int], upstream_port: int, listen_port: int,
                          admin_port: int) -> str:
     """The shipped one-Envoy-three-daemons example with its fixed ports swapped for the test's."""

@@ -14,7 +14,18 @@ from typing import Any, Iterator
 
 import grpc
 import pytest
-from cluster_support import READ, Cluster, Node, Probe, Watch, mint_many, reasons_on, slot_of, wait_until
+from cluster_support import (
+    READ,
+    Cluster,
+    Node,
+    Probe,
+    Watch,
+    mint_many,
+    reasons_on,
+    slot_of,
+    wait_for_a_recovery,
+    wait_until,
+)
 
 from agentauthz import reasons
 from agentauthz.decision.policy import DEV_POLICY
@@ -250,8 +261,8 @@ BUDGET_POLICY = DEV_POLICY.read_text() + """
 
 def test_redis_back_from_an_older_snapshot_loses_no_acknowledged_revocation_nor_ban(tmp_path: Path) -> None:
     """Redis restarted from a snapshot older than the last revocations (no AOF, an fsync that never ran,
-    a replica that was behind): the same epoch, but an older stream and bans hash. The nodes that applied
-    more see its numbering go back and publish their journals again; a node that was down meanwhile
+    a replica that was behind): the same epoch, but an older stream and bans hash. A node that applied
+    more sees its numbering go back and publishes its journal again; a node that was down meanwhile
     learns everything; a ban the snapshot lacks is published again, never lifted."""
     c = Cluster(tmp_path, cluster={"max_staleness": MAX_STALENESS}, config={"admins": [ADMIN]},
                 persistent=False)
@@ -266,9 +277,7 @@ def test_redis_back_from_an_older_snapshot_loses_no_acknowledged_revocation_nor_
         c.client("a", ADMIN).revoke(agent=GAMMA)
         c.redis.kill()
         c.redis.start()  # from the snapshot: the epoch is there, the last three entries are not
-        for node in (a, b):
-            wait_until(lambda n=node: n.metrics()["agentauthz_cluster_recoveries_total"] >= 1, 30,
-                       f"{node.name} to see the stream go back")
+        wait_for_a_recovery([a, b], "a node to see the stream go back")
         down.start()
         everyone = [a, b, down]
         watch = Watch(everyone, [revoked.token, ended.token, banned.token])
@@ -314,17 +323,15 @@ def test_a_node_founding_first_after_a_loss_leaves_every_agent_able_to_revoke_it
 
 
 def test_a_stream_counter_lost_alone_is_raised_again_and_the_nodes_serve_on(cluster: Cluster) -> None:
-    """The stream's numbering counter gone (evicted, deleted) with the stream still there: the nodes
-    see it below what they applied, recover, and number the next entries past every earlier one,
+    """The stream's numbering counter gone (evicted, deleted) with the stream still there: a node sees
+    it below what it applied, recovers, and numbers the next entries past every earlier one,
     rather than reading the stream's old numbers as out of order for ever."""
     nodes = cluster.start_all("a", "b")
     live, dead = cluster.client("a").mint("live", READ), cluster.client("b").mint("dead", READ)
     cluster.client("a").revoke(token_id=dead.token_id)
     numbered = int(cluster.redis.client().get("agentauthz:sequence"))
     cluster.redis.client().delete("agentauthz:sequence")
-    for node in nodes:
-        wait_until(lambda n=node: n.metrics()["agentauthz_cluster_recoveries_total"] >= 1, 30,
-                   f"{node.name} to see the counter go back")
+    wait_for_a_recovery(nodes, "a node to see the counter go back")
     everywhere(nodes, live.token, ALLOW, "the nodes to serve again")
     assert reasons_on(nodes, dead.token) == [REVOKED] * 2
     later = cluster.client("b").mint("later", READ)
