@@ -28,7 +28,7 @@ cdef str _AUTHORIZATION = "authorization"
 cdef str _REQUEST_ID = "x-request-id"
 
 
-def scan_http(str method not None, str path not None, list header_items not None, list header_names not None,
+def scan_http(str method not None, str path not None, list header_items not None, Py_ssize_t header_count,
               peer_of):
     """See ``_http_py.scan_http``."""
     cdef dict headers = {}
@@ -53,7 +53,7 @@ def scan_http(str method not None, str path not None, list header_items not None
             return None
         else:
             PyDict_SetItem(headers, name, value)
-    if len(headers) + len(extensions) != len(header_names):  # a header granian gave no value of
+    if len(headers) + len(extensions) != header_count:  # a header granian gave no value of
         return None
     found = PyDict_GetItem(headers, _PATH)
     if found is NULL:

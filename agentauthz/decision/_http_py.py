@@ -24,14 +24,15 @@ _SINGLE = frozenset({PATH_HEADER, XFCC})  # Envoy sets each once; two are a clie
 Answer = tuple[int, list[tuple[str, str]], bytes]
 
 
-def scan_http(method: str, path: str, header_items: list[tuple[str, str]], header_names: list[str],
+def scan_http(method: str, path: str, header_items: list[tuple[str, str]], header_count: int,
               peer_of: Callable[[str], tuple[str, str] | None]) -> tuple[Any, ...] | None:
     """The fields ``CheckService.check`` decides (``_request_py.Fields``) of one HTTP ext_authz request,
     but for the last: on an MCP route the headers (the caller makes the request its body is read
     from), else None. None when it is not a request Envoy set up as README "The HTTP Check" says: no
     or a repeated ``x-agentauthz-path``, one not naming ``path``, an unknown or repeated route key,
-    a repeated ``x-forwarded-client-cert`` or one that is not ``peer_of`` one element; and when a
-    header of ``header_names`` (every name the request has) has no value in ``header_items``.
+    a repeated ``x-forwarded-client-cert`` or one that is not ``peer_of`` one element; and when the
+    request has more header names than ``header_items`` names (``header_count``: granian's
+    ``len(headers)``, each name once), one of them with no value there.
 
     granian hands over only values of visible ASCII and leaves out any other (UTF-8 too) without a
     word, while still naming the header: read as absent, a route's target would fall back to the
@@ -54,7 +55,7 @@ def scan_http(method: str, path: str, header_items: list[tuple[str, str]], heade
             return None  # a route key agentauthz does not know: not one Envoy's config sets
         else:
             headers[name] = value
-    if len(headers) + len(extensions) != len(header_names):  # every name in header_items is one of them
+    if len(headers) + len(extensions) != header_count:  # every name in header_items is one of them
         return None
     original = headers.get(PATH_HEADER)
     if original is None:

@@ -143,7 +143,8 @@ class HttpCheck:
         try:
             try:
                 headers = scope.headers
-                fields = self._scan(scope.method, scope.path, headers.items(), headers.keys(), peer_of)
+                # len(headers): each name once, whether or not items() could give its value.
+                fields = self._scan(scope.method, scope.path, headers.items(), len(headers), peer_of)
             except Exception:  # a fault of ours, not the caller's: Check answers it internal_error
                 log.exception("reading an HTTP Check request failed")
                 fields = UNPARSED

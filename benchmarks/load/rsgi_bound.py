@@ -3,7 +3,7 @@
     AGENTAUTHZ_BOUND_JWKS=FILE AGENTAUTHZ_BOUND_DIR=DIR \\
         granian --interface rsgi --workers 1 --runtime-threads 1 benchmarks.load.rsgi_bound:app
 
-Per request: read every header and every name (the HTTP Check must, to refuse forged route headers and
+Per request: read every header and count the names (the HTTP Check must, to refuse forged route headers and
 one whose value granian left out), take the bearer,
 (cold, when ``AGENTAUTHZ_BOUND_JWKS`` names the daemon's JWKS: one bare PyNaCl verify of its signature and
 a read of its claims), append one hash-chained record with write(2) (``bound.ChainedLog``, the gRPC bound's
@@ -46,7 +46,7 @@ def bound_app(keys: dict[str, Any], log: ChainedLog) -> Any:
             seen.add(name)
             if name == "authorization":
                 bearer = value
-        if len(seen) != len(scope.headers.keys()):  # a value granian left out: refused (request_invalid)
+        if len(seen) != len(scope.headers):  # a value granian left out: refused (request_invalid)
             raise ValueError("a header value that is not visible ASCII")
         token = bearer[7:] if bearer[:7].lower() == "bearer " else ""
         if keys:
