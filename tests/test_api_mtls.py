@@ -171,3 +171,22 @@ def test_cli_keys_list_and_admin_rotation(daemon: Daemon, pki: DevPki, tmp_path:
     after = keys()
     assert after[new_current] == "current" and before[new_current] == "next"  # published before it signed
     assert sum(state == "previous" for state in after.values()) >= 1
+
+
+def test_ending_a_task_no_token_can_carry_is_refused_before_the_journal(daemon: Daemon, pki: DevPki,
+                                                                         tmp_path: Path) -> None:
+    """EndTask and a task-scoped Revoke take the task names Mint takes (1-256 printable characters):
+    a 3 MB name would otherwise go to the revocation journal and the audit log as it is."""
+    issue_svid(pki, AGENT, tmp_path)
+    client = Client(daemon.api_address, Identity.from_dir(tmp_path))
+    journal = daemon.state_dir / "revocations" / "journal.jsonl"
+    size = journal.stat().st_size
+    for name in ("x" * (3 << 20), "x" * 257, "two words", "tab\there", "nul\x00"):
+        for end in (client.end_task, lambda task: client.revoke(task=task)):
+            with pytest.raises(grpc.RpcError) as info:
+                end(name)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name[:20]
+            assert "task must be 1-256 printable characters" in (info.value.details() or "")
+    assert journal.stat().st_size == size
+    client.end_task("x" * 256)  # the longest name a token can carry still ends
+    assert journal.stat().st_size > size

@@ -55,6 +55,13 @@ def open_audit(config: Config, directory: Path, key: Ed25519PrivateKey,
                          batch_size=config.audit_batch_size, queue_max=config.audit_queue_max, clock=clock)
 
 
+def check_task_name(task: str) -> None:
+    """Refuse (request_invalid) a task name no token can carry. It reaches the upstream as
+    x-agentauthz-task: no control or format characters either."""
+    if not task or len(task) > 256 or any(c.isspace() for c in task) or not task.isprintable():
+        raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 printable characters without spaces")
+
+
 def keys_dir(state: Path, config: Config, audience: str) -> Path:
     """The default boundary keeps ``keys/`` (as before boundaries); every other one ``keys-NAME/``."""
     return state / "keys" if audience == config.audiences[0] else state / f"keys-{audience}"
@@ -280,9 +287,7 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
         grants inside the approved ones) they are granted, and the token expires with the approval.
         """
         self._refuse_banned("mint", agent, agent=agent, task=task, intent=intent, requested=list(grants))
-        # The task reaches the upstream as x-agentauthz-task: no control or format characters either.
-        if not task or len(task) > 256 or any(c.isspace() for c in task) or not task.isprintable():
-            raise Refused(reasons.REQUEST_INVALID, "task must be 1-256 printable characters without spaces")
+        check_task_name(task)
         if len(intent) > tokens.MAX_INTENT_CHARS:
             raise Refused(reasons.REQUEST_INVALID, "intent is too long")
         audience = audience or self.config.audiences[0]
@@ -368,8 +373,7 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
 
     def end_task(self, caller: str, task: str, owner: str | None = None) -> int:
         """End ``owner``'s task (the caller's own unless an admin names another agent)."""
-        if not task:
-            raise Refused(reasons.REQUEST_INVALID, "name the task to end")
+        check_task_name(task)  # no task has another name: nothing else goes in the journal and the log
         owner = owner or caller
         if owner != caller and not self.is_admin(caller):
             self._audit("revoke", decision=False, reason=NOT_PERMITTED, agent=caller, task=task)
