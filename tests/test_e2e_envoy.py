@@ -138,6 +138,29 @@ def test_sensitivity_above_grant_is_403(stack: Stack) -> None:
     assert (status, body["error"]) == (403, "sensitivity_exceeded")
 
 
+def test_every_method_on_a_tools_paths_is_decided_as_its_route_or_answered_405(stack: Stack) -> None:
+    """A method a tool's routes do not name must not fall through to the catch-all route, where the
+    policy's defaults would decide it (the public sensitivity, no boundary, the path's target): PUT and
+    PATCH are writes and HEAD a read of the route's internal data; any other method Envoy answers 405
+    itself, on /demo/reports, /data/reports and /billing/invoices alike (the echo tool answers 501)."""
+    public = stack.mint("methods-public", ["demo:*:read,write:public"]).token
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH"):
+        status, body, _ = stack.call(public, method)
+        assert status == 403, method
+        if method != "HEAD":  # no body
+            assert body["error"] == "sensitivity_exceeded", method
+    read = stack.mint("methods-read", READ).token
+    assert stack.call(read, "HEAD")[0] == 200
+    for method in ("PUT", "PATCH"):
+        assert stack.call(read, method)[:2] == (403, {"error": "scope_denied"}), method
+        assert stack.call(stack.mint("methods-write").token, method)[1]["method"] == method  # reaches it
+    for path in ("/demo/reports", "/demo/reports/q3", "/data/reports", "/billing/invoices/42"):
+        for method in ("OPTIONS", "PURGE", "POST", "PUT", "DELETE"):
+            if path.startswith("/demo") and method in ("POST", "PUT", "DELETE"):
+                continue  # routed: decided above
+            assert stack.call(read, method, path)[:2] == (405, {}), (method, path)
+
+
 @pytest.mark.parametrize("mangle", [
     lambda t: t[:-4] + ("AAAA" if not t.endswith("AAAA") else "BBBB"),  # signature changed
     lambda t: t.split(".")[0] + "." + t.split(".")[1][:-2] + "xx." + t.split(".")[2],  # claims changed

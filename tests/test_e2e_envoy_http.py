@@ -39,6 +39,7 @@ from test_e2e_envoy import (  # noqa: F401  (collected here, on this module's fi
     test_a_caller_cannot_forge_the_identity_headers_the_tool_trusts,
     test_a_token_works_on_its_own_boundarys_routes_only,
     test_ended_task_is_401_at_the_next_request_and_other_tasks_live_on,
+    test_every_method_on_a_tools_paths_is_decided_as_its_route_or_answered_405,
     test_expired_token_is_401,
     test_granted_call_reaches_tool_with_identity_headers_and_without_token,
     test_no_token_is_401_with_bearer_challenge,

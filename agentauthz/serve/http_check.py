@@ -164,6 +164,10 @@ class HttpCheck:
                     http.raw_body = await read_body(protocol, http.headers.get("content-length"))
                 answer = await self._check(fields, None)  # (not fresh: check answers revocation_stale)
             status, headers, payload = self._answers(answer)
+            if payload and scope.method == "HEAD":
+                # Envoy asks with the request's own method, and a body in answer to a HEAD is a stream
+                # error to it (503, status_on_error) instead of the denial.
+                payload = b""
         except Exception:  # never an allow: Envoy takes a 5xx as an error, which status_on_error denies
             log.exception("the HTTP Check failed")
             status, headers, payload = 500, [], b""
