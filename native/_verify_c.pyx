@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 from agentauthz import errors, reasons
 from agentauthz.decision.constraints import Constrained
-from agentauthz.decision.tokens import SENSITIVITY_RANK
+from agentauthz.decision.tokens import SENSITIVITY_RANK, approval_covers
 
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.dict cimport PyDict_GetItemWithError
@@ -422,6 +422,7 @@ cdef class Verifier:
         answer = policy.permits(entry.sub, tool, target, operation, rank)
         # A token minted under a human's approval carries it (authority.py); asked only then, so a
         # policy view that gates nothing need not know the keyword.
-        if answer == APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
+        if answer == APPROVAL_REQUIRED and approval_covers(entry.claims.get("approval"), tool, target,
+                                                          operation, rank):
             answer = policy.permits(entry.sub, tool, target, operation, rank, approved=True)
         return answer or ALLOW

@@ -99,7 +99,9 @@ def test_pending_then_approved_then_the_token_carries_the_approver(daemon: Daemo
     minted = a.mint("cleanup", GATED, approval_id=pending.id)
     claims = claims_of(minted.token)
     assert minted.approver == approved.approver
-    assert claims["approval"] == {"id": pending.id, "approver": {"sub": "alice", "iss": DEV_ISSUER}}
+    assert claims["approval"] == {"id": pending.id, "approver": {"sub": "alice", "iss": DEV_ISSUER},
+                                  "grants": [{"tool": "demo", "target": "reports", "ops": ["delete"],
+                                              "sensitivity": "public"}]}  # what the human approved
     assert claims["exp"] <= approved.expires_at
     assert a.check(minted.token, "demo", "reports", "delete").allowed
     assert a.check(minted.token, "demo", "payroll", "delete").reason == "scope_denied"  # not approved

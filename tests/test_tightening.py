@@ -18,14 +18,17 @@ from processes import Daemon, echo_upstream, envoy, envoy_config, free_port, req
 from support import Forge, make_verifier
 
 from agentauthz import reasons
+from agentauthz.authority.approvers import issue_dev_credential
 from agentauthz.authority.budgets import BudgetTable
-from agentauthz.client import Client, Identity
+from agentauthz.client import ApprovalsClient, Client, Identity
 from agentauthz.decision import tokens
 from agentauthz.decision.constraints import Constrained, enforce
 from agentauthz.decision.policy import Policy
 from agentauthz.identity.devca import ensure_dev_pki, issue_svid
 
 AGENTS = "spiffe://dev.local/agent/"
+DELETE = {"id": "delete", "agents": [AGENTS + "*"], "tool": "demo", "targets": ["reports"],
+          "operations": ["delete"], "max_sensitivity": "internal", "max_ttl": 600, "approval": "required"}
 DEMO = {"id": "demo", "agents": [AGENTS + "*"], "tool": "demo", "targets": ["*"],
         "operations": ["read", "write"], "max_sensitivity": "internal", "max_ttl": 600}
 FILES = {"id": "files", "agents": [AGENTS + "*"], "tool": "read_file", "targets": ["files"],
@@ -34,7 +37,7 @@ FILES = {"id": "files", "agents": [AGENTS + "*"], "tool": "read_file", "targets"
 
 def policy_text(*changes: dict[str, Any]) -> str:
     """The test policy, each rule of ``changes`` replacing the rule of its id."""
-    rules = {r["id"]: r for r in (DEMO, FILES)}
+    rules = {r["id"]: r for r in (DEMO, FILES, DELETE)}
     for change in changes:
         rules[change["id"]] = {**rules[change["id"]], **change}
     return yaml.safe_dump({"version": 1, "rules": list(rules.values())})
@@ -102,6 +105,28 @@ def test_an_approval_gate_added_by_reload_denies_a_live_token_without_approval(s
     assert stack.get(token) == (403, reasons.APPROVAL_REQUIRED)  # allowed before issue 16
     stack.reload(policy_text())
     assert stack.get(token) == (200, "")
+
+
+def test_a_humans_approval_never_stretches_to_a_grant_a_reload_gates_later(stack: Stack) -> None:
+    """A token minted under a human's approval of a delete also carries an ungated read. When a reload
+    gates the read, the approval does not answer for it: the human approved the delete alone."""
+    stack.reload(policy_text())
+    agent = stack.client("approved")
+    grants = ["demo:reports:delete:internal", "demo:docs:read:internal"]
+    pending = agent.mint("cleanup", grants).pending
+    state = stack.daemon.state_dir
+    human = ApprovalsClient(stack.daemon.approval_address, issue_dev_credential(state, "alice"),
+                            (state / "pki" / "ca.pem").read_bytes())
+    assert human.approve(pending.id).state == "approved"
+    token = agent.mint("cleanup", grants, approval_id=pending.id).token
+    read, delete = ("demo", "docs", "read", "internal"), ("demo", "reports", "delete", "internal")
+    assert agent.check(token, *read).allowed and agent.check(token, *delete).allowed
+    stack.reload(policy_text({"id": "demo", "approval": "required"}))
+    try:
+        assert agent.check(token, *read).reason == reasons.APPROVAL_REQUIRED  # allowed before
+        assert agent.check(token, *delete).allowed
+    finally:
+        stack.reload(policy_text())
 
 
 def test_a_budget_added_by_reload_binds_a_live_token(stack: Stack) -> None:
@@ -173,13 +198,26 @@ def test_an_approval_gate_allows_only_a_token_that_carries_an_approval(hot: Any)
     verifier = make_verifier(hot, forge)
     verifier.set_policy(Policy.from_text(RULES))
     plain = forge.token(grants=WIDE)
-    approved = forge.token(grants=WIDE, approval={"id": "appr-1", "approver": {"sub": "human", "iss": "x"}})
+
+    def approval(*grants: dict[str, Any]) -> dict[str, Any]:
+        return {"id": "appr-1", "approver": {"sub": "human", "iss": "x"}, "grants": list(grants)}
+
+    gated = tokens.grant("demo", "gated*", ["read"], "internal")
+    approved = forge.token(grants=WIDE, approval=approval(gated))
     assert verifier.decide(plain, "demo", "gated/1", "read", "internal", forge.now) == \
         (reasons.APPROVAL_REQUIRED, None)
     assert verifier.decide(approved, "demo", "gated/1", "read", "internal", forge.now)[0] == reasons.ALLOW
-    forged = forge.token(grants=WIDE, approval="yes")  # not an approval claim
-    assert verifier.decide(forged, "demo", "gated/1", "read", "internal", forge.now)[0] == \
-        reasons.APPROVAL_REQUIRED
+    # The approval stands for what the human approved, never for the token's other grants: a rule gating
+    # them (after a reload) asks a human again; so does an approval naming no grants (an older token's).
+    for claim in (approval(tokens.grant("demo", "gated/2", ["read"], "internal")),
+                  approval(tokens.grant("demo", "gated*", ["write"], "internal")),
+                  approval(tokens.grant("demo", "gated*", ["read"], "public")),
+                  approval(tokens.grant("read_file", "*", ["read"], "internal")),
+                  approval(tokens.grant("demo", "g*ted*", ["read"], "internal")),
+                  {"id": "appr-1", "approver": {"sub": "human", "iss": "x"}}, "yes"):
+        other = forge.token(grants=WIDE, approval=claim)
+        assert verifier.decide(other, "demo", "gated/1", "read", "internal", forge.now)[0] == \
+            reasons.APPROVAL_REQUIRED, claim
 
 
 def test_a_policy_swap_reaches_a_token_already_answered(hot: Any) -> None:

@@ -28,7 +28,7 @@ from ..cluster.freshness import Freshness
 from ..config import Config
 from ..decision import _accel, tokens
 from ..decision.policy import DEV_POLICY, Policy, read_text
-from ..decision.tokens import task_key
+from ..decision.tokens import APPROVED_FIELDS, task_key
 from ..errors import AuditUnavailable, PolicyError
 from ..state import statuslist
 from ..state.clock import steady_clock
@@ -306,8 +306,13 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
         approval = None
         if narrowed.needs_approval and not approval_id:
             return self._request_approval(agent, task, intent, narrowed)
+        approved: list[dict[str, Any]] = []
         if approval_id:
             approval = self._usable_approval(agent, task, approval_id, narrowed.needs_approval, grants)
+            # What the human approved, and all the approval stands for in the token (tokens.approval_covers):
+            # a grant the policy gates only later (a reload) asks a human again. Nothing gated: none carried.
+            approved = [{k: g[k] for k in APPROVED_FIELDS} for g in narrowed.needs_approval]
+            approval = approval if approved else None
             # The gated rules' own TTL caps count too, not only the ungated ones narrow() used.
             gated_ttl = self.policy.narrow(agent, narrowed.needs_approval, narrowed.ttl).ttl or narrowed.ttl
             narrowed = dataclasses.replace(narrowed, granted=narrowed.granted + narrowed.needs_approval,
@@ -338,7 +343,8 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
             agent, task, audience, narrowed.granted, now=now, ttl=ttl, intent=intent, owner=agent, cnf=cnf,
             extra=None if approval is None else {"approval": {
                 "id": approval.id,
-                "approver": {"sub": approval.approver_subject, "iss": approval.approver_issuer}}})
+                "approver": {"sub": approval.approver_subject, "iss": approval.approver_issuer},
+                "grants": approved}})
         self._audit("mint", decision=True, reason=reasons.ALLOW, agent=agent, task=task, intent=intent,
                     token_id=token_id, grants=narrowed.granted, denied=narrowed.denied,
                     needs_approval=narrowed.needs_approval, expires_at=exp, key_id=kid, audience=audience,

@@ -26,7 +26,7 @@ from ._token_py import (
     valid_public_key,
 )
 from .constraints import Constrained
-from .tokens import SENSITIVITY_RANK
+from .tokens import SENSITIVITY_RANK, approval_covers
 
 MEMO_MAX = 64  # distinct requests remembered per token before the memo is reset
 
@@ -318,7 +318,8 @@ class Verifier:
         answer = policy.permits(entry.sub, tool, target, operation, level)
         # A token minted under a human's approval carries it (authority/core.py); asked only then, so a
         # policy view that gates nothing need not know the keyword.
-        if answer == reasons.APPROVAL_REQUIRED and isinstance(entry.claims.get("approval"), dict):
+        if answer == reasons.APPROVAL_REQUIRED and approval_covers(entry.claims.get("approval"), tool, target,
+                                                                  operation, level):
             answer = policy.permits(entry.sub, tool, target, operation, level, approved=True)
         return answer or reasons.ALLOW
 
