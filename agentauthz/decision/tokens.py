@@ -98,7 +98,7 @@ def approval_covers(approval: Any, tool: str, target: str, operation: str, level
         return False  # a token minted before approvals named their grants: asked of a human again
     for g in grants:
         if not isinstance(g, dict) or g.get("tool") != tool or not isinstance(g.get("ops"), list) \
-                or operation not in g["ops"] or SENSITIVITY_RANK.get(g.get("sensitivity"), -1) < level:
+                or operation not in g["ops"] or SENSITIVITY_RANK.get(str(g.get("sensitivity")), -1) < level:
             continue
         pattern = g.get("target")
         if isinstance(pattern, str) and (target == pattern or pattern.endswith("*")
