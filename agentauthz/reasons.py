@@ -115,6 +115,8 @@ ARGUMENT_ABOVE_MAX = "argument_above_max"
 BUDGET_EXHAUSTED = "budget_exhausted"  # 403: the task has made all the calls the grant allows
 RATE_LIMITED = "rate_limited"  # 429 with Retry-After
 BUDGET_TABLE_FULL = "budget_table_full"  # 503: no room to count this task's calls, so none is made
+# 403: this agent holds as many live budget counters (tools x windows) as one agent may; the others' stay
+BUDGET_AGENT_LIMIT = "budget_agent_limit"
 BUDGET_UNAVAILABLE = "budget_unavailable"  # 503: this process has no budget table
 CONSTRAINT_DENIED = frozenset({
     ARGUMENTS_UNAVAILABLE, ARGUMENT_MISSING, ARGUMENT_TYPE, ARGUMENT_PATH_UNSAFE, ARGUMENT_OUTSIDE_PREFIX,

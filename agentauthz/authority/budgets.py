@@ -12,6 +12,14 @@ addressing with linear probing over at most ``PROBE`` slots. Keep-until is the e
 window, which starts with its first counted call; past it the count starts again. Entries are never
 deleted, only reused once past their window and rate state, so a probe may stop at the first
 never-used slot. The rate is a GCRA (a token bucket kept as one "theoretical arrival time", ``tat``).
+
+Agents are kept from filling the table for each other: a second mapping (``NAME-agents``) holds each
+agent's ledger of the counters it holds and until when (``AGENT_COUNTERS`` at most). A call that
+would place one more is refused ``budget_agent_limit`` for that agent alone. A delegated call's
+counters (one per agent of its chain) all go in the ledger of the agent that minted the task: the
+agents it delegates to are any it names, so a ledger each would let it place counters without end.
+The ledger is a limit, not a budget: one lost or damaged starts afresh (counters already placed are
+entered at their next call).
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ import os
 import struct
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from .. import reasons
-from ..decision.constraints import Budget
+from ..decision.constraints import Budget, agent_of
 from ..errors import StateError
 
 log = logging.getLogger("agentauthz.budgets")  # the name operators filter on, kept across the layout
@@ -40,19 +48,37 @@ ENTRY = struct.Struct("<16sqQd")  # blake2b-128 of the key, keep-until (unix s),
 EMPTY = bytes(16)
 PROBE = 64  # slots one key may land in; beyond them the table counts as full for that key
 _SLACK = 1e-6  # float noise in tat arithmetic must not refuse the burst's last call
+# Live counters (tools x windows, each a key per agent: constraints.budget_key) one agent may hold. A
+# token may name any window, and each counter is kept for its window (up to 366 days): without a
+# per-agent limit one agent could fill the table and deny every other agent's budgeted calls.
+AGENT_COUNTERS = 128
+LEDGER_MAGIC = b"agentauthz-bud-agents-v1"
+UNUSED = bytes(8)  # a ledger cell holding no counter
+LEDGER = struct.Struct("<16s" + "8sq" * AGENT_COUNTERS)  # agent digest, then (counter digest, until) cells
 
 
 def file_size(capacity: int) -> int:
     return HEADER_BYTES + capacity * ENTRY.size
 
 
+def ledger_capacity(capacity: int) -> int:
+    return max(64, capacity // 32)  # agents with counters: most agents hold several
+
+
+def _digest(text: str) -> bytes:
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    return b"\x01" + digest[1:] if digest == EMPTY else digest  # 2^-128; the empty marker stays unambiguous
+
+
 class BudgetTable:
     """Counters in a shared mapping; ``charge`` counts one call or says why it may not be made."""
 
-    def __init__(self, fd: int, buffer: mmap.mmap, capacity: int) -> None:
+    def __init__(self, fd: int, buffer: mmap.mmap, capacity: int, ledger: mmap.mmap | None = None) -> None:
         self._fd = fd
         self._buf = buffer
         self.capacity = capacity
+        self._ledgers = ledger if ledger is not None else mmap.mmap(-1, _ledger_size(capacity))
+        self.agents = ledger_capacity(capacity)
         self._thread_lock = threading.Lock()  # lockf does not exclude threads of one process
 
     @classmethod
@@ -85,34 +111,40 @@ class BudgetTable:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, buffer, capacity)
+        return cls(fd, buffer, capacity, _open_ledgers(path.with_name(path.name + "-agents"), capacity))
 
     def close(self) -> None:
         """Unmap and close (idempotent); the counts stay in the file."""
         if self._fd >= 0:
             self._buf.close()
+            self._ledgers.close()
             os.close(self._fd)
             self._fd = -1
 
-    def charge(self, charges: Sequence[tuple[str, Budget]], now: float) -> tuple[str, float]:
+    def charge(self, charges: Sequence[tuple[str, Budget]], now: float,
+               owner: str | None = None) -> tuple[str, float]:
         """(ALLOW, 0) having counted one call under every key of ``charges``, each against its budget,
-        or (reason, seconds to wait) counting none."""
-        digests = []
-        for key, budget in charges:
-            digest = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).digest()
-            if digest == EMPTY:  # 2^-128; the empty marker must stay unambiguous
-                digest = b"\x01" + digest[1:]
-            digests.append((digest, budget))
+        or (reason, seconds to wait) counting none. Every counter the call holds is entered in the
+        ledger of ``owner`` (by default the first key's agent): the agent that minted the task, for a
+        call of a delegation chain, since the agents it delegates to are any it names."""
+        if not charges:
+            return reasons.ALLOW, 0.0
+        digests = [(_digest(key), budget) for key, budget in charges]
+        agent = _digest(owner if owner is not None else agent_of(charges[0][0]))
         with self._thread_lock:
             fcntl.lockf(self._fd, fcntl.LOCK_EX)
             try:
-                return self._charge(digests, now)
+                return self._charge(digests, agent, now)
             finally:
                 fcntl.lockf(self._fd, fcntl.LOCK_UN)
 
-    def _charge(self, charges: list[tuple[bytes, Budget]], now: float) -> tuple[str, float]:
+    def _charge(self, charges: list[tuple[bytes, Budget]], agent: bytes, now: float) -> tuple[str, float]:
         writes = []
         taken: set[int] = set()  # slots claimed by earlier keys of this call
+        ledger = self._ledger(agent, now)
+        if ledger is None:
+            return reasons.BUDGET_TABLE_FULL, 0.0
+        at_ledger, cells = ledger
         exhausted, wait = False, 0.0
         for digest, budget in charges:
             at = self._find(digest, now, taken)
@@ -136,13 +168,33 @@ class BudgetTable:
                     wait = max(wait, late)
                 tat += interval
             writes.append((at, digest, kept, calls + 1, tat))
+            # The counter may be reused once past both its window and its rate state: so long it is held.
+            if not _enter(cells, digest[:8], max(kept, math.ceil(tat)), now):
+                return reasons.BUDGET_AGENT_LIMIT, 0.0
         if exhausted:
             return reasons.BUDGET_EXHAUSTED, 0.0
         if wait:
             return reasons.RATE_LIMITED, wait
         for at, digest, kept, calls, tat in writes:
             ENTRY.pack_into(self._buf, at, digest, kept, calls, tat)
+        LEDGER.pack_into(self._ledgers, at_ledger, agent, *(v for cell in cells for v in cell))
         return reasons.ALLOW, 0.0
+
+    def _ledger(self, agent: bytes, now: float) -> tuple[int, list[list[Any]]] | None:
+        """``agent``'s ledger (offset, cells), or a slot for a new one; None when none is free."""
+        home = int.from_bytes(agent[:8], "little") % self.agents
+        free = None
+        for i in range(min(PROBE, self.agents)):
+            at = LEDGER_HEADER + ((home + i) % self.agents) * LEDGER.size
+            owner, *flat = LEDGER.unpack_from(self._ledgers, at)
+            cells = [[flat[j], flat[j + 1]] for j in range(0, len(flat), 2)]
+            if owner == agent:
+                return at, cells
+            if free is None and (owner == EMPTY or all(c == UNUSED or until < now for c, until in cells)):
+                free = at, [[UNUSED, 0] for _ in cells]
+            if owner == EMPTY:
+                break
+        return free
 
     def _find(self, digest: bytes, now: float, taken: set[int]) -> int:
         """The offset of ``digest``'s entry, else of a slot it may take, else -1 (full for this key)."""
@@ -160,6 +212,42 @@ class BudgetTable:
             if slot_key == EMPTY:
                 break  # never used: the key was never placed beyond it
         return free
+
+
+def _enter(cells: list[list[Any]], counter: bytes, until: int, now: float) -> bool:
+    """Hold ``counter`` in an agent's ledger ``cells`` until ``until``; False when all are held by others."""
+    for cell in cells:
+        if cell[0] == counter and cell[1] >= now:
+            cell[1] = max(cell[1], until)
+            return True
+    for cell in cells:
+        if cell[0] == UNUSED or cell[1] < now:
+            cell[:] = [counter, until]
+            return True
+    return False
+
+
+LEDGER_HEADER = 64
+
+
+def _ledger_size(capacity: int) -> int:
+    return LEDGER_HEADER + ledger_capacity(capacity) * LEDGER.size
+
+
+def _open_ledgers(path: Path, capacity: int) -> mmap.mmap:
+    """Map the agents' ledgers (created owner-only); another layout or capacity starts afresh."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # released by close
+        size = _ledger_size(capacity)
+        header = HEADER.pack(LEDGER_MAGIC, capacity)
+        if os.pread(fd, HEADER.size, 0) != header or os.fstat(fd).st_size != size:
+            os.ftruncate(fd, 0)
+            os.ftruncate(fd, size)
+            os.pwrite(fd, header, 0)
+        return mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)  # the mapping keeps the pages; every charge holds the table's own lock
 
 
 def retry_after(seconds: float) -> int:

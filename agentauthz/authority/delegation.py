@@ -7,8 +7,9 @@ every grant on its own: each agent boundary is a separate trust decision. The
 child's grant is the intersection of both: the covering parent grant's
 ``arguments`` and ``budget`` combined with those of the rule that gives the child
 agent the grant (``constraints.tighten``: every argument constraint of both, the
-tighter of each budget limit), so a child is never less constrained than its
-parent nor than its own agent.
+tighter of each budget limit within one window, and every budget of another
+window kept as it is), so a child is never less constrained than its parent nor
+than its own agent, and its calls spend each of its delegator's budgets.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 from .. import reasons
 from ..config import Config
 from ..decision import tokens
-from ..decision.constraints import tighten
+from ..decision.constraints import budgets_of, tighten
 from ..decision.policy import Policy, spiffe_problem
 from ..decision.tokens import DEFAULT_SENSITIVITY, SENSITIVITY_RANK, grant
 from . import approvals
@@ -65,7 +66,16 @@ def fits(child: Mapping[str, Any], parent: Mapping[str, Any]) -> bool:
             and set(child["ops"]) <= set(parent["ops"])
             and SENSITIVITY_RANK[child["sensitivity"]] <= SENSITIVITY_RANK[parent["sensitivity"]]
             # Constraints the request names must be the parent's own: inherited, never rewritten.
-            and all(k not in child or child[k] == parent.get(k) for k in CARRIED))
+            and all(k not in child or _named(k, child[k], parent.get(k)) for k in CARRIED))
+
+
+def _named(key: str, asked: Any, held: Any) -> bool:
+    """Whether a constraint a child request names is the parent grant's own. Of a parent's budgets over
+    several windows the request may name some (a client that knows one budget per grant names the
+    first); the child inherits every one of them all the same (``within_parent``)."""
+    if key == "budget" and held is not None and isinstance(asked, (Mapping, list)):
+        return all(b in budgets_of(held) for b in budgets_of(asked))
+    return bool(asked == held)
 
 
 def within_parent(requested: Iterable[Any], parent_grants: Sequence[Mapping[str, Any]]

@@ -115,9 +115,11 @@ class SharedBudgets:
                 self._script = client.register_script(_CHARGE)
             return self._client
 
-    def charge(self, charges: Sequence[tuple[str, Budget]], now: float) -> tuple[str, float]:
+    def charge(self, charges: Sequence[tuple[str, Budget]], now: float,
+               owner: str | None = None) -> tuple[str, float]:
         """(ALLOW, 0) having counted one call under every key of ``charges``, each against its budget,
-        or (reason, seconds to wait) counting none; (BUDGET_UNAVAILABLE, 0) when Redis cannot say."""
+        or (reason, seconds to wait) counting none; (BUDGET_UNAVAILABLE, 0) when Redis cannot say.
+        ``owner`` is not used: Redis has no fixed table one agent could fill for the others."""
         prefix = self._engine.keys.budget
         keys = [self._engine.keys.epoch, self._engine.keys.lost_at]
         args: list[str | int] = [self._engine.epoch, repr(float(now)), KEEP_MARGIN_MS]

@@ -6,6 +6,10 @@ One canonical JSON shape, used in policy rules, Mint requests and the token's ``
                   {"name": "limit", "max": 100}, {"name": "query", "required": true}],
     "budget": {"max_calls": 100, "window": 86400, "rate_per_second": 2.0, "burst": 5}
 
+A budget may also be a list of budgets over distinct windows (``[{"max_calls": 3}, {"max_calls": 50,
+"window": 2592000}]``): each binds, and each is counted under its own window. Budgets of different
+windows are never merged into one: 3 calls a day and 3 calls a year are not "3 calls a year".
+
 A grant's constraints must all hold; a request is allowed when some grant covering it has all
 of its constraints hold, and, when the current policy allows it only under constraints, some
 matching rule's hold too (``enforce``). Both verifier twins compile these with ``compile_extras``:
@@ -29,6 +33,10 @@ MAX_RATE = 1_000_000.0
 MAX_BURST = 1_000_000
 DEFAULT_WINDOW = 86_400  # budget.window when a budget names none: max_calls per agent and tool per day
 MAX_WINDOW = 366 * 86_400
+MAX_BUDGETS = 8  # windows one rule or request may name
+# Windows one token grant may carry: mint adds the request's to the rule's, and each delegation the
+# child agent's rule's; every one is a counter per agent of the chain (authority/budgets.py bounds those).
+MAX_GRANT_BUDGETS = 32
 INT_LIMIT = 1 << 53  # I-JSON (RFC 7493 §2.2): integers beyond this are not exact in every parser
 _ARGUMENT_KEYS = frozenset({"name", "prefix", "one_of", "max", "required"})
 _BUDGET_KEYS = frozenset({"max_calls", "window", "rate_per_second", "burst"})
@@ -104,11 +112,11 @@ class Budget:
         self.window = window
 
     def tighter(self, other: Budget) -> Budget:
-        """Both budgets at once, for one counter (same window): each limit the lower of the two."""
+        """Both budgets at once, for one counter (``other`` has the same window): each limit the lower."""
         calls = min(filter(None, (self.max_calls, other.max_calls)), default=0)
         rated = [b for b in (self, other) if b.rate]
         return Budget(calls, min((b.rate for b in rated), default=0.0),
-                      min((b.burst for b in rated), default=1), max(self.window, other.window))
+                      min((b.burst for b in rated), default=1), self.window)
 
     def __repr__(self) -> str:
         return (f"Budget(max_calls={self.max_calls}, rate={self.rate}, burst={self.burst}, "
@@ -116,15 +124,21 @@ class Budget:
 
 
 class Extras:
-    """A grant's compiled constraints: ``arguments`` (possibly empty) and ``budget`` (or None)."""
+    """A grant's compiled constraints: ``arguments`` (possibly empty) and ``budgets`` (one per window,
+    all binding; None when it has none)."""
 
-    __slots__ = ("arguments", "budget")
+    __slots__ = ("arguments", "budgets")
 
-    def __init__(self, arguments: tuple[Argument, ...], budget: Budget | None) -> None:
-        self.arguments, self.budget = arguments, budget
+    def __init__(self, arguments: tuple[Argument, ...], budgets: tuple[Budget, ...] | None) -> None:
+        self.arguments, self.budgets = arguments, budgets or None
+
+    @property
+    def budget(self) -> Budget | None:
+        """The shortest window's budget (the only one of most grants)."""
+        return self.budgets[0] if self.budgets else None
 
     def __repr__(self) -> str:
-        return f"Extras({self.arguments!r}, {self.budget!r})"
+        return f"Extras({self.arguments!r}, {self.budgets!r})"
 
 
 # -- validation: one set of rules for policy files, Mint requests and tokens ---------------------
@@ -176,37 +190,58 @@ def canonical_arguments(raw: Any) -> list[dict[str, Any]]:
     return out
 
 
-def canonical_budget(raw: Any) -> dict[str, Any]:
-    """Validate a budget; returns it in canonical form. Raises ValueError."""
+def canonical_budget(raw: Any, most: int = MAX_BUDGETS) -> dict[str, Any] | list[dict[str, Any]]:
+    """Validate a budget, or a list of at most ``most`` budgets over distinct windows; returns the
+    canonical form: one budget as a mapping, several as a list ordered by window. Raises ValueError."""
+    if type(raw) is not list:
+        return _canonical_one(raw, "budget")
+    if not raw or len(raw) > most:
+        raise ValueError(f"budget must be a mapping or a list of 1 to {most} budgets")
+    out = sorted((_canonical_one(b, f"budget[{i}]") for i, b in enumerate(raw)), key=window_of)
+    if len({window_of(b) for b in out}) != len(out):
+        raise ValueError("budget: each budget of a list must have its own window")
+    return out[0] if len(out) == 1 else out
+
+
+def window_of(budget: Mapping[str, Any]) -> int:
+    return int(budget.get("window", DEFAULT_WINDOW))
+
+
+def _canonical_one(raw: Any, what: str) -> dict[str, Any]:
     if type(raw) is not dict:
-        raise ValueError("budget must be a mapping")
+        raise ValueError(f"{what} must be a mapping")
     unknown = raw.keys() - _BUDGET_KEYS
     if unknown:
-        raise ValueError(f"budget: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
+        raise ValueError(f"{what}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
     out: dict[str, Any] = {}
     if "max_calls" in raw:
         calls = raw["max_calls"]
         if type(calls) is not int or not 1 <= calls <= INT_LIMIT:
-            raise ValueError("budget.max_calls must be an integer from 1 to 2^53")
+            raise ValueError(f"{what}.max_calls must be an integer from 1 to 2^53")
         out["max_calls"] = calls
     if "window" in raw:
         window = raw["window"]
         if type(window) is not int or not 1 <= window <= MAX_WINDOW:
-            raise ValueError(f"budget.window must be an integer number of seconds from 1 to {MAX_WINDOW}")
+            raise ValueError(f"{what}.window must be an integer number of seconds from 1 to {MAX_WINDOW}")
         out["window"] = window
     if "rate_per_second" in raw:
         rate = raw["rate_per_second"]
         if not _number(rate) or not 0 < rate <= MAX_RATE:
-            raise ValueError(f"budget.rate_per_second must be a number above 0, at most {MAX_RATE:g}")
+            raise ValueError(f"{what}.rate_per_second must be a number above 0, at most {MAX_RATE:g}")
         out["rate_per_second"] = rate
     if "burst" in raw:
         burst = raw["burst"]
         if "rate_per_second" not in out or type(burst) is not int or not 1 <= burst <= MAX_BURST:
-            raise ValueError(f"budget.burst must be an integer from 1 to {MAX_BURST}, with rate_per_second")
+            raise ValueError(f"{what}.burst must be an integer from 1 to {MAX_BURST}, with rate_per_second")
         out["burst"] = burst
     if not out.keys() - {"window"}:
-        raise ValueError("budget limits nothing: give max_calls or rate_per_second")
+        raise ValueError(f"{what} limits nothing: give max_calls or rate_per_second")
     return out
+
+
+def budgets_of(canonical: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """A canonical budget as the list of its budgets (one per window)."""
+    return [canonical] if isinstance(canonical, Mapping) else list(canonical)
 
 
 def compile_arguments(canonical: Sequence[Mapping[str, Any]]) -> tuple[Argument, ...]:
@@ -214,9 +249,9 @@ def compile_arguments(canonical: Sequence[Mapping[str, Any]]) -> tuple[Argument,
                           c.get("max"), c.get("required", False)) for c in canonical)
 
 
-def compile_budget(canonical: Mapping[str, Any]) -> Budget:
-    return Budget(canonical.get("max_calls", 0), float(canonical.get("rate_per_second", 0.0)),
-                  canonical.get("burst", 1), canonical.get("window", DEFAULT_WINDOW))
+def compile_budget(canonical: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> tuple[Budget, ...]:
+    return tuple(Budget(b.get("max_calls", 0), float(b.get("rate_per_second", 0.0)), b.get("burst", 1),
+                        window_of(b)) for b in budgets_of(canonical))
 
 
 def compile_extras(raw: Mapping[str, Any]) -> Extras | None:
@@ -225,10 +260,11 @@ def compile_extras(raw: Mapping[str, Any]) -> Extras | None:
         return None
     try:
         arguments = compile_arguments(canonical_arguments(raw["arguments"])) if "arguments" in raw else ()
-        budget = compile_budget(canonical_budget(raw["budget"])) if "budget" in raw else None
+        budgets = compile_budget(canonical_budget(raw["budget"], MAX_GRANT_BUDGETS)) \
+            if "budget" in raw else None
     except ValueError as exc:
         raise errors.TokenClaimsInvalid(f"grant {exc}") from None
-    return Extras(arguments, budget)
+    return Extras(arguments, budgets)
 
 
 def tighten(granted: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,11 +283,22 @@ def tighten(granted: dict[str, Any], requested: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def tighter_budget(one: Mapping[str, Any] | None, other: Mapping[str, Any]) -> dict[str, Any]:
-    """Two canonical budgets as one no looser than either: the lower max_calls, rate and burst (a limit
-    only one side sets is kept; a rate without a burst has burst 1), the longer window (the same calls
-    over a longer time are fewer)."""
-    sides = [b for b in (one, other) if b is not None]
+def tighter_budget(one: Any, other: Any) -> dict[str, Any] | list[dict[str, Any]]:
+    """Two canonical budgets as one no looser than either (canonical form). Budgets of one window merge
+    limit by limit: the lower max_calls, rate and burst (a limit only one side sets is kept; a rate
+    without a burst has burst 1). Budgets of different windows are all kept, each counted on its own:
+    merging 3 a day with 3 a year into 3 a year would let the daily one be spent again every day."""
+    by_window: dict[int, list[Mapping[str, Any]]] = {}
+    for b in budgets_of(one) if one is not None else []:
+        by_window.setdefault(window_of(b), []).append(b)
+    for b in budgets_of(other):
+        by_window.setdefault(window_of(b), []).append(b)
+    out = [_merged(sides) for _, sides in sorted(by_window.items())]
+    return out[0] if len(out) == 1 else out
+
+
+def _merged(sides: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Budgets of one window as one: each limit the lower."""
     out: dict[str, Any] = {}
     for key in ("max_calls", "rate_per_second"):
         values = [b[key] for b in sides if key in b]
@@ -261,7 +308,7 @@ def tighter_budget(one: Mapping[str, Any] | None, other: Mapping[str, Any]) -> d
     if any("burst" in b for b in rated):
         out["burst"] = min(b.get("burst", 1) for b in rated)
     if any("window" in b for b in sides):
-        out["window"] = max(b.get("window", DEFAULT_WINDOW) for b in sides)
+        out["window"] = sides[0].get("window", DEFAULT_WINDOW)
     return out
 
 
@@ -284,9 +331,11 @@ class Constrained:
 class Charger(Protocol):
     """What ``enforce`` asks of the budget table (``budgets.BudgetTable``)."""
 
-    def charge(self, charges: Sequence[tuple[str, Budget]], now: float) -> tuple[str, float]:
+    def charge(self, charges: Sequence[tuple[str, Budget]], now: float,
+               owner: str | None = None) -> tuple[str, float]:
         """(ALLOW, 0) having counted the call under every key, or (reason, seconds until a retry may
-        succeed) having counted it under none."""
+        succeed) having counted it under none; ``owner``: the agent whose share of the table the
+        call's counters take (the task's minting agent)."""
 
 
 def budget_key(agent: str, tool: str, window: int) -> str:
@@ -294,6 +343,11 @@ def budget_key(agent: str, tool: str, window: int) -> str:
     renewals) and every budgeted grant for that tool draw on one counter, so neither a fresh task
     name nor narrowing a grant opens a fresh budget."""
     return f"{agent}\x00{tool}\x00{window}"
+
+
+def agent_of(key: str) -> str:
+    """The agent a ``budget_key`` counts for (SPIFFE IDs carry no NUL)."""
+    return key.split("\x00", 1)[0]
 
 
 def enforce(entry: Any, tool: str, target: str, operation: str, sensitivity: str,
@@ -323,13 +377,14 @@ def enforce(entry: Any, tool: str, target: str, operation: str, sensitivity: str
     denial = (reasons.BUDGET_EXHAUSTED, 0.0)
     for mine in held or (None,):  # any grant with room allows, under any rule with room
         for theirs in ruled or (None,):
+            # Every budget of the grant and of the rule binds, each on its own window's counter.
             by_window: dict[int, Budget] = {}
-            for budget in (mine, theirs):
-                if budget is not None:
-                    same = by_window.get(budget.window)
-                    by_window[budget.window] = budget if same is None else same.tighter(budget)
+            for budget in (*(mine or ()), *(theirs or ())):
+                same = by_window.get(budget.window)
+                by_window[budget.window] = budget if same is None else same.tighter(budget)
             reason, retry = budgets.charge([(budget_key(agent, tool, window), budget)
-                                            for window, budget in by_window.items() for agent in agents], now)
+                                            for window, budget in by_window.items() for agent in agents], now,
+                                           entry.subjects[-1])
             if reason == reasons.ALLOW:
                 return reason, 0.0
             # A wait that may succeed says more than "never again"; the shortest wait most of all.
@@ -340,9 +395,10 @@ def enforce(entry: Any, tool: str, target: str, operation: str, sensitivity: str
 
 
 def _terms(alternatives: Sequence[Extras | None], arguments: Mapping[str, Any] | None,
-           nothing: str) -> str | list[Budget] | None:
+           nothing: str) -> str | list[tuple[Budget, ...]] | None:
     """What one side (a token's covering grants, or the policy's matching rules) asks of a request:
-    None (nothing more), the budgets of which one must have room, or the reason none holds."""
+    None (nothing more), the alternatives' budgets (one alternative must have room in all of its
+    budgets), or the reason none holds."""
     problem = None
     budgeted = []
     for extras in alternatives:
@@ -354,7 +410,7 @@ def _terms(alternatives: Sequence[Extras | None], arguments: Mapping[str, Any] |
             if found is not None:
                 problem = problem or found
                 continue
-        if extras.budget is None:
+        if extras.budgets is None:
             return None
-        budgeted.append(extras.budget)
+        budgeted.append(extras.budgets)
     return budgeted or problem or nothing

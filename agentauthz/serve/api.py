@@ -13,6 +13,7 @@ from .. import reasons
 from ..authority.approvals import Approval
 from ..authority.core import Authority
 from ..authority.outcomes import NOT_PERMITTED, Refused
+from ..decision.constraints import budgets_of
 from ..decision.tokens import DEFAULT_SENSITIVITY
 from ..errors import AgentAuthzError, AuditUnavailable, CapacityExhausted, ClusterUnavailable
 from ..identity.jwtsvid import JwtSvid, Verifier, bearer_token
@@ -47,7 +48,15 @@ def grant_to_proto(g: dict[str, Any]) -> pb.Grant:
     return pb.Grant(tool=g["tool"], target=g["target"], operations=g["ops"],
                     sensitivity=g.get("sensitivity", DEFAULT_SENSITIVITY),
                     arguments=[pb.ArgumentConstraint(**c) for c in g.get("arguments", ())],
-                    budget=pb.Budget(**g["budget"]) if "budget" in g else None)
+                    **_budgets_to_proto(g))
+
+
+def _budgets_to_proto(g: dict[str, Any]) -> dict[str, Any]:
+    """A grant's budget (one mapping, or a list over distinct windows) as Grant's budget and others."""
+    if "budget" not in g:
+        return {}
+    first, *others = budgets_of(g["budget"])
+    return {"budget": pb.Budget(**first), "other_budgets": [pb.Budget(**b) for b in others]}
 
 
 def _constraints_to_dict(g: pb.Grant) -> dict[str, Any]:
@@ -62,12 +71,15 @@ def _constraints_to_dict(g: pb.Grant) -> dict[str, Any]:
                              **({"one_of": list(c.one_of)} if c.one_of else {}),
                              **({"max": c.max} if c.HasField("max") else {}),
                              **({"required": True} if c.required else {})} for c in g.arguments]
-    b = g.budget
-    budget = {k: v for k, v in (("max_calls", b.max_calls), ("window", b.window),
-                                ("rate_per_second", b.rate_per_second), ("burst", b.burst)) if v}
-    if budget:
-        out["budget"] = budget
+    budgets = [budget for budget in map(_budget_to_dict, (g.budget, *g.other_budgets)) if budget]
+    if budgets:
+        out["budget"] = budgets[0] if len(budgets) == 1 else budgets
     return out
+
+
+def _budget_to_dict(b: pb.Budget) -> dict[str, Any]:
+    return {k: v for k, v in (("max_calls", b.max_calls), ("window", b.window),
+                              ("rate_per_second", b.rate_per_second), ("burst", b.burst)) if v}
 
 
 def approval_to_proto(a: Approval, now: float) -> pb.ApprovalRequest:

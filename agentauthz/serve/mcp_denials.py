@@ -63,6 +63,8 @@ def needed(reason: str, tool: str, target: str, operation: str, sensitivity: str
         return "a token minted under a human's approval (agentauthz mint --approval-id)"
     if reason == reasons.BUDGET_EXHAUSTED:
         return "a new task: this grant's call budget is spent"
+    if reason == reasons.BUDGET_AGENT_LIMIT:
+        return "fewer tools or budget windows at once: this agent holds as many call counters as one may"
     if reason == reasons.RATE_LIMITED:
         return f"a wait of {retry_after} s: the grant's rate limit"
     if reason in (reasons.AUDIT_UNAVAILABLE, reasons.INTERNAL_ERROR, reasons.REVOCATION_STALE,

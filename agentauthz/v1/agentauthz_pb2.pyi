@@ -7,20 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Grant(_message.Message):
-    __slots__ = ("tool", "target", "operations", "sensitivity", "arguments", "budget")
+    __slots__ = ("tool", "target", "operations", "sensitivity", "arguments", "budget", "other_budgets")
     TOOL_FIELD_NUMBER: _ClassVar[int]
     TARGET_FIELD_NUMBER: _ClassVar[int]
     OPERATIONS_FIELD_NUMBER: _ClassVar[int]
     SENSITIVITY_FIELD_NUMBER: _ClassVar[int]
     ARGUMENTS_FIELD_NUMBER: _ClassVar[int]
     BUDGET_FIELD_NUMBER: _ClassVar[int]
+    OTHER_BUDGETS_FIELD_NUMBER: _ClassVar[int]
     tool: str
     target: str
     operations: _containers.RepeatedScalarFieldContainer[str]
     sensitivity: str
     arguments: _containers.RepeatedCompositeFieldContainer[ArgumentConstraint]
     budget: Budget
-    def __init__(self, tool: _Optional[str] = ..., target: _Optional[str] = ..., operations: _Optional[_Iterable[str]] = ..., sensitivity: _Optional[str] = ..., arguments: _Optional[_Iterable[_Union[ArgumentConstraint, _Mapping]]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ...) -> None: ...
+    other_budgets: _containers.RepeatedCompositeFieldContainer[Budget]
+    def __init__(self, tool: _Optional[str] = ..., target: _Optional[str] = ..., operations: _Optional[_Iterable[str]] = ..., sensitivity: _Optional[str] = ..., arguments: _Optional[_Iterable[_Union[ArgumentConstraint, _Mapping]]] = ..., budget: _Optional[_Union[Budget, _Mapping]] = ..., other_budgets: _Optional[_Iterable[_Union[Budget, _Mapping]]] = ...) -> None: ...
 
 class ArgumentConstraint(_message.Message):
     __slots__ = ("name", "prefix", "one_of", "max", "required")
