@@ -28,6 +28,13 @@ KEY_FILE, PUB_FILE = "audit-key.pem", "audit-key.pub.pem"
 # <state>/audit-key/: the signing key (owner-only) and the operator's pinned copy of its public key.
 KEY_DIR, PRIVATE_FILE, PINNED_FILE = "audit-key", "audit-key.pem", "public.pem"
 LOG_NAME = re.compile(r"audit-(\d{10,})\.jsonl")
+# Check worker N's own log: a subdirectory of the primary's, named in the primary's log (audit verify).
+WORKER_LOG = re.compile(r"worker-[1-9][0-9]*")
+
+
+def worker_log(number: int) -> str:
+    """The name of Check worker ``number``'s log directory under the primary's."""
+    return f"worker-{number}"
 
 
 def append(fd: int, offset: int, data: bytes, retry: bool, sync: bool = True) -> int:

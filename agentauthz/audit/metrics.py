@@ -34,7 +34,10 @@ WARM_ALLOWS = _OTHER_AT + 1
 REFUSED = WARM_ALLOWS + 1
 BUCKETS = REFUSED + 1
 LATENCY = slice(BUCKETS, BUCKETS + len(LATENCY_BOUNDS) + 2)  # the buckets, then the sum
-ROW = -(-LATENCY.stop // 8) * 8  # whole 64-byte cache lines: processes never share one
+# Not a counter: 1 while the process's own audit log cannot be written (a worker's health loop sets
+# it), so the primary's /healthz sees a worker's failing log as its gRPC health does.
+AUDIT_FAILING = LATENCY.stop
+ROW = -(-(AUDIT_FAILING + 1) // 8) * 8  # whole 64-byte cache lines: processes never share one
 
 
 class MeterTable:
@@ -47,6 +50,10 @@ class MeterTable:
 
     def row(self, process: int) -> memoryview:
         return self._view[process * ROW:(process + 1) * ROW]
+
+    def audit_failing(self) -> bool:
+        """Whether any worker's audit log cannot be written (its flag, row 1 on)."""
+        return any(self.row(p)[AUDIT_FAILING] for p in range(1, self.processes))
 
     def sums(self) -> list[int]:
         """Every counter summed over the processes (read while they count: each a recent value)."""

@@ -155,10 +155,12 @@ class Authority(DelegationFlow, ApprovalFlow, ClusterFlow):
 
     # -- lifecycle -----------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, worker_logs: Sequence[str] = ()) -> None:
+        """Start the audit writer and record the start; ``worker_logs``: the logs the Check workers
+        started (and wrote a first record in) so far, which `audit verify` then requires."""
         self.audit.start()
         self.audit.record("start", policy_digest=self.policy.digest,
-                          keys=sorted(self.verification_keys()))
+                          keys=sorted(self.verification_keys()), worker_logs=list(worker_logs))
 
     def stop(self) -> None:
         self.audit.record("stop")

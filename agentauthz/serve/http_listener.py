@@ -40,9 +40,11 @@ def _response(status: int, body: bytes, content_type: str, **headers: str) -> we
 class Routes:
     """What each path answers; the same statuses, bodies and content types as ever."""
 
-    def __init__(self, authority: Authority, serving: threading.Event, registry: Any) -> None:
+    def __init__(self, authority: Authority, serving: threading.Event, registry: Any,
+                 workers_failing: Callable[[], bool] = lambda: False) -> None:
         self._authority = authority
         self._serving = serving
+        self._workers_failing = workers_failing  # a Check worker's audit log cannot be written
         self._registry = registry
         a = authority
         self._paths: dict[str, Callable[[], Awaitable[web.Response]]] = {
@@ -68,7 +70,7 @@ class Routes:
         return await route()
 
     async def _healthz(self) -> web.Response:
-        ok = self._serving.is_set() and self._authority.audit.healthy
+        ok = self._serving.is_set() and self._authority.audit.healthy and not self._workers_failing()
         return _response(200 if ok else 503, b"ok\n" if ok else b"not serving\n", "text/plain")
 
     async def _json(self, document: Callable[[], Any]) -> web.Response:

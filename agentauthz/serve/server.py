@@ -19,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 
 from ..audit import metrics, top_agents
+from ..audit.files import worker_log
 from ..authority.core import Authority, open_audit
 from ..cluster import replication
 from ..config import Config
@@ -235,9 +236,11 @@ class Daemon:
         for name in names:
             await self.health.set(name, status)
 
-    async def _follow_audit(self, audit: Any, serving: Callable[[], bool], names: tuple[str, ...]) -> None:
+    async def _follow_audit(self, audit: Any, serving: Callable[[], bool], names: tuple[str, ...],
+                            meters: Any = None) -> None:
         """gRPC health follows the audit log, as /healthz does: NOT_SERVING while it cannot write
-        (every Check is denied audit_unavailable then), SERVING again once it can."""
+        (every Check is denied audit_unavailable then), SERVING again once it can. A worker says so in
+        its ``meters`` row too, for the primary's /healthz."""
         reported = True
         while True:
             await asyncio.sleep(AUDIT_HEALTH_INTERVAL)
@@ -245,6 +248,8 @@ class Daemon:
                 return  # shutting down: stop() owns health from here
             if audit.healthy != reported:
                 reported = not reported
+                if meters is not None:
+                    meters[metrics.AUDIT_FAILING] = 0 if reported else 1
                 log.warning("audit log %s: health %s", "writable again" if reported else "cannot write",
                             "SERVING" if reported else "NOT_SERVING")
                 await self._set_health(health_pb2.HealthCheckResponse.SERVING if reported
@@ -253,7 +258,8 @@ class Daemon:
     async def start(self) -> None:
         a = self.authority
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        a.start()
+        # The workers fork_workers started have each fsynced a start record in their own log: name them.
+        a.start([worker_log(w.number) for w in self.fleet.workers if w.alive] if self.fleet else [])
         if a.cluster is not None:  # every revocation the cluster acknowledged is applied before we serve
             await asyncio.to_thread(a.cluster.join)
             self._cluster_follower = asyncio.create_task(a.cluster.follow(self._cluster_stop))
@@ -282,7 +288,8 @@ class Daemon:
         from prometheus_client import CollectorRegistry
         registry = CollectorRegistry()
         registry.register(Metrics(a, self.meters, self.api_front, self.fleet, self.denials))
-        self.http = HttpListener(self.config.http_listen, Routes(a, self.serving, registry),
+        self.http = HttpListener(self.config.http_listen, Routes(a, self.serving, registry,
+                                                                 self.meters.audit_failing),
                                  timeout=self.config.http_timeout,
                                  max_connections=self.config.http_max_connections)
         await self.http.start()
@@ -345,20 +352,30 @@ class Daemon:
         """A forked Check worker: its own gRPC server and audit log; state changes come from the primary."""
         self.reserved.release()  # the primary's to hold: its copies here would outlive its release
         stopping = threading.Event()
-        if not replication.adopt_state(conn, self.authority):  # the primary's current state before serving
+        audit = open_audit(self.config, self.config.state_dir / "audit" / worker_log(number),
+                           self.authority.audit_key)
+        audit.start()
+        # Fsynced before the state is acknowledged: once it is, the primary's log names this log, and
+        # `audit verify` requires a log it names to have records (a deleted one is caught).
+        audit.record("start", worker=number, pid=os.getpid())
+        written = audit.flush(workers.ACK_TIMEOUT / 2)  # within the time the primary waits for the ack
+        # A replacement clears what a worker that died failing left; one that cannot start leaves it set.
+        self.meters.row(number)[metrics.AUDIT_FAILING] = 0 if written else 1
+        if not written:
+            log.error("worker %d cannot write its audit log: not starting", number)
+        if not written or not replication.adopt_state(conn, self.authority):
+            audit.stop()
             return 1
         replication.listen_for_changes(conn, self.authority, stopping.set)
-        asyncio.run(self._worker(number, stopping))
+        asyncio.run(self._worker(number, stopping, audit))
         return 0
 
-    async def _worker(self, number: int, stopping: threading.Event) -> None:
+    async def _worker(self, number: int, stopping: threading.Event, audit: Any) -> None:
         a = self.authority
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the primary reloads, then tells us
-        audit = open_audit(self.config, self.config.state_dir / "audit" / f"worker-{number}", a.audit_key)
-        audit.start()
         service = extauthz.CheckService(a.verifiers, audit, lambda: a.policy, a.clock, budgets=a.budgets,
                                         meters=self.meters.row(number),
                                         denials=self.denials and self.denials.counter(number))
@@ -370,7 +387,7 @@ class Daemon:
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.SERVING)
         log.info("worker %d serving check %s", number, self.config.check_listen)
         follow = asyncio.create_task(self._follow_audit(audit, lambda: not stopping.is_set(),
-                                                        ("", extauthz.SERVICE)))
+                                                        ("", extauthz.SERVICE), self.meters.row(number)))
         await loop.run_in_executor(None, stopping.wait)
         follow.cancel()
         await self.health.set(extauthz.SERVICE, health_pb2.HealthCheckResponse.NOT_SERVING)
