@@ -81,3 +81,17 @@ def test_the_cerbos_request_is_checkresources_on_the_wire() -> None:
 def test_the_http11_request_is_keep_alive_and_complete() -> None:
     assert http_request("GET", "h:1", "/demo/reports", {"authorization": "Bearer t"}) == \
         "GET /demo/reports HTTP/1.1\r\nhost: h:1\r\nauthorization: Bearer t\r\n\r\n"
+
+
+def test_the_envoy_benchmarks_take_the_shipped_examples_read_route() -> None:
+    """The load runs put the shipped examples' GET /demo/reports route in front of each Check, not a
+    stand-in (a method matcher the extraction does not read would have failed every Envoy row)."""
+    from benchmarks.load import envoy, http_envoy
+    _, route, _ = envoy._example()
+    settings = route["typed_per_filter_config"]["envoy.filters.http.ext_authz"]["check_settings"]
+    assert settings["context_extensions"]["operation"] == "read" and "route" in route
+    _, _, route, source = http_envoy.http_mode("127.0.0.1:9194")
+    assert source == "examples/envoy-http.yaml"
+    mutations = route["typed_per_filter_config"]["envoy.filters.http.header_mutation"]["mutations"]
+    assert {"key": "x-agentauthz-route-operation", "value": "read"} in \
+        [m["append"]["header"] for m in mutations["request_mutations"]]

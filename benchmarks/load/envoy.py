@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,24 @@ def _path_settings() -> dict[str, Any]:
     return {k: hcm[k] for k in ("normalize_path", "merge_slashes", "path_with_escaped_slashes_action")}
 
 
+def _matches_get(headers: Any) -> bool:
+    """Whether a route's header matchers take a GET (``exact``, or a ``safe_regex`` such as GET|HEAD)."""
+    for h in headers:
+        if h.get("name") == ":method":
+            match = h.get("string_match", {})
+            regex = match.get("safe_regex", {}).get("regex")
+            return bool(match.get("exact") == "GET" or regex is not None and re.fullmatch(regex, "GET"))
+    return False
+
+
 def _example() -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """(ext_authz filter, the GET /demo/reports route, the agentauthz cluster) from examples/envoy.yaml."""
     config = yaml.safe_load(EXAMPLE.read_text())
     hcm = _example_hcm()
     ext_filter = next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_authz")
     route = next(r for r in hcm["route_config"]["virtual_hosts"][0]["routes"]
-                 if r["match"].get("path_separated_prefix") == ROUTE_PATH
-                 and r["match"]["headers"][0]["string_match"]["exact"] == "GET")
+                 if r["match"].get("path_separated_prefix") == ROUTE_PATH and "route" in r
+                 and _matches_get(r["match"].get("headers", ())))
     cluster = next(c for c in config["static_resources"]["clusters"] if c["name"] == "agentauthz")
     return copy.deepcopy(ext_filter), copy.deepcopy(route), copy.deepcopy(cluster)
 
