@@ -272,9 +272,16 @@ def _approval(a: Any) -> dict[str, Any]:
 
 
 def _approval_line(a: Any) -> str:
+    """One request for a human to read: whatever an agent chose is shown escaped where a terminal would
+    act on it (the daemon refuses such grants; requests an older daemon took may still carry them)."""
     grants = " ".join(f"{g.tool}:{g.target}:{','.join(g.operations)}:{g.sensitivity}" for g in a.grants)
     who = f" by {a.approver}" if a.approver else ""
-    return f"{a.id}  {a.state}{who}  {a.agent}  task={a.task}  {grants}  expires_at={a.expires_at}"
+    return shown(f"{a.id}  {a.state}{who}  {a.agent}  task={a.task}  {grants}  expires_at={a.expires_at}")
+
+
+def shown(text: str) -> str:
+    """``text`` with every character a terminal would not print as itself escaped (\\uXXXX)."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
 
 
 def _approvals_client(args: argparse.Namespace) -> Any:

@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 from processes import Daemon, wait_for
 
+from agentauthz import cli
 from agentauthz.authority.approvers import DEV_AUDIENCE, DEV_ISSUER, issue_dev_credential
 from agentauthz.client import ApprovalsClient, Client, Identity
 from agentauthz.config import Config
@@ -438,3 +439,22 @@ def test_unreadable_approvals_refuse_to_start_rather_than_forget(tmp_path: Path)
         (tmp_path / "approvals.json").write_text(text)
         with pytest.raises(StateError, match="approvals are unreadable"):
             ApprovalStore.open(tmp_path / "approvals.json")
+
+
+def test_a_grant_a_terminal_would_not_show_as_it_is_never_reaches_a_human(daemon: Daemon) -> None:
+    """A target with terminal controls (here: move back over the '*' and erase the line) put a request
+    for demo:*:delete before the human as demo:reports:delete. Control and format characters (bidi
+    overrides too) are refused in a requested tool or target: such a grant is denied, never pending;
+    and the CLI escapes whatever an older daemon's request may still carry."""
+    a = agent(daemon)
+    for target in ("\x1b[21D\x1b[Kreports", "reports\u202e", "reports\nid=x", "rep\x00orts"):
+        minted = a.mint("spoof", [pb.Grant(tool="demo", target="*", operations=["read"]),
+                                  pb.Grant(tool="demo", target=target, operations=["delete"])])
+        assert minted.token and not minted.HasField("pending"), repr(target)
+        assert [(g.target, list(g.operations)) for g in minted.denied] == [(target, ["delete"])]
+        assert [g.target for g in minted.grants] == ["*"]
+    escaping = pb.Grant(tool="demo\x1b[K", target="*", operations=["read"])
+    assert refused(lambda: a.mint("spoof", [escaping]))[0] == grpc.StatusCode.PERMISSION_DENIED  # nothing
+    line = cli._approval_line(pb.ApprovalRequest(id="x", agent=ALPHA, task="t", state="pending", grants=[
+        pb.Grant(tool="demo", target="\x1b[21D\x1b[Kreports", operations=["delete"], sensitivity="public")]))
+    assert "\x1b" not in line and "demo:\\u001b[21D\\u001b[Kreports:delete:public" in line

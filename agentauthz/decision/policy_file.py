@@ -47,6 +47,8 @@ def spiffe_problem(text: Any, pattern: bool = False) -> str | None:
 def target_problem(target: Any) -> str | None:
     if not isinstance(target, str) or not target:
         return "must be a non-empty string"
+    if not target.isprintable():  # a human approves what a terminal shows: no cursor moves, no bidi
+        return "may not contain control or format characters"
     return "may have '*' only at the end ('exact', 'prefix*' or '*')" if "*" in target[:-1] else None
 
 
