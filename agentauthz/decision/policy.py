@@ -301,7 +301,8 @@ def _requested(raw: Any) -> tuple[str, str, list[str], int, dict[str, Any]] | No
         return None
     tool, target, ops = raw.get("tool"), raw.get("target"), raw.get("ops")
     sensitivity = raw.get("sensitivity", DEFAULT_SENSITIVITY)
-    if (not isinstance(tool, str) or not tool or not tool.isprintable() or target_problem(target)
+    if (not isinstance(tool, str) or not tool or not tool.isprintable() or not isinstance(target, str)
+            or target_problem(target)
             or not isinstance(ops, (list, tuple, set, frozenset)) or not ops
             or any(name_problem(op) for op in ops)
             or not isinstance(sensitivity, str) or sensitivity not in SENSITIVITY_RANK):
