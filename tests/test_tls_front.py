@@ -158,6 +158,35 @@ def test_broken_handshakes_are_closed_counted_and_leave_the_daemon_serving(
     assert "Traceback" not in daemon.log() and "Error" not in daemon.log(), daemon.log()
 
 
+def test_silent_sockets_without_end_never_keep_an_agent_from_its_handshake(daemon: Daemon, pki: DevPki,
+                                                                             leaf: CertAndKey) -> None:
+    """More silent connections than handshakes may be pending (256), each opened again as soon as it
+    is closed: an agent still mints (before, every Mint failed UNAVAILABLE while it lasted)."""
+    silent: list[socket.socket] = []
+    stop = time.monotonic() + 30
+    try:
+        for _ in range(300):
+            silent.append(socket.create_connection(("127.0.0.1", daemon.api_port), timeout=5))
+        minted = []
+        while len(minted) < 5 and time.monotonic() < stop:
+            for i, sock in enumerate(silent):  # whatever the front closed is opened again
+                try:
+                    sock.setblocking(False)
+                    if sock.recv(1) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    sock.close()
+                    silent[i] = socket.create_connection(("127.0.0.1", daemon.api_port), timeout=5)
+            minted.append(mint(daemon, pki, leaf, f"through-the-flood-{len(minted)}"))
+        assert len(minted) == 5 and all(m.token for m in minted)
+        assert handshakes(daemon).get("evicted", 0) >= 44
+    finally:
+        for sock in silent:
+            sock.close()
+
+
 def test_many_concurrent_mints_over_several_connections(daemon: Daemon, pki: DevPki,
                                                         leaf: CertAndKey) -> None:
     channels = [channel(daemon, pki, leaf) for _ in range(4)]
@@ -251,20 +280,20 @@ def test_slow_handshakes_time_out_a_flood_is_shed_and_nothing_is_left_behind() -
         server = make_leaf(ca, ["spiffe://dev.local/agentauthz"], hosts=["localhost"])
         peers = Peers("dev.local", [ca.certificate])
         front = TlsFront("127.0.0.1:0", server.key_pem, server.cert_pem, peers, handshake_timeout=0.5,
-                         max_pending=2)
+                         max_pending=2, max_connections=4)
         await front.bind()
         front.start(9)  # discard: nothing listens there
         try:
             slow = [await asyncio.open_connection("127.0.0.1", front.port) for _ in range(2)]
             await asyncio.sleep(0.1)
-            reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
-            assert await asyncio.wait_for(reader.read(), 2) == b""  # shed at once
-            writer.close()
-            assert front.counts["busy"] == 1 and front.pending == 2
-            for r, _ in slow:  # closed by the daemon after the handshake timeout
+            # One more: the oldest silent one makes room, at once (before: the new one was shed).
+            newest = await asyncio.open_connection("127.0.0.1", front.port)
+            assert await asyncio.wait_for(slow[0][0].read(), 2) == b""
+            assert front.counts["evicted"] == 1 and front.pending == 2
+            for r, _ in (slow[1], newest):  # closed by the daemon after the handshake timeout
                 assert await asyncio.wait_for(r.read(), 3) == b""
             assert front.counts["timeout"] == 2 and front.pending == 0 and not front.connections
-            for _, w in slow:
+            for _, w in (*slow, newest):
                 w.close()
             # Garbage is refused (an alert, then closed); a client hanging up mid-hello is forgotten.
             reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
@@ -284,6 +313,42 @@ def test_slow_handshakes_time_out_a_flood_is_shed_and_nothing_is_left_behind() -
         finally:
             front.close()
             await front.abort()
+    asyncio.run(scenario())
+
+
+def test_credential_less_connections_are_answered_then_closed_and_never_take_every_socket() -> None:
+    """A client that completes its handshake with no certificate (or a refused one) can only be told
+    UNAUTHENTICATED: it is closed after ``refused_linger``, at most ``max_refused`` are open at once
+    (a new one closes the oldest), and past ``max_connections`` new connections are shed. Before, each
+    stayed open for good: thousands of them ran the daemon out of file descriptors."""
+    async def scenario() -> None:
+        ca = make_ca()
+        server = make_leaf(ca, ["spiffe://dev.local/agentauthz"], hosts=["localhost"])
+        front = TlsFront("127.0.0.1:0", server.key_pem, server.cert_pem, Peers("dev.local", [ca.certificate]),
+                         refused_linger=1.0, max_refused=2, max_connections=3)
+        backend = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # takes, never answers
+        await front.bind()
+        front.start(backend.sockets[0].getsockname()[1])
+        client = ssl.create_default_context()
+        client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+        try:
+            refused = [await asyncio.open_connection("127.0.0.1", front.port, ssl=client) for _ in range(3)]
+            assert await asyncio.wait_for(refused[0][0].read(), 2) == b""  # the oldest made room
+            assert front.counts["refused_evicted"] == 1 and len(front.refused) == 2
+            # Two refused and one silent connection are all max_connections allows: the next is shed.
+            silent = await asyncio.open_connection("127.0.0.1", front.port)
+            await asyncio.sleep(0.1)
+            shed = await asyncio.open_connection("127.0.0.1", front.port)
+            assert await asyncio.wait_for(shed[0].read(), 2) == b"" and front.counts["busy"] == 1
+            for r, _ in refused[1:]:  # answered (nothing to answer here), then closed
+                assert await asyncio.wait_for(r.read(), 3) == b""
+            assert not front.refused and len(front.connections) == 1  # the silent one, until its timeout
+            for _, w in (*refused, silent, shed):
+                w.close()
+        finally:
+            front.close()
+            await front.abort()
+            backend.close()
     asyncio.run(scenario())
 
 

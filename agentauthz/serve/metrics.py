@@ -58,7 +58,8 @@ class Metrics:
         if self._front is not None:
             handshakes = CounterMetricFamily(
                 "agentauthz_api_tls_handshakes",
-                "API TLS handshakes by outcome (completed, failed, aborted, timeout, busy)",
+                "API TLS handshakes by outcome (completed, failed, aborted, timeout, evicted, busy, "
+                "refused_evicted)",
                 labels=["outcome"])
             for outcome, count in sorted(self._front.counts.items()):
                 handshakes.add_metric([outcome], count)

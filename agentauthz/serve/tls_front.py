@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 from collections import Counter
 from datetime import datetime, timezone
 from typing import Any, Union
@@ -30,7 +31,14 @@ from . import listeners
 log = logging.getLogger("agentauthz.tls_front")  # the name operators filter on, kept across the layout
 
 HANDSHAKE_TIMEOUT = 10.0  # a client that has not finished its handshake by then is closed
-MAX_PENDING_HANDSHAKES = 256  # beyond this many at once, new connections are closed unanswered
+# At most this many handshakes at once: a new connection closes the oldest, so that silent sockets
+# held open by someone without any credential never keep an agent's handshake (milliseconds) out.
+MAX_PENDING_HANDSHAKES = 256
+# A connection whose chain was refused is closed this long after its handshake: time to be answered
+# UNAUTHENTICATED with the reason, nothing else to do; and at most this many are open at once (a new
+# one closes the oldest), so that no credential-less client holds sockets, memory or file descriptors.
+REFUSED_LINGER = 10.0
+MAX_REFUSED = 256
 CHUNK = 64 * 1024
 BACKEND_HOST = "127.0.0.1"
 
@@ -88,6 +96,18 @@ class Peers:
         self._accepted.pop(key, None)
 
 
+def default_max_connections() -> int:
+    """Connections the front keeps open at once: a share of the file descriptors this process may
+    open (each costs three: the client's, and both ends of its loopback connection to the API)."""
+    try:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (OSError, ValueError):
+        return 1024
+    if soft == resource.RLIM_INFINITY:
+        return 16384
+    return max(64, min(16384, (soft - 256) // 4))
+
+
 def server_context(key_pem: bytes, cert_pem: bytes, bundle: list[x509.Certificate]) -> SSL.Context:
     """TLS 1.2+ with ALPN h2, the daemon's server certificate, and a client certificate asked for."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
@@ -128,16 +148,26 @@ class TlsFront:
     """Accepts TLS on ``listen``; pipes each authenticated-or-not connection to the backend's port."""
 
     def __init__(self, listen: str, key_pem: bytes, cert_pem: bytes, peers: Peers, *,
-                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 max_pending: int = MAX_PENDING_HANDSHAKES) -> None:
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT, max_pending: int = MAX_PENDING_HANDSHAKES,
+                 refused_linger: float = REFUSED_LINGER, max_refused: int = MAX_REFUSED,
+                 max_connections: int | None = None) -> None:
         self.listen, self.peers = listen, peers
         self._backend: asyncio.Future[int] | None = None  # the API's gRPC server's port, named by start
         self.handshake_timeout, self.max_pending = handshake_timeout, max_pending
+        self.refused_linger, self.max_refused = refused_linger, max_refused
+        self.max_connections = default_max_connections() if max_connections is None else max_connections
         self.context = server_context(key_pem, cert_pem, peers.bundle)
         self.counts: Counter[str] = Counter()  # handshake outcomes, for /metrics
-        self.pending = 0
+        # Oldest first (dicts keep insertion order): the handshakes under way, the refused connections.
+        self.handshaking: dict[_Client, None] = {}
+        self.refused: dict[_Client, None] = {}
         self.connections: set[_Client] = set()
         self._server: asyncio.Server | None = None
+
+    @property
+    def pending(self) -> int:
+        """Handshakes under way."""
+        return len(self.handshaking)
 
     async def bind(self) -> None:
         """Listen on ``listen``. Clients are accepted and their handshakes done at once; each one's bytes
@@ -217,12 +247,14 @@ class _Client(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         front = self.front
-        if front.pending >= front.max_pending:  # a flood of slow handshakes: shed it, never buffer it
+        if len(front.connections) >= front.max_connections:  # every one taken: shed it, never buffer it
             front.counts["busy"] += 1
             self.closed = True
             transport.abort()
             return
-        front.pending += 1
+        if front.pending >= front.max_pending:  # the oldest is the likeliest never to finish
+            next(iter(front.handshaking))._give_up("evicted")
+        front.handshaking[self] = None
         front.connections.add(self)
         self.timer = asyncio.get_running_loop().call_later(front.handshake_timeout, self._give_up, "timeout")
 
@@ -261,13 +293,21 @@ class _Client(asyncio.Protocol):
         self._decrypt()
 
     def _handshake_done(self) -> None:
+        front = self.front
         self.handshaking = False
         self.tls.set_app_data(None)  # only the verify callback needed it; no cycle to collect later
-        self.front.pending -= 1
+        front.handshaking.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
-        self.front.counts["completed"] += 1
-        verdict = self.front.judge(self.tls, self.objection)
+        front.counts["completed"] += 1
+        verdict = front.judge(self.tls, self.objection)
+        if isinstance(verdict, IdentityError):  # answered, then closed: see REFUSED_LINGER
+            if len(front.refused) >= front.max_refused:
+                oldest = next(iter(front.refused))
+                front.counts["refused_evicted"] += 1
+                oldest.close()
+            front.refused[self] = None
+            self.timer = asyncio.get_running_loop().call_later(front.refused_linger, self.close)
         self.transport.pause_reading()  # until the backend connection is up
         self.connecting = asyncio.get_running_loop().create_task(self._connect(verdict))
 
@@ -340,8 +380,9 @@ class _Client(asyncio.Protocol):
             return
         self.closed = True
         if self.handshaking:
-            self.front.pending -= 1
             self.tls.set_app_data(None)
+        self.front.handshaking.pop(self, None)
+        self.front.refused.pop(self, None)
         if self.timer is not None:
             self.timer.cancel()
         self.front.connections.discard(self)
