@@ -14,10 +14,11 @@ from processes import Daemon
 from support import Forge, make_verifier
 
 from agentauthz import reasons
-from agentauthz.authority.budgets import AGENT_COUNTERS, BudgetTable
+from agentauthz.authority.budgets import BudgetTable
 from agentauthz.authority.delegation import for_child
 from agentauthz.decision import tokens
 from agentauthz.decision.constraints import (
+    AGENT_COUNTERS,
     DEFAULT_WINDOW,
     Budget,
     budget_key,

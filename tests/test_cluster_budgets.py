@@ -23,7 +23,7 @@ from agentauthz.authority.budgets import BudgetTable
 from agentauthz.cluster.budgets import KEEP_MARGIN_MS, SharedBudgets, counter_key
 from agentauthz.cluster.engine import Engine
 from agentauthz.cluster.settings import ClusterSettings
-from agentauthz.decision.constraints import Budget
+from agentauthz.decision.constraints import AGENT_COUNTERS, Budget, budget_key
 
 ALLOW, UNAVAILABLE = reasons.ALLOW, reasons.BUDGET_UNAVAILABLE
 
@@ -83,6 +83,37 @@ def test_every_answer_is_the_single_node_tables(budgets: SharedBudgets, steps: l
                 assert budgets.charge(keyed, now) == table.charge(keyed, now), (now, keyed)
         finally:
             table.close()
+
+
+def test_one_agent_at_its_counter_limit_is_refused_alone_as_by_the_table(budgets: SharedBudgets,
+                                                                          tmp_path: Path) -> None:
+    """The ledger the single-node table keeps per task's minting agent, kept in Redis: counters of
+    windows without end (each kept in Redis for its window) stop at AGENT_COUNTERS for that agent
+    alone, a counter it holds counts on, one past its window frees its place; every answer the table's."""
+    table = BudgetTable.open(tmp_path / "budgets", 4096)
+    one = Budget(1, 0.0, 1, window=60)
+    run = next(_examples)
+    filler, other = f"spiffe://dev.local/agent/filler-{run}", f"spiffe://dev.local/agent/other-{run}"
+    keys = [budget_key(filler, "rl", window) for window in range(100, 100 + AGENT_COUNTERS + 1)]
+    now = 1_700_000_000.0
+
+    def both(charges: list[tuple[str, Budget]], at: float, owner: str | None = None) -> str:
+        answer = budgets.charge(charges, at, owner)
+        assert answer == table.charge(charges, at, owner), (charges, at)
+        return answer[0]
+
+    try:
+        assert [both([(k, one)], now) for k in keys[:-1]] == [ALLOW] * AGENT_COUNTERS
+        assert both([(keys[-1], one)], now) == reasons.BUDGET_AGENT_LIMIT  # before: allowed, kept in Redis
+        assert both([(keys[0], Budget(2, 0.0, 1, window=100))], now) == ALLOW
+        assert both([(budget_key(other, "rl", 60), one)], now) == ALLOW
+        # A delegated call's counters are its minting agent's: the other agent's key counts for filler.
+        assert both([(budget_key(other, "rl", 61), one), (keys[-1], one)], now, filler) == \
+            reasons.BUDGET_AGENT_LIMIT
+        assert both([(budget_key(other, "rl", 61), one)], now) == ALLOW  # the refused call counted none
+        assert both([(keys[-1], one)], now + AGENT_COUNTERS + 1) == ALLOW  # a window over: its place free
+    finally:
+        table.close()
 
 
 def test_the_tables_own_sequences(budgets: SharedBudgets) -> None:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .. import reasons
-from ..decision.constraints import Budget, agent_of
+from ..decision.constraints import AGENT_COUNTERS, Budget, agent_of
 from ..errors import StateError
 
 log = logging.getLogger("agentauthz.budgets")  # the name operators filter on, kept across the layout
@@ -48,10 +48,6 @@ ENTRY = struct.Struct("<16sqQd")  # blake2b-128 of the key, keep-until (unix s),
 EMPTY = bytes(16)
 PROBE = 64  # slots one key may land in; beyond them the table counts as full for that key
 _SLACK = 1e-6  # float noise in tat arithmetic must not refuse the burst's last call
-# Live counters (tools x windows, each a key per agent: constraints.budget_key) one agent may hold. A
-# token may name any window, and each counter is kept for its window (up to 366 days): without a
-# per-agent limit one agent could fill the table and deny every other agent's budgeted calls.
-AGENT_COUNTERS = 128
 LEDGER_MAGIC = b"agentauthz-bud-agents-v1"
 UNUSED = bytes(8)  # a ledger cell holding no counter
 LEDGER = struct.Struct("<16s" + "8sq" * AGENT_COUNTERS)  # agent digest, then (counter digest, until) cells

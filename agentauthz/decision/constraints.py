@@ -345,6 +345,12 @@ def budget_key(agent: str, tool: str, window: int) -> str:
     return f"{agent}\x00{tool}\x00{window}"
 
 
+# Live counters (tools x windows, each a key per agent: budget_key) one task's minting agent may hold.
+# A token may name any window, and each counter is kept for its window (up to 366 days): without a
+# limit per agent one agent could fill the single-node table, or Redis, and deny the others' calls.
+AGENT_COUNTERS = 128
+
+
 def agent_of(key: str) -> str:
     """The agent a ``budget_key`` counts for (SPIFFE IDs carry no NUL)."""
     return key.split("\x00", 1)[0]
