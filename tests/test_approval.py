@@ -8,6 +8,8 @@ import hmac
 import json
 import os
 import re
+import socket
+import ssl
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -458,3 +460,31 @@ def test_a_grant_a_terminal_would_not_show_as_it_is_never_reaches_a_human(daemon
     line = cli._approval_line(pb.ApprovalRequest(id="x", agent=ALPHA, task="t", state="pending", grants=[
         pb.Grant(tool="demo", target="\x1b[21D\x1b[Kreports", operations=["delete"], sensitivity="public")]))
     assert "\x1b" not in line and "demo:\\u001b[21D\\u001b[Kreports:delete:public" in line
+
+
+def test_connections_no_one_authenticates_never_take_the_daemons_descriptors(daemon: Daemon) -> None:
+    """Anyone may open a TLS connection to the humans' listener before any bearer is asked for. Each
+    one held a file descriptor for good: 20,000 of them would take every descriptor the daemon has,
+    the audit log's and the Check's too. They are capped (and closed when idle); the daemon serves on."""
+    assert daemon.proc is not None
+    fds = Path(f"/proc/{daemon.proc.pid}/fd")
+    before = len(list(fds.iterdir()))
+    client = ssl.create_default_context()
+    client.check_hostname, client.verify_mode = False, ssl.CERT_NONE
+    client.set_alpn_protocols(["h2"])
+    host, port = daemon.approval_address.rsplit(":", 1)
+    held = []
+    try:
+        for _ in range(600):
+            try:
+                held.append(client.wrap_socket(socket.create_connection((host, int(port)), timeout=5)))
+            except OSError:
+                pass  # closed by the cap while handshaking: one more refused
+        time.sleep(0.5)
+        assert len(list(fds.iterdir())) < before + 300  # before: one descriptor more per connection
+        a = agent(daemon)
+        assert a.check(a.mint("still", ["demo:*:read"]).token, "demo", "x", "read").allowed
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: alice(daemon).list() is not None, 10, "the approvals listener to take a human again")

@@ -38,6 +38,7 @@ log = logging.getLogger("agentauthz.server")  # the name operators filter on, ke
 API_SERVICE = agentauthz_pb2.DESCRIPTOR.services_by_name["AgentAuthz"].full_name
 HOUSEKEEPING_INTERVAL = 5.0
 AUDIT_HEALTH_INTERVAL = 0.1  # how soon gRPC health reports an audit log that cannot write (and recovery)
+APPROVAL_MAX_CONNECTIONS = 256  # humans' listener: a few people, each a connection or two
 DEV_HINT = """
 agentauthz is running on development defaults. In another terminal:
 
@@ -221,7 +222,13 @@ class Daemon:
         """Humans' own listener: server-authenticated TLS, no client certificate (that is the point:
         grpc cannot make one optional on the agents' listener), an approver bearer on every call."""
         # No SO_REUSEPORT: one process listens here, and a second daemon must fail to bind, not share it.
-        server = grpc.aio.server(options=[("grpc.max_metadata_size", 32 * 1024), ("grpc.so_reuseport", 0)])
+        # Anyone may connect before any credential is asked for: connections are capped, slow handshakes
+        # and idle connections closed, so that no one can take the process's file descriptors (each
+        # connection held one, without end) from the Check, the API and the audit log.
+        server = grpc.aio.server(options=[
+            ("grpc.max_metadata_size", 32 * 1024), ("grpc.so_reuseport", 0),
+            ("grpc.max_allowed_incoming_connections", APPROVAL_MAX_CONNECTIONS),
+            ("grpc.server_handshake_timeout_ms", 10_000), ("grpc.max_connection_idle_ms", 60_000)])
         approval_api.add_to_server(server, approval_api.ApprovalsService(self.authority))
         self._add_health_and_reflection(server, approval_api.SERVICE)
         try:
