@@ -14,7 +14,8 @@ from collections import OrderedDict
 
 from agentauthz import errors, reasons
 from agentauthz.decision.constraints import Constrained
-from agentauthz.decision.tokens import SENSITIVITY_RANK, approval_covers
+from agentauthz.decision._token_py import approval_covers  # the rare path: one pure function for both twins
+from agentauthz.decision.tokens import SENSITIVITY_RANK
 
 from cpython.bytes cimport PyBytes_AS_STRING
 from cpython.dict cimport PyDict_GetItemWithError

@@ -182,14 +182,17 @@ class BudgetTable:
         free = None
         for i in range(min(PROBE, self.agents)):
             at = LEDGER_HEADER + ((home + i) % self.agents) * LEDGER.size
-            owner, *flat = LEDGER.unpack_from(self._ledgers, at)
+            owner = self._ledgers[at:at + 16]  # the cells are read only for the owner's or a free one
+            if owner == EMPTY:
+                return free or (at, [[UNUSED, 0] for _ in range(AGENT_COUNTERS)])
+            if owner != agent and free is not None:
+                continue
+            _, *flat = LEDGER.unpack_from(self._ledgers, at)
             cells = [[flat[j], flat[j + 1]] for j in range(0, len(flat), 2)]
             if owner == agent:
                 return at, cells
-            if free is None and (owner == EMPTY or all(c == UNUSED or until < now for c, until in cells)):
+            if all(c == UNUSED or until < now for c, until in cells):
                 free = at, [[UNUSED, 0] for _ in cells]
-            if owner == EMPTY:
-                break
         return free
 
     def _find(self, digest: bytes, now: float, taken: set[int]) -> int:

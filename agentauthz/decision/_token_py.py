@@ -90,6 +90,21 @@ def compile_grant(raw: Any) -> Grant:
     return Grant(tool, target, frozenset(ops), SENSITIVITY_RANK[sensitivity], compile_extras(raw))
 
 
+def approval_covers(approval: Any, tool: str, target: str, operation: str, level: int) -> bool:
+    """Whether a token's ``approval`` claim names a grant the human approved that covers the request
+    (``level``: its sensitivity rank). Both verifiers ask the policy again "as approved" only then."""
+    grants = approval.get("grants") if isinstance(approval, dict) else None
+    if not isinstance(grants, list):
+        return False  # a token minted before approvals named their grants: asked of a human again
+    for raw in grants:
+        try:
+            if compile_grant(raw).covers(tool, target, operation, level):
+                return True
+        except errors.TokenClaimsInvalid:
+            continue
+    return False
+
+
 def _time(claims: dict[str, Any], name: str) -> int:
     value = claims.get(name)
     # bool is an int subclass; a time is never true or false.

@@ -19,6 +19,7 @@ from ._bitset_py import Bitset
 from ._strict_py import b64url_decode, json_object
 from ._token_py import (
     VerifiedToken,
+    approval_covers,
     check_claims,
     check_header,
     check_time,
@@ -26,7 +27,7 @@ from ._token_py import (
     valid_public_key,
 )
 from .constraints import Constrained
-from .tokens import SENSITIVITY_RANK, approval_covers
+from .tokens import SENSITIVITY_RANK
 
 MEMO_MAX = 64  # distinct requests remembered per token before the memo is reset
 

@@ -90,23 +90,6 @@ def grant(tool: str, target: str, ops: Iterable[str], sensitivity: str = DEFAULT
 APPROVED_FIELDS = ("tool", "target", "ops", "sensitivity")  # a grant in an approval claim's "grants"
 
 
-def approval_covers(approval: Any, tool: str, target: str, operation: str, level: int) -> bool:
-    """Whether a token's ``approval`` claim names a grant the human approved that covers the request
-    (``level``: its sensitivity rank). The verifier asks the policy again "as approved" only then."""
-    grants = approval.get("grants") if isinstance(approval, dict) else None
-    if not isinstance(grants, list):
-        return False  # a token minted before approvals named their grants: asked of a human again
-    for g in grants:
-        if not isinstance(g, dict) or g.get("tool") != tool or not isinstance(g.get("ops"), list) \
-                or operation not in g["ops"] or SENSITIVITY_RANK.get(str(g.get("sensitivity")), -1) < level:
-            continue
-        pattern = g.get("target")
-        if isinstance(pattern, str) and (target == pattern or pattern.endswith("*")
-                                         and "*" not in pattern[:-1] and target.startswith(pattern[:-1])):
-            return True
-    return False
-
-
 def build_claims(*, issuer: str, audience: str, subject: str, task: str, grants: Sequence[Mapping[str, Any]],
                  issued_at: int, ttl: int, slot: int, status_uri: str, intent: str = "",
                  token_id: str | None = None, not_before: int | None = None,
